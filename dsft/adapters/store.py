@@ -1,0 +1,63 @@
+"""Write an adapter directory and load one onto a base model.
+
+An adapter directory holds::
+
+    adapter_config.json          PEFT's config (plain ``PeftModel.from_pretrained`` reads it)
+    adapter_model.safetensors    the LoRA weights
+    terms.safetensors            added-token rows {"embed": [n, d], "head": [n, d]} (term extension only)
+    recipe.yaml                  the resolved recipe as run
+    dsft_adapter.json            the manifest (see :mod:`dsft.adapters.manifest`), written last
+
+To load it with plain PEFT: resize the base's embeddings to ``term_start + len(added_tokens)``
+(when larger than the base), copy the rows of ``terms.safetensors`` to ids ``term_start...``,
+add ``added_tokens`` to the tokenizer in order, then ``PeftModel.from_pretrained``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsft.adapters.manifest import MANIFEST, SCHEMA_VERSION, file_hashes, read_manifest, verify_files
+from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, load_terms, save_terms
+from dsft.atomic import sha256_file, write_json_atomic
+
+
+def write_weights(directory: Path, peft_model, plan: TermPlan) -> None:
+    """Write the PEFT files and the term rows into ``directory`` (a staging directory)."""
+    peft_model.save_pretrained(directory, save_embedding_layers=False)
+    (directory / "README.md").unlink(missing_ok=True)  # PEFT's empty model card says nothing about the adapter
+    if plan.terms:
+        save_terms(directory / TERMS_FILE, peft_model.get_base_model(), plan)
+
+
+def write_manifest(directory: Path, fields: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Hash every file in ``directory`` and write the manifest last; returns (manifest, its sha256)."""
+    names = [p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+    manifest = {"schema_version": SCHEMA_VERSION, **fields, "files": file_hashes(directory, names)}
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest, sha256_file(directory / MANIFEST)
+
+
+def load_adapter(model, tokenizer, directory: str | Path, *, adapter_name: str = "default", verify: bool = True):
+    """Attach the adapter in ``directory`` to ``model`` (a plain transformers model); returns the PeftModel.
+
+    The files are checked against the manifest's sha256 first; term rows extend the tokenizer and
+    the embeddings in place.
+
+    Raises:
+        IntegrityError: no manifest, or a file that is missing or changed.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if verify:
+        verify_files(directory, manifest)
+    if manifest["added_tokens"]:
+        plan = TermPlan(tuple(manifest["added_tokens"]), int(manifest["term_start"]), ())
+        extend_model(model, tokenizer, plan, rows=load_terms(directory / TERMS_FILE))
+    return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=False)
+
+
+def manifest_of(directory: str | Path) -> dict[str, Any]:
+    return read_manifest(directory)

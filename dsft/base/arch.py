@@ -1,0 +1,116 @@
+"""What dsft needs to know about each MoE architecture, in one table.
+
+Everything that depends on module names (LoRA targets, where the routed experts and the router
+live, which config fields give the expert counts) is looked up here, never spelled out elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsft.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module names and config fields of one transformers MoE architecture.
+
+    Names are module-name suffixes as PEFT matches them (``target_modules``); routed experts
+    are fused 3-D parameters (``<experts>.gate_up_proj`` / ``<experts>.down_proj``) in transformers v5.
+    """
+
+    model_type: str
+    architecture: str
+    attention: tuple[str, ...]
+    """Linear projections of the attention block."""
+    shared_experts: tuple[str, ...]
+    """Module-name regex fragments of the shared (always-on) expert MLP projections; empty if none."""
+    experts_attr: str = "mlp.experts"
+    """Path from a decoder layer to the routed experts module (holds gate_up_proj / down_proj)."""
+    router_attr: str = "mlp.gate"
+    """Path from a decoder layer to the router (returns logits, top-k weights, top-k indices)."""
+    num_experts_field: str = "num_experts"
+    top_k_field: str = "num_experts_per_tok"
+    aux_loss_coef_field: str | None = "router_aux_loss_coef"
+    default_aux_loss_coef: float = 0.001
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        # DeepSeek-V2 / V2-Lite: MLA attention; first_k_dense_replace dense layers, then shared + routed experts.
+        ArchSpec(
+            model_type="deepseek_v2",
+            architecture="DeepseekV2ForCausalLM",
+            attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+            shared_experts=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
+            aux_loss_coef_field=None,  # the HF config has no coefficient; DeepSeek-V2 used alpha1 = 0.001 (arXiv 2405.04434)
+        ),
+        ArchSpec(
+            model_type="deepseek_v3",
+            architecture="DeepseekV3ForCausalLM",
+            attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+            shared_experts=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
+            num_experts_field="n_routed_experts",
+            aux_loss_coef_field=None,
+            default_aux_loss_coef=0.0001,  # V3 is aux-loss-free apart from a tiny sequence-wise term
+        ),
+        ArchSpec(
+            model_type="qwen2_moe",
+            architecture="Qwen2MoeForCausalLM",
+            attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+            shared_experts=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
+        ),
+        ArchSpec(
+            model_type="qwen3_moe",
+            architecture="Qwen3MoeForCausalLM",
+            attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+            shared_experts=(),
+        ),
+        ArchSpec(
+            model_type="mixtral",
+            architecture="MixtralForCausalLM",
+            attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+            shared_experts=(),
+            num_experts_field="num_local_experts",
+        ),
+        ArchSpec(
+            model_type="olmoe",
+            architecture="OlmoeForCausalLM",
+            attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+            shared_experts=(),
+        ),
+    )
+}
+
+
+def supported() -> str:
+    return ", ".join(f"{s.architecture} ({s.model_type})" for s in ARCHITECTURES.values())
+
+
+def spec_for(model_type: str | None, architectures: list[str] | None = None) -> ArchSpec:
+    """The table entry for a config's ``model_type``.
+
+    Raises:
+        UnsupportedModelError: the model is not an MoE architecture dsft knows, with the list of supported ones.
+    """
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    name = (architectures or [model_type or "unknown"])[0]
+    raise UnsupportedModelError(
+        f"{name} is not a supported MoE architecture; dsft supports {supported()} "
+        "(use one of these bases or a preset from `dsft train --help`)"
+    )
+
+
+def num_experts(spec: ArchSpec, config) -> int:
+    return int(getattr(config, spec.num_experts_field))
+
+
+def top_k(spec: ArchSpec, config) -> int:
+    return int(getattr(config, spec.top_k_field))
+
+
+def aux_loss_coef(spec: ArchSpec, config) -> float:
+    if spec.aux_loss_coef_field and getattr(config, spec.aux_loss_coef_field, None) is not None:
+        return float(getattr(config, spec.aux_loss_coef_field))
+    return spec.default_aux_loss_coef

@@ -1,0 +1,122 @@
+"""Resolve ``--base`` (preset name, local directory or hub id) and load it: one path for all three."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.base.arch import ArchSpec, spec_for
+from dsft.base.fingerprint import load_fingerprint
+from dsft.base.presets import PRESETS, build_preset
+from dsft.errors import NotFoundError, UnsupportedModelError, UsageError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where a base comes from: ``name`` as the user gave it, ``source`` as the registry records it."""
+
+    name: str
+    source: str
+    path: Path
+
+
+@dataclass
+class LoadedBase:
+    ref: BaseRef
+    model: Any
+    tokenizer: Any
+    spec: ArchSpec
+    fingerprint: dict[str, Any] = field(repr=False)
+
+
+def resolve_base(base: str, revision: str | None = None) -> BaseRef:
+    """Find the model directory for ``base`` without loading weights.
+
+    Raises:
+        NotFoundError: unknown preset, missing directory, or a hub id that is not in the local cache.
+    """
+    if base in PRESETS:
+        return BaseRef(base, f"preset:{base}", build_preset(base))
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise NotFoundError(f"{base} is a directory but holds no config.json; point --base at a Hugging Face model directory")
+        return BaseRef(base, f"path:{path.resolve()}", path.resolve())
+    if _HUB_ID.match(base) and not base.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(base, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+        except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+            raise NotFoundError(
+                f"base {base!r} could not be fetched from the hub ({type(exc).__name__}); "
+                "download it first (huggingface-cli download) or pass its local directory"
+            ) from None
+        return BaseRef(base, f"hub:{base}@{revision or 'main'}", Path(local))
+    if any(sep in base for sep in ("/", "\\")) or base.startswith("."):
+        raise NotFoundError(f"base directory {base} does not exist; check the path")
+    raise NotFoundError(f"unknown base {base!r}; use a preset ({', '.join(PRESETS)}), a local model directory or a hub id")
+
+
+def read_config(ref: BaseRef, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The raw config.json, checked to be a supported MoE (and free of remote code unless allowed)."""
+    config = json.loads((ref.path / "config.json").read_text())
+    spec_for(config.get("model_type"), config.get("architectures"))
+    if config.get("auto_map") and not trust_remote_code:
+        # Natively supported model types load with transformers' own classes; auto_map is ignored then.
+        pass
+    return config
+
+
+def fingerprint_for(base: str) -> tuple[str, str, dict[str, Any]]:
+    """(name, source, fingerprint) of a base, without loading its weights."""
+    ref = resolve_base(base)
+    read_config(ref)
+    return ref.name, ref.source, load_fingerprint(ref.path)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedBase:
+    """Load model + tokenizer + fingerprint of ``base``.
+
+    Args:
+        base: preset name, local model directory or hub id.
+        device: defaults to CUDA when available.
+        dtype: defaults to bf16 on CUDA and fp32 on CPU.
+        trust_remote_code: allow model code shipped in the model directory to run (off by default).
+
+    Raises:
+        NotFoundError, UnsupportedModelError, UsageError.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = resolve_base(base)
+    config = read_config(ref, trust_remote_code)
+    spec = spec_for(config.get("model_type"), config.get("architectures"))
+    device = device or default_device()
+    if ref.source.startswith("preset:") and not PRESETS[ref.name].cpu_ok and device == "cpu":
+        raise UsageError(f"preset {ref.name} is for GPU benchmarks (15.7B parameters); use tiny-deepseek-v2 on CPU")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.path, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UsageError(f"{base} needs its own model code; pass --trust-remote-code if you trust its authors") from None
+        raise
+    if spec.architecture != type(model).__name__:
+        raise UnsupportedModelError(f"{base} loaded as {type(model).__name__}, expected {spec.architecture}; it is not a supported MoE model")
+    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedBase(ref, model, tokenizer, spec, load_fingerprint(ref.path))

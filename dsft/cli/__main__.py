@@ -1,0 +1,3 @@
+from dsft.cli.main import run
+
+run()

@@ -1,0 +1,73 @@
+"""``dsft domains``: list, show and create domain packs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from dsft.cli.common import console, guarded, print_json
+
+app = typer.Typer(name="domains", help="Domain packs: list, show, create.\n\nExample: dsft domains show finance", no_args_is_help=True)
+
+
+@app.command("list")
+@guarded
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the built-in and user-defined domains.
+
+    Example: dsft domains list
+    """
+    from dsft.domains import list_domains
+
+    packs = list_domains()
+    if json_out:
+        print_json([{"name": p.name, "description": p.description, "terms": len(p.terms), "builtin": p.builtin} for p in packs])
+        return
+    table = Table("domain", "terms", "source", "description")
+    for p in packs:
+        table.add_row(p.name, str(len(p.terms)), "built-in" if p.builtin else str(p.source), p.description)
+    console.print(table)
+
+
+@app.command("show")
+@guarded
+def show_cmd(name: str = typer.Argument(..., help="Domain name or YAML file."),
+             json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Show a domain: description, default recipe, LoRA targets and its terms.
+
+    Example: dsft domains show legal
+    """
+    from dsft.domains import resolve_domain
+
+    p = resolve_domain(name)
+    info = {"name": p.name, "description": p.description, "default_recipe": p.default_recipe,
+            "lora_targets": list(p.lora_targets), "terms": [t for t, _ in p.terms], "source": str(p.source)}
+    if json_out:
+        print_json(info)
+        return
+    console.print(f"[bold]{p.name}[/]: {p.description}")
+    console.print(f"default recipe: {p.default_recipe}; LoRA targets: {', '.join(p.lora_targets)}; {len(p.terms)} terms")
+    console.print(", ".join(info["terms"][:40]) + (" ..." if len(p.terms) > 40 else ""))
+
+
+@app.command("new")
+@guarded
+def new_cmd(
+    name: str = typer.Argument(..., help="Name of the new domain: lowercase letters, digits, - and _."),
+    terms: Path = typer.Option(..., "--terms", help="Text file: one term per line, optionally 'term: definition'."),
+    data: Path = typer.Option(None, "--data", help="JSONL with text or prompt/response records."),
+    description: str = typer.Option("", "--description", help="One line about the domain."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Create a user-defined domain in $DSFT_HOME/domains/.
+
+    Example: dsft domains new insurance --terms terms.txt --data claims.jsonl
+    """
+    from dsft.domains import new_domain
+
+    path = new_domain(name, terms, data, description=description)
+    if json_out:
+        print_json({"domain": name, "path": str(path)})
+    else:
+        console.print(f"created domain [bold]{name}[/] at {path}; train it with: dsft train --domain {name}")

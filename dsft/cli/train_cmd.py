@@ -1,0 +1,88 @@
+"""``dsft train``: a thin wrapper over :func:`dsft.train` with a live progress bar."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dsft.base.presets import DEFAULT_BASE
+from dsft.cli.common import console, err_console, guarded, print_json
+
+
+class _ProgressView:
+    """Renders training events: one bar per stage with step, loss, tokens/s and ETA."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.task = None
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        out = err_console
+        if kind == "base" and not self.quiet:
+            out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}")
+        elif kind == "eval" and not self.quiet:
+            out.print(f"held-out {payload['when']}: domain loss {payload['domain_loss']:.4f} (ppl {payload['domain_ppl']:.2f}), "
+                      f"general loss {payload['general_loss']:.4f}")
+        elif kind == "stage_start":
+            self._close()
+            if not self.quiet:
+                out.print(f"stage [bold]{payload['stage']}[/]: {payload['steps']} steps, {payload['trainable']:,} trainable parameters, "
+                          f"mixture {payload['realised_mixture']}")
+            self.progress = Progress(
+                TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out, disable=self.quiet,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(payload["stage"], total=payload["steps"], loss=0.0, tps=0.0)
+        elif kind == "step" and self.progress is not None:
+            info = payload["info"]
+            self.progress.update(self.task, completed=info.step, loss=info.loss, tps=info.tokens_per_s)
+        elif kind == "saved":
+            self._close()
+
+    def _close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@guarded
+def train_command(
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides in dotted form, e.g. stages.0.lr=2e-5", show_default=False),
+    domain: str = typer.Option("finance", "--domain", "-d", help="Domain name (finance, legal, medical, or one of yours) or a domain YAML file."),
+    base: str = typer.Option(DEFAULT_BASE, "--base", "-b", help="Preset name, local model directory or hub id."),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="Built-in recipe name or YAML file (default: the domain's)."),
+    data: list[Path] = typer.Option(None, "--data", help="Extra data: JSONL, CSV, Parquet, text, or a datasets save_to_disk dir. Repeatable."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default: the recipe's); same seed, same adapter."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Cap every stage at this many steps."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also copy the finished adapter here."),
+    registry: str = typer.Option(None, "--registry", help="Registry SQLAlchemy URL (default $DSFT_REGISTRY_URL or $DSFT_HOME/registry.db)."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a domain adapter and register it.
+
+    Example: dsft train --domain finance
+    """
+    from dsft.recipes.runner import train
+
+    view = _ProgressView(quiet or json_out)
+    try:
+        result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides or (), seed=seed,
+                       max_steps=max_steps, output=output, registry=registry, device=device,
+                       trust_remote_code=trust_remote_code, on_event=view)
+    finally:
+        view._close()
+    if json_out:
+        print_json(result.to_json())
+        return
+    m = result.metrics
+    console.print(f"[bold green]{result.adapter}[/] saved to {result.path}")
+    console.print(f"held-out domain perplexity {m['eval_ppl_before']:.2f} -> {m['eval_ppl_after']:.2f} "
+                  f"({100 * m['ppl_reduction']:.1f}% lower); general loss {m['general_loss_before']:.3f} -> {m['general_loss_after']:.3f}")

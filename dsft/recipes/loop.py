@@ -1,0 +1,108 @@
+"""The training loop and the held-out evaluation: one screen each, no hidden machinery."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsft.base.router import RouterProbe
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    aux_loss: float
+    lr: float
+    tokens_per_s: float
+    imbalance: float
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy; positions labelled -100 do not count."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # decays to 10% of peak
+    if schedule == "linear":
+        return 1.0 - 0.9 * progress
+    return 1.0
+
+
+def train_steps(
+    model,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    peak_lrs: list[float],
+    warmup: int,
+    schedule: str,
+    grad_clip: float,
+    probe: RouterProbe,
+    start_step: int = 0,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> list[float]:
+    """Run ``steps`` optimizer steps; ``batches(step)`` returns that step's tensors on the model's device.
+
+    The objective is the causal-LM loss plus the router's load-balancing loss times the
+    architecture's coefficient, as in the base model's own pre-training.
+    """
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    losses = []
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        scale = lr_at(step, steps, warmup, schedule)
+        for group, peak in zip(optimizer.param_groups, peak_lrs):
+            group["lr"] = peak * scale
+        batch = batches(step)
+        probe.reset()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        lm = causal_lm_loss(logits, batch["labels"])
+        aux = probe.aux_loss()
+        loss = lm + probe.coef * aux if aux is not None else lm
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(lm.item())
+        if on_step:
+            n_tokens = int(batch["attention_mask"].sum())
+            on_step(StepInfo(step + 1, steps, losses[-1], float(aux) if aux is not None else 0.0,
+                             peak_lrs[0] * scale, n_tokens / (time.perf_counter() - t0), probe.imbalance()))
+    return losses
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over held-out examples, plus per-example losses."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens, per_example = 0.0, 0, []
+    for i in range(0, examples["input_ids"].shape[0], batch_size):
+        ids = examples["input_ids"][i : i + batch_size].to(device)
+        labels = examples["labels"][i : i + batch_size].to(device)
+        mask = examples["attention_mask"][i : i + batch_size].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        nll = causal_lm_loss(logits, labels, reduction="none").view(ids.shape[0], -1)
+        counted = (labels[:, 1:] != -100)
+        per_example += (nll.sum(1) / counted.sum(1).clamp(min=1)).tolist()
+        total += nll.sum().item()
+        tokens += int(counted.sum())
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "per_example": per_example}

@@ -1,0 +1,159 @@
+"""Build frozen dataclass trees from plain YAML/JSON data, reporting every problem at once.
+
+Each problem names its dotted path and the bad value (``stages[1].lr: must be > 0, got -1e-05``).
+A dataclass may define ``check(self) -> list[tuple[str, str]]`` returning (field, problem) pairs
+for value rules that types cannot express.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from dsft.errors import UsageError
+
+
+class ConfigError(UsageError):
+    """All problems of one config; ``problems`` is the list of ``path: message`` lines."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        head = f"{source}: {len(problems)} problem(s) — " if len(problems) > 1 else f"{source}: "
+        super().__init__(head + "; ".join(problems))
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Convert ``data`` to ``cls`` (recursively); append problems instead of raising."""
+    origin = get_origin(cls)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(cls) if a is not type(None)]
+        if data is None:
+            return None
+        return build(args[0], data, path, problems) if len(args) == 1 else data
+    if origin is Literal:
+        if data not in get_args(cls):
+            problems.append(f"{path}: must be one of {_describe(cls)}, got {data!r}")
+        return data
+    if origin is tuple:
+        item = get_args(cls)[0]
+        if isinstance(data, (str, bytes)) or not isinstance(data, (list, tuple)):
+            problems.append(f"{path}: must be a list, got {data!r}")
+            return ()
+        return tuple(build(item, v, _join(path, i), problems) for i, v in enumerate(data))
+    if origin is dict:
+        if not isinstance(data, dict):
+            problems.append(f"{path}: must be a mapping, got {data!r}")
+            return {}
+        return dict(data)
+    if dataclasses.is_dataclass(cls):
+        return _build_dataclass(cls, data, path, problems)
+    if cls is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            problems.append(f"{path}: must be a number, got {data!r}")
+            return 0.0
+        return float(data)
+    if cls is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            problems.append(f"{path}: must be an integer, got {data!r}")
+            return 0
+        return data
+    if cls is bool:
+        if not isinstance(data, bool):
+            problems.append(f"{path}: must be true or false, got {data!r}")
+            return False
+        return data
+    if cls is str:
+        if not isinstance(data, str):
+            problems.append(f"{path}: must be a string, got {data!r}")
+            return ""
+        return data
+    return data
+
+
+def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{path or '<root>'}: must be a mapping, got {data!r}")
+        return None
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(f"{_join(path, key)}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = build(hints[name], data[name], _join(path, name), problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{_join(path, name)}: required")
+    n_before = len(problems)
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        return None
+    if len(problems) == n_before and hasattr(obj, "check"):
+        problems.extend(f"{_join(path, field)}: {msg}" for field, msg in obj.check())
+    return obj
+
+
+def to_data(obj: Any) -> Any:
+    """The inverse of :func:`build`: plain lists/dicts suitable for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_data(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_data(v) for k, v in obj.items()}
+    return obj
+
+
+def load_tree(cls: type, data: Any, source: str) -> Any:
+    """Build ``cls`` from ``data`` or raise one :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    obj = build(cls, data, "", problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return obj
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply ``stages.1.lr=2e-5`` to plain recipe data in place (values parsed as YAML scalars)."""
+    import yaml
+
+    if "=" not in dotted:
+        raise UsageError(f"override {dotted!r}: expected key.path=value, e.g. stages.0.lr=2e-5")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UsageError(f"override {key}: {'.'.join(parts[:i]) or 'root'} has {len(node)} item(s); {part!r} is not an index")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node:
+                    raise UsageError(f"override {key}: no key {part!r} at {'.'.join(parts[:i]) or 'root'}")
+                node = node[part]
+        else:
+            raise UsageError(f"override {key}: {'.'.join(parts[:i])} is a value, not a mapping or list")
+
+

@@ -1,0 +1,137 @@
+"""Manifests for adapters trained elsewhere (a plain PEFT directory), computed without torch.
+
+Module shapes come from the safetensors header (8-byte length + JSON), so compatibility can be
+judged for an imported LoRA exactly as for one trained here. The base it was trained on is unknown
+unless the user names one (``--base``); the rules then judge it on module shapes alone.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dsft.atomic import sha256_file
+from dsft.errors import IntegrityError, UsageError
+from dsft.registry.integrity import MANIFEST_NAME
+
+MANIFEST_SCHEMA_VERSION = 1
+PEFT_CONFIG = "adapter_config.json"
+_MAX_HEADER = 100 << 20
+_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B|embedding_A|embedding_B)(?:\.weight)?$")
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, read from a safetensors file's header only.
+
+    Raises:
+        IntegrityError: the file is not a readable safetensors file.
+    """
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER or n > path.stat().st_size - 8:
+                raise ValueError(f"header length {n} is impossible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as err:
+        raise IntegrityError(f"{path} is not a readable safetensors file ({err}); check the copy") from None
+    return {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+
+
+def lora_target_shapes(tensors: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """The base parameters a LoRA adapts, with the shapes they must have.
+
+    ``lora_A`` is ``[r, in]`` and ``lora_B`` is ``[out, r]`` for a Linear whose weight is ``[out, in]``;
+    for an Embedding, ``lora_embedding_A`` is ``[r, num]`` and ``lora_embedding_B`` is ``[dim, r]``
+    (weight ``[num, dim]``). Tensors of other layouts are not described.
+    """
+    parts: dict[str, dict[str, list[int]]] = {}
+    for name, shape in tensors.items():
+        m = _LORA.match(name)
+        if m and len(shape) == 2:
+            parts.setdefault(m.group("module"), {})[m.group("ab")] = shape
+    out: dict[str, list[int]] = {}
+    for module, p in sorted(parts.items()):
+        if "A" in p and "B" in p:
+            out[f"{module}.weight"] = [p["B"][0], p["A"][1]]
+        elif "embedding_A" in p and "embedding_B" in p:
+            out[f"{module}.weight"] = [p["embedding_A"][1], p["embedding_B"][0]]
+    return out
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """Relative posix path -> sha256 of every file under ``root`` except the manifest."""
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The PEFT config and the dsft manifest (if any) of a directory to import.
+
+    Raises:
+        UsageError: not a directory, or neither ``adapter_config.json`` nor ``dsft_adapter.json`` in it.
+        IntegrityError: a dsft manifest whose files do not match.
+    """
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory; give the adapter's directory (with adapter_config.json)")
+    peft: dict[str, Any] = {}
+    manifest: dict[str, Any] | None = None
+    try:
+        if (src / PEFT_CONFIG).is_file():
+            peft = json.loads((src / PEFT_CONFIG).read_text())
+        if (src / MANIFEST_NAME).is_file():
+            manifest = json.loads((src / MANIFEST_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read the adapter config in {src}: {err}") from None
+    if not peft and manifest is None:
+        raise UsageError(f"{src} is not a PEFT adapter directory (no {PEFT_CONFIG}); give the directory "
+                         "that save_pretrained wrote")
+    if manifest is not None:
+        for rel, want in (manifest.get("files") or {}).items():
+            p = src / rel
+            if not p.is_file() or sha256_file(p) != want:
+                raise IntegrityError(f"{p} does not match {src / MANIFEST_NAME} (missing, changed or truncated); "
+                                     "copy the adapter again")
+    return peft, manifest
+
+
+def default_kind(peft: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> str:
+    if manifest and manifest.get("kind"):
+        return str(manifest["kind"])
+    kind = str(peft.get("peft_type") or "lora").lower()
+    return re.sub(r"[^a-z0-9+_-]", "-", kind)[:32] or "lora"
+
+
+def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: Mapping[str, Any],
+                   previous: Mapping[str, Any] | None, source: str,
+                   base: tuple[str, str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The manifest of an imported adapter whose files are already staged in ``staged``.
+
+    Args:
+        staged: the copied directory (its files are hashed).
+        domain, version, kind: what it is registered as.
+        peft: its ``adapter_config.json``.
+        previous: its own ``dsft_adapter.json`` when it came from another dsft (kept, re-stamped).
+        source: where it was imported from, recorded as is.
+        base: ``(name, source, fingerprint)`` of the base the user says it was trained on, if any.
+    """
+    files = hash_files(staged)
+    if previous:
+        m = dict(previous)
+    else:
+        weights = staged / "adapter_model.safetensors"
+        shapes = lora_target_shapes(safetensors_shapes(weights)) if weights.is_file() else {}
+        m = {"schema_version": MANIFEST_SCHEMA_VERSION, "base": None, "target_shapes": shapes,
+             "added_tokens": [], "base_vocab_size": None, "recipe": None, "metrics": {}}
+        if peft.get("base_model_name_or_path"):
+            m["base"] = {"name": peft["base_model_name_or_path"], "source": None, "fingerprint": None}
+    if base is not None:
+        name, bsource, fp = base
+        m["base"] = {"name": name, "source": bsource,
+                     "fingerprint": {k: v for k, v in fp.items() if k != "param_shapes"}}
+        if m.get("base_vocab_size") is None and not m.get("added_tokens"):
+            m["base_vocab_size"] = fp.get("vocab_size")
+    m.update(domain=domain, version=version, kind=kind, files=files, imported_from=source)
+    return m
