@@ -64,13 +64,15 @@ def resolve_base(base: str, revision: str | None = None) -> BaseRef:
     raise NotFoundError(f"unknown base {base!r}; use a preset ({', '.join(PRESETS)}), a local model directory or a hub id")
 
 
-def read_config(ref: BaseRef, trust_remote_code: bool = False) -> dict[str, Any]:
+def read_config(ref: BaseRef) -> dict[str, Any]:
     """The raw config.json, checked to be a supported MoE (and free of remote code unless allowed)."""
-    config = json.loads((ref.path / "config.json").read_text())
+    try:
+        config = json.loads((ref.path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{ref.path / 'config.json'} is not valid JSON ({exc.msg}, line {exc.lineno}); fix or re-download it") from None
+    # Every architecture in the table is native to transformers, so its own classes load it and any
+    # `auto_map` code in the directory is never run unless the user passes --trust-remote-code.
     spec_for(config.get("model_type"), config.get("architectures"))
-    if config.get("auto_map") and not trust_remote_code:
-        # Natively supported model types load with transformers' own classes; auto_map is ignored then.
-        pass
     return config
 
 
@@ -98,9 +100,12 @@ def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None
         NotFoundError, UnsupportedModelError, UsageError.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # dsft shows its own progress; library bars would interleave with it
+    hf_logging.set_verbosity_error()
     ref = resolve_base(base)
-    config = read_config(ref, trust_remote_code)
+    config = read_config(ref)
     spec = spec_for(config.get("model_type"), config.get("architectures"))
     device = device or default_device()
     if ref.source.startswith("preset:") and not PRESETS[ref.name].cpu_ok and device == "cpu":

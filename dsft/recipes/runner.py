@@ -29,6 +29,7 @@ from dsft.errors import UsageError
 from dsft.home import adapters_dir
 from dsft.recipes.loop import StepInfo, heldout_loss, train_steps
 from dsft.recipes.schema import Recipe, Stage, load_recipe, recipe_yaml
+from dsft.data.tokenize import Examples
 from dsft.recipes.sources import StageData, eval_sets, stage_batches
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -82,7 +83,7 @@ def _run_stage(model, spec, stage: Stage, data: StageData, plan: TermPlan, seed:
     t0 = time.perf_counter()
     try:
         losses = train_steps(
-            model, optimizer, stage_batches(data, stage.batch_size, seed, next(model.parameters()).device),
+            model, optimizer, stage_batches(data, stage.batch_size, next(model.parameters()).device),
             steps=steps, peak_lrs=[stage.lr] * len(groups), warmup=min(stage.warmup_steps, steps - 1),
             schedule=stage.schedule, grad_clip=stage.grad_clip, probe=probe,
             on_step=lambda info: emit("step", {"stage": stage.name, "info": info}),
@@ -95,11 +96,11 @@ def _run_stage(model, spec, stage: Stage, data: StageData, plan: TermPlan, seed:
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "mixture": data.realised}
 
 
-def _eval(model, sets: dict[str, dict[str, torch.Tensor]], base_tokens: dict[str, int]) -> dict[str, float]:
+def _eval(model, sets: dict[str, Examples], base_tokens: dict[str, int]) -> dict[str, float]:
     """Held-out loss per set, normalised by the *base* tokenizer's token count so before/after compare."""
     out = {}
     for name, ex in sets.items():
-        r = heldout_loss(model, ex)
+        r = heldout_loss(model, ex.to_dict())
         loss = r["loss"] * r["tokens"] / base_tokens[name]
         out[f"{name}_loss"] = round(loss, 5)
         out[f"{name}_ppl"] = round(float(torch.tensor(loss).exp()), 4)
@@ -159,7 +160,7 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     seq_len = max(s.seq_len for s in rec.stages)
-    base_sets, base_tokens = eval_sets(pack, general_pack(), tokenizer, seq_len, seed)
+    base_sets, base_tokens = eval_sets(pack, general_pack(), tokenizer, seq_len)
     before = _eval(model, base_sets, base_tokens)
     emit("eval", {"when": "before", **before})
 
@@ -178,7 +179,7 @@ def train(
     for i, stage in enumerate(rec.stages):
         stage_data = StageData.build(stage, pack, general_pack(), tokenizer, user_records, seed + i)
         stage_metrics.append(_run_stage(peft_model, spec, stage, stage_data, plan, seed + i, emit, max_steps))
-    after_sets, _ = eval_sets(pack, general_pack(), tokenizer, seq_len, seed)
+    after_sets, _ = eval_sets(pack, general_pack(), tokenizer, seq_len)
     after = _eval(peft_model, after_sets, base_tokens)
     emit("eval", {"when": "after", **after})
 

@@ -60,6 +60,12 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(cls):
         return _build_dataclass(cls, data, path, problems)
     if cls is float:
+        if isinstance(data, str):
+            # PyYAML reads 2e-5 (no dot) as a string (YAML 1.1); accept what float() accepts.
+            try:
+                return float(data)
+            except ValueError:
+                pass
         if isinstance(data, bool) or not isinstance(data, (int, float)):
             problems.append(f"{path}: must be a number, got {data!r}")
             return 0.0
@@ -91,19 +97,25 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     for key in data:
         if key not in fields:
             problems.append(f"{_join(path, key)}: unknown key (known: {', '.join(fields)})")
-    kwargs = {}
+    kwargs, failed = {}, set()
     for name, f in fields.items():
         if name in data:
+            n = len(problems)
             kwargs[name] = build(hints[name], data[name], _join(path, name), problems)
+            if len(problems) > n:
+                failed.add(name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{_join(path, name)}: required")
-    n_before = len(problems)
+            failed.add(name)
     try:
         obj = cls(**kwargs)
     except TypeError:
         return None
-    if len(problems) == n_before and hasattr(obj, "check"):
-        problems.extend(f"{_join(path, field)}: {msg}" for field, msg in obj.check())
+    if hasattr(obj, "check"):
+        # Value rules run even when a sibling is bad, so every problem shows at once; a rule about a
+        # field that already failed its type check would only repeat it.
+        problems.extend(f"{_join(path, field) if field else path or '<root>'}: {msg}"
+                        for field, msg in obj.check() if field not in failed)
     return obj
 
 

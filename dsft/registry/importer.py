@@ -131,7 +131,5 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
         name, bsource, fp = base
         m["base"] = {"name": name, "source": bsource,
                      "fingerprint": {k: v for k, v in fp.items() if k != "param_shapes"}}
-        if m.get("base_vocab_size") is None and not m.get("added_tokens"):
-            m["base_vocab_size"] = fp.get("vocab_size")
     m.update(domain=domain, version=version, kind=kind, files=files, imported_from=source)
     return m

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +20,9 @@ from dsft.atomic import sha256_file, sha256_json
 from dsft.errors import IntegrityError
 from dsft.registry.records import AdapterRecord
 from dsft.registry.refs import DOMAIN_PATTERN, VERSION_RE
-import re
 
 MANIFEST_NAME = "dsft_adapter.json"
-_DOMAIN = re.compile(DOMAIN_PATTERN)
+_DOMAIN = re.compile(DOMAIN_PATTERN, re.ASCII)
 
 Kind = Literal["missing_dir", "missing", "changed", "manifest_changed", "unlisted", "orphan", "leftover"]
 #: Findings that make ``verify`` fail; ``unlisted`` and ``leftover`` are reported but harmless.

@@ -110,3 +110,21 @@ class CompatRecord:
         return {"ref": self.ref, "base_id": self.base_id, "base_name": self.base_name, "status": self.status,
                 "ok": self.ok, "reasons": list(self.reasons), "metrics": self.metrics,
                 "checked_at": _iso(self.checked_at), "stored": self.stored}
+
+
+@dataclass(frozen=True)
+class TagMove:
+    """``domain@tag`` now points at ``version``; ``previous`` is where it pointed before (None: new tag)."""
+
+    domain: str
+    tag: str
+    version: str
+    previous: str | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.domain}@{self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.domain, "tag": self.tag, "ref": self.ref, "version": self.version,
+                "previous": self.previous}

@@ -23,15 +23,18 @@ VERSION_PATTERN = (
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
 )
 
-_DOMAIN = re.compile(DOMAIN_PATTERN)
-_TAG = re.compile(TAG_PATTERN)
-_KIND = re.compile(KIND_PATTERN)
-VERSION_RE = re.compile(VERSION_PATTERN)
+_DOMAIN = re.compile(DOMAIN_PATTERN, re.ASCII)
+_TAG = re.compile(TAG_PATTERN, re.ASCII)
+_KIND = re.compile(KIND_PATTERN, re.ASCII)
+VERSION_RE = re.compile(VERSION_PATTERN, re.ASCII)
 
 #: ``domain@latest`` means the same as ``domain``; it cannot be assigned as a tag.
 LATEST = "latest"
 
 REF_HELP = "write refs as DOMAIN, DOMAIN@1.2.0 or DOMAIN@TAG (e.g. finance@production)"
+DOMAIN_RULE = f"1-{MAX_NAME} characters of a-z, 0-9, '_' or '-', starting with a letter (e.g. finance)"
+TAG_RULE = f"1-{MAX_NAME} characters of letters, digits, '_', '.' or '-', starting with a letter (e.g. production)"
+VERSION_RULE = "a semantic version MAJOR.MINOR.PATCH such as 1.2.0 (no leading zeros, no leading 'v')"
 
 
 def _show(value: object) -> str:
@@ -51,10 +54,7 @@ def validate_domain(name: str) -> str:
         UsageError: when it does not match ``[a-z][a-z0-9_-]{0,63}``.
     """
     if not isinstance(name, str) or not _DOMAIN.fullmatch(name):
-        raise UsageError(
-            f"bad domain name {_show(name)}: use 1-{MAX_NAME} characters of a-z, 0-9, '_' or '-', "
-            "starting with a letter (e.g. finance)"
-        )
+        raise UsageError(f"bad domain name {_show(name)}: use {DOMAIN_RULE}")
     return name
 
 
@@ -65,10 +65,7 @@ def validate_version(version: str) -> str:
         UsageError: when it is not one, or is longer than 64 characters.
     """
     if not isinstance(version, str) or len(version) > MAX_NAME or not VERSION_RE.fullmatch(version):
-        raise UsageError(
-            f"bad version {_show(version)}: use a semantic version MAJOR.MINOR.PATCH such as 1.2.0 "
-            "(no leading zeros, no leading 'v')"
-        )
+        raise UsageError(f"bad version {_show(version)}: use {VERSION_RULE}")
     return version
 
 
@@ -79,10 +76,7 @@ def validate_tag(tag: str) -> str:
         UsageError: when it does not match ``[A-Za-z][A-Za-z0-9_.-]{0,63}`` or is the reserved ``latest``.
     """
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-        raise UsageError(
-            f"bad tag {_show(tag)}: use 1-{MAX_NAME} characters of letters, digits, '_', '.' or '-', "
-            "starting with a letter (e.g. production)"
-        )
+        raise UsageError(f"bad tag {_show(tag)}: use {TAG_RULE}")
     if tag == LATEST:
         raise UsageError("'latest' is reserved (DOMAIN@latest always means the newest version); pick another tag name")
     return tag
@@ -125,22 +119,17 @@ def parse_ref(text: str) -> Ref:
     if not isinstance(text, str) or not text:
         raise UsageError(f"empty adapter ref: {REF_HELP}")
     if len(text) > 2 * MAX_NAME + 1:
-        raise UsageError(f"adapter ref {_show(text)} is too long: {REF_HELP}")
+        raise UsageError(f"adapter ref {_show(text)} is too long ({len(text)} characters): {REF_HELP}")
     domain, at, selector = text.partition("@")
-    try:
-        validate_domain(domain)
-    except UsageError as err:
-        raise UsageError(f"bad adapter ref {_show(text)}: {err}; {REF_HELP}") from None
-    if not at:
-        return Ref(domain)
-    if selector == LATEST:
+    if not _DOMAIN.fullmatch(domain):
+        raise UsageError(f"bad adapter ref {_show(text)}: the domain must be {DOMAIN_RULE}; {REF_HELP}")
+    if not at or selector == LATEST:
         return Ref(domain)
     if selector[:1].isdigit():
-        try:
-            return Ref(domain, version=validate_version(selector))
-        except UsageError as err:
-            raise UsageError(f"bad adapter ref {_show(text)}: {err}") from None
-    try:
-        return Ref(domain, tag=validate_tag(selector))
-    except UsageError as err:
-        raise UsageError(f"bad adapter ref {_show(text)}: {err}; {REF_HELP}") from None
+        if len(selector) > MAX_NAME or not VERSION_RE.fullmatch(selector):
+            raise UsageError(f"bad adapter ref {_show(text)}: the version must be {VERSION_RULE}")
+        return Ref(domain, version=selector)
+    if not _TAG.fullmatch(selector):
+        raise UsageError(f"bad adapter ref {_show(text)}: after '@' give a version ({VERSION_RULE}) or a tag "
+                         f"({TAG_RULE}); {REF_HELP}")
+    return Ref(domain, tag=selector)

@@ -66,6 +66,12 @@ def db_errors(url: str | URL, doing: str) -> Iterator[None]:
             raise RegistryError(
                 f"registry {safe_url(url)} is damaged ({msg}); restore it from a backup or move it away"
             ) from err
+        if "connect" in msg.lower() and not isinstance(err.orig, sqlite3.Error):
+            raise RegistryError(f"cannot reach registry {safe_url(url)} ({msg}); check that the server is up, "
+                                "or set --registry / DSFT_REGISTRY_URL") from err
+        if "unable to open database file" in msg:
+            raise RegistryError(f"cannot open registry {safe_url(url)} ({msg}); check that its directory "
+                                "exists and is writable, or set --registry / DSFT_REGISTRY_URL") from err
         raise RegistryError(f"registry {safe_url(url)} failed while {doing}: {msg}") from err
     except SQLAlchemyError as err:
         raise RegistryError(f"registry {safe_url(url)} failed while {doing}: {describe_db_error(err)}") from err
@@ -253,14 +259,16 @@ def _migrate(engine: Engine, head: str) -> str:
     url = engine.url
     sqlite = url.get_backend_name() == "sqlite"
     with engine.connect() as plain:
-        if sqlite and sqlite_path(url) is not None:
-            # Persistent; needs no transaction. Only ever set on a file already known to be ours or new.
-            mode = plain.exec_driver_sql("PRAGMA journal_mode").scalar()
-            if str(mode).lower() != "wal":
-                plain.exec_driver_sql("PRAGMA journal_mode = WAL")
-        if sqlite:
+        # PRAGMAs that must run outside any transaction go to the driver connection directly
+        # (with isolation_level=None it sends them as they are, with no implicit BEGIN).
+        raw = plain.connection.dbapi_connection if sqlite else None
+        if raw is not None and sqlite_path(url) is not None:
+            # Persistent; only ever set on a file already known to be ours, or a new one.
+            if str(raw.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                raw.execute("PRAGMA journal_mode = WAL")
+        if raw is not None:
             # Table rebuilds in batch migrations must not cascade deletes (https://sqlite.org/lang_altertable.html).
-            plain.exec_driver_sql("PRAGMA foreign_keys = OFF")
+            raw.execute("PRAGMA foreign_keys = OFF")
         try:
             conn = plain.execution_options(**{_WRITE: True})
             with conn.begin():
@@ -274,6 +282,6 @@ def _migrate(engine: Engine, head: str) -> str:
                             raise RegistryError(f"migration to {head} left {len(bad)} dangling references; "
                                                 "nothing was changed; please report this")
         finally:
-            if sqlite:
-                plain.exec_driver_sql("PRAGMA foreign_keys = ON")
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys = ON")
     return head

@@ -1,0 +1,38 @@
+"""User data: files -> records -> token examples -> a weighted mixture.
+
+::
+
+    from dsft.data import load_records, build_examples, mix
+
+    records = load_records(["notes.txt", "qa.jsonl"])           # DataError names file:line on bad input
+    examples = build_examples(tokenizer, records, seq_len=512)  # input_ids / labels / attention_mask
+    mixed, realised = mix({"user": examples, "general": general}, {"user": 3, "general": 1}, 1000, seed=0)
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from dsft.data.files import READERS, Message, Record, load_records, to_record
+
+if TYPE_CHECKING:
+    from dsft.data.mixture import Source, apportion, mix
+    from dsft.data.tokenize import (
+        IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, pack_texts,
+    )
+
+# Lazy: reading and checking data files must not pay for importing torch.
+_LAZY = {
+    **{name: "dsft.data.tokenize" for name in (
+        "IGNORE", "Examples", "build_examples", "collate", "count_tokens", "encode_chat", "encode_instruction",
+        "pack_texts")},
+    **{name: "dsft.data.mixture" for name in ("Source", "apportion", "mix")},
+}
+
+__all__ = ["READERS", "Message", "Record", "load_records", "to_record", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dsft.data' has no attribute {name!r}")

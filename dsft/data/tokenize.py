@@ -1,0 +1,372 @@
+"""Records -> token tensors: raw text is packed into full blocks, instructions and chats are encoded one by one.
+
+Every example is ``seq_len`` tokens with three rows of the same shape:
+
+* ``input_ids``: token ids, right-padded with the tokenizer's pad id (EOS when it has none);
+* ``labels``: the targets *before* the shift (the training loop shifts by one); ``-100`` where no
+  loss is taken: padding, prompts, system and user turns;
+* ``attention_mask``: 1 on real tokens, 0 on padding.
+
+The tokenizer is anything shaped like ``transformers.PreTrainedTokenizerFast``: callable on a
+list of texts, with ``eos_token_id`` and ``pad_token_id`` (and ``apply_chat_template`` for chats).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsft.data.files import Message, Record
+from dsft.errors import DataError, UsageError
+
+log = logging.getLogger("dsft.data")
+
+IGNORE = -100
+"""Label value that takes no loss (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``)."""
+
+# Plain-text template for tokenizers without a chat template (base models). A one-turn chat renders
+# exactly like an instruction record: "### Instruction:\n{prompt}\n\n### Response:\n{response}<eos>".
+HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+TURN_END = "\n\n"
+
+Segments = list[tuple[str, bool]]
+"""A rendered example as (text, takes loss) pieces, in order."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A set of tokenised examples, all ``[N, seq_len]`` long tensors; a map-style torch Dataset."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(t.shape) for t in (self.input_ids, self.labels, self.attention_mask)}
+        if len(shapes) != 1 or self.input_ids.dim() != 2:
+            raise ValueError(f"input_ids, labels and attention_mask must share one [N, seq_len] shape, got {shapes}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Examples:
+        """The examples at ``index`` (repeats allowed), in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Examples(self.input_ids[index], self.labels[index], self.attention_mask[index])
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "labels": self.labels, "attention_mask": self.attention_mask}
+
+    @staticmethod
+    def from_dict(tensors: Mapping[str, Any]) -> Examples:
+        return Examples(*(torch.as_tensor(tensors[k], dtype=torch.long)
+                          for k in ("input_ids", "labels", "attention_mask")))
+
+    @staticmethod
+    def empty(seq_len: int) -> Examples:
+        return Examples(*(torch.zeros((0, seq_len), dtype=torch.long) for _ in range(3)))
+
+    @staticmethod
+    def cat(parts: Sequence[Examples], seq_len: int | None = None) -> Examples:
+        """Concatenate along the example axis; ``seq_len`` is needed only when ``parts`` is empty."""
+        if not parts:
+            if seq_len is None:
+                raise ValueError("Examples.cat of no parts needs seq_len")
+            return Examples.empty(seq_len)
+        lens = {p.seq_len for p in parts}
+        if len(lens) != 1:
+            raise ValueError(f"cannot concatenate examples of different seq_len {sorted(lens)}")
+        return Examples(*(torch.cat([getattr(p, k) for p in parts])
+                          for k in ("input_ids", "labels", "attention_mask")))
+
+
+def count_tokens(examples: Examples | Mapping[str, torch.Tensor]) -> int:
+    """Tokens that take loss once the training loop shifts labels by one (the first column never does)."""
+    labels = examples.labels if isinstance(examples, Examples) else torch.as_tensor(examples["labels"])
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack ``Examples[i]`` items into a batch; ``DataLoader(examples, batch_size=8, collate_fn=collate)``."""
+    return {k: torch.stack([item[k] for item in batch]) for k in ("input_ids", "labels", "attention_mask")}
+
+
+# --- raw text -------------------------------------------------------------------------------
+
+
+def pack_texts(tokenizer: Any, texts: Sequence[str], seq_len: int, add_eos: bool = True) -> torch.Tensor:
+    """Concatenate documents (each followed by EOS) and cut the stream into full ``seq_len`` blocks.
+
+    The remainder after the last full block is dropped. When all documents together are shorter
+    than one block, the result is a single block right-padded with the pad id; the caller must mask
+    those positions (``labels[ids == pad_token_id] = -100``); :func:`build_examples` does this for
+    you, and is exact even when the pad id equals EOS. Labels of packed blocks are the inputs
+    themselves: documents attend across the EOS boundaries, as in GPT-style pre-training.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        texts: the documents.
+        seq_len: tokens per block.
+        add_eos: append EOS after each document (unless its encoding already ends with one).
+
+    Returns:
+        ``LongTensor [N, seq_len]``; ``N`` is 0 when ``texts`` is empty.
+
+    Raises:
+        UsageError: ``seq_len`` < 2, or the tokenizer has no EOS token.
+    """
+    return _pack(tokenizer, texts, seq_len, add_eos).input_ids
+
+
+def _pack(tokenizer: Any, texts: Sequence[str], seq_len: int, add_eos: bool = True) -> Examples:
+    _check_seq_len(seq_len)
+    eos = _eos_id(tokenizer)
+    stream: list[int] = []
+    for ids in _encode_batch(tokenizer, list(texts), special=True, split=True):
+        stream.extend(ids)
+        if add_eos and (not ids or ids[-1] != eos):
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        return _pad_rows([(stream, stream)], seq_len, _pad_id(tokenizer)) if stream else Examples.empty(seq_len)
+    ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return Examples(ids, ids.clone(), torch.ones_like(ids))
+
+
+# --- instructions and chats ---------------------------------------------------------------------
+
+
+def encode_instruction(tokenizer: Any, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
+    """Encode one prompt/response pair with the plain template; loss on the response and its EOS only.
+
+    The text is ``"### Instruction:\\n{prompt}\\n\\n### Response:\\n{response}"`` then EOS; the
+    template is used even when the tokenizer has a chat template (chats use that one).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        prompt, response: the pair.
+        seq_len: the result is cut to at most this many tokens, keeping the start.
+
+    Returns:
+        ``(input_ids, labels)``, equal lengths <= ``seq_len``, unpadded; labels are -100 on the prompt.
+    """
+    segments = _plain_segments([Message("user", prompt), Message("assistant", response)])
+    return _encode_segments(tokenizer, segments, seq_len, plain=True)
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Message | Mapping[str, str]], seq_len: int) -> tuple[list[int], list[int]]:
+    """Encode one conversation; loss on the assistant turns only.
+
+    With a chat template (``tokenizer.chat_template``) each assistant turn's span is found by
+    rendering the conversation up to it (with the generation prompt) and up to its end, so the
+    loss covers the turn's content and its end-of-turn token. Templates that render earlier turns
+    differently from the last one (e.g. dropping an empty ``<think>`` block) fall back to finding
+    the content in the full rendering. Without a template, turns use the plain template of
+    :func:`encode_instruction` (system ``### System:``, user ``### Instruction:``, assistant
+    ``### Response:`` followed by EOS).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        messages: ``[{"role": "system|user|assistant", "content": str}, ...]`` or :class:`Message`.
+        seq_len: the result is cut to at most this many tokens, keeping the start.
+
+    Returns:
+        ``(input_ids, labels)``, equal lengths <= ``seq_len``, unpadded.
+
+    Raises:
+        DataError: the chat template fails on the conversation, or an assistant turn cannot be located.
+    """
+    turns = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return _encode_segments(tokenizer, _template_segments(tokenizer, turns), seq_len, plain=False)
+    return _encode_segments(tokenizer, _plain_segments(turns), seq_len, plain=True)
+
+
+def _plain_segments(turns: Sequence[Message]) -> Segments:
+    segments: Segments = []
+    for m in turns:
+        if m.role == "assistant":
+            segments += [(HEADERS["assistant"], False), (m.content, True)]
+        else:
+            # no separator after an assistant turn: its EOS ends it
+            segments.append((HEADERS[m.role] + m.content + TURN_END, False))
+    return _merge(segments)
+
+
+def _template_segments(tokenizer: Any, turns: Sequence[Message]) -> Segments:
+    dicts = [{"role": m.role, "content": m.content} for m in turns]
+
+    def render(upto: int, generation: bool = False) -> str:
+        if upto == 0:
+            return ""
+        try:
+            return tokenizer.apply_chat_template(dicts[:upto], tokenize=False, add_generation_prompt=generation)
+        except Exception as e:  # jinja2 errors, or the template's own raise_exception(...)
+            raise DataError(f"the tokenizer's chat template fails on this conversation ({e}); "
+                            "check the roles' order") from None
+
+    full = render(len(dicts))
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, m in enumerate(turns):
+        if m.role != "assistant":
+            continue
+        before, through = render(i, generation=True), render(i + 1)
+        if full.startswith(before) and full.startswith(through) and cursor <= len(before) < len(through):
+            span = (len(before), len(through))
+        else:
+            span = _find_content(tokenizer, full, m.content, cursor, i)
+        spans.append(span)
+        cursor = span[1]
+    segments: Segments = []
+    pos = 0
+    for start, end in spans:
+        segments += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    segments.append((full[pos:], False))
+    return _merge(segments)
+
+
+def _find_content(tokenizer: Any, full: str, content: str, cursor: int, i: int) -> tuple[int, int]:
+    """Locate an assistant turn's content in the full rendering; extend it over an end-of-turn token."""
+    needle = content.strip()  # templates often trim content
+    at = full.find(needle, cursor) if needle else -1
+    if at < 0:
+        raise DataError(f"cannot find assistant turn messages[{i}] in the chat template's rendering; "
+                        "use a tokenizer without a template or report the template")
+    end = at + len(needle)
+    specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(getattr(tokenizer, "get_added_vocab", dict)())
+    follow = max((s for s in specials if s and full.startswith(s, end)), key=len, default="")
+    return at, end + len(follow)
+
+
+def _merge(segments: Segments) -> Segments:
+    merged: Segments = []
+    for text, trained in segments:
+        if not text:
+            continue
+        if merged and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
+        else:
+            merged.append((text, trained))
+    return merged
+
+
+def _encode_segments(tokenizer: Any, segments: Segments, seq_len: int, plain: bool) -> tuple[list[int], list[int]]:
+    # Plain template: user text is data, so "<|endoftext|>" written in it is not a control token
+    # (split_special_tokens), the tokenizer's BOS (if any) starts the example, and each trained
+    # segment gets EOS. Chat template: the rendering already holds BOS and end-of-turn tokens.
+    _check_seq_len(seq_len)
+    eos = _eos_id(tokenizer) if plain else None
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (text, trained) in enumerate(segments):
+        piece = _encode_batch(tokenizer, [text], special=plain and k == 0, split=plain)[0]
+        if trained and eos is not None:
+            piece = piece + [eos]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return ids[:seq_len], labels[:seq_len]
+
+
+# --- records -> examples ---------------------------------------------------------------------------
+
+
+def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> Examples:
+    """Tokenise records: raw texts packed together into full blocks first, then one example per
+    instruction or chat record, right-padded to ``seq_len``.
+
+    An instruction or chat whose prompt fills all of ``seq_len`` (no response token left) would
+    train nothing; it is dropped with a warning on the ``dsft.data`` logger.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        records: from :func:`dsft.data.files.load_records` (or built with ``Record.raw`` etc.).
+        seq_len: tokens per example.
+
+    Returns:
+        Examples ``[N, seq_len]``; N is 0 for no records.
+
+    Raises:
+        UsageError: ``seq_len`` < 2, or the tokenizer has no EOS token.
+        DataError: a chat cannot be rendered (names the record's source), or no instruction/chat
+            record has a response token within ``seq_len`` and there is no raw text.
+    """
+    _check_seq_len(seq_len)
+    texts = [r.text for r in records if r.kind == "text"]
+    parts = [_pack(tokenizer, texts, seq_len)] if texts else []
+    rows: list[tuple[list[int], list[int]]] = []
+    dropped: list[str] = []
+    for r in records:
+        if r.kind == "text":
+            continue
+        try:
+            if r.kind == "instruction":
+                ids, labels = encode_instruction(tokenizer, r.prompt, r.response, seq_len)
+            else:
+                ids, labels = encode_chat(tokenizer, r.messages, seq_len)
+        except DataError as e:
+            raise DataError(f"{r.source}: {e}") from None
+        if all(x == IGNORE for x in labels):
+            dropped.append(r.source)
+        else:
+            rows.append((ids, labels))
+    if dropped:
+        if not rows and not texts:
+            raise DataError(f"{dropped[0]}: no record has a response token within seq_len={seq_len} "
+                            f"({len(dropped)} prompt(s) too long); raise seq_len or shorten the prompts")
+        log.warning("dropped %d record(s) whose prompt fills seq_len=%d (first: %s); raise seq_len to keep them",
+                    len(dropped), seq_len, dropped[0])
+    if rows:
+        parts.append(_pad_rows(rows, seq_len, _pad_id(tokenizer)))
+    return Examples.cat(parts, seq_len)
+
+
+def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], seq_len: int, pad: int) -> Examples:
+    n = len(rows)
+    ids = torch.full((n, seq_len), pad, dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, seq_len), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x[:seq_len], dtype=torch.long)
+        labels[i, : len(y)] = torch.tensor(y[:seq_len], dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return Examples(ids, labels, mask)
+
+
+# --- tokenizer access ------------------------------------------------------------------------------
+
+
+def _encode_batch(tokenizer: Any, texts: list[str], special: bool, split: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    # verbose=False: long documents are expected here; they are packed, not fed to the model whole
+    enc = tokenizer(texts, add_special_tokens=special, split_special_tokens=split, verbose=False)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise UsageError("the tokenizer has no EOS token; set tokenizer.eos_token before building examples")
+    return eos
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return _eos_id(tokenizer) if pad is None else pad
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len < 2:
+        raise UsageError(f"seq_len must be >= 2 (labels are shifted by one), got {seq_len}")

@@ -1,0 +1,215 @@
+"""Where domain packs live: find one by name or path, list them, and make a user domain from a term list.
+
+Lookup order for a name: ``$DSFT_HOME/domains/<name>.yaml`` (user domains), then the built-in packs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from dsft.atomic import write_text_atomic
+from dsft.domains.pack import BUILTIN_DOMAINS, GENERAL, LORA_GROUPS, NAME_RE, PACKS_DIR, DomainPack, load_pack, parse_pack
+from dsft.errors import DataError, NotFoundError, UsageError
+from dsft.home import dsft_home
+
+# "term: definition" needs a space after the colon, so a term like "ratio 3:1" stays whole.
+_TERM_LINE = re.compile(r"(?P<term>.+?)\s*:\s+(?P<definition>.+)")
+
+
+def user_domains_dir() -> Path:
+    return dsft_home() / "domains"
+
+
+def validate_domain_name(name: str) -> str:
+    """Return ``name`` if it is a valid domain name (``[a-z][a-z0-9_-]{0,63}``).
+
+    Raises:
+        UsageError: empty, a path, or other characters; the message says how to fix it.
+    """
+    if not name:
+        raise UsageError("domain name is empty; give a name like 'finance' (see `dsft domains list`)")
+    if "/" in name or "\\" in name or os.sep in name or ".." in name:
+        raise UsageError(
+            f"domain name {name!r} contains a path separator or '..'; a name is lower-case letters, digits, '-' and '_' "
+            "(e.g. 'finance'); to use a pack file give its path ending in .yaml, e.g. --domain path/to/domain.yaml"
+        )
+    if not NAME_RE.fullmatch(name):
+        suggestion = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_") or "my-domain"
+        if not suggestion[0].isalpha():
+            suggestion = "d-" + suggestion
+        raise UsageError(
+            f"domain name {name!r} is not valid: use 1-64 characters, a lower-case letter first, then lower-case "
+            f"letters, digits, '-' or '_' (e.g. {suggestion[:64]!r})"
+        )
+    return name
+
+
+def builtin_pack(name: str) -> DomainPack:
+    """The shipped pack ``name`` (finance, legal, medical or general), ignoring user domains."""
+    return load_pack(PACKS_DIR / f"{name}.yaml", builtin=True)
+
+
+def general_pack() -> DomainPack:
+    """The general-knowledge pack: tokenizer text, replay data and the forgetting measure; not a domain."""
+    return builtin_pack(GENERAL)
+
+
+def _user_pack(path: Path) -> DomainPack:
+    pack = load_pack(path)
+    if pack.name != path.stem:
+        raise UsageError(f"{path}: name: the pack is named {pack.name!r} but its file is {path.name}; make them agree")
+    return pack
+
+
+def list_domains() -> list[DomainPack]:
+    """The built-in domains (finance, legal, medical) and the user domains, by name.
+
+    A user domain with a built-in's name replaces it, as :func:`resolve_domain` does.
+    """
+    packs = {name: builtin_pack(name) for name in BUILTIN_DOMAINS}
+    user_dir = user_domains_dir()
+    if user_dir.is_dir():
+        for path in sorted(user_dir.glob("*.yaml")):
+            if NAME_RE.fullmatch(path.stem) and path.stem != GENERAL:
+                packs[path.stem] = _user_pack(path)
+    return [packs[name] for name in sorted(packs)]
+
+
+def _available() -> str:
+    return ", ".join(p.name for p in list_domains())
+
+
+def resolve_domain(name_or_path: str) -> DomainPack:
+    """The pack a ``--domain`` argument means: a pack file by path, else a user or built-in domain by name.
+
+    Raises:
+        UsageError: an invalid name, or a pack file with problems.
+        NotFoundError: no such file or domain; the message lists the available domains.
+    """
+    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or os.sep in name_or_path
+    if looks_like_path:
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            return load_pack(path)
+        if name_or_path.endswith((".yaml", ".yml")):
+            raise NotFoundError(f"domain file {path} does not exist; check the path, or give a domain name ({_available()})")
+    validate_domain_name(name_or_path)
+    user_path = user_domains_dir() / f"{name_or_path}.yaml"
+    if user_path.is_file():
+        return _user_pack(user_path)
+    if name_or_path in BUILTIN_DOMAINS:
+        return builtin_pack(name_or_path)
+    raise NotFoundError(
+        f"unknown domain {name_or_path!r}; available domains: {_available()}. "
+        "Run `dsft domains list`, give a pack file with --domain path/to/domain.yaml, "
+        "or make one with `dsft domains new`"
+    )
+
+
+def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
+    try:
+        lines = terms_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise NotFoundError(f"terms file {terms_file} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{terms_file}: cannot read the terms file as UTF-8 text: {exc}") from None
+    terms: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\t" in line:
+            term, _, definition = (part.strip() for part in line.partition("\t"))
+        elif match := _TERM_LINE.fullmatch(line):
+            term, definition = match["term"], match["definition"].strip()
+        else:
+            term, definition = line, ""
+        if not term:
+            raise DataError(f"{terms_file}:{lineno}: the line has a definition but no term")
+        if term.casefold() in first_line:
+            raise DataError(f"{terms_file}:{lineno}: duplicate term {term!r} (first on line {first_line[term.casefold()]}); remove one")
+        first_line[term.casefold()] = lineno
+        terms[term] = definition or f"a term used in the {name} domain."
+    if not terms:
+        raise DataError(f"{terms_file}: no terms found; write one term per line, optionally 'term<TAB>definition' or 'term: definition'")
+    return terms
+
+
+def check_jsonl(data_file: Path) -> int:
+    """Check that every line of ``data_file`` is a record with "text" or "prompt"/"response"; return the count.
+
+    Raises:
+        DataError: the file is missing, empty, or a line is not such a record (the message names the line).
+    """
+    try:
+        lines = data_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"data file {data_file} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{data_file}: cannot read the data file as UTF-8 text: {exc}") from None
+    count = 0
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{data_file}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        ok = isinstance(record, dict) and (
+            isinstance(record.get("text"), str) or (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str))
+        )
+        if not ok:
+            raise DataError(f'{data_file}:{lineno}: a record must be an object with "text", or "prompt" and "response" strings')
+        count += 1
+    if count == 0:
+        raise DataError(f"{data_file}: no records; write one JSON object per line")
+    return count
+
+
+def new_domain(name: str, terms_file: Path, data_file: Path | None = None, description: str = "") -> Path:
+    """Make user domain ``name`` from a term list (and optionally a JSONL data file); return its YAML path.
+
+    The pack uses the generic fillers and templates; edit the written YAML to add your own.
+
+    Args:
+        name: the new domain's name (``[a-z][a-z0-9_-]{0,63}``).
+        terms_file: one term per line, optionally ``term<TAB>definition`` or ``term: definition``;
+            blank lines and ``#`` comments are skipped.
+        data_file: JSONL records with "text" or "prompt"/"response"; stored by absolute path.
+        description: one line; a default naming the term count is used when empty.
+
+    Raises:
+        UsageError: invalid name, or the domain already exists (built-in or user).
+        NotFoundError: the terms file does not exist.
+        DataError: an unreadable or empty terms file, or a malformed data file (naming the line).
+    """
+    validate_domain_name(name)
+    path = user_domains_dir() / f"{name}.yaml"
+    if name in BUILTIN_DOMAINS or name == GENERAL:
+        raise UsageError(f"domain {name!r} already exists as a built-in pack; choose another name")
+    if path.exists():
+        raise UsageError(f"domain {name!r} already exists at {path}; choose another name, or edit or delete that file")
+    terms = _read_terms(name, Path(terms_file))
+    data = {
+        "name": name,
+        "description": description.strip() or f"User-defined domain {name} ({len(terms)} terms).",
+        "default_recipe": "lora",
+        "lora_targets": list(LORA_GROUPS),
+        "terms": terms,
+    }
+    if data_file is not None:
+        check_jsonl(Path(data_file))
+        data["data_files"] = [str(Path(data_file).expanduser().resolve())]
+    header = (
+        f"# Made by `dsft domains new {name}`. Run: dsft train --domain {name}\n"
+        "# Optional keys: fillers, raw_templates, instruction_templates (generic ones are used when absent).\n"
+    )
+    text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+    parse_pack(text, path)  # refuse to write a pack that would not load back
+    write_text_atomic(path, text)
+    return path
