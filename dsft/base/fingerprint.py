@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from dsft.atomic import sha256_bytes, sha256_file, sha256_json, write_json_atomic
 from dsft.home import dsft_home
 
@@ -43,13 +41,7 @@ def compute_fingerprint(model_dir: str | Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     config_core = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    shapes: dict[str, list[int]] = {}
-    file_hashes = []
-    for f in weight_files(model_dir):
-        file_hashes.append(sha256_file(f))
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():
-                shapes[key] = list(st.get_slice(key).get_shape())
+    file_hashes = [sha256_file(f) for f in weight_files(model_dir)]
     tok = AutoTokenizer.from_pretrained(model_dir)
     fp = {
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
@@ -59,10 +51,26 @@ def compute_fingerprint(model_dir: str | Path) -> dict[str, Any]:
         "weights_hash": sha256_bytes("".join(file_hashes).encode()),
         "vocab_size": config.get("vocab_size"),
         "tokenizer_size": len(tok),
-        "param_shapes": shapes,
+        "param_shapes": param_shapes(model_dir),
     }
     fp["id"] = fingerprint_id(fp)
     return fp
+
+
+def param_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Parameter names and shapes as the loaded model has them.
+
+    Read from a model built on the meta device (no memory, no weights): checkpoints may store
+    routed experts per expert (the transformers v4 layout) while the loaded model fuses them into
+    3-D parameters, and adapters name the latter.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
 def fingerprint_id(fp: dict[str, Any]) -> str:

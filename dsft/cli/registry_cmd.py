@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-RegistryUrl = Annotated[Optional[str], typer.Option(
+RegistryUrl = Annotated[str | None, typer.Option(
     "--registry", envvar="DSFT_REGISTRY_URL", show_envvar=True, metavar="URL",
     help="SQLAlchemy URL of the registry (default: sqlite at $DSFT_HOME/registry.db).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
@@ -86,7 +86,7 @@ def _adapter_summary(rec: AdapterRecord) -> dict[str, Any]:
 
 @app.command("list")
 @guarded
-def list_cmd(domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
+def list_cmd(domain: Annotated[str | None, typer.Option("--domain", help="Only this domain.")] = None,
              registry: RegistryUrl = None, json_out: Json = False) -> None:
     """List registered adapter versions, oldest to newest per domain.
 
@@ -101,10 +101,10 @@ def list_cmd(domain: Annotated[Optional[str], typer.Option("--domain", help="Onl
         console.print("no adapters registered yet: dsft train --domain D, or dsft registry import DIR --domain D")
         return
     table = Table("ref", "kind", "tags", "trained on", "created", "metrics")
+    table.columns[0].no_wrap = True
     for r in recs:
-        base = f"{r.base.name} ({_short(r.base.id)})" if r.base else "unknown (imported)"
-        table.add_row(r.ref, r.kind, ", ".join(r.tags), base, r.created_at.strftime("%Y-%m-%d %H:%M"),
-                      _metrics(r.metrics))
+        table.add_row(r.ref, r.kind, ", ".join(r.tags), r.base.name if r.base else "(imported)",
+                      r.created_at.strftime("%Y-%m-%d"), _metrics(r.metrics))
     console.print(table)
 
 
@@ -138,7 +138,8 @@ def show_cmd(ref: RefArg, registry: RegistryUrl = None, json_out: Json = False) 
         for c in rows:
             table.add_row(c.base_name or "", _short(c.base_id), f"[{_STYLE[c.status]}]{c.status}[/]",
                           c.checked_at.strftime("%Y-%m-%d %H:%M") if c.checked_at else "",
-                          (c.reasons[0] if c.reasons else "") + (f" (+{len(c.reasons) - 1})" if len(c.reasons) > 1 else ""))
+                          (c.reasons[0] if c.reasons else "")
+                          + (f" (+{len(c.reasons) - 1})" if len(c.reasons) > 1 else ""))
         console.print(table)
 
 
@@ -222,7 +223,8 @@ def untag_cmd(ref: Annotated[str, typer.Argument(metavar="DOMAIN@TAG", help="The
 @app.command("rm")
 @guarded
 def rm_cmd(ref: RefArg,
-           force: Annotated[bool, typer.Option("--force", help="Remove even while tags point at it (they go too).")] = False,
+           force: Annotated[bool, typer.Option(
+               "--force", help="Remove even while tags point at it (they go too).")] = False,
            registry: RegistryUrl = None, json_out: Json = False) -> None:
     """Delete an adapter version: its registry rows and its files, together or not at all.
 
@@ -231,20 +233,24 @@ def rm_cmd(ref: RefArg,
     with _registry(registry) as reg:
         rec, deleted = reg.remove(ref, force=force)
     if json_out:
-        print_json({"removed": rec.ref, "deleted_path": str(deleted) if deleted else None, "tags_removed": list(rec.tags)})
+        print_json({"removed": rec.ref, "deleted_path": str(deleted) if deleted else None,
+                    "tags_removed": list(rec.tags)})
         return
-    where = f"; deleted {deleted}" if deleted else f"; files at {rec.path} left in place (outside $DSFT_HOME/adapters or missing)"
+    where = (f"; deleted {deleted}" if deleted else
+             f"; files at {rec.path} left in place (outside $DSFT_HOME/adapters, or missing)")
     console.print(f"removed {rec.ref}{where}", highlight=False, markup=False)
 
 
 @app.command("import")
 @guarded
 def import_cmd(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The adapter directory (as save_pretrained wrote it).")],
+    directory: Annotated[Path, typer.Argument(
+        metavar="DIR", help="The adapter directory (as save_pretrained wrote it).")],
     domain: Annotated[str, typer.Option("--domain", help="Domain to register it under.")],
-    version: Annotated[Optional[str], typer.Option("--version", help="Its version (default: the next one).")] = None,
-    kind: Annotated[Optional[str], typer.Option("--kind", help="Its kind (default: from adapter_config.json).")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", metavar="BASE", help="The base it was trained on, if known.")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Its version (default: the next one).")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="Its kind (default: from adapter_config.json).")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", metavar="BASE", help="The base it was trained on, if known.")] = None,
     registry: RegistryUrl = None, json_out: Json = False,
 ) -> None:
     """Register an adapter trained elsewhere (e.g. a plain PEFT directory); the directory is copied, not moved.

@@ -32,7 +32,7 @@ def validate_domain_name(name: str) -> str:
     """
     if not name:
         raise UsageError("domain name is empty; give a name like 'finance' (see `dsft domains list`)")
-    if "/" in name or "\\" in name or os.sep in name or ".." in name:
+    if "/" in name or "\\" in name or ".." in name:
         raise UsageError(
             f"domain name {name!r} contains a path separator or '..'; a name is lower-case letters, digits, '-' and '_' "
             "(e.g. 'finance'); to use a pack file give its path ending in .yaml, e.g. --domain path/to/domain.yaml"

@@ -19,6 +19,9 @@ from dsft.domains.catalog import builtin_pack, general_pack
 from dsft.domains.pack import BUILTIN_DOMAINS, DomainPack, capitalise
 
 ZIPF_EXPONENT = 1.0
+ZIPF_OFFSET = 5.0
+"""Zipf-Mandelbrot weight ``1 / (rank + offset) ** exponent``: the offset keeps the top term near 5% of
+documents instead of ~17% (plain Zipf over ~200 terms), while the tail terms stay rare (~0.15% each)."""
 LONGTAIL_FRACTION = 0.2
 SENTENCES_PER_DOC = (3, 6)
 SECOND_TOPIC_PROBABILITY = 0.2
@@ -58,7 +61,7 @@ class _Writer:
         ranked = list(pack.terms)
         random.Random(f"{seed}:rank").shuffle(ranked)
         self.ranked = ranked
-        self.cum_weights = list(accumulate(1.0 / (rank + 1) ** ZIPF_EXPONENT for rank in range(len(ranked))))
+        self.cum_weights = list(accumulate(1.0 / (rank + ZIPF_OFFSET) ** ZIPF_EXPONENT for rank in range(len(ranked))))
         n_tail = max(1, round(len(ranked) * LONGTAIL_FRACTION))
         self.tail = ranked[len(ranked) - n_tail :]
 
@@ -84,7 +87,7 @@ class _Writer:
                     base = name[0].lower() + name[1:]  # {Org} is {org} capitalised, and the same org
                     if base not in values:
                         values[base] = rng.choice(self.fillers[base])
-                    values[name] = capitalise(values[base])
+                    values[name] = values[base] if name == base else capitalise(values[base])
         return tuple(capitalise(t.format_map(values)) for t in templates)
 
     def document(self, rng: random.Random, term: tuple[str, str] | None = None) -> str:

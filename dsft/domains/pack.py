@@ -53,7 +53,7 @@ class DomainPack:
     terms: tuple[tuple[str, str], ...]
     """(term, definition) pairs in file order; definitions end with a full stop."""
     fillers: tuple[tuple[str, tuple[str, ...]], ...]
-    """(name, values) pairs; ``{name}`` in a template is replaced by one of the values."""
+    """(name, values) pairs, the generic defaults included; ``{name}`` in a template becomes one of the values."""
     raw_templates: tuple[str, ...]
     instruction_templates: tuple[InstructionTemplate, ...]
     source: Path
@@ -77,6 +77,12 @@ def capitalise(text: str) -> str:
 
 
 # ---------------------------------------------------------------- loading and validation
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short repr for messages: a wrong-typed ``terms`` must not print all 200 terms."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _join(path: str, key: str | int) -> str:
@@ -106,11 +112,14 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[tuple[str, str]]]:
     finally:
         loader.dispose()
     problems: list[tuple[str, str]] = []
-    _duplicate_keys(node, "", problems)
+    _duplicate_keys(node, "", problems, set())
     return data, problems
 
 
-def _duplicate_keys(node: Any, path: str, problems: list[tuple[str, str]]) -> None:
+def _duplicate_keys(node: Any, path: str, problems: list[tuple[str, str]], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias revisits a node; a recursive alias would never end
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -118,15 +127,15 @@ def _duplicate_keys(node: Any, path: str, problems: list[tuple[str, str]]) -> No
             if key in first_line:
                 problems.append((_join(path, key), f"duplicate key (first on line {first_line[key]}, again on line {key_node.start_mark.line + 1})"))
             first_line.setdefault(key, key_node.start_mark.line + 1)
-            _duplicate_keys(value_node, _join(path, key), problems)
+            _duplicate_keys(value_node, _join(path, key), problems, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _duplicate_keys(item, _join(path, i), problems)
+            _duplicate_keys(item, _join(path, i), problems, seen)
 
 
 def _text(value: Any, path: str, problems: list[tuple[str, str]]) -> str | None:
     if not isinstance(value, str):
-        problems.append((path, f"must be a string, got {value!r}"))
+        problems.append((path, f"must be a string, got {_show(value)}"))
         return None
     if not value.strip():
         problems.append((path, "must not be empty"))
@@ -137,7 +146,7 @@ def _text(value: Any, path: str, problems: list[tuple[str, str]]) -> str | None:
 def _items(value: Any, path: str, kind: type, problems: list[tuple[str, str]]) -> Any:
     """``value`` if it is a non-empty ``kind`` (list or dict), else record why and return None."""
     if not isinstance(value, kind):
-        problems.append((path, f"must be a {'list' if kind is list else 'mapping'}, got {value!r}"))
+        problems.append((path, f"must be a {'list' if kind is list else 'mapping'}, got {_show(value)}"))
         return None
     if not value:
         problems.append((path, "must not be empty"))
@@ -172,7 +181,7 @@ def _fillers(value: Any, problems: list[tuple[str, str]]) -> dict[str, tuple[str
     for name, values in value.items():
         path = _join("fillers", str(name))
         if not isinstance(name, str) or not FILLER_RE.fullmatch(name) or name in TERM_PLACEHOLDERS:
-            problems.append((path, f"filler names are lower-case identifiers other than {', '.join(TERM_PLACEHOLDERS)}, got {name!r}"))
+            problems.append((path, f"filler names are lower-case identifiers other than {', '.join(TERM_PLACEHOLDERS)}, got {_show(name)}"))
             continue
         if _items(values, path, list, problems) is None:
             continue
@@ -224,7 +233,7 @@ def _templates(data: dict, known: set[str], problems: list[tuple[str, str]]) -> 
     for i, pair in enumerate(_items(pairs_value, "instruction_templates", list, problems) or ()):
         path = _join("instruction_templates", i)
         if not isinstance(pair, dict) or set(pair) != {"prompt", "response"}:
-            problems.append((path, f"must be a mapping with exactly the keys prompt and response, got {pair!r}"))
+            problems.append((path, f"must be a mapping with exactly the keys prompt and response, got {_show(pair)}"))
             continue
         parts = {k: _text(pair[k], _join(path, k), problems) for k in ("prompt", "response")}
         for k, part in parts.items():
@@ -264,7 +273,7 @@ def parse_pack(text: str, source: Path, builtin: bool = False) -> DomainPack:
     """
     data, problems = _parse_yaml(text, str(source))
     if not isinstance(data, dict):
-        raise _report(str(source), [("<root>", f"must be a mapping with keys {', '.join(REQUIRED_KEYS)}, got {data!r}")])
+        raise _report(str(source), [("<root>", f"must be a mapping with keys {', '.join(REQUIRED_KEYS)}, got {_show(data)}")])
     for key in data:
         if key not in REQUIRED_KEYS + OPTIONAL_KEYS:
             close = difflib.get_close_matches(str(key), REQUIRED_KEYS + OPTIONAL_KEYS, n=1)
@@ -279,10 +288,12 @@ def parse_pack(text: str, source: Path, builtin: bool = False) -> DomainPack:
     targets = _items(data.get("lora_targets", ["attention"]), "lora_targets", list, problems) or []
     for i, group in enumerate(targets):
         if group not in LORA_GROUPS:
-            problems.append((_join("lora_targets", i), f"must be one of {', '.join(LORA_GROUPS)}, got {group!r}"))
+            problems.append((_join("lora_targets", i), f"must be one of {', '.join(LORA_GROUPS)}, got {_show(group)}"))
+        elif group in targets[:i]:
+            problems.append((_join("lora_targets", i), f"{group} is listed twice"))
     terms = _terms(data.get("terms"), problems) if "terms" in data else ()
     fillers = _fillers(data.get("fillers"), problems)
-    known = set(TERM_PLACEHOLDERS) | set(fillers) | {capitalise(name) for name in fillers}
+    known = set(TERM_PLACEHOLDERS) | set(fillers) | {capitalise(filler) for filler in fillers}
     raw, pairs = _templates(data, known, problems)
     data_files = _data_files(data.get("data_files"), source.parent, problems)
     if problems:

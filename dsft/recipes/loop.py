@@ -83,7 +83,7 @@ def train_steps(
         losses.append(lm.item())
         if on_step:
             n_tokens = int(batch["attention_mask"].sum())
-            on_step(StepInfo(step + 1, steps, losses[-1], float(aux) if aux is not None else 0.0,
+            on_step(StepInfo(step + 1, steps, losses[-1], aux.item() if aux is not None else 0.0,
                              peak_lrs[0] * scale, n_tokens / (time.perf_counter() - t0), probe.imbalance()))
     return losses
 

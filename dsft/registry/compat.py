@@ -90,7 +90,8 @@ def incompatibilities(manifest: Mapping[str, Any], base: Mapping[str, Any]) -> l
     if added and tok_a and tok_b and tok_a != tok_b:
         reasons.append(
             f"tokenizer changed (adapter trained with tokenizer {_short(tok_a)}, base has {_short(tok_b)}): "
-            f"its term extension ({len(added)} added tokens) needs the same tokenizer; retrain on this base"
+            f"its term extension ({len(added)} added token{'s' if len(added) != 1 else ''}) needs the same "
+            "tokenizer; retrain on this base"
         )
 
     targets: Mapping[str, Any] = manifest.get("target_shapes") or {}

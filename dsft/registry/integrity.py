@@ -139,8 +139,9 @@ def orphan_findings(adapters_root: Path, known_paths: Iterable[str]) -> list[Fin
                 out.append(Finding("leftover", None, str(v), why))
             elif v.is_dir() and VERSION_RE.fullmatch(v.name):
                 out.append(Finding("orphan", f"{d.name}@{v.name}", str(v),
-                                   "no registry row: left by an interrupted registration or registered in another "
-                                   f"registry; `dsft registry import {v} --domain {d.name}` or delete it"))
+                                   "no registry row: left by an interrupted registration (or registered in another "
+                                   "registry); delete it, or move it out and `dsft registry import DIR "
+                                   f"--domain {d.name}`"))
             else:
                 out.append(Finding("orphan", None, str(v), "not an adapter version directory; dsft did not write it"))
     return out

@@ -6,7 +6,7 @@ classes describe the head revision and are what autogenerate compares against.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -34,6 +34,8 @@ NAMING = {
 
 #: Alembic's bookkeeping table; its presence is what marks a database as a dsft registry.
 VERSION_TABLE = "dsft_schema_version"
+#: The Alembic revision these models describe (the head); bump it with each new migration.
+SCHEMA_HEAD = "0001"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -77,10 +79,10 @@ class BaseVersion(Model):
     name: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(Text)
     architecture: Mapped[str] = mapped_column(String(200), index=True)
-    model_type: Mapped[Optional[str]] = mapped_column(String(100))
-    config_hash: Mapped[Optional[str]] = mapped_column(String(128))
-    tokenizer_hash: Mapped[Optional[str]] = mapped_column(String(128))
-    weights_hash: Mapped[Optional[str]] = mapped_column(String(128))
+    model_type: Mapped[str | None] = mapped_column(String(100))
+    config_hash: Mapped[str | None] = mapped_column(String(128))
+    tokenizer_hash: Mapped[str | None] = mapped_column(String(128))
+    weights_hash: Mapped[str | None] = mapped_column(String(128))
     fingerprint: Mapped[dict[str, Any]]
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -98,14 +100,14 @@ class AdapterVersion(Model):
     path: Mapped[str] = mapped_column(Text)
     manifest: Mapped[dict[str, Any]]
     manifest_sha256: Mapped[str] = mapped_column(String(64))
-    recipe: Mapped[Optional[dict[str, Any]]]
-    metrics: Mapped[Optional[dict[str, Any]]]
-    parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"))
-    base_id: Mapped[Optional[str]] = mapped_column(ForeignKey("bases.id", ondelete="RESTRICT"), index=True)
+    recipe: Mapped[dict[str, Any] | None]
+    metrics: Mapped[dict[str, Any] | None]
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"))
+    base_id: Mapped[str | None] = mapped_column(ForeignKey("bases.id", ondelete="RESTRICT"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    base: Mapped[Optional[BaseVersion]] = relationship(lazy="joined")
-    parent: Mapped[Optional[AdapterVersion]] = relationship(remote_side=[id], lazy="joined", join_depth=1)
+    base: Mapped[BaseVersion | None] = relationship(lazy="joined")
+    parent: Mapped[AdapterVersion | None] = relationship(remote_side=[id], lazy="joined", join_depth=1)
     tags: Mapped[list[Tag]] = relationship(back_populates="adapter", lazy="selectin", passive_deletes=True)
 
 
@@ -119,7 +121,7 @@ class Compatibility(Model):
     base_id: Mapped[str] = mapped_column(ForeignKey("bases.id", ondelete="CASCADE"), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     reasons: Mapped[list[str]]
-    metrics: Mapped[Optional[dict[str, Any]]]
+    metrics: Mapped[dict[str, Any] | None]
     checked_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     adapter: Mapped[AdapterVersion] = relationship(lazy="joined")

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 from dsft.atomic import sha256_file, staging_dir, write_json_atomic
 from dsft.errors import UsageError
 from dsft.home import adapters_dir, registry_url
-from dsft.registry import importer, repository as repo
+from dsft.registry import importer
+from dsft.registry import repository as repo
 from dsft.registry.compat import decide
 from dsft.registry.integrity import MANIFEST_NAME, Finding, check_files, file_findings, orphan_findings
 from dsft.registry.records import AdapterRecord, BaseRecord, CompatRecord, TagMove
@@ -173,7 +174,8 @@ class Registry:
 
     # --- writes (each its own transaction) -------------------------------------------------------
 
-    def add_base(self, *, name: str, source: str, fingerprint: Mapping[str, Any]) -> tuple[BaseRecord, list[CompatRecord]]:
+    def add_base(self, *, name: str, source: str,
+                 fingerprint: Mapping[str, Any]) -> tuple[BaseRecord, list[CompatRecord]]:
         """Register a base version and compute its compatibility with every adapter of its architecture."""
         with self.transaction() as tx:
             return tx.add_base(name=name, source=source, fingerprint=fingerprint)

@@ -68,7 +68,8 @@ def resolve(s: Session, ref: Ref) -> AdapterVersion:
     if not versions:
         known = domains(s)
         hint = (f"registered domains: {_listing(known)}" if known else
-                "the registry is empty: train one (dsft train --domain D) or import one (dsft registry import DIR --domain D)")
+                "the registry is empty: train one (dsft train --domain D) or import one "
+                "(dsft registry import DIR --domain D)")
         raise NotFoundError(f"no adapter for domain '{ref.domain}'; {hint}")
     if ref.version is None and ref.tag is None:
         return versions[-1]

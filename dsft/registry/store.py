@@ -22,7 +22,7 @@ from sqlalchemy.engine.url import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from dsft.errors import RegistryError
-from dsft.registry.models import TABLES, VERSION_TABLE
+from dsft.registry.models import SCHEMA_HEAD, TABLES, VERSION_TABLE
 
 log = logging.getLogger("dsft.registry")
 
@@ -64,7 +64,8 @@ def db_errors(url: str | URL, doing: str) -> Iterator[None]:
         if isinstance(err.orig, sqlite3.DatabaseError) and not isinstance(err.orig, sqlite3.OperationalError) \
                 or "malformed" in msg or "not a database" in msg:
             raise RegistryError(
-                f"registry {safe_url(url)} is damaged ({msg}); restore it from a backup or move it away"
+                f"registry {safe_url(url)} is damaged ({msg}); it was left untouched: "
+                "restore it from a backup or move it away"
             ) from err
         if "connect" in msg.lower() and not isinstance(err.orig, sqlite3.Error):
             raise RegistryError(f"cannot reach registry {safe_url(url)} ({msg}); check that the server is up, "
@@ -209,6 +210,8 @@ def schema_state(conn: Connection, url: URL) -> str | None:
             )
         return None
     rev = _current_revision(conn)
+    if rev == SCHEMA_HEAD:  # the common case; spares loading the migration scripts
+        return rev
     revs, head = known_revisions()
     if rev is not None and rev not in revs:
         raise RegistryError(
@@ -241,7 +244,7 @@ def prepare(engine: Engine) -> str:
     if path is not None:
         check_sqlite_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-    _, head = known_revisions()
+    head = SCHEMA_HEAD
     with db_errors(url, "opening it"):
         with engine.connect() as conn:
             rev = schema_state(conn, url)

@@ -56,7 +56,8 @@ def check_fingerprint(fp: Any) -> dict[str, Any]:
     for key in ("id", "architecture"):
         v = fp.get(key)
         if not isinstance(v, str) or not v or len(v) > 128:
-            raise UsageError(f"base fingerprint.{key}: must be a non-empty string of at most 128 characters, got {v!r:.60}")
+            raise UsageError(f"base fingerprint.{key}: must be a non-empty string of at most 128 characters, "
+                             f"got {v!r:.60}")
     return _json(dict(fp), "base fingerprint")
 
 
@@ -153,7 +154,8 @@ class Transaction:
             raise NotFoundError(f"base {str(base_id)[:16]} is not registered; call ensure_base first")
         return row
 
-    def add_base(self, *, name: str, source: str, fingerprint: Mapping[str, Any]) -> tuple[BaseRecord, list[CompatRecord]]:
+    def add_base(self, *, name: str, source: str,
+                 fingerprint: Mapping[str, Any]) -> tuple[BaseRecord, list[CompatRecord]]:
         """Register a base version and (re)compute its row with every adapter of its architecture.
 
         Adapters whose training architecture is unrecorded (imported) get a row too: shapes decide.

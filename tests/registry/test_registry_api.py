@@ -132,7 +132,8 @@ def test_add_adapter_rejects_inconsistent_input(reg: Registry) -> None:
     with reg.transaction() as tx, pytest.raises(UsageError, match=r"manifest.version is '0.9.0'"):
         tx.add_adapter(domain="finance", version="0.1.0", manifest=manifest("finance", "0.9.0", fp), **kw)
     with reg.transaction() as tx, pytest.raises(IncompatibleError, match=r"does not fit the base it was trained on"):
-        tx.add_adapter(domain="finance", version="0.1.0", manifest=manifest("finance", "0.1.0", fp, targets={Q_PROJ: [9, 9]}), **kw)
+        bad = manifest("finance", "0.1.0", fp, targets={Q_PROJ: [9, 9]})
+        tx.add_adapter(domain="finance", version="0.1.0", manifest=bad, **kw)
     with reg.transaction() as tx, pytest.raises(UsageError, match="bad domain name"):
         tx.add_adapter(domain="../etc", version="0.1.0", manifest={}, **kw)
     with reg.transaction() as tx, pytest.raises(UsageError, match="cannot be stored"):

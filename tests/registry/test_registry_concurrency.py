@@ -9,7 +9,7 @@ from pathlib import Path
 
 from registry_helpers import fingerprint, register, write_adapter_files
 
-from dsft.registry import Registry, open_registry
+from dsft.registry import open_registry
 
 WORKERS = 8
 

@@ -11,12 +11,17 @@ from sqlalchemy import create_engine, text
 
 from dsft.errors import RegistryError
 from dsft.registry import open_registry
-from dsft.registry.models import VERSION_TABLE
+from dsft.registry.models import SCHEMA_HEAD, VERSION_TABLE
 from dsft.registry.store import known_revisions
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.name.startswith(path.name)}
+
+
+def test_models_describe_the_migrations_head() -> None:
+    revs, head = known_revisions()
+    assert head == SCHEMA_HEAD and revs[-1] == "0001"
 
 
 def test_default_location_is_dsft_home(dsft_home: Path) -> None:
@@ -76,7 +81,7 @@ def test_garbage_file(dsft_home: Path, content: bytes) -> None:
     if not content:
         open_registry().close()
         return
-    with pytest.raises(RegistryError, match=r"is not a dsft registry \(not an SQLite database\); it was left untouched"):
+    with pytest.raises(RegistryError, match=r"not a dsft registry \(not an SQLite database\); it was left untouched"):
         open_registry()
     assert path.read_bytes() == content
     assert [p.name for p in dsft_home.iterdir()] == ["registry.db"]
@@ -137,7 +142,8 @@ def test_write_transaction_takes_the_lock_up_front(reg, registry_url: str, backe
 
 def test_unreachable_server_is_a_registry_error() -> None:
     pytest.importorskip("psycopg")
-    with pytest.raises(RegistryError, match=r"cannot reach registry postgresql\+psycopg://dsft:\*\*\*@127.0.0.1:1/x.*check that the server is up"):
+    hidden = r"postgresql\+psycopg://dsft:\*\*\*@127.0.0.1:1/x"
+    with pytest.raises(RegistryError, match=rf"cannot reach registry {hidden}.*check that the server is up"):
         open_registry("postgresql+psycopg://dsft:secret@127.0.0.1:1/x?connect_timeout=2")
 
 
