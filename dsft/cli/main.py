@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import typer
 
-from dsft.cli import domains_cmd, recipes_cmd
+from dsft.cli import domains_cmd, recipes_cmd, registry_cmd
 from dsft.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -21,17 +22,16 @@ app = typer.Typer(
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
     if debug:
         os.environ["DSFT_DEBUG"] = "1"
+    else:
+        # Library deprecation notices say nothing actionable to a dsft user; --debug shows them.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 app.command("train", context_settings={"allow_extra_args": False})(train_command)
 app.add_typer(domains_cmd.app)
 app.add_typer(recipes_cmd.app)
-try:
-    from dsft.cli.registry_cmd import app as registry_app
-
-    app.add_typer(registry_app, name="registry")
-except ImportError:  # pragma: no cover - the registry CLI is part of the package; this guards partial installs
-    pass
+app.add_typer(registry_cmd.app, name="registry")
 
 
 def run() -> None:

@@ -24,6 +24,7 @@ class _ProgressView:
         if kind == "base" and not self.quiet:
             out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}")
         elif kind == "eval" and not self.quiet:
+            self._close()
             out.print(f"held-out {payload['when']}: domain loss {payload['domain_loss']:.4f} (ppl {payload['domain_ppl']:.2f}), "
                       f"general loss {payload['general_loss']:.4f}")
         elif kind == "stage_start":

@@ -203,10 +203,9 @@ def train(
 def _publish(reg, peft_model, plan: TermPlan, loaded, domain: str, kind: str, rec: Recipe, shapes, metrics) -> tuple[Path, str]:
     """Write the adapter to a staging directory, then allocate its version, rename it into place
     and write the registry rows in one transaction; on any failure nothing is left behind."""
-    from dsft.atomic import sha256_json
+    from dsft.errors import NotFoundError
 
-    domain_dir = adapters_dir() / domain
-    with staging_dir(domain_dir / "new") as tmp:
+    with staging_dir(adapters_dir() / domain / "new") as tmp:
         write_weights(tmp, peft_model, plan)
         write_text_atomic(tmp / "recipe.yaml", recipe_yaml(rec))
         fields = {
@@ -216,25 +215,18 @@ def _publish(reg, peft_model, plan: TermPlan, loaded, domain: str, kind: str, re
             "base_vocab_size": loaded.fingerprint["vocab_size"], "recipe": rec.to_data(), "metrics": metrics,
             "lora": {"r": rec.adapter.r, "alpha": rec.adapter.alpha},
         }
-        final = None
-        try:
-            with reg.transaction() as tx:
-                base_rec = tx.ensure_base(name=loaded.ref.name, source=loaded.ref.source,
-                                          architecture=loaded.spec.architecture, fingerprint=loaded.fingerprint)
-                version = tx.next_adapter_version(domain=domain, base_fingerprint=loaded.fingerprint)
-                manifest, sha = write_manifest(tmp, {**fields, "version": version})
-                final = domain_dir / version
-                if final.exists():  # a leftover from a crashed run that never got its registry row
-                    shutil.rmtree(final)
-                tmp.rename(final)
-                tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
-                               manifest_sha256=sha, recipe=rec.to_data(), metrics=metrics, base=base_rec,
-                               parent=tx.latest_version(domain) if hasattr(tx, "latest_version") else None)
-        except BaseException:
-            if final is not None and final.exists() and not tmp.exists():
-                final.rename(tmp)  # the staging context removes it
-            raise
-    _ = sha256_json
+        with reg.transaction() as tx:
+            base_rec = tx.ensure_base(name=loaded.ref.name, source=loaded.ref.source,
+                                      architecture=loaded.spec.architecture, fingerprint=loaded.fingerprint)
+            try:
+                parent = tx.resolve(domain)
+            except NotFoundError:
+                parent = None
+            version = tx.next_adapter_version(domain=domain, base_fingerprint=loaded.fingerprint)
+            manifest, sha = write_manifest(tmp, {**fields, "version": version})
+            final = tx.place_dir(tmp, domain=domain, version=version)  # renamed back if the transaction fails
+            tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
+                           manifest_sha256=sha, recipe=rec.to_data(), metrics=metrics, base=base_rec, parent=parent)
     return final, version
 
 

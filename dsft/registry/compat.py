@@ -39,6 +39,13 @@ def _short(h: Any) -> str:
     return str(h)[:12] if h else "unknown"
 
 
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _shape(s: Any) -> list[int] | None:
     if s is None:
         return None
@@ -79,8 +86,8 @@ def incompatibilities(manifest: Mapping[str, Any], base: Mapping[str, Any]) -> l
     if arch_a and arch_b and arch_a != arch_b:
         reasons.append(f"architecture differs: adapter trained on {arch_a}, base is {arch_b}")
 
-    vocab_a, vocab_b = manifest.get("base_vocab_size"), base.get("vocab_size")
-    if vocab_a is not None and vocab_b is not None and int(vocab_a) != int(vocab_b):
+    vocab_a, vocab_b = _int(manifest.get("base_vocab_size")), _int(base.get("vocab_size"))
+    if vocab_a is not None and vocab_b is not None and vocab_a != vocab_b:
         reasons.append(
             f"vocabulary size differs: adapter extends a {vocab_a}-token vocabulary, base has {vocab_b} tokens"
         )

@@ -7,8 +7,8 @@ together or not at all (a SIGKILL can still leave a directory behind; ``verify``
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -37,11 +37,32 @@ from dsft.registry.versions import next_version
 log = logging.getLogger("dsft.registry")
 
 
+def _clean(value: Any) -> Any:
+    """JSON-storable form: NaN/inf become strings (PostgreSQL's json refuses them; a diverged run's
+    loss must still register), tuples/sets become lists, numpy scalars their Python value, paths strings."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars, without importing them
+        try:
+            return _clean(value.item())
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
 def _json(value: Any, what: str) -> Any:
-    """A JSON-clean deep copy (tuples become lists), or a UsageError naming ``what``."""
+    """A JSON-clean deep copy (see ``_clean``), or a UsageError naming ``what``."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as err:
+        return _clean(value)
+    except TypeError as err:
         raise UsageError(f"{what} cannot be stored: {err}") from None
 
 

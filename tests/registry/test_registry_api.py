@@ -27,6 +27,11 @@ def test_training_flow_registers_base_adapter_and_verified_row(reg: Registry, ds
     assert (c.status, c.metrics, c.ok) == ("verified", {"domain_loss": 1.25}, True)
 
 
+def test_metrics_of_a_diverged_run_still_register(reg: Registry) -> None:
+    rec = register(reg, "finance", fingerprint(), metrics={"loss": float("nan"), "ppl": float("inf"), "steps": (1, 2)})
+    assert reg.resolve(rec.ref).metrics == {"loss": "nan", "ppl": "inf", "steps": [1, 2]}
+
+
 def test_ensure_base_is_idempotent_on_fingerprint(reg: Registry) -> None:
     fp = fingerprint()
     with reg.transaction() as tx:

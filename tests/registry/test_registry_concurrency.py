@@ -17,16 +17,17 @@ WORKERS = 8
 def _register_worker(url: str, home: str, barrier, out: mp.Queue) -> None:
     os.environ["DSFT_HOME"] = home
     try:
+        barrier.wait(timeout=60)  # all eight open the (not yet created) registry together...
         with open_registry(url) as reg:
-            barrier.wait(timeout=60)  # line up so that all eight ask for the lock together
+            barrier.wait(timeout=60)  # ...then all ask for the write lock together
             rec = register(reg, "finance", fingerprint(), metrics={"pid": os.getpid()})
             out.put(("ok", rec.version))
     except BaseException as err:  # report, so the parent can show it
         out.put(("error", f"{type(err).__name__}: {err}"))
 
 
-def test_eight_processes_register_the_same_domain_at_once(registry_url: str, dsft_home: Path) -> None:
-    open_registry(registry_url).close()  # create the schema first; concurrent creation is tested below
+def test_eight_processes_create_the_registry_and_register_the_same_domain_at_once(
+        registry_url: str, dsft_home: Path) -> None:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     barrier = ctx.Barrier(WORKERS)
@@ -34,42 +35,17 @@ def test_eight_processes_register_the_same_domain_at_once(registry_url: str, dsf
              for _ in range(WORKERS)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=60) for _ in procs]
+    results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-    errors = [r for kind, r in results if kind == "error"]
-    assert errors == []
+    assert [r for kind, r in results if kind == "error"] == []
     versions = sorted(r for _, r in results)
     assert len(set(versions)) == WORKERS
     with open_registry(registry_url) as reg:
         recs = reg.list_adapters("finance")
         assert sorted(r.version for r in recs) == versions == sorted(f"0.{i}.0" for i in range(1, WORKERS + 1))
-        assert len({r.metrics["pid"] for r in recs}) == WORKERS
+        assert len({r.metrics["pid"] for r in recs}) == WORKERS  # no lost row
         assert reg.verify().ok
-
-
-def _open_worker(url: str, home: str, barrier, out: mp.Queue) -> None:
-    os.environ["DSFT_HOME"] = home
-    try:
-        import dsft.registry.store  # noqa: F401  (imports first, so that the opens coincide)
-
-        barrier.wait(timeout=60)
-        open_registry(url).close()
-        out.put("ok")
-    except BaseException as err:
-        out.put(f"{type(err).__name__}: {err}")
-
-
-def test_concurrent_first_open_creates_the_schema_once(registry_url: str, dsft_home: Path) -> None:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    barrier = ctx.Barrier(4)
-    procs = [ctx.Process(target=_open_worker, args=(registry_url, str(dsft_home), barrier, out)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    assert [out.get(timeout=60) for _ in procs] == ["ok"] * 4
-    for p in procs:
-        p.join(timeout=30)
 
 
 def _hang_in_registration(url: str, home: str, ready: str) -> None:
