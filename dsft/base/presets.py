@@ -9,18 +9,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import (
-    DeepseekV2Config,
-    DeepseekV2ForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
+from typing import Any
 
 from dsft.atomic import publish_dir, staging_dir
 from dsft.home import bases_dir
@@ -33,13 +22,16 @@ SEED = 0
 class Preset:
     name: str
     description: str
-    model_class: type[PreTrainedModel]
-    make_config: Callable[[int], PretrainedConfig]
+    model_class: str
+    """transformers class name (imported when the preset is built, so listing presets stays cheap)."""
+    make_config: Callable[[int], Any]
     """Builds the config from the tokenizer's size (the vocabulary is the only data-dependent field)."""
     cpu_ok: bool = True
 
 
-def _tiny_deepseek_v2(vocab: int) -> PretrainedConfig:
+def _tiny_deepseek_v2(vocab: int) -> Any:
+    from transformers import DeepseekV2Config
+
     return DeepseekV2Config(
         vocab_size=vocab, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
@@ -50,7 +42,9 @@ def _tiny_deepseek_v2(vocab: int) -> PretrainedConfig:
     )
 
 
-def _tiny_qwen3_moe(vocab: int) -> PretrainedConfig:
+def _tiny_qwen3_moe(vocab: int) -> Any:
+    from transformers import Qwen3MoeConfig
+
     return Qwen3MoeConfig(
         vocab_size=vocab, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -59,7 +53,9 @@ def _tiny_qwen3_moe(vocab: int) -> PretrainedConfig:
     )
 
 
-def _tiny_mixtral(vocab: int) -> PretrainedConfig:
+def _tiny_mixtral(vocab: int) -> Any:
+    from transformers import MixtralConfig
+
     return MixtralConfig(
         vocab_size=vocab, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
@@ -67,7 +63,9 @@ def _tiny_mixtral(vocab: int) -> PretrainedConfig:
     )
 
 
-def _deepseek_v2_lite_shape(vocab: int) -> PretrainedConfig:
+def _deepseek_v2_lite_shape(vocab: int) -> Any:
+    from transformers import DeepseekV2Config
+
     # The public DeepSeek-V2-Lite config (15.7B total, 2.4B active); only the weights are random.
     return DeepseekV2Config(
         vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
@@ -82,10 +80,10 @@ def _deepseek_v2_lite_shape(vocab: int) -> PretrainedConfig:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("tiny-deepseek-v2", "DeepseekV2ForCausalLM, MLA, 1 dense + 3 MoE layers, 8 routed top-2 + 1 shared", DeepseekV2ForCausalLM, _tiny_deepseek_v2),
-        Preset("tiny-qwen3-moe", "Qwen3MoeForCausalLM, 4 MoE layers, 8 experts top-2", Qwen3MoeForCausalLM, _tiny_qwen3_moe),
-        Preset("tiny-mixtral", "MixtralForCausalLM, 4 MoE layers, 8 experts top-2", MixtralForCausalLM, _tiny_mixtral),
-        Preset("deepseek-v2-lite-shape", "DeepSeek-V2-Lite config (27 layers, 64+2 experts, top-6) with random weights; GPU only", DeepseekV2ForCausalLM, _deepseek_v2_lite_shape, cpu_ok=False),
+        Preset("tiny-deepseek-v2", "DeepseekV2ForCausalLM, MLA, 1 dense + 3 MoE layers, 8 routed top-2 + 1 shared", "DeepseekV2ForCausalLM", _tiny_deepseek_v2),
+        Preset("tiny-qwen3-moe", "Qwen3MoeForCausalLM, 4 MoE layers, 8 experts top-2", "Qwen3MoeForCausalLM", _tiny_qwen3_moe),
+        Preset("tiny-mixtral", "MixtralForCausalLM, 4 MoE layers, 8 experts top-2", "MixtralForCausalLM", _tiny_mixtral),
+        Preset("deepseek-v2-lite-shape", "DeepSeek-V2-Lite config (27 layers, 64+2 experts, top-6) with random weights; GPU only", "DeepseekV2ForCausalLM", _deepseek_v2_lite_shape, cpu_ok=False),
     )
 }
 DEFAULT_BASE = "tiny-deepseek-v2"
@@ -101,6 +99,9 @@ def build_preset(name: str, device: str | None = None) -> Path:
     The build is deterministic (fixed seed, tokenizer trained on the bundled corpora) and atomic:
     the directory appears complete or not at all, and a concurrent builder's copy wins harmlessly.
     """
+    import torch
+    import transformers
+
     from dsft.base.fingerprint import compute_fingerprint, save_fingerprint
     from dsft.base.tokenizer import train_bpe
     from dsft.domains import corpus_text_for_tokenizer
@@ -119,7 +120,7 @@ def build_preset(name: str, device: str | None = None) -> Path:
     init_device = device or ("cuda" if big and torch.cuda.is_available() else "cpu")
     with torch.device(init_device):
         # The benchmark-sized preset is born in bf16 (31 GB instead of 63 GB in fp32).
-        model = preset.model_class._from_config(config, dtype=torch.bfloat16 if big else torch.float32)
+        model = getattr(transformers, preset.model_class)._from_config(config, dtype=torch.bfloat16 if big else torch.float32)
     model.generation_config.pad_token_id = config.pad_token_id
     with staging_dir(final) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -10,8 +10,19 @@ import pytest
 
 
 def run(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """The real `dsft` command in a child process (used where the process boundary matters)."""
     env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "dsft.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_inline(*args: str):
+    """The same command in this process (no import cost per case); $DSFT_HOME comes from the fixture."""
+    from typer.testing import CliRunner
+
+    from dsft.cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -45,7 +56,7 @@ CASES = [
 def test_bad_input_fails_in_one_line_and_writes_nothing(home, bad_files, args, code, message):
     args = [a.replace("{tmp}", str(bad_files)) for a in args]
     before = _files(home)
-    proc = run(home, "train", *args)
+    proc = run_inline("train", *args)
     assert proc.returncode == code, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -62,7 +73,7 @@ def test_non_moe_base_is_refused_with_the_supported_list(home, tmp_path):
 
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
-    proc = run(home, "train", "--base", str(tmp_path / "llama"))
+    proc = run_inline("train", "--base", str(tmp_path / "llama"))
     assert proc.returncode == 5
     assert "LlamaForCausalLM is not a supported MoE architecture" in proc.stderr and "DeepseekV2ForCausalLM" in proc.stderr
 
