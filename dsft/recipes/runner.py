@@ -80,6 +80,9 @@ def _run_stage(model, spec, stage: Stage, data: StageData, plan: TermPlan, seed:
     emit("stage_start", {"stage": stage.name, "steps": steps, "realised_mixture": data.realised, "trainable": sum(p.numel() for p in lora + terms)})
     probe = RouterProbe(model.get_base_model(), spec)
     torch.manual_seed(seed)
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     try:
         losses = train_steps(
@@ -91,9 +94,13 @@ def _run_stage(model, spec, stage: Stage, data: StageData, plan: TermPlan, seed:
     finally:
         probe.close()
     seconds = time.perf_counter() - t0
-    tokens = steps * stage.batch_size * stage.seq_len
-    return {"stage": stage.name, "steps": steps, "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "mixture": data.realised}
+    mask = data.examples.attention_mask[: steps * stage.batch_size]
+    out = {"stage": stage.name, "steps": steps, "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+           "seconds": round(seconds, 2), "tokens_per_s": round(int(mask.sum()) / seconds, 1),
+           "padded_tokens_per_s": round(mask.numel() / seconds, 1), "mixture": data.realised}
+    if cuda:
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def _eval(model, sets: dict[str, Examples], base_tokens: dict[str, int]) -> dict[str, float]:
