@@ -103,8 +103,18 @@ def target_shapes(model, config) -> dict[str, list[int]]:
     return shapes
 
 
-def attach_lora(model, spec: ArchSpec, settings: LoraSettings):
-    """Wrap ``model`` with fresh LoRA adapters (B = 0, so outputs are unchanged). Returns the PeftModel."""
+def attach_lora(model, spec: ArchSpec, settings: LoraSettings, fast: bool = True):
+    """Wrap ``model`` with fresh LoRA adapters (B = 0, so outputs are unchanged). Returns the PeftModel.
+
+    Args:
+        fast: compute expert and shared-expert LoRA on the activations (:mod:`dsft.adapters.fast_lora`)
+            instead of PEFT's materialised W + BA; same parameters, same files, same results.
+    """
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(model, spec, settings))
+    from dsft.adapters.fast_lora import enable_fast_lora
+
+    peft_model = get_peft_model(model, peft_config(model, spec, settings))
+    if fast:
+        enable_fast_lora(peft_model)
+    return peft_model

@@ -1,0 +1,111 @@
+"""LoRA on routed experts, computed on the routed tokens with grouped GEMMs.
+
+For the tokens routed to expert e, with frozen W_e and LoRA factors A_e (r x in), B_e (out x r):
+
+    Y = X W_e^T + s (X A_e^T) B_e^T
+
+computed for all experts at once on the token-expert pairs sorted by expert. W_e + B_e A_e is
+never formed, so autograd never needs a gradient for the frozen W (PEFT's ``target_parameters``
+materialises W + BA per step and pays a full weight-gradient GEMM for it); the backward is
+dX = dY W_e + s (dY B_e) A_e, plus the small dA, dB.
+
+On CUDA the grouped GEMMs are ``torch._grouped_mm``; elsewhere (and as the reference in tests) the
+same math runs as a loop over experts.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """LoRA factors of a fused 3-D expert weight W [E, out, in]: A [E, r, in], B [E, out, r], scale s."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Token-expert pairs sorted by expert: ``token[i]`` is the token of pair i, ``offs`` the end of each expert's run."""
+
+    token: torch.Tensor
+    weight: torch.Tensor
+    offs: torch.Tensor
+
+
+def route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Routing:
+    k = top_k_index.shape[-1]
+    expert = top_k_index.reshape(-1)
+    order = torch.argsort(expert, stable=True)
+    # histc, not bincount: bincount's output size depends on the data, which breaks CUDA graphs in compile.
+    counts = torch.histc(expert.float(), bins=num_experts, min=0, max=num_experts - 1)
+    return Routing(order // k, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32))
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of x times w[e]: the plain loop that ``torch._grouped_mm`` fuses."""
+    out, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        out.append(x[start:end] @ w[e])
+        start = end
+    return torch.cat(out) if out else x.new_zeros((0, w.shape[-1]))
+
+
+def use_grouped_kernel(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, K] (rows sorted by group) @ w [E, K, N] per group -> [S, N]."""
+    if use_grouped_kernel(x):
+        return torch._grouped_mm(x, w, offs=offs)
+    return grouped_mm_reference(x, w, offs)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: LowRank | None) -> torch.Tensor:
+    """Per-group ``x W_e^T (+ s (x A_e^T) B_e^T)`` for W [E, out, in]."""
+    y = grouped_mm(x, weight.transpose(1, 2), offs)
+    if lora is not None:
+        h = grouped_mm(x, lora.A.transpose(1, 2).to(x.dtype), offs)          # [S, r]
+        y = y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), offs)
+    return y
+
+
+def experts_forward(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    gate_up_lora: LowRank | None = None,
+    down_lora: LowRank | None = None,
+) -> torch.Tensor:
+    """A routed-experts MLP with optional LoRA on both projections (transformers v5 layout:
+    ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H]."""
+    r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
+    xs = x[r.token]
+    gate, up = grouped_linear(xs, gate_up_proj, r.offs, gate_up_lora).chunk(2, dim=-1)
+    y = grouped_linear(act(gate) * up, down_proj, r.offs, down_lora)
+    y = y * r.weight.unsqueeze(-1).to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, r.token, y.to(x.dtype))
+
+
+def experts_forward_reference(x, top_k_index, top_k_weights, gate_up_proj, down_proj, act,
+                              gate_up_lora: LowRank | None = None, down_lora: LowRank | None = None) -> torch.Tensor:
+    """The same MLP the slow, obvious way: merge W + s B A per expert and loop over tokens' choices."""
+    def merged(w, lora):
+        return w if lora is None else w + lora.scale * torch.einsum("eor,eri->eoi", lora.B, lora.A).to(w.dtype)
+    wgu, wd = merged(gate_up_proj, gate_up_lora), merged(down_proj, down_lora)
+    out = torch.zeros_like(x)
+    for slot in range(top_k_index.shape[-1]):
+        for e in top_k_index[:, slot].unique().tolist():
+            rows = (top_k_index[:, slot] == e).nonzero().squeeze(-1)
+            g, u = (x[rows] @ wgu[e].T).chunk(2, dim=-1)
+            out[rows] += (act(g) * u) @ wd[e].T * top_k_weights[rows, slot, None].to(x.dtype)
+    return out
