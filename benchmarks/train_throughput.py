@@ -102,10 +102,10 @@ def run_one(a) -> dict:
 
     model, layers = prepare(a.variant, a.layers, a.rank)
     if a.compile:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.config.cache_size_limit = 128
-        torch._dynamo.config.accumulated_cache_size_limit = 1024
+        dynamo.config.cache_size_limit = 128
+        dynamo.config.accumulated_cache_size_limit = 1024
         for layer in layers:
             layer.compile()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -50,7 +50,8 @@ def _expert_lowrank(wrapper: nn.Module | None, weight: torch.Tensor) -> LowRank 
     A = wrapper.lora_A[ADAPTER].weight
     B = wrapper.lora_B[ADAPTER].weight
     r = A.shape[0] // n_experts
-    return LowRank(A.view(n_experts, r, in_features), B.view(out_features, r, n_experts).permute(2, 0, 1),
+    # B is stored expert-minor; grouped GEMMs need each expert's [out, r] block contiguous (a few MB copy).
+    return LowRank(A.view(n_experts, r, in_features), B.view(out_features, r, n_experts).permute(2, 0, 1).contiguous(),
                    wrapper.scaling[ADAPTER])
 
 

@@ -9,7 +9,7 @@ never formed, so autograd never needs a gradient for the frozen W (PEFT's ``targ
 materialises W + BA per step and pays a full weight-gradient GEMM for it); the backward is
 dX = dY W_e + s (dY B_e) A_e, plus the small dA, dB.
 
-On CUDA the grouped GEMMs are ``torch._grouped_mm``; elsewhere (and as the reference in tests) the
+On CUDA the grouped GEMMs are ``torch._grouped_mm`` (through :mod:`dsft.kernels.grouped_mm`); elsewhere (and as the reference in tests) the
 same math runs as a loop over experts.
 """
 from __future__ import annotations
@@ -63,7 +63,9 @@ def use_grouped_kernel(x: torch.Tensor) -> bool:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [S, K] (rows sorted by group) @ w [E, K, N] per group -> [S, N]."""
     if use_grouped_kernel(x):
-        return torch._grouped_mm(x, w, offs=offs)
+        from dsft.kernels.grouped_mm import gmm
+
+        return gmm(x, w, offs)
     return grouped_mm_reference(x, w, offs)
 
 

@@ -1,0 +1,56 @@
+"""``torch._grouped_mm`` behind two custom ops, so that compiled graphs cannot hand it tensors in a
+layout it rejects (inductor is free to drop a ``.contiguous()`` it sees as value-preserving), and so
+that the backward computes only the gradients that are needed (none for a frozen expert weight).
+
+    y  = gmm(x, w, offs)           x [S, K] sorted by group, w [G, K, N]        -> [S, N]
+    dw = gmm_wgrad(x, dy, offs)    per group x_g^T dy_g                         -> [G, K, N]
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _grouped_ok(t: torch.Tensor) -> bool:
+    """The kernel reads a matrix row-major or column-major: one of the last two strides must be 1."""
+    return t.stride(-1) == 1 or t.stride(-2) == 1
+
+
+def _fixed(t: torch.Tensor) -> torch.Tensor:
+    return t if _grouped_ok(t) else t.contiguous()
+
+
+@torch.library.custom_op("dsft::gmm", mutates_args=())
+def gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
+
+
+@gmm.register_fake
+def _(x, w, offs):
+    return x.new_empty((x.shape[0], w.shape[-1]))
+
+
+@torch.library.custom_op("dsft::gmm_wgrad", mutates_args=())
+def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x.t(), dy.contiguous(), offs=offs)
+
+
+@gmm_wgrad.register_fake
+def _(x, dy, offs):
+    return x.new_empty((offs.shape[0], x.shape[1], dy.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.needs = ctx.needs_input_grad[:2]
+    # x is kept only when w needs a gradient: a frozen expert weight never costs its input.
+    ctx.save_for_backward(x if ctx.needs[1] else None, w if ctx.needs[0] else None, offs)
+
+
+def _backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs[0] else None
+    dw = gmm_wgrad(x, dy, offs) if ctx.needs[1] else None
+    return dx, dw, None
+
+
+gmm.register_autograd(_backward, setup_context=_setup)
