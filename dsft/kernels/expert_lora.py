@@ -56,7 +56,13 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
     return torch.cat(out) if out else x.new_zeros((0, w.shape[-1]))
 
 
+FORCE_GROUPED_KERNEL = False
+"""Tests set this to run the grouped-kernel path on CPU (torch._grouped_mm runs there in fp32)."""
+
+
 def use_grouped_kernel(x: torch.Tensor) -> bool:
+    if FORCE_GROUPED_KERNEL:
+        return True
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")
 
 
