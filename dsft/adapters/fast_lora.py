@@ -8,7 +8,8 @@ the low-rank path on the activations instead:
 
 * routed experts (the nested wrappers of ``gate_up_proj`` and ``down_proj``): one fused pass,
   :func:`dsft.kernels.expert_lora.experts_forward`, grouped GEMMs on the routed tokens;
-* 2-D parameters (shared experts): ``x W^T + s (x A^T) B^T``.
+* 2-D parameters (shared experts) and PEFT's own LoRA ``Linear`` (attention): ``x W^T + s (x A^T) B^T``
+  computed in the activations' dtype.
 
 PEFT's layout for a 3-D parameter W [E, out, in]: ``lora_A.weight`` is [E*r, in] (viewed E x r x in),
 ``lora_B.weight`` is [out, r*E] (viewed out x r x E), delta_e = B[:, :, e] @ A[e].
@@ -64,13 +65,23 @@ def _fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     )
 
 
-def _fast_linear_forward(self, x, *args, **kwargs):
+def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
+    """s (x A^T) B^T in the activations' dtype. PEFT keeps LoRA weights in fp32 and upcasts x to
+    them, which turns two cheap bf16 GEMMs into fp32 ones plus a copy of x; the fp32 weights stay
+    the optimizer's master copy here, only the product runs in bf16."""
+    A, B = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+    return self.scaling[ADAPTER] * F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+
+def _fast_param_linear_forward(self, x, *args, **kwargs):
     base = self.base_layer
     y = F.linear(x, base.weight, base.bias)
-    if _active(self):
-        A, B = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
-        y = y + self.scaling[ADAPTER] * F.linear(F.linear(x.to(A.dtype), A), B).to(y.dtype)
-    return y
+    return y + _low_rank(self, x) if _active(self) else y
+
+
+def _fast_lora_linear_forward(self, x, *args, **kwargs):
+    y = self.base_layer(x, *args, **kwargs)
+    return y + _low_rank(self, x) if _active(self) else y
 
 
 def _outermost_wrappers(model: nn.Module) -> list[nn.Module]:
@@ -94,12 +105,21 @@ def enable_fast_lora(model: nn.Module) -> int:
             wrapper.forward = types.MethodType(_fast_experts_forward, wrapper)
             patched += 1
         elif isinstance(core, nn.Linear) and set(by_param) == {"weight"}:
-            wrapper.forward = types.MethodType(_fast_linear_forward, wrapper)
+            wrapper.forward = types.MethodType(_fast_param_linear_forward, wrapper)
+            patched += 1
+    for module in model.modules():  # PEFT's own LoRA Linear (attention): same low-rank path in bf16
+        if type(module).__name__ == "Linear" and hasattr(module, "lora_A") and isinstance(module.base_layer, nn.Linear) \
+                and len(module.lora_A) == 1 and ADAPTER in module.lora_A and _no_dropout(module):
+            module.forward = types.MethodType(_fast_lora_linear_forward, module)
             patched += 1
     return patched
 
 
+def _no_dropout(module: nn.Module) -> bool:
+    return isinstance(module.lora_dropout[ADAPTER], nn.Identity) and not module.use_dora.get(ADAPTER, False)
+
+
 def disable_fast_lora(model: nn.Module) -> None:
     """Back to PEFT's own forwards (e.g. before merging)."""
-    for wrapper in _outermost_wrappers(model):
-        wrapper.__dict__.pop("forward", None)
+    for module in model.modules():
+        module.__dict__.pop("forward", None)

@@ -31,20 +31,36 @@ class LowRank:
 
 @dataclass(frozen=True)
 class Routing:
-    """Token-expert pairs sorted by expert: ``token[i]`` is the token of pair i, ``offs`` the end of each expert's run."""
+    """Token-expert pairs sorted by expert. Pair i of the sorted order is flat pair ``order[i]``
+    (token ``order[i] // k``); ``offs`` holds the end of each expert's run."""
 
-    token: torch.Tensor
+    order: torch.Tensor
     weight: torch.Tensor
     offs: torch.Tensor
 
 
 def route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Routing:
-    k = top_k_index.shape[-1]
     expert = top_k_index.reshape(-1)
     order = torch.argsort(expert, stable=True)
     # histc, not bincount: bincount's output size depends on the data, which breaks CUDA graphs in compile.
     counts = torch.histc(expert.float(), bins=num_experts, min=0, max=num_experts - 1)
-    return Routing(order // k, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32))
+    return Routing(order, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32))
+
+
+def permute(x: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
+    """Token rows in routed order, one per (token, choice) pair: [T, H] -> [T*k, H].
+
+    Written as a gather from the k-fold expanded rows so that its backward is a scatter with
+    unique indices plus a sum over the k choices: no atomic adds on duplicated token rows.
+    """
+    return x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[-1])[r.order]
+
+
+def unpermute(y: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
+    """Routed-order rows back to tokens, summing each token's k expert outputs: [T*k, H] -> [T, H]."""
+    out = y.new_empty(y.shape)
+    out[r.order] = y
+    return out.view(-1, k, y.shape[-1]).sum(1)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -96,12 +112,11 @@ def experts_forward(
 ) -> torch.Tensor:
     """A routed-experts MLP with optional LoRA on both projections (transformers v5 layout:
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H]."""
+    k = top_k_index.shape[-1]
     r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
-    xs = x[r.token]
-    gate, up = grouped_linear(xs, gate_up_proj, r.offs, gate_up_lora).chunk(2, dim=-1)
+    gate, up = grouped_linear(permute(x, r, k), gate_up_proj, r.offs, gate_up_lora).chunk(2, dim=-1)
     y = grouped_linear(act(gate) * up, down_proj, r.offs, down_lora)
-    y = y * r.weight.unsqueeze(-1).to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, r.token, y.to(x.dtype))
+    return unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k).to(x.dtype)
 
 
 def experts_forward_reference(x, top_k_index, top_k_weights, gate_up_proj, down_proj, act,

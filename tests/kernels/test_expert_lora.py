@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsft.kernels.expert_lora import LowRank, experts_forward, experts_forward_reference, grouped_mm_reference, route
+from dsft.kernels.expert_lora import LowRank, experts_forward, experts_forward_reference, grouped_mm_reference, permute, route, unpermute
 
 
 def _problem(seed=0, T=37, H=24, I=16, E=6, k=2, r=4):
@@ -33,7 +33,7 @@ def test_routing_sorts_pairs_by_expert():
     r = route(idx, torch.ones(3, 2), num_experts=4)
     assert r.offs.tolist() == [2, 4, 6, 6]
     assert idx.reshape(-1)[torch.argsort(idx.reshape(-1), stable=True)].tolist() == [0, 0, 1, 1, 2, 2]
-    assert r.token.tolist() == [0, 2, 1, 2, 0, 1]
+    assert (r.order // 2).tolist() == [0, 2, 1, 2, 0, 1]  # the token of each sorted pair
 
 
 def test_grouped_mm_reference_handles_empty_groups():
@@ -59,3 +59,12 @@ def test_without_lora_it_is_the_plain_experts_mlp():
     x, idx, w, gu, dn, _, _ = _problem(seed=1)
     torch.testing.assert_close(experts_forward(x, idx, w, gu, dn, F.silu),
                                experts_forward_reference(x, idx, w, gu, dn, F.silu), rtol=1e-10, atol=1e-10)
+
+
+def test_permute_and_unpermute_round_trip_and_sum_the_k_choices():
+    x = torch.arange(12.0).view(3, 4)
+    idx = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    r = route(idx, torch.ones(3, 2), num_experts=3)
+    xs = permute(x, r, 2)
+    torch.testing.assert_close(xs, x[r.order // 2])
+    torch.testing.assert_close(unpermute(xs, r, 2), 2 * x)
