@@ -98,7 +98,7 @@ def prepare(variant: str, layers: int, rank: int):
 
 
 def run_one(a) -> dict:
-    from dsft.recipes.loop import causal_lm_loss
+    from dsft.recipes.loop import causal_lm_loss, lm_loss
 
     model, layers = prepare(a.variant, a.layers, a.rank)
     if a.compile:
@@ -112,9 +112,11 @@ def run_one(a) -> dict:
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
 
+    batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+
     def step():
-        logits = model(input_ids=x, use_cache=False).logits
-        loss = causal_lm_loss(logits, x)
+        # dsft trains with its chunked loss; the PEFT variants get what a PEFT user gets: full logits.
+        loss = lm_loss(model, batch) if a.variant.startswith("dsft") else causal_lm_loss(model(input_ids=x, use_cache=False).logits, x)
         loss.backward()
         if opt:
             opt.step()

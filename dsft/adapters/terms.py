@@ -133,3 +133,182 @@ def apply_rows_to_plain_model(model, start: int, rows: dict[str, torch.Tensor]) 
     with torch.no_grad():
         model.get_input_embeddings().weight[start : start + n] = rows["embed"].to(model.get_input_embeddings().weight.dtype)
         model.get_output_embeddings().weight[start : start + n] = rows["head"].to(model.get_output_embeddings().weight.dtype)
+
+
+# --- several adapters on one loaded base ---------------------------------------------------------
+#
+# Each attached adapter numbers its added tokens from ``term_start`` in its own tokenizer (its *local* ids).
+# In a model serving several adapters at once those ranges would collide, so every adapter's tokens get
+# their own *global* range after the base's ids: ``[start, start + count)``. The embedding and head below
+# see global ids only; a row of a batch is translated between its adapter's local ids and the global ones
+# on the way in (:meth:`TermTable.to_global`) and out (:meth:`TermTable.local_index`), so each row sees
+# exactly the vocabulary it would see with only its own adapter attached.
+
+
+@dataclass(frozen=True)
+class TermRange:
+    """Where one adapter's added tokens live: local ids ``[local_start, local_start + count)`` (as its own
+    tokenizer numbers them) are global ids ``[start, start + count)`` in the loaded model."""
+
+    local_start: int
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+    @property
+    def local_end(self) -> int:
+        return self.local_start + self.count
+
+
+class TermTable:
+    """The term rows of every attached adapter, each adapter in its own global id range.
+
+    Ranges are allocated first-fit from ``first_id`` (past every base id: the embedding's rows, the
+    head's rows and the tokenizer), so detaching an adapter leaves a gap that the next one may reuse.
+    Rows are plain tensors owned by the table: dropping a key drops the last reference to them.
+    """
+
+    def __init__(self, first_id: int):
+        self.first_id = first_id
+        self._ranges: dict[str, TermRange] = {}
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ranges
+
+    @property
+    def end(self) -> int:
+        """One past the largest global id in use (the width of the head's output)."""
+        return max((r.end for r in self._ranges.values()), default=self.first_id)
+
+    def ranges(self) -> dict[str, TermRange]:
+        return dict(self._ranges)
+
+    def range_of(self, key: str | None) -> TermRange | None:
+        return self._ranges.get(key) if key is not None else None
+
+    def rows(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rows[key]
+
+    def nbytes(self, key: str | None = None) -> int:
+        keys = [key] if key is not None else list(self._rows)
+        return sum(t.untyped_storage().nbytes() for k in keys if k in self._rows for t in self._rows[k])
+
+    def add(self, key: str, local_start: int, embed: torch.Tensor, head: torch.Tensor) -> TermRange:
+        """Give ``key``'s ``n`` rows a free global range (first fit); replaces ``key`` if present."""
+        if embed.shape != head.shape:
+            raise ValueError(f"term rows of {key}: embed {tuple(embed.shape)} and head {tuple(head.shape)} differ")
+        self.remove(key)
+        n, start = embed.shape[0], self.first_id
+        for r in sorted(self._ranges.values(), key=lambda r: r.start):
+            if r.start - start >= n:
+                break
+            start = max(start, r.end)
+        rng = TermRange(local_start, start, n)
+        self._ranges[key] = rng
+        self._rows[key] = (embed, head)
+        return rng
+
+    def remove(self, key: str) -> None:
+        self._ranges.pop(key, None)
+        self._rows.pop(key, None)
+
+    def to_global(self, ids: Sequence[int], key: str | None) -> list[int]:
+        """A prompt tokenised by ``key``'s tokenizer, in global ids."""
+        r = self.range_of(key)
+        if r is None or not r.count:
+            return list(ids)
+        shift = r.start - r.local_start
+        return [i + shift if r.local_start <= i < r.local_end else i for i in ids]
+
+    def shifts(self, keys: Sequence[str | None], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row ``(local_start, local_end, global - local)`` for :meth:`to_global_tensor`."""
+        rs = [self.range_of(k) for k in keys]
+        lo = torch.tensor([r.local_start if r else 0 for r in rs], device=device)
+        hi = torch.tensor([r.local_end if r else 0 for r in rs], device=device)
+        shift = torch.tensor([r.start - r.local_start if r else 0 for r in rs], device=device)
+        return lo, hi, shift
+
+    @staticmethod
+    def to_global_tensor(ids: torch.Tensor, shifts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Local ids ``[B]`` (one per row, e.g. sampled tokens) to global ids, with :meth:`shifts` of the rows."""
+        lo, hi, shift = shifts
+        return torch.where((ids >= lo) & (ids < hi), ids + shift, ids)
+
+    def local_index(self, keys: Sequence[str | None], base_width: int, device) -> torch.Tensor:
+        """Gather index ``[B, W]`` from global logits (with one extra ``-inf`` column appended) to each row's
+        local logits: the base's ``base_width`` logits with the row's own term range in place, exactly what
+        :class:`TermHead` gives with only that adapter attached. Columns past a row's width point at ``-inf``."""
+        rs = [self.range_of(k) for k in keys]
+        width = max([base_width] + [r.local_end for r in rs if r])
+        neg = self.end  # index of the appended -inf column
+        idx = torch.arange(width, device=device).repeat(len(rs), 1)
+        idx[:, base_width:] = neg
+        for i, r in enumerate(rs):
+            if r and r.count:
+                idx[i, r.local_start : r.local_end] = torch.arange(r.start, r.end, device=device)
+        return idx
+
+    def local_logits(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Global logits ``[B, V]`` -> local logits ``[B, W]`` through :meth:`local_index`."""
+        ext = torch.cat([logits, logits.new_full((*logits.shape[:-1], 1), float("-inf"))], dim=-1)
+        return ext.gather(-1, index)
+
+
+class MultiTermEmbedding(nn.Module):
+    """Input embedding over global ids: base rows, then each attached adapter's rows in its own range."""
+
+    def __init__(self, base: nn.Embedding, table: TermTable):
+        super().__init__()
+        self.base = base
+        self.table = table
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(torch.where(ids >= self.base.num_embeddings, 0, ids))
+        for key, r in self.table.ranges().items():
+            if not r.count:
+                continue
+            embed, _ = self.table.rows(key)
+            inside = (ids >= r.start) & (ids < r.end)
+            new = embed[(ids - r.start).clamp(0, r.count - 1)].to(out.dtype)
+            out = torch.where(inside.unsqueeze(-1), new, out)
+        return out
+
+
+class MultiTermHead(nn.Module):
+    """Output head over global ids: base logits, then each adapter's term logits at its range (gaps ``-inf``)."""
+
+    def __init__(self, base: nn.Linear, table: TermTable):
+        super().__init__()
+        self.base = base
+        self.table = table
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def out_features(self) -> int:
+        return max(self.base.out_features, self.table.end)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.base(h)
+        end = self.table.end
+        if end <= self.table.first_id and logits.shape[-1] >= self.table.first_id:
+            return logits
+        parts = [logits, logits.new_full((*logits.shape[:-1], self.table.first_id - logits.shape[-1]), float("-inf"))]
+        cursor = self.table.first_id
+        for key, r in sorted(self.table.ranges().items(), key=lambda kv: kv[1].start):
+            if r.start > cursor:
+                parts.append(logits.new_full((*logits.shape[:-1], r.start - cursor), float("-inf")))
+            _, head = self.table.rows(key)
+            parts.append(h @ head.to(h.dtype).t())
+            cursor = r.end
+        return torch.cat(parts, dim=-1)

@@ -64,6 +64,7 @@ def train_command(
     registry: str = typer.Option(None, "--registry", help="Registry SQLAlchemy URL (default $DSFT_REGISTRY_URL or $DSFT_HOME/registry.db)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
+    compile_layers: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, torch.compile each decoder layer."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -77,7 +78,7 @@ def train_command(
     try:
         result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides or (), seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
-                       trust_remote_code=trust_remote_code, on_event=view)
+                       trust_remote_code=trust_remote_code, compile_layers=compile_layers, on_event=view)
     finally:
         view._close()
     if json_out:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dsft.base.router import RouterProbe
+from dsft.kernels.chunked_ce import chunked_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 4096) -> torch.Tensor:
+    """The training loss: decoder hidden states, then the output head in chunks (never the whole
+    batch's logits at once; see :mod:`dsft.kernels.chunked_ce`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    return chunked_causal_lm_loss(hidden, base.get_output_embeddings(), batch["labels"], chunk_size)
 
 
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -71,8 +80,7 @@ def train_steps(
             group["lr"] = peak * scale
         batch = batches(step)
         probe.reset()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        lm = causal_lm_loss(logits, batch["labels"])
+        lm = lm_loss(model, batch)
         aux = probe.aux_loss()
         loss = lm + probe.coef * aux if aux is not None else lm
         loss.backward()

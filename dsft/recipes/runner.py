@@ -27,6 +27,7 @@ from dsft.base.fingerprint import summary
 from dsft.base.router import RouterProbe
 from dsft.errors import UsageError
 from dsft.home import adapters_dir
+from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.loop import StepInfo, heldout_loss, train_steps
 from dsft.recipes.schema import Recipe, Stage, load_recipe, recipe_yaml
 from dsft.data.tokenize import Examples
@@ -126,6 +127,7 @@ def train(
     registry: str | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    compile_layers: bool = True,
     on_event: Event | None = None,
 ) -> TrainResult:
     """Train a domain adapter and register it.
@@ -141,6 +143,7 @@ def train(
         max_steps: caps every stage's steps (for smoke runs and benchmarks).
         output: also copy the finished adapter to this directory.
         registry: a SQLAlchemy URL; default ``$DSFT_REGISTRY_URL`` or ``$DSFT_HOME/registry.db``.
+        compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
         on_event: progress callback ``(kind, payload)``; kinds: stage_start, step, eval, saved.
 
     Returns:
@@ -181,6 +184,8 @@ def train(
     peft_model = attach_lora(model, spec, settings)
     if model.device.type == "cuda":
         peft_model.enable_input_require_grads()
+        if compile_layers:
+            compile_decoder_layers(peft_model)
 
     stage_metrics = []
     for i, stage in enumerate(rec.stages):

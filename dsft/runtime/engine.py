@@ -1,0 +1,232 @@
+"""Dynamic batching: requests that arrive together run together, whatever adapter each one uses.
+
+One worker thread owns the model. It takes the first waiting request, waits up to ``max_wait_s`` for
+more (up to ``max_batch_size``), prepares each (adapter lookup, tokenisation, limits: a bad request fails
+alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`). Attach and detach are submitted as
+calls that the worker runs between batches, so a batch never sees its adapters change under it.
+
+Callers get events through a callback, called on the worker thread:
+``("started", {"prompt_tokens", "adapter"})``, ``("text", piece)`` while generating, then
+``("done", Generation)`` or ``("error", exception)``. The HTTP server turns them into responses.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsft.errors import DsftError
+from dsft.runtime.base import Generation, RuntimeBase
+
+log = logging.getLogger("dsft.runtime")
+Event = Callable[[str, Any], None]
+
+
+class EngineBusy(DsftError):
+    """The request queue is full; try again shortly."""
+
+    exit_code = 9
+
+
+@dataclass
+class Request:
+    """One completion to generate: a text prompt, chat messages, or token ids, for one adapter."""
+
+    adapter: str | None = None
+    prompt: str | None = None
+    messages: Sequence[dict] | None = None
+    prompt_ids: Sequence[int] | None = None
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Ticket:
+    """A submitted request; ``cancel()`` stops it at its next token (e.g. the client went away)."""
+
+    request: Request
+    on_event: Event
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: Future
+
+
+_STOP = object()
+
+
+class Engine:
+    """Batches requests for one :class:`RuntimeBase` on a worker thread.
+
+    Args:
+        runtime: the loaded base with its adapters.
+        max_batch_size: the most rows run together.
+        max_wait_s: how long the first request of a batch waits for company.
+        max_queue: requests waiting beyond this are refused with :class:`EngineBusy`.
+    """
+
+    def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024):
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.batches: list[int] = []
+        """Sizes of the batches run so far (what tests and benchmarks look at)."""
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    # --- API -------------------------------------------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Event) -> Ticket:
+        """Queue a request. Raises :class:`EngineBusy` when the queue is full."""
+        if self._closed:
+            raise EngineBusy("the engine is shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            raise EngineBusy(f"{self.max_queue} requests are already waiting; retry shortly")
+        ticket = Ticket(request, on_event)
+        self._queue.put(ticket)
+        return ticket
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the worker between batches (attach, detach); returns its future."""
+        future: Future = Future()
+        self._queue.put(_Call(fn, future))
+        return future
+
+    def generate(self, request: Request) -> Generation:
+        """Submit and wait (for tests and scripts; the server streams events instead)."""
+        done: Future = Future()
+
+        def on_event(kind: str, payload: Any) -> None:
+            if kind == "done":
+                done.set_result(payload)
+            elif kind == "error":
+                done.set_exception(payload)
+        self.submit(request, on_event)
+        return done.result()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the running batch, fail what is still queued, stop the worker."""
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # --- the worker --------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            if isinstance(item, _Call):
+                self._run_call(item)
+                continue
+            batch, calls = [item], []
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                if isinstance(nxt, _Call):
+                    calls.append(nxt)  # after this batch, in order
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            for c in calls:
+                self._run_call(c)
+        while True:  # shutting down: nothing queued is left hanging
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Ticket):
+                _safe(item.on_event, "error", EngineBusy("the server is shutting down"))
+            elif isinstance(item, _Call):
+                item.future.set_exception(EngineBusy("the server is shutting down"))
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            call.future.set_result(call.fn())
+        except BaseException as exc:  # handed to the caller through the future
+            call.future.set_exception(exc)
+
+    def _prepare(self, ticket: Ticket):
+        req, rt = ticket.request, self.runtime
+        if req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+        elif req.messages is not None:
+            from dsft.runtime.chat import encode_messages
+
+            ids = encode_messages(rt.tokenizer_for(req.adapter), req.messages)
+        else:
+            ids = rt.encode(req.prompt or "", req.adapter)
+        if not ids:
+            from dsft.errors import UsageError
+
+            raise UsageError("the prompt is empty")
+
+        def on_text(piece: str) -> bool:
+            if ticket.cancelled:
+                return False
+            _safe(ticket.on_event, "text", piece)
+            return not ticket.cancelled
+
+        return rt.make_row(ids, req.adapter, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                           top_p=req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, on_text=on_text)
+
+    def _run_batch(self, batch: list[Ticket]) -> None:
+        rows, tickets = [], []
+        for t in batch:
+            if t.cancelled:
+                continue
+            try:
+                row = self._prepare(t)
+            except Exception as exc:  # this request alone fails: unknown adapter, too long, ...
+                _safe(t.on_event, "error", exc)
+                continue
+            info = self.runtime.adapters.get(row.key) if row.key else None
+            _safe(t.on_event, "started", {"prompt_tokens": len(row.prompt), "adapter": info.ref if info else None})
+            rows.append(row)
+            tickets.append(t)
+        if not rows:
+            return
+        self.batches.append(len(rows))
+        try:
+            self.runtime.run(rows)
+        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
+            log.exception("batch of %d failed", len(rows))
+            for t in tickets:
+                _safe(t.on_event, "error", exc)
+            return
+        for t, row in zip(tickets, rows):
+            _safe(t.on_event, "done", self.runtime._result(row))
+
+
+def _safe(fn: Event, kind: str, payload: Any) -> None:
+    try:
+        fn(kind, payload)
+    except Exception:  # a broken listener must not take the worker down
+        log.exception("event listener failed")

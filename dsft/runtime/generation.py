@@ -1,0 +1,198 @@
+"""The decode loop: one batch of rows, each with its own adapter, prompt, limits and sampling.
+
+Rows are left-padded and run together; a row leaves the batch (and the KV cache) as soon as it
+finishes, so the batch shrinks instead of carrying dead rows. Logits are taken per row in its
+adapter's *local* vocabulary (:meth:`dsft.adapters.terms.TermTable.local_index`), so sampling and the
+returned ids are what that adapter alone would give; the next input is translated back to global ids.
+
+This module knows nothing of the registry or HTTP: :class:`dsft.runtime.base.RuntimeBase` prepares the
+rows, :class:`dsft.runtime.engine.Engine` batches requests into them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dsft.adapters.terms import TermTable
+from dsft.runtime.multilora import MultiLora, RowGroups
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings.
+
+    ``push(token)`` returns the new text that is safe to show: characters that might still turn into a
+    stop string, and a trailing incomplete UTF-8 sequence, are held back until they are decided.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.vocab = len(tokenizer)
+        self.stop = tuple(s for s in stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        # Ids past the tokenizer (padding rows of the embedding) have no text.
+        text = self.tokenizer.decode([i for i in self.ids if i < self.vocab], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        if self.stop:
+            found = [i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0]
+            if found:
+                self.text, self.stopped = self.text[: min(found)], True
+                return self.flush()
+        upto = max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent : upto], upto
+        return delta
+
+    def flush(self) -> str:
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
+
+
+@dataclass
+class Row:
+    """One sequence to generate. ``prompt`` holds *local* ids (the adapter's tokenizer)."""
+
+    prompt: list[int]
+    key: str | None
+    tokenizer: object
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    on_text: Callable[[str], bool | None] | None = None
+    """Called with each new piece of text; returning False cancels the row (a client went away)."""
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stream: TextStream | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+def _emit(row: Row, delta: str) -> None:
+    if delta and row.on_text is not None and row.on_text(delta) is False:
+        row.finish_reason = FINISH_CANCELLED
+
+
+def _advance(row: Row, token: int) -> None:
+    """Record one sampled token and decide whether the row is done."""
+    if token in row.eos_ids and not row.ignore_eos:
+        row.finish_reason = FINISH_STOP
+    else:
+        row.tokens.append(token)
+        _emit(row, row.stream.push(token))
+        if row.stream.stopped:
+            row.finish_reason = row.finish_reason or FINISH_STOP
+        elif len(row.tokens) >= row.max_new_tokens:
+            row.finish_reason = row.finish_reason or FINISH_LENGTH
+    if row.finish_reason is not None:
+        if row.finish_reason != FINISH_CANCELLED:
+            _emit(row, row.stream.flush())
+        row.text = row.stream.text
+
+
+def sample(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    out = logits.argmax(-1)
+    for i, row in enumerate(rows):
+        if row.temperature <= 0:
+            continue
+        scores = logits[i].float() / row.temperature
+        if row.top_p < 1.0:
+            sorted_scores, order = scores.sort(descending=True)
+            probs = sorted_scores.softmax(-1)
+            drop = probs.cumsum(-1) - probs > row.top_p  # keep the smallest prefix whose mass reaches top_p
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        out[i] = torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0]
+    return out
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def forward_rows(model, table: TermTable, lora: MultiLora, prompts: Sequence[Sequence[int]], keys: Sequence[str | None],
+                 pad_id: int, base_width: int) -> list[torch.Tensor]:
+    """Local logits of every prompt position, per row (``[len(prompt), row's vocabulary]``)."""
+    device = model.device
+    ids, mask = _left_pad([table.to_global(p, k) for p, k in zip(prompts, keys)], pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode(), lora.rows(RowGroups.of(keys, device)):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    out = []
+    for i, (p, k) in enumerate(zip(prompts, keys)):
+        index = table.local_index([k], base_width, device)
+        rng = table.range_of(k)
+        width = max(base_width, rng.local_end if rng else 0)
+        row = logits[i, ids.shape[1] - len(p):]
+        out.append(table.local_logits(row, index.expand(row.shape[0], -1))[:, :width].float())
+    return out
+
+
+def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: int, base_width: int) -> None:
+    """Generate every row to completion (filling ``tokens``, ``text``, ``finish_reason``)."""
+    from transformers import DynamicCache
+
+    device = model.device
+    for row in rows:
+        row.stream = TextStream(row.tokenizer, row.stop)
+        if row.temperature > 0:
+            row.generator = torch.Generator(device=device)
+            row.generator.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    live = [r for r in rows if r.max_new_tokens > 0 and r.prompt]
+    for r in rows:
+        if r not in live:
+            r.finish_reason = FINISH_LENGTH
+    if not live:
+        return
+    keys = [r.key for r in live]
+    ids, mask = _left_pad([table.to_global(r.prompt, r.key) for r in live], pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    index = table.local_index(keys, base_width, device)
+    shifts = table.shifts(keys, device)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode(), lora.rows(RowGroups.of(keys, device)):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        while True:
+            local = sample(table.local_logits(logits, index), live)
+            for row, token in zip(live, local.tolist()):
+                _advance(row, token)
+            keep = [i for i, r in enumerate(live) if r.finish_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, device=device)
+                cache.batch_select_indices(sel)
+                live = [live[i] for i in keep]
+                keys = [keys[i] for i in keep]
+                local, mask, positions, index = local[sel], mask[sel], positions[sel], index[sel]
+                shifts = tuple(s[sel] for s in shifts)
+                lora.set_rows(RowGroups.of(keys, device))
+            step = TermTable.to_global_tensor(local, shifts).unsqueeze(-1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            logits = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).logits[:, -1]

@@ -1,0 +1,116 @@
+"""Adapters with random (non-zero) LoRA factors and term rows, registered like trained ones.
+
+For benchmarks and tests of the runtime: a two-step training run leaves LoRA B close to zero, so
+adapters would barely differ from the base and from each other; these differ clearly, are written
+in exactly the format training writes (PEFT files + ``terms.safetensors`` + manifest) and go through
+the same registry transaction. Their metrics say ``synthetic``; never ship them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from dsft.adapters.lora import TARGET_GROUPS, LoraSettings, peft_config, target_shapes
+from dsft.adapters.store import write_manifest
+from dsft.adapters.terms import TERMS_FILE, plan_terms
+from dsft.atomic import staging_dir
+from dsft.base.fingerprint import summary
+from dsft.base.loading import LoadedBase
+
+
+def _domain_terms(domain: str) -> list[str]:
+    from dsft.domains import resolve_domain
+
+    try:
+        return [t for t, _ in resolve_domain(domain).terms]
+    except Exception:  # a made-up domain name: no terms unless given
+        return []
+
+
+def make_adapter(
+    loaded: LoadedBase,
+    domain: str,
+    *,
+    seed: int = 0,
+    r: int = 8,
+    alpha: int = 16,
+    b_std: float = 0.05,
+    terms: Sequence[str] | None = None,
+    max_terms: int | None = None,
+    targets: Sequence[str] = TARGET_GROUPS,
+    registry: Any = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    base_name: str | None = None,
+):
+    """Write and register a random adapter for ``loaded``; the model is left as it was.
+
+    Args:
+        loaded: the base (its model is wrapped with PEFT for the write, then unwrapped).
+        domain: its domain (its pack's terms are used unless ``terms`` is given).
+        seed: same seed, same factors and rows.
+        r, alpha, b_std: LoRA rank, alpha and the std of B (A is N(0, 1/in)).
+        max_terms: keep only the first terms that become tokens.
+        registry: a URL or an open Registry (default: the usual one).
+        fingerprint, base_name: record a different training base than ``loaded`` (to make an adapter
+            that the registry must find incompatible with it).
+    Returns:
+        The registered :class:`dsft.registry.AdapterRecord`.
+    """
+    from contextlib import nullcontext
+
+    from peft import get_peft_model
+
+    from dsft.home import adapters_dir
+    from dsft.registry import Registry, open_registry
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    plan = plan_terms(tokenizer, _domain_terms(domain) if terms is None else list(terms))
+    if max_terms is not None:
+        plan = type(plan)(plan.terms[:max_terms], plan.start, plan.pieces[:max_terms])
+    g = torch.Generator().manual_seed(seed)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    rows = {}
+    for name, weight in (("embed", embed), ("head", head)):
+        base_rows = [weight[list(p)].float().mean(0).cpu() for p in plan.pieces]
+        noise = torch.randn((len(base_rows), weight.shape[1]), generator=g) * weight.float().std().cpu()
+        rows[name] = (torch.stack(base_rows) + noise).contiguous() if base_rows else None
+    settings = LoraSettings(r=r, alpha=alpha, targets=tuple(targets))
+    cfg = peft_config(model, loaded.spec, settings)
+    shapes = target_shapes(model, cfg)
+    fp = dict(fingerprint or loaded.fingerprint)
+    reg_cm = nullcontext(registry) if isinstance(registry, Registry) else open_registry(registry)
+    peft_model = get_peft_model(model, cfg)
+    try:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                elif "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * b_std)
+        with reg_cm as reg, staging_dir(adapters_dir() / domain / "new") as tmp:
+            peft_model.save_pretrained(tmp, save_embedding_layers=False)
+            (tmp / "README.md").unlink(missing_ok=True)
+            if plan.terms:
+                save_file(rows, str(tmp / TERMS_FILE), metadata={"start": str(plan.start), "count": str(len(plan.terms))})
+            kind = "lora+terms" if plan.terms else "lora"
+            name = base_name or loaded.ref.name
+            source = loaded.ref.source if base_name is None else f"path:/synthetic/{base_name}"
+            metrics = {"synthetic": True, "seed": seed}
+            fields = {"domain": domain, "kind": kind, "base": {"name": name, "source": source, "fingerprint": summary(fp)},
+                      "target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
+                      "base_vocab_size": fp["vocab_size"], "recipe": {"synthetic": True}, "metrics": metrics,
+                      "lora": {"r": r, "alpha": alpha}}
+            with reg.transaction() as tx:
+                base_rec = tx.ensure_base(name=name, source=source, fingerprint=fp)
+                version = tx.next_adapter_version(domain=domain, base_fingerprint=fp)
+                manifest, sha = write_manifest(tmp, {**fields, "version": version})
+                final = tx.place_dir(tmp, domain=domain, version=version)
+                return tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
+                                      manifest_sha256=sha, recipe={"synthetic": True}, metrics=metrics, base=base_rec)
+    finally:
+        peft_model.unload()
+        for p in model.parameters():
+            p.requires_grad_(False)

@@ -1,0 +1,235 @@
+"""An adapter directory read into memory for the runtime: LoRA factors by module, term rows, its tokenizer.
+
+PEFT interprets its own format: the adapter's config is injected into a *meta-device* copy of the base
+(no memory, no weights), its state dict is loaded into that skeleton with PEFT's own key mapping (so
+nested ``target_parameters`` wrappers, rank/alpha patterns and transformers weight conversions are read
+the way ``PeftModel.from_pretrained`` reads them), and the factors are then taken out of the skeleton's
+LoRA layers. The live model is never wrapped.
+
+Every file is read once, as bytes, and those bytes are checked against the manifest's sha256 before they
+are parsed, so what is loaded is exactly what was verified.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.adapters.terms import TERMS_FILE
+from dsft.atomic import sha256_bytes
+from dsft.errors import IntegrityError, UsageError
+from dsft.kernels.expert_lora import LowRank
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LinearLora:
+    """``y += scale * (x A^T) B^T`` on one linear module: A [r, in], B [out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+@dataclass
+class AdapterWeights:
+    """What the runtime needs of one adapter, on the base's device and in its dtype."""
+
+    linear: dict[str, LinearLora] = field(default_factory=dict)
+    """Linear module path (``model.layers.0.self_attn.q_proj``) -> factors."""
+    experts: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+    """Routed-experts module path -> {"gate_up_proj" | "down_proj": factors [E, r, in] / [E, out, r]}."""
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(embed rows, head rows) of the added tokens, or None."""
+    added_tokens: tuple[str, ...] = ()
+    term_start: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for f in self.linear.values():
+            out += [f.A, f.B]
+        for by_param in self.experts.values():
+            for f in by_param.values():
+                out += [f.A, f.B]
+        if self.terms is not None:
+            out += list(self.terms)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+
+def read_verified(directory: Path, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of ``directory/name``, refused unless they match the manifest's sha256.
+
+    Raises:
+        IntegrityError: the file is not listed, missing, or its content differs.
+    """
+    digest = manifest.get("files", {}).get(name)
+    if digest is None:
+        raise IntegrityError(f"adapter {directory}: {name} is not listed in its manifest; re-import the adapter")
+    path = directory / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"adapter file {path} is missing; restore it, or re-import / retrain the adapter") from None
+    if sha256_bytes(data) != digest:
+        raise IntegrityError(f"adapter file {path} does not match its recorded sha256 (changed or truncated); refusing to load it")
+    return data
+
+
+def _peft_config(raw: bytes):
+    from peft import LoraConfig, PeftType
+
+    cfg = json.loads(raw)
+    if cfg.get("peft_type") != PeftType.LORA.value:
+        raise UsageError(f"adapter type {cfg.get('peft_type')!r} is not served by the dsft runtime (LoRA only)")
+    config = LoraConfig.from_peft_type(**cfg) if hasattr(LoraConfig, "from_peft_type") else LoraConfig(**cfg)
+    unsupported = [name for name, bad in (
+        ("use_dora", config.use_dora), ("lora_bias", config.lora_bias), ("modules_to_save", config.modules_to_save),
+        ("trainable_token_indices", config.trainable_token_indices), ("layer_replication", config.layer_replication),
+    ) if bad]
+    if unsupported:
+        raise UsageError(f"adapter uses {', '.join(unsupported)}, which the dsft runtime does not serve; "
+                         "load it with plain PEFT instead")
+    config.inference_mode = True
+    return config
+
+
+def _skeleton(model_config, peft_config):
+    """The base's architecture on the meta device with the adapter injected; LoRA factors materialised on CPU."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora.layer import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
+    skeleton = inject_adapter_in_model(peft_config, skeleton, low_cpu_mem_usage=True)
+    for module in skeleton.modules():
+        if isinstance(module, LoraLayer):
+            for factors in (module.lora_A, module.lora_B):
+                for name in factors:
+                    factors[name].to_empty(device="cpu")
+    return skeleton
+
+
+def _param_wrapper_chain(module) -> tuple[list, Any]:
+    from peft.tuners.lora.layer import ParamWrapper
+
+    chain = []
+    while isinstance(module, ParamWrapper):
+        chain.append(module)
+        module = module.base_layer
+    return chain, module
+
+
+def _extract(skeleton, adapter: str, device, dtype) -> AdapterWeights:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    out = AdapterWeights()
+    inner = {id(m.base_layer) for m in skeleton.modules() if isinstance(m, ParamWrapper)}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=dtype).contiguous()
+
+    for path, module in skeleton.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A or id(module) in inner:
+            continue
+        if isinstance(module, LoraLinear):
+            out.linear[path] = LinearLora(cast(module.lora_A[adapter].weight), cast(module.lora_B[adapter].weight),
+                                          float(module.scaling[adapter]))
+        elif isinstance(module, ParamWrapper):
+            chain, core = _param_wrapper_chain(module)
+            if isinstance(core, torch.nn.Linear) and [w.parameter_name for w in chain] == ["weight"]:
+                w = chain[0]
+                out.linear[path] = LinearLora(cast(w.lora_A[adapter].weight), cast(w.lora_B[adapter].weight),
+                                              float(w.scaling[adapter]))
+                continue
+            if getattr(core, "is_transposed", False) or not all(w.parameter_name in EXPERT_PARAMS for w in chain):
+                raise UsageError(f"adapter targets {path}.{chain[0].parameter_name}, a parameter layout the dsft "
+                                 "runtime does not serve; load it with plain PEFT instead")
+            by_param = {}
+            for w in chain:
+                weight = getattr(core, w.parameter_name)
+                n_experts, out_features, in_features = weight.shape
+                A = w.lora_A[adapter].weight
+                B = w.lora_B[adapter].weight
+                r = A.shape[0] // n_experts
+                # PEFT's layout for W [E, out, in]: A is [E*r, in] (expert-major), B is [out, r*E] (expert-minor).
+                by_param[w.parameter_name] = LowRank(
+                    cast(A.view(n_experts, r, in_features)),
+                    cast(B.view(out_features, r, n_experts).permute(2, 0, 1)),
+                    float(w.scaling[adapter]),
+                )
+            out.experts[path] = by_param
+        else:
+            raise UsageError(f"adapter puts a {type(module).__name__} LoRA layer on {path}, which the dsft runtime "
+                             "does not serve; load it with plain PEFT instead")
+    return out
+
+
+def read_adapter(directory: str | Path, manifest: dict[str, Any], model_config, *, device, dtype) -> AdapterWeights:
+    """Read an adapter directory (already resolved through the registry) for the runtime.
+
+    Args:
+        directory: the adapter directory.
+        manifest: its ``dsft_adapter.json`` as recorded by the registry.
+        model_config: the loaded base's ``config`` (its architecture is rebuilt on the meta device).
+        device, dtype: where the factors and rows will live (the base's).
+
+    Raises:
+        IntegrityError: a file is missing, changed, or its weights do not cover the config's targets.
+        UsageError: a LoRA variant the runtime does not serve (DoRA, biases, embedding LoRA, ...).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load as load_safetensors
+
+    directory = Path(directory)
+    config = _peft_config(read_verified(directory, manifest, PEFT_CONFIG))
+    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS))
+    skeleton = _skeleton(model_config, config)
+    result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS} does not match its config "
+                             f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
+    weights = _extract(skeleton, "default", device, dtype)
+    del skeleton, state
+    added = tuple(manifest.get("added_tokens") or ())
+    if added:
+        rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
+        embed, head = rows["embed"], rows["head"]
+        if embed.shape[0] != len(added) or head.shape != embed.shape:
+            raise IntegrityError(f"adapter {directory}: {TERMS_FILE} holds {embed.shape[0]} rows for "
+                                 f"{len(added)} added tokens; re-export or retrain it")
+        weights.terms = (embed.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
+        weights.added_tokens = added
+        weights.term_start = int(manifest["term_start"])
+    return weights
+
+
+def extended_tokenizer(tokenizer, added_tokens: tuple[str, ...], term_start: int):
+    """A copy of the base tokenizer with an adapter's terms added, numbered from ``term_start``.
+
+    Raises:
+        IncompatibleError: the base tokenizer's size is not where the adapter's terms start.
+    """
+    from dsft.errors import IncompatibleError
+
+    tok = copy.deepcopy(tokenizer)
+    if not added_tokens:
+        return tok
+    if len(tok) != term_start:
+        raise IncompatibleError(f"the adapter's terms start at id {term_start} but the base tokenizer has "
+                                f"{len(tok)} tokens; retrain the adapter on this base")
+    tok.add_tokens(list(added_tokens))
+    return tok
