@@ -21,6 +21,3 @@ def compile_decoder_layers(model) -> int:
         layer.compile()
     return len(layers)
 
-
-def should_compile(device: torch.device) -> bool:
-    return device.type == "cuda"
