@@ -4,7 +4,8 @@ The Python API the CLI is built on::
 
     import dsft
     result = dsft.train(domain="finance")           # -> TrainResult(adapter="finance@0.1.0", path, metrics)
-    base = dsft.load_base("tiny-deepseek-v2")        # model + tokenizer + fingerprint
+    base = dsft.load_base("tiny-deepseek-v2")        # RuntimeBase: model, tokenizer, fingerprint + adapters
+    base.attach("finance@0.1.0"); base.generate("...", adapter="finance")
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ __version__ = "0.1.0"
 __all__ = ["DsftError", "train", "load_base", "open_registry", "__version__"]
 
 if TYPE_CHECKING:
-    from dsft.base import load_base
     from dsft.recipes.runner import train
     from dsft.registry import open_registry
+    from dsft.runtime.base import load_base
 
 
 def __getattr__(name: str) -> Any:
@@ -28,7 +29,7 @@ def __getattr__(name: str) -> Any:
 
         return train
     if name == "load_base":
-        from dsft.base import load_base
+        from dsft.runtime.base import load_base
 
         return load_base
     if name == "open_registry":

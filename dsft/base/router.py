@@ -21,19 +21,23 @@ def load_balancing_loss(router_logits: torch.Tensor, top_k_index: torch.Tensor, 
     router probability of expert i. It is 1.0 for a perfectly balanced router.
     """
     probs = router_logits.float().softmax(-1)
-    counts = torch.bincount(top_k_index.reshape(-1), minlength=n_experts).float()
+    counts = torch.histc(top_k_index.reshape(-1).float(), bins=n_experts, min=0, max=n_experts - 1)
     f = counts / counts.sum().clamp(min=1)
     return n_experts * (f * probs.mean(0)).sum()
 
 
 @dataclass
 class RouterProbe:
-    """Forward hooks on every router; ``aux_loss()`` after a forward pass, ``counts`` accumulated per layer."""
+    """Forward hooks on every router: ``aux_loss()`` and ``imbalance()`` of the last forward pass,
+    and (``keep_counts=True``) tokens per expert accumulated per layer.
+
+    The hooks only add to tensors held on the probe, never grow a Python list: inside a compiled
+    decoder layer a growing list would be a new guard at every call, i.e. a recompile per step.
+    """
 
     model: nn.Module
     spec: ArchSpec
     keep_counts: bool = False
-    _calls: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     counts: dict[int, torch.Tensor] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
@@ -41,40 +45,38 @@ class RouterProbe:
         config = self.model.config
         self.n_experts = num_experts(self.spec, config)
         self.coef = aux_loss_coef(self.spec, config)
-        layers = self.model.get_decoder().layers
-        for i, layer in enumerate(layers):
+        self.n_layers = 0
+        for i, layer in enumerate(self.model.get_decoder().layers):
             try:
                 router = layer.get_submodule(self.spec.router_attr)
             except AttributeError:
                 continue  # dense layer (e.g. DeepSeek's first layer)
             self._handles.append(router.register_forward_hook(self._hook(i)))
+            self.n_layers += 1
+        self.reset()
 
     def _hook(self, layer: int):
         def hook(module, args, output):
             logits, _, index = output
-            self._calls.append((layer, logits, index))
+            self._aux = self._aux + load_balancing_loss(logits, index, self.n_experts)
+            load = torch.histc(index.detach().reshape(-1).float(), bins=self.n_experts, min=0, max=self.n_experts - 1)
+            self._imbalance = self._imbalance + load.max() / load.mean().clamp(min=1e-9)
             if self.keep_counts:
-                c = torch.bincount(index.detach().reshape(-1).cpu(), minlength=self.n_experts)
-                self.counts[layer] = self.counts.get(layer, 0) + c
+                self.counts[layer] = self.counts.get(layer, 0) + load.long().cpu()
         return hook
 
     def reset(self) -> None:
-        self._calls.clear()
+        """Forget the last forward pass (call before each training step)."""
+        self._aux = torch.zeros(())
+        self._imbalance = torch.zeros(())
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean over MoE layers of the load-balancing loss of the last forward pass."""
-        if not self._calls:
-            return None
-        losses = [load_balancing_loss(logits, index, self.n_experts) for _, logits, index in self._calls]
-        return torch.stack(losses).mean()
+        return self._aux / self.n_layers if self.n_layers else None
 
     def imbalance(self) -> float:
         """Max over mean expert load in the last forward pass, averaged over layers (1.0 = balanced)."""
-        vals = []
-        for _, _, index in self._calls:
-            c = torch.bincount(index.detach().reshape(-1), minlength=self.n_experts).float()
-            vals.append((c.max() / c.mean().clamp(min=1e-9)).item())
-        return sum(vals) / len(vals) if vals else 1.0
+        return float(self._imbalance) / self.n_layers if self.n_layers else 1.0
 
     def close(self) -> None:
         for h in self._handles:

@@ -7,6 +7,9 @@ import warnings
 import typer
 
 from dsft.cli import domains_cmd, recipes_cmd, registry_cmd
+from dsft.cli.export_cmd import export_command
+from dsft.cli.generate_cmd import generate_command
+from dsft.cli.serve_cmd import serve_command
 from dsft.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -32,6 +35,9 @@ app.command("train", context_settings={"allow_extra_args": False})(train_command
 app.add_typer(domains_cmd.app)
 app.add_typer(recipes_cmd.app)
 app.add_typer(registry_cmd.app, name="registry")
+app.command("generate")(generate_command)
+app.command("serve")(serve_command)
+app.command("export")(export_command)
 
 
 def run() -> None:

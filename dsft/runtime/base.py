@@ -29,6 +29,10 @@ from dsft.runtime.multilora import MultiLora
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
 
 
+class ContextLengthError(UsageError):
+    """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     """An attached adapter: its ref, where its files are, its compatibility with this base, its term ids."""
@@ -108,9 +112,8 @@ class RuntimeBase:
 
     @property
     def adapters(self) -> dict[str, AdapterInfo]:
-        """Attached adapters by domain."""
-        with self._lock:
-            return {k: a.info for k, a in self._attached.items()}
+        """Attached adapters by domain (a snapshot; safe to read while a batch runs)."""
+        return {k: a.info for k, a in list(self._attached.items())}
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -132,20 +135,20 @@ class RuntimeBase:
         """
         if adapter is None or adapter == self.name:
             return None
-        with self._lock:
-            domain, _, version = adapter.partition("@")
-            att = self._attached.get(domain)
-            if att is not None and (not version or version == att.info.version):
-                return domain
-            if att is not None and version and not version[0].isdigit():
-                try:  # a tag: ask the registry which version it points at
-                    with self._open_registry() as reg:
-                        if reg.resolve(adapter).version == att.info.version:
-                            return domain
-                except Exception:
-                    pass
-            attached = ", ".join(a.info.ref for a in self._attached.values()) or "none"
-            raise NotFoundError(f"adapter {adapter!r} is not attached to {self.name} (attached: {attached}); attach it first")
+        # No lock: a dict lookup is atomic, and the server asks this while a batch holds the lock.
+        domain, _, version = adapter.partition("@")
+        att = self._attached.get(domain)
+        if att is not None and (not version or version == att.info.version):
+            return domain
+        if att is not None and version and not version[0].isdigit():
+            try:  # a tag: ask the registry which version it points at
+                with self._open_registry() as reg:
+                    if reg.resolve(adapter).version == att.info.version:
+                        return domain
+            except Exception:  # an unknown tag is just "not attached"
+                pass
+        attached = ", ".join(a.ref for a in self.adapters.values()) or "none"
+        raise NotFoundError(f"adapter {adapter!r} is not attached to {self.name} (attached: {attached}); attach it first")
 
     def tokenizer_for(self, adapter: str | None):
         """The tokenizer a request routed to ``adapter`` is encoded with (the base's plus that adapter's terms)."""
@@ -290,7 +293,7 @@ class RuntimeBase:
         if not 0 < top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {top_p}")
         if len(prompt_ids) + max_new_tokens > self.max_context:
-            raise UsageError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {self.max_context} tokens; shorten the prompt or ask for fewer tokens")
         key = self.key_of(adapter)
         tok = self.tokenizer if key is None else self._attached[key].tokenizer

@@ -3,7 +3,8 @@
 One worker thread owns the model. It takes the first waiting request, waits up to ``max_wait_s`` for
 more (up to ``max_batch_size``), prepares each (adapter lookup, tokenisation, limits: a bad request fails
 alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`). Attach and detach are submitted as
-calls that the worker runs between batches, so a batch never sees its adapters change under it.
+ordinary runtime calls: they take the runtime's lock, which the worker holds while it prepares and runs
+a batch, so a batch never sees its adapters change under it.
 
 Callers get events through a callback, called on the worker thread:
 ``("started", {"prompt_tokens", "adapter"})``, ``("text", piece)`` while generating, then
@@ -15,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -62,12 +64,6 @@ class Ticket:
         self.cancelled = True
 
 
-@dataclass
-class _Call:
-    fn: Callable[[], Any]
-    future: Future
-
-
 _STOP = object()
 
 
@@ -86,8 +82,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.batches: list[int] = []
-        """Sizes of the batches run so far (what tests and benchmarks look at)."""
+        self.batches: deque[tuple[int, int]] = deque(maxlen=1024)
+        """(rows, distinct adapters incl. the plain base) of the latest batches."""
+        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0}
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
         self._closed = False
@@ -104,12 +101,6 @@ class Engine:
         ticket = Ticket(request, on_event)
         self._queue.put(ticket)
         return ticket
-
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the worker between batches (attach, detach); returns its future."""
-        future: Future = Future()
-        self._queue.put(_Call(fn, future))
-        return future
 
     def generate(self, request: Request) -> Generation:
         """Submit and wait (for tests and scripts; the server streams events instead)."""
@@ -136,10 +127,7 @@ class Engine:
             item = self._queue.get()
             if item is _STOP:
                 break
-            if isinstance(item, _Call):
-                self._run_call(item)
-                continue
-            batch, calls = [item], []
+            batch = [item]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 timeout = deadline - time.monotonic()
@@ -150,13 +138,8 @@ class Engine:
                 if nxt is _STOP:
                     self._queue.put(_STOP)
                     break
-                if isinstance(nxt, _Call):
-                    calls.append(nxt)  # after this batch, in order
-                    break
                 batch.append(nxt)
             self._run_batch(batch)
-            for c in calls:
-                self._run_call(c)
         while True:  # shutting down: nothing queued is left hanging
             try:
                 item = self._queue.get_nowait()
@@ -164,14 +147,6 @@ class Engine:
                 return
             if isinstance(item, Ticket):
                 _safe(item.on_event, "error", EngineBusy("the server is shutting down"))
-            elif isinstance(item, _Call):
-                item.future.set_exception(EngineBusy("the server is shutting down"))
-
-    def _run_call(self, call: _Call) -> None:
-        try:
-            call.future.set_result(call.fn())
-        except BaseException as exc:  # handed to the caller through the future
-            call.future.set_exception(exc)
 
     def _prepare(self, ticket: Ticket):
         req, rt = ticket.request, self.runtime
@@ -198,6 +173,10 @@ class Engine:
                            top_p=req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, on_text=on_text)
 
     def _run_batch(self, batch: list[Ticket]) -> None:
+        with self.runtime._lock:
+            self._run_batch_locked(batch)
+
+    def _run_batch_locked(self, batch: list[Ticket]) -> None:
         rows, tickets = [], []
         for t in batch:
             if t.cancelled:
@@ -213,7 +192,12 @@ class Engine:
             tickets.append(t)
         if not rows:
             return
-        self.batches.append(len(rows))
+        kinds = len({r.key for r in rows})
+        self.batches.append((len(rows), kinds))
+        self.counts["batches"] += 1
+        self.counts["rows"] += len(rows)
+        self.counts["largest"] = max(self.counts["largest"], len(rows))
+        self.counts["mixed"] += kinds > 1
         try:
             self.runtime.run(rows)
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving

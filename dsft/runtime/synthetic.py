@@ -63,7 +63,6 @@ def make_adapter(
 
     from peft import get_peft_model
 
-    from dsft.home import adapters_dir
     from dsft.registry import Registry, open_registry
 
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -90,7 +89,7 @@ def make_adapter(
                     p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
                 elif "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * b_std)
-        with reg_cm as reg, staging_dir(adapters_dir() / domain / "new") as tmp:
+        with reg_cm as reg, staging_dir(reg.adapters_root / domain / "new") as tmp:
             peft_model.save_pretrained(tmp, save_embedding_layers=False)
             (tmp / "README.md").unlink(missing_ok=True)
             if plan.terms:

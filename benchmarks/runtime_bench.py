@@ -1,0 +1,315 @@
+"""Runtime benchmark: attach / swap / detach times and generation tokens/s, dsft runtime vs plain PEFT `generate`.
+
+    python benchmarks/runtime_bench.py                       # H100: DeepSeek-V2-Lite shape (random bf16 weights), < 6 min
+    python benchmarks/runtime_bench.py --base tiny-deepseek-v2 --device cpu --new-tokens 8 --concurrent 4   # smoke run
+
+By default the DeepSeek-V2-Lite-shaped model (27 layers, 64 routed experts top-6 + 2 shared) is built in GPU
+memory with random weights (no 31 GB checkpoint to write and read back); ``--base`` loads a preset or model
+directory instead. Four synthetic adapters (finance, legal, medical, finance v2: LoRA r16 on attention, shared
+and routed experts, plus their domain terms) are written and registered in a temporary $DSFT_HOME, then:
+
+1. attach (cold, from the registry: sha256 check + compatibility + load), attach a second, swap (a new version
+   of an attached domain), detach: wall time, and GPU memory held/freed;
+2. runtime generation, greedy, ``--new-tokens`` tokens per request (EOS ignored), through the dynamic-batching
+   engine: 1 request; ``--concurrent`` requests for one adapter; ``--concurrent`` requests over 4 adapters mixed
+   in one batch;
+3. plain PEFT on the same model in the same process (``PeftModel`` + ``generate``, the model's experts on
+   ``grouped_mm``): batch 1; batch ``--concurrent`` one adapter; 4 adapters: one ``generate`` per adapter, then
+   PEFT's mixed-batch ``adapter_names=`` is tried (it refuses ``target_parameters`` LoRA) and its error recorded.
+
+Writes benchmarks/results/<date>-<gpu>-runtime.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOMAINS = ("finance", "legal", "medical", "tax")
+PROMPTS = [
+    "The collateralized debt obligation desk reviewed the tranche and",
+    "The court granted the writ of habeas corpus because the petitioner",
+    "Patients presenting with acute myocardial infarction were treated with",
+    "The audit of the deferred tax asset showed that the company",
+]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gib(device: str) -> float:
+    return round(torch.cuda.memory_allocated() / 2**30, 3) if device.startswith("cuda") else 0.0
+
+
+def build_lite(device: str):
+    """DeepSeek-V2-Lite shape with random bf16 weights, in memory, as a dsft LoadedBase with a fingerprint."""
+    from transformers import DeepseekV2ForCausalLM
+
+    from dsft.atomic import sha256_bytes, sha256_json
+    from dsft.base.arch import ARCHITECTURES
+    from dsft.base.fingerprint import fingerprint_id, tokenizer_hash
+    from dsft.base.loading import BaseRef, LoadedBase
+    from dsft.base.presets import PRESETS, SEED, TOKENIZER_VOCAB
+    from dsft.base.tokenizer import train_bpe
+    from dsft.domains import corpus_text_for_tokenizer
+
+    tokenizer = train_bpe(corpus_text_for_tokenizer(seed=SEED), TOKENIZER_VOCAB)
+    config = PRESETS["deepseek-v2-lite-shape"].make_config(len(tokenizer))
+    torch.manual_seed(SEED)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM._from_config(config, dtype=dtype)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    for m in model.modules():  # rotary buffers were on meta
+        if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
+            inv, scaling = m.rope_init_fn(m.config, torch.device(device))
+            m.inv_freq, m.original_inv_freq, m.attention_scaling = inv, inv, scaling
+    model.eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    fp = {"architecture": "DeepseekV2ForCausalLM", "model_type": "deepseek_v2",
+          "config_hash": sha256_json({k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "dtype")}),
+          "tokenizer_hash": tokenizer_hash(tokenizer), "weights_hash": sha256_bytes(b"random normal(0, 0.02), seed 0"),
+          "vocab_size": config.vocab_size, "tokenizer_size": len(tokenizer),
+          "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()}}
+    fp["id"] = fingerprint_id(fp)
+    ref = BaseRef("deepseek-v2-lite-shape", "bench:deepseek-v2-lite-shape(random, in memory)", Path(tempfile.gettempdir()))
+    return LoadedBase(ref, model, tokenizer, ARCHITECTURES["deepseek_v2"], fp)
+
+
+def timed(fn, device: str):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def runtime_generation(runtime, scenarios, new_tokens: int, device: str, batch_wait_ms: float, max_batch: int) -> list[dict]:
+    """Tokens/s of the runtime through the dynamic-batching engine, concurrent requests from threads."""
+    from dsft.runtime.engine import Engine, Request
+
+    engine = Engine(runtime, max_batch_size=max_batch, max_wait_s=batch_wait_ms / 1000)
+    rows = []
+    try:
+        engine.generate(Request(adapter=scenarios[0][2][0], prompt=PROMPTS[0], max_new_tokens=4, ignore_eos=True))  # warm-up
+        for key, name, adapters in scenarios:
+            results: list = [None] * len(adapters)
+
+            def ask(i: int) -> None:
+                results[i] = engine.generate(Request(adapter=adapters[i], prompt=PROMPTS[i % len(PROMPTS)],
+                                                     max_new_tokens=new_tokens, ignore_eos=True))
+            first = engine.counts["batches"]
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(adapters))]
+            sync(device)
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sync(device)
+            seconds = time.perf_counter() - t0
+            tokens = sum(r.completion_tokens for r in results)
+            batches = list(engine.batches)[-(engine.counts["batches"] - first):]
+            rows.append({"engine": "dsft runtime", "key": key, "scenario": name, "requests": len(adapters),
+                         "adapters": len(set(adapters)), "new_tokens": new_tokens, "generated": tokens,
+                         "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                         "batches": [n for n, _ in batches]})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        engine.close()
+    return rows
+
+
+def peft_generation(model, tokenizer, paths: dict[str, str], concurrent: int, new_tokens: int, device: str) -> list[dict]:
+    """Plain PEFT on the same model: PeftModel.from_pretrained + load_adapter, then model.generate."""
+    from peft import PeftModel
+
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm" if device.startswith("cuda") else "eager")
+    names = list(paths)
+    peft_model = PeftModel.from_pretrained(model, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(paths[name], adapter_name=name)
+    peft_model.eval()
+    tokenizer.padding_side = "left"
+
+    def generate(prompts, adapter_names=None):
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        kw = {"adapter_names": adapter_names} if adapter_names else {}
+        with torch.inference_mode():
+            out = peft_model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id, **kw)
+        return (out.shape[1] - enc.input_ids.shape[1]) * out.shape[0]
+
+    rows = []
+    peft_model.set_adapter(names[0])
+    generate(PROMPTS[:1])  # warm-up
+    for key, scenario, n in (("1x1", "1 request, 1 adapter", 1), ("Nx1", f"{concurrent} requests, 1 adapter", concurrent)):
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        tokens, seconds = timed(lambda: generate(prompts), device)
+        rows.append({"engine": "plain PEFT generate", "key": key, "scenario": scenario, "requests": n, "adapters": 1,
+                     "new_tokens": new_tokens, "generated": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_s": round(tokens / seconds, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    mixed = [names[i % 4] for i in range(concurrent)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(concurrent)]
+
+    def per_adapter():
+        total = 0
+        for name in names[:4]:
+            peft_model.set_adapter(name)
+            total += generate([p for p, a in zip(prompts, mixed) if a == name])
+        return total
+    tokens, seconds = timed(per_adapter, device)
+    try:  # last: a refused mixed batch can leave PEFT's adapter_names hooks behind
+        generate(prompts, adapter_names=mixed)
+        mixed_error = None
+    except Exception as exc:  # PEFT: ParamWrapper "does not support mixed adapter batches"
+        mixed_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    rows.append({"engine": "plain PEFT generate", "key": "Nx4", "scenario": f"{concurrent} requests, 4 adapters (one generate per adapter)",
+                 "requests": concurrent, "adapters": 4, "new_tokens": new_tokens, "generated": tokens,
+                 "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                 "mixed_batch_error": mixed_error})
+    print(json.dumps(rows[-1]), flush=True)
+    peft_model.unload()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=None, help="preset or model directory (default: lite shape built in memory)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--concurrent", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from dsft.registry import open_registry
+    from dsft.runtime.base import RuntimeBase
+    from dsft.runtime.synthetic import make_adapter
+
+    # A throwaway registry and adapter store: the user's registry never sees the synthetic adapters.
+    home = Path(tempfile.mkdtemp(prefix="dsft-runtime-bench-"))
+    reg = open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
+    t_start = time.perf_counter()
+    if a.base:
+        from dsft.base import load_base
+
+        loaded, load_s = timed(lambda: load_base(a.base, device=a.device), a.device)
+    else:
+        loaded, load_s = timed(lambda: build_lite(a.device), a.device)
+    print(f"base ready in {load_s:.1f}s; {gib(a.device)} GiB", flush=True)
+
+    refs, make_s = {}, []
+    for i, domain in enumerate(DOMAINS):
+        rec, s = timed(lambda: make_adapter(loaded, domain, seed=i, r=a.rank, alpha=2 * a.rank, b_std=0.01, registry=reg), a.device)
+        refs[domain] = rec
+        make_s.append(round(s, 1))
+    rec2, _ = timed(lambda: make_adapter(loaded, "finance", seed=10, r=a.rank, alpha=2 * a.rank, b_std=0.01, registry=reg), a.device)
+    adapter_mb = round(sum(f.stat().st_size for f in Path(rec2.path).iterdir()) / 2**20, 1)
+    print(f"adapters written: {make_s} s each, {adapter_mb} MB on disk", flush=True)
+
+    runtime = RuntimeBase(loaded, registry=reg)
+    mem0 = gib(a.device)
+    _, attach_cold = timed(lambda: runtime.attach(refs["finance"].ref), a.device)
+    mem1 = gib(a.device)
+    _, attach_second = timed(lambda: runtime.attach(refs["legal"].ref), a.device)
+    _, swap = timed(lambda: runtime.attach(rec2.ref), a.device)
+    mem_before_detach = gib(a.device)
+    _, detach = timed(lambda: runtime.detach("legal"), a.device)
+    mem_after_detach = gib(a.device)
+    for domain in ("legal", "medical", "tax"):
+        runtime.attach(refs[domain].ref)
+    runtime.attach(refs["finance"].ref)  # back to finance@0.1.0 for the generation runs
+    lifecycle = {"attach_cold_s": round(attach_cold, 3), "attach_second_s": round(attach_second, 3),
+                 "swap_s": round(swap, 3), "detach_s": round(detach, 3),
+                 "adapter_gpu_gib": round(mem1 - mem0, 3), "freed_by_detach_gib": round(mem_before_detach - mem_after_detach, 3),
+                 "adapter_files_mb": adapter_mb, "added_tokens": runtime.adapters["finance"].added_tokens}
+    print(json.dumps(lifecycle), flush=True)
+
+    # Correctness on this device and dtype: each row of a mixed batch against the same adapter alone.
+    probe = [(d, PROMPTS[i]) for i, d in enumerate(DOMAINS)]
+    mixed = runtime.generate([p for _, p in probe], adapters=[d for d, _ in probe], max_new_tokens=16, ignore_eos=True)
+    alone = [runtime.generate(p, adapter=d, max_new_tokens=16, ignore_eos=True) for d, p in probe]
+    lm = runtime.logits([p for _, p in probe], adapters=[d for d, _ in probe])
+    la = [runtime.logits([p], adapters=[d])[0] for d, p in probe]
+    lifecycle["mixed_rows_equal_to_alone"] = f"{sum(m.token_ids == s.token_ids for m, s in zip(mixed, alone))}/{len(probe)}"
+    lifecycle["mixed_vs_alone_max_logit_diff"] = round(max((x - y).abs().max().item() for x, y in zip(lm, la)), 5)
+    print(json.dumps(lifecycle), flush=True)
+
+    n = a.concurrent
+    scenarios = [("1x1", "1 request, 1 adapter", ["finance"]), ("Nx1", f"{n} requests, 1 adapter", ["finance"] * n),
+                 ("Nx4", f"{n} requests, 4 adapters mixed in one batch", [DOMAINS[i % 4] for i in range(n)]),
+                 ("base", f"{n} requests, base only", [None] * n)]
+    rows = runtime_generation(runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, 1))
+    runtime.close()
+    if not a.no_peft:
+        paths = {d: refs[d].path for d in DOMAINS}
+        rows += peft_generation(loaded.model, loaded.tokenizer, paths, n, a.new_tokens, a.device)
+
+    for r in rows:
+        match = next((q for q in rows if q["engine"] != r["engine"] and q["key"] == r["key"]), None)
+        if r["engine"] == "dsft runtime" and match:
+            r["speedup_vs_peft"] = round(r["tokens_per_s"] / match["tokens_per_s"], 2)
+    import peft as peft_lib
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+    meta = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft_lib.__version__, "base": loaded.ref.name, "source": loaded.ref.source,
+            "base_load_s": round(load_s, 1), "rank": a.rank, "new_tokens": a.new_tokens, "concurrent": n,
+            "batch_wait_ms": a.batch_wait_ms, "wall_s": round(time.perf_counter() - t_start, 1)}
+    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-runtime"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "lifecycle": lifecycle, "generation": rows}, indent=2) + "\n")
+    lines = [f"# dsft runtime on {device_name}: {loaded.ref.name} ({date.today()})", "",
+             f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft_lib.__version__}; "
+             f"LoRA r{a.rank} on attention + shared + routed experts, {lifecycle['added_tokens']} added terms per adapter; "
+             f"greedy, {a.new_tokens} new tokens per request (EOS ignored); whole run {meta['wall_s']} s.", "",
+             "| adapter lifecycle | value |", "|---|---|",
+             f"| attach (cold: registry check + sha256 + load) | {lifecycle['attach_cold_s']} s |",
+             f"| attach a second adapter | {lifecycle['attach_second_s']} s |",
+             f"| swap (new version of an attached domain) | {lifecycle['swap_s']} s |",
+             f"| detach | {lifecycle['detach_s']} s |",
+             f"| GPU memory per adapter / freed by detach | {lifecycle['adapter_gpu_gib']} / {lifecycle['freed_by_detach_gib']} GiB |",
+             f"| adapter files on disk | {adapter_mb} MB |",
+             f"| mixed batch rows equal to the adapter alone (greedy, 16 tokens) | {lifecycle['mixed_rows_equal_to_alone']} |",
+             f"| max logit difference, mixed vs alone | {lifecycle['mixed_vs_alone_max_logit_diff']} |", "",
+             "| engine | scenario | tokens/s | seconds | vs PEFT |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['scenario']} | {r['tokens_per_s']} | {r['seconds']} | {r.get('speedup_vs_peft', '')} |")
+    err = next((r.get("mixed_batch_error") for r in rows if r.get("mixed_batch_error")), None)
+    if err:
+        lines += ["", f"PEFT mixed batch (`adapter_names=`) on this adapter: `{err}`"]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import shutil
+
+    reg.close()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

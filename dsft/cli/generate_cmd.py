@@ -1,0 +1,59 @@
+"""``dsft generate``: one completion from a base (with an adapter), streamed to the terminal."""
+from __future__ import annotations
+
+import sys
+import time
+
+import typer
+
+from dsft.cli.common import err_console, guarded, print_json
+
+
+@guarded
+def generate_command(
+    prompt: str = typer.Argument(..., help="The prompt (an instruction, unless --raw)."),
+    adapter: str = typer.Option(None, "--adapter", "-a", help="Adapter ref: DOMAIN, DOMAIN@VERSION or DOMAIN@TAG (default: the plain base)."),
+    base: str = typer.Option(None, "--base", "-b", help="Preset name, model directory or hub id (default: the adapter's training base, else the default preset)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (reproducible); higher = more random."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text instead of answering it as an instruction."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    registry: str = typer.Option(None, "--registry", envvar="DSFT_REGISTRY_URL", help="Registry SQLAlchemy URL."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON at the end instead of streaming."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No status lines on stderr."),
+) -> None:
+    """Generate text with a domain adapter, streaming tokens as they come.
+
+    Example: dsft generate --adapter finance "What is a collateralized debt obligation?"
+    """
+    from dsft.runtime.base import load_base
+    from dsft.runtime.export import training_base
+
+    if base is None and adapter is not None:
+        from dsft.registry import open_registry
+
+        with open_registry(registry) as reg:
+            base = training_base(reg.resolve(adapter).manifest)
+    runtime = load_base(base, device=device, registry=registry)
+    info = runtime.attach(adapter) if adapter else None
+    if not quiet and not json_out:
+        err_console.print(f"[dim]{runtime.name}" + (f" + {info.ref} ({info.status})" if info else "") + "[/]")
+
+    def show(_: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    result = runtime.generate(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed, chat=not raw, on_text=None if json_out else show)
+    seconds = time.perf_counter() - t0
+    if json_out:
+        print_json({"adapter": result.adapter, "base": runtime.name, "text": result.text, "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens})
+        return
+    sys.stdout.write("\n")
+    if not quiet:
+        err_console.print(f"[dim]{result.completion_tokens} tokens in {seconds:.2f}s "
+                          f"({result.completion_tokens / max(seconds, 1e-9):.1f} tokens/s), finish: {result.finish_reason}[/]")

@@ -1,0 +1,296 @@
+"""The FastAPI application: OpenAI's completions, chat completions and models endpoints over an
+:class:`dsft.runtime.Engine`, plus adapter attach/detach and a health check.
+
+    POST /v1/completions            {"model": "finance@0.1.0", "prompt": "...", "max_tokens": 32, "stream": false}
+    POST /v1/chat/completions       {"model": "legal", "messages": [{"role": "user", "content": "..."}]}
+    GET  /v1/models                 the base and every attached adapter
+    GET  /v1/adapters               attached adapters with their term ids and compatibility status
+    POST /v1/adapters               {"ref": "medical@0.2.0"}: attach (swaps an attached version of the domain)
+    DELETE /v1/adapters/{ref}       detach
+    GET  /health                    liveness, base, adapters, batching counters (no token needed)
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsft.runtime.base import Generation, RuntimeBase
+from dsft.runtime.engine import Engine
+from dsft.runtime.engine import Request as GenRequest
+from dsft.serve.errors import ApiError, Guard, dumps, from_exception, response, validation_message
+from dsft.serve.schemas import AttachRequest, ChatRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond these it is refused (400, or 413 for size)."""
+
+    max_tokens: int = 1024
+    """Most tokens one completion may generate (``max_tokens``)."""
+    default_chat_tokens: int = 256
+    """``max_tokens`` of a chat request that gives none."""
+    max_prompt_chars: int = 64_000
+    """Longest prompt text (all messages together), before tokenising; longer is 413."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body; larger is 413."""
+    max_prompts: int = 32
+    """Most prompts in one completions request."""
+    max_stop: int = 4
+
+
+class _Listener:
+    """Engine events -> an asyncio queue on the server's loop (the engine calls from its own thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The application for one runtime; ``api_key`` (when set) is required on every ``/v1`` route."""
+    app = FastAPI(title="dsft", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return response(exc.status, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        message, param = validation_message(list(exc.errors()))
+        return response(400, message, "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return response(exc.status_code, str(exc.detail), None)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception):
+        err = from_exception(exc)
+        return response(err.status, err.message, err.code)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def model_id(adapter_ref: str | None) -> str:
+        return adapter_ref or runtime.name
+
+    async def parse(request: Request, schema):
+        """The JSON body as ``schema``, whatever its content type says (curl -d sends form-encoded)."""
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_request")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            message, param = validation_message(exc.errors())
+            raise ApiError(400, message, code="invalid_request", param=param) from None
+
+    def check_model(model: str) -> None:
+        try:
+            runtime.key_of(model)
+        except Exception as exc:
+            raise from_exception(exc) from None
+
+    def check_common(req, max_tokens: int | None, prompt_chars: int) -> int:
+        if req.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        if max_tokens is None or not 1 <= max_tokens <= limits.max_tokens:
+            raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}", param="max_tokens")
+        if len(req.stops()) > limits.max_stop:
+            raise ApiError(400, f"at most {limits.max_stop} stop sequences", param="stop")
+        if prompt_chars > limits.max_prompt_chars:
+            raise ApiError(413, f"prompt of {prompt_chars} characters is over the limit of {limits.max_prompt_chars}",
+                           code="context_length_exceeded")
+        check_model(req.model)
+        return max_tokens
+
+    def gen_request(req, max_tokens: int, **what) -> GenRequest:
+        return GenRequest(adapter=req.model, max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                          seed=req.seed, stop=tuple(req.stops()), ignore_eos=req.ignore_eos, **what)
+
+    def submit(request: GenRequest) -> tuple[_Listener, Any]:
+        listener = _Listener(asyncio.get_running_loop())
+        try:
+            ticket = engine.submit(request, listener)
+        except Exception as exc:
+            raise from_exception(exc) from None
+        return listener, ticket
+
+    async def started(listener: _Listener) -> dict:
+        kind, payload = await listener.queue.get()
+        if kind == "error":
+            raise from_exception(payload)
+        return payload
+
+    async def finished(listener: _Listener) -> Generation:
+        while True:
+            kind, payload = await listener.queue.get()
+            if kind == "done":
+                return payload
+            if kind == "error":
+                raise from_exception(payload)
+
+    async def run_all(requests: list[GenRequest]) -> list[tuple[dict, Generation]]:
+        pending = [submit(r) for r in requests]
+        try:
+            out = []
+            for listener, _ in pending:
+                info = await started(listener)
+                out.append((info, await finished(listener)))
+            return out
+        finally:
+            for _, ticket in pending:
+                ticket.cancel()  # no-op for finished ones; stops the rest if one failed or the client left
+
+    def usage(results: list[tuple[dict, Generation]]) -> dict:
+        prompt = sum(g.prompt_tokens for _, g in results)
+        completion = sum(g.completion_tokens for _, g in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def sse(obj: Any) -> str:
+        return f"data: {dumps(obj)}\n\n"
+
+    async def stream(listener: _Listener, ticket, chunk, info: dict, include_usage: bool) -> AsyncIterator[str]:
+        """SSE events: ``chunk(text, finish_reason)`` per piece, a final chunk, optional usage, [DONE]."""
+        first = chunk(None, None)
+        try:
+            if first is not None:
+                yield sse(first)
+            while True:
+                kind, payload = await listener.queue.get()
+                if kind == "text":
+                    yield sse(chunk(payload, None))
+                elif kind == "done":
+                    yield sse(chunk("", payload.finish_reason))
+                    if include_usage:
+                        u = usage([(info, payload)])
+                        yield sse({**chunk("", None), "choices": [], "usage": u})
+                    break
+                elif kind == "error":
+                    err = from_exception(payload)
+                    yield sse({"error": {"message": err.message, "type": "server_error", "code": err.code}})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            ticket.cancel()
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "base": runtime.name, "adapters": [a.ref for a in runtime.adapters.values()],
+                "engine": dict(engine.counts)}
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": runtime.name, "object": "model", "created": 0, "owned_by": "dsft", "root": runtime.name,
+                 "parent": None}]
+        for a in runtime.adapters.values():
+            data.append({"id": a.ref, "object": "model", "created": 0, "owned_by": "dsft", "root": a.ref,
+                         "parent": runtime.name, "domain": a.domain, "status": a.status})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not 1 <= len(prompts) <= limits.max_prompts:
+            raise ApiError(400, f"prompt must be a string or a list of 1 to {limits.max_prompts} strings", param="prompt")
+        if req.echo or req.logprobs or req.suffix:
+            raise ApiError(400, "echo, logprobs and suffix are not supported")
+        max_tokens = check_common(req, req.max_tokens, max(len(p) for p in prompts))
+        cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
+        if req.stream:
+            if len(prompts) != 1:
+                raise ApiError(400, "stream with several prompts is not supported; send one request per prompt", param="prompt")
+            listener, ticket = submit(gen_request(req, max_tokens, prompt=prompts[0]))
+            info = await started(listener)
+            model = model_id(info["adapter"])
+
+            def chunk(text, finish):
+                if text is None:
+                    return None
+                return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            include = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream(listener, ticket, chunk, info, include), media_type="text/event-stream")
+        results = await run_all([gen_request(req, max_tokens, prompt=p) for p in prompts])
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_id(results[0][0]["adapter"]),
+                "choices": [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
+                            for i, (_, g) in enumerate(results)],
+                "usage": usage(results)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatRequest)
+        if req.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_chat_tokens, limits.max_tokens)
+        messages = [m.model_dump() for m in req.messages]
+        chars = sum(len(m["content"]) if isinstance(m["content"], str) else len(dumps(m["content"] or "")) for m in messages)
+        max_tokens = check_common(req, max_tokens, chars)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
+        request = gen_request(req, max_tokens, messages=messages)
+        if req.stream:
+            listener, ticket = submit(request)
+            info = await started(listener)
+            model = model_id(info["adapter"])
+
+            def chunk(text, finish):
+                delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            include = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(stream(listener, ticket, chunk, info, include), media_type="text/event-stream")
+        results = await run_all([request])
+        info, g = results[0]
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(info["adapter"]),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
+                             "finish_reason": g.finish_reason}],
+                "usage": usage(results)}
+
+    @app.get("/v1/adapters")
+    async def list_adapters():
+        return {"object": "list", "data": [a.to_json() for a in runtime.adapters.values()]}
+
+    @app.post("/v1/adapters")
+    async def attach(request: Request):
+        req = await parse(request, AttachRequest)
+        try:
+            info = await run_in_threadpool(runtime.attach, req.ref)
+        except Exception as exc:
+            raise from_exception(exc) from None
+        return JSONResponse(info.to_json(), status_code=201)
+
+    @app.delete("/v1/adapters/{ref}")
+    async def detach(ref: str):
+        try:
+            info = await run_in_threadpool(runtime.detach, ref)
+        except Exception as exc:
+            raise from_exception(exc) from None
+        return {"detached": info.ref}
+
+    return app

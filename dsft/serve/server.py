@@ -1,0 +1,61 @@
+"""``dsft serve``: load a base, attach adapters, start the engine and serve HTTP with uvicorn."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from dsft.errors import UsageError
+from dsft.serve.app import Limits, create_app
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    base: str,
+    adapters: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    device: str | None = None,
+    registry: str | None = None,
+    max_batch_size: int = 32,
+    batch_wait_ms: float = 10.0,
+    limits: Limits = Limits(),
+    trust_remote_code: bool = False,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``base`` with ``adapters`` attached until interrupted.
+
+    Args:
+        host, port: where to listen; 127.0.0.1 unless told otherwise.
+        api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``.
+        max_batch_size, batch_wait_ms: dynamic batching: the most rows per batch, and how long the
+            first request of a batch waits for others.
+        on_ready: called with the base URL once the model is loaded, before listening.
+    Raises:
+        UsageError: bad port or batching settings; what loading and attaching raise.
+    """
+    import uvicorn
+
+    from dsft.runtime.base import load_base
+    from dsft.runtime.engine import Engine
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be 0-65535, got {port}")
+    if max_batch_size < 1 or batch_wait_ms < 0:
+        raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
+    for ref in adapters:
+        runtime.attach(ref)
+    engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000)
+    app = create_app(runtime, engine, api_key=api_key, limits=limits)
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{shown}:{port}")
+    if host not in LOOPBACK and not api_key:
+        logging.getLogger("dsft.serve").warning("listening on %s without an API key: anyone who can reach it can use it", host)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

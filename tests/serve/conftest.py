@@ -1,0 +1,101 @@
+"""The real server: `dsft serve` in a child process on a free local port, with three adapters attached
+and an API key; tests talk to it over HTTP only."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="package")
+def serve_home(tmp_path_factory, session_home) -> Path:
+    home = tmp_path_factory.mktemp("serve_home")
+    (session_home / "bases").mkdir(exist_ok=True)
+    (home / "bases").symlink_to(session_home / "bases")
+    return home
+
+
+@pytest.fixture(scope="package")
+def serve_refs(serve_home) -> dict[str, str]:
+    """finance, legal, medical @0.1.0 (attached at start), finance@0.2.0 and an incompatible one (not attached)."""
+    import torch
+
+    from dsft.base import load_base
+    from dsft.runtime.synthetic import make_adapter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSFT_HOME", str(serve_home))
+        mp.delenv("DSFT_REGISTRY_URL", raising=False)
+        loaded = load_base("tiny-deepseek-v2", device="cpu")
+        refs = {d: make_adapter(loaded, d, seed=i + 1).ref for i, d in enumerate(["finance", "legal", "medical"])}
+        refs["finance2"] = make_adapter(loaded, "finance", seed=9).ref
+        other = dict(loaded.fingerprint, tokenizer_hash="0" * 64, id="2" * 64)
+        refs["incompatible"] = make_adapter(loaded, "retokenized", terms=["habeas corpus"], fingerprint=other,
+                                            base_name="other-base").ref
+    torch.set_num_threads(threads)
+    return refs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="package")
+def server(serve_home, serve_refs):
+    """Base URL of a running `dsft serve` (stopped at the end of the package)."""
+    port = _free_port()
+    env = {**os.environ, "DSFT_HOME": str(serve_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "DSFT_API_KEY": API_KEY}
+    env.pop("DSFT_REGISTRY_URL", None)
+    args = [sys.executable, "-m", "dsft.cli", "serve", "--port", str(port), "--batch-wait-ms", "50",
+            "--max-tokens", "256"]
+    for key in ("finance", "legal", "medical"):
+        args += ["--adapter", serve_refs[key]]
+    log = open(serve_home / "server.log", "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dsft serve exited with {proc.returncode}:\n{(serve_home / 'server.log').read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dsft serve did not come up:\n{(serve_home / 'server.log').read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
