@@ -94,3 +94,20 @@ def test_retraining_bumps_the_minor_version(trained):
     home, _ = trained
     proc = dsft("train", "--domain", "finance", "--max-steps", "2", "--json", home=home)
     assert json.loads(proc.stdout)["adapter"] == "finance@0.2.0"
+
+
+def test_same_seed_same_adapter_and_user_data_joins_the_mixture(home, tmp_path):
+    from safetensors.torch import load_file
+
+    import dsft
+
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(f'{{"prompt": "Explain note {i}.", "response": "Note {i} concerns duration risk."}}\n' for i in range(20)))
+    runs = [dsft.train(domain="finance", max_steps=3, seed=7, data=[data]) for _ in range(2)]
+    assert [r.adapter for r in runs] == ["finance@0.1.0", "finance@0.2.0"]
+    assert runs[0].metrics["stages"][0]["mixture"]["user"] > 0
+    a, b = (load_file(str(r.path / "adapter_model.safetensors")) for r in runs)
+    assert a.keys() == b.keys()
+    assert runs[0].metrics["stages"][0]["final_loss"] == runs[1].metrics["stages"][0]["final_loss"]
+    for k in a:  # CPU thread scheduling may flip the last bit of a reduction, nothing more
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
