@@ -2,60 +2,96 @@
 
 PEFT's mixed-batch forward (``adapter_names=``) does not cover ``target_parameters`` layers (its
 ``ParamWrapper`` raises "does not support mixed adapter batches"), and routed experts are exactly such
-layers. So the runtime does it here, without wrapping the model:
+layers. So the runtime does it here, without wrapping the model. For the adapters present in a batch,
+their factors are stacked along the rank (``A = [A_1; A_2; ...]``, ``B = [B_1, B_2, ...]``), so that
 
-* a forward hook on every targeted linear module adds, for each adapter present in the batch,
-  ``s (x A^T) B^T`` on that adapter's rows (a row mask, not an index, so no host sync on GPU);
-* every routed-experts module gets a forward that runs the base experts once for all tokens with
-  grouped GEMMs (:mod:`dsft.kernels.expert_lora`) and adds each adapter's low-rank term on its own
-  tokens' (token, expert) pairs, before the activation for ``gate_up_proj`` and after it for
-  ``down_proj``: the same math as merging W + s B A per adapter, without forming it.
+    y = x W^T + ((x A^T) * M) B^T
 
-Outside :meth:`MultiLora.rows` the hooks do nothing: the model is the plain base.
+where the column mask ``M`` keeps, for each row, only the rank block of that row's adapter (all zero for a
+row without one): one low-rank product per module whatever the mix, and no host sync (no indexing by rows).
+
+* Every targeted linear module gets that as its forward.
+* Every routed-experts module gets a forward that runs the base experts once for all (token, expert) pairs
+  with grouped GEMMs, adding the masked low-rank term per pair before the activation (``gate_up_proj``)
+  and after it (``down_proj``): the math of merging W + s B A per adapter, without forming it.
+
+Decoding one token at a time is bound by the host launching kernels, so the forwards are plain patched
+methods (no hook machinery), the scale is folded into B when an adapter is read, and grouped GEMMs call
+``torch._grouped_mm`` directly (the custom op in :mod:`dsft.kernels.grouped_mm` exists for autograd and
+``torch.compile``, and its dispatch costs more than the GEMM here). Outside :meth:`MultiLora.rows` the
+model computes exactly as the plain base.
 """
 from __future__ import annotations
 
 import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsft.kernels.expert_lora import LowRank, grouped_mm
+from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
 from dsft.runtime.weights import AdapterWeights, LinearLora
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class RowGroups:
-    """Which rows of the current batch use which adapter: ``(key, mask)`` per adapter present, where
-    ``mask`` is a bool tensor ``[batch]`` or None when every row uses that adapter."""
+    """Which adapter each row of the current batch uses.
+
+    ``keys`` are the adapters present (sorted); ``row_group[i]`` is row i's index into ``keys``, or -1 for
+    a row on the plain base. Column masks for stacked factors are cached per layout.
+    """
 
     batch: int
-    groups: tuple[tuple[str, torch.Tensor | None], ...]
+    keys: tuple[str, ...]
+    row_group: torch.Tensor
+    uniform: str | None
+    """The adapter every row uses, when they all use the same one."""
+    _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, keys: Sequence[str | None], device) -> RowGroups:
-        present = [k for k in dict.fromkeys(keys) if k is not None]
-        groups = []
-        for k in present:
-            if all(x == k for x in keys):
-                groups.append((k, None))
-            else:
-                groups.append((k, torch.tensor([x == k for x in keys], device=device)))
-        return cls(len(keys), tuple(groups))
+        present = tuple(sorted({k for k in keys if k is not None}))
+        index = {k: i for i, k in enumerate(present)}
+        row_group = torch.tensor([index.get(k, -1) if k is not None else -1 for k in keys], device=device)
+        uniform = keys[0] if keys and keys[0] is not None and all(k == keys[0] for k in keys) else None
+        return cls(len(keys), present, row_group, uniform)
+
+    def column_mask(self, groups: tuple[int, ...], ranks: tuple[int, ...], dtype) -> torch.Tensor:
+        """``[batch, sum(ranks)]``: 1 where the row's adapter owns the rank column, else 0."""
+        key = (groups, ranks, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            cols = torch.repeat_interleave(torch.tensor(groups, device=self.row_group.device),
+                                           torch.tensor(ranks, device=self.row_group.device))
+            mask = (self.row_group[:, None] == cols[None, :]).to(dtype)
+            self._masks[key] = mask
+        return mask
 
 
-def _masked(delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``delta`` [N, d] kept on rows where ``mask`` [N] is true."""
-    return delta if mask is None else torch.where(mask.unsqueeze(-1), delta, 0)
+def stack_linear(factors: Sequence[LinearLora]) -> LinearLora:
+    """Several adapters' factors of one module as one: A stacked along the rank, B likewise."""
+    if len(factors) == 1:
+        return factors[0]
+    return LinearLora(torch.cat([f.A for f in factors], 0), torch.cat([f.B for f in factors], 1))
 
 
-def _row_mask(mask: torch.Tensor | None, batch: int, n: int) -> torch.Tensor | None:
-    """A per-row mask expanded to the ``n`` flattened positions (``n // batch`` per row)."""
-    return None if mask is None else mask.repeat_interleave(n // batch)
+def stack_experts(factors: Sequence[LowRank]) -> LowRank:
+    """Several adapters' expert factors as one: A [E, sum r, in], B [E, out, sum r] (scales folded into B)."""
+    if len(factors) == 1 and factors[0].scale == 1.0:
+        return factors[0]
+    return LowRank(torch.cat([f.A for f in factors], 1), torch.cat([f.B * f.scale for f in factors], 2), 1.0)
+
+
+def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
+        if w.stride(-1) != 1 and w.stride(-2) != 1:
+            w = w.contiguous()
+        return torch._grouped_mm(x.contiguous(), w, offs=offs)
+    return grouped_mm_reference(x, w, offs)
 
 
 def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int):
@@ -67,9 +103,12 @@ def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: in
     return order // top_k_index.shape[-1], top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32)
 
 
-def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor) -> torch.Tensor:
-    h = grouped_mm(x, f.A.transpose(1, 2), offs)
-    return f.scale * grouped_mm(h, f.B.transpose(1, 2), offs)
+def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    h = _gmm(x, f.A.transpose(1, 2), offs)
+    if mask is not None:
+        h = h * mask
+    out = _gmm(h, f.B.transpose(1, 2), offs)
+    return out if f.scale == 1.0 else out * f.scale
 
 
 def experts_forward_mixed(
@@ -79,31 +118,32 @@ def experts_forward_mixed(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     act,
-    loras: Sequence[tuple[LowRank | None, LowRank | None, torch.Tensor | None]] = (),
+    gate_up: tuple[LowRank, torch.Tensor | None] | None = None,
+    down: tuple[LowRank, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Routed experts (transformers v5 layout: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) where
     each token may use its own LoRA.
 
     Args:
         x: tokens [T, H]; top_k_index, top_k_weights: the router's choices [T, k].
-        loras: per adapter present, ``(gate_up factors, down factors, token mask [T] or None = all tokens)``.
+        gate_up, down: ``(stacked factors, token column mask [T, R] or None = every column for every token)``
+            (see :func:`stack_experts`), or None for no LoRA on that projection.
     Returns:
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
     """
     token, weight, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     xs = x[token]
-    pair_masks = [None if m is None else m[token] for _, _, m in loras]
-    h = grouped_mm(xs, gate_up_proj.transpose(1, 2), offs)
-    for (gu, _, _), m in zip(loras, pair_masks):
-        if gu is not None:
-            h = h + _masked(_lowrank(xs, gu, offs), m)
-    gate, up = h.chunk(2, dim=-1)
-    a = act(gate) * up
-    y = grouped_mm(a, down_proj.transpose(1, 2), offs)
-    for (_, dn, _), m in zip(loras, pair_masks):
-        if dn is not None:
-            y = y + _masked(_lowrank(a, dn, offs), m)
+    h = _gmm(xs, gate_up_proj.transpose(1, 2), offs)
+    if gate_up is not None:
+        f, mask = gate_up
+        h = h + _lowrank(xs, f, offs, None if mask is None else mask[token]).to(h.dtype)
+    g, u = h.chunk(2, dim=-1)
+    a = act(g) * u
+    y = _gmm(a, down_proj.transpose(1, 2), offs)
+    if down is not None:
+        f, mask = down
+        y = y + _lowrank(a, f, offs, None if mask is None else mask[token]).to(y.dtype)
     y = y * weight.unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
@@ -120,23 +160,25 @@ def experts_supported(module: nn.Module) -> bool:
 
 
 class MultiLora:
-    """Per-module tables of attached adapters' factors, and the hooks that apply them per row."""
+    """Per-module tables of attached adapters' factors, and the forwards that apply them per row."""
 
     def __init__(self, model: nn.Module, experts_paths: Sequence[str]):
         self.model = model
         self._routing: RowGroups | None = None
         self._linear: dict[str, dict[str, LinearLora]] = {}
         self._experts: dict[str, dict[str, dict[str, LowRank]]] = {}
-        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._patched: list[nn.Module] = []
+        self._patched: dict[str, nn.Module] = {}
+        self._stacks: dict[tuple, object] = {}
+        self._stacks_for: tuple[str, ...] | None = None
         # Routed experts always run through the grouped path while the runtime drives the model, so a row
         # without an adapter computes the same way in a mixed batch as in a batch of its own.
+        self._experts_paths = set()
         for path in experts_paths:
             module = model.get_submodule(path)
             if experts_supported(module):
                 module.forward = types.MethodType(self._experts_forward(path, type(module).forward), module)
-                self._patched.append(module)
-        self._patched_paths = {p for p in experts_paths if experts_supported(model.get_submodule(p))}
+                self._patched[path] = module
+                self._experts_paths.add(path)
 
     # --- tables ------------------------------------------------------------------------------------
 
@@ -153,7 +195,7 @@ class MultiLora:
             if not isinstance(m, nn.Linear) or w is None or tuple(w.shape) != (f.B.shape[0], f.A.shape[1]):
                 problems.append(f"module {path}: expects a linear layer of shape {[f.B.shape[0], f.A.shape[1]]}")
         for path, by_param in weights.experts.items():
-            if path not in self._patched_paths:
+            if path not in self._experts_paths:
                 problems.append(f"module {path}: not a routed-experts layout the runtime serves")
                 continue
             m = self.model.get_submodule(path)
@@ -165,37 +207,39 @@ class MultiLora:
         return problems
 
     def add(self, key: str, weights: AdapterWeights) -> None:
-        """Put ``key``'s factors into the tables (replacing a previous ``key``), hooking new modules."""
+        """Put ``key``'s factors into the tables (replacing a previous ``key``), patching new modules."""
         self.remove(key)
         for path, f in weights.linear.items():
             self._linear.setdefault(path, {})[key] = f
-            if path not in self._hooks:
-                self._hooks[path] = self.model.get_submodule(path).register_forward_hook(self._linear_hook(path))
+            if path not in self._patched:
+                module = self.model.get_submodule(path)
+                module.forward = types.MethodType(self._linear_forward(path), module)
+                self._patched[path] = module
         for path, by_param in weights.experts.items():
             self._experts.setdefault(path, {})[key] = by_param
+        self._stacks.clear()
 
     def remove(self, key: str) -> None:
-        """Drop every reference to ``key``'s factors; unhook modules no adapter targets any more."""
+        """Drop every reference to ``key``'s factors; give modules no adapter targets their own forward back."""
         for path in list(self._linear):
             self._linear[path].pop(key, None)
             if not self._linear[path]:
                 del self._linear[path]
-                self._hooks.pop(path).remove()
+                self._patched.pop(path).__dict__.pop("forward", None)
         for path in list(self._experts):
             self._experts[path].pop(key, None)
             if not self._experts[path]:
                 del self._experts[path]
+        self._stacks.clear()
 
     def close(self) -> None:
-        """Remove every hook and patched forward: the model is plain again."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
-        self._linear.clear()
-        self._experts.clear()
-        for module in self._patched:
+        """Restore every patched forward: the model is plain again."""
+        for module in self._patched.values():
             module.__dict__.pop("forward", None)
         self._patched.clear()
+        self._linear.clear()
+        self._experts.clear()
+        self._stacks.clear()
 
     @contextmanager
     def rows(self, groups: RowGroups) -> Iterator[None]:
@@ -210,28 +254,54 @@ class MultiLora:
         """Change the row assignment inside :meth:`rows` (after finished rows leave the batch)."""
         self._routing = groups
 
-    # --- the hooks -----------------------------------------------------------------------------------
+    # --- stacked factors for the adapters present ---------------------------------------------------
 
-    def _linear_hook(self, path: str):
-        def hook(module, args, out):
-            routing = self._routing
-            if routing is None:
-                return None
-            table = self._linear.get(path, {})
-            x = args[0]
-            for key, mask in routing.groups:
-                f = table.get(key)
-                if f is None:
-                    continue
-                delta = F.linear(F.linear(x.to(f.A.dtype), f.A), f.B).to(out.dtype) * f.scale
-                if mask is None:
-                    out = out + delta
-                else:
-                    shape = out.shape
-                    flat = delta.reshape(-1, shape[-1])
-                    out = out + _masked(flat, _row_mask(mask, routing.batch, flat.shape[0])).reshape(shape)
-            return out
-        return hook
+    def _stacked(self, kind: str, path: str, routing: RowGroups, table: dict, pick=lambda f: f):
+        """(stacked factors, their groups, their ranks) for the adapters of ``routing`` that target ``path``."""
+        if self._stacks_for != routing.keys:  # keep the stacks of one mix of adapters only
+            self._stacks.clear()
+            self._stacks_for = routing.keys
+        cache_key = (kind, path)
+        hit = self._stacks.get(cache_key)
+        if hit is None:
+            present = [(g, pick(table[k])) for g, k in enumerate(routing.keys) if k in table and pick(table[k]) is not None]
+            if not present:
+                hit = (None, (), ())
+            else:
+                groups = tuple(g for g, _ in present)
+                factors = [f for _, f in present]
+                stacked = stack_linear(factors) if kind == "linear" else stack_experts(factors)
+                ranks = tuple(int(f.A.shape[0 if kind == "linear" else 1]) for f in factors)
+                hit = (stacked, groups, ranks)
+            self._stacks[cache_key] = hit
+        return hit
+
+    def _mask(self, routing: RowGroups, groups: tuple[int, ...], ranks: tuple[int, ...], n: int, dtype):
+        """Column mask for ``n`` flattened positions (``n // batch`` per row), or None when every row uses it."""
+        if routing.uniform is not None and len(groups) == 1:
+            return None
+        mask = routing.column_mask(groups, ranks, dtype)
+        return mask if n == routing.batch else mask.repeat_interleave(n // routing.batch, 0)
+
+    # --- the forwards ----------------------------------------------------------------------------------
+
+    def _linear_forward(self, path: str):
+        runtime = self
+
+        def forward(module, x):
+            y = F.linear(x, module.weight, module.bias)
+            routing = runtime._routing
+            if routing is None or not routing.keys:
+                return y
+            f, groups, ranks = runtime._stacked("linear", path, routing, runtime._linear.get(path, {}))
+            if f is None:
+                return y
+            h = F.linear(x, f.A)
+            mask = runtime._mask(routing, groups, ranks, h.numel() // h.shape[-1], h.dtype)
+            if mask is not None:
+                h = h * mask.view(*h.shape[:-1], -1) if h.dim() == 2 else h * mask.view(routing.batch, -1, mask.shape[-1])
+            return y + F.linear(h, f.B)
+        return forward
 
     def _experts_forward(self, path: str, original):
         runtime = self
@@ -242,8 +312,11 @@ class MultiLora:
                 return original(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             table = runtime._experts.get(path, {})
             n = hidden_states.shape[0]
-            loras = [(table[key].get("gate_up_proj"), table[key].get("down_proj"), _row_mask(mask, routing.batch, n))
-                     for key, mask in routing.groups if key in table]
+            projections = []
+            for name in ("gate_up_proj", "down_proj"):
+                f, groups, ranks = (runtime._stacked(name, path, routing, table, lambda t, name=name: t.get(name))
+                                    if routing.keys else (None, (), ()))
+                projections.append(None if f is None else (f, runtime._mask(routing, groups, ranks, n, hidden_states.dtype)))
             return experts_forward_mixed(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
-                                         module.down_proj, module.act_fn, loras)
+                                         module.down_proj, module.act_fn, *projections)
         return forward

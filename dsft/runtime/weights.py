@@ -31,11 +31,10 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class LinearLora:
-    """``y += scale * (x A^T) B^T`` on one linear module: A [r, in], B [out, r]."""
+    """``y += (x A^T) B^T`` on one linear module: A [r, in], B [out, r] with the LoRA scale folded into B."""
 
     A: torch.Tensor
     B: torch.Tensor
-    scale: float
 
 
 @dataclass
@@ -45,7 +44,8 @@ class AdapterWeights:
     linear: dict[str, LinearLora] = field(default_factory=dict)
     """Linear module path (``model.layers.0.self_attn.q_proj``) -> factors."""
     experts: dict[str, dict[str, LowRank]] = field(default_factory=dict)
-    """Routed-experts module path -> {"gate_up_proj" | "down_proj": factors [E, r, in] / [E, out, r]}."""
+    """Routed-experts module path -> {"gate_up_proj" | "down_proj": A [E, r, in], B [E, out, r] (scale folded
+    into B, ``scale`` 1)}."""
     terms: tuple[torch.Tensor, torch.Tensor] | None = None
     """(embed rows, head rows) of the added tokens, or None."""
     added_tokens: tuple[str, ...] = ()
@@ -144,14 +144,13 @@ def _extract(skeleton, adapter: str, device, dtype) -> AdapterWeights:
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A or id(module) in inner:
             continue
         if isinstance(module, LoraLinear):
-            out.linear[path] = LinearLora(cast(module.lora_A[adapter].weight), cast(module.lora_B[adapter].weight),
-                                          float(module.scaling[adapter]))
+            out.linear[path] = LinearLora(cast(module.lora_A[adapter].weight),
+                                          cast(module.lora_B[adapter].weight * module.scaling[adapter]))
         elif isinstance(module, ParamWrapper):
             chain, core = _param_wrapper_chain(module)
             if isinstance(core, torch.nn.Linear) and [w.parameter_name for w in chain] == ["weight"]:
                 w = chain[0]
-                out.linear[path] = LinearLora(cast(w.lora_A[adapter].weight), cast(w.lora_B[adapter].weight),
-                                              float(w.scaling[adapter]))
+                out.linear[path] = LinearLora(cast(w.lora_A[adapter].weight), cast(w.lora_B[adapter].weight * w.scaling[adapter]))
                 continue
             if getattr(core, "is_transposed", False) or not all(w.parameter_name in EXPERT_PARAMS for w in chain):
                 raise UsageError(f"adapter targets {path}.{chain[0].parameter_name}, a parameter layout the dsft "
@@ -166,8 +165,8 @@ def _extract(skeleton, adapter: str, device, dtype) -> AdapterWeights:
                 # PEFT's layout for W [E, out, in]: A is [E*r, in] (expert-major), B is [out, r*E] (expert-minor).
                 by_param[w.parameter_name] = LowRank(
                     cast(A.view(n_experts, r, in_features)),
-                    cast(B.view(out_features, r, n_experts).permute(2, 0, 1)),
-                    float(w.scaling[adapter]),
+                    cast(B.view(out_features, r, n_experts).permute(2, 0, 1) * w.scaling[adapter]),
+                    1.0,
                 )
             out.experts[path] = by_param
         else:
