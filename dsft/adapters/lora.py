@@ -8,7 +8,6 @@ experts are fused 3-D parameters in transformers v5, so they go through PEFT's
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn

@@ -57,7 +57,3 @@ def load_adapter(model, tokenizer, directory: str | Path, *, adapter_name: str =
         plan = TermPlan(tuple(manifest["added_tokens"]), int(manifest["term_start"]), ())
         extend_model(model, tokenizer, plan, rows=load_terms(directory / TERMS_FILE))
     return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=False)
-
-
-def manifest_of(directory: str | Path) -> dict[str, Any]:
-    return read_manifest(directory)

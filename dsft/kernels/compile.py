@@ -5,7 +5,6 @@ share code and shapes, so one graph serves all) and composes with activation che
 """
 from __future__ import annotations
 
-import torch
 
 
 def compile_decoder_layers(model) -> int:

@@ -28,7 +28,7 @@ from dsft.base.router import RouterProbe
 from dsft.errors import UsageError
 from dsft.home import adapters_dir
 from dsft.kernels.compile import compile_decoder_layers
-from dsft.recipes.loop import StepInfo, heldout_loss, train_steps
+from dsft.recipes.loop import heldout_loss, train_steps
 from dsft.recipes.schema import Recipe, Stage, load_recipe, recipe_yaml
 from dsft.data.tokenize import Examples
 from dsft.recipes.sources import StageData, eval_sets, stage_batches

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 _NAMES = {
-    "RuntimeBase": "dsft.runtime.base", "AdapterInfo": "dsft.runtime.base", "Generation": "dsft.runtime.base",
+    "RuntimeBase": "dsft.runtime.base", "AdapterInfo": "dsft.runtime.records", "Generation": "dsft.runtime.records",
     "load_base": "dsft.runtime.base", "Engine": "dsft.runtime.engine",
 }
 __all__ = sorted(_NAMES)

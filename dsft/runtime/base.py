@@ -21,56 +21,13 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermRange, TermTable
+from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.generation import FINISH_LENGTH, Row, forward_rows, run_rows
 from dsft.runtime.multilora import MultiLora
+from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
-
-
-class ContextLengthError(UsageError):
-    """A prompt (plus the tokens asked for) does not fit the model's context."""
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """An attached adapter: its ref, where its files are, its compatibility with this base, its term ids."""
-
-    domain: str
-    version: str
-    path: str
-    status: str
-    """``verified`` or ``compatible`` on this base (the registry's word at attach time)."""
-    added_tokens: int
-    term_range: TermRange | None
-    """Its added tokens' ids in the loaded model (None: it adds none)."""
-    nbytes: int
-
-    @property
-    def ref(self) -> str:
-        return f"{self.domain}@{self.version}"
-
-    def to_json(self) -> dict[str, Any]:
-        r = self.term_range
-        return {"ref": self.ref, "domain": self.domain, "version": self.version, "path": self.path,
-                "status": self.status, "added_tokens": self.added_tokens, "bytes": self.nbytes,
-                "term_ids": [r.start, r.end] if r else None}
-
-
-@dataclass
-class Generation:
-    """One generated completion: text, local token ids, why it ended, and token counts."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    adapter: str | None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass
@@ -172,7 +129,7 @@ class RuntimeBase:
         return open_registry(self._registry)
 
     def _install(self) -> None:
-        """Hook the model on first attach: per-row LoRA and the multi-adapter embedding and head."""
+        """Take the model over on first use: per-row LoRA forwards and the multi-adapter embedding and head."""
         if self._lora is not None:
             return
         layers = self.model.get_decoder().layers
@@ -284,7 +241,8 @@ class RuntimeBase:
 
     def make_row(self, prompt_ids: list[int], adapter: str | None, *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
-                 on_text: Callable[[str], bool | None] | None = None) -> Row:
+                 on_text: Callable[[str], bool | None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Row:
         """A row for :meth:`run`; ``prompt_ids`` are in ``adapter``'s tokenizer's ids."""
         if max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -298,7 +256,7 @@ class RuntimeBase:
         key = self.key_of(adapter)
         tok = self.tokenizer if key is None else self._attached[key].tokenizer
         return Row(list(prompt_ids), key, tok, max_new_tokens, temperature, top_p, seed, tuple(stop), self.eos_ids,
-                   ignore_eos, on_text)
+                   ignore_eos, on_text, cancelled)
 
     def run(self, rows: list[Row]) -> None:
         """Generate a batch of prepared rows together (the engine's entry point)."""
@@ -306,23 +264,12 @@ class RuntimeBase:
             for row in rows:
                 if row.key is not None and row.key not in self._attached:
                     raise NotFoundError(f"adapter {row.key!r} was detached before its request ran")
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            run_rows(self.model, self._table_or_empty(), self._lora_or_plain(), rows, pad, self._base_width())
-
-    def _table_or_empty(self) -> TermTable:
-        if self._table is None:
-            embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-            return TermTable(max(embed.num_embeddings, head.out_features, len(self.tokenizer)))
-        return self._table
-
-    def _lora_or_plain(self) -> MultiLora:
-        if self._lora is None:
             self._install()
-        return self._lora
+            run_rows(self.model, self._table, self._lora, rows, self._pad_id, self._originals[1].out_features)
 
-    def _base_width(self) -> int:
-        head = self._originals[1] if self._originals else self.model.get_output_embeddings()
-        return head.out_features
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def generate(
         self,
@@ -414,9 +361,9 @@ class RuntimeBase:
         with self._lock:
             keys = [self.key_of(n) for n in names]
             ids = [self.encode(p, n) for p, n in zip(prompts, names)]
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            return forward_rows(self.model, self._table_or_empty(), self._lora_or_plain(), ids, keys, pad,
-                                self._base_width())
+            self._install()
+            return forward_rows(self.model, self._table, self._lora, ids, keys, self._pad_id,
+                                self._originals[1].out_features)
 
 
 def load_base(base: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,

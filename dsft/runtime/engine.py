@@ -2,12 +2,13 @@
 
 One worker thread owns the model. It takes the first waiting request, waits up to ``max_wait_s`` for
 more (up to ``max_batch_size``), prepares each (adapter lookup, tokenisation, limits: a bad request fails
-alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`). Attach and detach are submitted as
-ordinary runtime calls: they take the runtime's lock, which the worker holds while it prepares and runs
-a batch, so a batch never sees its adapters change under it.
+alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`). Attach and detach are ordinary
+runtime calls: they take the runtime's lock, which the worker holds while it prepares and runs a batch,
+so a batch never sees its adapters change under it.
 
 Callers get events through a callback, called on the worker thread:
-``("started", {"prompt_tokens", "adapter"})``, ``("text", piece)`` while generating, then
+``("started", {"prompt_tokens", "adapter"})``, ``("text", piece)`` while generating (requests with
+``stream``), then
 ``("done", Generation)`` or ``("error", exception)``. The HTTP server turns them into responses.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsft.errors import DsftError
-from dsft.runtime.base import Generation, RuntimeBase
+from dsft.runtime.base import RuntimeBase
+from dsft.runtime.records import Generation
 
 log = logging.getLogger("dsft.runtime")
 Event = Callable[[str, Any], None]
@@ -49,6 +51,8 @@ class Request:
     seed: int | None = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    stream: bool = False
+    """Send ``text`` events as the text is generated (otherwise the text is decoded once, at the end)."""
 
 
 @dataclass
@@ -163,14 +167,12 @@ class Engine:
 
             raise UsageError("the prompt is empty")
 
-        def on_text(piece: str) -> bool:
-            if ticket.cancelled:
-                return False
+        def on_text(piece: str) -> None:
             _safe(ticket.on_event, "text", piece)
-            return not ticket.cancelled
 
         return rt.make_row(ids, req.adapter, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                           top_p=req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, on_text=on_text)
+                           top_p=req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
+                           on_text=on_text if req.stream else None, cancelled=lambda: ticket.cancelled)
 
     def _run_batch(self, batch: list[Ticket]) -> None:
         with self.runtime._lock:

@@ -23,17 +23,27 @@ FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 
 
+def _decoder(tokenizer):
+    """A fast ``ids -> text`` for ``tokenizer``: its Rust backend when nothing in Python post-processes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class TextStream:
     """Incremental detokenisation with stop strings.
 
     ``push(token)`` returns the new text that is safe to show: characters that might still turn into a
-    stop string, and a trailing incomplete UTF-8 sequence, are held back until they are decided.
+    stop string, and a trailing incomplete UTF-8 sequence, are held back until they are decided. With
+    nobody listening (``live`` false) and no stop strings, nothing is decoded until :meth:`flush`.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: Sequence[str] = (), live: bool = True):
+        self.decode = _decoder(tokenizer)
         self.vocab = len(tokenizer)
         self.stop = tuple(s for s in stop if s)
+        self.live = live or bool(self.stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
@@ -41,9 +51,11 @@ class TextStream:
         self.stopped = False
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        # Ids past the tokenizer (padding rows of the embedding) have no text.
-        text = self.tokenizer.decode([i for i in self.ids if i < self.vocab], skip_special_tokens=True)
+        if token < self.vocab:  # ids past the tokenizer (padding rows of the embedding) have no text
+            self.ids.append(token)
+        if not self.live:
+            return ""
+        text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
         self.text = text
@@ -57,6 +69,8 @@ class TextStream:
         return delta
 
     def flush(self) -> str:
+        if not self.live:
+            self.text = self.decode(self.ids)
         delta, self.sent = self.text[self.sent :], len(self.text)
         return delta
 
@@ -77,6 +91,8 @@ class Row:
     ignore_eos: bool = False
     on_text: Callable[[str], bool | None] | None = None
     """Called with each new piece of text; returning False cancels the row (a client went away)."""
+    cancelled: Callable[[], bool] | None = None
+    """Asked after every token; True ends the row (for rows nobody streams)."""
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -91,7 +107,9 @@ def _emit(row: Row, delta: str) -> None:
 
 def _advance(row: Row, token: int) -> None:
     """Record one sampled token and decide whether the row is done."""
-    if token in row.eos_ids and not row.ignore_eos:
+    if row.cancelled is not None and row.cancelled():
+        row.finish_reason = FINISH_CANCELLED
+    elif token in row.eos_ids and not row.ignore_eos:
         row.finish_reason = FINISH_STOP
     else:
         row.tokens.append(token)
@@ -157,7 +175,7 @@ def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: 
 
     device = model.device
     for row in rows:
-        row.stream = TextStream(row.tokenizer, row.stop)
+        row.stream = TextStream(row.tokenizer, row.stop, live=row.on_text is not None)
         if row.temperature > 0:
             row.generator = torch.Generator(device=device)
             row.generator.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))

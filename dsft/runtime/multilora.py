@@ -59,14 +59,17 @@ class RowGroups:
         uniform = keys[0] if keys and keys[0] is not None and all(k == keys[0] for k in keys) else None
         return cls(len(keys), present, row_group, uniform)
 
-    def column_mask(self, groups: tuple[int, ...], ranks: tuple[int, ...], dtype) -> torch.Tensor:
-        """``[batch, sum(ranks)]``: 1 where the row's adapter owns the rank column, else 0."""
-        key = (groups, ranks, dtype)
+    def column_mask(self, groups: tuple[int, ...], ranks: tuple[int, ...], n: int, dtype) -> torch.Tensor:
+        """``[n, sum(ranks)]`` for ``n`` flattened positions (``n // batch`` per row, in row order): 1 where the
+        position's adapter owns the rank column, else 0."""
+        key = (groups, ranks, n, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            cols = torch.repeat_interleave(torch.tensor(groups, device=self.row_group.device),
-                                           torch.tensor(ranks, device=self.row_group.device))
+            device = self.row_group.device
+            cols = torch.repeat_interleave(torch.tensor(groups, device=device), torch.tensor(ranks, device=device))
             mask = (self.row_group[:, None] == cols[None, :]).to(dtype)
+            if n != self.batch:
+                mask = mask.repeat_interleave(n // self.batch, 0)
             self._masks[key] = mask
         return mask
 
@@ -280,8 +283,7 @@ class MultiLora:
         """Column mask for ``n`` flattened positions (``n // batch`` per row), or None when every row uses it."""
         if routing.uniform is not None and len(groups) == 1:
             return None
-        mask = routing.column_mask(groups, ranks, dtype)
-        return mask if n == routing.batch else mask.repeat_interleave(n // routing.batch, 0)
+        return routing.column_mask(groups, ranks, n, dtype)
 
     # --- the forwards ----------------------------------------------------------------------------------
 
@@ -299,7 +301,7 @@ class MultiLora:
             h = F.linear(x, f.A)
             mask = runtime._mask(routing, groups, ranks, h.numel() // h.shape[-1], h.dtype)
             if mask is not None:
-                h = h * mask.view(*h.shape[:-1], -1) if h.dim() == 2 else h * mask.view(routing.batch, -1, mask.shape[-1])
+                h = h * mask.view(h.shape)
             return y + F.linear(h, f.B)
         return forward
 

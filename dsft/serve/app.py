@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsft.runtime.base import Generation, RuntimeBase
+from dsft.runtime.base import RuntimeBase
+from dsft.runtime.records import Generation
 from dsft.runtime.engine import Engine
 from dsft.runtime.engine import Request as GenRequest
 from dsft.serve.errors import ApiError, Guard, dumps, from_exception, response, validation_message
@@ -226,7 +227,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         if req.stream:
             if len(prompts) != 1:
                 raise ApiError(400, "stream with several prompts is not supported; send one request per prompt", param="prompt")
-            listener, ticket = submit(gen_request(req, max_tokens, prompt=prompts[0]))
+            listener, ticket = submit(gen_request(req, max_tokens, prompt=prompts[0], stream=True))
             info = await started(listener)
             model = model_id(info["adapter"])
 
@@ -253,7 +254,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         chars = sum(len(m["content"]) if isinstance(m["content"], str) else len(dumps(m["content"] or "")) for m in messages)
         max_tokens = check_common(req, max_tokens, chars)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
-        request = gen_request(req, max_tokens, messages=messages)
+        request = gen_request(req, max_tokens, messages=messages, stream=req.stream)
         if req.stream:
             listener, ticket = submit(request)
             info = await started(listener)

@@ -35,7 +35,7 @@ def response(status: int, message: str, code: str | None = None, param: str | No
 
 def from_exception(exc: BaseException) -> ApiError:
     """The API error for an exception raised by the runtime."""
-    from dsft.runtime.base import ContextLengthError
+    from dsft.runtime.records import ContextLengthError
     from dsft.runtime.engine import EngineBusy
 
     if isinstance(exc, ApiError):

@@ -52,7 +52,7 @@ def test_each_row_matches_the_single_adapter_term_layers():
 
 
 def test_a_row_without_adapter_sees_the_base_vocabulary():
-    embed, head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+    head = nn.Linear(D, V, bias=False)
     table = TermTable(first_id=V)
     table.add("a", V, *_rows(3, 0))
     h = torch.randn(2, D)

@@ -111,3 +111,15 @@ def test_same_seed_same_adapter_and_user_data_joins_the_mixture(home, tmp_path):
     assert runs[0].metrics["stages"][0]["final_loss"] == runs[1].metrics["stages"][0]["final_loss"]
     for k in a:  # CPU thread scheduling may flip the last bit of a reduction, nothing more
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_output_gets_a_copy_and_an_older_adapter_there_is_replaced(home, tmp_path):
+    import dsft
+
+    out = tmp_path / "exported"
+    first = dsft.train(domain="legal", max_steps=2, output=out)
+    assert read_manifest(out)["version"] == first.adapter.split("@")[1]
+    second = dsft.train(domain="legal", max_steps=2, output=out)  # an existing dsft adapter is replaced atomically
+    assert read_manifest(out)["version"] == second.adapter.split("@")[1] == "0.2.0"
+    verify_files(out, read_manifest(out))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no staging leftovers"

@@ -2,7 +2,6 @@
 shared by the runtime tests; torch on one thread (the CI machine has two cores shared with other jobs)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from dsft.kernels.expert_lora import LowRank, experts_forward_reference
-from dsft.runtime.multilora import experts_forward_mixed
+from dsft.runtime.multilora import RowGroups, experts_forward_mixed, stack_experts
 
 
-def _lowrank(g, E, out, inp, r=4):
+def _lowrank(g, E, out, inp, r):
     return LowRank(torch.randn(E, r, inp, generator=g) * 0.3, torch.randn(E, out, r, generator=g) * 0.3, 1.5)
 
 
@@ -19,12 +19,14 @@ def test_each_token_gets_its_own_adapters_experts():
     index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     weights = torch.rand(T, k, generator=g)
     gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
-    a = (_lowrank(g, E, 2 * I, H), _lowrank(g, E, H, I))
-    b = (_lowrank(g, E, 2 * I, H), None)  # an adapter on gate_up only
-    owner = torch.tensor([i % 3 for i in range(T)])  # 0 = adapter a, 1 = adapter b, 2 = no adapter
-    got = experts_forward_mixed(x, index, weights, gate_up, down, F.silu,
-                                [(*a, owner == 0), (*b, owner == 1)])
-    for who, lora in ((0, a), (1, b), (2, (None, None))):
-        rows = owner == who
-        want = experts_forward_reference(x[rows], index[rows], weights[rows], gate_up, down, F.silu, *lora)
-        torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-5)
+    a = (_lowrank(g, E, 2 * I, H, 4), _lowrank(g, E, H, I, 4))
+    b = (_lowrank(g, E, 2 * I, H, 2), None)  # another rank, and LoRA on gate_up only
+    owners = ["a", "b", None] * (T // 3)  # one token per row here
+    rows = RowGroups.of(owners, "cpu")
+    gu = (stack_experts([a[0], b[0]]), rows.column_mask((0, 1), (4, 2), T, x.dtype))
+    dn = (stack_experts([a[1]]), rows.column_mask((0,), (4,), T, x.dtype))
+    got = experts_forward_mixed(x, index, weights, gate_up, down, F.silu, gu, dn)
+    for who, lora in (("a", a), ("b", b), (None, (None, None))):
+        sel = torch.tensor([o == who for o in owners])
+        want = experts_forward_reference(x[sel], index[sel], weights[sel], gate_up, down, F.silu, *lora)
+        torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5)
