@@ -26,6 +26,7 @@ from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.fingerprint import summary
 from dsft.base.router import RouterProbe
 from dsft.errors import UsageError
+from dsft.eval.logs import write_training_log
 from dsft.home import adapters_dir
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.loop import heldout_loss, train_steps
@@ -153,7 +154,8 @@ def train(
     from dsft.domains import general_pack, resolve_domain
     from dsft.registry import open_registry
 
-    emit = on_event or (lambda kind, payload: None)
+    log: list[dict[str, Any]] = []
+    emit = _logging(on_event or (lambda kind, payload: None), log)
     t_start = time.perf_counter()
     pack = resolve_domain(domain)
     rec: Recipe = load_recipe(recipe or pack.default_recipe, overrides)
@@ -205,14 +207,26 @@ def train(
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     kind = "lora+terms" if plan.terms else "lora"
-    path, version = _publish(reg, peft_model, plan, loaded, pack.name, kind, rec, shapes, metrics)
+    path, version = _publish(reg, peft_model, plan, loaded, pack.name, kind, rec, shapes, metrics, log)
     if output is not None:
         _copy_out(path, output)
     emit("saved", {"adapter": f"{pack.name}@{version}", "path": str(path)})
     return TrainResult(f"{pack.name}@{version}", path, metrics, rec.to_data())
 
 
-def _publish(reg, peft_model, plan: TermPlan, loaded, domain: str, kind: str, rec: Recipe, shapes, metrics) -> tuple[Path, str]:
+def _logging(emit: Event, log: list[dict[str, Any]]) -> Event:
+    """Pass events on, keeping each step's metrics for the adapter's training log."""
+    def wrapped(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "step":
+            i = payload["info"]
+            log.append({"stage": payload["stage"], "step": i.step, "loss": i.loss, "lr": i.lr,
+                        "tokens_per_s": i.tokens_per_s, "aux_loss": i.aux_loss, "imbalance": i.imbalance})
+        emit(kind, payload)
+    return wrapped
+
+
+def _publish(reg, peft_model, plan: TermPlan, loaded, domain: str, kind: str, rec: Recipe, shapes, metrics,
+             log: list[dict[str, Any]]) -> tuple[Path, str]:
     """Write the adapter to a staging directory, then allocate its version, rename it into place
     and write the registry rows in one transaction; on any failure nothing is left behind."""
     from dsft.errors import NotFoundError
@@ -220,6 +234,7 @@ def _publish(reg, peft_model, plan: TermPlan, loaded, domain: str, kind: str, re
     with staging_dir(adapters_dir() / domain / "new") as tmp:
         write_weights(tmp, peft_model, plan)
         write_text_atomic(tmp / "recipe.yaml", recipe_yaml(rec))
+        write_training_log(tmp, log)
         fields = {
             "domain": domain, "kind": kind,
             "base": {"name": loaded.ref.name, "source": loaded.ref.source, "fingerprint": summary(loaded.fingerprint)},

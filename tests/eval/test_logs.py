@@ -1,0 +1,33 @@
+"""Every training run leaves a JSONL + TensorBoard log in its adapter; `dsft logs` reads it back."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dsft.cli.main import app
+from dsft.eval.logs import plot_loss, read_training_log, summarize
+
+
+def test_training_writes_a_log_that_dsft_logs_summarises_and_plots(home, tmp_path):
+    import dsft
+
+    result = dsft.train(domain="medical", max_steps=4)
+    records = read_training_log(result.path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["imbalance"] >= 1.0 and r["tokens_per_s"] > 0 for r in records)
+    assert any((result.path / "tensorboard").glob("events.out.tfevents.*"))
+    out = CliRunner().invoke(app, ["logs", result.adapter, "--json", "--plot", str(tmp_path / "loss.png")])
+    assert out.exit_code == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["stages"][0]["steps"] == 4 and len(shown["steps"]) == 4
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_takes_first_and_last_losses_per_stage(tmp_path):
+    records = [{"stage": s, "step": i, "loss": float(10 - i), "lr": 1e-3, "tokens_per_s": 100.0, "aux_loss": 1.0,
+                "imbalance": 2.0} for s, n in (("cpt", 6), ("sft", 2)) for i in range(1, n + 1)]
+    summary = summarize(records)
+    assert [(s["stage"], s["steps"]) for s in summary] == [("cpt", 6), ("sft", 2)]
+    assert summary[0]["loss_first"] == 7.0 and summary[0]["loss_last"] == 6.0  # means of steps 1-5 and 2-6
+    assert plot_loss(records, tmp_path / "p.png").exists()
