@@ -10,6 +10,7 @@ from dsft.cli import domains_cmd, recipes_cmd, registry_cmd
 from dsft.cli.export_cmd import export_command
 from dsft.cli.generate_cmd import generate_command
 from dsft.cli.serve_cmd import serve_command
+from dsft.cli.eval_cmd import eval_command
 from dsft.cli.logs_cmd import logs_command
 from dsft.cli.train_cmd import train_command
 
@@ -40,6 +41,7 @@ app.command("generate")(generate_command)
 app.command("serve")(serve_command)
 app.command("export")(export_command)
 app.command("logs")(logs_command)
+app.command("eval")(eval_command)
 
 
 def run() -> None:

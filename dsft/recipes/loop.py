@@ -98,10 +98,11 @@ def train_steps(
 
 @torch.no_grad()
 def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over held-out examples, plus per-example losses."""
+    """Token-weighted mean loss and perplexity over held-out examples, plus each example's summed
+    loss (``per_example``) and counted tokens (``per_example_tokens``) for bootstrap intervals."""
     model.eval()
     device = next(model.parameters()).device
-    total, tokens, per_example = 0.0, 0, []
+    total, tokens, per_example, per_example_tokens = 0.0, 0, [], []
     for i in range(0, examples["input_ids"].shape[0], batch_size):
         ids = examples["input_ids"][i : i + batch_size].to(device)
         labels = examples["labels"][i : i + batch_size].to(device)
@@ -109,8 +110,10 @@ def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         nll = causal_lm_loss(logits, labels, reduction="none").view(ids.shape[0], -1)
         counted = (labels[:, 1:] != -100)
-        per_example += (nll.sum(1) / counted.sum(1).clamp(min=1)).tolist()
+        per_example += nll.sum(1).tolist()
+        per_example_tokens += counted.sum(1).tolist()
         total += nll.sum().item()
         tokens += int(counted.sum())
     loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "per_example": per_example}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "per_example": per_example,
+            "per_example_tokens": per_example_tokens}
