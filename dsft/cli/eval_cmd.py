@@ -17,6 +17,7 @@ def eval_command(
     compare_refs: list[str] = typer.Option(None, "--compare", help="A ref to compare; give it twice: --compare finance@0.1.0 --compare finance@0.2.0."),
     registry: str = typer.Option(None, "--registry", help="Registry SQLAlchemy URL."),
     device: str = typer.Option(None, "--device", help="cpu or cuda."),
+    report: Path = typer.Option(None, "--report", help="Write report.html and its PNG plots into this directory."),
     json_out: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Held-out domain and general loss, base vs base + adapter (95% bootstrap intervals), term coverage,
@@ -44,6 +45,17 @@ def eval_command(
         raise UsageError("give --adapter REF (or --compare REF1 REF2); e.g. dsft eval --adapter finance")
     result = evaluate(adapter, base=base, registry=registry, mc=mc, device=device)
     result.pop("raw")
+    if report is not None:
+        from dsft.errors import DsftError
+        from dsft.eval.logs import read_training_log
+        from dsft.eval.report import write_report
+        from dsft.registry import open_registry
+
+        try:
+            log = read_training_log(Path(open_registry(registry).resolve(adapter).path))
+        except DsftError:
+            log = None  # an imported adapter has no training log; the page says what it can
+        result["report"] = str(write_report(result, log, report))
     if json_out:
         print_json(result)
         return
@@ -62,5 +74,7 @@ def eval_command(
     for layer, u in result["experts"]["domain"].items():
         g = result["experts"]["general"][layer]
         console.print(f"layer {layer}: domain entropy {u['entropy']:.2f} (top experts {[e for e, _ in u['top']]}), general {g['entropy']:.2f}")
+    if result.get("report"):
+        console.print(f"report: {result['report']}")
     if result["multiple_choice"]:
         console.print(f"multiple choice: {100 * result['multiple_choice']['accuracy']:.1f}% of {result['multiple_choice']['items']}")

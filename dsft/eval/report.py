@@ -1,0 +1,101 @@
+"""A self-contained HTML page (plots embedded as PNG data) that explains one adapter's evaluation."""
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dsft.atomic import write_text_atomic
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def perplexity_bars(result: dict[str, Any], png: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = ["domain", "general"]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [result[n]["ppl_base"] for n in names], 0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [result[n]["ppl_adapter"] for n in names], 0.4, label="base + adapter")
+    ax.set_xticks(list(xs), [f"{n} held-out" for n in names])
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def expert_heatmap(result: dict[str, Any], png: Path) -> Path:
+    """Share of each layer's tokens per expert, domain data beside general data."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, name in zip(axes, ("domain", "general")):
+        usage = result["experts"][name]
+        layers = sorted(usage, key=int)
+        grid = []
+        for layer in layers:
+            counts = usage[layer]["tokens_per_expert"]
+            total = max(1, sum(counts))
+            grid.append([c / total for c in counts])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+        ax.set_xlabel("expert")
+        ax.set_title(f"{name} data: share of tokens")
+    fig.colorbar(im, ax=axes.ravel().tolist())
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def _img(png: Path, alt: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def write_report(result: dict[str, Any], log: Sequence[dict[str, Any]] | None, directory: Path) -> Path:
+    """Write ``report.html`` and its PNGs into ``directory``; returns the HTML path."""
+    from dsft.eval.logs import plot_loss
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = [(perplexity_bars(result, directory / "perplexity.png"), "Perplexity before and after"),
+             (expert_heatmap(result, directory / "experts.png"), "Expert usage per layer")]
+    if log:
+        plots.insert(0, (plot_loss(log, directory / "loss.png", title=f"{result['adapter']} training loss"), "Training loss"))
+    rows = "".join(
+        f"<tr><td>{n}</td><td>{result[n]['loss_base']:.4f}</td><td>{result[n]['loss_adapter']:.4f}</td>"
+        f"<td>{result[n]['delta']:+.4f} [{result[n]['delta_ci'][0]:+.4f}, {result[n]['delta_ci'][1]:+.4f}]</td>"
+        f"<td>{result[n]['ppl_base']:.1f} &rarr; {result[n]['ppl_adapter']:.1f}</td></tr>"
+        for n in ("domain", "general"))
+    t = result["terms"]
+    terms = (f"<p>{t['added']} domain terms became tokens; without them each took {t['pieces_per_term_without']:.1f} pieces. "
+             f"{100 * t['share_of_heldout_tokens']:.1f}% of held-out domain tokens are these terms.</p>") if t["added"] else "<p>No term extension.</p>"
+    mc = result.get("multiple_choice")
+    mc_html = f"<p>Multiple choice: {100 * mc['accuracy']:.1f}% of {mc['items']} items.</p>" if mc else ""
+    sections = "".join(f"<h2>{html.escape(title)}</h2>{_img(png, title)}" for png, title in plots)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(result['adapter'])} — dsft evaluation</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(result['adapter'])} on {html.escape(result['base'])}</h1>
+<p>Held-out loss per token of the base tokenizer, base alone vs base + adapter; the change has a 95% bootstrap interval.
+A lower domain loss is what the adapter gained; a higher general loss is what it forgot.</p>
+<table><tr><th>held-out</th><th>base</th><th>adapter</th><th>change [95%]</th><th>perplexity</th></tr>{rows}</table>
+{terms}{mc_html}{sections}
+<p>Expert usage shows which routed experts each layer sends this domain's tokens to, next to general text: the experts
+that expert-specialised fine-tuning (ESFT) would train.</p></body></html>
+"""
+    path = directory / "report.html"
+    write_text_atomic(path, page)
+    return path
