@@ -6,7 +6,7 @@ import warnings
 
 import typer
 
-from dsft.cli import domains_cmd, recipes_cmd, registry_cmd
+from dsft.cli import domains_cmd, experts_cmd, recipes_cmd, registry_cmd
 from dsft.cli.export_cmd import export_command
 from dsft.cli.generate_cmd import generate_command
 from dsft.cli.serve_cmd import serve_command
@@ -36,6 +36,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks inst
 app.command("train", context_settings={"allow_extra_args": False})(train_command)
 app.add_typer(domains_cmd.app)
 app.add_typer(recipes_cmd.app)
+app.add_typer(experts_cmd.app)
 app.add_typer(registry_cmd.app, name="registry")
 app.command("generate")(generate_command)
 app.command("serve")(serve_command)
