@@ -5,17 +5,23 @@ write transactions start with ``BEGIN IMMEDIATE`` so that the lock is taken up f
 computing "the next version" can then never both read the same latest version. PostgreSQL gets the
 same guarantee from a transaction-scoped advisory lock taken as the first statement of every write
 transaction. Registry writes are rare and short, so one lock for the whole registry is enough.
+
+Creating or migrating an SQLite registry also takes an OS file lock (``registry.db.lock``): switching a
+new file to WAL needs an exclusive lock for which SQLite does not always wait, so processes that open
+a registry at the same moment take turns instead of failing with "database is locked".
 """
 from __future__ import annotations
 
 import logging
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.engine.url import URL
@@ -54,20 +60,21 @@ def db_errors(url: str | URL, doing: str) -> Iterator[None]:
     """Turn driver errors into one-line RegistryErrors that say what to do."""
     try:
         yield
-    except DBAPIError as err:
+    except (DBAPIError, sqlite3.OperationalError) as err:
         msg = describe_db_error(err)
         if "locked" in msg or "lock timeout" in msg or "lock_timeout" in msg:
             raise RegistryError(
                 f"registry {safe_url(url)} is busy: another dsft process held its write lock for over "
                 f"{BUSY_TIMEOUT_S} s while {doing}; try again"
             ) from err
-        if isinstance(err.orig, sqlite3.DatabaseError) and not isinstance(err.orig, sqlite3.OperationalError) \
+        orig = getattr(err, "orig", err)
+        if isinstance(orig, sqlite3.DatabaseError) and not isinstance(orig, sqlite3.OperationalError) \
                 or "malformed" in msg or "not a database" in msg:
             raise RegistryError(
                 f"registry {safe_url(url)} is damaged ({msg}); it was left untouched: "
                 "restore it from a backup or move it away"
             ) from err
-        if "connect" in msg.lower() and not isinstance(err.orig, sqlite3.Error):
+        if "connect" in msg.lower() and not isinstance(orig, sqlite3.Error):
             raise RegistryError(f"cannot reach registry {safe_url(url)} ({msg}); check that the server is up, "
                                 "or set --registry / DSFT_REGISTRY_URL") from err
         if "unable to open database file" in msg:
@@ -253,7 +260,28 @@ def prepare(engine: Engine) -> str:
             conn.rollback()
         if rev == head:
             return head
-        return _migrate(engine, head)
+        if path is None:
+            return _migrate(engine, head)
+        try:
+            with FileLock(str(path) + ".lock", timeout=BUSY_TIMEOUT_S):
+                return _migrate(engine, head)
+        except Timeout:
+            raise RegistryError(f"registry {safe_url(url)} is busy: another dsft process has been creating or "
+                                f"migrating it for over {BUSY_TIMEOUT_S} s; try again") from None
+
+
+def _pragma(raw: Any, sql: str) -> Any:
+    """Run a PRAGMA on the driver connection, waiting out "database is locked" like the busy timeout would."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.01
+    while True:
+        try:
+            return raw.execute(sql).fetchall()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
 
 def _migrate(engine: Engine, head: str) -> str:
@@ -267,11 +295,11 @@ def _migrate(engine: Engine, head: str) -> str:
         raw = plain.connection.dbapi_connection if sqlite else None
         if raw is not None and sqlite_path(url) is not None:
             # Persistent; only ever set on a file already known to be ours, or a new one.
-            if str(raw.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                raw.execute("PRAGMA journal_mode = WAL")
+            if str(_pragma(raw, "PRAGMA journal_mode")[0][0]).lower() != "wal":
+                _pragma(raw, "PRAGMA journal_mode = WAL")
         if raw is not None:
             # Table rebuilds in batch migrations must not cascade deletes (https://sqlite.org/lang_altertable.html).
-            raw.execute("PRAGMA foreign_keys = OFF")
+            _pragma(raw, "PRAGMA foreign_keys = OFF")
         try:
             conn = plain.execution_options(**{_WRITE: True})
             with conn.begin():
@@ -286,5 +314,5 @@ def _migrate(engine: Engine, head: str) -> str:
                                                 "nothing was changed; please report this")
         finally:
             if raw is not None:
-                raw.execute("PRAGMA foreign_keys = ON")
+                _pragma(raw, "PRAGMA foreign_keys = ON")
     return head
