@@ -25,7 +25,7 @@ from dsft.errors import IntegrityError
 MANIFEST = "dsft_adapter.json"
 SCHEMA_VERSION = 1
 REQUIRED = ("schema_version", "domain", "version", "kind", "base", "target_shapes", "added_tokens", "files")
-KNOWN = set(REQUIRED) | {"term_start", "base_vocab_size", "recipe", "metrics", "created_at", "lora", "trainable_params"}
+KNOWN = set(REQUIRED) | {"term_start", "base_vocab_size", "recipe", "metrics", "created_at", "lora", "trainable_params", "esft"}
 
 
 def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:

@@ -5,6 +5,7 @@ An adapter directory holds::
     adapter_config.json          PEFT's config (plain ``PeftModel.from_pretrained`` reads it)
     adapter_model.safetensors    the LoRA weights
     terms.safetensors            added-token rows {"embed": [n, d], "head": [n, d]} (term extension only)
+    esft.safetensors             ESFT adapters instead of the two PEFT files: the trained experts' slices
     recipe.yaml                  the resolved recipe as run
     dsft_adapter.json            the manifest (see :mod:`dsft.adapters.manifest`), written last
 
@@ -42,7 +43,9 @@ def load_adapter(model, tokenizer, directory: str | Path, *, adapter_name: str =
     """Attach the adapter in ``directory`` to ``model`` (a plain transformers model); returns the PeftModel.
 
     The files are checked against the manifest's sha256 first; term rows extend the tokenizer and
-    the embeddings in place.
+    the embeddings in place. An ESFT adapter (manifest ``kind`` ``esft`` / ``esft+terms``) has no PEFT
+    files: its expert slices replace the base's in place and ``model`` itself is returned
+    (:func:`dsft.adapters.esft.load_esft`).
 
     Raises:
         IntegrityError: no manifest, or a file that is missing or changed.
@@ -53,6 +56,10 @@ def load_adapter(model, tokenizer, directory: str | Path, *, adapter_name: str =
     manifest = read_manifest(directory)
     if verify:
         verify_files(directory, manifest)
+    if manifest["kind"].split("+")[0] == "esft":
+        from dsft.adapters.esft import load_esft
+
+        return load_esft(model, tokenizer, directory, manifest)
     if manifest["added_tokens"]:
         plan = TermPlan(tuple(manifest["added_tokens"]), int(manifest["term_start"]), ())
         extend_model(model, tokenizer, plan, rows=load_terms(directory / TERMS_FILE))

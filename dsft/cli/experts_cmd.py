@@ -27,13 +27,8 @@ def score_cmd(
 
     Example: dsft experts score --domain legal --method gate --out legal-experts.json
     """
-    from dsft.adapters.esft import expert_selection
-    from dsft.errors import UsageError
+    from dsft.recipes.experts import expert_selection
 
-    if method not in ("token", "gate"):
-        raise UsageError(f"--method must be token or gate, got {method!r}")
-    if p is not None and not 0 < p <= 1:
-        raise UsageError(f"--p must be in (0, 1], got {p}")
     result = expert_selection(base, domain, method=method, p=p, sample_tokens=sample_tokens)
     if out is not None:
         write_json_atomic(out, result)

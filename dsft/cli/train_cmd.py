@@ -27,18 +27,28 @@ class _ProgressView:
             self._close()
             out.print(f"held-out {payload['when']}: domain loss {payload['domain_loss']:.4f} (ppl {payload['domain_ppl']:.2f}), "
                       f"general loss {payload['general_loss']:.4f}")
+        elif kind == "resume" and not self.quiet:
+            out.print(f"resuming run {payload['run']} at stage {payload['stage']}, step {payload['step']}")
+        elif kind == "teacher" and not self.quiet:
+            out.print(f"stage [bold]{payload['stage']}[/]: teacher {payload['teacher']}")
+        elif kind == "stage_eval" and not self.quiet:
+            self._close()
+            out.print(f"after stage {payload['stage']}: held-out domain loss {payload['domain_loss']:.4f}, general loss {payload['general_loss']:.4f}")
         elif kind == "stage_start":
             self._close()
             if not self.quiet:
-                out.print(f"stage [bold]{payload['stage']}[/]: {payload['steps']} steps, {payload['trainable']:,} trainable parameters, "
-                          f"mixture {payload['realised_mixture']}")
+                experts = f", experts {payload['experts']}" if payload.get("experts") else ""
+                start = f" (from step {payload['start_step']})" if payload.get("start_step") else ""
+                out.print(f"stage [bold]{payload['stage']}[/] ({payload['kind']}): {payload['steps']} steps{start}, "
+                          f"{payload['trainable']:,} trainable parameters{experts}, mixture {payload['realised_mixture']}")
             self.progress = Progress(
                 TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out, disable=self.quiet,
             )
             self.progress.start()
-            self.task = self.progress.add_task(payload["stage"], total=payload["steps"], loss=0.0, tps=0.0)
+            self.task = self.progress.add_task(payload["stage"], total=payload["steps"], completed=payload.get("start_step", 0),
+                                               loss=0.0, tps=0.0)
         elif kind == "step" and self.progress is not None:
             info = payload["info"]
             self.progress.update(self.task, completed=info.step, loss=info.loss, tps=info.tokens_per_s)
@@ -65,12 +75,15 @@ def train_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
     compile_layers: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, torch.compile each decoder layer."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run of this domain from its last checkpoint "
+                                "(same recipe, overrides, base, seed, --max-steps and --data)."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Checkpoint every N steps inside a stage (0: at stage ends only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train a domain adapter and register it.
 
-    Example: dsft train --domain finance
+    Example: dsft train --domain finance --recipe two-stage stages.1.lr=2e-3
     """
     from dsft.recipes.runner import train
 
@@ -78,7 +91,8 @@ def train_command(
     try:
         result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides or (), seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
-                       trust_remote_code=trust_remote_code, compile_layers=compile_layers, on_event=view)
+                       trust_remote_code=trust_remote_code, compile_layers=compile_layers, on_event=view,
+                       resume=resume, checkpoint_every=checkpoint_every)
     finally:
         view._close()
     if json_out:

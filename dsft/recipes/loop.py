@@ -51,6 +51,15 @@ def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+LossFn = Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+"""``loss_fn(model, batch) -> (objective, lm_loss)``: what to minimise, and the LM loss to report."""
+
+
+def default_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lm = lm_loss(model, batch)
+    return lm, lm
+
+
 def train_steps(
     model,
     optimizer: torch.optim.Optimizer,
@@ -63,29 +72,37 @@ def train_steps(
     grad_clip: float,
     probe: RouterProbe,
     start_step: int = 0,
+    loss_fn: LossFn = default_loss,
+    before_step: Callable[[int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    after_step: Callable[[int, list[float]], None] | None = None,
 ) -> list[float]:
-    """Run ``steps`` optimizer steps; ``batches(step)`` returns that step's tensors on the model's device.
+    """Run optimizer steps ``start_step .. steps - 1``; ``batches(step)`` returns that step's tensors on the model's device.
 
-    The objective is the causal-LM loss plus the router's load-balancing loss times the
-    architecture's coefficient, as in the base model's own pre-training.
+    The objective is ``loss_fn``'s (the causal-LM loss by default) plus the router's load-balancing loss
+    times the architecture's coefficient, as in the base model's own pre-training. Every step depends
+    only on its index, the model and the optimizer state, so a run resumed at ``start_step`` from a
+    checkpoint continues exactly. ``before_step(step)`` runs first (e.g. progressive unfreezing);
+    ``after_step(steps_done, losses)`` runs last (e.g. checkpoints). Returns this call's LM losses.
     """
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     losses = []
     for step in range(start_step, steps):
         t0 = time.perf_counter()
+        if before_step:
+            before_step(step)
         scale = lr_at(step, steps, warmup, schedule)
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * scale
         batch = batches(step)
         probe.reset()
-        lm = lm_loss(model, batch)
+        objective, lm = loss_fn(model, batch)
         aux = probe.aux_loss()
-        loss = lm + probe.coef * aux if aux is not None else lm
+        loss = objective + probe.coef * aux if aux is not None else objective
         loss.backward()
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(lm.item())
@@ -93,6 +110,8 @@ def train_steps(
             n_tokens = int(batch["attention_mask"].sum())
             on_step(StepInfo(step + 1, steps, losses[-1], aux.item() if aux is not None else 0.0,
                              peak_lrs[0] * scale, n_tokens / (time.perf_counter() - t0), probe.imbalance()))
+        if after_step:
+            after_step(step + 1, losses)
     return losses
 
 

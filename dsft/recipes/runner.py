@@ -1,10 +1,12 @@
 """``dsft.train``: resolve domain, base and recipe, run the stages, save and register the adapter.
 
-The steps, in order (each a small function below):
-domain + recipe + data files are validated -> base loaded -> held-out "before" loss ->
-term extension + LoRA attached -> stages trained -> held-out "after" loss -> adapter written to a
-staging directory -> version allocated, directory renamed into place and registry rows written
-in one transaction.
+The steps, in order (each a small function here or in :mod:`dsft.recipes.stages`):
+domain + recipe + data files are validated -> a run directory is opened (or, with ``resume``, the last
+unfinished one is checked against this command and its checkpoint loaded) -> base loaded -> held-out
+"before" loss -> term extension + LoRA attached -> stages trained, each ending with held-out domain and
+general loss, ``stage.json`` and a checkpoint (and one every ``checkpoint_every`` steps) -> adapter written
+to a staging directory -> version allocated, directory renamed into place and registry rows written in
+one transaction.
 """
 from __future__ import annotations
 
@@ -17,24 +19,24 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.lora import LoraSettings, attach_lora, layer_indices, lora_targets, peft_config, target_shapes
+from dsft.adapters.esft import ESFT_FILE, EsftState, save_esft
+from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.manifest import MANIFEST
 from dsft.adapters.store import write_manifest, write_weights
-from dsft.adapters.terms import TermPlan, extend_model, plan_terms
+from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, plan_terms, save_terms
 from dsft.atomic import staging_dir, write_text_atomic
 from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.fingerprint import summary
-from dsft.base.router import RouterProbe
 from dsft.errors import UsageError
 from dsft.eval.logs import write_training_log
-from dsft.home import adapters_dir
 from dsft.kernels.compile import compile_decoder_layers
-from dsft.recipes.loop import heldout_loss, train_steps
-from dsft.recipes.schema import Recipe, Stage, load_recipe, recipe_yaml
-from dsft.data.tokenize import Examples
-from dsft.recipes.sources import StageData, eval_sets, stage_batches
+from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
+from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
+from dsft.recipes.sources import StageData, eval_sets
+from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
 
 Event = Callable[[str, dict[str, Any]], None]
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 @dataclass
@@ -55,65 +57,31 @@ def _check_output(output: Path | None) -> None:
         raise UsageError(f"--output {output} exists and is not a dsft adapter; choose a new directory or remove it")
 
 
-def _set_trainable(model, spec, stage: Stage, plan: TermPlan) -> list[list[torch.nn.Parameter]]:
-    """Freeze everything, then unfreeze this stage's LoRA params and term rows; returns [lora, terms] params."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    base_model = model.get_base_model()
-    layers = layer_indices(base_model, None if stage.train.top_layers >= 1 else stage.train.top_layers)
-    modules, params = lora_targets(base_model, spec, LoraSettings(targets=stage.train.lora, layers=layers))
-    prefixes = tuple(m + "." for m in modules) + tuple(p.rsplit(".", 1)[0] + "." for p in params)
-    lora = [p for n, p in model.named_parameters() if "lora_" in n and any(pre in n for pre in prefixes)] if prefixes else []
-    terms = []
-    if stage.train.terms and plan.terms:
-        terms = [base_model.get_input_embeddings().rows, base_model.get_output_embeddings().rows]
-    for p in lora + terms:
-        p.requires_grad_(True)
-    if not lora and not terms:
-        raise UsageError(f"stage {stage.name}: trains nothing on this base (no matching LoRA targets and no new terms)")
-    return [lora, terms]
+def _check_teachers(rec: Recipe, domain: str, reg) -> None:
+    """Fail before any work when a distill stage names a teacher adapter that is not registered."""
+    for s in rec.stages:
+        if s.kind == "distill" and s.distill_settings.teacher is not None:
+            from dsft.errors import NotFoundError
+
+            ref = s.distill_settings.teacher.replace("{domain}", domain)
+            try:
+                reg.resolve(ref)
+            except NotFoundError as exc:
+                raise NotFoundError(f"stage {s.name}: distill teacher {ref!r} not found ({exc}); train it first "
+                                    f"(dsft train --domain {domain} --recipe lora) or set distill.teacher") from None
 
 
-def _run_stage(model, spec, stage: Stage, data: StageData, plan: TermPlan, seed: int, emit: Event, max_steps: int | None) -> dict[str, Any]:
-    lora, terms = _set_trainable(model, spec, stage, plan)
-    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((lora, stage.weight_decay), (terms, 0.0)) if ps]
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.99))
-    steps = min(stage.steps, max_steps) if max_steps else stage.steps
-    emit("stage_start", {"stage": stage.name, "steps": steps, "realised_mixture": data.realised, "trainable": sum(p.numel() for p in lora + terms)})
-    probe = RouterProbe(model.get_base_model(), spec)
-    torch.manual_seed(seed)
-    cuda = next(model.parameters()).device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    try:
-        losses = train_steps(
-            model, optimizer, stage_batches(data, stage.batch_size, next(model.parameters()).device),
-            steps=steps, peak_lrs=[stage.lr] * len(groups), warmup=min(stage.warmup_steps, steps - 1),
-            schedule=stage.schedule, grad_clip=stage.grad_clip, probe=probe,
-            on_step=lambda info: emit("step", {"stage": stage.name, "info": info}),
-        )
-    finally:
-        probe.close()
-    seconds = time.perf_counter() - t0
-    mask = data.examples.attention_mask[: steps * stage.batch_size]
-    out = {"stage": stage.name, "steps": steps, "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-           "seconds": round(seconds, 2), "tokens_per_s": round(int(mask.sum()) / seconds, 1),
-           "padded_tokens_per_s": round(mask.numel() / seconds, 1), "mixture": data.realised}
-    if cuda:
-        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return out
-
-
-def _eval(model, sets: dict[str, Examples], base_tokens: dict[str, int]) -> dict[str, float]:
-    """Held-out loss per set, normalised by the *base* tokenizer's token count so before/after compare."""
-    out = {}
-    for name, ex in sets.items():
-        r = heldout_loss(model, ex.to_dict())
-        loss = r["loss"] * r["tokens"] / base_tokens[name]
-        out[f"{name}_loss"] = round(loss, 5)
-        out[f"{name}_ppl"] = round(float(torch.tensor(loss).exp()), 4)
-    return out
+def _attach(model, spec, rec: Recipe):
+    """The model the stages train: PEFT LoRA for LoRA recipes; for ESFT recipes the plain model (full expert
+    weights) or LoRA on the routed experts only (``esft.lora``)."""
+    if rec.uses_esft:
+        if any(s.kind == "esft" and s.esft_settings.lora for s in rec.stages):
+            settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=("routed_experts",))
+            return attach_lora(model, spec, settings), None
+        return model, None
+    settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=rec.lora_groups or ("attention",))
+    cfg = peft_config(model, spec, settings)
+    return attach_lora(model, spec, settings), target_shapes(model, cfg)
 
 
 def train(
@@ -125,11 +93,14 @@ def train(
     seed: int | None = None,
     max_steps: int | None = None,
     output: str | Path | None = None,
-    registry: str | None = None,
+    registry: Any = None,
     device: str | None = None,
     trust_remote_code: bool = False,
     compile_layers: bool = True,
     on_event: Event | None = None,
+    resume: bool = False,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    runs_root: str | Path | None = None,
 ) -> TrainResult:
     """Train a domain adapter and register it.
 
@@ -143,13 +114,24 @@ def train(
         seed: overrides the recipe's seed; the same seed gives the same adapter.
         max_steps: caps every stage's steps (for smoke runs and benchmarks).
         output: also copy the finished adapter to this directory.
-        registry: a SQLAlchemy URL; default ``$DSFT_REGISTRY_URL`` or ``$DSFT_HOME/registry.db``.
+        registry: a SQLAlchemy URL or an open Registry; default ``$DSFT_REGISTRY_URL`` or ``$DSFT_HOME/registry.db``.
         compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
-        on_event: progress callback ``(kind, payload)``; kinds: stage_start, step, eval, saved.
+        on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
+            stage_eval, checkpoint, saved.
+        resume: continue the last unfinished run of this domain from its last checkpoint; it must have
+            been started with the same recipe (and overrides), base, seed, step cap and data.
+        checkpoint_every: also checkpoint every this many steps inside a stage (0: at stage ends only).
+        runs_root: where run directories go (default ``$DSFT_HOME/runs``).
 
     Returns:
         TrainResult with the adapter ref (``finance@0.1.0``), its directory and its metrics.
+
+    Raises:
+        NotFoundError: unknown domain, recipe, base or teacher; ``resume`` without a checkpoint.
+        UsageError: a bad recipe, override or output; ``resume`` of a run with other settings.
+        DataError: a bad data file.
     """
+    from dsft.base.loading import fingerprint_for
     from dsft.data.files import load_records
     from dsft.domains import general_pack, resolve_domain
     from dsft.registry import open_registry
@@ -160,10 +142,21 @@ def train(
     pack = resolve_domain(domain)
     rec: Recipe = load_recipe(recipe or pack.default_recipe, overrides)
     seed = rec.seed if seed is None else seed
-    user_records = load_records([Path(p) for p in data]) if data else []
+    if checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    data_files = [Path(p) for p in data]
+    user_records = load_records(data_files) if data_files else []
     output = Path(output) if output else None
     _check_output(output)
-    reg = open_registry(registry)
+    reg = registry if hasattr(registry, "transaction") else open_registry(registry)
+    _check_teachers(rec, pack.name, reg)
+
+    # Everything a resume must agree on is known before any weights load, so a refused --resume writes nothing.
+    _, _, fingerprint = fingerprint_for(base)
+    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
+    root = Path(runs_root) if runs_root else runs_dir()
+    run = RunDir.for_resume(root, key) if resume else None
+    ckpt = run.load_checkpoint() if run else None
 
     loaded = load_base(base, device=device, trust_remote_code=trust_remote_code)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
@@ -172,42 +165,93 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     seq_len = max(s.seq_len for s in rec.stages)
-    base_sets, base_tokens = eval_sets(pack, general_pack(), tokenizer, seq_len)
-    before = _eval(model, base_sets, base_tokens)
+    general = general_pack()
+    base_sets, base_tokens = eval_sets(pack, general, tokenizer, seq_len)
+    before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens)
     emit("eval", {"when": "before", **before})
 
     plan = plan_terms(tokenizer, [t for t, _ in pack.terms]) if rec.adapter.terms else TermPlan((), len(tokenizer), ())
     torch.manual_seed(seed)
     extend_model(model, tokenizer, plan)
-    groups = tuple(dict.fromkeys(g for s in rec.stages for g in s.train.lora)) or ("attention",)
-    settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=groups)
-    lora_cfg = peft_config(model, spec, settings)
-    shapes = target_shapes(model, lora_cfg)
-    peft_model = attach_lora(model, spec, settings)
+    trained_model, shapes = _attach(model, spec, rec)
     if model.device.type == "cuda":
-        peft_model.enable_input_require_grads()
+        if hasattr(trained_model, "enable_input_require_grads"):
+            trained_model.enable_input_require_grads()
         if compile_layers:
-            compile_decoder_layers(peft_model)
+            compile_decoder_layers(trained_model)
+    if run is None:
+        run = RunDir.create(root, key, recipe_yaml(rec))
 
-    stage_metrics = []
+    sets, _ = eval_sets(pack, general, tokenizer, seq_len)
+
+    def teacher(stage):
+        from dsft.recipes.distill import load_teacher
+
+        t = load_teacher(stage.distill_settings, domain=pack.name, base=base, student=trained_model,
+                         student_fingerprint=loaded.fingerprint, terms=plan.terms, term_start=plan.start,
+                         registry=reg, device=model.device)
+        emit("teacher", {"stage": stage.name, "teacher": t.name})
+        return t
+
+    ctx = StageContext(trained_model, spec, plan, sets, base_tokens, emit, teacher_factory=teacher)
+    stage_metrics: list[dict[str, Any]] = []
+    first, resume_at, elapsed = 0, None, 0.0
+    if ckpt:
+        st = ckpt.state
+        restore_adapter_state(trained_model, ckpt.group("adapter"))
+        restore_rng(ckpt.group("rng"), st.get("python_rng"))
+        ctx.esft = EsftState.from_json(st["esft"]) if st.get("esft") else None
+        ctx.trained = dict(st["trained"])
+        stage_metrics, log[:] = list(st["stages"]), list(st["log"])
+        first, elapsed = st["stage"], float(st["elapsed"])
+        if st["step"]:
+            sel = st.get("stage_selection")
+            resume_at = Resume(st["step"], st["losses"], ckpt.group("optim"),
+                               {int(k): tuple(v) for k, v in sel.items()} if sel is not None else None)
+        emit("resume", {"run": run.name, "stage": rec.stages[min(first, len(rec.stages) - 1)].name, "step": st["step"]})
+
+    def save(stage: int, step: int, losses: list[float], optim: dict[str, torch.Tensor], selection) -> None:
+        state = {"stage": stage, "step": step, "losses": losses, "before": before, "stages": stage_metrics, "log": log,
+                 "trained": ctx.trained, "esft": ctx.esft.to_json() if ctx.esft else None,
+                 "stage_selection": {str(k): list(v) for k, v in selection.items()} if selection is not None else None,
+                 "elapsed": elapsed + time.perf_counter() - t_start, "python_rng": python_rng_state()}
+        tensors = {**{f"adapter/{k}": v for k, v in adapter_state(trained_model, spec, ctx.esft).items()},
+                   **{f"optim/{k}": v for k, v in optim.items()}, **{f"rng/{k}": v for k, v in rng_tensors().items()}}
+        path = run.save_checkpoint(state, tensors)
+        emit("checkpoint", {"run": run.name, "stage": stage, "step": step, "path": str(path)})
+
     for i, stage in enumerate(rec.stages):
-        stage_data = StageData.build(stage, pack, general_pack(), tokenizer, user_records, seed + i)
-        stage_metrics.append(_run_stage(peft_model, spec, stage, stage_data, plan, seed + i, emit, max_steps))
-    after_sets, _ = eval_sets(pack, general_pack(), tokenizer, seq_len)
-    after = _eval(peft_model, after_sets, base_tokens)
-    emit("eval", {"when": "after", **after})
+        if i < first:
+            continue
+        steps = min(stage.steps, max_steps) if max_steps else stage.steps
+        stage_data = StageData.build(stage, pack, general, tokenizer, user_records, seed + i, steps)
 
+        def mid_stage(step, losses, optim, selection, i=i, steps=steps):
+            if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                save(i, step, losses, optim(), selection)
+
+        metrics = run_stage(ctx, i, stage, stage_data, steps, resume_at if i == first else None, mid_stage)
+        stage_metrics.append(metrics)
+        run.write_stage(i, stage.name, metrics)
+        save(i + 1, 0, [], {}, None)
+
+    after = stage_metrics[-1]["eval"]
+    emit("eval", {"when": "after", **after})
     metrics = {
         "eval_loss_before": before["domain_loss"], "eval_loss_after": after["domain_loss"],
         "eval_ppl_before": before["domain_ppl"], "eval_ppl_after": after["domain_ppl"],
         "general_loss_before": before["general_loss"], "general_loss_after": after["general_loss"],
         "ppl_reduction": round(1 - after["domain_ppl"] / before["domain_ppl"], 4),
-        "trainable_params": sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) + (2 * len(plan.terms) * model.config.hidden_size),
+        "trainable_params": sum(ctx.trained.values()),
         "added_tokens": len(plan.terms), "stages": stage_metrics,
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "wall_seconds": round(elapsed + time.perf_counter() - t_start, 1), "run": run.name,
     }
-    kind = "lora+terms" if plan.terms else "lora"
-    path, version = _publish(reg, peft_model, plan, loaded, pack.name, kind, rec, shapes, metrics, log)
+    if ctx.esft:
+        chosen = sum(len(v) for v in ctx.esft.selection.values())
+        metrics["esft"] = {**ctx.esft.to_json(), "selected_share": round(chosen / max(1, ctx.n_experts * len(ctx.esft.selection)), 4)}
+    kind = ("esft" if ctx.esft else "lora") + ("+terms" if plan.terms else "")
+    path, version = _publish(reg, trained_model, ctx.esft, plan, loaded, pack.name, kind, rec, shapes, metrics, log)
+    run.finish(f"{pack.name}@{version}", path)
     if output is not None:
         _copy_out(path, output)
     emit("saved", {"adapter": f"{pack.name}@{version}", "path": str(path)})
@@ -225,22 +269,29 @@ def _logging(emit: Event, log: list[dict[str, Any]]) -> Event:
     return wrapped
 
 
-def _publish(reg, peft_model, plan: TermPlan, loaded, domain: str, kind: str, rec: Recipe, shapes, metrics,
-             log: list[dict[str, Any]]) -> tuple[Path, str]:
+def _publish(reg, model, esft: EsftState | None, plan: TermPlan, loaded, domain: str, kind: str, rec: Recipe, shapes,
+             metrics, log: list[dict[str, Any]]) -> tuple[Path, str]:
     """Write the adapter to a staging directory, then allocate its version, rename it into place
     and write the registry rows in one transaction; on any failure nothing is left behind."""
     from dsft.errors import NotFoundError
 
-    with staging_dir(adapters_dir() / domain / "new") as tmp:
-        write_weights(tmp, peft_model, plan)
+    with staging_dir(reg.adapters_root / domain / "new") as tmp:
+        extra: dict[str, Any]
+        if esft is not None:
+            shapes = save_esft(tmp / ESFT_FILE, model, loaded.spec, esft.selection)
+            if plan.terms:
+                save_terms(tmp / TERMS_FILE, unwrap(model), plan)
+            extra = {"esft": esft.to_json()}
+        else:
+            write_weights(tmp, model, plan)
+            extra = {"lora": {"r": rec.adapter.r, "alpha": rec.adapter.alpha}}
         write_text_atomic(tmp / "recipe.yaml", recipe_yaml(rec))
         write_training_log(tmp, log)
         fields = {
             "domain": domain, "kind": kind,
             "base": {"name": loaded.ref.name, "source": loaded.ref.source, "fingerprint": summary(loaded.fingerprint)},
             "target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
-            "base_vocab_size": loaded.fingerprint["vocab_size"], "recipe": rec.to_data(), "metrics": metrics,
-            "lora": {"r": rec.adapter.r, "alpha": rec.adapter.alpha},
+            "base_vocab_size": loaded.fingerprint["vocab_size"], "recipe": rec.to_data(), "metrics": metrics, **extra,
         }
         with reg.transaction() as tx:
             base_rec = tx.ensure_base(name=loaded.ref.name, source=loaded.ref.source,

@@ -1,7 +1,9 @@
 """A recipe: a YAML file of stages, loaded into a frozen dataclass tree and validated before any work."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,53 +17,174 @@ DATA_SOURCES = ("domain.raw", "domain.instruct", "domain.longtail", "general.raw
 """Named sources; ``user`` is the files given with ``--data``; ``file:PATH`` names a file directly."""
 
 
-@dataclass(frozen=True)
+STAGE_KINDS = ("cpt", "sft", "esft", "distill")
+LORA_GROUPS = ("attention", "shared_experts", "routed_experts")
+FRACTION_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataSource:
     source: str
     """One of domain.raw, domain.instruct, domain.longtail, general.raw, user, or file:PATH."""
     weight: float = 1.0
+    """Relative weight (> 0) in the stage's mixture; weights need not sum to 1."""
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
         if self.source not in DATA_SOURCES and not self.source.startswith("file:"):
             problems.append(("source", f"must be one of {', '.join(DATA_SOURCES)} or file:PATH, got {self.source!r}"))
-        if self.weight <= 0:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
             problems.append(("weight", f"must be > 0, got {self.weight}"))
         return problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Phase:
+    """One phase of a data curriculum: a share of the stage's steps with its own mixture."""
+
+    name: str
+    fraction: float
+    """Share of the stage's steps (the phases of a stage sum to 1)."""
+    data: tuple[DataSource, ...]
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0 < self.fraction <= 1:
+            problems.append(("fraction", f"must be in (0, 1], got {self.fraction}"))
+        if not self.data:
+            problems.append(("data", "must list at least one source"))
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unfreeze:
+    """A point of a progressive-unfreezing schedule."""
+
+    at: float
+    """From this share of the stage's steps on (0 = the first step) ..."""
+    top_layers: float
+    """... LoRA trains on this fraction of the decoder layers, counted from the top."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0 <= self.at < 1:
+            problems.append(("at", f"must be in [0, 1), got {self.at}"))
+        if not 0 < self.top_layers <= 1:
+            problems.append(("top_layers", f"must be in (0, 1], got {self.top_layers}"))
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
 class Trainable:
     """What a stage trains."""
 
-    lora: tuple[str, ...] = ("attention", "shared_experts", "routed_experts")
+    lora: tuple[str, ...] = LORA_GROUPS
     """LoRA target groups: attention, shared_experts, routed_experts (empty: no LoRA)."""
     top_layers: float = 1.0
     """Fraction of decoder layers, counted from the top, that get LoRA (1.0 = all)."""
+    unfreeze: tuple[Unfreeze, ...] = ()
+    """Progressive unfreezing from the top layers down; replaces ``top_layers`` when given."""
     terms: bool = True
     """Train the term-embedding rows of the domain's new tokens."""
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
-        bad = [t for t in self.lora if t not in ("attention", "shared_experts", "routed_experts")]
+        bad = [t for t in self.lora if t not in LORA_GROUPS]
         if bad:
-            problems.append(("lora", f"unknown group {bad[0]!r}; choose from attention, shared_experts, routed_experts"))
+            problems.append(("lora", f"unknown group {bad[0]!r}; choose from {', '.join(LORA_GROUPS)}"))
         if not 0 < self.top_layers <= 1:
             problems.append(("top_layers", f"must be in (0, 1], got {self.top_layers}"))
-        if not self.lora and not self.terms:
-            problems.append(("", "the stage trains nothing; set lora groups or terms: true"))
+        if self.unfreeze:
+            ats = [u.at for u in self.unfreeze]
+            tops = [u.top_layers for u in self.unfreeze]
+            if ats[0] != 0:
+                problems.append(("unfreeze[0].at", f"the schedule must start at 0, got {ats[0]}"))
+            if any(b <= a for a, b in pairwise(ats)):
+                problems.append(("unfreeze", f"'at' must increase, got {ats}"))
+            if any(b < a for a, b in pairwise(tops)):
+                problems.append(("unfreeze", f"top_layers must not shrink (layers unfreeze from the top down), got {tops}"))
+        return problems
+
+    def top_layers_at(self, step: int, steps: int) -> float:
+        """The fraction of layers (from the top) whose LoRA trains at ``step`` of ``steps``."""
+        top = self.top_layers
+        for u in self.unfreeze:
+            if step >= round(u.at * steps):
+                top = u.top_layers
+        return top
+
+    @property
+    def max_top_layers(self) -> float:
+        return max([self.top_layers] if not self.unfreeze else [u.top_layers for u in self.unfreeze])
+
+
+@dataclass(frozen=True, kw_only=True)
+class EsftSettings:
+    """Expert-specialised fine-tuning (Wang et al., DeepSeek, arXiv 2407.01906)."""
+
+    method: Literal["gate", "token"] = "gate"
+    """gate: average gate score per expert (ESFT-Gate); token: share of tokens routed to it (ESFT-Token)."""
+    p: float | None = None
+    """Per layer, the smallest set of experts whose normalised scores sum to >= p (default 0.1 gate, 0.2 token)."""
+    sample_tokens: int = 131072
+    """Tokens of the stage's data scored before training (the paper's 32 x 4096)."""
+    lora: bool = False
+    """LoRA on the selected experts instead of their full weights (merged into the saved slices)."""
+
+    @property
+    def threshold(self) -> float:
+        return self.p if self.p is not None else (0.1 if self.method == "gate" else 0.2)
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.p is not None and not 0 < self.p <= 1:
+            problems.append(("p", f"must be in (0, 1], got {self.p}"))
+        if self.sample_tokens < 1:
+            problems.append(("sample_tokens", f"must be >= 1, got {self.sample_tokens}"))
         return problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class DistillSettings:
+    """Distillation: loss = alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * LM loss."""
+
+    teacher: str | None = "{domain}"
+    """A registered adapter on the teacher base (``{domain}`` = the latest adapter of this run's domain); null = the base alone."""
+    teacher_base: str | None = None
+    """The teacher's base (preset, directory or hub id) when not the student's; it must share the tokenizer."""
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.teacher is None and self.teacher_base is None:
+            problems.append(("teacher", "set a teacher adapter, a teacher_base, or both"))
+        if not 0 <= self.alpha <= 1:
+            problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
+        if not self.temperature > 0:
+            problems.append(("temperature", f"must be > 0, got {self.temperature}"))
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     name: str
-    kind: Literal["cpt", "sft"]
-    """cpt: continued pre-training on raw text; sft: instruction tuning (loss on responses)."""
-    data: tuple[DataSource, ...]
+    kind: Literal["cpt", "sft", "esft", "distill"]
+    """cpt: continued pre-training on raw text; sft: instruction tuning (loss on responses); esft: train
+    only the experts the domain routes to (instruction format); distill: KL to a teacher + LM loss."""
+    data: tuple[DataSource, ...] = ()
+    """The stage's data mixture (or give ``phases``)."""
+    phases: tuple[Phase, ...] = ()
+    """A data curriculum: consecutive phases, each a share of the steps with its own mixture."""
+    replay: float = 0.0
+    """Share of every phase's examples drawn from general.raw (replay limits forgetting); 0 = none."""
     lr: float
     steps: int
     train: Trainable = field(default_factory=Trainable)
+    esft: EsftSettings | None = None
+    """ESFT settings (kind esft only; defaults when omitted)."""
+    distill: DistillSettings | None = None
+    """Distillation settings (kind distill only; defaults when omitted)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     batch_size: int = 8
@@ -69,9 +192,22 @@ class Stage:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 
+    @property
+    def esft_settings(self) -> EsftSettings:
+        return self.esft or EsftSettings()
+
+    @property
+    def distill_settings(self) -> DistillSettings:
+        return self.distill or DistillSettings()
+
+    @property
+    def mixtures(self) -> tuple[Phase, ...]:
+        """The stage's data as phases (one phase named after the stage when it has a single mixture)."""
+        return self.phases or (Phase(name=self.name, fraction=1.0, data=self.data),)
+
     def check(self) -> list[tuple[str, str]]:
         problems = []
-        if self.lr <= 0:
+        if not self.lr > 0:
             problems.append(("lr", f"must be > 0, got {self.lr}"))
         if self.steps <= 0:
             problems.append(("steps", f"must be > 0, got {self.steps}"))
@@ -81,12 +217,33 @@ class Stage:
             problems.append(("seq_len", f"must be >= 16, got {self.seq_len}"))
         if not 0 <= self.warmup_steps < self.steps:
             problems.append(("warmup_steps", f"must be in [0, steps), got {self.warmup_steps}"))
-        if not self.data:
-            problems.append(("data", "must list at least one source"))
+        if not 0 <= self.replay < 1:
+            problems.append(("replay", f"must be in [0, 1), got {self.replay}"))
+        if self.data and self.phases:
+            problems.append(("phases", "give either data or phases, not both"))
+        elif not self.data and not self.phases:
+            problems.append(("data", "must list at least one source (or give phases)"))
+        if self.phases:
+            total = sum(p.fraction for p in self.phases)
+            if abs(total - 1) > FRACTION_TOLERANCE:
+                problems.append(("phases", f"fractions must sum to 1, got {round(total, 6)}"))
+            names = [p.name for p in self.phases]
+            if len(set(names)) != len(names):
+                problems.append(("phases", f"phase names must be unique, got {names}"))
+        if self.kind == "esft":
+            if self.train.lora:
+                problems.append(("train.lora", "an esft stage trains the selected experts only; set train.lora: [] "
+                                               "(esft.lora: true puts LoRA on the selected experts)"))
+        elif not self.train.lora and not self.train.terms:
+            problems.append(("train", "the stage trains nothing; set train.lora groups or train.terms: true"))
+        if self.esft is not None and self.kind != "esft":
+            problems.append(("esft", f"only for kind esft; this stage is {self.kind}"))
+        if self.distill is not None and self.kind != "distill":
+            problems.append(("distill", f"only for kind distill; this stage is {self.kind}"))
         return problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AdapterSettings:
     r: int = 16
     alpha: int = 32
@@ -102,7 +259,7 @@ class AdapterSettings:
         return problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     name: str
     description: str
@@ -117,7 +274,22 @@ class Recipe:
             problems.append(("stages", "must list at least one stage"))
         if len(set(names)) != len(names):
             problems.append(("stages", f"stage names must be unique, got {names}"))
+        if self.uses_esft and any(s.train.lora for s in self.stages):
+            # One adapter holds either PEFT LoRA factors or expert slices; mixing them would need both formats at once.
+            bad = next(i for i, s in enumerate(self.stages) if s.train.lora)
+            problems.append((f"stages[{bad}].train.lora", "a recipe with an esft stage cannot also train LoRA; set train.lora: [] "
+                                                         "(other stages may still train terms)"))
         return problems
+
+    @property
+    def uses_esft(self) -> bool:
+        return any(s.kind == "esft" for s in self.stages)
+
+    @property
+    def lora_groups(self) -> tuple[str, ...]:
+        """Every LoRA group some stage trains, in table order."""
+        used = {g for s in self.stages for g in s.train.lora}
+        return tuple(g for g in LORA_GROUPS if g in used)
 
     def to_data(self) -> dict[str, Any]:
         return to_data(self)

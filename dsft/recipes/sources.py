@@ -4,13 +4,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
 from dsft.data.files import Record, load_records
-from dsft.data.mixture import mix
+from dsft.data.mixture import apportion, mix
 from dsft.data.tokenize import Examples, build_examples, count_tokens
-from dsft.recipes.schema import Stage
+from dsft.recipes.schema import Phase, Stage
 
 CORPUS_SEED = 0
 """The bundled corpora are fixed (the run's seed shuffles and samples, it does not regenerate the data)."""
@@ -61,25 +62,72 @@ def source_records(name: str, pack, general, user_records: Sequence[Record], as_
     raise ValueError(name)
 
 
+REPLAY_SOURCE = "general.raw"
+
+
+def phase_weights(stage: Stage, phase: Phase, has_user: bool) -> dict[str, float]:
+    """A phase's mixture weights after adding ``--data`` files and the stage's general replay.
+
+    Data given with ``--data`` joins a mixture that does not name it, weighing as much as the rest
+    together. Replay rescales the phase's own weights to ``1 - replay`` and gives ``replay`` to general.raw.
+    """
+    weights = {s.source: s.weight for s in phase.data}
+    if has_user and "user" not in weights:
+        weights["user"] = sum(weights.values())
+    if not has_user:
+        weights.pop("user", None)
+    if stage.replay > 0:
+        total = sum(weights.values())
+        weights = {k: (1 - stage.replay) * w / total for k, w in weights.items()}
+        weights[REPLAY_SOURCE] = weights.get(REPLAY_SOURCE, 0.0) + stage.replay
+    return weights
+
+
+def phase_steps(stage: Stage, steps: int) -> dict[str, int]:
+    """Steps per phase (whole steps, largest remainder), in order; they sum to ``steps``."""
+    return apportion({p.name: p.fraction for p in stage.mixtures}, steps)
+
+
 @dataclass(frozen=True)
 class StageData:
-    """The tokenised examples of one stage, mixed by the recipe's weights, and the realised mixture."""
+    """The tokenised examples of one stage in step order (phase after phase), and the realised mixture."""
 
     examples: Examples
     realised: dict[str, int]
+    """Examples per source over the whole stage."""
+    phases: dict[str, dict[str, Any]]
+    """Per phase: ``{"steps": n, "mixture": {source: examples}}``."""
 
     @staticmethod
-    def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int) -> StageData:
+    def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int,
+              steps: int | None = None) -> StageData:
+        """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
+        steps = steps or stage.steps
         as_text = stage.kind == "cpt"
-        weights = {s.source: s.weight for s in stage.data}
-        if user_records and "user" not in weights:
-            # Data given with --data joins a recipe that does not name it, weighing as much as the rest together.
-            weights["user"] = sum(weights.values())
-        if not user_records:
-            weights.pop("user", None)
-        sources = {name: build_examples(tokenizer, source_records(name, pack, general, user_records, as_text), stage.seq_len)
-                   for name in weights}
-        return StageData(*mix(sources, weights, stage.steps * stage.batch_size, seed))
+        tokenised: dict[str, Examples] = {}
+        parts, realised, phases = [], {}, {}
+        for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
+            weights = phase_weights(stage, phase, bool(user_records))
+            for name in weights:
+                if name not in tokenised:
+                    tokenised[name] = build_examples(tokenizer, source_records(name, pack, general, user_records, as_text),
+                                                     stage.seq_len)
+            phases[phase.name] = {"steps": n_steps, "mixture": {}}
+            if n_steps == 0:
+                continue
+            examples, counts = mix({n: tokenised[n] for n in weights}, weights, n_steps * stage.batch_size, seed + 1000 * k)
+            parts.append(examples)
+            phases[phase.name]["mixture"] = counts
+            for name, c in counts.items():
+                realised[name] = realised.get(name, 0) + c
+        return StageData(Examples.cat(parts, stage.seq_len), realised, phases)
+
+
+def scoring_sample(examples: Examples, max_tokens: int) -> Examples:
+    """The first examples of ``examples`` holding up to ``max_tokens`` real tokens (at least one example)."""
+    cum = examples.attention_mask.sum(1).cumsum(0)
+    n = max(1, int((cum <= max_tokens).sum()))
+    return examples.select(range(n))
 
 
 def stage_batches(data: StageData, batch_size: int, device) -> Callable[[int], dict[str, torch.Tensor]]:

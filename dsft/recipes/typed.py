@@ -100,9 +100,9 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     kwargs, failed = {}, set()
     for name, f in fields.items():
         if name in data:
-            n = len(problems)
-            kwargs[name] = build(hints[name], data[name], _join(path, name), problems)
-            if len(problems) > n:
+            n, where = len(problems), _join(path, name)
+            kwargs[name] = build(hints[name], data[name], where, problems)
+            if any(p.startswith(f"{where}: ") for p in problems[n:]):  # the field itself, not something inside it
                 failed.add(name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{_join(path, name)}: required")
@@ -114,8 +114,14 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     if hasattr(obj, "check"):
         # Value rules run even when a sibling is bad, so every problem shows at once; a rule about a
         # field that already failed its type check would only repeat it.
+        try:
+            found = obj.check()
+        except (AttributeError, TypeError):
+            if not failed:
+                raise
+            found = []  # a rule tripped over a child that failed to build; that failure is already reported
         problems.extend(f"{_join(path, field) if field else path or '<root>'}: {msg}"
-                        for field, msg in obj.check() if field not in failed)
+                        for field, msg in found if field.split(".")[0].split("[")[0] not in failed)
     return obj
 
 

@@ -47,7 +47,7 @@ def test_unknown_stage_kind_and_a_stage_that_trains_nothing(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_recipe(str(path))
     text = str(err.value)
-    assert "stages[0].kind: must be one of 'cpt' | 'sft', got 'dance'" in text
+    assert "stages[0].kind: must be one of 'cpt' | 'sft' | 'esft' | 'distill', got 'dance'" in text
     assert "trains nothing" in text
 
 
@@ -70,3 +70,96 @@ def test_dotted_overrides_apply_before_validation():
 def test_unknown_recipe_lists_the_builtin_ones():
     with pytest.raises(NotFoundError, match="lora"):
         load_recipe("nonexistent")
+
+
+def _load(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return load_recipe(str(path))
+
+
+def _problems(tmp_path, text: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, text)
+    return "\n".join(err.value.problems)
+
+
+CURRICULUM = """
+name: curriculum
+description: phases, unfreezing and replay
+stages:
+  - name: one
+    kind: cpt
+    phases:
+      - {name: general, fraction: 0.5, data: [{source: general.raw}]}
+      - {name: domain, fraction: 0.5, data: [{source: domain.raw, weight: 3}, {source: domain.instruct, weight: 1}]}
+    replay: 0.25
+    train:
+      unfreeze: [{at: 0.0, top_layers: 0.25}, {at: 0.5, top_layers: 1.0}]
+    lr: 1.0e-3
+    steps: 10
+"""
+
+
+def test_phases_unfreezing_and_replay_load_and_resolve():
+    from dsft.recipes.sources import phase_steps, phase_weights
+
+    rec = load_recipe("progressive")
+    stage = rec.stages[0]
+    assert [p.name for p in stage.phases] == ["general", "domain", "longtail"]
+    assert list(phase_steps(stage, 200).values()) == [100, 60, 40]
+    assert [stage.train.top_layers_at(s, 200) for s in (0, 99, 100, 159, 160)] == [0.34, 0.34, 0.67, 0.67, 1.0]
+    # replay rescales the phase's own weights to 80% and gives 20% to general text
+    w = phase_weights(stage, stage.phases[1], has_user=False)
+    assert w == pytest.approx({"domain.raw": 0.4, "domain.instruct": 0.4, "general.raw": 0.2})
+    w = phase_weights(stage, stage.phases[0], has_user=False)
+    assert w == pytest.approx({"general.raw": 1.0})
+
+
+def test_curriculum_problems_are_named_by_path(tmp_path):
+    assert _load(tmp_path, CURRICULUM).stages[0].replay == 0.25
+    text = (CURRICULUM.replace("fraction: 0.5, data: [{source: domain.raw, weight: 3}", "fraction: 0.4, data: [{source: domain.raw, weight: -3}")
+            .replace("replay: 0.25", "replay: 1.5").replace("{at: 0.5, top_layers: 1.0}", "{at: 0.5, top_layers: 0.1}"))
+    problems = _problems(tmp_path, text)
+    assert "stages[0].phases[1].data[0].weight: must be > 0, got -3" in problems
+    assert "stages[0].phases: fractions must sum to 1, got 0.9" in problems
+    assert "stages[0].replay: must be in [0, 1), got 1.5" in problems
+    assert "stages[0].train.unfreeze: top_layers must not shrink" in problems
+    both = _problems(tmp_path, CURRICULUM.replace("    replay: 0.25", "    replay: 0.25\n    data: [{source: domain.raw}]"))
+    assert "stages[0].phases: give either data or phases, not both" in both
+
+
+def test_esft_and_distill_settings_are_checked(tmp_path):
+    esft = GOOD.replace("kind: sft", "kind: esft")
+    assert "stages[0].train.lora: an esft stage trains the selected experts only" in _problems(tmp_path, esft)
+    ok = _load(tmp_path, esft.replace("steps: 10", "steps: 10\n    train: {lora: [], terms: false}\n    esft: {method: gate}"))
+    assert ok.stages[0].esft_settings.threshold == 0.1 and ok.uses_esft  # the paper's default p for ESFT-Gate
+    problems = _problems(tmp_path, esft.replace("steps: 10", "steps: 10\n    train: {lora: []}\n    esft: {method: top, p: 0}"))
+    assert "stages[0].esft.method: must be one of 'gate' | 'token', got 'top'" in problems
+    assert "stages[0].esft.p: must be in (0, 1], got 0" in problems
+    problems = _problems(tmp_path, GOOD.replace("steps: 10", "steps: 10\n    esft: {p: 0.2}\n    distill: {alpha: 2}"))
+    assert "stages[0].esft: only for kind esft; this stage is sft" in problems
+    assert "stages[0].distill: only for kind distill" in problems
+    distill = GOOD.replace("kind: sft", "kind: distill").replace("steps: 10", "steps: 10\n    distill: {teacher: null, alpha: 1.5}")
+    problems = _problems(tmp_path, distill)
+    assert "stages[0].distill.teacher: set a teacher adapter, a teacher_base, or both" in problems
+    assert "stages[0].distill.alpha: must be in [0, 1], got 1.5" in problems
+
+
+def test_a_recipe_cannot_mix_esft_with_lora_stages(tmp_path):
+    two = GOOD + """  - name: two
+    kind: esft
+    data: [{source: domain.instruct}]
+    train: {lora: []}
+    lr: 1.0e-4
+    steps: 10
+"""
+    assert "stages[0].train.lora: a recipe with an esft stage cannot also train LoRA" in _problems(tmp_path, two)
+    fixed = two.replace("    steps: 10\n  - name: two", "    steps: 10\n    train: {lora: [], terms: true}\n  - name: two")
+    assert [s.kind for s in _load(tmp_path, fixed).stages] == ["sft", "esft"]
+
+
+def test_a_child_that_fails_to_build_is_reported_once(tmp_path):
+    problems = _problems(tmp_path, GOOD.replace("steps: 10", "steps: 10\n    train: 5\n    phases: [7]"))
+    assert "stages[0].train: must be a mapping, got 5" in problems
+    assert "stages[0].phases[0]: must be a mapping, got 7" in problems

@@ -1,0 +1,322 @@
+"""One stage of a recipe: choose what trains, build the optimizer, train, and (de)serialise that state.
+
+What trains, by stage kind:
+
+* cpt / sft / distill: the LoRA factors of the stage's groups on the top ``train.top_layers`` of the
+  layers (or, with ``train.unfreeze``, a growing share of them: a layer's factors join at the step
+  the schedule reaches it), plus the term rows with ``train.terms``;
+* esft: the routed experts the domain uses (scored on the stage's own data before its first step),
+  as full weights or through LoRA on them (``esft.lora``), plus the term rows with ``train.terms``.
+
+Every trained tensor is an :class:`Entry`; checkpoints store entries by name (ESFT's fused expert
+weights and their optimizer moments only as the selected experts' slices).
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsft.adapters.esft import (
+    EsftState, apply_slices, expert_grad_mask, expert_parameters, put_slices, score_experts, select_layers,
+    select_slices, trained_slices, union,
+)
+from dsft.adapters.lora import LoraSettings, layer_indices, lora_targets
+from dsft.adapters.terms import TermPlan
+from dsft.base.arch import num_experts
+from dsft.base.router import RouterProbe
+from dsft.errors import UsageError
+from dsft.recipes.loop import default_loss, heldout_loss, train_steps
+from dsft.recipes.schema import Stage
+from dsft.recipes.sources import StageData, scoring_sample, stage_batches
+
+Event = Callable[[str, dict[str, Any]], None]
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def unwrap(model):
+    """The transformers model inside a PeftModel (the model itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor the stage trains. ``index``/``dim``: for ESFT, the selected experts and the expert
+    dimension of the fused tensor (only those slices train and are checkpointed)."""
+
+    name: str
+    param: nn.Parameter
+    group: str
+    """lora | terms | experts"""
+    layer: int | None = None
+    index: torch.Tensor | None = None
+    dim: int = 0
+
+    @property
+    def sliced(self) -> bool:
+        """Full fused expert weights: checkpoint only the selected slices."""
+        return self.group == "experts" and self.index is not None and self.param.dim() == 3
+
+    def trained_numel(self, n_experts: int) -> int:
+        if self.index is None:
+            return self.param.numel()
+        return self.param.numel() // n_experts * len(self.index)
+
+
+def term_entries(model, stage: Stage, plan: TermPlan) -> list[Entry]:
+    if not (stage.train.terms and plan.terms):
+        return []
+    base = unwrap(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rows = [base.get_input_embeddings().rows, base.get_output_embeddings().rows]
+    return [Entry(names[id(p)], p, "terms") for p in rows]
+
+
+def lora_entries(model, spec, stage: Stage) -> list[Entry]:
+    """The LoRA factors of the stage's groups on every layer it trains at some point."""
+    if not stage.train.lora:
+        return []
+    base = unwrap(model)
+    top = stage.train.max_top_layers
+    layers = layer_indices(base, None if top >= 1 else top)
+    modules, params = lora_targets(base, spec, LoraSettings(targets=stage.train.lora, layers=layers))
+    prefixes = tuple(m + "." for m in modules) + tuple(p.rsplit(".", 1)[0] + "." for p in params)
+    out = []
+    for n, p in model.named_parameters():
+        if "lora_" in n and any(pre in n for pre in prefixes):
+            m = _LAYER.search(n)
+            out.append(Entry(n, p, "lora", int(m.group(1)) if m else None))
+    return out
+
+
+def expert_entries(model, spec, selection: dict[int, tuple[int, ...]], lora: bool) -> list[Entry]:
+    return [Entry(name, p, "experts", int(_LAYER.search(name).group(1)), idx, dim)
+            for name, p, idx, dim in expert_parameters(model, spec, selection, lora=lora)]
+
+
+# --- state <-> tensors ------------------------------------------------------------------------------
+
+
+def adapter_state(model, spec, esft: EsftState | None) -> dict[str, torch.Tensor]:
+    """Everything the adapter has learned so far: every LoRA factor and term row, and the selected
+    experts' slices of an ESFT run with full weights."""
+    out = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n or n.endswith(".rows")}
+    if esft is not None and not esft.lora and esft.selection:
+        out.update({f"esft:{k}": v for k, v in trained_slices(model, spec, esft.selection).items()})
+    return out
+
+
+def restore_adapter_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.startswith("esft:"):
+                continue
+            if name not in params or params[name].shape != value.shape:
+                raise UsageError(f"checkpoint tensor {name} does not fit this model; it belongs to another recipe or base")
+            params[name].copy_(value)
+    slices = {k.removeprefix("esft:"): v for k, v in tensors.items() if k.startswith("esft:")}
+    if slices:
+        apply_slices(unwrap(model), slices)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, entries: list[Entry], n_experts: int) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as ``{"<param name>/<key>": tensor}`` (ESFT weights: selected slices)."""
+    out = {}
+    for e in entries:
+        for key, value in optimizer.state.get(e.param, {}).items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {key} of {e.name} is not a tensor")
+            if e.sliced and value.shape == e.param.shape:
+                value = select_slices(value, n_experts, e.index, e.dim)
+            out[f"{e.name}/{key}"] = value
+    return out
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, entries: list[Entry], tensors: dict[str, torch.Tensor], n_experts: int) -> None:
+    by_name = {e.name: e for e in entries}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, sub = key.rsplit("/", 1)
+        if name not in by_name:
+            raise UsageError(f"checkpoint optimizer state for {name}, which this stage does not train; it belongs to another recipe")
+        states.setdefault(name, {})[sub] = value
+    for name, state in states.items():
+        e = by_name[name]
+        restored = {}
+        for sub, value in state.items():
+            if e.sliced and value.dim() > 0 and value.shape != e.param.shape:
+                full = torch.zeros_like(e.param)
+                put_slices(full, n_experts, e.index, e.dim, value)
+                value = full
+            restored[sub] = value.to(e.param.device) if sub != "step" else value
+        optimizer.state[e.param] = restored
+
+
+# --- running a stage --------------------------------------------------------------------------------
+
+
+@dataclass
+class StageContext:
+    """What every stage of a run shares."""
+
+    model: Any
+    spec: Any
+    plan: TermPlan
+    eval_sets: dict[str, Any]
+    base_tokens: dict[str, int]
+    emit: Event
+    esft: EsftState | None = None
+    teacher_factory: Callable[[Stage], Any] | None = None
+    trained: dict[str, int] = field(default_factory=dict)
+    """Elements trained so far by key (a tensor, or one expert's slice): their sum is the adapter's size."""
+
+    @property
+    def n_experts(self) -> int:
+        return num_experts(self.spec, unwrap(self.model).config)
+
+
+@dataclass
+class Resume:
+    """Where a stage continues from: steps done, their losses, optimizer state and the ESFT selection."""
+
+    step: int
+    losses: list[float]
+    optimizer: dict[str, torch.Tensor]
+    selection: dict[int, tuple[int, ...]] | None = None
+
+
+def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int]) -> dict[str, float]:
+    """Held-out loss per set, normalised by the *base* tokenizer's token count so before/after compare."""
+    out = {}
+    for name, ex in sets.items():
+        r = heldout_loss(model, ex.to_dict())
+        loss = r["loss"] * r["tokens"] / base_tokens[name]
+        out[f"{name}_loss"] = round(loss, 5)
+        out[f"{name}_ppl"] = round(float(torch.tensor(loss).exp()), 4)
+    return out
+
+
+def _esft_selection(ctx: StageContext, stage: Stage, data: StageData) -> dict[int, tuple[int, ...]]:
+    s = stage.esft_settings
+    scores = score_experts(ctx.model, ctx.spec, scoring_sample(data.examples, s.sample_tokens))
+    selection = select_layers(scores.of(s.method), s.threshold)
+    if ctx.esft is None:
+        ctx.esft = EsftState(s.method, s.threshold, s.lora)
+    ctx.esft.tokens += scores.tokens
+    return selection
+
+
+def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, steps: int, resume: Resume | None,
+              checkpoint: Callable[..., None]) -> dict[str, Any]:
+    """Train one stage from ``resume`` (or its start), evaluate, and return its metrics.
+
+    ``checkpoint(steps_done, losses, optimizer_state, selection)`` is called after every step, with
+    ``optimizer_state()`` giving the optimizer's tensors; the caller decides whether to write one.
+    """
+    model, spec, s = ctx.model, ctx.spec, stage
+    selection = None
+    if s.kind == "esft":
+        selection = resume.selection if resume and resume.selection is not None else _esft_selection(ctx, s, data)
+        ctx.esft.selection = union(ctx.esft.selection, selection)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    main = expert_entries(model, spec, selection, s.esft_settings.lora) if selection is not None else lora_entries(model, spec, s)
+    terms = term_entries(model, s, ctx.plan)
+    entries = main + terms
+    if not entries:
+        raise UsageError(f"stage {s.name}: trains nothing on this base (no matching LoRA targets, experts or new terms)")
+    for e in entries:
+        e.param.requires_grad_(True)
+    n_experts = ctx.n_experts
+    # Decay would shrink the frozen experts' slices too, and the term rows start as means of real rows.
+    groups = [{"params": [e.param for e in main], "weight_decay": s.weight_decay if s.kind != "esft" else 0.0},
+              {"params": [e.param for e in terms], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99))
+    start, done_losses = 0, []
+    if resume is not None:
+        restore_optimizer(optimizer, entries, resume.optimizer, n_experts)
+        start, done_losses = resume.step, list(resume.losses)
+
+    stage_trained = {}
+    for e in entries:
+        keys = [f"{e.name}#{int(i)}" for i in e.index] if e.index is not None else [e.name]
+        for k in keys:
+            stage_trained[k] = e.trained_numel(n_experts) // len(keys)
+    ctx.trained.update(stage_trained)
+
+    lora = [e for e in main if e.group == "lora"]
+    base = unwrap(model)
+
+    def before_step(step: int) -> None:
+        if s.train.unfreeze and lora:
+            top = s.train.top_layers_at(step, steps)
+            active = set(layer_indices(base, None if top >= 1 else top))
+            for e in lora:
+                e.param.requires_grad_(e.layer in active)
+
+    loss_fn, teacher = default_loss, None
+    if s.kind == "distill":
+        from dsft.recipes.distill import distill_loss
+
+        teacher, d = ctx.teacher_factory(s), s.distill_settings
+
+        def loss_fn(m, b):
+            return distill_loss(m, teacher, b, d.alpha, d.temperature)[:2]
+
+    ctx.emit("stage_start", {"index": index, "stage": s.name, "kind": s.kind, "steps": steps, "start_step": start,
+                             "realised_mixture": data.realised, "phases": data.phases,
+                             "trainable": sum(stage_trained.values()), "experts": selection,
+                             "teacher": teacher.name if teacher else None})
+    probe = RouterProbe(base, spec)
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts"]
+    t0 = time.perf_counter()
+    try:
+        with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext():
+            losses = done_losses + train_steps(
+                model, optimizer, stage_batches(data, s.batch_size, device),
+                steps=steps, peak_lrs=[s.lr] * len(groups), warmup=min(s.warmup_steps, steps - 1),
+                schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss_fn,
+                before_step=before_step, on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
+                after_step=lambda step, ls: checkpoint(step, done_losses + ls,
+                                                       lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
+            )
+    finally:
+        probe.close()
+    seconds = time.perf_counter() - t0
+    teacher_name = teacher.name if teacher else None
+    loss_fn = teacher = None  # the teacher's weights go now, not at the end of the run
+    mask = data.examples.attention_mask[start * s.batch_size : steps * s.batch_size]
+    tail = losses[-5:]
+    out: dict[str, Any] = {
+        "stage": s.name, "kind": s.kind, "steps": steps, "final_loss": sum(tail) / len(tail),
+        "seconds": round(seconds, 2), "tokens_per_s": round(int(mask.sum()) / max(seconds, 1e-9), 1),
+        "padded_tokens_per_s": round(mask.numel() / max(seconds, 1e-9), 1), "mixture": data.realised,
+        "trainable_params": sum(stage_trained.values()),
+    }
+    if len(data.phases) > 1:
+        out["phases"] = data.phases
+    if teacher_name:
+        out["teacher"] = teacher_name
+    if selection is not None:
+        chosen = sum(len(v) for v in selection.values())
+        out["esft"] = {"method": ctx.esft.method, "p": ctx.esft.p, "selection": {str(k): list(v) for k, v in selection.items()},
+                       "selected_share": round(chosen / max(1, n_experts * len(selection)), 4)}
+    if start:
+        out["resumed_at_step"] = start
+    if cuda:
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["eval"] = evaluate(model, ctx.eval_sets, ctx.base_tokens)
+    ctx.emit("stage_eval", {"stage": s.name, **out["eval"]})
+    return out
