@@ -175,6 +175,9 @@ def export_peft(ref: str, out: str | Path, *, base: str | None = None, registry:
     _check_out(out)
     rec, base_ref, fp = _resolve(ref, base, registry)
     directory, manifest = Path(rec.path), rec.manifest
+    if _is_esft(manifest):
+        raise UsageError(f"{rec.ref} is an ESFT adapter (its own weights for some experts), which PEFT has no format for; "
+                         f"export it with --format merged")
     added = manifest.get("added_tokens") or []
     tokenizer = _extended_tokenizer(base_ref.path, manifest)
     with staging_dir(out) as tmp:
@@ -239,14 +242,20 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
         rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
         apply_rows_to_plain_model(model, int(manifest["term_start"]), rows)
     with staging_dir(out) as tmp:
-        # PEFT reads the files itself: they were verified above; copy them first so that what it reads is
-        # exactly what was hashed, then merge.
-        src = tmp / ".adapter"
-        src.mkdir()
-        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
-            (src / name).write_bytes(read_verified(directory, manifest, name))
-        merged = PeftModel.from_pretrained(model, src, is_trainable=False).merge_and_unload()
-        shutil.rmtree(src)
+        if _is_esft(manifest):
+            from dsft.adapters.esft import ESFT_FILE, apply_slices
+
+            apply_slices(model, load_safetensors(read_verified(directory, manifest, ESFT_FILE)))
+            merged = model
+        else:
+            # PEFT reads the files itself: they were verified above; copy them first so that what it reads is
+            # exactly what was hashed, then merge.
+            src = tmp / ".adapter"
+            src.mkdir()
+            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+                (src / name).write_bytes(read_verified(directory, manifest, name))
+            merged = PeftModel.from_pretrained(model, src, is_trainable=False).merge_and_unload()
+            shutil.rmtree(src)
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_text_atomic(tmp / "README.md", README_MERGED.format(
@@ -255,6 +264,10 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
         write_json_atomic(tmp / "dsft_export.json", _provenance(rec, fp, "merged"))
         _publish(tmp, out)
     return ExportResult(rec.ref, "merged", out, sorted(p.name for p in out.iterdir()))
+
+
+def _is_esft(manifest: dict[str, Any]) -> bool:
+    return str(manifest.get("kind", "lora")).split("+")[0] == "esft"
 
 
 def export_adapter(ref: str, out: str | Path, *, format: str = "peft", **kwargs: Any) -> ExportResult:

@@ -14,6 +14,10 @@ row without one): one low-rank product per module whatever the mix, and no host 
 * Every routed-experts module gets a forward that runs the base experts once for all (token, expert) pairs
   with grouped GEMMs, adding the masked low-rank term per pair before the activation (``gate_up_proj``)
   and after it (``down_proj``): the math of merging W + s B A per adapter, without forming it.
+* An ESFT adapter brings its own weights for a few experts. A (token, expert) pair of its rows that
+  lands on one of them is computed with those weights instead: the base pass gives such pairs routing
+  weight 0 and a second grouped pass over the adapters' stacked slices gives them their weight (every
+  other pair weight 0 there), so rows of other adapters in the same batch are untouched.
 
 Decoding one token at a time is bound by the host launching kernels, so the forwards are plain patched
 methods (no hook machinery), the scale is folded into B when an adapter is read, and grouped GEMMs call
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
-from dsft.runtime.weights import AdapterWeights, LinearLora
+from dsft.runtime.weights import AdapterWeights, ExpertSlices, LinearLora
 
 
 @dataclass(eq=False)
@@ -170,6 +174,7 @@ class MultiLora:
         self._routing: RowGroups | None = None
         self._linear: dict[str, dict[str, LinearLora]] = {}
         self._experts: dict[str, dict[str, dict[str, LowRank]]] = {}
+        self._slices: dict[str, dict[str, ExpertSlices]] = {}
         self._patched: dict[str, nn.Module] = {}
         self._stacks: dict[tuple, object] = {}
         self._stacks_for: tuple[str, ...] | None = None
@@ -207,6 +212,16 @@ class MultiLora:
                 if (w.shape[0], w.shape[1], w.shape[2]) != (f.B.shape[0], f.B.shape[1], f.A.shape[2]):
                     problems.append(f"module {path}.{name}: expects shape {[f.B.shape[0], f.B.shape[1], f.A.shape[2]]}, "
                                     f"base has {list(w.shape)}")
+        for path, sl in weights.expert_slices.items():
+            if path not in self._experts_paths:
+                problems.append(f"module {path}: not a routed-experts layout the runtime serves")
+                continue
+            m = self.model.get_submodule(path)
+            n = m.gate_up_proj.shape[0]
+            if (sl.gate_up_proj.shape[1:] != m.gate_up_proj.shape[1:] or sl.down_proj.shape[1:] != m.down_proj.shape[1:]
+                    or len(sl.index) == 0 or int(sl.index.min()) < 0 or int(sl.index.max()) >= n):
+                problems.append(f"module {path}: ESFT experts {sl.index.tolist()} of shape {list(sl.gate_up_proj.shape[1:])} "
+                                f"do not fit its {n} experts of shape {list(m.gate_up_proj.shape[1:])}")
         return problems
 
     def add(self, key: str, weights: AdapterWeights) -> None:
@@ -220,6 +235,8 @@ class MultiLora:
                 self._patched[path] = module
         for path, by_param in weights.experts.items():
             self._experts.setdefault(path, {})[key] = by_param
+        for path, sl in weights.expert_slices.items():
+            self._slices.setdefault(path, {})[key] = sl
         self._stacks.clear()
 
     def remove(self, key: str) -> None:
@@ -233,6 +250,10 @@ class MultiLora:
             self._experts[path].pop(key, None)
             if not self._experts[path]:
                 del self._experts[path]
+        for path in list(self._slices):
+            self._slices[path].pop(key, None)
+            if not self._slices[path]:
+                del self._slices[path]
         self._stacks.clear()
 
     def close(self) -> None:
@@ -242,6 +263,7 @@ class MultiLora:
         self._patched.clear()
         self._linear.clear()
         self._experts.clear()
+        self._slices.clear()
         self._stacks.clear()
 
     @contextmanager
@@ -319,6 +341,44 @@ class MultiLora:
                 f, groups, ranks = (runtime._stacked(name, path, routing, table, lambda t, name=name: t.get(name))
                                     if routing.keys else (None, (), ()))
                 projections.append(None if f is None else (f, runtime._mask(routing, groups, ranks, n, hidden_states.dtype)))
-            return experts_forward_mixed(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
-                                         module.down_proj, module.act_fn, *projections)
+            own = runtime._own_experts(path, routing, module.gate_up_proj.shape[0]) if routing.keys else None
+            if own is None:
+                return experts_forward_mixed(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
+                                             module.down_proj, module.act_fn, *projections)
+            remap, slices = own
+            # Row r's pair (t, j) goes to its adapter's slice remap[group(r), expert] when there is one.
+            groups = routing.row_group.repeat_interleave(n // routing.batch)
+            target = remap[groups.where(groups >= 0, remap.shape[0] - 1)[:, None], top_k_index]
+            mine = target >= 0
+            y = experts_forward_mixed(hidden_states, top_k_index, top_k_weights.masked_fill(mine, 0), module.gate_up_proj,
+                                      module.down_proj, module.act_fn, *projections)
+            return y + experts_forward_mixed(hidden_states, target.clamp(min=0), top_k_weights.masked_fill(~mine, 0),
+                                             slices.gate_up_proj, slices.down_proj, module.act_fn)
         return forward
+
+    def _own_experts(self, path: str, routing: RowGroups, n_experts: int) -> tuple[torch.Tensor, ExpertSlices] | None:
+        """For the ESFT adapters of ``routing`` with experts in ``path``: (``remap`` [groups + 1, E], their slices
+        stacked), where ``remap[g, e]`` is the stacked slice replacing expert e for group g, or -1 (last row: no adapter)."""
+        table = self._slices.get(path)
+        if not table:
+            return None
+        if self._stacks_for != routing.keys:
+            self._stacks.clear()
+            self._stacks_for = routing.keys
+        hit = self._stacks.get(("slices", path), False)
+        if hit is False:
+            present = [(g, table[k]) for g, k in enumerate(routing.keys) if k in table]
+            hit = None
+            if present:
+                device = present[0][1].index.device
+                remap = torch.full((len(routing.keys) + 1, n_experts), -1, dtype=torch.long, device=device)
+                start = 0
+                for g, sl in present:
+                    remap[g, sl.index] = torch.arange(start, start + len(sl.index), device=device)
+                    start += len(sl.index)
+                stacked = ExpertSlices(torch.cat([sl.index for _, sl in present]),
+                                       torch.cat([sl.gate_up_proj for _, sl in present]),
+                                       torch.cat([sl.down_proj for _, sl in present]))
+                hit = (remap, stacked)
+            self._stacks[("slices", path)] = hit
+        return hit

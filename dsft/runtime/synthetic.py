@@ -95,21 +95,58 @@ def make_adapter(
             if plan.terms:
                 save_file(rows, str(tmp / TERMS_FILE), metadata={"start": str(plan.start), "count": str(len(plan.terms))})
             kind = "lora+terms" if plan.terms else "lora"
-            name = base_name or loaded.ref.name
-            source = loaded.ref.source if base_name is None else f"path:/synthetic/{base_name}"
-            metrics = {"synthetic": True, "seed": seed}
-            fields = {"domain": domain, "kind": kind, "base": {"name": name, "source": source, "fingerprint": summary(fp)},
-                      "target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
-                      "base_vocab_size": fp["vocab_size"], "recipe": {"synthetic": True}, "metrics": metrics,
-                      "lora": {"r": r, "alpha": alpha}}
-            with reg.transaction() as tx:
-                base_rec = tx.ensure_base(name=name, source=source, fingerprint=fp)
-                version = tx.next_adapter_version(domain=domain, base_fingerprint=fp)
-                manifest, sha = write_manifest(tmp, {**fields, "version": version})
-                final = tx.place_dir(tmp, domain=domain, version=version)
-                return tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
-                                      manifest_sha256=sha, recipe={"synthetic": True}, metrics=metrics, base=base_rec)
+            return _register(reg, tmp, loaded, domain, kind, seed, fp, base_name,
+                             {"target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
+                              "lora": {"r": r, "alpha": alpha}})
     finally:
         peft_model.unload()
         for p in model.parameters():
             p.requires_grad_(False)
+
+
+def _register(reg, tmp, loaded: LoadedBase, domain: str, kind: str, seed: int, fp: Mapping[str, Any],
+              base_name: str | None, fields: dict[str, Any]):
+    """Write the manifest into the staged ``tmp``, move it into place and register it, in one transaction."""
+    name = base_name or loaded.ref.name
+    source = loaded.ref.source if base_name is None else f"path:/synthetic/{base_name}"
+    metrics = {"synthetic": True, "seed": seed}
+    fields = {"domain": domain, "kind": kind, "base": {"name": name, "source": source, "fingerprint": summary(fp)},
+              "base_vocab_size": fp["vocab_size"], "recipe": {"synthetic": True}, "metrics": metrics, **fields}
+    with reg.transaction() as tx:
+        base_rec = tx.ensure_base(name=name, source=source, fingerprint=fp)
+        version = tx.next_adapter_version(domain=domain, base_fingerprint=fp)
+        manifest, sha = write_manifest(tmp, {**fields, "version": version})
+        final = tx.place_dir(tmp, domain=domain, version=version)
+        return tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
+                              manifest_sha256=sha, recipe={"synthetic": True}, metrics=metrics, base=base_rec)
+
+
+@torch.no_grad()
+def make_esft_adapter(loaded: LoadedBase, domain: str, *, seed: int = 0, experts_per_layer: int = 2,
+                      noise: float = 0.5, registry: Any = None):
+    """Write and register a random ESFT adapter for ``loaded``: per MoE layer, ``experts_per_layer`` experts
+    (chosen by ``seed``) whose weights are the base's plus ``noise`` x their std of Gaussian noise.
+    ``loaded``'s model is not changed. Returns the registered :class:`dsft.registry.AdapterRecord`."""
+    from contextlib import nullcontext
+
+    from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, INDEX_SUFFIX, moe_layers
+    from dsft.registry import Registry, open_registry
+
+    g = torch.Generator().manual_seed(seed)
+    tensors, shapes, selection = {}, {}, {}
+    for i, (path, core, _) in moe_layers(loaded.model, loaded.spec).items():
+        n = core.gate_up_proj.shape[0]
+        idx = torch.randperm(n, generator=g)[:experts_per_layer].sort().values
+        selection[str(i)] = idx.tolist()
+        for pname in EXPERT_PARAMS:
+            w = getattr(core, pname)[idx].float().cpu()
+            w = w + torch.randn(w.shape, generator=g) * w.std() * noise
+            tensors[f"{path}.{pname}"] = w.to(getattr(core, pname).dtype).contiguous()
+            tensors[f"{path}.{pname}{INDEX_SUFFIX}"] = idx.clone()
+            shapes[f"{path}.{pname}"] = list(getattr(core, pname).shape)
+    reg_cm = nullcontext(registry) if isinstance(registry, Registry) else open_registry(registry)
+    with reg_cm as reg, staging_dir(reg.adapters_root / domain / "new") as tmp:
+        save_file(tensors, str(tmp / ESFT_FILE), metadata={"format": "dsft-esft", "version": "1"})
+        esft = {"method": "token", "p": 0.2, "lora": False, "selection": selection, "tokens": 0}
+        return _register(reg, tmp, loaded, domain, "esft", seed, loaded.fingerprint, None,
+                         {"target_shapes": shapes, "added_tokens": [], "term_start": len(loaded.tokenizer), "esft": esft})

@@ -4,7 +4,8 @@ PEFT interprets its own format: the adapter's config is injected into a *meta-de
 (no memory, no weights), its state dict is loaded into that skeleton with PEFT's own key mapping (so
 nested ``target_parameters`` wrappers, rank/alpha patterns and transformers weight conversions are read
 the way ``PeftModel.from_pretrained`` reads them), and the factors are then taken out of the skeleton's
-LoRA layers. The live model is never wrapped.
+LoRA layers. The live model is never wrapped. An ESFT adapter has no PEFT files: its selected experts' weights are
+read as slices (``ExpertSlices``), which the runtime uses in place of the base's experts for its own rows.
 
 Every file is read once, as bytes, and those bytes are checked against the manifest's sha256 before they
 are parsed, so what is loaded is exactly what was verified.
@@ -37,6 +38,18 @@ class LinearLora:
     B: torch.Tensor
 
 
+@dataclass(frozen=True)
+class ExpertSlices:
+    """An ESFT adapter's own weights for some experts of one routed-experts module (the base layout)."""
+
+    index: torch.Tensor
+    """[S] the experts these slices replace."""
+    gate_up_proj: torch.Tensor
+    """[S, 2I, H]"""
+    down_proj: torch.Tensor
+    """[S, H, I]"""
+
+
 @dataclass
 class AdapterWeights:
     """What the runtime needs of one adapter, on the base's device and in its dtype."""
@@ -46,6 +59,8 @@ class AdapterWeights:
     experts: dict[str, dict[str, LowRank]] = field(default_factory=dict)
     """Routed-experts module path -> {"gate_up_proj" | "down_proj": A [E, r, in], B [E, out, r] (scale folded
     into B, ``scale`` 1)}."""
+    expert_slices: dict[str, ExpertSlices] = field(default_factory=dict)
+    """Routed-experts module path -> an ESFT adapter's replacement experts."""
     terms: tuple[torch.Tensor, torch.Tensor] | None = None
     """(embed rows, head rows) of the added tokens, or None."""
     added_tokens: tuple[str, ...] = ()
@@ -58,6 +73,8 @@ class AdapterWeights:
         for by_param in self.experts.values():
             for f in by_param.values():
                 out += [f.A, f.B]
+        for sl in self.expert_slices.values():
+            out += [sl.index, sl.gate_up_proj, sl.down_proj]
         if self.terms is not None:
             out += list(self.terms)
         return out
@@ -188,21 +205,13 @@ def read_adapter(directory: str | Path, manifest: dict[str, Any], model_config, 
         IntegrityError: a file is missing, changed, or its weights do not cover the config's targets.
         UsageError: a LoRA variant the runtime does not serve (DoRA, biases, embedding LoRA, ...).
     """
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
 
     directory = Path(directory)
-    config = _peft_config(read_verified(directory, manifest, PEFT_CONFIG))
-    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS))
-    skeleton = _skeleton(model_config, config)
-    result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
-        raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS} does not match its config "
-                             f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
-    weights = _extract(skeleton, "default", device, dtype)
-    del skeleton, state
+    if str(manifest.get("kind", "lora")).split("+")[0] == "esft":
+        weights = AdapterWeights(expert_slices=_read_esft(directory, manifest, device, dtype))
+    else:
+        weights = _read_lora(directory, manifest, model_config, device, dtype)
     added = tuple(manifest.get("added_tokens") or ())
     if added:
         rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
@@ -214,6 +223,46 @@ def read_adapter(directory: str | Path, manifest: dict[str, Any], model_config, 
         weights.added_tokens = added
         weights.term_start = int(manifest["term_start"])
     return weights
+
+
+def _read_lora(directory: Path, manifest: dict[str, Any], model_config, device, dtype) -> AdapterWeights:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load as load_safetensors
+
+    config = _peft_config(read_verified(directory, manifest, PEFT_CONFIG))
+    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS))
+    skeleton = _skeleton(model_config, config)
+    result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS} does not match its config "
+                             f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
+    return _extract(skeleton, "default", device, dtype)
+
+
+def _read_esft(directory: Path, manifest: dict[str, Any], device, dtype) -> dict[str, ExpertSlices]:
+    """``{experts module path: slices}`` from ``esft.safetensors`` (``<path>.<param>`` + ``<path>.<param>.experts``)."""
+    from safetensors.torch import load as load_safetensors
+
+    from dsft.adapters.esft import ESFT_FILE, INDEX_SUFFIX
+
+    tensors = load_safetensors(read_verified(directory, manifest, ESFT_FILE))
+    out = {}
+    for key in tensors:
+        if not key.endswith(".gate_up_proj"):
+            continue
+        path = key.removesuffix(".gate_up_proj")
+        names = (key, key + INDEX_SUFFIX, f"{path}.down_proj", f"{path}.down_proj{INDEX_SUFFIX}")
+        if any(n not in tensors for n in names):
+            raise IntegrityError(f"adapter {directory}: {ESFT_FILE} lacks {next(n for n in names if n not in tensors)}; "
+                                 "retrain it")
+        index = tensors[names[1]].long()
+        gu, down = tensors[names[0]], tensors[names[2]]
+        if not torch.equal(index, tensors[names[3]].long()) or gu.shape[0] != len(index) or down.shape[0] != len(index):
+            raise IntegrityError(f"adapter {directory}: {ESFT_FILE} slices of {path} disagree on their experts; retrain it")
+        out[path] = ExpertSlices(index.to(device), gu.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype))
+    return out
 
 
 def extended_tokenizer(tokenizer, added_tokens: tuple[str, ...], term_start: int):

@@ -161,3 +161,12 @@ def test_esft_recipe_trains_a_few_experts_and_reloads_to_the_trained_loss(home, 
     sets, _ = eval_sets(pack, general_pack(), loaded.tokenizer, 128)
     again = evaluate(model, {"domain": sets["domain"]}, base_tokens)
     assert again["domain_loss"] == pytest.approx(m["eval_loss_after"], abs=2e-5)
+
+    # The runtime serves it too (its experts for its rows), giving the same logits as the in-place load.
+    served = dsft.load_base("tiny-deepseek-v2", device="cpu")
+    served.attach(result.adapter)
+    text = "The collateralized debt obligation desk reviewed its duration risk."
+    ids = served.tokenizer_for("finance")(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0]
+    torch.testing.assert_close(served.logits([text], adapters=["finance"])[0], want, rtol=0, atol=1e-5)
