@@ -12,6 +12,7 @@ from dsft.cli.generate_cmd import generate_command
 from dsft.cli.serve_cmd import serve_command
 from dsft.cli.eval_cmd import eval_command
 from dsft.cli.logs_cmd import logs_command
+from dsft.cli.plan_cmd import plan_command
 from dsft.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ app.command("serve")(serve_command)
 app.command("export")(export_command)
 app.command("logs")(logs_command)
 app.command("eval")(eval_command)
+app.command("plan")(plan_command)
 
 
 def run() -> None:

@@ -1,0 +1,388 @@
+"""``dsft plan``: what a training run will cost in GPU memory and time, from the base's config alone.
+
+No weights are read. The model is built on the *meta* device (shapes, no storage) to count its
+parameters and the LoRA / ESFT parameters dsft would train, and one decoder layer of each kind
+(dense, MoE) is run forward on meta tensors under ``saved_tensors_hooks``: the bytes autograd keeps
+per token are then exactly those of the code that trains (MLA or GQA attention, router, the grouped
+expert path, LoRA), not a formula that drifts from it.
+
+Peak memory is modelled as the moment backward starts or the widest moment inside it::
+
+    weights + trainable state (params, grads, AdamW moments)
+      + kept activations      all layers' saved tensors, or with checkpointing only each layer's input
+      + max(loss chunk,       one chunk of logits in bf16 and fp32, with their gradients
+            one layer's backward)  with checkpointing: that layer recomputed, plus its gradients
+
+Allocator overhead is not in that sum (it is what ``torch.cuda.max_memory_allocated`` measures); the
+fit decision adds the CUDA context and a fragmentation margin (``OVERHEAD_*``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.errors import NotFoundError, UsageError
+
+METHODS = ("lora", "qlora", "esft", "full")
+GIB = 2**30
+LOSS_CHUNK = 4096
+"""Positions per chunk of the output head (:func:`dsft.recipes.loop.lm_loss`)."""
+OVERHEAD_CONTEXT_GIB = 0.6
+"""CUDA context + cuBLAS workspaces: outside ``max_memory_allocated``, inside the card's memory."""
+OVERHEAD_FRAGMENTATION = 0.05
+"""Share of the allocated peak the caching allocator typically holds on top, reserved but unused."""
+BACKWARD_TRANSIENT = 0.5
+"""Gradients alive inside one layer's backward, as a share of that layer's saved activations."""
+NF4_BYTES = 0.5 + 4 / 64
+"""4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4 without double quantisation)."""
+H100_BF16_TFLOPS = 989.0
+MEASURED_TFLOPS_H100 = 268.8
+"""Useful TFLOP/s (by :func:`flops_per_token`) that dsft's fast path reached on one H100: DeepSeek-V2-Lite
+shape, 4 x 2048, LoRA on attention + experts, checkpointing, compiled: 17,275 tokens/s
+(benchmarks/results/2026-11-23-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to reach the same share of
+their peak."""
+GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+              "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0}
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """One training setting to estimate."""
+
+    base: str
+    method: str = "lora"
+    seq: int = 2048
+    batch: int = 4
+    checkpointing: bool = True
+    gpu_mem_gib: float | None = None
+    device: str = "cuda"
+    """``cuda`` (bf16 weights) or ``cpu`` (fp32 weights, no CUDA overhead), as dsft trains on each."""
+    lora_r: int = 16
+    esft_share: float = 0.125
+    """Share of routed experts ESFT trains (the builtin recipe selects about 1 in 8 on the presets)."""
+    new_terms: int = 200
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"--method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("seq", "batch", "lora_r"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        if self.gpu_mem_gib is not None and self.gpu_mem_gib <= 0:
+            raise UsageError(f"--gpu-mem: must be > 0 GiB, got {self.gpu_mem_gib}")
+        if self.device not in ("cuda", "cpu"):
+            raise UsageError(f"device: must be cuda or cpu, got {self.device!r}")
+        if not 0 < self.esft_share <= 1:
+            raise UsageError(f"esft share: must be in (0, 1], got {self.esft_share}")
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the plan needs of a model, counted on the meta device."""
+
+    params: int
+    expert_params: int
+    """Routed experts' weights (all layers)."""
+    linear_params: int
+    """Weights of every matrix multiply outside the experts except embeddings and head (what QLoRA quantises)."""
+    lora_params: int
+    active_params: int
+    """Parameters one token goes through (routed experts: top-k of them)."""
+    hidden: int
+    vocab: int
+    layers: int
+    saved_per_token: dict[str, float]
+    """Saved activation bytes per token of one layer, by layer kind (``dense``/``moe``)."""
+    saved_per_seq2: dict[str, float]
+    """Saved bytes per squared sequence length of one layer (attention weights on the math path)."""
+    layer_kinds: dict[str, int]
+    attention_flops_per_token_per_pos: float
+    """Attention score + value FLOPs per token per position attended (forward)."""
+    max_positions: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    trainable: float
+    gradients: float
+    optimizer: float
+    activations: float
+    transient: float
+    overhead: float
+
+    @property
+    def peak_allocated(self) -> float:
+        """What ``torch.cuda.max_memory_allocated`` should show (bytes)."""
+        return self.weights + self.trainable + self.gradients + self.optimizer + self.activations + self.transient
+
+    @property
+    def total(self) -> float:
+        """What the card must hold (bytes)."""
+        return self.peak_allocated + self.overhead
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    memory: MemoryEstimate
+    tokens_per_s: float | None
+    gpu_mem_gib: float
+    fits: bool
+    suggestion: tuple[int, int] | None
+    """The largest (batch, seq) that fits, by tokens per step."""
+    trainable_params: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        mem = {k: round(v / GIB, 3) for k, v in asdict(self.memory).items()}
+        mem["peak_allocated"] = round(self.memory.peak_allocated / GIB, 3)
+        mem["total"] = round(self.memory.total / GIB, 3)
+        return {"request": asdict(self.request), "memory_gib": mem, "gpu_mem_gib": self.gpu_mem_gib, "fits": self.fits,
+                "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s),
+                "suggestion": None if self.suggestion is None else {"batch": self.suggestion[0], "seq": self.suggestion[1]},
+                "trainable_params": self.trainable_params, "notes": self.notes}
+
+
+# --- the model, on the meta device --------------------------------------------------------------------
+
+
+def base_config(base: str):
+    """The transformers config of ``base`` without building a preset or reading weights."""
+    from transformers import AutoConfig
+
+    from dsft.base.presets import PRESETS, TOKENIZER_VOCAB
+
+    if base in PRESETS:
+        return PRESETS[base].make_config(TOKENIZER_VOCAB)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise NotFoundError(f"{base} is a directory but holds no config.json; point --base at a Hugging Face model directory")
+        return AutoConfig.from_pretrained(path)
+    try:
+        return AutoConfig.from_pretrained(base, local_files_only=True)
+    except Exception:  # not cached / not a repo id: one message for all
+        raise NotFoundError(f"unknown base {base!r}: not a preset ({', '.join(PRESETS)}), a model directory, or a hub id "
+                            "in the local cache (huggingface-cli download it first)") from None
+
+
+def _meta_model(config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _saved_bytes(layer, rotary, hidden: int, dtype: torch.dtype, params: set[int]) -> tuple[float, float]:
+    """Bytes autograd keeps for one layer's forward of one sequence of length S, as (per token, per S^2).
+
+    The S^2 part is attention that materialises its weights (the math path of SDPA, which CPU training
+    takes with MLA's unequal head sizes); CUDA's memory-efficient kernels keep nothing quadratic.
+    """
+    import dsft.kernels.expert_lora as expert_lora
+
+    def run(seq: int) -> float:
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            owner = t._base if t._base is not None else t
+            if id(owner) not in params:
+                kept[id(owner)] = max(kept.get(id(owner), 0), owner.numel() * owner.element_size())
+            return t
+
+        x = torch.empty((1, seq, hidden), device="meta", dtype=dtype, requires_grad=True)
+        pos = torch.arange(seq, device="meta")[None]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, position_embeddings=rotary(x, pos), attention_mask=None)
+        return float(sum(kept.values()))  # the layer's input is among them (its first norm keeps it)
+
+    forced = expert_lora.FORCE_GROUPED_KERNEL
+    expert_lora.FORCE_GROUPED_KERNEL = True  # the shape-static grouped path (the loop needs real routing)
+    try:
+        a, b, c = run(128), run(256), run(512)
+    finally:
+        expert_lora.FORCE_GROUPED_KERNEL = forced
+    # saved(S) = k0 + k1 S + k2 S^2 through three points.
+    k2 = ((c - b) / 256 - (b - a) / 128) / (512 - 128)
+    k1 = (b - a) / 128 - k2 * (256 + 128)
+    return k1, max(k2, 0.0)
+
+
+def count_model(base: str, *, lora_r: int = 16, dtype: torch.dtype = torch.bfloat16) -> ModelCounts:
+    """Parameter counts and per-token saved activations of ``base`` with dsft's LoRA attached (meta device)."""
+    from dsft.adapters.lora import LoraSettings, attach_lora
+    from dsft.base.arch import spec_for, top_k
+
+    config = base_config(base)
+    spec = spec_for(getattr(config, "model_type", None), getattr(config, "architectures", None))
+    model = _meta_model(config, dtype)
+    decoder = model.get_decoder()
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    params = sum(p.numel() for p in model.parameters())
+    expert_params, linear_params, kinds, active = 0, 0, {}, 0
+    k = top_k(spec, config)
+    for layer in decoder.layers:
+        try:
+            experts = layer.get_submodule(spec.experts_attr)
+            n_e = experts.gate_up_proj.shape[0]
+            e_params = sum(p.numel() for p in experts.parameters())
+            expert_params += e_params
+            active += e_params * k // n_e
+            kinds["moe"] = kinds.get("moe", 0) + 1
+        except AttributeError:
+            e_params = 0
+            kinds["dense"] = kinds.get("dense", 0) + 1
+        rest = sum(p.numel() for n, p in layer.named_parameters() if p.dim() >= 2) - e_params
+        linear_params += rest
+        active += sum(p.numel() for p in layer.parameters()) - e_params
+    model = attach_lora(model, spec, LoraSettings(r=lora_r, alpha=2 * lora_r))
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base_model = model.get_base_model()
+    layers = base_model.get_decoder().layers
+    rotary = base_model.get_decoder().rotary_emb
+    param_ids = {id(p) for p in model.parameters()}
+    saved, saved2 = {}, {}
+    for kind in kinds:
+        index = next(i for i, layer in enumerate(layers) if _has(layer, spec.experts_attr) == (kind == "moe"))
+        saved[kind], saved2[kind] = _saved_bytes(layers[index], rotary, config.hidden_size, dtype, param_ids)
+    heads = getattr(config, "num_attention_heads")
+    qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or config.hidden_size // heads
+    v = getattr(config, "v_head_dim", None) or config.hidden_size // heads
+    return ModelCounts(
+        params=params, expert_params=expert_params, linear_params=linear_params, lora_params=lora_params,
+        active_params=active + head.numel(), hidden=config.hidden_size, vocab=embed.shape[0], layers=len(layers),
+        saved_per_token=saved, saved_per_seq2=saved2, layer_kinds=kinds, attention_flops_per_token_per_pos=2.0 * heads * (qk + v),
+        max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096),
+    )
+
+
+def _has(layer, attr: str) -> bool:
+    try:
+        layer.get_submodule(attr)
+        return True
+    except AttributeError:
+        return False
+
+
+# --- the estimate -----------------------------------------------------------------------------------
+
+
+def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, int, list[str]]:
+    """(memory, trainable parameter count, notes) for ``req`` on the model counted in ``c``."""
+    wbytes = 2 if req.device == "cuda" else 4
+    notes: list[str] = []
+    tokens = req.batch * req.seq
+    terms = 2 * req.new_terms * c.hidden  # embedding + head rows of the new terms (fp32)
+    weights = c.params * wbytes
+    if req.method == "qlora":
+        weights -= (c.linear_params + c.expert_params) * (wbytes - NF4_BYTES)
+        notes.append("qlora: attention, dense and expert weights in NF4 (bitsandbytes), the rest in bf16")
+    if req.method in ("lora", "qlora"):
+        trainable = c.lora_params + req.new_terms * c.hidden * 2
+        state = dict(trainable=trainable * 4.0, gradients=trainable * 4.0, optimizer=trainable * 8.0)
+    elif req.method == "esft":
+        chosen = int(c.expert_params * req.esft_share)
+        trainable = chosen + req.new_terms * c.hidden * 2
+        # dsft masks gradients along the expert axis of the fused tensors: the gradient, its 0/1 mask and
+        # AdamW's two moments are allocated for the whole fused expert weight, in its dtype.
+        state = dict(trainable=terms * 4.0, gradients=2 * c.expert_params * wbytes + terms * 4.0,
+                     optimizer=c.expert_params * wbytes * 2 + terms * 8.0)
+        notes.append(f"esft: {req.esft_share:.1%} of routed experts train, but gradients and AdamW state cover the fused "
+                     "expert tensors in full")
+    else:
+        trainable = c.params
+        state = dict(trainable=0.0, gradients=c.params * wbytes, optimizer=c.params * wbytes * 2.0)
+        notes.append("full: every weight trains; AdamW moments in the weights' dtype (no fp32 master copy)")
+    quadratic = 0.0 if req.device == "cuda" else 1.0
+    layer_saved = {k: v * tokens + quadratic * c.saved_per_seq2[k] * req.batch * req.seq**2
+                   for k, v in c.saved_per_token.items()}
+    widest = max(layer_saved.values())
+    layer_input = tokens * c.hidden * wbytes
+    if req.checkpointing:
+        kept = c.layers * layer_input
+        inside = widest * (1 + BACKWARD_TRANSIENT)
+    else:
+        kept = sum(layer_saved[k] * n for k, n in c.layer_kinds.items())
+        inside = widest * BACKWARD_TRANSIENT
+    kept += 2 * layer_input  # the final norm's input and output, which the chunked head reads
+    chunk = min(LOSS_CHUNK, tokens)
+    # Logits and their gradient in the weights' dtype, their fp32 copies (the same tensors on CPU), and
+    # the saved log-softmax.
+    loss = chunk * c.vocab * (2 * wbytes + 8 if wbytes != 4 else 12)
+    transient = max(loss, inside) + 2 * layer_input  # + the gradient flowing between layers
+    if req.device == "cuda":
+        # CUDA's foreach AdamW takes the square root of all second moments at once: one more copy of
+        # the moments, while the step runs (activations are gone by then).
+        step = state["optimizer"] / 2
+        transient = max(transient + kept, step) - kept
+    overhead = 0.0
+    if req.device == "cuda":
+        peak = weights + sum(state.values()) + kept + transient
+        overhead = OVERHEAD_CONTEXT_GIB * GIB + OVERHEAD_FRAGMENTATION * peak
+    return MemoryEstimate(weights, state["trainable"], state["gradients"], state["optimizer"], kept, transient,
+                          overhead), trainable, notes
+
+
+def flops_per_token(c: ModelCounts, req: PlanRequest) -> float:
+    """Training FLOPs per token: forward 2N, backward 2N for the inputs (+2N weight gradients when the
+    base trains), +2N for recomputation with checkpointing, plus causal attention."""
+    n = c.active_params
+    passes = 2 + 2 + (2 if req.method == "full" else 0) + (2 if req.checkpointing else 0)
+    attention = c.attention_flops_per_token_per_pos * req.seq / 2 * c.layers * (passes / 2)
+    return n * passes + attention
+
+
+def gpu_tflops(name: str | None) -> float | None:
+    if not name:
+        return None
+    return next((t for key, t in GPU_TFLOPS.items() if key in name), None)
+
+
+def plan(req: PlanRequest, counts: ModelCounts | None = None, gpu_name: str | None = None) -> Plan:
+    """Estimate ``req``; ``counts`` can be passed to plan several settings of one base cheaply.
+
+    Raises:
+        NotFoundError: unknown base.
+        UsageError: a bad setting.
+    """
+    c = counts or count_model(req.base, lora_r=req.lora_r, dtype=torch.bfloat16 if req.device == "cuda" else torch.float32)
+    if gpu_name is None and req.device == "cuda" and torch.cuda.is_available():
+        gpu_name = torch.cuda.get_device_name()
+    gpu_mem = req.gpu_mem_gib
+    if gpu_mem is None:
+        gpu_mem = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
+    mem, trainable, notes = estimate_memory(c, req)
+    fits = mem.total <= gpu_mem * GIB
+    peak = gpu_tflops(gpu_name) or H100_BF16_TFLOPS
+    if gpu_name and gpu_tflops(gpu_name) is None:
+        notes.append(f"unknown GPU {gpu_name!r}: tokens/s assumes an H100")
+    tokens_per_s = None
+    if req.device == "cuda":
+        useful = MEASURED_TFLOPS_H100 * peak / H100_BF16_TFLOPS * 1e12
+        tokens_per_s = useful / flops_per_token(c, req)
+    best = None
+    for seq in _powers(64, min(c.max_positions, 1 << 17)):
+        for batch in _powers(1, 1024):
+            r = PlanRequest(**{**asdict(req), "seq": seq, "batch": batch, "gpu_mem_gib": gpu_mem})
+            if estimate_memory(c, r)[0].total > gpu_mem * GIB:
+                break
+            if best is None or batch * seq > best[0] * best[1] or (batch * seq == best[0] * best[1] and seq > best[1]):
+                best = (batch, seq)
+    return Plan(req, mem, tokens_per_s, round(gpu_mem, 2), fits, best, trainable, notes)
+
+
+def _powers(start: int, stop: int) -> list[int]:
+    out = []
+    while start <= stop:
+        out.append(start)
+        start *= 2
+    return out
+
+
+def plan_json(p: Plan) -> str:
+    return json.dumps(p.to_json(), indent=2)

@@ -1,0 +1,145 @@
+"""Measure what :mod:`dsft.eval.plan` predicts: two real training steps of one setting, peak memory.
+
+On CUDA the peak is ``torch.cuda.max_memory_allocated``; on CPU it is the growth of the process's peak
+resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set after the model
+is loaded, so there it is compared with the plan's memory *beyond* weights and trainable parameters.
+The step is dsft's own: term rows, LoRA through :func:`dsft.adapters.lora.attach_lora` (fast path),
+ESFT's masked expert gradients, the chunked loss, AdamW. ``dsft plan --measure`` runs it.
+"""
+from __future__ import annotations
+
+import gc
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsft.eval.plan import GIB, PlanRequest
+
+_STATUS = Path("/proc/self/status")
+
+
+@dataclass(frozen=True)
+class Measured:
+    peak_bytes: float
+    """CUDA: the allocated peak. CPU: peak resident-set growth during the steps."""
+    new_terms: int
+    trainable_params: int
+
+
+def _rss(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in {_STATUS}")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+@dataclass
+class Prepared:
+    """A base made ready to train the way ``req.method`` trains it (one per method; any batch or length)."""
+
+    model: object
+    tokenizer: object
+    trainable: list
+    mask: tuple | None
+    new_terms: int
+
+
+def prepare(req: PlanRequest, loaded=None, seed: int = 0) -> Prepared:
+    """Load ``req.base`` (or take ``loaded``, modified in place) and set up what ``req.method`` trains."""
+    from dsft.adapters.esft import expert_parameters, moe_layers
+    from dsft.adapters.lora import LoraSettings, attach_lora
+    from dsft.adapters.terms import extend_model, plan_terms
+    from dsft.base import load_base
+    from dsft.base.arch import num_experts
+    from dsft.domains import resolve_domain
+
+    if req.method == "qlora":
+        raise NotImplementedError("qlora is planned, not yet trained by dsft; nothing to measure")
+    loaded = loaded or load_base(req.base, device=req.device)
+    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
+    torch.manual_seed(seed)
+    plan = plan_terms(tokenizer, [t for t, _ in resolve_domain("finance").terms][: req.new_terms])
+    extend_model(model, tokenizer, plan)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mask = None
+    if req.method == "lora":
+        model = attach_lora(model, spec, LoraSettings(r=req.lora_r, alpha=2 * req.lora_r))
+        trainable = [p for n, p in model.named_parameters() if "lora_" in n]
+    elif req.method == "esft":
+        n_exp = num_experts(spec, model.config)
+        k = max(1, math.ceil(n_exp * req.esft_share))
+        chosen = expert_parameters(model, spec, {i: list(range(k)) for i in moe_layers(model, spec)})
+        trainable = [p for _, p, _, _ in chosen]
+        mask = (chosen, n_exp)
+    else:
+        trainable = list(model.parameters())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if plan.terms:
+        trainable += [base.get_input_embeddings().rows, base.get_output_embeddings().rows]
+    for p in trainable:
+        p.requires_grad_(True)
+    if req.device == "cuda" and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.train()
+    return Prepared(model, tokenizer, trainable, mask, len(plan.terms))
+
+
+def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) -> Measured:
+    """Run ``steps`` training steps of ``req`` (on ``prepared``, or a fresh base) and return the peak."""
+    from dsft.adapters.esft import expert_grad_mask
+    from dsft.recipes.loop import lm_loss
+
+    cuda = req.device == "cuda"
+    prep = prepared or prepare(req)
+    model = prep.model
+    if cuda and req.checkpointing:  # as dsft train does on CUDA
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    optimizer = torch.optim.AdamW(prep.trainable, lr=1e-5)
+    ids = torch.randint(0, len(prep.tokenizer), (req.batch, req.seq), device=next(model.parameters()).device)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        start = _rss("VmRSS")
+        _reset_peak_rss()
+    with expert_grad_mask(*prep.mask) if prep.mask else nullcontext():
+        for _ in range(steps):
+            lm_loss(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = float(torch.cuda.max_memory_allocated())
+    else:
+        peak = float(_rss("VmHWM") - start)
+    del optimizer, batch, ids
+    gc.collect()
+    return Measured(peak, prep.new_terms, sum(p.numel() for p in prep.trainable))
+
+
+def compare(req: PlanRequest, counts=None, prepared: Prepared | None = None) -> dict:
+    """Plan and measure ``req``: predicted and measured GiB and the relative error (see the module docstring)."""
+    from dsft.eval.plan import count_model, estimate_memory
+
+    m = measure(req, prepared)
+    req = PlanRequest(**{**req.__dict__, "new_terms": m.new_terms})
+    c = counts or count_model(req.base, lora_r=req.lora_r, dtype=torch.bfloat16 if req.device == "cuda" else torch.float32)
+    mem = estimate_memory(c, req)[0]
+    predicted = mem.peak_allocated if req.device == "cuda" else mem.peak_allocated - mem.weights - mem.trainable
+    return {"base": req.base, "method": req.method, "batch": req.batch, "seq": req.seq, "checkpointing": req.checkpointing,
+            "device": req.device, "predicted_gib": round(predicted / GIB, 3), "measured_gib": round(m.peak_bytes / GIB, 3),
+            "error": round(predicted / m.peak_bytes - 1, 4), "trainable_params": m.trainable_params}
+

@@ -1,0 +1,85 @@
+"""`dsft plan`: counts from the meta device equal the real model's, and the estimate lands within 15% of
+what a real CPU training step takes (peak resident-set growth, each setting in a fresh process)."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dsft.eval.plan import GIB, PlanRequest, count_model, estimate_memory, plan
+
+
+def test_meta_counts_equal_the_real_model_with_lora_attached(home):
+    from dsft.adapters.lora import LoraSettings, attach_lora
+    from dsft.base import load_base
+
+    counts = count_model("tiny-deepseek-v2", dtype=torch.float32)
+    loaded = load_base("tiny-deepseek-v2", device="cpu")
+    assert counts.params == sum(p.numel() for p in loaded.model.parameters())
+    assert counts.layer_kinds == {"dense": 1, "moe": 3}
+    peft = attach_lora(loaded.model, loaded.spec, LoraSettings(r=16, alpha=32))
+    assert counts.lora_params == sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+    assert 0 < counts.expert_params < counts.params and counts.active_params < counts.params
+
+
+def test_state_memory_follows_the_method():
+    counts = count_model("tiny-qwen3-moe", dtype=torch.bfloat16)
+    lora = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "lora", new_terms=0))[0]
+    assert lora.optimizer == 2 * lora.gradients == 2 * lora.trainable == 8 * counts.lora_params  # fp32 AdamW
+    qlora = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "qlora", new_terms=0))[0]
+    assert qlora.weights < lora.weights and qlora.optimizer == lora.optimizer
+    full = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "full", new_terms=0))[0]
+    assert full.optimizer == 2 * 2 * counts.params  # two bf16 moments per weight
+    ckpt = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "lora", seq=1024, checkpointing=True))[0]
+    no_ckpt = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "lora", seq=1024, checkpointing=False))[0]
+    assert ckpt.activations < no_ckpt.activations / 3
+
+
+def test_the_suggestion_is_the_largest_setting_that_fits():
+    p = plan(PlanRequest("tiny-deepseek-v2", "lora", seq=2048, batch=64, checkpointing=False, gpu_mem_gib=1.5))
+    assert not p.fits and p.suggestion is not None
+    b, s = p.suggestion
+    counts = count_model("tiny-deepseek-v2")
+    fits = lambda b, s: estimate_memory(  # noqa: E731
+        counts, PlanRequest("tiny-deepseek-v2", "lora", seq=s, batch=b, checkpointing=False))[0].total <= 1.5 * GIB
+    assert fits(b, s) and not fits(2 * b, s)
+    assert p.tokens_per_s and p.tokens_per_s > 0
+
+
+def _measure(method: str, batch: int, seq: int, home: str, out) -> None:
+    os.environ["DSFT_HOME"] = home
+    torch.set_num_threads(1)
+    from dsft.eval.plan_measure import compare
+
+    out.put(compare(PlanRequest("tiny-deepseek-v2", method, seq=seq, batch=batch, device="cpu", checkpointing=False)))
+
+
+@pytest.mark.parametrize("method,batch,seq", [("lora", 4, 512), ("lora", 1, 2048), ("full", 2, 1024)])
+def test_plan_is_within_15_percent_of_a_measured_cpu_step(home, monkeypatch, method, batch, seq):
+    # Large blocks straight from mmap, so freed memory leaves the resident set at once.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(method, batch, seq, str(home), out))
+    p.start()
+    row = out.get(timeout=240)
+    p.join(timeout=30)
+    assert row["measured_gib"] > 0.15, row  # large enough that allocator noise does not decide
+    assert abs(row["error"]) < 0.15, row
+
+
+def test_plan_cli_prints_json_and_refuses_bad_input_in_one_line():
+    from dsft.cli.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--base", "tiny-mixtral", "--method", "esft", "--seq", "512", "--gpu-mem", "24", "--json"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["fits"] is True and data["memory_gib"]["total"] < 24 and data["suggestion"]["seq"] >= 512
+    bad = CliRunner().invoke(app, ["plan", "--method", "dora"])
+    assert bad.exit_code != 0 and "--method" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    missing = CliRunner().invoke(app, ["plan", "--base", "no-such-base"])
+    assert missing.exit_code != 0 and "unknown base" in missing.stderr
