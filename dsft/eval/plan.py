@@ -166,7 +166,7 @@ def base_config(base: str):
         return AutoConfig.from_pretrained(path)
     try:
         return AutoConfig.from_pretrained(base, local_files_only=True)
-    except Exception:  # not cached / not a repo id: one message for all
+    except (OSError, ValueError):  # not cached, not a repo id: one message for both
         raise NotFoundError(f"unknown base {base!r}: not a preset ({', '.join(PRESETS)}), a model directory, or a hub id "
                             "in the local cache (huggingface-cli download it first)") from None
 
@@ -184,7 +184,7 @@ def _saved_bytes(layer, rotary, hidden: int, dtype: torch.dtype, params: set[int
     The S^2 part is attention that materialises its weights (the math path of SDPA, which CPU training
     takes with MLA's unequal head sizes); CUDA's memory-efficient kernels keep nothing quadratic.
     """
-    import dsft.kernels.expert_lora as expert_lora
+    from dsft.kernels import expert_lora
 
     def run(seq: int) -> float:
         kept: dict[int, int] = {}
@@ -250,7 +250,7 @@ def count_model(base: str, *, lora_r: int = 16, dtype: torch.dtype = torch.bfloa
     for kind in kinds:
         index = next(i for i, layer in enumerate(layers) if _has(layer, spec.experts_attr) == (kind == "moe"))
         saved[kind], saved2[kind] = _saved_bytes(layers[index], rotary, config.hidden_size, dtype, param_ids)
-    heads = getattr(config, "num_attention_heads")
+    heads = config.num_attention_heads
     qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or config.hidden_size // heads
     v = getattr(config, "v_head_dim", None) or config.hidden_size // heads
     return ModelCounts(
@@ -284,19 +284,19 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
         notes.append("qlora: attention, dense and expert weights in NF4 (bitsandbytes), the rest in bf16")
     if req.method in ("lora", "qlora"):
         trainable = c.lora_params + req.new_terms * c.hidden * 2
-        state = dict(trainable=trainable * 4.0, gradients=trainable * 4.0, optimizer=trainable * 8.0)
+        state = {"trainable": trainable * 4.0, "gradients": trainable * 4.0, "optimizer": trainable * 8.0}
     elif req.method == "esft":
         chosen = int(c.expert_params * req.esft_share)
         trainable = chosen + req.new_terms * c.hidden * 2
         # dsft masks gradients along the expert axis of the fused tensors: the gradient, its 0/1 mask and
         # AdamW's two moments are allocated for the whole fused expert weight, in its dtype.
-        state = dict(trainable=terms * 4.0, gradients=2 * c.expert_params * wbytes + terms * 4.0,
-                     optimizer=c.expert_params * wbytes * 2 + terms * 8.0)
+        state = {"trainable": terms * 4.0, "gradients": 2 * c.expert_params * wbytes + terms * 4.0,
+                 "optimizer": c.expert_params * wbytes * 2 + terms * 8.0}
         notes.append(f"esft: {req.esft_share:.1%} of routed experts train, but gradients and AdamW state cover the fused "
                      "expert tensors in full")
     else:
         trainable = c.params
-        state = dict(trainable=0.0, gradients=c.params * wbytes, optimizer=c.params * wbytes * 2.0)
+        state = {"trainable": 0.0, "gradients": c.params * wbytes, "optimizer": c.params * wbytes * 2.0}
         notes.append("full: every weight trains; AdamW moments in the weights' dtype (no fp32 master copy)")
     quadratic = 0.0 if req.device == "cuda" else 1.0
     layer_saved = {k: v * tokens + quadratic * c.saved_per_seq2[k] * req.batch * req.seq**2

@@ -97,7 +97,12 @@ def _extended_tokenizer(base_dir: Path, manifest: dict[str, Any]):
 
 def _peft_with_trainable_tokens(directory: Path, manifest: dict[str, Any], base_dir: Path) -> tuple[dict, Any]:
     """The adapter's LoRA state plus its term rows as PEFT trainable tokens, built on a meta-device skeleton."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import (
+        LoraConfig,
+        get_peft_model_state_dict,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
     from safetensors.torch import load as load_safetensors
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -44,7 +44,7 @@ def test_the_suggestion_is_the_largest_setting_that_fits():
     assert not p.fits and p.suggestion is not None
     b, s = p.suggestion
     counts = count_model("tiny-deepseek-v2")
-    fits = lambda b, s: estimate_memory(  # noqa: E731
+    fits = lambda b, s: estimate_memory(
         counts, PlanRequest("tiny-deepseek-v2", "lora", seq=s, batch=b, checkpointing=False))[0].total <= 1.5 * GIB
     assert fits(b, s) and not fits(2 * b, s)
     assert p.tokens_per_s and p.tokens_per_s > 0
