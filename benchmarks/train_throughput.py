@@ -50,10 +50,10 @@ def build_model(layers: int, experts_impl: str = "grouped_mm"):
         for n, p in model.named_parameters():
             p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02)
     model.set_experts_implementation(experts_impl)
-    for m in model.modules():  # rotary buffers were on meta
-        if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
-            inv, sc = m.rope_init_fn(m.config, torch.device("cuda"))
-            m.inv_freq, m.original_inv_freq, m.attention_scaling = inv, inv, sc
+    for m in model.modules():  # rotary buffers were on meta; rebuild them (newer transformers drop rope_init_fn)
+        if hasattr(m, "inv_freq"):
+            fresh = type(m)(m.config, device=torch.device("cuda"))
+            m.inv_freq, m.original_inv_freq, m.attention_scaling = fresh.inv_freq, fresh.original_inv_freq, fresh.attention_scaling
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model

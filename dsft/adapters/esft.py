@@ -249,16 +249,42 @@ def expert_mask(t: torch.Tensor, n_experts: int, idx: torch.Tensor, dim: int) ->
 @contextmanager
 def expert_grad_mask(params: Sequence[tuple[str, nn.Parameter, torch.Tensor, int]], n_experts: int) -> Iterator[None]:
     """While active, the gradients of ``params`` (from :func:`expert_parameters`) are zero outside the
-    selected experts, so AdamW (with weight decay 0) leaves those slices bit-identical."""
+    selected experts, so AdamW (with weight decay 0) leaves those slices bit-identical.
+
+    The hook fills the other experts' slices with zeros out of place: no mask the size of the fused
+    weight is kept (on DeepSeek-V2-Lite that would be another 27 GiB).
+    """
+    def zero_others(g: torch.Tensor, others: torch.Tensor, dim: int) -> torch.Tensor:
+        view = _expert_view(g, n_experts, dim)
+        return view.index_fill(0 if dim == 0 else view.dim() - 1, others.to(g.device), 0).reshape(g.shape)
+
     handles = []
     for _, p, idx, dim in params:
-        mask = expert_mask(p.detach(), n_experts, idx, dim)
-        handles.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+        others = torch.tensor(sorted(set(range(n_experts)) - set(idx.tolist())), dtype=torch.long)
+        handles.append(p.register_hook(lambda g, o=others, d=dim: zero_others(g, o, d)))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def mask_expert_grad_(p: nn.Parameter, n_experts: int, idx: torch.Tensor, dim: int) -> None:
+    """Zero ``p.grad`` outside the experts ``idx`` in place, as :func:`expert_grad_mask` does, for FSDP2:
+    its shards get their gradients assigned (no tensor hook runs) and hold only some rows, so the mask is
+    built for the rows this rank holds (:func:`dsft.base.sharding.local_offset`)."""
+    if p.grad is None:
+        return
+    from dsft.base.sharding import local_offset
+
+    g, offset = local_offset(p.grad)
+    idx = idx.to(g.device)
+    if dim == 0:  # expert-major rows: row r belongs to expert r // (rows per expert)
+        experts = torch.arange(offset, offset + g.shape[0], device=g.device) // (p.shape[0] // n_experts)
+        g.mul_(torch.isin(experts, idx).to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+    else:  # expert-minor last dim: column c belongs to expert c % E
+        g.mul_(torch.isin(torch.arange(g.shape[-1], device=g.device) % n_experts, idx).to(g.dtype))
 
 
 def select_slices(t: torch.Tensor, n_experts: int, idx: torch.Tensor, dim: int) -> torch.Tensor:

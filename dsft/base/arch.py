@@ -32,6 +32,8 @@ class ArchSpec:
     top_k_field: str = "num_experts_per_tok"
     aux_loss_coef_field: str | None = "router_aux_loss_coef"
     default_aux_loss_coef: float = 0.001
+    decoder_layer: str = ""
+    """Class name of a decoder layer: the unit that FSDP2 shards and all-gathers as one (multi-GPU training)."""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -41,6 +43,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(
             model_type="deepseek_v2",
             architecture="DeepseekV2ForCausalLM",
+            decoder_layer="DeepseekV2DecoderLayer",
             attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
             shared_experts=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
             aux_loss_coef_field=None,  # the HF config has no coefficient; DeepSeek-V2 used alpha1 = 0.001 (arXiv 2405.04434)
@@ -48,6 +51,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(
             model_type="deepseek_v3",
             architecture="DeepseekV3ForCausalLM",
+            decoder_layer="DeepseekV3DecoderLayer",
             attention=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
             shared_experts=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
             num_experts_field="n_routed_experts",
@@ -57,18 +61,21 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(
             model_type="qwen2_moe",
             architecture="Qwen2MoeForCausalLM",
+            decoder_layer="Qwen2MoeDecoderLayer",
             attention=("q_proj", "k_proj", "v_proj", "o_proj"),
             shared_experts=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
         ),
         ArchSpec(
             model_type="qwen3_moe",
             architecture="Qwen3MoeForCausalLM",
+            decoder_layer="Qwen3MoeDecoderLayer",
             attention=("q_proj", "k_proj", "v_proj", "o_proj"),
             shared_experts=(),
         ),
         ArchSpec(
             model_type="mixtral",
             architecture="MixtralForCausalLM",
+            decoder_layer="MixtralDecoderLayer",
             attention=("q_proj", "k_proj", "v_proj", "o_proj"),
             shared_experts=(),
             num_experts_field="num_local_experts",
@@ -76,6 +83,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(
             model_type="olmoe",
             architecture="OlmoeForCausalLM",
+            decoder_layer="OlmoeDecoderLayer",
             attention=("q_proj", "k_proj", "v_proj", "o_proj"),
             shared_experts=(),
         ),

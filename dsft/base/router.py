@@ -6,6 +6,7 @@ for all of them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,9 @@ class RouterProbe:
     model: nn.Module
     spec: ArchSpec
     keep_counts: bool = False
+    global_stats: bool = False
+    """Also keep each layer's summed router probabilities and expert loads of the last forward pass, for
+    :meth:`aux_loss_global` (data-parallel ranks forming the loss of the whole batch)."""
     counts: dict[int, torch.Tensor] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
@@ -46,6 +50,7 @@ class RouterProbe:
         self.n_experts = num_experts(self.spec, config)
         self.coef = aux_loss_coef(self.spec, config)
         self.n_layers = 0
+        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         for i, layer in enumerate(self.model.get_decoder().layers):
             try:
                 router = layer.get_submodule(self.spec.router_attr)
@@ -63,6 +68,8 @@ class RouterProbe:
             self._imbalance = self._imbalance + load.max() / load.mean().clamp(min=1e-9)
             if self.keep_counts:
                 self.counts[layer] = self.counts.get(layer, 0) + load.long().cpu()
+            if self.global_stats:  # one fixed key per layer, overwritten each pass (no growing container)
+                self._stats[layer] = (logits.float().softmax(-1).sum(0), load, logits.shape[0])
         return hook
 
     def reset(self) -> None:
@@ -73,6 +80,25 @@ class RouterProbe:
     def aux_loss(self) -> torch.Tensor | None:
         """Mean over MoE layers of the load-balancing loss of the last forward pass."""
         return self._aux / self.n_layers if self.n_layers else None
+
+    def aux_loss_global(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """This rank's share of the load-balancing loss of the batch that all ranks together saw.
+
+        ``E * sum_i f_i * P_i`` is not a mean over tokens (``f`` counts the whole batch's routing), so
+        averaging each rank's own loss would not give the single-process loss. Here ``f`` and the token
+        count come from the loads summed over ranks (``all_sum``, a sum-all-reduce), and ``P`` from this
+        rank's tokens only: summed over ranks, values and gradients equal :meth:`aux_loss` of one process
+        that saw the whole batch. Needs ``global_stats=True``.
+        """
+        if not self.n_layers:
+            return None
+        layers = sorted(self._stats)
+        probs = torch.stack([self._stats[i][0] for i in layers])
+        loads = torch.stack([self._stats[i][1] for i in layers])
+        tokens = torch.tensor([[float(self._stats[i][2])] for i in layers], device=loads.device)
+        totals = all_sum(torch.cat([loads.float(), tokens], 1))
+        f = totals[:, :-1] / totals[:, :-1].sum(-1, keepdim=True).clamp(min=1)
+        return (self.n_experts * (f * probs / totals[:, -1:]).sum(-1)).sum() / self.n_layers
 
     def imbalance(self) -> float:
         """Max over mean expert load in the last forward pass, averaged over layers (1.0 = balanced)."""

@@ -1,6 +1,7 @@
 """``dsft train``: a thin wrapper over :func:`dsft.train` with a live progress bar."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dsft.base.presets import DEFAULT_BASE
 from dsft.cli.common import console, err_console, guarded, print_json
+from dsft.errors import DsftError, UsageError
 
 
 class _ProgressView:
@@ -61,8 +63,61 @@ class _ProgressView:
             self.progress = None
 
 
+LAUNCH_OPTIONS = {"num_gpus", "backend", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                  "accelerate_config", "write_accelerate_config"}
+
+
+def _worker_args(ctx: typer.Context) -> list[str]:
+    """This command's arguments as given, less the launch options: what each launched process runs."""
+    args, positional = [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in LAUNCH_OPTIONS or value is None or value == param.default:
+            continue
+        if param.param_type_name == "argument":
+            positional += [str(v) for v in value]
+        elif param.is_flag:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in value if param.multiple else [value]:
+                args += [param.opts[0], str(v)]
+    return args + positional
+
+
+def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
+    """Check the arguments once, then run this command under accelerate launch (see dsft.recipes.launch)."""
+    import yaml
+
+    from dsft.recipes.launch import generated_config, launch, settings_for
+    from dsft.recipes.runner import check_run
+
+    check_run(domain=a["domain"], base=a["base"], recipe=a["recipe"], data=a["data"] or (), overrides=a["overrides"] or (),
+              seed=a["seed"], max_steps=a["max_steps"], output=a["output"], registry=a["registry"], resume=a["resume"],
+              checkpoint_every=a["checkpoint_every"])
+    given = {"num_processes": a["num_gpus"] and a["num_gpus"] * a["num_machines"], "num_machines": a["num_machines"],
+             "machine_rank": a["machine_rank"], "main_process_ip": a["main_process_ip"], "main_process_port": a["main_process_port"]}
+    if a["accelerate_config"] is not None:  # the file decides, except for what was given on this command line
+        config = a["accelerate_config"]
+        if not config.is_file():
+            raise UsageError(f"--accelerate-config {config}: no such file; write one with --write-accelerate-config {config}")
+        defaults = {"num_machines": 1, "machine_rank": 0}
+        overrides = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
+        file = yaml.safe_load(config.read_text()) or {}
+        if "main_process_port" not in file and "main_process_port" not in overrides and int(file.get("num_machines", 1)) == 1:
+            from dsft.recipes.launch import free_port
+
+            overrides["main_process_port"] = free_port()
+    else:
+        settings = settings_for(a["base"], num_gpus=a["num_gpus"], backend=a["backend"], num_machines=a["num_machines"],
+                                machine_rank=a["machine_rank"], main_process_ip=a["main_process_ip"],
+                                main_process_port=a["main_process_port"], device=a["device"])
+        config, overrides = generated_config(settings), {}
+    return launch(config, _worker_args(ctx), overrides)
+
+
 @guarded
 def train_command(
+    ctx: typer.Context,
     overrides: list[str] = typer.Argument(None, help="Recipe overrides in dotted form, e.g. stages.0.lr=2e-5", show_default=False),
     domain: str = typer.Option("finance", "--domain", "-d", help="Domain name (finance, legal, medical, or one of yours) or a domain YAML file."),
     base: str = typer.Option(DEFAULT_BASE, "--base", "-b", help="Preset name, local model directory or hub id."),
@@ -80,21 +135,67 @@ def train_command(
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Checkpoint every N steps inside a stage (0: at stage ends only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    num_gpus: int = typer.Option(None, "--num-gpus", help="Train on N GPUs of this machine, one process each, through "
+                                 "accelerate launch (the recipe's batch_size stays the global batch). With --device cpu: N CPU processes (gloo)."),
+    backend: str = typer.Option("fsdp", "--backend", help="How the processes share the model: fsdp (FSDP2 sharding), "
+                                "ddp (a whole copy per GPU) or deepspeed (ZeRO-3)."),
+    num_machines: int = typer.Option(1, "--num-machines", help="Machines of a multi-node run; run the same command on each "
+                                     "with its --machine-rank."),
+    machine_rank: int = typer.Option(0, "--machine-rank", help="This machine's rank in a multi-node run (0 = the main one)."),
+    main_process_ip: str = typer.Option(None, "--main-process-ip", help="Address of machine rank 0 (multi-node)."),
+    main_process_port: int = typer.Option(None, "--main-process-port", help="Port on machine rank 0 (default: a free one "
+                                          "on one machine, 29500 across machines)."),
+    accelerate_config: Path = typer.Option(None, "--accelerate-config", help="Launch with this accelerate config file "
+                                           "(e.g. one from --write-accelerate-config, edited); options given here win over it."),
+    write_accelerate_config: Path = typer.Option(None, "--write-accelerate-config", help="Write the accelerate config that "
+                                                 "these options launch with to this file, and exit."),
 ) -> None:
     """Train a domain adapter and register it.
 
     Example: dsft train --domain finance --recipe two-stage stages.1.lr=2e-3
+
+    Example (2 GPUs, FSDP2): dsft train --domain finance --num-gpus 2
     """
+    import os
+
     from dsft.recipes.runner import train
 
-    view = _ProgressView(quiet or json_out)
+    if write_accelerate_config is not None:
+        from dsft.recipes.launch import settings_for, write_config
+
+        settings = settings_for(base, num_gpus=num_gpus, backend=backend, num_machines=num_machines, machine_rank=machine_rank,
+                                main_process_ip=main_process_ip, main_process_port=main_process_port, device=device,
+                                for_launch=False)
+        path = write_config(write_accelerate_config, settings)
+        console.print(f"wrote {path}; edit it, then: dsft train --accelerate-config {path} [--machine-rank R] ...")
+        return
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this is one rank of a launched run
+    if not launched and ((num_gpus or 1) > 1 or num_machines > 1 or accelerate_config is not None):
+        code = _launch(ctx, dict(ctx.params))
+        if code:
+            raise typer.Exit(code)
+        return
+
+    from dsft.recipes.distributed import Dist
+
+    dist = Dist.from_env(device)
+    if not dist.main:  # rank 0 speaks for the run
+        logging.getLogger("dsft").setLevel(logging.ERROR)
+    view = _ProgressView(quiet or json_out or not dist.main)
     try:
         result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides or (), seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
                        trust_remote_code=trust_remote_code, compile_layers=compile_layers, on_event=view,
-                       resume=resume, checkpoint_every=checkpoint_every)
+                       resume=resume, checkpoint_every=checkpoint_every, dist=dist)
+    except DsftError as exc:
+        if getattr(exc, "from_rank0", False):
+            raise typer.Exit(exc.exit_code) from None
+        raise
     finally:
         view._close()
+        dist.close()
+    if not dist.main:
+        return
     if json_out:
         print_json(result.to_json())
         return

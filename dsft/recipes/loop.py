@@ -5,12 +5,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from dsft.base.router import RouterProbe
 from dsft.kernels.chunked_ce import chunked_causal_lm_loss
+
+if TYPE_CHECKING:
+    from dsft.recipes.distributed import StepSync
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def train_steps(
     before_step: Callable[[int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     after_step: Callable[[int, list[float]], None] | None = None,
+    sync: StepSync | None = None,
 ) -> list[float]:
     """Run optimizer steps ``start_step .. steps - 1``; ``batches(step)`` returns that step's tensors on the model's device.
 
@@ -83,7 +88,10 @@ def train_steps(
     times the architecture's coefficient, as in the base model's own pre-training. Every step depends
     only on its index, the model and the optimizer state, so a run resumed at ``start_step`` from a
     checkpoint continues exactly. ``before_step(step)`` runs first (e.g. progressive unfreezing);
-    ``after_step(steps_done, losses)`` runs last (e.g. checkpoints). Returns this call's LM losses.
+    ``after_step(steps_done, losses)`` runs last (e.g. checkpoints). With ``sync`` (several ranks, each
+    given its share of the global batch by ``batches``) the objective, the gradients and the reported
+    loss and tokens are those of the global batch (:class:`dsft.recipes.distributed.StepSync`).
+    Returns this call's LM losses (global means).
     """
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -98,18 +106,25 @@ def train_steps(
         batch = batches(step)
         probe.reset()
         objective, lm = loss_fn(model, batch)
-        aux = probe.aux_loss()
+        aux = probe.aux_loss() if sync is None else sync.aux_loss(probe)
+        if sync is not None:
+            objective = objective * sync.loss_weight(step)
         loss = objective + probe.coef * aux if aux is not None else objective
         loss.backward()
+        if sync is not None:
+            sync.after_backward(params)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(lm.item())
+        lm_value, aux_value = lm.item(), aux.item() if aux is not None else None
+        n_tokens = int(batch["attention_mask"].sum())
+        if sync is not None:
+            lm_value, aux_value, n_tokens = sync.metrics(step, lm_value, aux_value)
+        losses.append(lm_value)
         if on_step:
-            n_tokens = int(batch["attention_mask"].sum())
-            on_step(StepInfo(step + 1, steps, losses[-1], aux.item() if aux is not None else 0.0,
-                             peak_lrs[0] * scale, n_tokens / (time.perf_counter() - t0), probe.imbalance()))
+            on_step(StepInfo(step + 1, steps, lm_value, aux_value or 0.0, peak_lrs[0] * scale,
+                             n_tokens / (time.perf_counter() - t0), probe.imbalance()))
         if after_step:
             after_step(step + 1, losses)
     return losses

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.esft import ESFT_FILE, EsftState, save_esft
+from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, EsftState, save_esft
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.manifest import MANIFEST
 from dsft.adapters.store import write_manifest, write_weights
@@ -27,10 +27,12 @@ from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, plan_terms, 
 from dsft.atomic import staging_dir, write_text_atomic
 from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.fingerprint import summary
+from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.logs import write_training_log
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
+from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.recipes.sources import StageData, eval_sets
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
@@ -84,6 +86,44 @@ def _attach(model, spec, rec: Recipe):
     return attach_lora(model, spec, settings), target_shapes(model, cfg)
 
 
+def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root) -> tuple:
+    """Everything checked before any weights load (so a refused run, or --resume, writes nothing)."""
+    from dsft.base.loading import fingerprint_for
+    from dsft.data.files import load_records
+    from dsft.domains import resolve_domain
+    from dsft.registry import open_registry
+
+    pack = resolve_domain(domain)
+    rec: Recipe = load_recipe(recipe or pack.default_recipe, overrides)
+    seed = rec.seed if seed is None else seed
+    if checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    data_files = [Path(p) for p in data]
+    user_records = load_records(data_files) if data_files else []
+    output = Path(output) if output else None
+    _check_output(output)
+    reg = registry if hasattr(registry, "transaction") else open_registry(registry)
+    _check_teachers(rec, pack.name, reg)
+    _, _, fingerprint = fingerprint_for(base)
+    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
+    return pack, rec, seed, data_files, user_records, output, reg, key, Path(runs_root) if runs_root else runs_dir()
+
+
+def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | None = None, data: list[str | Path] | tuple = (),
+              overrides: list[str] | tuple = (), seed: int | None = None, max_steps: int | None = None,
+              output: str | Path | None = None, registry: Any = None, resume: bool = False,
+              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, runs_root: str | Path | None = None) -> None:
+    """The checks :func:`train` makes before loading any weights, alone: what ``dsft train --num-gpus`` runs
+    before starting its processes, so that a bad argument is one error line, not one per rank.
+
+    Raises:
+        The errors :func:`train` raises for the same arguments before it trains.
+    """
+    *_, key, root = _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root)
+    if resume:
+        RunDir.for_resume(root, key)
+
+
 def train(
     domain: str = "finance",
     base: str = DEFAULT_BASE,
@@ -101,6 +141,7 @@ def train(
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     runs_root: str | Path | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train a domain adapter and register it.
 
@@ -122,6 +163,9 @@ def train(
             been started with the same recipe (and overrides), base, seed, step cap and data.
         checkpoint_every: also checkpoint every this many steps inside a stage (0: at stage ends only).
         runs_root: where run directories go (default ``$DSFT_HOME/runs``).
+        dist: this process's place in a multi-process run (default: from the launcher's environment, see
+            :mod:`dsft.recipes.distributed`); rank 0 alone writes and reports events, every rank returns
+            the same result.
 
     Returns:
         TrainResult with the adapter ref (``finance@0.1.0``), its directory and its metrics.
@@ -131,34 +175,23 @@ def train(
         UsageError: a bad recipe, override or output; ``resume`` of a run with other settings.
         DataError: a bad data file.
     """
-    from dsft.base.loading import fingerprint_for
-    from dsft.data.files import load_records
-    from dsft.domains import general_pack, resolve_domain
-    from dsft.registry import open_registry
+    from dsft.domains import general_pack
 
+    dist = dist if dist is not None else Dist.from_env(device)
     log: list[dict[str, Any]] = []
-    emit = _logging(on_event or (lambda kind, payload: None), log)
+    emit = _logging(on_event if on_event and dist.main else (lambda kind, payload: None), log)
     t_start = time.perf_counter()
-    pack = resolve_domain(domain)
-    rec: Recipe = load_recipe(recipe or pack.default_recipe, overrides)
-    seed = rec.seed if seed is None else seed
-    if checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-    data_files = [Path(p) for p in data]
-    user_records = load_records(data_files) if data_files else []
-    output = Path(output) if output else None
-    _check_output(output)
-    reg = registry if hasattr(registry, "transaction") else open_registry(registry)
-    _check_teachers(rec, pack.name, reg)
+    with dist.local_main_first():  # a preset is built once per machine
+        pack, rec, seed, data_files, user_records, output, reg, key, root = _plan(
+            domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root)
 
-    # Everything a resume must agree on is known before any weights load, so a refused --resume writes nothing.
-    _, _, fingerprint = fingerprint_for(base)
-    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
-    root = Path(runs_root) if runs_root else runs_dir()
-    run = RunDir.for_resume(root, key) if resume else None
-    ckpt = run.load_checkpoint() if run else None
+    def find_checkpoint() -> tuple[RunDir | None, Any]:
+        found = RunDir.for_resume(root, key) if resume else None
+        return found, found.load_checkpoint() if found else None
 
-    loaded = load_base(base, device=device, trust_remote_code=trust_remote_code)
+    run, ckpt = dist.on_main(find_checkpoint)  # every rank resumes from rank 0's checkpoint
+
+    loaded = load_base(base, device=dist.device(device), trust_remote_code=trust_remote_code)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     emit("base", {"name": loaded.ref.name, "architecture": spec.architecture, "device": str(model.device)})
     if model.device.type == "cuda":
@@ -167,20 +200,23 @@ def train(
     seq_len = max(s.seq_len for s in rec.stages)
     general = general_pack()
     base_sets, base_tokens = eval_sets(pack, general, tokenizer, seq_len)
-    before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens)
+    before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens, dist)
     emit("eval", {"when": "before", **before})
 
     plan = plan_terms(tokenizer, [t for t, _ in pack.terms]) if rec.adapter.terms else TermPlan((), len(tokenizer), ())
     torch.manual_seed(seed)
     extend_model(model, tokenizer, plan)
     trained_model, shapes = _attach(model, spec, rec)
+    if ckpt:  # before sharding: the checkpoint holds whole tensors
+        restore_adapter_state(trained_model, ckpt.group("adapter"))
+    dist.prepare(trained_model, spec)
     if model.device.type == "cuda":
         if hasattr(trained_model, "enable_input_require_grads"):
             trained_model.enable_input_require_grads()
         if compile_layers:
             compile_decoder_layers(trained_model)
     if run is None:
-        run = RunDir.create(root, key, recipe_yaml(rec))
+        run = dist.on_main(lambda: RunDir.create(root, key, recipe_yaml(rec)))
 
     sets, _ = eval_sets(pack, general, tokenizer, seq_len)
 
@@ -193,12 +229,11 @@ def train(
         emit("teacher", {"stage": stage.name, "teacher": t.name})
         return t
 
-    ctx = StageContext(trained_model, spec, plan, sets, base_tokens, emit, teacher_factory=teacher)
+    ctx = StageContext(trained_model, spec, plan, sets, base_tokens, emit, teacher_factory=teacher, dist=dist)
     stage_metrics: list[dict[str, Any]] = []
     first, resume_at, elapsed = 0, None, 0.0
     if ckpt:
         st = ckpt.state
-        restore_adapter_state(trained_model, ckpt.group("adapter"))
         restore_rng(ckpt.group("rng"), st.get("python_rng"))
         ctx.esft = EsftState.from_json(st["esft"]) if st.get("esft") else None
         ctx.trained = dict(st["trained"])
@@ -210,15 +245,23 @@ def train(
                                {int(k): tuple(v) for k, v in sel.items()} if sel is not None else None)
         emit("resume", {"run": run.name, "stage": rec.stages[min(first, len(rec.stages) - 1)].name, "step": st["step"]})
 
+    def saved(name: str) -> bool:
+        """The parameters an adapter or a checkpoint reads: LoRA, term rows, and ESFT's fused expert weights."""
+        return adapter_tensors(name) or (ctx.esft is not None and name.endswith(EXPERT_PARAMS))
+
     def save(stage: int, step: int, losses: list[float], optim: dict[str, torch.Tensor], selection) -> None:
         state = {"stage": stage, "step": step, "losses": losses, "before": before, "stages": stage_metrics, "log": log,
                  "trained": ctx.trained, "esft": ctx.esft.to_json() if ctx.esft else None,
                  "stage_selection": {str(k): list(v) for k, v in selection.items()} if selection is not None else None,
                  "elapsed": elapsed + time.perf_counter() - t_start, "python_rng": python_rng_state()}
-        tensors = {**{f"adapter/{k}": v for k, v in adapter_state(trained_model, spec, ctx.esft).items()},
-                   **{f"optim/{k}": v for k, v in optim.items()}, **{f"rng/{k}": v for k, v in rng_tensors().items()}}
-        path = run.save_checkpoint(state, tensors)
-        emit("checkpoint", {"run": run.name, "stage": stage, "step": step, "path": str(path)})
+        with gathered(trained_model, saved):  # FSDP2: whole tensors on every rank; rank 0 writes them
+            adapter = {f"adapter/{k}": v for k, v in adapter_state(trained_model, spec, ctx.esft).items()}
+        tensors = {**adapter, **{f"optim/{k}": v for k, v in optim.items()}, **{f"rng/{k}": v for k, v in rng_tensors().items()}}
+
+        def write() -> None:
+            path = run.save_checkpoint(state, tensors)
+            emit("checkpoint", {"run": run.name, "stage": stage, "step": step, "path": str(path)})
+        dist.on_main(write)
 
     for i, stage in enumerate(rec.stages):
         if i < first:
@@ -232,7 +275,7 @@ def train(
 
         metrics = run_stage(ctx, i, stage, stage_data, steps, resume_at if i == first else None, mid_stage)
         stage_metrics.append(metrics)
-        run.write_stage(i, stage.name, metrics)
+        dist.on_main(lambda i=i, stage=stage, metrics=metrics: run.write_stage(i, stage.name, metrics))
         save(i + 1, 0, [], {}, None)
 
     after = stage_metrics[-1]["eval"]
@@ -250,10 +293,16 @@ def train(
         chosen = sum(len(v) for v in ctx.esft.selection.values())
         metrics["esft"] = {**ctx.esft.to_json(), "selected_share": round(chosen / max(1, ctx.n_experts * len(ctx.esft.selection)), 4)}
     kind = ("esft" if ctx.esft else "lora") + ("+terms" if plan.terms else "")
-    path, version = _publish(reg, trained_model, ctx.esft, plan, loaded, pack.name, kind, rec, shapes, metrics, log)
-    run.finish(f"{pack.name}@{version}", path)
-    if output is not None:
-        _copy_out(path, output)
+
+    def publish() -> tuple[Path, str]:
+        path, version = _publish(reg, trained_model, ctx.esft, plan, loaded, pack.name, kind, rec, shapes, metrics, log)
+        run.finish(f"{pack.name}@{version}", path)
+        if output is not None:
+            _copy_out(path, output)
+        return path, version
+
+    with gathered(trained_model, saved):
+        path, version = dist.on_main(publish)
     emit("saved", {"adapter": f"{pack.name}@{version}", "path": str(path)})
     return TrainResult(f"{pack.name}@{version}", path, metrics, rec.to_data())
 

@@ -130,9 +130,20 @@ def scoring_sample(examples: Examples, max_tokens: int) -> Examples:
     return examples.select(range(n))
 
 
-def stage_batches(data: StageData, batch_size: int, device) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``batches(step)``: that step's slice of the mixed examples on ``device``; resumable by step number."""
+def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, int] = (0, 1)
+                  ) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``batches(step)``: that step's slice of the mixed examples on ``device``; resumable by step number.
+
+    ``shard=(rank, world)``: only this rank's rows of each step's ``batch_size`` (the global batch), split
+    as :func:`dsft.recipes.distributed.split_rows` does, so the ranks together see one step's examples.
+    """
+    from dsft.recipes.distributed import split_rows
+
+    rank, world = shard
+
     def batches(step: int) -> dict[str, torch.Tensor]:
         lo = step * batch_size
-        return {k: v[lo : lo + batch_size].to(device) for k, v in data.examples.to_dict().items()}
+        n = min(batch_size, len(data.examples) - lo)
+        mine = split_rows(n, rank, world)
+        return {k: v[lo + mine.start : lo + mine.stop].to(device) for k, v in data.examples.to_dict().items()}
     return batches

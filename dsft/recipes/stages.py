@@ -31,7 +31,9 @@ from dsft.adapters.lora import LoraSettings, layer_indices, lora_targets
 from dsft.adapters.terms import TermPlan
 from dsft.base.arch import num_experts
 from dsft.base.router import RouterProbe
+from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
+from dsft.recipes.distributed import Dist
 from dsft.recipes.loop import default_loss, heldout_loss, train_steps
 from dsft.recipes.schema import Stage
 from dsft.recipes.sources import StageData, scoring_sample, stage_batches
@@ -133,6 +135,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, entries: list[Entry], n_
         for key, value in optimizer.state.get(e.param, {}).items():
             if not torch.is_tensor(value):
                 raise TypeError(f"optimizer state {key} of {e.name} is not a tensor")
+            value = full_tensor(value)  # FSDP2: gathered from every rank's shard (all ranks run this)
             if e.sliced and value.shape == e.param.shape:
                 value = select_slices(value, n_experts, e.index, e.dim)
             out[f"{e.name}/{key}"] = value
@@ -152,10 +155,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, entries: list[Entry], te
         restored = {}
         for sub, value in state.items():
             if e.sliced and value.dim() > 0 and value.shape != e.param.shape:
-                full = torch.zeros_like(e.param)
+                full = torch.zeros(e.param.shape, dtype=e.param.dtype)
                 put_slices(full, n_experts, e.index, e.dim, value)
                 value = full
-            restored[sub] = value.to(e.param.device) if sub != "step" else value
+            restored[sub] = shard_like(value, e.param) if sub != "step" else value
         optimizer.state[e.param] = restored
 
 
@@ -174,6 +177,7 @@ class StageContext:
     emit: Event
     esft: EsftState | None = None
     teacher_factory: Callable[[Stage], Any] | None = None
+    dist: Dist = field(default_factory=Dist)
     trained: dict[str, int] = field(default_factory=dict)
     """Elements trained so far by key (a tensor, or one expert's slice): their sum is the adapter's size."""
 
@@ -192,12 +196,15 @@ class Resume:
     selection: dict[int, tuple[int, ...]] | None = None
 
 
-def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int]) -> dict[str, float]:
-    """Held-out loss per set, normalised by the *base* tokenizer's token count so before/after compare."""
+def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int], dist: Dist | None = None) -> dict[str, float]:
+    """Held-out loss per set, normalised by the *base* tokenizer's token count so before/after compare.
+    With several ranks, each evaluates its share of the examples and the sums are added up."""
+    dist = dist or Dist()
     out = {}
     for name, ex in sets.items():
-        r = heldout_loss(model, ex.to_dict())
-        loss = r["loss"] * r["tokens"] / base_tokens[name]
+        r = heldout_loss(model, dist.eval_share(ex.to_dict()))
+        summed, _ = dist.all_sum([r["loss"] * r["tokens"], r["tokens"]])
+        loss = summed / base_tokens[name]
         out[f"{name}_loss"] = round(loss, 5)
         out[f"{name}_ppl"] = round(float(torch.tensor(loss).exp()), 4)
     return out
@@ -206,7 +213,8 @@ def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int]) -> dict[s
 def _esft_selection(ctx: StageContext, stage: Stage, data: StageData) -> dict[int, tuple[int, ...]]:
     s = stage.esft_settings
     scores = score_experts(ctx.model, ctx.spec, scoring_sample(data.examples, s.sample_tokens))
-    selection = select_layers(scores.of(s.method), s.threshold)
+    # Ranks score the same data, but float reductions may differ in the last bit: rank 0's choice decides.
+    selection = ctx.dist.broadcast(select_layers(scores.of(s.method), s.threshold))
     if ctx.esft is None:
         ctx.esft = EsftState(s.method, s.threshold, s.lora)
     ctx.esft.tokens += scores.tokens
@@ -275,22 +283,26 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
                              "realised_mixture": data.realised, "phases": data.phases,
                              "trainable": sum(stage_trained.values()), "experts": selection,
                              "teacher": teacher.name if teacher else None})
-    probe = RouterProbe(base, spec)
+    probe = RouterProbe(base, spec, global_stats=ctx.dist.enabled)
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts"]
+    sync = ctx.dist.step_sync(data.examples, s.batch_size)
+    if sync is not None and ctx.dist.sharding == "fsdp":  # FSDP2 shards get no tensor-hook calls; mask after backward
+        sync.expert_masks, expert_params = [(p, n_experts, idx, dim) for _, p, idx, dim in expert_params], []
     t0 = time.perf_counter()
     try:
         with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext():
             losses = done_losses + train_steps(
-                model, optimizer, stage_batches(data, s.batch_size, device),
+                model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world)),
                 steps=steps, peak_lrs=[s.lr] * len(groups), warmup=min(s.warmup_steps, steps - 1),
                 schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss_fn,
                 before_step=before_step, on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
+                sync=sync,
             )
     finally:
         probe.close()
@@ -317,6 +329,6 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
         out["resumed_at_step"] = start
     if cuda:
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    out["eval"] = evaluate(model, ctx.eval_sets, ctx.base_tokens)
+    out["eval"] = evaluate(model, ctx.eval_sets, ctx.base_tokens, ctx.dist)
     ctx.emit("stage_eval", {"stage": s.name, **out["eval"]})
     return out
