@@ -40,6 +40,18 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def _large_blocks_from_mmap() -> None:
+    """Have glibc serve blocks >= 64 KiB from mmap, so a freed tensor leaves the resident set at once
+    (its default threshold grows at run time and would let freed memory linger, hiding later peaks)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the measurement is only less exact
+        pass
+
+
 @dataclass
 class Prepared:
     """A base made ready to train the way ``req.method`` trains it (one per method; any batch or length)."""
@@ -113,6 +125,11 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     else:
+        if not Path("/proc/self/clear_refs").exists():
+            from dsft.errors import UsageError
+
+            raise UsageError("--measure on CPU reads the peak resident set from /proc (Linux only); measure on a CUDA device instead")
+        _large_blocks_from_mmap()
         start = _rss("VmRSS")
         _reset_peak_rss()
     with expert_grad_mask(*prep.mask) if prep.mask else nullcontext():
