@@ -38,6 +38,9 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 METHODS = ("gate", "token")
 DEFAULT_P = {"gate": 0.1, "token": 0.2}
 INDEX_SUFFIX = ".experts"
+SLOT = "dsft_slot"
+"""Attribute of an experts module while its slots are permuted for training (:mod:`dsft.adapters.esft_slices`):
+expert index -> slot, int64 [E]."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,13 @@ def _wrappers(module: nn.Module) -> dict[str, nn.Module]:
         out[module.parameter_name] = module
         module = module.base_layer
     return out
+
+
+def slot_index(experts: nn.Module, index: torch.Tensor) -> torch.Tensor:
+    """Where experts ``index`` are stored in the fused weights now: at their own index, or at their slots
+    while :func:`dsft.adapters.esft_slices.trainable_slices` is active."""
+    slot = getattr(experts, SLOT, None)
+    return index if slot is None else slot.cpu()[index.cpu()]
 
 
 def moe_layers(model, spec: ArchSpec) -> dict[int, tuple[str, nn.Module, nn.Module]]:
@@ -343,7 +353,7 @@ def trained_slices(model, spec: ArchSpec, selection: Mapping[int, Sequence[int]]
         for pname in EXPERT_PARAMS:
             weight = getattr(core, pname)
             n_experts, out_f, in_f = weight.shape
-            w = weight[idx].float()
+            w = weight[slot_index(core, idx).to(weight.device)].float()
             wrapper = wrappers.get(pname)
             if wrapper is not None and "default" in wrapper.lora_A:
                 # PEFT's layout for a 3-D parameter: A [E*r, in] expert-major, B [out, r*E] expert-minor.
@@ -390,7 +400,8 @@ def apply_slices(model, tensors: Mapping[str, torch.Tensor]) -> int:
         if tuple(values.shape[1:]) != tuple(p.shape[1:]) or int(idx.max()) >= p.shape[0] or len(idx) != values.shape[0]:
             raise IncompatibleError(f"ESFT adapter slices of {name} ({list(values.shape)}, experts {idx.tolist()}) do not fit "
                                     f"its shape {list(p.shape)} on this base")
-        p[idx.to(p.device)] = values.to(p.device, p.dtype)
+        experts = base.get_submodule(name.rsplit(".", 1)[0])
+        p[slot_index(experts, idx).to(p.device)] = values.to(p.device, p.dtype)
         n += len(idx) if name.endswith(EXPERT_PARAMS[0]) else 0
     return n
 

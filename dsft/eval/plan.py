@@ -288,12 +288,10 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
     elif req.method == "esft":
         chosen = int(c.expert_params * req.esft_share)
         trainable = chosen + req.new_terms * c.hidden * 2
-        # dsft masks gradients along the expert axis of the fused tensors: the gradient and AdamW's two
-        # moments are allocated for the whole fused expert weight, in its dtype.
-        state = {"trainable": terms * 4.0, "gradients": c.expert_params * wbytes + terms * 4.0,
-                 "optimizer": c.expert_params * wbytes * 2 + terms * 8.0}
-        notes.append(f"esft: {req.esft_share:.1%} of routed experts train, but gradients and AdamW state cover the fused "
-                     "expert tensors in full")
+        # The selected experts train as parameters of their own (dsft.adapters.esft_slices): gradients and
+        # AdamW's two moments exist for them only, in the weights' dtype.
+        state = {"trainable": terms * 4.0, "gradients": chosen * wbytes + terms * 4.0, "optimizer": chosen * wbytes * 2 + terms * 8.0}
+        notes.append(f"esft: {req.esft_share:.1%} of routed experts train; gradients and AdamW state for those only")
     else:
         trainable = c.params
         state = {"trainable": 0.0, "gradients": c.params * wbytes, "optimizer": c.params * wbytes * 2.0}

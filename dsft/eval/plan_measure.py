@@ -4,13 +4,13 @@ On CUDA the peak is ``torch.cuda.max_memory_allocated``; on CPU it is the growth
 resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident set after the model
 is loaded, so there it is compared with the plan's memory *beyond* weights and trainable parameters.
 The step is dsft's own: term rows, LoRA through :func:`dsft.adapters.lora.attach_lora` (fast path),
-ESFT's masked expert gradients, the chunked loss, AdamW. ``dsft plan --measure`` runs it.
+ESFT's selected experts as parameters of their own, the chunked loss, AdamW. ``dsft plan --measure`` runs it.
 """
 from __future__ import annotations
 
 import gc
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +59,14 @@ class Prepared:
     model: object
     tokenizer: object
     trainable: list
-    mask: tuple | None
+    esft: tuple | None
+    """(spec, selection) when the selected experts train as slices (:mod:`dsft.adapters.esft_slices`)."""
     new_terms: int
 
 
 def prepare(req: PlanRequest, loaded=None, seed: int = 0) -> Prepared:
     """Load ``req.base`` (or take ``loaded``, modified in place) and set up what ``req.method`` trains."""
-    from dsft.adapters.esft import expert_parameters, moe_layers
+    from dsft.adapters.esft import moe_layers
     from dsft.adapters.lora import LoraSettings, attach_lora
     from dsft.adapters.terms import extend_model, plan_terms
     from dsft.base import load_base
@@ -81,16 +82,14 @@ def prepare(req: PlanRequest, loaded=None, seed: int = 0) -> Prepared:
     extend_model(model, tokenizer, plan)
     for p in model.parameters():
         p.requires_grad_(False)
-    mask = None
+    esft = None
     if req.method == "lora":
         model = attach_lora(model, spec, LoraSettings(r=req.lora_r, alpha=2 * req.lora_r))
         trainable = [p for n, p in model.named_parameters() if "lora_" in n]
     elif req.method == "esft":
         n_exp = num_experts(spec, model.config)
         k = max(1, math.ceil(n_exp * req.esft_share))
-        chosen = expert_parameters(model, spec, {i: list(range(k)) for i in moe_layers(model, spec)})
-        trainable = [p for _, p, _, _ in chosen]
-        mask = (chosen, n_exp)
+        esft, trainable = (spec, {i: tuple(range(k)) for i in moe_layers(model, spec)}), []
     else:
         trainable = list(model.parameters())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -101,13 +100,12 @@ def prepare(req: PlanRequest, loaded=None, seed: int = 0) -> Prepared:
     if req.device == "cuda" and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.train()
-    return Prepared(model, tokenizer, trainable, mask, len(plan.terms))
+    return Prepared(model, tokenizer, trainable, esft, len(plan.terms))
 
 
 def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) -> Measured:
     """Run ``steps`` training steps of ``req`` (on ``prepared``, or a fresh base) and return the peak."""
-    from dsft.adapters.esft import expert_grad_mask
-    from dsft.recipes.loop import lm_loss
+    from dsft.adapters.esft_slices import trainable_slices
 
     cuda = req.device == "cuda"
     prep = prepared or prepare(req)
@@ -116,9 +114,20 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
-    optimizer = torch.optim.AdamW(prep.trainable, lr=1e-5)
     ids = torch.randint(0, len(prep.tokenizer), (req.batch, req.seq), device=next(model.parameters()).device)
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    with ExitStack() as stack:  # ESFT's slices are set up before the peak is reset: that copy is not a training cost
+        slices = stack.enter_context(trainable_slices(model, *prep.esft)) if prep.esft else []
+        trainable = prep.trainable + [s.param for s in slices]
+        peak = _steps(model, batch, trainable, cuda, steps)
+    del batch, ids
+    gc.collect()
+    return Measured(peak, prep.new_terms, sum(p.numel() for p in trainable))
+
+
+def _steps(model, batch, trainable, cuda: bool, steps: int) -> float:
+    from dsft.recipes.loop import lm_loss
+
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -132,19 +141,15 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
         _large_blocks_from_mmap()
         start = _rss("VmRSS")
         _reset_peak_rss()
-    with expert_grad_mask(*prep.mask) if prep.mask else nullcontext():
-        for _ in range(steps):
-            lm_loss(model, batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    for _ in range(steps):
+        lm_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-        peak = float(torch.cuda.max_memory_allocated())
-    else:
-        peak = float(_rss("VmHWM") - start)
-    del optimizer, batch, ids
-    gc.collect()
-    return Measured(peak, prep.new_terms, sum(p.numel() for p in prep.trainable))
+        return float(torch.cuda.max_memory_allocated())
+    return float(_rss("VmHWM") - start)
 
 
 def compare(req: PlanRequest, counts=None, prepared: Prepared | None = None) -> dict:

@@ -91,9 +91,27 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return grouped_mm_reference(x, w, offs)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: LowRank | None) -> torch.Tensor:
-    """Per-group ``x W_e^T (+ s (x A_e^T) B_e^T)`` for W [E, out, in]."""
-    y = grouped_mm(x, weight.transpose(1, 2), offs)
+def grouped_mm_head(x: torch.Tensor, w: torch.Tensor, head: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm` where ``head`` = w[:H] (same storage) is a trained parameter and the rest of w is frozen."""
+    if use_grouped_kernel(x):
+        from dsft.kernels.grouped_mm import gmm_head
+
+        return gmm_head(x, w, head, offs)
+    out, start, n_head = [], 0, head.shape[0]
+    for e, end in enumerate(offs.tolist()):
+        out.append(x[start:end] @ (head[e] if e < n_head else w[e].detach()))
+        start = end
+    return torch.cat(out) if out else x.new_zeros((0, w.shape[-1]))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: LowRank | None,
+                   head: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group ``x W_e^T (+ s (x A_e^T) B_e^T)`` for W [E, out, in]; with ``head`` (= W[:H], trained),
+    the first H groups' weights get gradients and the others none."""
+    if head is None:
+        y = grouped_mm(x, weight.transpose(1, 2), offs)
+    else:
+        y = grouped_mm_head(x, weight.transpose(1, 2), head.transpose(1, 2), offs)
     if lora is not None:
         h = grouped_mm(x, lora.A.transpose(1, 2).to(x.dtype), offs)          # [S, r]
         y = y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), offs)
@@ -109,13 +127,18 @@ def experts_forward(
     act: Callable[[torch.Tensor], torch.Tensor],
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
+    heads: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A routed-experts MLP with optional LoRA on both projections (transformers v5 layout:
-    ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H]."""
+    ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H].
+
+    ``heads``: (gate_up_proj[:S], down_proj[:S]) as trained parameters sharing the fused weights'
+    storage (ESFT): only experts 0..S-1 get weight gradients."""
     k = top_k_index.shape[-1]
     r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
-    gate, up = grouped_linear(permute(x, r, k), gate_up_proj, r.offs, gate_up_lora).chunk(2, dim=-1)
-    y = grouped_linear(act(gate) * up, down_proj, r.offs, down_lora)
+    gu_head, down_head = heads if heads is not None else (None, None)
+    gate, up = grouped_linear(permute(x, r, k), gate_up_proj, r.offs, gate_up_lora, gu_head).chunk(2, dim=-1)
+    y = grouped_linear(act(gate) * up, down_proj, r.offs, down_lora, down_head)
     return unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k).to(x.dtype)
 
 

@@ -4,6 +4,8 @@ that the backward computes only the gradients that are needed (none for a frozen
 
     y  = gmm(x, w, offs)           x [S, K] sorted by group, w [G, K, N]        -> [S, N]
     dw = gmm_wgrad(x, dy, offs)    per group x_g^T dy_g                         -> [G, K, N]
+    y  = gmm_head(x, w, head, offs)  as gmm, where ``head`` is w[:H] (same storage) and is what trains:
+                                   the backward gives head's gradient, H groups, and none for the rest of w
 """
 from __future__ import annotations
 
@@ -54,3 +56,32 @@ def _backward(ctx, dy):
 
 
 gmm.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("dsft::gmm_head", mutates_args=())
+def gmm_head(x: torch.Tensor, w: torch.Tensor, head: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # head is w[:H]: the forward reads it through w, so one GEMM serves trained and frozen groups alike.
+    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
+
+
+@gmm_head.register_fake
+def _(x, w, head, offs):
+    return x.new_empty((x.shape[0], w.shape[-1]))
+
+
+def _setup_head(ctx, inputs, output):
+    x, w, head, offs = inputs
+    ctx.needs_x, ctx.needs_head = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    ctx.groups = head.shape[0]
+    ctx.save_for_backward(x if ctx.needs_head else None, w, offs)
+
+
+def _backward_head(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs_x else None
+    # Rows past the last trained group's end are outside every group: their x never meets dy here.
+    dhead = gmm_wgrad(x, dy, offs[: ctx.groups].contiguous()) if ctx.needs_head else None
+    return dx, None, dhead, None
+
+
+gmm_head.register_autograd(_backward_head, setup_context=_setup_head)

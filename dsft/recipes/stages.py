@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from dsft.adapters.esft import (
-    EsftState, apply_slices, expert_grad_mask, expert_parameters, put_slices, score_experts, select_layers,
+    EsftState, apply_slices, expert_grad_mask, expert_parameters, moe_layers, put_slices, score_experts, select_layers,
     select_slices, trained_slices, union,
 )
+from dsft.adapters.esft_slices import supports_slices, trainable_slices
 from dsft.adapters.lora import LoraSettings, layer_indices, lora_targets
 from dsft.adapters.terms import TermPlan
 from dsft.base.arch import num_experts
@@ -59,14 +60,16 @@ class Entry:
     layer: int | None = None
     index: torch.Tensor | None = None
     dim: int = 0
+    slices_only: bool = False
+    """``param`` holds only the selected experts (:mod:`dsft.adapters.esft_slices`), not the fused tensor."""
 
     @property
     def sliced(self) -> bool:
         """Full fused expert weights: checkpoint only the selected slices."""
-        return self.group == "experts" and self.index is not None and self.param.dim() == 3
+        return self.group == "experts" and self.index is not None and self.param.dim() == 3 and not self.slices_only
 
     def trained_numel(self, n_experts: int) -> int:
-        if self.index is None:
+        if self.index is None or self.slices_only:
             return self.param.numel()
         return self.param.numel() // n_experts * len(self.index)
 
@@ -97,9 +100,27 @@ def lora_entries(model, spec, stage: Stage) -> list[Entry]:
     return out
 
 
-def expert_entries(model, spec, selection: dict[int, tuple[int, ...]], lora: bool) -> list[Entry]:
+def expert_entries(model, spec, selection: dict[int, tuple[int, ...]], lora: bool, stack: ExitStack | None = None
+                   ) -> list[Entry]:
+    """What an ESFT stage trains. Full weights with ``stack``: the selected experts as parameters of their
+    own for as long as ``stack`` is open (gradients and optimizer state for those experts only);
+    otherwise the fused tensors, with gradients masked to the selected experts."""
+    if stack is not None and not lora and sliceable(model, spec, selection):
+        slices = stack.enter_context(trainable_slices(unwrap(model), spec, selection))
+        return [Entry(sp.name, sp.param, "experts", int(_LAYER.search(sp.name).group(1)), sp.index, 0, slices_only=True)
+                for sp in slices]
     return [Entry(name, p, "experts", int(_LAYER.search(name).group(1)), idx, dim)
             for name, p, idx, dim in expert_parameters(model, spec, selection, lora=lora)]
+
+
+def sliceable(model, spec, selection: dict[int, tuple[int, ...]]) -> bool:
+    """Every selected layer's experts module is a plain fused one that :func:`trainable_slices` can patch."""
+    base = unwrap(model)
+    layers = base.get_decoder().layers
+    for i, (_, experts, _) in moe_layers(base, spec).items():
+        if selection.get(i) and (layers[i].get_submodule(spec.experts_attr) is not experts or not supports_slices(experts)):
+            return False
+    return True
 
 
 # --- state <-> tensors ------------------------------------------------------------------------------
@@ -228,6 +249,12 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
     ``checkpoint(steps_done, losses, optimizer_state, selection)`` is called after every step, with
     ``optimizer_state()`` giving the optimizer's tensors; the caller decides whether to write one.
     """
+    with ExitStack() as stack:  # ESFT's trainable slices live as long as the stage
+        return _run_stage(ctx, index, stage, data, steps, resume, checkpoint, stack)
+
+
+def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, steps: int, resume: Resume | None,
+               checkpoint: Callable[..., None], stack: ExitStack) -> dict[str, Any]:
     model, spec, s = ctx.model, ctx.spec, stage
     selection = None
     if s.kind == "esft":
@@ -235,7 +262,9 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
         ctx.esft.selection = union(ctx.esft.selection, selection)
     for p in model.parameters():
         p.requires_grad_(False)
-    main = expert_entries(model, spec, selection, s.esft_settings.lora) if selection is not None else lora_entries(model, spec, s)
+    fsdp = ctx.dist.enabled and ctx.dist.sharding == "fsdp"  # FSDP2 shards the fused tensors: slices cannot alias them
+    main = expert_entries(model, spec, selection, s.esft_settings.lora, None if fsdp else stack) if selection is not None \
+        else lora_entries(model, spec, s)
     terms = term_entries(model, s, ctx.plan)
     entries = main + terms
     if not entries:
@@ -288,7 +317,7 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts"]
+    expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts" and not e.slices_only]
     sync = ctx.dist.step_sync(data.examples, s.batch_size)
     if sync is not None and ctx.dist.sharding == "fsdp":  # FSDP2 shards get no tensor-hook calls; mask after backward
         sync.expert_masks, expert_params = [(p, n_experts, idx, dim) for _, p, idx, dim in expert_params], []
