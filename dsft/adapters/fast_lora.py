@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsft.adapters.qlora import expert_weights
 from dsft.kernels.expert_lora import LowRank, experts_forward
 
 ADAPTER = "default"
@@ -58,10 +59,10 @@ def _expert_lowrank(wrapper: nn.Module | None, weight: torch.Tensor) -> LowRank 
 
 def _fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     by_param, experts = _chain(self)
+    gate_up, down = expert_weights(experts, hidden_states.dtype)  # dequantised here under QLoRA
     return experts_forward(
-        hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, experts.act_fn,
-        _expert_lowrank(by_param.get("gate_up_proj"), experts.gate_up_proj),
-        _expert_lowrank(by_param.get("down_proj"), experts.down_proj),
+        hidden_states, top_k_index, top_k_weights, gate_up, down, experts.act_fn,
+        _expert_lowrank(by_param.get("gate_up_proj"), gate_up), _expert_lowrank(by_param.get("down_proj"), down),
     )
 
 
@@ -74,8 +75,7 @@ def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_param_linear_forward(self, x, *args, **kwargs):
-    base = self.base_layer
-    y = F.linear(x, base.weight, base.bias)
+    y = self.base_layer(x)  # an nn.Linear, or its NF4 stand-in under QLoRA
     return y + _low_rank(self, x) if _active(self) else y
 
 

@@ -25,6 +25,9 @@ class _ProgressView:
         out = err_console
         if kind == "base" and not self.quiet:
             out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}")
+        elif kind == "quantized" and not self.quiet:
+            out.print(f"frozen base in NF4: {payload['linears']} linears + {payload['expert_tensors']} fused expert tensors, "
+                      f"{payload['mib_before']:,} MiB -> {payload['mib_after']:,} MiB")
         elif kind == "eval" and not self.quiet:
             self._close()
             out.print(f"held-out {payload['when']}: domain loss {payload['domain_loss']:.4f} (ppl {payload['domain_ppl']:.2f}), "
@@ -130,6 +133,8 @@ def train_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
     compile_layers: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, torch.compile each decoder layer."),
+    qlora: bool = typer.Option(False, "--qlora", help="Hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; "
+                               "the override quantize=nf4). Uses bitsandbytes."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run of this domain from its last checkpoint "
                                 "(same recipe, overrides, base, seed, --max-steps and --data)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Checkpoint every N steps inside a stage (0: at stage ends only)."),
@@ -155,6 +160,8 @@ def train_command(
     Example: dsft train --domain finance --recipe two-stage stages.1.lr=2e-3
 
     Example (2 GPUs, FSDP2): dsft train --domain finance --num-gpus 2
+
+    Example (QLoRA, 4-bit base): dsft train --domain legal --base deepseek-ai/DeepSeek-V2-Lite --qlora
     """
     import os
 
@@ -183,7 +190,8 @@ def train_command(
         logging.getLogger("dsft").setLevel(logging.ERROR)
     view = _ProgressView(quiet or json_out or not dist.main)
     try:
-        result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides or (), seed=seed,
+        overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else [])]
+        result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides, seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
                        trust_remote_code=trust_remote_code, compile_layers=compile_layers, on_event=view,
                        resume=resume, checkpoint_every=checkpoint_every, dist=dist)

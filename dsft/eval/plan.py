@@ -307,6 +307,9 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
     else:
         kept = sum(layer_saved[k] * n for k, n in c.layer_kinds.items())
         inside = widest * BACKWARD_TRANSIENT
+    if req.method == "qlora":
+        # One layer's frozen weights dequantised to bf16 while it runs (and, recomputed, while its backward runs).
+        inside += (c.expert_params / max(1, c.layer_kinds.get("moe", 0)) + c.linear_params / c.layers) * wbytes
     kept += 2 * layer_input  # the final norm's input and output, which the chunked head reads
     chunk = min(LOSS_CHUNK, tokens)
     # Logits and their gradient in the weights' dtype, their fp32 copies (the same tensors on CPU), and

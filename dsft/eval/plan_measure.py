@@ -73,8 +73,6 @@ def prepare(req: PlanRequest, loaded=None, seed: int = 0) -> Prepared:
     from dsft.base.arch import num_experts
     from dsft.domains import resolve_domain
 
-    if req.method == "qlora":
-        raise NotImplementedError("qlora is planned, not yet trained by dsft; nothing to measure")
     loaded = loaded or load_base(req.base, device=req.device)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
     torch.manual_seed(seed)
@@ -83,9 +81,13 @@ def prepare(req: PlanRequest, loaded=None, seed: int = 0) -> Prepared:
     for p in model.parameters():
         p.requires_grad_(False)
     esft = None
-    if req.method == "lora":
+    if req.method in ("lora", "qlora"):
         model = attach_lora(model, spec, LoraSettings(r=req.lora_r, alpha=2 * req.lora_r))
         trainable = [p for n, p in model.named_parameters() if "lora_" in n]
+        if req.method == "qlora":
+            from dsft.adapters.qlora import quantize_base
+
+            quantize_base(model, spec)
     elif req.method == "esft":
         n_exp = num_experts(spec, model.config)
         k = max(1, math.ceil(n_exp * req.esft_share))

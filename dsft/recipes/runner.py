@@ -22,11 +22,13 @@ import torch
 from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, EsftState, save_esft
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.manifest import MANIFEST
+from dsft.adapters.qlora import quantize_base
 from dsft.adapters.store import write_manifest, write_weights
 from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, plan_terms, save_terms
 from dsft.atomic import staging_dir, write_text_atomic
 from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.fingerprint import summary
+from dsft.base.loading import default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.logs import write_training_log
@@ -191,22 +193,34 @@ def train(
 
     run, ckpt = dist.on_main(find_checkpoint)  # every rank resumes from rank 0's checkpoint
 
-    loaded = load_base(base, device=dist.device(device), trust_remote_code=trust_remote_code)
+    target = dist.device(device) or default_device()
+    nf4 = rec.quantize == "nf4"
+    # QLoRA: load in bf16 on the CPU, attach LoRA, then quantise onto the GPU weight by weight (never the whole bf16 model there).
+    loaded = load_base(base, device="cpu" if nf4 else target, dtype=torch.bfloat16 if nf4 and target.startswith("cuda") else None,
+                       trust_remote_code=trust_remote_code)
     model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    emit("base", {"name": loaded.ref.name, "architecture": spec.architecture, "device": str(model.device)})
-    if model.device.type == "cuda":
+    emit("base", {"name": loaded.ref.name, "architecture": spec.architecture, "device": target,
+                  **({"quantize": "nf4"} if nf4 else {})})
+    if target.startswith("cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     seq_len = max(s.seq_len for s in rec.stages)
     general = general_pack()
     base_sets, base_tokens = eval_sets(pack, general, tokenizer, seq_len)
-    before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens, dist)
-    emit("eval", {"when": "before", **before})
+    if not nf4:
+        before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens, dist)
 
     plan = plan_terms(tokenizer, [t for t, _ in pack.terms]) if rec.adapter.terms else TermPlan((), len(tokenizer), ())
     torch.manual_seed(seed)
     extend_model(model, tokenizer, plan)
     trained_model, shapes = _attach(model, spec, rec)
+    if nf4:
+        report = quantize_base(trained_model, spec, device=target)
+        emit("quantized", {"linears": report.linears, "expert_tensors": report.expert_tensors,
+                           "mib_before": round(report.bytes_before / 2**20, 1), "mib_after": round(report.bytes_after / 2**20, 1)})
+        # The 4-bit base is what trains, so it is the "before": new term rows are unused and LoRA starts at zero.
+        before = ckpt.state["before"] if ckpt else evaluate(trained_model, base_sets, base_tokens, dist)
+    emit("eval", {"when": "before", **before})
     if ckpt:  # before sharding: the checkpoint holds whole tensors
         restore_adapter_state(trained_model, ckpt.group("adapter"))
     dist.prepare(trained_model, spec)

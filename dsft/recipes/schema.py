@@ -266,10 +266,14 @@ class Recipe:
     stages: tuple[Stage, ...]
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     seed: int = 0
+    quantize: Literal["none", "nf4"] = "none"
+    """nf4: hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; needs bitsandbytes)."""
 
     def check(self) -> list[tuple[str, str]]:
         names = [s.name for s in self.stages]
         problems = []
+        if self.quantize == "nf4" and self.uses_esft:
+            problems.append(("quantize", "esft trains expert weights, which cannot be 4-bit; use quantize: none"))
         if not self.stages:
             problems.append(("stages", "must list at least one stage"))
         if len(set(names)) != len(names):
