@@ -8,7 +8,11 @@ Variants (all: gradient checkpointing, LoRA r16 alpha 32, AdamW, batch x seq tok
   peft_attn         PEFT LoRA on attention only
   frozen            nothing trainable, input gradients only (the ceiling)
   dsft_lora         dsft: LoRA on attention + shared + routed experts, expert LoRA on routed tokens (grouped GEMMs)
+  dsft_esft         dsft: ESFT-Token (p = 0.2, scored on random tokens) - the selected experts' full weights train
+  dsft_qlora        dsft: dsft_lora on a base held in NF4 (bitsandbytes), run at --qlora-bs (default 1) x seq
 Each variant with --compile compiles every decoder layer.
+
+    python benchmarks/train_throughput.py --longest                                    # longest seq at batch 1, PEFT vs dsft
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+MEASURED_TFLOPS = 776.0  # the best dense bf16 matmul measured on that card (../shared/bench/gpu_ceiling.py: 706-776)
+_KEEP = []  # contexts that must stay open for the whole run (ESFT's trainable slices)
 
 
 def lite_config(layers: int):
@@ -72,35 +78,64 @@ def flops_per_token(cfg, seq: int) -> float:
 
 
 def prepare(variant: str, layers: int, rank: int):
+    """(model, its decoder layers, the tensors to train) for one variant."""
     from peft import LoraConfig, get_peft_model
 
     from dsft.adapters.lora import LoraSettings, attach_lora
     from dsft.base.arch import ARCHITECTURES
 
+    spec = ARCHITECTURES["deepseek_v2"]
     model = build_model(layers)
     attn = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+    def trainable(m):
+        return [p for p in m.parameters() if p.requires_grad]
+
     if variant == "frozen":
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()
-        return model, model.model.layers
+        return model, model.model.layers, []
     if variant in ("peft_experts", "peft_attn"):
         kw = dict(r=rank, lora_alpha=2 * rank, target_modules=attn, lora_dropout=0.0)
         if variant == "peft_experts":
             kw["target_parameters"] = ["experts.gate_up_proj", "experts.down_proj"]
         model = get_peft_model(model, LoraConfig(**kw))
-        return model, model.base_model.model.model.layers
-    if variant == "dsft_lora":
-        model = attach_lora(model, ARCHITECTURES["deepseek_v2"], LoraSettings(r=rank, alpha=2 * rank))
+        return model, model.base_model.model.model.layers, trainable(model)
+    if variant in ("dsft_lora", "dsft_qlora"):
+        model = attach_lora(model, spec, LoraSettings(r=rank, alpha=2 * rank))
+        if variant == "dsft_qlora":
+            from dsft.adapters.qlora import quantize_base
+
+            quantize_base(model, spec)
+            torch.cuda.empty_cache()
         model.enable_input_require_grads()
-        return model, model.base_model.model.model.layers
+        return model, model.base_model.model.model.layers, trainable(model)
+    if variant == "dsft_esft":
+        from dsft.adapters.esft import score_experts, select_layers
+        from dsft.adapters.esft_slices import trainable_slices
+        from dsft.data.tokenize import Examples
+
+        ids = torch.randint(0, 102400, (8, 1024), generator=torch.Generator().manual_seed(1))
+        scores = score_experts(model, spec, Examples(ids, ids, torch.ones_like(ids)), batch_size=4)
+        selection = select_layers(scores.of("token"), 0.2)
+        model.train()  # scoring left it in eval mode, where checkpointing is off
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ctx = trainable_slices(model, spec, selection)
+        slices = ctx.__enter__()
+        _KEEP.append(ctx)
+        model.enable_input_require_grads()
+        share = sum(len(v) for v in selection.values()) / (64 * len(selection))
+        print(json.dumps({"esft_selected_share": round(share, 3)}), file=sys.stderr)
+        return model, model.model.layers, [s.param for s in slices]
     raise SystemExit(f"unknown variant {variant}")
 
 
 def run_one(a) -> dict:
     from dsft.recipes.loop import causal_lm_loss, lm_loss
 
-    model, layers = prepare(a.variant, a.layers, a.rank)
+    model, layers, trainable = prepare(a.variant, a.layers, a.rank)
     if a.compile:
         import torch._dynamo as dynamo
 
@@ -108,7 +143,6 @@ def run_one(a) -> dict:
         dynamo.config.accumulated_cache_size_limit = 1024
         for layer in layers:
             layer.compile()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
 
@@ -139,34 +173,83 @@ def run_one(a) -> dict:
     return dict(variant=a.variant + ("+compile" if a.compile else ""), layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 1), tflops=round(tps * fpt / 1e12, 1),
-                mfu_vs_989=round(tps * fpt / PEAK_TFLOPS / 1e12, 3), warmup_s=round(warm, 1), loss=round(loss.item(), 4))
+                mfu_vs_989=round(tps * fpt / PEAK_TFLOPS / 1e12, 3), mfu_vs_measured=round(tps * fpt / MEASURED_TFLOPS / 1e12, 3),
+                warmup_s=round(warm, 1), loss=round(loss.item(), 4))
+
+
+def run_longest(a) -> dict:
+    """Batch 1, doubling the sequence from 8192 until a step runs out of memory (eager: one graph per length
+    would be compiled otherwise). Returns the longest that trained and its peak."""
+    from dsft.recipes.loop import causal_lm_loss, lm_loss
+
+    model, _, trainable = prepare(a.variant, a.layers, a.rank)
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    best, seq, tried = None, 8192, []
+    while seq <= a.longest_max:
+        x = torch.randint(0, 102400, (1, seq), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+            loss = lm_loss(model, batch) if a.variant.startswith("dsft") else causal_lm_loss(model(input_ids=x, use_cache=False).logits, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            best = {"seq": seq, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+            tried.append({"seq": seq, "ok": True})
+        except torch.OutOfMemoryError:
+            tried.append({"seq": seq, "ok": False})
+            break
+        finally:
+            loss = batch = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        seq *= 2
+    return {"variant": f"{a.variant} longest seq at batch 1", "longest_seq": best["seq"] if best else None,
+            "peak_gib": best["peak_gib"] if best else None, "tried": tried}
+
+
+PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_esft", True),
+        ("dsft_qlora", True), ("peft_experts", "longest"), ("dsft_lora", "longest")]
+
+
+def _name(variant: str, mode) -> str:
+    return f"{variant} longest seq at batch 1" if mode == "longest" else variant + ("+compile" if mode else "")
 
 
 def run_all(a) -> None:
-    plan = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", False), ("dsft_lora", True)]
-    if a.only:
-        plan = [p for p in plan if f"{p[0]}{'+compile' if p[1] else ''}" in a.only.split(",")]
-    rows = []
-    for variant, compiled in plan:
-        cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(a.layers), "--bs", str(a.bs), "--seq", str(a.seq),
-               "--steps", str(a.steps)] + (["--compile"] if compiled else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-        row = json.loads(line) if line else {"variant": variant + ("+compile" if compiled else ""), "error": proc.stderr.strip().splitlines()[-1:] }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    base = next((r["tokens_per_s"] for r in rows if r.get("variant") == "peft_experts" and "tokens_per_s" in r), None)
-    for r in rows:
-        if base and "tokens_per_s" in r and r["variant"].startswith("dsft"):
-            r["ratio_to_peft"] = round(r["tokens_per_s"] / base, 2)
+    plan = PLAN if not a.only else [p for p in PLAN if _name(*p) in a.only.split(",")]
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = ROOT / "benchmarks" / "results" / f"{date.today()}-{gpu}-train-throughput"
-    meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), layers=a.layers, bs=a.bs, seq=a.seq)
-    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| variant | tokens/s | peak GiB | MFU (989) | ratio to PEFT |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '')} | "
-                     f"{r.get('mfu_vs_989', '')} | {r.get('ratio_to_peft', '')} |")
+    old = json.loads(Path(f"{out}.json").read_text())["rows"] if Path(f"{out}.json").exists() else []
+    rows = {r["variant"]: r for r in old}  # an invocation with --only replaces its own rows and keeps the others
+    for variant, mode in plan:
+        bs = a.qlora_bs if variant == "dsft_qlora" else a.bs
+        cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(a.layers), "--bs", str(bs), "--seq", str(a.seq),
+               "--steps", str(a.steps)] + (["--compile"] if mode is True else []) + (["--longest"] if mode == "longest" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, check=False)
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+        row = json.loads(line) if line else {"variant": _name(variant, mode), "error": proc.stderr.strip().splitlines()[-3:]}
+        extra = [ln for ln in proc.stderr.splitlines() if ln.startswith('{"esft_selected_share"')]
+        if extra:
+            row.update(json.loads(extra[-1]))
+        print(json.dumps(row), flush=True)
+        rows[row["variant"]] = row
+    base = rows.get("peft_experts", {}).get("tokens_per_s")
+    for r in rows.values():
+        if base and "tokens_per_s" in r and r["variant"].startswith("dsft"):
+            r["ratio_to_peft"] = round(r["tokens_per_s"] / base, 2)
+    meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), layers=a.layers, bs=a.bs, seq=a.seq,
+                qlora_bs=a.qlora_bs, peak_tflops=PEAK_TFLOPS, measured_tflops=MEASURED_TFLOPS)
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
+    lines = ["| variant | batch x seq | tokens/s | peak GiB | MFU (989) | MFU (776 measured) | ratio to PEFT |", "|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        if "longest_seq" in r or "tried" in r:
+            lines.append(f"| {r['variant']} | 1 x {r.get('longest_seq')} | | {r.get('peak_gib', '')} | | | |")
+            continue
+        shape = f"{r['bs']} x {r['seq']}" if "bs" in r else ""
+        lines.append(f"| {r['variant']} | {shape} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '')} | "
+                     f"{r.get('mfu_vs_989', '')} | {r.get('mfu_vs_measured', '')} | {r.get('ratio_to_peft', '')} |")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -183,9 +266,14 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--qlora-bs", type=int, default=1)
+    p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
+    p.add_argument("--longest-max", type=int, default=262144)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.all:
         run_all(a)
+    elif a.longest:
+        print(json.dumps(run_longest(a)), flush=True)
     else:
         print(json.dumps(run_one(a)), flush=True)
