@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import prepare  # noqa: E402
-from dsft.recipes.loop import causal_lm_loss  # noqa: E402
+from dsft.recipes.loop import causal_lm_loss, lm_loss  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
@@ -23,21 +23,22 @@ if __name__ == "__main__":
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--top", type=int, default=30)
     a = p.parse_args()
-    model, layers = prepare(a.variant, a.layers, 16)
+    model, layers, trainable = prepare(a.variant, a.layers, 16)
     if a.compile:
         for layer in layers:
             layer.compile()
-    trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
 
     def step():
-        causal_lm_loss(model(input_ids=x, use_cache=False).logits, x).backward()
+        batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+        loss = lm_loss(model, batch) if a.variant.startswith("dsft") else causal_lm_loss(model(input_ids=x, use_cache=False).logits, x)
+        loss.backward()
         if opt:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(3):
         step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -8,6 +8,8 @@ Variants (all: gradient checkpointing, LoRA r16 alpha 32, AdamW, batch x seq tok
   peft_attn         PEFT LoRA on attention only
   frozen            nothing trainable, input gradients only (the ceiling)
   dsft_lora         dsft: LoRA on attention + shared + routed experts, expert LoRA on routed tokens (grouped GEMMs)
+  dsft_lora_grouped dsft_lora with all four expert-LoRA products as grouped GEMMs on the routed pairs
+  dsft_frozen       nothing trainable, but the routed experts through dsft's grouped path (vs frozen: transformers')
   dsft_esft         dsft: ESFT-Token (p = 0.2, scored on random tokens) - the selected experts' full weights train
   dsft_qlora        dsft: dsft_lora on a base held in NF4 (bitsandbytes), run at --qlora-bs (default 1) x seq
 Each variant with --compile compiles every decoder layer.
@@ -65,6 +67,10 @@ def build_model(layers: int, experts_impl: str = "grouped_mm"):
     return model
 
 
+def cfg_dense(model) -> int:
+    return model.config.first_k_dense_replace
+
+
 def flops_per_token(cfg, seq: int) -> float:
     """Model FLOPs per trained token (forward + recompute + input-gradient backward; frozen weights)."""
     h, L, nh = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
@@ -91,7 +97,17 @@ def prepare(variant: str, layers: int, rank: int):
     def trainable(m):
         return [p for p in m.parameters() if p.requires_grad]
 
-    if variant == "frozen":
+    if variant in ("frozen", "dsft_frozen"):
+        if variant == "dsft_frozen":
+            import types
+
+            from dsft.kernels.expert_lora import experts_forward
+
+            def forward(self, h, idx, w):
+                return experts_forward(h, idx, w, self.gate_up_proj, self.down_proj, self.act_fn)
+
+            for layer in model.model.layers[cfg_dense(model):]:
+                layer.mlp.experts.forward = types.MethodType(forward, layer.mlp.experts)
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()
@@ -102,7 +118,11 @@ def prepare(variant: str, layers: int, rank: int):
             kw["target_parameters"] = ["experts.gate_up_proj", "experts.down_proj"]
         model = get_peft_model(model, LoraConfig(**kw))
         return model, model.base_model.model.model.layers, trainable(model)
-    if variant in ("dsft_lora", "dsft_qlora"):
+    if variant in ("dsft_lora", "dsft_qlora", "dsft_lora_grouped"):
+        if variant == "dsft_lora_grouped":
+            from dsft.kernels import expert_lora
+
+            expert_lora.TOKEN_SIDE_LORA = False
         model = attach_lora(model, spec, LoraSettings(r=rank, alpha=2 * rank))
         if variant == "dsft_qlora":
             from dsft.adapters.qlora import quantize_base
@@ -209,7 +229,8 @@ def run_longest(a) -> dict:
             "peak_gib": best["peak_gib"] if best else None, "tried": tried}
 
 
-PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_esft", True),
+PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora_grouped", True),
+        ("dsft_esft", True),
         ("dsft_qlora", True), ("peft_experts", "longest"), ("dsft_lora", "longest")]
 
 

@@ -37,6 +37,8 @@ class Routing:
     order: torch.Tensor
     weight: torch.Tensor
     offs: torch.Tensor
+    expert: torch.Tensor
+    """The expert of each sorted pair."""
 
 
 def route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Routing:
@@ -44,7 +46,7 @@ def route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: i
     order = torch.argsort(expert, stable=True)
     # histc, not bincount: bincount's output size depends on the data, which breaks CUDA graphs in compile.
     counts = torch.histc(expert.float(), bins=num_experts, min=0, max=num_experts - 1)
-    return Routing(order, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32))
+    return Routing(order, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32), expert[order])
 
 
 def permute(x: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
@@ -118,6 +120,33 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lo
     return y
 
 
+TOKEN_SIDE_LORA = True
+"""Compute gate_up's ``x A^T`` and down's ``h B^T`` on the tokens rather than on the routed pairs
+(see :func:`experts_forward`); False: all four LoRA products as grouped GEMMs on the pairs."""
+
+
+def _lora_in_from_tokens(x: torch.Tensor, lora: LowRank, r: Routing, k: int) -> torch.Tensor:
+    """``s (x A_e^T) B_e^T`` for every routed pair, with ``x A^T`` computed on the T tokens for all E experts
+    in one dense GEMM (E*r columns, narrower than the hidden size) and each pair picking its expert's r
+    columns. The grouped alternative reads the k-fold expanded rows, and its backward writes a [T*k, H]
+    input gradient to add; this one's is [T, H]."""
+    n_experts, rank, hidden = lora.A.shape
+    h_all = x @ lora.A.reshape(n_experts * rank, hidden).to(x.dtype).T                  # [T, E*r]
+    h = h_all.view(-1, n_experts, rank)[r.order // k, r.expert]                          # [T*k, r]
+    return lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), r.offs)
+
+
+def _lora_out_to_tokens(a: torch.Tensor, lora: LowRank, r: Routing, k: int, n_tokens: int) -> torch.Tensor:
+    """``sum_k w_k s (a_k A_e^T) B_e^T`` per token: each pair's weighted r values go into its expert's block
+    of a [T, E*r] matrix (a token's k experts are distinct), then one dense GEMM with every B stacked;
+    the output and its gradient are [T, H], not [T*k, H]."""
+    n_experts, out_features, rank = lora.B.shape
+    h = grouped_mm(a, lora.A.transpose(1, 2).to(a.dtype), r.offs) * r.weight.unsqueeze(-1).to(a.dtype)  # [T*k, r]
+    g = h.new_zeros(n_tokens, n_experts, rank).index_put((r.order // k, r.expert), h)
+    stacked = lora.B.permute(0, 2, 1).reshape(n_experts * rank, out_features).to(a.dtype)   # row e*r+j = B_e[:, j]
+    return lora.scale * (g.view(n_tokens, n_experts * rank) @ stacked)
+
+
 def experts_forward(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -133,13 +162,24 @@ def experts_forward(
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H].
 
     ``heads``: (gate_up_proj[:S], down_proj[:S]) as trained parameters sharing the fused weights'
-    storage (ESFT): only experts 0..S-1 get weight gradients."""
+    storage (ESFT): only experts 0..S-1 get weight gradients.
+
+    With :data:`TOKEN_SIDE_LORA`, the two LoRA products whose input or output is per token (gate_up's
+    ``x A^T``, down's ``h B^T`` summed over the k choices) run on the T tokens, not the T*k pairs."""
     k = top_k_index.shape[-1]
     r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     gu_head, down_head = heads if heads is not None else (None, None)
-    gate, up = grouped_linear(permute(x, r, k), gate_up_proj, r.offs, gate_up_lora, gu_head).chunk(2, dim=-1)
-    y = grouped_linear(act(gate) * up, down_proj, r.offs, down_lora, down_head)
-    return unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k).to(x.dtype)
+    token_side = TOKEN_SIDE_LORA
+    h = grouped_linear(permute(x, r, k), gate_up_proj, r.offs, None if token_side else gate_up_lora, gu_head)
+    if token_side and gate_up_lora is not None:
+        h = h + _lora_in_from_tokens(x, gate_up_lora, r, k)
+    gate, up = h.chunk(2, dim=-1)
+    a = act(gate) * up
+    y = grouped_linear(a, down_proj, r.offs, None if token_side else down_lora, down_head)
+    out = unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k)
+    if token_side and down_lora is not None:
+        out = out + _lora_out_to_tokens(a, down_lora, r, k, x.shape[0])
+    return out.to(x.dtype)
 
 
 def experts_forward_reference(x, top_k_index, top_k_weights, gate_up_proj, down_proj, act,

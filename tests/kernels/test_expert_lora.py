@@ -1,8 +1,11 @@
 """The grouped expert-LoRA math equals merging W + s B A per expert and looping over tokens."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from dsft.kernels import expert_lora
 
 from dsft.kernels.expert_lora import LowRank, experts_forward, experts_forward_reference, grouped_mm_reference, permute, route, unpermute
 
@@ -43,7 +46,9 @@ def test_grouped_mm_reference_handles_empty_groups():
     torch.testing.assert_close(y, torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
 
 
-def test_forward_and_every_gradient_match_the_merged_reference():
+@pytest.mark.parametrize("token_side", [True, False], ids=["token-side", "all-grouped"])
+def test_forward_and_every_gradient_match_the_merged_reference(monkeypatch, token_side):
+    monkeypatch.setattr(expert_lora, "TOKEN_SIDE_LORA", token_side)
     x, idx, w, gu, dn, lgu, ldn = _problem()
     fast = experts_forward(x, idx, w, gu, dn, F.silu, lgu, ldn)
     tensors = [x, lgu.A, lgu.B, ldn.A, ldn.B]
