@@ -1,31 +1,71 @@
 """Causal-LM cross-entropy without materialising the whole batch's logits.
 
 With a 102,400-token vocabulary, 4 x 2048 tokens of fp32 logits are 3.4 GB, and their gradient as
-much again. Here the output head runs on chunks of positions under activation checkpointing: each
-chunk's logits exist only while its loss (and, in backward, its gradient) is computed.
+much again. Here the output head runs on chunks of positions, and each chunk's logits exist only
+while its loss and gradients are computed.
+
+Training (:class:`_GradInForward`): each chunk's gradient with respect to the hidden states (and to the
+head's trainable parameters, e.g. new term rows) is computed right in the forward pass, while its
+logits exist; backward only scales the stored gradients by the incoming one. The logits GEMM and
+the softmax run once per step. (Checkpointing each chunk, the simple alternative, runs both twice.)
+Elsewhere, and for heads sharded by FSDP2 (whose hooks expect one forward per backward), chunks run
+under activation checkpointing.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                           chunk_size: int = 4096) -> torch.Tensor:
+class _GradInForward(torch.autograd.Function):
+    """Summed loss of ``head`` over ``h`` in chunks; gradients for ``h`` and ``params`` made in forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, y: torch.Tensor, head: nn.Module, chunk_size: int, *params: torch.Tensor) -> torch.Tensor:
+        total = h.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(h)
+        grad_params = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for i in range(0, h.shape[0], chunk_size):
+                piece = h[i : i + chunk_size].detach().requires_grad_(True)
+                loss = _chunk_loss(head, piece, y[i : i + chunk_size])
+                grads = torch.autograd.grad(loss, [piece, *params], allow_unused=True)
+                grad_h[i : i + chunk_size] = grads[0]
+                for acc, g in zip(grad_params, grads[1:]):
+                    if g is not None:
+                        acc += g
+                total += loss.detach()
+        ctx.save_for_backward(grad_h, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, *grad_params = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype), None, None, None, *[g * grad_out.to(g.dtype) for g in grad_params])
+
+
+def _sharded(params: list[torch.Tensor]) -> bool:
+    return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params)
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """Mean next-token loss of ``head(hidden)`` against ``labels`` (-100 = ignored), ``chunk_size`` positions at a time.
 
     Equal to ``causal_lm_loss(head(hidden), labels)``; peak memory holds one chunk's logits.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
+    count = (y != -100).sum().clamp(min=1)
+    params = [p for p in head.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (h.requires_grad or params) and not _sharded(params):
+        return _GradInForward.apply(h, y, head, chunk_size, *params) / count
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk_size):
         total = total + checkpoint(_chunk_loss, head, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
-    return total / (y != -100).sum().clamp(min=1)
+    return total / count

@@ -20,3 +20,31 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss():
     torch.testing.assert_close(chunked, full)
     for a, b in zip(g_chunked, g_full):
         torch.testing.assert_close(a, b)
+
+
+def test_gradients_made_in_forward_follow_the_objective_they_end_up_in():
+    """The fused path stores d(loss)/d(hidden) and d(loss)/d(head params) in forward; backward scales them
+    by whatever multiplies the loss (a rank's share of the batch, an auxiliary term added)."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    full = 0.3 * causal_lm_loss(head(hidden), labels) + hidden.square().mean()
+    want = torch.autograd.grad(full, [hidden, head.weight])
+    got_loss = 0.3 * chunked_causal_lm_loss(hidden, head, labels, chunk_size=5) + hidden.square().mean()
+    got = torch.autograd.grad(got_loss, [hidden, head.weight])
+    torch.testing.assert_close(got_loss, full)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_frozen_head_and_no_grad_give_the_same_loss():
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 40, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    loss = chunked_causal_lm_loss(hidden, head, labels, chunk_size=4)
+    (g,) = torch.autograd.grad(loss, [hidden])
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, chunk_size=4), loss.detach())
+    torch.testing.assert_close(g, torch.autograd.grad(causal_lm_loss(head(hidden), labels), [hidden])[0])
