@@ -129,6 +129,10 @@ def prepare(variant: str, layers: int, rank: int):
 
             quantize_base(model, spec)
             torch.cuda.empty_cache()
+        elif variant == "dsft_lora":  # as dsft train does on one GPU
+            from dsft.adapters.fast_lora import fold_expert_lora
+
+            fold_expert_lora(model)
         model.enable_input_require_grads()
         return model, model.base_model.model.model.layers, trainable(model)
     if variant == "dsft_esft":
@@ -156,6 +160,8 @@ def run_one(a) -> dict:
     from dsft.recipes.loop import causal_lm_loss, lm_loss
 
     model, layers, trainable = prepare(a.variant, a.layers, a.rank)
+    for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
+        layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:
         import torch._dynamo as dynamo
 
@@ -190,7 +196,7 @@ def run_one(a) -> dict:
     dt = (time.perf_counter() - t0) / a.steps
     tps = a.bs * a.seq / dt
     fpt = flops_per_token(lite_config(a.layers), a.seq)
-    return dict(variant=a.variant + ("+compile" if a.compile else ""), layers=a.layers, bs=a.bs, seq=a.seq,
+    return dict(variant=a.variant + ("+compile" if a.compile else "") + (f"+keep{a.keep_layers}" if a.keep_layers else ""), layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 1), tflops=round(tps * fpt / 1e12, 1),
                 mfu_vs_989=round(tps * fpt / PEAK_TFLOPS / 1e12, 3), mfu_vs_measured=round(tps * fpt / MEASURED_TFLOPS / 1e12, 3),
@@ -229,13 +235,15 @@ def run_longest(a) -> dict:
             "peak_gib": best["peak_gib"] if best else None, "tried": tried}
 
 
-PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora_grouped", True),
-        ("dsft_esft", True),
+PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora", True, 3),
+        ("dsft_lora_grouped", True), ("dsft_esft", True),
         ("dsft_qlora", True), ("peft_experts", "longest"), ("dsft_lora", "longest")]
 
 
-def _name(variant: str, mode) -> str:
-    return f"{variant} longest seq at batch 1" if mode == "longest" else variant + ("+compile" if mode else "")
+def _name(variant: str, mode, keep: int = 0) -> str:
+    if mode == "longest":
+        return f"{variant} longest seq at batch 1"
+    return variant + ("+compile" if mode else "") + (f"+keep{keep}" if keep else "")
 
 
 def run_all(a) -> None:
@@ -244,13 +252,14 @@ def run_all(a) -> None:
     out = ROOT / "benchmarks" / "results" / f"{date.today()}-{gpu}-train-throughput"
     old = json.loads(Path(f"{out}.json").read_text())["rows"] if Path(f"{out}.json").exists() else []
     rows = {r["variant"]: r for r in old}  # an invocation with --only replaces its own rows and keeps the others
-    for variant, mode in plan:
+    for variant, mode, *keep in plan:
         bs = a.qlora_bs if variant == "dsft_qlora" else a.bs
         cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(a.layers), "--bs", str(bs), "--seq", str(a.seq),
-               "--steps", str(a.steps)] + (["--compile"] if mode is True else []) + (["--longest"] if mode == "longest" else [])
+               "--steps", str(a.steps)] + (["--compile"] if mode is True else []) + (["--longest"] if mode == "longest" else []) \
+            + (["--keep-layers", str(keep[0])] if keep else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, check=False)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-        row = json.loads(line) if line else {"variant": _name(variant, mode), "error": proc.stderr.strip().splitlines()[-3:]}
+        row = json.loads(line) if line else {"variant": _name(variant, mode, *keep), "error": proc.stderr.strip().splitlines()[-3:]}
         extra = [ln for ln in proc.stderr.splitlines() if ln.startswith('{"esft_selected_share"')]
         if extra:
             row.update(json.loads(extra[-1]))
@@ -288,6 +297,7 @@ if __name__ == "__main__":
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--qlora-bs", type=int, default=1)
+    p.add_argument("--keep-layers", type=int, default=0, help="leave the last N decoder layers out of activation checkpointing")
     p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
     p.add_argument("--longest-max", type=int, default=262144)
     a = p.parse_args()

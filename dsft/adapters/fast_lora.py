@@ -63,7 +63,49 @@ def _fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up, down, experts.act_fn,
         _expert_lowrank(by_param.get("gate_up_proj"), gate_up), _expert_lowrank(by_param.get("down_proj"), down),
+        gate_up_folded=getattr(experts, FOLDED, None),
     )
+
+
+FOLDED = "dsft_gate_up_folded"
+"""Attribute of a fused experts module after :func:`fold_expert_lora`: [E, 2I, H + r], gate_up_proj's storage."""
+
+
+@torch.no_grad()
+def fold_expert_lora(model: nn.Module) -> int:
+    """Give each routed-experts gate_up_proj room for its LoRA B: the weight moves into a buffer
+    [E, 2I, H + r] (the parameter becomes a view of its first H columns, nothing is duplicated) whose last
+    r columns a pre-hook on the decoder refreshes from B before every forward. The grouped path then
+    computes ``x W^T + s (x A^T) B^T`` as one grouped GEMM of ``[x | s x A^T]`` (no separate B product, no
+    pass adding it to the output). For one process on a GPU; returns how many layers were folded.
+    """
+    folded = []
+    for wrapper in _outermost_wrappers(model):
+        if wrapper.__dict__.get("forward") is None or wrapper.forward.__func__ is not _fast_experts_forward:
+            continue
+        by_param, core = _chain(wrapper)
+        lora, w = by_param.get("gate_up_proj"), core._parameters.get("gate_up_proj")
+        if lora is None or w is None or not _active(lora) or hasattr(core, FOLDED):
+            continue  # no LoRA here, or NF4 weights (dequantised per call: nothing to fold into)
+        n_experts, out_features, in_features = w.shape
+        rank = lora.lora_A[ADAPTER].weight.shape[0] // n_experts
+        buffer = w.new_empty(n_experts, out_features, in_features + rank)
+        buffer[:, :, :in_features] = w
+        w.data = buffer[:, :, :in_features]
+        setattr(core, FOLDED, buffer)
+        folded.append((lora, core, in_features))
+    if not folded:
+        return 0
+
+    def refresh(module, args):
+        with torch.no_grad():
+            for lora, core, in_features in folded:
+                if _active(lora):
+                    getattr(core, FOLDED)[:, :, in_features:].copy_(_expert_lowrank(lora, core.gate_up_proj).B)
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.get_decoder().register_forward_pre_hook(refresh)
+    return len(folded)
 
 
 def _low_rank(self, x: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,8 @@ def train_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
     compile_layers: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, torch.compile each decoder layer."),
+    keep_layers: int = typer.Option(0, "--keep-layers", help="On a GPU, leave the last N decoder layers out of activation "
+                                    "checkpointing: faster, at one layer's activations more memory each."),
     qlora: bool = typer.Option(False, "--qlora", help="Hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; "
                                "the override quantize=nf4). Uses bitsandbytes."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run of this domain from its last checkpoint "
@@ -193,7 +195,7 @@ def train_command(
         overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else [])]
         result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides, seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
-                       trust_remote_code=trust_remote_code, compile_layers=compile_layers, on_event=view,
+                       trust_remote_code=trust_remote_code, compile_layers=compile_layers, keep_layers=keep_layers, on_event=view,
                        resume=resume, checkpoint_every=checkpoint_every, dist=dist)
     except DsftError as exc:
         if getattr(exc, "from_rank0", False):

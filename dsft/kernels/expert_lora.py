@@ -126,14 +126,36 @@ TOKEN_SIDE_LORA = True
 
 
 def _lora_in_from_tokens(x: torch.Tensor, lora: LowRank, r: Routing, k: int) -> torch.Tensor:
-    """``s (x A_e^T) B_e^T`` for every routed pair, with ``x A^T`` computed on the T tokens for all E experts
-    in one dense GEMM (E*r columns, narrower than the hidden size) and each pair picking its expert's r
-    columns. The grouped alternative reads the k-fold expanded rows, and its backward writes a [T*k, H]
-    input gradient to add; this one's is [T, H]."""
+    """``x A_e^T`` for every routed pair [T*k, r], computed on the T tokens for all E experts in one dense
+    GEMM (E*r columns, narrower than the hidden size), each pair then picking its expert's r columns.
+    The grouped alternative reads the k-fold expanded rows, and its backward writes a [T*k, H] input
+    gradient to add; this one's is [T, H]."""
     n_experts, rank, hidden = lora.A.shape
     h_all = x @ lora.A.reshape(n_experts * rank, hidden).to(x.dtype).T                  # [T, E*r]
-    h = h_all.view(-1, n_experts, rank)[r.order // k, r.expert]                          # [T*k, r]
-    return lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), r.offs)
+    return h_all.view(-1, n_experts, rank)[r.order // k, r.expert]
+
+
+def grouped_mm_fold(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm` of x [S, K] with w [E, K, N] whose last r rows hold ``tail`` [E, r, N] (trained)."""
+    if use_grouped_kernel(x):
+        from dsft.kernels.grouped_mm import gmm_fold
+
+        return gmm_fold(x, w, tail, offs)
+    return grouped_mm_reference(x, torch.cat([w[:, : w.shape[1] - tail.shape[1]].detach(), tail], dim=1), offs)
+
+
+def _gate_up(xp: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, r: Routing, k: int,
+             head: torch.Tensor | None, folded: torch.Tensor | None) -> torch.Tensor:
+    """The routed pairs' gate/up projection [T*k, 2I], LoRA included (see :func:`experts_forward`)."""
+    if lora is None or not TOKEN_SIDE_LORA:
+        return grouped_linear(xp, weight, r.offs, lora, head)
+    h = _lora_in_from_tokens(x, lora, r, k)
+    if folded is not None:
+        # One grouped GEMM for W and B: [x | s h] against [W | B] (``folded``, whose first H columns are W itself).
+        return grouped_mm_fold(torch.cat([xp, lora.scale * h], dim=1), folded.transpose(1, 2),
+                               lora.B.transpose(1, 2).to(x.dtype), r.offs)
+    y = grouped_linear(xp, weight, r.offs, None, head)
+    return y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), r.offs)
 
 
 def _lora_out_to_tokens(a: torch.Tensor, lora: LowRank, r: Routing, k: int, n_tokens: int) -> torch.Tensor:
@@ -157,6 +179,7 @@ def experts_forward(
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
     heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gate_up_folded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A routed-experts MLP with optional LoRA on both projections (transformers v5 layout:
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H].
@@ -165,15 +188,14 @@ def experts_forward(
     storage (ESFT): only experts 0..S-1 get weight gradients.
 
     With :data:`TOKEN_SIDE_LORA`, the two LoRA products whose input or output is per token (gate_up's
-    ``x A^T``, down's ``h B^T`` summed over the k choices) run on the T tokens, not the T*k pairs."""
+    ``x A^T``, down's ``h B^T`` summed over the k choices) run on the T tokens, not the T*k pairs.
+    ``gate_up_folded`` [E, 2I, H + r]: gate_up_proj with gate_up_lora's B appended along the input dim
+    (:func:`dsft.adapters.fast_lora.fold_expert_lora`), so that W and B share one grouped GEMM."""
     k = top_k_index.shape[-1]
     r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     gu_head, down_head = heads if heads is not None else (None, None)
     token_side = TOKEN_SIDE_LORA
-    h = grouped_linear(permute(x, r, k), gate_up_proj, r.offs, None if token_side else gate_up_lora, gu_head)
-    if token_side and gate_up_lora is not None:
-        h = h + _lora_in_from_tokens(x, gate_up_lora, r, k)
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = _gate_up(permute(x, r, k), x, gate_up_proj, gate_up_lora, r, k, gu_head, gate_up_folded).chunk(2, dim=-1)
     a = act(gate) * up
     y = grouped_linear(a, down_proj, r.offs, None if token_side else down_lora, down_head)
     out = unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k)

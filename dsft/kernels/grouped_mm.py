@@ -6,6 +6,8 @@ that the backward computes only the gradients that are needed (none for a frozen
     dw = gmm_wgrad(x, dy, offs)    per group x_g^T dy_g                         -> [G, K, N]
     y  = gmm_head(x, w, head, offs)  as gmm, where ``head`` is w[:H] (same storage) and is what trains:
                                    the backward gives head's gradient, H groups, and none for the rest of w
+    y  = gmm_fold(x, w, tail, offs)  as gmm, where ``tail`` holds the values of w's last r rows (w[:, K-r:]):
+                                   the backward gives dx and tail's gradient (x's last r columns against dy)
 """
 from __future__ import annotations
 
@@ -85,3 +87,31 @@ def _backward_head(ctx, dy):
 
 
 gmm_head.register_autograd(_backward_head, setup_context=_setup_head)
+
+
+@torch.library.custom_op("dsft::gmm_fold", mutates_args=())
+def gmm_fold(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # tail is w[:, K-r:, :] (same values, kept there by the caller): the rows of w that train.
+    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
+
+
+@gmm_fold.register_fake
+def _(x, w, tail, offs):
+    return x.new_empty((x.shape[0], w.shape[-1]))
+
+
+def _setup_fold(ctx, inputs, output):
+    x, w, tail, offs = inputs
+    ctx.needs_x, ctx.needs_tail = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    ctx.r = tail.shape[1]
+    ctx.save_for_backward(x if ctx.needs_tail else None, w, offs)
+
+
+def _backward_fold(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs_x else None
+    dtail = gmm_wgrad(x[:, x.shape[1] - ctx.r :], dy, offs) if ctx.needs_tail else None
+    return dx, None, dtail, None
+
+
+gmm_fold.register_autograd(_backward_fold, setup_context=_setup_fold)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, EsftState, save_esft
+from dsft.adapters.fast_lora import fold_expert_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.manifest import MANIFEST
 from dsft.adapters.qlora import quantize_base
@@ -139,6 +140,7 @@ def train(
     device: str | None = None,
     trust_remote_code: bool = False,
     compile_layers: bool = True,
+    keep_layers: int = 0,
     on_event: Event | None = None,
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -159,6 +161,9 @@ def train(
         output: also copy the finished adapter to this directory.
         registry: a SQLAlchemy URL or an open Registry; default ``$DSFT_REGISTRY_URL`` or ``$DSFT_HOME/registry.db``.
         compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
+        keep_layers: on CUDA, leave the last N decoder layers out of activation checkpointing: they keep
+            their activations instead of recomputing them in backward (faster; on DeepSeek-V2-Lite at
+            4 x 2048 tokens ~1.4 GiB more per layer).
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
             stage_eval, checkpoint, saved.
         resume: continue the last unfinished run of this domain from its last checkpoint; it must have
@@ -179,6 +184,8 @@ def train(
     """
     from dsft.domains import general_pack
 
+    if keep_layers < 0:
+        raise UsageError(f"--keep-layers must be >= 0, got {keep_layers}")
     dist = dist if dist is not None else Dist.from_env(device)
     log: list[dict[str, Any]] = []
     emit = _logging(on_event if on_event and dist.main else (lambda kind, payload: None), log)
@@ -203,6 +210,11 @@ def train(
                   **({"quantize": "nf4"} if nf4 else {})})
     if target.startswith("cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = model.get_decoder().layers
+        if not 0 <= keep_layers <= len(layers):
+            raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep_layers}")
+        for layer in list(layers)[len(layers) - keep_layers:] if keep_layers else []:
+            layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
 
     seq_len = max(s.seq_len for s in rec.stages)
     general = general_pack()
@@ -221,6 +233,8 @@ def train(
         # The 4-bit base is what trains, so it is the "before": new term rows are unused and LoRA starts at zero.
         before = ckpt.state["before"] if ckpt else evaluate(trained_model, base_sets, base_tokens, dist)
     emit("eval", {"when": "before", **before})
+    if target.startswith("cuda") and not nf4 and not (dist.enabled and dist.sharding == "fsdp"):
+        fold_expert_lora(trained_model)  # expert LoRA's B rides in the expert weight's grouped GEMM
     if ckpt:  # before sharding: the checkpoint holds whole tensors
         restore_adapter_state(trained_model, ckpt.group("adapter"))
     dist.prepare(trained_model, spec)

@@ -20,7 +20,7 @@ def _loss_and_grads(model, ids):
 def test_fast_path_matches_peft_target_parameters(home, preset):
     base = load_base(preset, device="cpu")
     torch.manual_seed(0)
-    model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8))
+    model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8), fast=False)  # PEFT's own forwards first
     with torch.no_grad():  # non-zero B so that every LoRA factor gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -37,3 +37,43 @@ def test_fast_path_matches_peft_target_parameters(home, preset):
         assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
     disable_fast_lora(model)
     torch.testing.assert_close(_loss_and_grads(model, ids)[0], loss_ref)
+
+
+@pytest.mark.parametrize("grouped_kernel", [False, True], ids=["reference-loop", "grouped-kernel"])
+def test_folding_b_into_the_expert_weight_trains_exactly_like_the_unfolded_path(home, monkeypatch, grouped_kernel):
+    """fold_expert_lora moves gate_up_proj into a wider buffer with B in its last columns; loss, every
+    gradient and two optimizer steps (B changes, so the buffer must follow it) match the unfolded model."""
+    from dsft.adapters.fast_lora import FOLDED, fold_expert_lora
+    from dsft.kernels import expert_lora
+
+    monkeypatch.setattr(expert_lora, "FORCE_GROUPED_KERNEL", grouped_kernel)
+    ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for fold in (False, True):
+        base = load_base("tiny-deepseek-v2", device="cpu")
+        torch.manual_seed(0)
+        model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        experts = base.model.model.layers[1].mlp.experts
+        while type(experts).__name__ == "ParamWrapper":  # PEFT's wrappers around the fused parameters
+            experts = experts.base_layer
+        if fold:
+            assert fold_expert_lora(model) == 3  # the three MoE layers
+            folded = getattr(experts, FOLDED)
+            assert folded.shape[-1] == experts.gate_up_proj.shape[-1] + 4
+            assert experts.gate_up_proj.data_ptr() == folded.data_ptr()  # the weight lives in the buffer: no copy
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-4)
+        losses, grads = [], None
+        for _ in range(3):
+            loss, grads = _loss_and_grads(model, ids)
+            losses.append(loss)
+            opt.step()
+        runs.append((torch.stack(losses), grads))
+    (l0, g0), (l1, g1) = runs
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(l0.unique()) == 3  # training moved the loss: B changed between steps
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
