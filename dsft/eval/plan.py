@@ -40,10 +40,10 @@ BACKWARD_TRANSIENT = 0.5
 NF4_BYTES = 0.5 + 4 / 64
 """4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4 without double quantisation)."""
 H100_BF16_TFLOPS = 989.0
-MEASURED_TFLOPS_H100 = 268.8
+MEASURED_TFLOPS_H100 = 310.4
 """Useful TFLOP/s (by :func:`flops_per_token`) that dsft's fast path reached on one H100: DeepSeek-V2-Lite
-shape, 4 x 2048, LoRA on attention + experts, checkpointing, compiled: 17,275 tokens/s
-(benchmarks/results/2026-11-23-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to reach the same share of
+shape, 4 x 2048, LoRA on attention + experts, checkpointing, compiled: 19,946 tokens/s
+(benchmarks/results/2026-11-25-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to reach the same share of
 their peak."""
 GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
               "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0}
