@@ -108,7 +108,8 @@ def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None
     config = read_config(ref)
     spec = spec_for(config.get("model_type"), config.get("architectures"))
     device = device or default_device()
-    if ref.source.startswith("preset:") and not PRESETS[ref.name].cpu_ok and device == "cpu":
+    # On a GPU machine a CPU load is a staging step (QLoRA quantises from there onto the GPU): allowed.
+    if ref.source.startswith("preset:") and not PRESETS[ref.name].cpu_ok and device == "cpu" and not torch.cuda.is_available():
         raise UsageError(f"preset {ref.name} is for GPU benchmarks (15.7B parameters); use tiny-deepseek-v2 on CPU")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:

@@ -45,6 +45,9 @@ MEASURED_TFLOPS_H100 = 310.4
 shape, 4 x 2048, LoRA on attention + experts, checkpointing, compiled: 19,946 tokens/s
 (benchmarks/results/2026-11-25-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to reach the same share of
 their peak."""
+DEQUANT_S_PER_PARAM_H100 = 5.1e-11
+"""Seconds per quantised parameter and training step that QLoRA's dequantisation cost on one H100: lite shape,
+1 x 2048, 0.862 s a step where the same FLOPs at LoRA's efficiency take 0.103 s (2026-11-25 summary)."""
 GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
               "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0}
 
@@ -365,7 +368,11 @@ def plan(req: PlanRequest, counts: ModelCounts | None = None, gpu_name: str | No
     tokens_per_s = None
     if req.device == "cuda":
         useful = MEASURED_TFLOPS_H100 * peak / H100_BF16_TFLOPS * 1e12
-        tokens_per_s = useful / flops_per_token(c, req)
+        tokens = req.batch * req.seq
+        step_s = tokens * flops_per_token(c, req) / useful
+        if req.method == "qlora":  # every quantised weight is dequantised in forward, recompute and backward
+            step_s += (c.linear_params + c.expert_params) * DEQUANT_S_PER_PARAM_H100 * H100_BF16_TFLOPS / peak
+        tokens_per_s = tokens / step_s
     best = None
     for seq in _powers(64, min(c.max_positions, 1 << 17)):
         for batch in _powers(1, 1024):
