@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import build_model  # noqa: E402
-from dsft.adapters.fast_lora import disable_fast_lora, enable_fast_lora  # noqa: E402
+from dsft.adapters.fast_lora import disable_fast_lora, enable_fast_lora, fold_expert_lora  # noqa: E402
 from dsft.adapters.lora import LoraSettings, attach_lora  # noqa: E402
 from dsft.base.arch import ARCHITECTURES  # noqa: E402
 from dsft.recipes.loop import causal_lm_loss  # noqa: E402
@@ -44,6 +44,7 @@ if __name__ == "__main__":
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
     ref_loss, ref = loss_and_grads(model, x)              # PEFT's forward, bf16
     patched = enable_fast_lora(model)
+    folded = fold_expert_lora(model)                      # as dsft train does on one GPU
     fast_loss, fast = loss_and_grads(model, x)            # dsft's forward, bf16
     disable_fast_lora(model)
     model32 = copy.deepcopy(model).float()                # PEFT's forward in fp32: the precise reference
@@ -61,6 +62,6 @@ if __name__ == "__main__":
         return out
 
     print(json.dumps(dict(
-        layers=a.layers, patched=patched, n_grads=len(ref), peft_bf16_loss=ref_loss, fast_bf16_loss=fast_loss, fp32_loss=ref32_loss,
+        layers=a.layers, patched=patched, folded=folded, n_grads=len(ref), peft_bf16_loss=ref_loss, fast_bf16_loss=fast_loss, fp32_loss=ref32_loss,
         fast_vs_peft_bf16=by_group(fast, ref), fast_vs_fp32=by_group(fast, ref32), peft_bf16_vs_fp32=by_group(ref, ref32),
     )), flush=True)
