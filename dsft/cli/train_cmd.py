@@ -25,6 +25,9 @@ class _ProgressView:
         out = err_console
         if kind == "base" and not self.quiet:
             out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}")
+        elif kind == "recompute" and payload["kept_layers"] and not self.quiet:
+            out.print(f"activation checkpointing: the last {payload['kept_layers']} of {payload['layers']} layers keep "
+                      "their activations (no recompute)")
         elif kind == "quantized" and not self.quiet:
             out.print(f"frozen base in NF4: {payload['linears']} linears + {payload['expert_tensors']} fused expert tensors, "
                       f"{payload['mib_before']:,} MiB -> {payload['mib_after']:,} MiB")
@@ -133,8 +136,9 @@ def train_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
     compile_layers: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, torch.compile each decoder layer."),
-    keep_layers: int = typer.Option(0, "--keep-layers", help="On a GPU, leave the last N decoder layers out of activation "
-                                    "checkpointing: faster, at one layer's activations more memory each."),
+    keep_layers: str = typer.Option("0", "--keep-layers", help="On a GPU, leave the last N decoder layers out of activation "
+                                    "checkpointing: faster, at one layer's activations more memory each; auto: as many "
+                                    "as the planner fits on the card (10% spare)."),
     qlora: bool = typer.Option(False, "--qlora", help="Hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; "
                                "the override quantize=nf4). Uses bitsandbytes."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run of this domain from its last checkpoint "
@@ -195,7 +199,8 @@ def train_command(
         overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else [])]
         result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides, seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
-                       trust_remote_code=trust_remote_code, compile_layers=compile_layers, keep_layers=keep_layers, on_event=view,
+                       trust_remote_code=trust_remote_code, compile_layers=compile_layers,
+                       keep_layers=int(keep_layers) if keep_layers.isdigit() else keep_layers, on_event=view,
                        resume=resume, checkpoint_every=checkpoint_every, dist=dist)
     except DsftError as exc:
         if getattr(exc, "from_rank0", False):

@@ -332,6 +332,24 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
                           overhead), trainable, notes
 
 
+def layers_to_keep(c: ModelCounts, req: PlanRequest, gpu_bytes: float, margin: float = 0.10) -> int:
+    """How many decoder layers can skip activation checkpointing (keep their activations, no recompute)
+    when ``req`` (with checkpointing) trains on a card of ``gpu_bytes``, leaving ``margin`` of it unplanned.
+
+    Each kept layer holds its saved activations instead of only its input (the widest layer kind's, so
+    any layer may be the one kept).
+    """
+    if not req.checkpointing or req.device != "cuda":
+        return 0
+    wbytes = 2
+    tokens = req.batch * req.seq
+    per_layer = max(c.saved_per_token.values()) * tokens - tokens * c.hidden * wbytes
+    room = gpu_bytes * (1 - margin) - estimate_memory(c, req)[0].total
+    if per_layer <= 0 or room <= 0:
+        return 0
+    return int(min(c.layers, room // per_layer))
+
+
 def flops_per_token(c: ModelCounts, req: PlanRequest) -> float:
     """Training FLOPs per token: forward 2N, backward 2N for the inputs (+2N weight gradients when the
     base trains), +2N for recomputation with checkpointing, plus causal attention."""

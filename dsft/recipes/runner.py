@@ -89,6 +89,28 @@ def _attach(model, spec, rec: Recipe):
     return attach_lora(model, spec, settings), target_shapes(model, cfg)
 
 
+def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
+    """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner) out of activation
+    checkpointing; returns how many."""
+    layers = model.get_decoder().layers
+    if keep == "auto":
+        keep = 0
+        if not dist.enabled:  # sharded or replicated runs: per-GPU memory is not what the single-card plan assumes
+            from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
+
+            big = max(rec.stages, key=lambda s: s.batch_size * s.seq_len)
+            method = "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
+            req = PlanRequest(base=base, method=method, batch=big.batch_size, seq=big.seq_len, lora_r=rec.adapter.r,
+                              new_terms=new_terms)
+            card = torch.cuda.get_device_properties(torch.device(device)).total_memory
+            keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card)
+    if keep > len(layers):
+        raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep}")
+    for layer in list(layers)[len(layers) - keep:] if keep else []:
+        layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
+    return keep
+
+
 def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root) -> tuple:
     """Everything checked before any weights load (so a refused run, or --resume, writes nothing)."""
     from dsft.base.loading import fingerprint_for
@@ -140,7 +162,7 @@ def train(
     device: str | None = None,
     trust_remote_code: bool = False,
     compile_layers: bool = True,
-    keep_layers: int = 0,
+    keep_layers: int | str = 0,
     on_event: Event | None = None,
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -163,7 +185,8 @@ def train(
         compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
         keep_layers: on CUDA, leave the last N decoder layers out of activation checkpointing: they keep
             their activations instead of recomputing them in backward (faster; on DeepSeek-V2-Lite at
-            4 x 2048 tokens ~1.4 GiB more per layer).
+            4 x 2048 tokens ~1.4 GiB more per layer). ``"auto"``: as many as the planner
+            (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare.
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
             stage_eval, checkpoint, saved.
         resume: continue the last unfinished run of this domain from its last checkpoint; it must have
@@ -184,8 +207,8 @@ def train(
     """
     from dsft.domains import general_pack
 
-    if keep_layers < 0:
-        raise UsageError(f"--keep-layers must be >= 0, got {keep_layers}")
+    if keep_layers != "auto" and not (isinstance(keep_layers, int) and keep_layers >= 0):
+        raise UsageError(f"--keep-layers must be a number >= 0 or auto, got {keep_layers!r}")
     dist = dist if dist is not None else Dist.from_env(device)
     log: list[dict[str, Any]] = []
     emit = _logging(on_event if on_event and dist.main else (lambda kind, payload: None), log)
@@ -210,11 +233,6 @@ def train(
                   **({"quantize": "nf4"} if nf4 else {})})
     if target.startswith("cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        layers = model.get_decoder().layers
-        if not 0 <= keep_layers <= len(layers):
-            raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep_layers}")
-        for layer in list(layers)[len(layers) - keep_layers:] if keep_layers else []:
-            layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
 
     seq_len = max(s.seq_len for s in rec.stages)
     general = general_pack()
@@ -235,6 +253,9 @@ def train(
     emit("eval", {"when": "before", **before})
     if target.startswith("cuda") and not nf4 and not (dist.enabled and dist.sharding == "fsdp"):
         fold_expert_lora(trained_model)  # expert LoRA's B rides in the expert weight's grouped GEMM
+    if target.startswith("cuda"):
+        kept = _spare_recompute(model, keep_layers, base, rec, nf4, len(plan.terms), target, dist)
+        emit("recompute", {"kept_layers": kept, "layers": len(model.get_decoder().layers)})
     if ckpt:  # before sharding: the checkpoint holds whole tensors
         restore_adapter_state(trained_model, ckpt.group("adapter"))
     dist.prepare(trained_model, spec)

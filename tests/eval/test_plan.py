@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dsft.eval.plan import GIB, PlanRequest, count_model, estimate_memory, plan
+from dsft.eval.plan import GIB, PlanRequest, count_model, estimate_memory, layers_to_keep, plan
 
 
 def test_meta_counts_equal_the_real_model_with_lora_attached(home):
@@ -48,6 +48,28 @@ def test_the_suggestion_is_the_largest_setting_that_fits():
         counts, PlanRequest("tiny-deepseek-v2", "lora", seq=s, batch=b, checkpointing=False))[0].total <= 1.5 * GIB
     assert fits(b, s) and not fits(2 * b, s)
     assert p.tokens_per_s and p.tokens_per_s > 0
+
+
+def test_layers_kept_out_of_checkpointing_use_the_spare_memory_and_no_more():
+    """--keep-layers auto: each kept layer adds its saved activations (less the input checkpointing keeps);
+    no room, no kept layers; more room, more of them, never more than the model has."""
+    counts = count_model("tiny-deepseek-v2", dtype=torch.bfloat16)
+    req = PlanRequest("tiny-deepseek-v2", "lora", seq=2048, batch=8, new_terms=0)
+    ckpt = estimate_memory(counts, req)[0].total
+    no_ckpt = estimate_memory(counts, PlanRequest(**{**req.__dict__, "checkpointing": False}))[0].total
+    assert layers_to_keep(counts, req, ckpt) == 0  # the 10% margin is not there
+    one_layer = (no_ckpt - ckpt) / counts.layers
+    kept = [layers_to_keep(counts, req, (ckpt + n * one_layer) / 0.9) for n in range(counts.layers + 2)]
+    assert kept == sorted(kept) and kept[-1] == counts.layers and 0 < kept[2] <= 2
+    assert layers_to_keep(counts, PlanRequest(**{**req.__dict__, "device": "cpu"}), 1e15) == 0  # CPU: no checkpointing
+
+
+def test_train_refuses_a_bad_keep_layers_in_one_line(home):
+    from dsft.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", "--keep-layers", "some", "--max-steps", "1"])
+    assert result.exit_code != 0 and "--keep-layers must be a number >= 0 or auto" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _measure(method: str, batch: int, seq: int, home: str, out) -> None:
