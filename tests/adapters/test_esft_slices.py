@@ -117,3 +117,25 @@ def test_slices_are_restored_when_training_fails(tiny):
     with pytest.raises(RuntimeError, match="boom"), trainable_slices(tiny.model, tiny.spec, SELECTION):
         raise RuntimeError("boom")
     assert torch.equal(experts.down_proj.detach(), before) and "forward" not in experts.__dict__
+
+
+def test_layers_compiled_before_the_slices_run_the_sliced_forward(tiny):
+    """dsft train compiles the layers before an ESFT stage scores (and so runs) them: the compiled layers
+    must pick up the patched experts forward and the permuted weights, not keep the first graph."""
+    from dsft.base import load_base
+
+    model = tiny.model
+    for layer in model.model.layers:
+        layer.compile(backend="eager")  # dynamo's tracing and guards, without inductor's compile time
+    ids = _ids(2)
+    with torch.no_grad():
+        model(input_ids=ids)  # the first graph: stock experts forward, expert order
+        with trainable_slices(model, tiny.spec, SELECTION):
+            for head in model.model.layers[2].mlp.experts.dsft_heads:
+                head.mul_(3)  # train experts 1 and 7 of layer 2, in effect
+            got = model(input_ids=ids).logits
+        ref = load_base("tiny-deepseek-v2", device="cpu").model
+        for pname in ("gate_up_proj", "down_proj"):
+            getattr(ref.model.layers[2].mlp.experts, pname)[[1, 7]] *= 3
+        torch.testing.assert_close(got, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(input_ids=ids).logits, got, rtol=1e-4, atol=1e-4)  # restored, values kept
