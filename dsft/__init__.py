@@ -9,9 +9,14 @@ The Python API the CLI is built on::
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from dsft.errors import DsftError
+
+# bitsandbytes' CPU backend warns on import (PEFT imports it whenever it is installed) that an optional gemv
+# kernel package is missing; dsft never uses that kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["DsftError", "train", "load_base", "open_registry", "__version__"]

@@ -19,10 +19,6 @@ BLOCK = 64
 
 
 def _ops():
-    import logging
-
-    # Its CPU backend warns at import about an optional gemv kernel package; dsft does not use that kernel.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
     except ImportError:
