@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsft.adapters.esft import EXPERT_PARAMS
 from dsft.kernels.nf4 import Nf4Linear, Nf4Tensor
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 SUFFIX = "_nf4"
 
 
@@ -36,10 +36,6 @@ def expert_weights(experts: nn.Module, dtype: torch.dtype | None = None) -> tupl
         q = getattr(experts, name + SUFFIX, None)
         out.append(getattr(experts, name) if q is None else q().to(dtype or q.dtype))
     return out[0], out[1]
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Nf4Linear, Nf4Tensor)) for m in model.modules())
 
 
 def _quantizable(linear: nn.Module) -> bool:
