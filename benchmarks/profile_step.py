@@ -27,7 +27,7 @@ if __name__ == "__main__":
     if a.compile:
         for layer in layers:
             layer.compile()
-    opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
 
     def step():

@@ -63,49 +63,77 @@ def _fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up, down, experts.act_fn,
         _expert_lowrank(by_param.get("gate_up_proj"), gate_up), _expert_lowrank(by_param.get("down_proj"), down),
-        gate_up_folded=getattr(experts, FOLDED, None),
+        gate_up_folded=getattr(experts, FOLDED["gate_up_proj"], None), down_folded=getattr(experts, FOLDED["down_proj"], None),
     )
 
 
-FOLDED = "dsft_gate_up_folded"
-"""Attribute of a fused experts module after :func:`fold_expert_lora`: [E, 2I, H + r], gate_up_proj's storage."""
+FOLDED = {"gate_up_proj": "dsft_gate_up_folded", "down_proj": "dsft_down_folded"}
+"""Attributes of a fused experts module after :func:`fold_expert_lora`: gate_up_proj's storage [E, 2I, H + r]
+(B in the last r input columns) and down_proj's [E, H + r, I] (A in the last r output rows)."""
+
+
+def _fold(core: nn.Module, name: str, lora: nn.Module) -> tuple[nn.Module, str, nn.Module, int] | None:
+    """Move ``core.<name>`` into a buffer with r more columns (gate_up: input dim) or rows (down: output dim);
+    the parameter becomes a view of the buffer, so nothing is duplicated."""
+    w = core._parameters.get(name)
+    if w is None or not _active(lora) or hasattr(core, FOLDED[name]):
+        return None  # NF4 weights (dequantised per call: nothing to fold into), or done already
+    n_experts = w.shape[0]
+    rank = lora.lora_A[ADAPTER].weight.shape[0] // n_experts
+    dim = 2 if name == "gate_up_proj" else 1
+    shape = list(w.shape)
+    shape[dim] += rank
+    buffer = w.new_empty(shape)
+    head = buffer.narrow(dim, 0, w.shape[dim])
+    head.copy_(w)
+    w.data = head
+    setattr(core, FOLDED[name], buffer)
+    return core, name, lora, w.shape[dim]
+
+
+def _refresh(core: nn.Module, name: str, lora: nn.Module, width: int) -> None:
+    """Copy the trained factor into its folded slot: gate_up's B [E, 2I, r], down's A [E, r, I]."""
+    low = _expert_lowrank(lora, getattr(core, name))
+    buffer = getattr(core, FOLDED[name])
+    if name == "gate_up_proj":
+        buffer[:, :, width:].copy_(low.B)
+    else:
+        buffer[:, width:, :].copy_(low.A)
 
 
 @torch.no_grad()
 def fold_expert_lora(model: nn.Module) -> int:
-    """Give each routed-experts gate_up_proj room for its LoRA B: the weight moves into a buffer
-    [E, 2I, H + r] (the parameter becomes a view of its first H columns, nothing is duplicated) whose last
-    r columns a pre-hook on the decoder refreshes from B before every forward. The grouped path then
-    computes ``x W^T + s (x A^T) B^T`` as one grouped GEMM of ``[x | s x A^T]`` (no separate B product, no
-    pass adding it to the output). For one process on a GPU; returns how many layers were folded.
+    """Give each routed-experts weight room for one LoRA factor, refreshed from the factor by a pre-hook
+    on the decoder before every forward:
+
+    * gate_up_proj [E, 2I, H] -> [E, 2I, H + r] with B in the last r input columns: ``x W^T + s (x A^T) B^T``
+      is one grouped GEMM of ``[x | s x A^T]`` (no separate B product, no pass adding it to the output);
+    * down_proj [E, H, I] -> [E, H + r, I] with A in the last r output rows: ``a W^T`` and ``a A^T`` come
+      out of one grouped GEMM, and the backward's input gradient out of one (no [T*k, I] add).
+
+    For one process on a GPU (FSDP2 shards the weights; the buffers would not follow). Returns how many
+    experts modules were folded.
     """
-    folded = []
+    folded, modules = [], 0
     for wrapper in _outermost_wrappers(model):
         if wrapper.__dict__.get("forward") is None or wrapper.forward.__func__ is not _fast_experts_forward:
             continue
         by_param, core = _chain(wrapper)
-        lora, w = by_param.get("gate_up_proj"), core._parameters.get("gate_up_proj")
-        if lora is None or w is None or not _active(lora) or hasattr(core, FOLDED):
-            continue  # no LoRA here, or NF4 weights (dequantised per call: nothing to fold into)
-        n_experts, out_features, in_features = w.shape
-        rank = lora.lora_A[ADAPTER].weight.shape[0] // n_experts
-        buffer = w.new_empty(n_experts, out_features, in_features + rank)
-        buffer[:, :, :in_features] = w
-        w.data = buffer[:, :, :in_features]
-        setattr(core, FOLDED, buffer)
-        folded.append((lora, core, in_features))
+        done = [f for name, lora in by_param.items() if (f := _fold(core, name, lora)) is not None]
+        folded += done
+        modules += bool(done)
     if not folded:
         return 0
 
     def refresh(module, args):
         with torch.no_grad():
-            for lora, core, in_features in folded:
+            for core, name, lora, width in folded:
                 if _active(lora):
-                    getattr(core, FOLDED)[:, :, in_features:].copy_(_expert_lowrank(lora, core.gate_up_proj).B)
+                    _refresh(core, name, lora, width)
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.get_decoder().register_forward_pre_hook(refresh)
-    return len(folded)
+    return modules
 
 
 def _low_rank(self, x: torch.Tensor) -> torch.Tensor:

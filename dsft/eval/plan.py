@@ -319,11 +319,8 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
     # the saved log-softmax.
     loss = chunk * c.vocab * (2 * wbytes + 8 if wbytes != 4 else 12)
     transient = max(loss, inside) + 2 * layer_input  # + the gradient flowing between layers
-    if req.device == "cuda":
-        # CUDA's foreach AdamW takes the square root of all second moments at once: one more copy of
-        # the moments, while the step runs (activations are gone by then).
-        step = state["optimizer"] / 2
-        transient = max(transient + kept, step) - kept
+    # On one CUDA device dsft train's AdamW is torch's fused one: no step-time copies of the moments
+    # (foreach, used under FSDP2 and on CPU, takes the square root of all second moments at once).
     overhead = 0.0
     if req.device == "cuda":
         peak = weights + sum(state.values()) + kept + transient

@@ -129,6 +129,7 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
 
 def _steps(model, batch, trainable, cuda: bool, steps: int) -> float:
     from dsft.recipes.loop import lm_loss
+    from dsft.recipes.stages import fused_adamw_ok
 
     gc.collect()
     if cuda:
@@ -143,7 +144,7 @@ def _steps(model, batch, trainable, cuda: bool, steps: int) -> float:
         _large_blocks_from_mmap()
         start = _rss("VmRSS")
         _reset_peak_rss()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused_adamw_ok(trainable))  # as dsft train builds it
     for _ in range(steps):
         lm_loss(model, batch).backward()
         optimizer.step()

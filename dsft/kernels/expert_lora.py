@@ -140,6 +140,15 @@ def grouped_mm_fold(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: 
     return grouped_mm_reference(x, torch.cat([w[:, : w.shape[1] - tail.shape[1]].detach(), tail], dim=1), offs)
 
 
+def grouped_mm_fold_out(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm` of x [S, K] with w [E, K, N] whose last r output columns hold ``tail`` [E, K, r] (trained)."""
+    if use_grouped_kernel(x):
+        from dsft.kernels.grouped_mm import gmm_fold_out
+
+        return gmm_fold_out(x, w, tail, offs)
+    return grouped_mm_reference(x, torch.cat([w[..., : w.shape[-1] - tail.shape[-1]].detach(), tail], dim=-1), offs)
+
+
 def _gate_up(xp: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, r: Routing, k: int,
              head: torch.Tensor | None, folded: torch.Tensor | None) -> torch.Tensor:
     """The routed pairs' gate/up projection [T*k, 2I], LoRA included (see :func:`experts_forward`)."""
@@ -154,15 +163,27 @@ def _gate_up(xp: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora: LowR
     return y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), r.offs)
 
 
-def _lora_out_to_tokens(a: torch.Tensor, lora: LowRank, r: Routing, k: int, n_tokens: int) -> torch.Tensor:
-    """``sum_k w_k s (a_k A_e^T) B_e^T`` per token: each pair's weighted r values go into its expert's block
-    of a [T, E*r] matrix (a token's k experts are distinct), then one dense GEMM with every B stacked;
-    the output and its gradient are [T, H], not [T*k, H]."""
+def _lora_out_to_tokens(u: torch.Tensor, lora: LowRank, r: Routing, k: int, n_tokens: int) -> torch.Tensor:
+    """``sum_k w_k s u_k B_e^T`` per token, u_k = a_k A_e^T [T*k, r]: each pair's weighted r values go into its
+    expert's block of a [T, E*r] matrix (a token's k experts are distinct), then one dense GEMM with every
+    B stacked; the output and its gradient are [T, H], not [T*k, H]."""
     n_experts, out_features, rank = lora.B.shape
-    h = grouped_mm(a, lora.A.transpose(1, 2).to(a.dtype), r.offs) * r.weight.unsqueeze(-1).to(a.dtype)  # [T*k, r]
+    h = u * r.weight.unsqueeze(-1).to(u.dtype)
     g = h.new_zeros(n_tokens, n_experts, rank).index_put((r.order // k, r.expert), h)
-    stacked = lora.B.permute(0, 2, 1).reshape(n_experts * rank, out_features).to(a.dtype)   # row e*r+j = B_e[:, j]
+    stacked = lora.B.permute(0, 2, 1).reshape(n_experts * rank, out_features).to(u.dtype)   # row e*r+j = B_e[:, j]
     return lora.scale * (g.view(n_tokens, n_experts * rank) @ stacked)
+
+
+def _down(a: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, r: Routing, head: torch.Tensor | None,
+          folded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The routed pairs' down projection [T*k, H] without LoRA, and (token-side LoRA) u = a A^T [T*k, r]."""
+    if lora is None or not TOKEN_SIDE_LORA:
+        return grouped_linear(a, weight, r.offs, lora, head), None
+    if folded is not None:
+        # One grouped GEMM for W and A: a against [W; A] (``folded``, whose first H rows are W itself).
+        y = grouped_mm_fold_out(a, folded.transpose(1, 2), lora.A.transpose(1, 2).to(a.dtype), r.offs)
+        return y[:, : weight.shape[1]], y[:, weight.shape[1] :]
+    return grouped_linear(a, weight, r.offs, None, head), grouped_mm(a, lora.A.transpose(1, 2).to(a.dtype), r.offs)
 
 
 def experts_forward(
@@ -176,6 +197,7 @@ def experts_forward(
     down_lora: LowRank | None = None,
     heads: tuple[torch.Tensor, torch.Tensor] | None = None,
     gate_up_folded: torch.Tensor | None = None,
+    down_folded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A routed-experts MLP with optional LoRA on both projections (transformers v5 layout:
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). x: [T, H]; returns [T, H].
@@ -186,17 +208,18 @@ def experts_forward(
     With :data:`TOKEN_SIDE_LORA`, the two LoRA products whose input or output is per token (gate_up's
     ``x A^T``, down's ``h B^T`` summed over the k choices) run on the T tokens, not the T*k pairs.
     ``gate_up_folded`` [E, 2I, H + r]: gate_up_proj with gate_up_lora's B appended along the input dim
-    (:func:`dsft.adapters.fast_lora.fold_expert_lora`), so that W and B share one grouped GEMM."""
+    (:func:`dsft.adapters.fast_lora.fold_expert_lora`), so that W and B share one grouped GEMM;
+    ``down_folded`` [E, H + r, I]: down_proj with down_lora's A appended along the output dim, so that
+    ``a W^T`` and ``a A^T`` come out of one grouped GEMM (and their input gradients out of another)."""
     k = top_k_index.shape[-1]
     r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     gu_head, down_head = heads if heads is not None else (None, None)
-    token_side = TOKEN_SIDE_LORA
     gate, up = _gate_up(permute(x, r, k), x, gate_up_proj, gate_up_lora, r, k, gu_head, gate_up_folded).chunk(2, dim=-1)
     a = act(gate) * up
-    y = grouped_linear(a, down_proj, r.offs, None if token_side else down_lora, down_head)
+    y, u = _down(a, down_proj, down_lora, r, down_head, down_folded)
     out = unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k)
-    if token_side and down_lora is not None:
-        out = out + _lora_out_to_tokens(a, down_lora, r, k, x.shape[0])
+    if u is not None:
+        out = out + _lora_out_to_tokens(u, down_lora, r, k, x.shape[0])
     return out.to(x.dtype)
 
 

@@ -8,6 +8,8 @@ that the backward computes only the gradients that are needed (none for a frozen
                                    the backward gives head's gradient, H groups, and none for the rest of w
     y  = gmm_fold(x, w, tail, offs)  as gmm, where ``tail`` holds the values of w's last r rows (w[:, K-r:]):
                                    the backward gives dx and tail's gradient (x's last r columns against dy)
+    y  = gmm_fold_out(x, w, tail, offs)  as gmm, where ``tail`` holds the values of w's last r output columns
+                                   (w[..., N-r:]): the backward gives dx and tail's gradient (x against dy's last r columns)
 """
 from __future__ import annotations
 
@@ -115,3 +117,31 @@ def _backward_fold(ctx, dy):
 
 
 gmm_fold.register_autograd(_backward_fold, setup_context=_setup_fold)
+
+
+@torch.library.custom_op("dsft::gmm_fold_out", mutates_args=())
+def gmm_fold_out(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # tail is w[..., N-r:] (same values, kept there by the caller): the output columns that train.
+    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
+
+
+@gmm_fold_out.register_fake
+def _(x, w, tail, offs):
+    return x.new_empty((x.shape[0], w.shape[-1]))
+
+
+def _backward_fold_out(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs_x else None
+    dtail = gmm_wgrad(x, dy[:, dy.shape[1] - ctx.r :], offs) if ctx.needs_tail else None
+    return dx, None, dtail, None
+
+
+def _setup_fold_out(ctx, inputs, output):
+    x, w, tail, offs = inputs
+    ctx.needs_x, ctx.needs_tail = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    ctx.r = tail.shape[-1]
+    ctx.save_for_backward(x if ctx.needs_tail else None, w, offs)
+
+
+gmm_fold_out.register_autograd(_backward_fold_out, setup_context=_setup_fold_out)

@@ -163,6 +163,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, entries: list[Entry], n_
     return out
 
 
+def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW updates every tensor in one kernel pass (foreach makes several, with temporaries):
+    for plain CUDA tensors; FSDP2's sharded DTensors and CPU runs keep the default."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+
+
 def restore_optimizer(optimizer: torch.optim.Optimizer, entries: list[Entry], tensors: dict[str, torch.Tensor], n_experts: int) -> None:
     by_name = {e.name: e for e in entries}
     states: dict[str, dict[str, torch.Tensor]] = {}
@@ -179,7 +187,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, entries: list[Entry], te
                 full = torch.zeros(e.param.shape, dtype=e.param.dtype)
                 put_slices(full, n_experts, e.index, e.dim, value)
                 value = full
-            restored[sub] = shard_like(value, e.param) if sub != "step" else value
+            if sub != "step":
+                value = shard_like(value, e.param)
+            elif optimizer.defaults.get("fused"):  # the fused kernel reads its step counts on the device
+                value = value.to(e.param.device, torch.float32)
+            restored[sub] = value
         optimizer.state[e.param] = restored
 
 
@@ -276,7 +288,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     groups = [{"params": [e.param for e in main], "weight_decay": s.weight_decay if s.kind != "esft" else 0.0},
               {"params": [e.param for e in terms], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), fused=fused_adamw_ok([e.param for e in entries]))
     start, done_losses = 0, []
     if resume is not None:
         restore_optimizer(optimizer, entries, resume.optimizer, n_experts)

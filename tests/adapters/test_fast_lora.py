@@ -40,9 +40,10 @@ def test_fast_path_matches_peft_target_parameters(home, preset):
 
 
 @pytest.mark.parametrize("grouped_kernel", [False, True], ids=["reference-loop", "grouped-kernel"])
-def test_folding_b_into_the_expert_weight_trains_exactly_like_the_unfolded_path(home, monkeypatch, grouped_kernel):
-    """fold_expert_lora moves gate_up_proj into a wider buffer with B in its last columns; loss, every
-    gradient and two optimizer steps (B changes, so the buffer must follow it) match the unfolded model."""
+def test_folding_lora_into_the_expert_weights_trains_exactly_like_the_unfolded_path(home, monkeypatch, grouped_kernel):
+    """fold_expert_lora moves gate_up_proj into a wider buffer with B in its last columns and down_proj into a
+    taller one with A in its last rows; loss, every gradient and two optimizer steps (A and B change, so the
+    buffers must follow them) match the unfolded model."""
     from dsft.adapters.fast_lora import FOLDED, fold_expert_lora
     from dsft.kernels import expert_lora
 
@@ -62,9 +63,11 @@ def test_folding_b_into_the_expert_weight_trains_exactly_like_the_unfolded_path(
             experts = experts.base_layer
         if fold:
             assert fold_expert_lora(model) == 3  # the three MoE layers
-            folded = getattr(experts, FOLDED)
-            assert folded.shape[-1] == experts.gate_up_proj.shape[-1] + 4
-            assert experts.gate_up_proj.data_ptr() == folded.data_ptr()  # the weight lives in the buffer: no copy
+            gate_up, down = getattr(experts, FOLDED["gate_up_proj"]), getattr(experts, FOLDED["down_proj"])
+            assert gate_up.shape[-1] == experts.gate_up_proj.shape[-1] + 4
+            assert down.shape[1] == experts.down_proj.shape[1] + 4
+            # the weights live in the buffers: no copies
+            assert experts.gate_up_proj.data_ptr() == gate_up.data_ptr() and experts.down_proj.data_ptr() == down.data_ptr()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-4)
         losses, grads = [], None
         for _ in range(3):

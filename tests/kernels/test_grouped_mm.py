@@ -44,3 +44,27 @@ def test_compiled_with_a_transposed_weight():
     grouped_mm_reference(xb, wb.transpose(1, 2), OFFS).square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_ops_give_the_trained_slice_its_gradient_and_the_rest_none():
+    """gmm_fold trains w's last r input rows (the values of ``tail``), gmm_fold_out its last r output columns:
+    output and gradients equal the plain loop on the concatenated weight. Weights are transposed views of
+    [G, out, in] buffers, as the folded expert weights are."""
+    from dsft.kernels.grouped_mm import gmm_fold, gmm_fold_out
+
+    torch.manual_seed(2)
+    cases = (  # (op, x, frozen part, trained part, dim they are joined along)
+        (gmm_fold, torch.randn(16, 12), torch.randn(4, 16, 8).transpose(1, 2), torch.randn(4, 16, 4).transpose(1, 2), 1),
+        (gmm_fold_out, torch.randn(16, 8), torch.randn(4, 16, 8).transpose(1, 2), torch.randn(4, 4, 8).transpose(1, 2), 2),
+    )
+    for op, x, frozen, tail, dim in cases:
+        w = torch.cat([frozen, tail], dim=dim)
+        xa, ta = x.clone().requires_grad_(), tail.clone().requires_grad_()
+        ya = op(xa, w, ta, OFFS)
+        ya.square().sum().backward()
+        xb, tb = x.clone().requires_grad_(), tail.clone().requires_grad_()
+        yb = grouped_mm_reference(xb, torch.cat([frozen, tb], dim=dim), OFFS)
+        yb.square().sum().backward()
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ta.grad, tb.grad, rtol=1e-5, atol=1e-5)
