@@ -1,11 +1,15 @@
-"""Kernel-time profile of one training step of a train_throughput variant (top kernels by CUDA time).
+"""Kernel-time profile of one training step of a train_throughput variant (top kernels by CUDA time), and
+where the step's wall time goes: the host's time to enqueue a step vs the synchronised step time.
+An enqueue time close to the step time means the GPU waits on Python (launch-bound), not on kernels.
 
-    python benchmarks/profile_step.py dsft_lora --compile [--layers 27]
+    python benchmarks/profile_step.py dsft_lora --compile [--layers 27] [--top 0]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,11 +45,19 @@ if __name__ == "__main__":
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    enqueue, wall = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        enqueue.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     ka = prof.key_averages()
     total = sum(k.device_time_total for k in ka)
-    print(f"== {a.variant}{'+compile' if a.compile else ''}: total CUDA time {total / 1e3:.1f} ms")
+    print(json.dumps({"variant": a.variant + ("+compile" if a.compile else ""), "layers": a.layers, "kernel_ms": round(total / 1e3, 1),
+                      "step_ms": round(1e3 * sum(wall) / len(wall), 1), "enqueue_ms": round(1e3 * sum(enqueue) / len(enqueue), 1)}))
     for k in sorted(ka, key=lambda k: -k.device_time_total)[: a.top]:
         print(f"{k.device_time_total / 1e3:8.1f} ms {100 * k.device_time_total / total:5.1f}% n={k.count:5d}  {k.key[:120]}")
