@@ -29,6 +29,10 @@ if __name__ == "__main__":
     a = p.parse_args()
     model, layers, trainable = prepare(a.variant, a.layers, 16)
     if a.compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = 128  # as train_throughput: one graph per layer, never an eager fallback
+        dynamo.config.accumulated_cache_size_limit = 1024
         for layer in layers:
             layer.compile()
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
