@@ -26,6 +26,7 @@ if __name__ == "__main__":
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--host", action="store_true", help="also profile the host side of one step")
     a = p.parse_args()
     model, layers, trainable = prepare(a.variant, a.layers, 16)
     if a.compile:
@@ -56,6 +57,18 @@ if __name__ == "__main__":
         enqueue.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         wall.append(time.perf_counter() - t0)
+    if a.host:  # where the host's time goes: Python functions (cProfile) and torch ops (self CPU time)
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as cp:
+            step()
+            torch.cuda.synchronize()
+        pstats.Stats(cp).sort_stats("tottime").print_stats(a.top)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
