@@ -9,6 +9,8 @@ batch x seq tokens per step):
   peft_attn         PEFT LoRA on attention only
   frozen            nothing trainable, input gradients only (the ceiling)
   dsft_lora         dsft: LoRA on attention + shared + routed experts, expert LoRA on routed tokens (grouped GEMMs)
+                    (dsft train's default targets)
+  dsft_lora_attn_experts  dsft_lora on PEFT's baseline targets: attention + routed experts (no shared experts)
   dsft_lora_grouped dsft_lora with all four expert-LoRA products as grouped GEMMs on the routed pairs
   dsft_frozen       nothing trainable, but the routed experts through dsft's grouped path (vs frozen: transformers')
   dsft_esft         dsft: ESFT-Token (p = 0.2, scored on random tokens) - the selected experts' full weights train
@@ -119,18 +121,19 @@ def prepare(variant: str, layers: int, rank: int):
             kw["target_parameters"] = ["experts.gate_up_proj", "experts.down_proj"]
         model = get_peft_model(model, LoraConfig(**kw))
         return model, model.base_model.model.model.layers, trainable(model)
-    if variant in ("dsft_lora", "dsft_qlora", "dsft_lora_grouped"):
+    if variant in ("dsft_lora", "dsft_qlora", "dsft_lora_grouped", "dsft_lora_attn_experts"):
         if variant == "dsft_lora_grouped":
             from dsft.kernels import expert_lora
 
             expert_lora.TOKEN_SIDE_LORA = False
-        model = attach_lora(model, spec, LoraSettings(r=rank, alpha=2 * rank))
+        targets = ("attention", "routed_experts") if variant == "dsft_lora_attn_experts" else LoraSettings.targets
+        model = attach_lora(model, spec, LoraSettings(r=rank, alpha=2 * rank, targets=targets))
         if variant == "dsft_qlora":
             from dsft.adapters.qlora import quantize_base
 
             quantize_base(model, spec)
             torch.cuda.empty_cache()
-        elif variant == "dsft_lora":  # as dsft train does on one GPU
+        elif variant != "dsft_lora_grouped":  # as dsft train does on one GPU
             from dsft.adapters.fast_lora import fold_expert_lora
 
             fold_expert_lora(model)
@@ -237,6 +240,7 @@ def run_longest(a) -> dict:
 
 
 PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora", True, 3),
+        ("dsft_lora_attn_experts", True), ("dsft_lora_attn_experts", True, 3),
         ("dsft_lora_grouped", True), ("dsft_esft", True),
         ("dsft_qlora", True), ("peft_experts", "longest"), ("dsft_lora", "longest")]
 
