@@ -1,5 +1,6 @@
-"""Correctness of dsft's fast expert LoRA at full DeepSeek-V2-Lite width on the GPU (bf16):
-loss and every LoRA gradient against PEFT's target_parameters forward on the same weights and inputs.
+"""Correctness of dsft's fast expert LoRA at full DeepSeek-V2-Lite width on the GPU: loss and every LoRA
+gradient against PEFT's target_parameters forward on the same weights and inputs, in fp32 (both exact
+up to rounding) and in bf16 (both paths' distance from the fp32 reference, side by side).
 
     python benchmarks/fast_lora_check.py [--layers 4] [--seq 1024]
 """
@@ -15,11 +16,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_throughput import build_model  # noqa: E402
-from dsft.adapters.fast_lora import disable_fast_lora, enable_fast_lora, fold_expert_lora  # noqa: E402
-from dsft.adapters.lora import LoraSettings, attach_lora  # noqa: E402
-from dsft.base.arch import ARCHITECTURES  # noqa: E402
-from dsft.recipes.loop import causal_lm_loss  # noqa: E402
+from benchmarks.train_throughput import build_model
+from dsft.adapters.fast_lora import (
+    enable_fast_lora,
+    fold_expert_lora,
+)
+from dsft.adapters.lora import LoraSettings, attach_lora
+from dsft.base.arch import ARCHITECTURES
+from dsft.recipes.loop import causal_lm_loss
 
 
 def loss_and_grads(model, x):
@@ -43,13 +47,16 @@ if __name__ == "__main__":
                 prm.normal_(0, 0.01)
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
     ref_loss, ref = loss_and_grads(model, x)              # PEFT's forward, bf16
+    model32 = copy.deepcopy(model).float()                # the same weights in fp32, before any dsft patching
+    ref32_loss, ref32 = loss_and_grads(model32, x)        # PEFT's forward in fp32: the precise reference
+    enable_fast_lora(model32)
+    fold_expert_lora(model32)
+    fast32_loss, fast32 = loss_and_grads(model32, x)      # dsft's forward in fp32 (grouped GEMMs as per-expert loops)
+    del model32
+    torch.cuda.empty_cache()
     patched = enable_fast_lora(model)
     folded = fold_expert_lora(model)                      # as dsft train does on one GPU
-    fast_loss, fast = loss_and_grads(model, x)            # dsft's forward, bf16
-    disable_fast_lora(model)
-    model32 = copy.deepcopy(model).float()                # PEFT's forward in fp32: the precise reference
-    ref32_loss, ref32 = loss_and_grads(model32, x)
-    del model32
+    fast_loss, fast = loss_and_grads(model, x)            # dsft's forward, bf16 (grouped-GEMM kernels)
 
     def rel(a_, b_):
         return ((a_ - b_).norm() / b_.norm().clamp(min=1e-12)).item()
@@ -63,5 +70,6 @@ if __name__ == "__main__":
 
     print(json.dumps(dict(
         layers=a.layers, patched=patched, folded=folded, n_grads=len(ref), peft_bf16_loss=ref_loss, fast_bf16_loss=fast_loss, fp32_loss=ref32_loss,
+        fast_fp32_loss=fast32_loss, fast_vs_peft_fp32=by_group(fast32, ref32),
         fast_vs_peft_bf16=by_group(fast, ref), fast_vs_fp32=by_group(fast, ref32), peft_bf16_vs_fp32=by_group(ref, ref32),
     )), flush=True)
