@@ -49,8 +49,7 @@ if __name__ == "__main__":
     ref_loss, ref = loss_and_grads(model, x)              # PEFT's forward, bf16
     model32 = copy.deepcopy(model).float()                # the same weights in fp32, before any dsft patching
     ref32_loss, ref32 = loss_and_grads(model32, x)        # PEFT's forward in fp32: the precise reference
-    enable_fast_lora(model32)
-    fold_expert_lora(model32)
+    patched32, folded32 = enable_fast_lora(model32), fold_expert_lora(model32)
     fast32_loss, fast32 = loss_and_grads(model32, x)      # dsft's forward in fp32 (grouped GEMMs as per-expert loops)
     del model32
     torch.cuda.empty_cache()
@@ -65,11 +64,11 @@ if __name__ == "__main__":
         out = {}
         for n in against:
             key = "experts" if ".experts." in n else "shared" if "shared" in n else "attention"
-            out[key] = round(max(out.get(key, 0.0), rel(grads[n], against[n])), 5)
+            out[key] = float(f"{max(out.get(key, 0.0), rel(grads[n], against[n])):.3g}")
         return out
 
     print(json.dumps(dict(
         layers=a.layers, patched=patched, folded=folded, n_grads=len(ref), peft_bf16_loss=ref_loss, fast_bf16_loss=fast_loss, fp32_loss=ref32_loss,
-        fast_fp32_loss=fast32_loss, fast_vs_peft_fp32=by_group(fast32, ref32),
+        patched_fp32=patched32, folded_fp32=folded32, fast_fp32_loss=fast32_loss, fast_vs_peft_fp32=by_group(fast32, ref32),
         fast_vs_peft_bf16=by_group(fast, ref), fast_vs_fp32=by_group(fast, ref32), peft_bf16_vs_fp32=by_group(ref, ref32),
     )), flush=True)
