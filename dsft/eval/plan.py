@@ -40,14 +40,15 @@ BACKWARD_TRANSIENT = 0.5
 NF4_BYTES = 0.5 + 4 / 64
 """4-bit weights plus one fp32 absmax per block of 64 (bitsandbytes NF4 without double quantisation)."""
 H100_BF16_TFLOPS = 989.0
-MEASURED_TFLOPS_H100 = 310.4
+MEASURED_TFLOPS_H100 = 312.4
 """Useful TFLOP/s (by :func:`flops_per_token`) that dsft's fast path reached on one H100: DeepSeek-V2-Lite
-shape, 4 x 2048, LoRA on attention + experts, checkpointing, compiled: 19,946 tokens/s
-(benchmarks/results/2026-11-25-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to reach the same share of
-their peak."""
-DEQUANT_S_PER_PARAM_H100 = 5.1e-11
+shape, 4 x 2048, LoRA on attention + shared + routed experts (dsft train's default targets), checkpointing,
+compiled, fused AdamW: 19,777 and 20,370 tokens/s in two invocations, 20,074 on average
+(benchmarks/results/2026-11-25-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to
+reach the same share of their peak."""
+DEQUANT_S_PER_PARAM_H100 = 2.1e-11
 """Seconds per quantised parameter and training step that QLoRA's dequantisation cost on one H100: lite shape,
-1 x 2048, 0.862 s a step where the same FLOPs at LoRA's efficiency take 0.103 s (2026-11-25 summary)."""
+1 x 2048, 0.417 s a step where the same FLOPs at LoRA's efficiency take 0.102 s (same results file)."""
 GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
               "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0}
 
