@@ -93,13 +93,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return grouped_mm_reference(x, w, offs)
 
 
-def grouped_mm_head(x: torch.Tensor, w: torch.Tensor, head: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """:func:`grouped_mm` where ``head`` = w[:H] (same storage) is a trained parameter and the rest of w is frozen."""
+def grouped_mm_part(x: torch.Tensor, w: torch.Tensor, part: torch.Tensor, offs: torch.Tensor, where: str) -> torch.Tensor:
+    """:func:`grouped_mm` where ``part`` of w [E, K, N] trains and the rest is frozen (see
+    :data:`dsft.kernels.grouped_mm.PARTS`): ``head`` = w[:H] (same storage), ``rows`` = the values of w's last
+    r input rows, ``cols`` = the values of its last r output columns."""
     if use_grouped_kernel(x):
-        from dsft.kernels.grouped_mm import gmm_head
+        from dsft.kernels.grouped_mm import gmm_part
 
-        return gmm_head(x, w, head, offs)
-    return grouped_mm_reference(x, torch.cat([head, w[head.shape[0] :].detach()]), offs)
+        return gmm_part(x, w, part, offs, where)
+    if where == "head":
+        return grouped_mm_reference(x, torch.cat([part, w[part.shape[0] :].detach()]), offs)
+    dim = 1 if where == "rows" else 2
+    return grouped_mm_reference(x, torch.cat([w.narrow(dim, 0, w.shape[dim] - part.shape[dim]).detach(), part], dim=dim), offs)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lora: LowRank | None,
@@ -109,7 +114,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lo
     if head is None:
         y = grouped_mm(x, weight.transpose(1, 2), offs)
     else:
-        y = grouped_mm_head(x, weight.transpose(1, 2), head.transpose(1, 2), offs)
+        y = grouped_mm_part(x, weight.transpose(1, 2), head.transpose(1, 2), offs, "head")
     if lora is not None:
         h = grouped_mm(x, lora.A.transpose(1, 2).to(x.dtype), offs)          # [S, r]
         y = y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), offs)
@@ -131,24 +136,6 @@ def _lora_in_from_tokens(x: torch.Tensor, lora: LowRank, r: Routing, k: int) -> 
     return h_all.view(-1, n_experts, rank)[r.order // k, r.expert]
 
 
-def grouped_mm_fold(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """:func:`grouped_mm` of x [S, K] with w [E, K, N] whose last r rows hold ``tail`` [E, r, N] (trained)."""
-    if use_grouped_kernel(x):
-        from dsft.kernels.grouped_mm import gmm_fold
-
-        return gmm_fold(x, w, tail, offs)
-    return grouped_mm_reference(x, torch.cat([w[:, : w.shape[1] - tail.shape[1]].detach(), tail], dim=1), offs)
-
-
-def grouped_mm_fold_out(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """:func:`grouped_mm` of x [S, K] with w [E, K, N] whose last r output columns hold ``tail`` [E, K, r] (trained)."""
-    if use_grouped_kernel(x):
-        from dsft.kernels.grouped_mm import gmm_fold_out
-
-        return gmm_fold_out(x, w, tail, offs)
-    return grouped_mm_reference(x, torch.cat([w[..., : w.shape[-1] - tail.shape[-1]].detach(), tail], dim=-1), offs)
-
-
 def _gate_up(xp: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, r: Routing, k: int,
              head: torch.Tensor | None, folded: torch.Tensor | None) -> torch.Tensor:
     """The routed pairs' gate/up projection [T*k, 2I], LoRA included (see :func:`experts_forward`)."""
@@ -157,8 +144,8 @@ def _gate_up(xp: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora: LowR
     h = _lora_in_from_tokens(x, lora, r, k)
     if folded is not None:
         # One grouped GEMM for W and B: [x | s h] against [W | B] (``folded``, whose first H columns are W itself).
-        return grouped_mm_fold(torch.cat([xp, lora.scale * h], dim=1), folded.transpose(1, 2),
-                               lora.B.transpose(1, 2).to(x.dtype), r.offs)
+        return grouped_mm_part(torch.cat([xp, lora.scale * h], dim=1), folded.transpose(1, 2),
+                               lora.B.transpose(1, 2).to(x.dtype), r.offs, "rows")
     y = grouped_linear(xp, weight, r.offs, None, head)
     return y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), r.offs)
 
@@ -181,7 +168,7 @@ def _down(a: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, r: Routin
         return grouped_linear(a, weight, r.offs, lora, head), None
     if folded is not None:
         # One grouped GEMM for W and A: a against [W; A] (``folded``, whose first H rows are W itself).
-        y = grouped_mm_fold_out(a, folded.transpose(1, 2), lora.A.transpose(1, 2).to(a.dtype), r.offs)
+        y = grouped_mm_part(a, folded.transpose(1, 2), lora.A.transpose(1, 2).to(a.dtype), r.offs, "cols")
         return y[:, : weight.shape[1]], y[:, weight.shape[1] :]
     return grouped_linear(a, weight, r.offs, None, head), grouped_mm(a, lora.A.transpose(1, 2).to(a.dtype), r.offs)
 

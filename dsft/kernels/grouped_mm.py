@@ -1,15 +1,12 @@
-"""``torch._grouped_mm`` behind two custom ops, so that compiled graphs cannot hand it tensors in a
+"""``torch._grouped_mm`` behind custom ops, so that compiled graphs cannot hand it tensors in a
 layout it rejects (inductor is free to drop a ``.contiguous()`` it sees as value-preserving), and so
 that the backward computes only the gradients that are needed (none for a frozen expert weight).
 
     y  = gmm(x, w, offs)           x [S, K] sorted by group, w [G, K, N]        -> [S, N]
     dw = gmm_wgrad(x, dy, offs)    per group x_g^T dy_g                         -> [G, K, N]
-    y  = gmm_head(x, w, head, offs)  as gmm, where ``head`` is w[:H] (same storage) and is what trains:
-                                   the backward gives head's gradient, H groups, and none for the rest of w
-    y  = gmm_fold(x, w, tail, offs)  as gmm, where ``tail`` holds the values of w's last r rows (w[:, K-r:]):
-                                   the backward gives dx and tail's gradient (x's last r columns against dy)
-    y  = gmm_fold_out(x, w, tail, offs)  as gmm, where ``tail`` holds the values of w's last r output columns
-                                   (w[..., N-r:]): the backward gives dx and tail's gradient (x against dy's last r columns)
+    y  = gmm_part(x, w, part, offs, where)   as gmm, where ``part`` is the part of w that trains (ESFT's
+                                   selected experts, a folded LoRA factor; see PARTS): the backward gives
+                                   dx and part's gradient, and none for the rest of w
 """
 from __future__ import annotations
 
@@ -62,86 +59,46 @@ def _backward(ctx, dy):
 gmm.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("dsft::gmm_head", mutates_args=())
-def gmm_head(x: torch.Tensor, w: torch.Tensor, head: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    # head is w[:H]: the forward reads it through w, so one GEMM serves trained and frozen groups alike.
+PARTS = ("head", "rows", "cols")
+"""Which part of w [G, K, N] a trained ``part`` of :func:`gmm_part` holds: ``head`` = w[:H] (the first H groups,
+same storage: ESFT's selected experts), ``rows`` = w[:, K-r:] (the last r input rows: gate_up's folded B),
+``cols`` = w[..., N-r:] (the last r output columns: down's folded A). In the last two, the caller keeps
+the values in w equal to ``part``'s."""
+
+
+@torch.library.custom_op("dsft::gmm_part", mutates_args=())
+def gmm_part(x: torch.Tensor, w: torch.Tensor, part: torch.Tensor, offs: torch.Tensor, where: str) -> torch.Tensor:
+    # The forward reads ``part`` through w: one GEMM serves the trained and the frozen part alike.
     return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
 
 
-@gmm_head.register_fake
-def _(x, w, head, offs):
+@gmm_part.register_fake
+def _(x, w, part, offs, where):
     return x.new_empty((x.shape[0], w.shape[-1]))
 
 
-def _setup_head(ctx, inputs, output):
-    x, w, head, offs = inputs
-    ctx.needs_x, ctx.needs_head = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    ctx.groups = head.shape[0]
-    ctx.save_for_backward(x if ctx.needs_head else None, w, offs)
+def _setup_part(ctx, inputs, output):
+    x, w, part, offs, where = inputs
+    if where not in PARTS:
+        raise ValueError(f"gmm_part: where must be one of {PARTS}, got {where!r}")
+    ctx.needs_x, ctx.needs_part = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    ctx.where, ctx.size = where, part.shape[0] if where == "head" else part.shape[1] if where == "rows" else part.shape[2]
+    ctx.save_for_backward(x if ctx.needs_part else None, w, offs)
 
 
-def _backward_head(ctx, dy):
+def _backward_part(ctx, dy):
     x, w, offs = ctx.saved_tensors
     dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs_x else None
-    # Rows past the last trained group's end are outside every group: their x never meets dy here.
-    dhead = gmm_wgrad(x, dy, offs[: ctx.groups].contiguous()) if ctx.needs_head else None
-    return dx, None, dhead, None
+    dpart = None
+    if ctx.needs_part:
+        if ctx.where == "head":
+            # Rows past the last trained group's end are outside every group: their x never meets dy here.
+            dpart = gmm_wgrad(x, dy, offs[: ctx.size].contiguous())
+        elif ctx.where == "rows":
+            dpart = gmm_wgrad(x[:, x.shape[1] - ctx.size :], dy, offs)
+        else:
+            dpart = gmm_wgrad(x, dy[:, dy.shape[1] - ctx.size :], offs)
+    return dx, None, dpart, None, None
 
 
-gmm_head.register_autograd(_backward_head, setup_context=_setup_head)
-
-
-@torch.library.custom_op("dsft::gmm_fold", mutates_args=())
-def gmm_fold(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    # tail is w[:, K-r:, :] (same values, kept there by the caller): the rows of w that train.
-    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
-
-
-@gmm_fold.register_fake
-def _(x, w, tail, offs):
-    return x.new_empty((x.shape[0], w.shape[-1]))
-
-
-def _setup_fold(ctx, inputs, output):
-    x, w, tail, offs = inputs
-    ctx.needs_x, ctx.needs_tail = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    ctx.r = tail.shape[1]
-    ctx.save_for_backward(x if ctx.needs_tail else None, w, offs)
-
-
-def _backward_fold(ctx, dy):
-    x, w, offs = ctx.saved_tensors
-    dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs_x else None
-    dtail = gmm_wgrad(x[:, x.shape[1] - ctx.r :], dy, offs) if ctx.needs_tail else None
-    return dx, None, dtail, None
-
-
-gmm_fold.register_autograd(_backward_fold, setup_context=_setup_fold)
-
-
-@torch.library.custom_op("dsft::gmm_fold_out", mutates_args=())
-def gmm_fold_out(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    # tail is w[..., N-r:] (same values, kept there by the caller): the output columns that train.
-    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
-
-
-@gmm_fold_out.register_fake
-def _(x, w, tail, offs):
-    return x.new_empty((x.shape[0], w.shape[-1]))
-
-
-def _backward_fold_out(ctx, dy):
-    x, w, offs = ctx.saved_tensors
-    dx = gmm(dy, w.transpose(-1, -2), offs) if ctx.needs_x else None
-    dtail = gmm_wgrad(x, dy[:, dy.shape[1] - ctx.r :], offs) if ctx.needs_tail else None
-    return dx, None, dtail, None
-
-
-def _setup_fold_out(ctx, inputs, output):
-    x, w, tail, offs = inputs
-    ctx.needs_x, ctx.needs_tail = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    ctx.r = tail.shape[-1]
-    ctx.save_for_backward(x if ctx.needs_tail else None, w, offs)
-
-
-gmm_fold_out.register_autograd(_backward_fold_out, setup_context=_setup_fold_out)
+gmm_part.register_autograd(_backward_part, setup_context=_setup_part)

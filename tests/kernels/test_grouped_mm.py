@@ -47,20 +47,20 @@ def test_compiled_with_a_transposed_weight():
 
 
 def test_folded_ops_give_the_trained_slice_its_gradient_and_the_rest_none():
-    """gmm_fold trains w's last r input rows (the values of ``tail``), gmm_fold_out its last r output columns:
-    output and gradients equal the plain loop on the concatenated weight. Weights are transposed views of
-    [G, out, in] buffers, as the folded expert weights are."""
-    from dsft.kernels.grouped_mm import gmm_fold, gmm_fold_out
+    """gmm_part trains w's last r input rows ("rows": the values of ``tail``) or its last r output columns
+    ("cols"): output and gradients equal the plain loop on the concatenated weight. Weights are transposed
+    views of [G, out, in] buffers, as the folded expert weights are."""
+    from dsft.kernels.grouped_mm import gmm_part
 
     torch.manual_seed(2)
-    cases = (  # (op, x, frozen part, trained part, dim they are joined along)
-        (gmm_fold, torch.randn(16, 12), torch.randn(4, 16, 8).transpose(1, 2), torch.randn(4, 16, 4).transpose(1, 2), 1),
-        (gmm_fold_out, torch.randn(16, 8), torch.randn(4, 16, 8).transpose(1, 2), torch.randn(4, 4, 8).transpose(1, 2), 2),
+    cases = (  # (where, x, frozen part, trained part, dim they are joined along)
+        ("rows", torch.randn(16, 12), torch.randn(4, 16, 8).transpose(1, 2), torch.randn(4, 16, 4).transpose(1, 2), 1),
+        ("cols", torch.randn(16, 8), torch.randn(4, 16, 8).transpose(1, 2), torch.randn(4, 4, 8).transpose(1, 2), 2),
     )
-    for op, x, frozen, tail, dim in cases:
+    for where, x, frozen, tail, dim in cases:
         w = torch.cat([frozen, tail], dim=dim)
         xa, ta = x.clone().requires_grad_(), tail.clone().requires_grad_()
-        ya = op(xa, w, ta, OFFS)
+        ya = gmm_part(xa, w, ta, OFFS, where)
         ya.square().sum().backward()
         xb, tb = x.clone().requires_grad_(), tail.clone().requires_grad_()
         yb = grouped_mm_reference(xb, torch.cat([frozen, tb], dim=dim), OFFS)
