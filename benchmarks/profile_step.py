@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_throughput import prepare  # noqa: E402
+from benchmarks.train_throughput import prepare, release  # noqa: E402
 from dsft.recipes.loop import causal_lm_loss, lm_loss  # noqa: E402
 
 if __name__ == "__main__":
@@ -78,3 +78,4 @@ if __name__ == "__main__":
                       "step_ms": round(1e3 * sum(wall) / len(wall), 1), "enqueue_ms": round(1e3 * sum(enqueue) / len(enqueue), 1)}))
     for k in sorted(ka, key=lambda k: -k.device_time_total)[: a.top]:
         print(f"{k.device_time_total / 1e3:8.1f} ms {100 * k.device_time_total / total:5.1f}% n={k.count:5d}  {k.key[:120]}")
+    release()
