@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dsft.adapters.esft import EXPERT_PARAMS
 from dsft.adapters.terms import TERMS_FILE
 from dsft.atomic import sha256_bytes
 from dsft.errors import IntegrityError, UsageError
@@ -27,7 +28,6 @@ from dsft.kernels.expert_lora import LowRank
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
