@@ -35,3 +35,24 @@ def tiny_base_dir(session_home) -> Path:
     from dsft.base import build_preset
 
     return build_preset("tiny-deepseek-v2")
+
+
+@pytest.fixture
+def tiny_deepseek_v3():
+    """A small DeepseekV3ForCausalLM built from its config (sigmoid router with group-limited top-k, one dense
+    layer, shared + routed experts), with router weights large enough that routing differs between tokens."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=400, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=2,
+        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.3)
+    return model

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dsft.base.arch import ArchSpec, top_k
+from dsft.base.router import router_probs
 from dsft.errors import IncompatibleError, UsageError
 
 ESFT_FILE = "esft.safetensors"
@@ -111,7 +112,8 @@ def score_experts(model, spec: ArchSpec, examples, batch_size: int = 16) -> Expe
         examples: :class:`dsft.data.tokenize.Examples`; padding (attention mask 0) is not scored.
 
     Returns:
-        ExpertScores; each layer's gate scores sum to ~1 (a softmax), token ratios to exactly 1.
+        ExpertScores; each layer's gate scores sum to ~1 (router probabilities, see
+        :func:`dsft.base.router.router_probs`), token ratios to exactly 1.
     """
     layers = moe_layers(model, spec)
     k = top_k(spec, model.config)
@@ -124,7 +126,7 @@ def score_experts(model, spec: ArchSpec, examples, batch_size: int = 16) -> Expe
             logits, _, index = output
             mask = mask_now[0]
             n_experts = logits.shape[-1]
-            probs = logits.float().softmax(-1).view(*mask.shape, n_experts)
+            probs = router_probs(logits, spec.router_scores).view(*mask.shape, n_experts)
             chosen = torch.zeros_like(probs.view(-1, n_experts)).scatter_(1, index.view(-1, k), 1.0).view_as(probs) / k
             per_seq = [(x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1) for x in (probs, chosen)]
             g, t = sums[i]

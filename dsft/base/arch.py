@@ -34,6 +34,9 @@ class ArchSpec:
     default_aux_loss_coef: float = 0.001
     decoder_layer: str = ""
     """Class name of a decoder layer: the unit that FSDP2 shards and all-gathers as one (multi-GPU training)."""
+    router_scores: str = "softmax"
+    """How the router turns logits into expert affinities: ``softmax``, or ``sigmoid`` (DeepSeek-V3, whose
+    per-expert sigmoid scores dsft normalises to sum 1 per token wherever it needs probabilities)."""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -57,6 +60,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             num_experts_field="n_routed_experts",
             aux_loss_coef_field=None,
             default_aux_loss_coef=0.0001,  # V3 is aux-loss-free apart from a tiny sequence-wise term
+            router_scores="sigmoid",
         ),
         ArchSpec(
             model_type="qwen2_moe",

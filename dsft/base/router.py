@@ -15,13 +15,27 @@ from torch import nn
 from dsft.base.arch import ArchSpec, aux_loss_coef, num_experts
 
 
-def load_balancing_loss(router_logits: torch.Tensor, top_k_index: torch.Tensor, n_experts: int) -> torch.Tensor:
+def router_probs(router_logits: torch.Tensor, scores: str = "softmax") -> torch.Tensor:
+    """Each token's router probability over the experts (rows sum to 1), in fp32.
+
+    ``scores`` is the architecture's :attr:`dsft.base.arch.ArchSpec.router_scores`: a softmax, or per-expert
+    sigmoids normalised per token (DeepSeek-V3's sequence-wise balance loss uses the same normalisation,
+    arXiv 2412.19437 eq. 18).
+    """
+    if scores == "sigmoid":
+        s = router_logits.float().sigmoid()
+        return s / s.sum(-1, keepdim=True).clamp(min=1e-20)
+    return router_logits.float().softmax(-1)
+
+
+def load_balancing_loss(router_logits: torch.Tensor, top_k_index: torch.Tensor, n_experts: int,
+                        scores: str = "softmax") -> torch.Tensor:
     """Switch-Transformer auxiliary loss ``E * sum_i f_i * P_i`` for one layer (arXiv 2101.03961, eq. 4).
 
     ``f_i`` is the share of token-to-expert assignments that went to expert i, ``P_i`` the mean
-    router probability of expert i. It is 1.0 for a perfectly balanced router.
+    router probability of expert i (:func:`router_probs`). It is 1.0 for a perfectly balanced router.
     """
-    probs = router_logits.float().softmax(-1)
+    probs = router_probs(router_logits, scores)
     counts = torch.histc(top_k_index.reshape(-1).float(), bins=n_experts, min=0, max=n_experts - 1)
     f = counts / counts.sum().clamp(min=1)
     return n_experts * (f * probs.mean(0)).sum()
@@ -63,13 +77,13 @@ class RouterProbe:
     def _hook(self, layer: int):
         def hook(module, args, output):
             logits, _, index = output
-            self._aux = self._aux + load_balancing_loss(logits, index, self.n_experts)
+            self._aux = self._aux + load_balancing_loss(logits, index, self.n_experts, self.spec.router_scores)
             load = torch.histc(index.detach().reshape(-1).float(), bins=self.n_experts, min=0, max=self.n_experts - 1)
             self._imbalance = self._imbalance + load.max() / load.mean().clamp(min=1e-9)
             if self.keep_counts:
                 self.counts[layer] = self.counts.get(layer, 0) + load.long().cpu()
             if self.global_stats:  # one fixed key per layer, overwritten each pass (no growing container)
-                self._stats[layer] = (logits.float().softmax(-1).sum(0), load, logits.shape[0])
+                self._stats[layer] = (router_probs(logits, self.spec.router_scores).sum(0), load, logits.shape[0])
         return hook
 
     def reset(self) -> None:

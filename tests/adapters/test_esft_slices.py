@@ -139,3 +139,27 @@ def test_layers_compiled_before_the_slices_run_the_sliced_forward(tiny):
             getattr(ref.model.layers[2].mlp.experts, pname)[[1, 7]] *= 3
         torch.testing.assert_close(got, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(input_ids=ids).logits, got, rtol=1e-4, atol=1e-4)  # restored, values kept
+
+
+def test_deepseek_v3_group_limited_routing_is_untouched_by_the_slot_permutation(tiny_deepseek_v3):
+    """V3 routes within groups of consecutive experts; the slices permute the experts' storage, not the
+    router, so the model computes the same function while the slices are active and after."""
+    from dsft.base.arch import ARCHITECTURES
+
+    model, spec = tiny_deepseek_v3, ARCHITECTURES["deepseek_v3"]
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with trainable_slices(model, spec, {1: (5, 2), 2: (7,)}) as slices:
+        assert [tuple(s.param.shape[:1]) for s in slices] == [(2,), (2,), (1,), (1,)]
+        with torch.no_grad():
+            during = model(input_ids=ids).logits
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(s.param.grad is not None and s.param.grad.abs().sum() > 0 for s in slices)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

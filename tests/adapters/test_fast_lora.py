@@ -16,16 +16,14 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-qwen3-moe", "tiny-mixtral"])
-def test_fast_path_matches_peft_target_parameters(home, preset):
-    base = load_base(preset, device="cpu")
+def _fast_path_matches_peft(model, spec, vocab: int) -> None:
     torch.manual_seed(0)
-    model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8), fast=False)  # PEFT's own forwards first
+    model = attach_lora(model, spec, LoraSettings(r=4, alpha=8), fast=False)  # PEFT's own forwards first
     with torch.no_grad():  # non-zero B so that every LoRA factor gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    ids = torch.randint(0, 400, (2, 32))
+    ids = torch.randint(0, vocab, (2, 32))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
     n = enable_fast_lora(model)
     assert n >= 3, "routed experts (and shared experts where present) should be on the fast path"
@@ -37,6 +35,19 @@ def test_fast_path_matches_peft_target_parameters(home, preset):
         assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
     disable_fast_lora(model)
     torch.testing.assert_close(_loss_and_grads(model, ids)[0], loss_ref)
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-qwen3-moe", "tiny-mixtral"])
+def test_fast_path_matches_peft_target_parameters(home, preset):
+    base = load_base(preset, device="cpu")
+    _fast_path_matches_peft(base.model, base.spec, vocab=400)
+
+
+def test_fast_path_matches_peft_on_deepseek_v3(tiny_deepseek_v3):
+    """DeepSeek-V3's router (sigmoid scores, group-limited top-k, scaled weights) feeds the same fast path."""
+    from dsft.base.arch import ARCHITECTURES
+
+    _fast_path_matches_peft(tiny_deepseek_v3, ARCHITECTURES["deepseek_v3"], vocab=400)
 
 
 @pytest.mark.parametrize("grouped_kernel", [False, True], ids=["reference-loop", "grouped-kernel"])
