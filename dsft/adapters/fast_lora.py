@@ -60,10 +60,16 @@ def _expert_lowrank(wrapper: nn.Module | None, weight: torch.Tensor) -> LowRank 
 def _fast_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     by_param, experts = _chain(self)
     gate_up, down = expert_weights(experts, hidden_states.dtype)  # dequantised here under QLoRA
+
+    def folded(w: torch.Tensor, name: str) -> torch.Tensor | None:
+        # A weight that trains itself (an ESFT stage on fused experts after a LoRA stage) must be read
+        # through its parameter, or it would get no gradient: the folded buffer is not the parameter.
+        return None if w.requires_grad else getattr(experts, FOLDED[name], None)
+
     return experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up, down, experts.act_fn,
         _expert_lowrank(by_param.get("gate_up_proj"), gate_up), _expert_lowrank(by_param.get("down_proj"), down),
-        gate_up_folded=getattr(experts, FOLDED["gate_up_proj"], None), down_folded=getattr(experts, FOLDED["down_proj"], None),
+        gate_up_folded=folded(gate_up, "gate_up_proj"), down_folded=folded(down, "down_proj"),
     )
 
 

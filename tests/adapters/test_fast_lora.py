@@ -91,3 +91,30 @@ def test_folding_lora_into_the_expert_weights_trains_exactly_like_the_unfolded_p
     assert len(l0.unique()) == 3  # training moved the loss: B changed between steps
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_folded_weights_that_train_themselves_still_get_their_gradient(home):
+    """An ESFT stage on fused expert weights after a LoRA stage: the weights require grad while the LoRA
+    factors sit folded in their buffers. The forward must read them through the parameters."""
+    from dsft.adapters.fast_lora import fold_expert_lora
+
+    ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for fold in (False, True):
+        base = load_base("tiny-deepseek-v2", device="cpu")
+        torch.manual_seed(0)
+        model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
+        if fold:
+            assert fold_expert_lora(model) == 3
+        for p in model.parameters():
+            p.requires_grad_(False)
+        experts = base.model.model.layers[1].mlp.experts
+        while type(experts).__name__ == "ParamWrapper":
+            experts = experts.base_layer
+        for w in (experts.gate_up_proj, experts.down_proj):
+            w.requires_grad_(True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert experts.gate_up_proj.grad is not None and experts.down_proj.grad is not None
+        grads.append((experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
+    for unfolded, folded in zip(*grads):
+        torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-7)
