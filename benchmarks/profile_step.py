@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_throughput import prepare, release  # noqa: E402
+from benchmarks.train_throughput import compile_layers, prepare, release  # noqa: E402
 from dsft.recipes.loop import causal_lm_loss, lm_loss  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("variant")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead")
+    p.add_argument("--inductor", action="append", metavar="KEY=VALUE", help="torch._inductor.config setting; repeatable")
     p.add_argument("--layers", type=int, default=27)
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
@@ -30,12 +32,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     model, layers, trainable = prepare(a.variant, a.layers, 16)
     if a.compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = 128  # as train_throughput: one graph per layer, never an eager fallback
-        dynamo.config.accumulated_cache_size_limit = 1024
-        for layer in layers:
-            layer.compile()
+        compile_layers(layers, a.compile_mode, a.inductor)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
 

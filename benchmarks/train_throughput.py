@@ -167,6 +167,23 @@ def prepare(variant: str, layers: int, rank: int):
     raise SystemExit(f"unknown variant {variant}")
 
 
+def compile_layers(layers, mode: str | None = None, inductor: list[str] | None = None) -> None:
+    """``torch.compile`` every decoder layer, as ``dsft train`` does on a GPU. ``mode`` and ``inductor``
+    (``KEY=VALUE`` settings of ``torch._inductor.config``, e.g. ``combo_kernels=True``) are for experiments."""
+    import ast
+
+    import torch._dynamo as dynamo
+    import torch._inductor.config as inductor_config
+
+    dynamo.config.cache_size_limit = 128  # one graph per layer, never an eager fallback
+    dynamo.config.accumulated_cache_size_limit = 1024
+    for item in inductor or []:
+        key, _, value = item.partition("=")
+        setattr(inductor_config, key, ast.literal_eval(value))
+    for layer in layers:
+        layer.compile(mode=mode)
+
+
 def run_one(a) -> dict:
     from dsft.recipes.loop import causal_lm_loss, lm_loss
 
@@ -174,12 +191,7 @@ def run_one(a) -> dict:
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = 128
-        dynamo.config.accumulated_cache_size_limit = 1024
-        for layer in layers:
-            layer.compile()
+        compile_layers(layers, a.compile_mode, a.inductor)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
 
@@ -207,7 +219,9 @@ def run_one(a) -> dict:
     dt = (time.perf_counter() - t0) / a.steps
     tps = a.bs * a.seq / dt
     fpt = flops_per_token(lite_config(a.layers), a.seq)
-    return dict(variant=a.variant + ("+compile" if a.compile else "") + (f"+keep{a.keep_layers}" if a.keep_layers else ""), layers=a.layers, bs=a.bs, seq=a.seq,
+    tag = "".join(f"+{t}" for t in [a.compile_mode, *(a.inductor or [])] if t) if a.compile else ""
+    return dict(variant=a.variant + ("+compile" if a.compile else "") + tag + (f"+keep{a.keep_layers}" if a.keep_layers else ""),
+                layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 1), tflops=round(tps * fpt / 1e12, 1),
                 mfu_vs_989=round(tps * fpt / PEAK_TFLOPS / 1e12, 3), mfu_vs_measured=round(tps * fpt / MEASURED_TFLOPS / 1e12, 3),
@@ -302,6 +316,9 @@ if __name__ == "__main__":
     p.add_argument("--all", action="store_true")
     p.add_argument("--only", help="comma-separated subset for --all, e.g. dsft_lora+compile,frozen+compile")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", help="torch.compile mode for --compile (experiments), e.g. reduce-overhead")
+    p.add_argument("--inductor", action="append", metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY for --compile (experiments), e.g. combo_kernels=True; repeatable")
     p.add_argument("--layers", type=int, default=27)
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
