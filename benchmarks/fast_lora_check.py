@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import build_model
 from dsft.adapters.fast_lora import (
     enable_fast_lora,
-    fold_expert_lora,
+    fold_lora,
 )
 from dsft.adapters.lora import LoraSettings, attach_lora
 from dsft.base.arch import ARCHITECTURES
@@ -38,6 +38,7 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--bs", type=int, default=2)
     p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--dense-fold", action="store_true", help="also fold attention/shared-expert LoRA A (fold_lora(dense=True))")
     a = p.parse_args()
     model = attach_lora(build_model(a.layers), ARCHITECTURES["deepseek_v2"], LoraSettings(r=16, alpha=32), fast=False)
     model.enable_input_require_grads()
@@ -49,12 +50,12 @@ if __name__ == "__main__":
     ref_loss, ref = loss_and_grads(model, x)              # PEFT's forward, bf16
     model32 = copy.deepcopy(model).float()                # the same weights in fp32, before any dsft patching
     ref32_loss, ref32 = loss_and_grads(model32, x)        # PEFT's forward in fp32: the precise reference
-    patched32, folded32 = enable_fast_lora(model32), fold_expert_lora(model32)
+    patched32, folded32 = enable_fast_lora(model32), fold_lora(model32, dense=a.dense_fold)
     fast32_loss, fast32 = loss_and_grads(model32, x)      # dsft's forward in fp32 (grouped GEMMs as per-expert loops)
     del model32
     torch.cuda.empty_cache()
     patched = enable_fast_lora(model)
-    folded = fold_expert_lora(model)                      # as dsft train does on one GPU
+    folded = fold_lora(model, dense=a.dense_fold)  # as dsft train does on one GPU
     fast_loss, fast = loss_and_grads(model, x)            # dsft's forward, bf16 (grouped-GEMM kernels)
 
     def rel(a_, b_):

@@ -22,6 +22,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("variant")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dense-fold", action="store_true", help="dsft LoRA variants: also fold attention/shared-expert LoRA A")
     p.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument("--inductor", action="append", metavar="KEY=VALUE", help="torch._inductor.config setting; repeatable")
     p.add_argument("--layers", type=int, default=27)
@@ -30,7 +31,7 @@ if __name__ == "__main__":
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--host", action="store_true", help="also profile the host side of one step")
     a = p.parse_args()
-    model, layers, trainable = prepare(a.variant, a.layers, 16)
+    model, layers, trainable = prepare(a.variant, a.layers, 16, a.dense_fold)
     if a.compile:
         compile_layers(layers, a.compile_mode, a.inductor)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None

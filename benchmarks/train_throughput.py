@@ -93,8 +93,9 @@ def flops_per_token(cfg, seq: int) -> float:
     return 3 * (2 * active + scores)
 
 
-def prepare(variant: str, layers: int, rank: int):
-    """(model, its decoder layers, the tensors to train) for one variant."""
+def prepare(variant: str, layers: int, rank: int, dense_fold: bool = False):
+    """(model, its decoder layers, the tensors to train) for one variant. ``dense_fold``: the dsft LoRA
+    variants also fold attention and shared-expert LoRA A under their weights (``fold_lora(dense=True)``)."""
     from peft import LoraConfig, get_peft_model
 
     from dsft.adapters.lora import LoraSettings, attach_lora
@@ -141,9 +142,9 @@ def prepare(variant: str, layers: int, rank: int):
             quantize_base(model, spec)
             torch.cuda.empty_cache()
         elif variant != "dsft_lora_grouped":  # as dsft train does on one GPU
-            from dsft.adapters.fast_lora import fold_expert_lora
+            from dsft.adapters.fast_lora import fold_lora
 
-            fold_expert_lora(model)
+            fold_lora(model, dense=dense_fold)
         model.enable_input_require_grads()
         return model, model.base_model.model.model.layers, trainable(model)
     if variant == "dsft_esft":
@@ -187,7 +188,7 @@ def compile_layers(layers, mode: str | None = None, inductor: list[str] | None =
 def run_one(a) -> dict:
     from dsft.recipes.loop import causal_lm_loss, lm_loss
 
-    model, layers, trainable = prepare(a.variant, a.layers, a.rank)
+    model, layers, trainable = prepare(a.variant, a.layers, a.rank, a.dense_fold)
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:
@@ -220,6 +221,7 @@ def run_one(a) -> dict:
     tps = a.bs * a.seq / dt
     fpt = flops_per_token(lite_config(a.layers), a.seq)
     tag = "".join(f"+{t}" for t in [a.compile_mode, *(a.inductor or [])] if t) if a.compile else ""
+    tag += "+densefold" if a.dense_fold else ""
     return dict(variant=a.variant + ("+compile" if a.compile else "") + tag + (f"+keep{a.keep_layers}" if a.keep_layers else ""),
                 layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -316,6 +318,7 @@ if __name__ == "__main__":
     p.add_argument("--all", action="store_true")
     p.add_argument("--only", help="comma-separated subset for --all, e.g. dsft_lora+compile,frozen+compile")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dense-fold", action="store_true", help="dsft LoRA variants: also fold attention/shared-expert LoRA A")
     p.add_argument("--compile-mode", help="torch.compile mode for --compile (experiments), e.g. reduce-overhead")
     p.add_argument("--inductor", action="append", metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY for --compile (experiments), e.g. combo_kernels=True; repeatable")

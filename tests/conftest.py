@@ -56,3 +56,22 @@ def tiny_deepseek_v3():
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.3)
     return model
+
+
+@pytest.fixture
+def tiny_qwen2_moe():
+    """A small Qwen2MoeForCausalLM built from its config: attention projections with biases, a gated shared expert."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(cfg)
+    with torch.no_grad():  # transformers initialises biases to zero; a bias that is not applied must show
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    return model

@@ -195,7 +195,7 @@ def experts_forward(
     With :data:`TOKEN_SIDE_LORA`, the two LoRA products whose input or output is per token (gate_up's
     ``x A^T``, down's ``h B^T`` summed over the k choices) run on the T tokens, not the T*k pairs.
     ``gate_up_folded`` [E, 2I, H + r]: gate_up_proj with gate_up_lora's B appended along the input dim
-    (:func:`dsft.adapters.fast_lora.fold_expert_lora`), so that W and B share one grouped GEMM;
+    (:func:`dsft.adapters.fast_lora.fold_lora`), so that W and B share one grouped GEMM;
     ``down_folded`` [E, H + r, I]: down_proj with down_lora's A appended along the output dim, so that
     ``a W^T`` and ``a A^T`` come out of one grouped GEMM (and their input gradients out of another)."""
     k = top_k_index.shape[-1]

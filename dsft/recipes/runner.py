@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, EsftState, save_esft
-from dsft.adapters.fast_lora import fold_expert_lora
+from dsft.adapters.fast_lora import fold_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.manifest import MANIFEST
 from dsft.adapters.qlora import quantize_base
@@ -252,7 +252,7 @@ def train(
         before = ckpt.state["before"] if ckpt else evaluate(trained_model, base_sets, base_tokens, dist)
     emit("eval", {"when": "before", **before})
     if target.startswith("cuda") and not nf4 and not (dist.enabled and dist.sharding == "fsdp"):
-        fold_expert_lora(trained_model)  # expert LoRA's B rides in the expert weight's grouped GEMM
+        fold_lora(trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
     if target.startswith("cuda"):
         kept = _spare_recompute(model, keep_layers, base, rec, nf4, len(plan.terms), target, dist)
         emit("recompute", {"kept_layers": kept, "layers": len(model.get_decoder().layers)})

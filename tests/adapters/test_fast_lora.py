@@ -1,6 +1,8 @@
 """dsft's low-rank forwards give PEFT's loss and every LoRA gradient on the same weights and inputs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,13 +18,38 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _fast_path_matches_peft(model, spec, vocab: int) -> None:
-    torch.manual_seed(0)
-    model = attach_lora(model, spec, LoraSettings(r=4, alpha=8), fast=False)  # PEFT's own forwards first
-    with torch.no_grad():  # non-zero B so that every LoRA factor gets a gradient
+def _random_b(model) -> None:
+    """Non-zero B, so that every LoRA factor gets a gradient."""
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
+
+
+def _train_three_steps(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The losses of three AdamW steps and the last step's gradients (the factors change between steps,
+    so a folded copy that did not follow them would show)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-4)
+    losses, grads = [], None
+    for _ in range(3):
+        loss, grads = _loss_and_grads(model, ids)
+        losses.append(loss)
+        opt.step()
+    return torch.stack(losses), grads
+
+
+def _assert_trained_alike(reference, other) -> None:
+    (l0, g0), (l1, g1) = reference, other
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(l0.unique()) == 3  # training moved the loss
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _fast_path_matches_peft(model, spec, vocab: int) -> None:
+    torch.manual_seed(0)
+    model = attach_lora(model, spec, LoraSettings(r=4, alpha=8), fast=False)  # PEFT's own forwards first
+    _random_b(model)
     ids = torch.randint(0, vocab, (2, 32))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
     n = enable_fast_lora(model)
@@ -52,10 +79,10 @@ def test_fast_path_matches_peft_on_deepseek_v3(tiny_deepseek_v3):
 
 @pytest.mark.parametrize("grouped_kernel", [False, True], ids=["reference-loop", "grouped-kernel"])
 def test_folding_lora_into_the_expert_weights_trains_exactly_like_the_unfolded_path(home, monkeypatch, grouped_kernel):
-    """fold_expert_lora moves gate_up_proj into a wider buffer with B in its last columns and down_proj into a
+    """fold_lora moves gate_up_proj into a wider buffer with B in its last columns and down_proj into a
     taller one with A in its last rows; loss, every gradient and two optimizer steps (A and B change, so the
     buffers must follow them) match the unfolded model."""
-    from dsft.adapters.fast_lora import FOLDED, fold_expert_lora
+    from dsft.adapters.fast_lora import FOLDED, fold_lora
     from dsft.kernels import expert_lora
 
     monkeypatch.setattr(expert_lora, "FORCE_GROUPED_KERNEL", grouped_kernel)
@@ -65,38 +92,25 @@ def test_folding_lora_into_the_expert_weights_trains_exactly_like_the_unfolded_p
         base = load_base("tiny-deepseek-v2", device="cpu")
         torch.manual_seed(0)
         model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.02)
+        _random_b(model)
         experts = base.model.model.layers[1].mlp.experts
         while type(experts).__name__ == "ParamWrapper":  # PEFT's wrappers around the fused parameters
             experts = experts.base_layer
         if fold:
-            assert fold_expert_lora(model) == 3  # the three MoE layers
+            assert fold_lora(model) == 3  # the three MoE layers
             gate_up, down = getattr(experts, FOLDED["gate_up_proj"]), getattr(experts, FOLDED["down_proj"])
             assert gate_up.shape[-1] == experts.gate_up_proj.shape[-1] + 4
             assert down.shape[1] == experts.down_proj.shape[1] + 4
             # the weights live in the buffers: no copies
             assert experts.gate_up_proj.data_ptr() == gate_up.data_ptr() and experts.down_proj.data_ptr() == down.data_ptr()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-4)
-        losses, grads = [], None
-        for _ in range(3):
-            loss, grads = _loss_and_grads(model, ids)
-            losses.append(loss)
-            opt.step()
-        runs.append((torch.stack(losses), grads))
-    (l0, g0), (l1, g1) = runs
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    assert len(l0.unique()) == 3  # training moved the loss: B changed between steps
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        runs.append(_train_three_steps(model, ids))
+    _assert_trained_alike(*runs)
 
 
 def test_folded_weights_that_train_themselves_still_get_their_gradient(home):
     """An ESFT stage on fused expert weights after a LoRA stage: the weights require grad while the LoRA
     factors sit folded in their buffers. The forward must read them through the parameters."""
-    from dsft.adapters.fast_lora import fold_expert_lora
+    from dsft.adapters.fast_lora import fold_lora
 
     ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(4))
     grads = []
@@ -105,7 +119,7 @@ def test_folded_weights_that_train_themselves_still_get_their_gradient(home):
         torch.manual_seed(0)
         model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
         if fold:
-            assert fold_expert_lora(model) == 3
+            assert fold_lora(model) == 3
         for p in model.parameters():
             p.requires_grad_(False)
         experts = base.model.model.layers[1].mlp.experts
@@ -118,3 +132,31 @@ def test_folded_weights_that_train_themselves_still_get_their_gradient(home):
         grads.append((experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
     for unfolded, folded in zip(*grads):
         torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen2_moe"])
+def test_dense_fold_trains_exactly_like_the_unfolded_path(home, tiny_qwen2_moe, arch):
+    """fold_lora(dense=True) also puts each attention and shared-expert LoRA A under its frozen weight; loss,
+    every gradient and two optimizer steps match. Qwen2-MoE's attention projections carry biases."""
+    from dsft.adapters.fast_lora import DENSE_FOLDED, fold_lora
+    from dsft.base.arch import ARCHITECTURES
+
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for fold in (False, True):
+        if arch == "qwen2_moe":
+            base, spec = copy.deepcopy(tiny_qwen2_moe), ARCHITECTURES["qwen2_moe"]
+        else:
+            loaded = load_base("tiny-deepseek-v2", device="cpu")
+            base, spec = loaded.model, loaded.spec
+        torch.manual_seed(0)
+        model = attach_lora(base, spec, LoraSettings(r=4, alpha=8))
+        _random_b(model)
+        if fold:
+            assert fold_lora(model, dense=True) > 0
+        runs.append(_train_three_steps(model, ids))
+        if fold:
+            folded = [m for m in base.modules() if hasattr(m, DENSE_FOLDED)]
+            assert folded and all(m.weight.data_ptr() == getattr(m, DENSE_FOLDED).data_ptr() for m in folded)
+            assert arch != "qwen2_moe" or any(m.bias is not None for m in folded)
+    _assert_trained_alike(*runs)
