@@ -186,7 +186,7 @@ def _folded_linear(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     from dsft.kernels.linear_part import linear_part
 
     A, B = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
-    y = linear_part(x, getattr(base, DENSE_FOLDED), A.to(x.dtype))
+    y = linear_part(x, getattr(base, DENSE_FOLDED), A)  # A's values are in the buffer (refreshed each step)
     out = base.out_features
     y, h = y[..., :out], y[..., out:]
     if base.bias is not None:

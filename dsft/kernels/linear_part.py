@@ -24,7 +24,7 @@ def _(x, w, part):
 def _setup(ctx, inputs, output):
     x, w, part = inputs
     ctx.needs_x, ctx.needs_part = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    ctx.r = part.shape[0]
+    ctx.r, ctx.part_dtype = part.shape[0], part.dtype
     ctx.save_for_backward(x if ctx.needs_part else None, w)
 
 
@@ -34,7 +34,9 @@ def _backward(ctx, dy):
     dpart = None
     if ctx.needs_part:
         tail = dy[..., dy.shape[-1] - ctx.r :].reshape(-1, ctx.r)
-        dpart = tail.T @ x.reshape(-1, x.shape[-1])
+        # ``part`` may be the fp32 master of a bf16 slot in w: the forward never reads it, so it is passed
+        # as it is (no cast kernel per forward) and only its gradient is cast.
+        dpart = (tail.T @ x.reshape(-1, x.shape[-1])).to(ctx.part_dtype)
     return dx, None, dpart
 
 

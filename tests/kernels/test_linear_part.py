@@ -31,3 +31,13 @@ def test_linear_part_compiles_without_graph_breaks():
     want = _run(lambda x, w, p: F.linear(x, torch.cat([w, p])), x, frozen, part)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_an_fp32_part_of_a_bf16_weight_gets_an_fp32_gradient():
+    """The trained part may be the fp32 master of the bf16 rows in w (its values are not read)."""
+    torch.manual_seed(2)
+    x, frozen, part = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(3, 8)
+    part = part.requires_grad_()
+    linear_part(x, torch.cat([frozen, part.detach().bfloat16()]), part).sum().backward()
+    assert part.grad.dtype == torch.float32
+    torch.testing.assert_close(part.grad, x.float().sum(0).expand(3, 8), rtol=1e-2, atol=1e-2)
