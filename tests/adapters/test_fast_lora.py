@@ -77,6 +77,17 @@ def test_fast_path_matches_peft_on_deepseek_v3(tiny_deepseek_v3):
     _fast_path_matches_peft(tiny_deepseek_v3, ARCHITECTURES["deepseek_v3"], vocab=400)
 
 
+def _expert_lora_model():
+    """tiny-deepseek-v2 with LoRA on its routed experts, and layer 1's fused experts module under PEFT's wrappers."""
+    base = load_base("tiny-deepseek-v2", device="cpu")
+    torch.manual_seed(0)
+    model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
+    experts = base.model.model.layers[1].mlp.experts
+    while type(experts).__name__ == "ParamWrapper":  # PEFT's wrappers around the fused parameters
+        experts = experts.base_layer
+    return model, experts
+
+
 @pytest.mark.parametrize("grouped_kernel", [False, True], ids=["reference-loop", "grouped-kernel"])
 def test_folding_lora_into_the_expert_weights_trains_exactly_like_the_unfolded_path(home, monkeypatch, grouped_kernel):
     """fold_lora moves gate_up_proj into a wider buffer with B in its last columns and down_proj into a
@@ -89,13 +100,8 @@ def test_folding_lora_into_the_expert_weights_trains_exactly_like_the_unfolded_p
     ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(3))
     runs = []
     for fold in (False, True):
-        base = load_base("tiny-deepseek-v2", device="cpu")
-        torch.manual_seed(0)
-        model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
+        model, experts = _expert_lora_model()
         _random_b(model)
-        experts = base.model.model.layers[1].mlp.experts
-        while type(experts).__name__ == "ParamWrapper":  # PEFT's wrappers around the fused parameters
-            experts = experts.base_layer
         if fold:
             assert fold_lora(model) == 3  # the three MoE layers
             gate_up, down = getattr(experts, FOLDED["gate_up_proj"]), getattr(experts, FOLDED["down_proj"])
@@ -115,16 +121,11 @@ def test_folded_weights_that_train_themselves_still_get_their_gradient(home):
     ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(4))
     grads = []
     for fold in (False, True):
-        base = load_base("tiny-deepseek-v2", device="cpu")
-        torch.manual_seed(0)
-        model = attach_lora(base.model, base.spec, LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
+        model, experts = _expert_lora_model()
         if fold:
             assert fold_lora(model) == 3
         for p in model.parameters():
             p.requires_grad_(False)
-        experts = base.model.model.layers[1].mlp.experts
-        while type(experts).__name__ == "ParamWrapper":
-            experts = experts.base_layer
         for w in (experts.gate_up_proj, experts.down_proj):
             w.requires_grad_(True)
         model(input_ids=ids, labels=ids).loss.backward()
