@@ -185,7 +185,7 @@ def train(
         compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
         keep_layers: on CUDA, leave the last N decoder layers out of activation checkpointing: they keep
             their activations instead of recomputing them in backward (faster; on DeepSeek-V2-Lite at
-            4 x 2048 tokens ~1.4 GiB more per layer). ``"auto"``: as many as the planner
+            4 x 2048 tokens ~1.3 GiB more per layer, measured). ``"auto"``: as many as the planner
             (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare.
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
             stage_eval, checkpoint, saved.
