@@ -23,7 +23,7 @@ from dsft.adapters.fast_lora import (
 )
 from dsft.adapters.lora import LoraSettings, attach_lora
 from dsft.base.arch import ARCHITECTURES
-from dsft.recipes.loop import causal_lm_loss
+from dsft.eval.losses import causal_lm_loss
 
 
 def loss_and_grads(model, x):

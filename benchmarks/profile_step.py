@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import compile_layers, prepare, release  # noqa: E402
-from dsft.recipes.loop import causal_lm_loss, lm_loss  # noqa: E402
+from dsft.eval.losses import causal_lm_loss, lm_loss  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

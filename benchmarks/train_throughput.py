@@ -186,7 +186,7 @@ def compile_layers(layers, mode: str | None = None, inductor: list[str] | None =
 
 
 def run_one(a) -> dict:
-    from dsft.recipes.loop import causal_lm_loss, lm_loss
+    from dsft.eval.losses import causal_lm_loss, lm_loss
 
     model, layers, trainable = prepare(a.variant, a.layers, a.rank, a.dense_fold)
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
@@ -233,7 +233,7 @@ def run_one(a) -> dict:
 def run_longest(a) -> dict:
     """Batch 1, doubling the sequence from 8192 until a step runs out of memory (eager: one graph per length
     would be compiled otherwise). Returns the longest that trained and its peak."""
-    from dsft.recipes.loop import causal_lm_loss, lm_loss
+    from dsft.eval.losses import causal_lm_loss, lm_loss
 
     model, _, trainable = prepare(a.variant, a.layers, a.rank)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)

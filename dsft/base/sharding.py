@@ -9,7 +9,7 @@ Which modules become FSDP units, and why:
   factors can share a unit, and ``requires_grad`` may change between stages (it is read again at every
   all-gather);
 * the input embedding (with the term rows) and the decoder stack (final norm): the decoder is the root
-  that :func:`dsft.recipes.loop.lm_loss` calls;
+  that :func:`dsft.eval.losses.lm_loss` calls;
 * the output head (with the term rows) as a unit of its own: the chunked loss calls it outside the
   decoder's forward, several times per step, so it cannot hang under the decoder.
 

@@ -13,7 +13,7 @@ from dsft.eval.metrics import bootstrap_difference, bootstrap_loss, expert_usage
 
 
 def _nll(model, examples) -> tuple[list[float], list[int]]:
-    from dsft.recipes.loop import heldout_loss
+    from dsft.eval.losses import heldout_loss
 
     r = heldout_loss(model, examples.to_dict())
     return r["per_example"], r["per_example_tokens"]
@@ -69,7 +69,7 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
     from dsft.adapters.store import load_adapter
     from dsft.base import load_base
     from dsft.domains import general_pack, resolve_domain
-    from dsft.recipes.sources import eval_sets
+    from dsft.eval.heldout import eval_sets
     from dsft.registry import open_registry
 
     reg = open_registry(registry)

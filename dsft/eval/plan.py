@@ -30,7 +30,7 @@ from dsft.errors import NotFoundError, UsageError
 METHODS = ("lora", "qlora", "esft", "full")
 GIB = 2**30
 LOSS_CHUNK = 4096
-"""Positions per chunk of the output head (:func:`dsft.recipes.loop.lm_loss`)."""
+"""Positions per chunk of the output head (:func:`dsft.eval.losses.lm_loss`)."""
 OVERHEAD_CONTEXT_GIB = 0.6
 """CUDA context + cuBLAS workspaces: outside ``max_memory_allocated``, inside the card's memory."""
 OVERHEAD_FRAGMENTATION = 0.05

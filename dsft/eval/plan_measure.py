@@ -128,8 +128,8 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
 
 
 def _steps(model, batch, trainable, cuda: bool, steps: int) -> float:
-    from dsft.recipes.loop import lm_loss
-    from dsft.recipes.stages import fused_adamw_ok
+    from dsft.eval.losses import lm_loss
+    from dsft.kernels.optim import fused_adamw_ok
 
     gc.collect()
     if cuda:

@@ -32,7 +32,7 @@ def expert_selection(base: str, domain: str, method: str = "token", p: float | N
     from dsft.data.files import Record
     from dsft.data.tokenize import build_examples
     from dsft.domains import resolve_domain
-    from dsft.recipes.sources import corpus, scoring_sample
+    from dsft.eval.heldout import corpus, scoring_sample
 
     if method not in METHODS:
         raise UsageError(f"--method must be token or gate, got {method!r}")

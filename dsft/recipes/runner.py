@@ -37,7 +37,8 @@ from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
 from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
-from dsft.recipes.sources import StageData, eval_sets
+from dsft.eval.heldout import eval_sets
+from dsft.recipes.sources import StageData
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
 
 Event = Callable[[str, dict[str, Any]], None]

@@ -3,58 +3,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
 
 from dsft.data.files import Record, load_records
 from dsft.data.mixture import apportion, mix
-from dsft.data.tokenize import Examples, build_examples, count_tokens
+from dsft.data.tokenize import Examples, build_examples
+from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
-
-CORPUS_SEED = 0
-"""The bundled corpora are fixed (the run's seed shuffles and samples, it does not regenerate the data)."""
-
-
-@lru_cache(maxsize=8)
-def corpus(pack):
-    from dsft.domains.generate import generate_corpus
-
-    return generate_corpus(pack, seed=CORPUS_SEED)
-
-
-def _raw(texts: Sequence[str]) -> list[Record]:
-    return [Record.raw(t) for t in texts]
-
-
-def _pairs(pairs: Sequence[dict[str, str]], as_text: bool) -> list[Record]:
-    if as_text:  # continued pre-training reads instruction data as plain text
-        return [Record.raw(p["prompt"] + "\n" + p["response"]) for p in pairs]
-    return [Record.instruction(p["prompt"], p["response"]) for p in pairs]
-
-
-def eval_sets(pack, general, tokenizer, seq_len: int) -> tuple[dict[str, Examples], dict[str, int]]:
-    """Held-out domain (raw text + instruction responses) and general sets, with their counted tokens."""
-    dom, gen = corpus(pack), corpus(general)
-    sets = {
-        "domain": build_examples(tokenizer, _raw(dom.raw_heldout) + _pairs(dom.instruct_heldout, False), seq_len),
-        "general": build_examples(tokenizer, _raw(gen.raw_heldout), seq_len),
-    }
-    return sets, {k: count_tokens(v) for k, v in sets.items()}
 
 
 def source_records(name: str, pack, general, user_records: Sequence[Record], as_text: bool) -> list[Record]:
     """The records of one named source (see :data:`dsft.recipes.schema.DATA_SOURCES`)."""
     dom = corpus(pack)
     if name == "domain.raw":
-        return _raw(dom.raw_train)
+        return raw_records(dom.raw_train)
     if name == "domain.longtail":
-        return _raw(dom.longtail_train)
+        return raw_records(dom.longtail_train)
     if name == "domain.instruct":
-        return _pairs(dom.instruct_train, as_text)
+        return pair_records(dom.instruct_train, as_text)
     if name == "general.raw":
-        return _raw(corpus(general).raw_train)
+        return raw_records(corpus(general).raw_train)
     if name == "user":
         return list(user_records)
     if name.startswith("file:"):
@@ -121,13 +91,6 @@ class StageData:
             for name, c in counts.items():
                 realised[name] = realised.get(name, 0) + c
         return StageData(Examples.cat(parts, stage.seq_len), realised, phases)
-
-
-def scoring_sample(examples: Examples, max_tokens: int) -> Examples:
-    """The first examples of ``examples`` holding up to ``max_tokens`` real tokens (at least one example)."""
-    cum = examples.attention_mask.sum(1).cumsum(0)
-    n = max(1, int((cum <= max_tokens).sum()))
-    return examples.select(range(n))
 
 
 def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, int] = (0, 1)

@@ -35,9 +35,12 @@ from dsft.base.router import RouterProbe
 from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
 from dsft.recipes.distributed import Dist
-from dsft.recipes.loop import default_loss, heldout_loss, train_steps
+from dsft.eval.losses import heldout_loss
+from dsft.kernels.optim import fused_adamw_ok
+from dsft.recipes.loop import default_loss, train_steps
 from dsft.recipes.schema import Stage
-from dsft.recipes.sources import StageData, scoring_sample, stage_batches
+from dsft.eval.heldout import scoring_sample
+from dsft.recipes.sources import StageData, stage_batches
 
 Event = Callable[[str, dict[str, Any]], None]
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -161,14 +164,6 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, entries: list[Entry], n_
                 value = select_slices(value, n_experts, e.index, e.dim)
             out[f"{e.name}/{key}"] = value
     return out
-
-
-def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
-    """torch's fused AdamW updates every tensor in one kernel pass (foreach makes several, with temporaries):
-    for plain CUDA tensors; FSDP2's sharded DTensors and CPU runs keep the default."""
-    from torch.distributed.tensor import DTensor
-
-    return bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, entries: list[Entry], tensors: dict[str, torch.Tensor], n_experts: int) -> None:

@@ -138,7 +138,7 @@ def test_esft_recipe_trains_a_few_experts_and_reloads_to_the_trained_loss(home, 
     from dsft.adapters.store import load_adapter
     from dsft.base import load_base
     from dsft.domains import general_pack, resolve_domain
-    from dsft.recipes.sources import eval_sets
+    from dsft.eval.heldout import eval_sets
     from dsft.recipes.stages import evaluate
 
     result = dsft.train(recipe="esft", max_steps=4, checkpoint_every=0,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsft.recipes.stages import Entry, fused_adamw_ok, optimizer_tensors, restore_optimizer
+from dsft.kernels.optim import fused_adamw_ok
+from dsft.recipes.stages import Entry, optimizer_tensors, restore_optimizer
 
 
 def _step(optimizer, params, seed):
