@@ -130,10 +130,16 @@ class Dist:
             td.destroy_process_group()
 
     def device(self, requested: str | None) -> str | None:
-        """The device this rank trains on: its own GPU (``cuda:<local rank>``) unless ``requested`` says otherwise."""
-        if not self.enabled or requested not in (None, "cuda"):
+        """The device this rank trains on: its own GPU (``cuda:<local rank>``) unless ``requested`` says otherwise.
+
+        A single process asked for ``"cuda"`` gets ``"cuda:0"`` too: ``torch.cuda.set_device`` needs an index
+        (a world of one under torchrun or accelerate used to fail there). ``None`` without a launcher stays
+        ``None`` (the caller's default device)."""
+        if requested not in (None, "cuda") or (requested is None and not self.enabled):
             return requested
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return "cpu" if self.enabled else requested
 
     # --- collectives ---------------------------------------------------------------------------
 

@@ -123,3 +123,12 @@ def test_esft_gradient_mask_after_backward_matches_the_hook(tiny_base_dir):
         expected = p.grad * expert_mask(p.detach(), 8, idx, dim)
         mask_expert_grad_(p, 8, idx, dim)
         assert torch.equal(p.grad, expected)
+
+
+def test_a_world_of_one_asked_for_cuda_gets_an_indexed_device(monkeypatch):
+    # torch.cuda.set_device("cuda") raises; a single process (or torchrun with one rank) must get "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Dist().device("cuda") == "cuda:0"
+    assert Dist(rank=1, world=2, local_rank=1).device(None) == "cuda:1"
+    assert Dist().device(None) is None  # no launcher: the caller's default device
+    assert Dist().device("cpu") == "cpu"
