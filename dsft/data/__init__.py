@@ -13,11 +13,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from dsft.data.files import READERS, Message, Record, load_records, to_record
+from dsft.data.files import READERS, DataSource, Message, Record, load_records, parse_fields, to_record
 
 if TYPE_CHECKING:
-    from dsft.data.mixture import Source, apportion, mix
-    from dsft.data.tokenize import (
+    from dsft.data.mixture import Source, apportion, mix  # noqa: F401 (exported through _LAZY)
+    from dsft.data.tokenize import (  # noqa: F401 (exported through _LAZY)
         IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, pack_texts,
     )
 
@@ -29,7 +29,7 @@ _LAZY = {
     **{name: "dsft.data.mixture" for name in ("Source", "apportion", "mix")},
 }
 
-__all__ = ["READERS", "Message", "Record", "load_records", "to_record", *_LAZY]
+__all__ = ["READERS", "DataSource", "Message", "Record", "load_records", "parse_fields", "to_record", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
