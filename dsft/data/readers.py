@@ -131,35 +131,37 @@ def read_json(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
 
 
 def read_csv(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
-    """A header row, then one record per row; empty cells count as missing."""
-    state = {"line": 0, "bytes": 0}
+    """A header row, then one record per row; empty cells count as missing. Errors name the row's first line."""
+    state = {"line": 0, "bytes": 0, "start": 1}
 
     def feed() -> Iterator[str]:
         for n, line in lines(path, name, max_bytes, keep_ends=True):
             state["line"] = n
             state["bytes"] += len(line)
             if state["bytes"] > max_bytes:  # a quoted cell spanning lines (often an unterminated quote)
-                raise DataError(f"{name} line {n}: one CSV row longer than {max_bytes:,} bytes; "
-                                "check for an unterminated quote")
+                raise DataError(f"{name} line {state['start']}: a CSV row longer than {max_bytes:,} bytes (lines "
+                                f"{state['start']}-{n}); check for an unterminated quote")
             yield line
+
+    def next_row() -> None:
+        state["start"], state["bytes"] = state["line"] + 1, 0
 
     reader = csv.reader(feed(), strict=True)  # strict: an unterminated quote is an error, not one huge cell
     try:
         header = next(reader, None)
         if header is None:
             return
-        start = state["line"] + 1
-        state["bytes"] = 0
+        next_row()
         for row in reader:
             if len(row) > len(header):
-                raise DataError(f"{name} line {start}: {len(row)} cells but the header has {len(header)}; "
+                raise DataError(f"{name} line {state['start']}: {len(row)} cells but the header has {len(header)}; "
                                 "quote cells that contain commas")
             if row:
                 cells = dict(zip(header, row + [""] * (len(header) - len(row))))
-                yield "line", start, {k: (v if v != "" else None) for k, v in cells.items()}
-            start, state["bytes"] = state["line"] + 1, 0
+                yield "line", state["start"], {k: (v if v != "" else None) for k, v in cells.items()}
+            next_row()
     except csv.Error as e:
-        raise DataError(f"{name} line {state['line']}: bad CSV ({e}); check the quoting") from None
+        raise DataError(f"{name} line {state['start']}: bad CSV ({e}); check the quoting") from None
 
 
 def read_txt(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:

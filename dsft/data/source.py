@@ -195,7 +195,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+        return Path(snapshot_download(repo_id, repo_type="dataset", cache_dir=constants.HF_HUB_CACHE, local_files_only=True))
     except Exception:  # LocalEntryNotFoundError, or a malformed id the hub client refuses
         raise DataError(
             f"{repo_id}: no such file or directory, and no dataset {repo_id!r} in the local Hugging Face cache "
