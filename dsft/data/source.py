@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.data.formats import FieldMap, to_record
-from dsft.data.readers import MAX_RECORD_BYTES, READERS, first_line, open_regular
+from dsft.data.readers import MAX_RECORD_BYTES, READERS, first_line, open_regular, read_txt
 from dsft.data.records import Record
 from dsft.errors import DataError, UsageError
 
@@ -54,7 +54,8 @@ class DataSource:
     Attributes:
         location: a file, a directory, a ``save_to_disk`` directory or a hub dataset id (see the module).
         split: the split of a directory, saved ``DatasetDict`` or hub dataset (a single file has none).
-        fields: the ``--field`` mapping, from :func:`dsft.data.formats.parse_fields`.
+        fields: the ``--field`` mapping, from :func:`dsft.data.formats.parse_fields` (``.txt`` files,
+            one text record per paragraph, are read without it).
         max_record_bytes: the largest record accepted (a line, a CSV row, a paragraph, a table row).
     """
 
@@ -91,9 +92,10 @@ class DataSource:
                     yield to_record(row, name, "row", i, self.fields, self.max_record_bytes)
             else:
                 reader = READERS[path.suffix.lower()]
+                fields = () if reader is read_txt else self.fields  # paragraphs are text whatever the mapping
                 for unit, n, obj in reader(path, name, self.max_record_bytes):
                     count += 1
-                    yield to_record(obj, name, unit, n, self.fields)
+                    yield to_record(obj, name, unit, n, fields)
             if not count:
                 raise DataError(f"{name}: file is empty (no records, only blank lines or a header); "
                                 "add at least one record")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -171,7 +172,22 @@ def check_jsonl(data_file: Path) -> int:
     return count
 
 
-def new_domain(name: str, terms_file: Path, data_file: Path | None = None, description: str = "") -> Path:
+def _check_data(values: list[str | Path], fields: tuple[tuple[str, str], ...]) -> list[str]:
+    """Read every record of the data once (streamed) so a bad line fails now; return the absolute paths."""
+    from dsft.data.source import as_sources
+
+    paths = []
+    for src in as_sources(values, fields=fields):
+        if not os.path.lexists(Path(src.location).expanduser()):
+            raise DataError(f"data file not found: {src.location}; domains keep local data files and directories")
+        for _ in src.records():
+            pass
+        paths.append(str(Path(src.location).expanduser().resolve()))
+    return paths
+
+
+def new_domain(name: str, terms_file: Path, data_file: str | Path | Sequence[str | Path] | None = None,
+               description: str = "", fields: tuple[tuple[str, str], ...] = ()) -> Path:
     """Make user domain ``name`` from a term list (and optionally a JSONL data file); return its YAML path.
 
     The pack uses the generic fillers and templates; edit the written YAML to add your own.
@@ -180,7 +196,9 @@ def new_domain(name: str, terms_file: Path, data_file: Path | None = None, descr
         name: the new domain's name (``[a-z][a-z0-9_-]{0,63}``).
         terms_file: one term per line, optionally ``term<TAB>definition`` or ``term: definition``;
             blank lines and ``#`` comments are skipped.
-        data_file: JSONL records with "text" or "prompt"/"response"; stored by absolute path.
+        data_file: what ``dsft train --data`` reads: one or more data files or directories (globs
+            expanded), every record checked now; stored by absolute path.
+        fields: the ``--field`` mapping the data is read with; stored in the pack as ``data_fields``.
         description: one line; a default naming the term count is used when empty.
 
     Raises:
@@ -203,8 +221,9 @@ def new_domain(name: str, terms_file: Path, data_file: Path | None = None, descr
         "terms": terms,
     }
     if data_file is not None:
-        check_jsonl(Path(data_file))
-        data["data_files"] = [str(Path(data_file).expanduser().resolve())]
+        data["data_files"] = _check_data([data_file] if isinstance(data_file, (str, Path)) else list(data_file), fields)
+        if fields:
+            data["data_fields"] = dict(fields)
     header = (
         f"# Made by `dsft domains new {name}`. Run: dsft train --domain {name}\n"
         "# Optional keys: fillers, raw_templates, instruction_templates (generic ones are used when absent).\n"
