@@ -9,10 +9,14 @@ the line. Normalising objects into records is :mod:`dsft.data.formats`' job.
 """
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import json
+import lzma
 import os
 import stat
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +55,29 @@ def open_regular(path: Path, name: str) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
+COMPRESSIONS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
+    ".gz": lambda f: gzip.GzipFile(fileobj=f), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile,
+}
+"""Compressed text formats (``notes.jsonl.gz``), decompressed as they are read, as ``datasets`` does."""
+_DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+
+
+def open_data(path: Path, name: str) -> IO[bytes]:
+    """:func:`open_regular`, decompressing ``.gz``, ``.bz2`` and ``.xz`` files on the fly."""
+    f = open_regular(path, name)
+    wrap = COMPRESSIONS.get(path.suffix.lower())
+    return wrap(f) if wrap else f
+
+
+def reader_for(path: Path) -> Callable[..., Rows] | None:
+    """The reader of ``path`` by its extension (``.jsonl.gz`` reads as ``.jsonl``); None if unsupported."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        inner = Path(path.stem).suffix.lower()
+        return READERS.get(inner) if inner in TEXT_TYPES else None
+    return READERS.get(suffix)
+
+
 def lines(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each line, decoded as UTF-8 (a leading BOM dropped), one at a time.
 
@@ -59,9 +86,9 @@ def lines(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES, keep_ends: b
     Raises:
         DataError: a line longer than ``max_bytes``, or bytes that are not UTF-8 (names the byte offset).
     """
-    with open_regular(path, name) as f:
+    with open_data(path, name) as f:
         offset, n = 0, 0
-        while raw := f.readline(max_bytes + 1):
+        while raw := _readline(f, max_bytes + 1, name, n + 1):
             n += 1
             if len(raw) > max_bytes and not raw.endswith(b"\n"):
                 raise DataError(f"{name} line {n}: longer than {max_bytes:,} bytes (the limit for one record); "
@@ -75,6 +102,13 @@ def lines(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES, keep_ends: b
                 text = text.removeprefix("\ufeff")
             offset += len(raw)
             yield n, text if keep_ends else text.rstrip("\r\n")
+
+
+def _readline(f: IO[bytes], limit: int, name: str, n: int) -> bytes:
+    try:
+        return f.readline(limit)
+    except _DECOMPRESS_ERRORS as e:
+        raise DataError(f"{name} line {n}: cannot decompress ({first_line(e)}); check the file") from None
 
 
 def parse_json(text: str, where: str) -> Any:
@@ -96,18 +130,18 @@ def read_jsonl(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows
 
 def read_json(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
     """A JSON array of objects (parsed whole, up to :data:`MAX_JSON_ARRAY_BYTES`), else JSON Lines."""
-    with open_regular(path, name) as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        size = os.fstat(f.fileno()).st_size
-        if not head.startswith(b"["):
-            array = False
-        elif size > MAX_JSON_ARRAY_BYTES:
-            raise DataError(f"{name}: a JSON array of {size:,} bytes is too large to read whole; "
+    with open_data(path, name) as f:
+        try:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            array = head.startswith(b"[")
+            if array:
+                f.seek(0)
+                data = f.read(MAX_JSON_ARRAY_BYTES + 1)
+        except _DECOMPRESS_ERRORS as e:
+            raise DataError(f"{name}: cannot decompress ({first_line(e)}); check the file") from None
+        if array and len(data) > MAX_JSON_ARRAY_BYTES:
+            raise DataError(f"{name}: a JSON array over {MAX_JSON_ARRAY_BYTES:,} bytes is too large to read whole; "
                             "write it as JSON Lines (.jsonl, one object per line), which streams")
-        else:
-            array = True
-            f.seek(0)
-            data = f.read()
     if not array:
         yield from read_jsonl(path, name, max_bytes)
         return
@@ -130,7 +164,12 @@ def read_json(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
         yield "item", i, obj
 
 
-def read_csv(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
+def read_tsv(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
+    """:func:`read_csv` with tab-separated cells."""
+    return read_csv(path, name, max_bytes, delimiter="\t")
+
+
+def read_csv(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES, delimiter: str = ",") -> Rows:
     """A header row, then one record per row; empty cells count as missing. Errors name the row's first line."""
     state = {"line": 0, "bytes": 0, "start": 1}
 
@@ -146,7 +185,7 @@ def read_csv(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
     def next_row() -> None:
         state["start"], state["bytes"] = state["line"] + 1, 0
 
-    reader = csv.reader(feed(), strict=True)  # strict: an unterminated quote is an error, not one huge cell
+    reader = csv.reader(feed(), strict=True, delimiter=delimiter)  # strict: an unterminated quote is an error, not one huge cell
     try:
         header = next(reader, None)
         if header is None:
@@ -204,6 +243,27 @@ def read_parquet(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Ro
         raise DataError(f"{name}: not a readable Parquet file ({first_line(e)}); re-export it") from None
 
 
+def read_arrow(path: Path, name: str, max_bytes: int = MAX_RECORD_BYTES) -> Rows:
+    """An Arrow IPC file (stream or file format, as ``datasets`` writes them), a batch of rows at a time."""
+    import pyarrow as pa
+
+    with open_regular(path, name) as f:
+        try:
+            try:
+                batches = iter(pa.ipc.open_stream(f))
+            except pa.ArrowInvalid:
+                f.seek(0)
+                reader = pa.ipc.open_file(f)
+                batches = (reader.get_batch(k) for k in range(reader.num_record_batches))
+            i = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    i += 1
+                    yield "row", i, row
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{name}: not a readable Arrow file ({first_line(e)}); re-export it") from None
+
+
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -212,7 +272,11 @@ READERS: dict[str, Callable[..., Rows]] = {
     ".jsonl": read_jsonl,
     ".json": read_json,
     ".csv": read_csv,
+    ".tsv": read_tsv,
     ".parquet": read_parquet,
+    ".arrow": read_arrow,
     ".txt": read_txt,
 }
-"""Extension -> reader ``(path, name, max_bytes) -> Rows``; the keys are the supported file types."""
+"""Extension -> reader ``(path, name, max_bytes) -> Rows``; the keys are the supported file types (the text
+types may also be compressed, see :data:`COMPRESSIONS`)."""
+TEXT_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".txt")

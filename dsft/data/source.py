@@ -9,8 +9,8 @@
 
 A location is, in the order tried:
 
-* a data file (``.jsonl .json .csv .parquet .txt``, see :mod:`dsft.data.readers`), read whole
-  whatever the split;
+* a data file (``.jsonl .json .csv .tsv .parquet .arrow .txt``, the text types also compressed
+  ``.gz .bz2 .xz``; see :mod:`dsft.data.readers`), read whole whatever the split;
 * a ``datasets.save_to_disk`` directory (a ``DatasetDict``: the split's dataset);
 * any other directory: its data files, recursively in name order. Files whose path names a split
   (``train.jsonl``, ``data/test-00000-of-00001.parquet``, ``validation/a.txt``) are kept only for
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.data.formats import FieldMap, to_record
-from dsft.data.readers import MAX_RECORD_BYTES, READERS, first_line, open_regular, read_txt
+from dsft.data.readers import MAX_RECORD_BYTES, READERS, first_line, open_regular, read_txt, reader_for
 from dsft.data.records import Record
 from dsft.errors import DataError, UsageError
 
@@ -91,11 +91,11 @@ class DataSource:
                     count += 1
                     yield to_record(row, name, "row", i, self.fields, self.max_record_bytes)
             else:
-                reader = READERS[path.suffix.lower()]
+                reader = reader_for(path)
                 fields = () if reader is read_txt else self.fields  # paragraphs are text whatever the mapping
                 for unit, n, obj in reader(path, name, self.max_record_bytes):
                     count += 1
-                    yield to_record(obj, name, unit, n, fields)
+                    yield to_record(obj, name, unit, n, fields, self.max_record_bytes)
             if not count:
                 raise DataError(f"{name}: file is empty (no records, only blank lines or a header); "
                                 "add at least one record")
@@ -124,22 +124,23 @@ class DataSource:
         path = Path(self.location).expanduser()
         if os.path.lexists(path):
             return _local_parts(path, self.location, self.split)
-        if not _HUB_ID.match(self.location) or Path(self.location).suffix.lower() in READERS:
+        if not _HUB_ID.match(self.location) or reader_for(Path(self.location)) is not None:
             raise DataError(f"data file not found: {self.location}; check the path")
         return _local_parts(_hub_snapshot(self.location), self.location, self.split)
 
 
 def _local_parts(path: Path, name: str, split: str) -> list[tuple[str, Path, Any]]:
     if not path.is_dir():
-        if path.suffix.lower() not in READERS:
+        if reader_for(path) is None:
             raise DataError(f"{name}: unsupported file type {path.suffix or '(none)'!r}; use one of "
-                            f"{', '.join(READERS)}, a directory of them or a datasets.save_to_disk directory")
+                            f"{', '.join(READERS)} (text types also .gz, .bz2, .xz), a directory of them or a "
+                            "datasets.save_to_disk directory")
         if path.is_file() and path.stat().st_size == 0:
             raise DataError(f"{name}: file is empty; add at least one record")
         return [(name, path, None)]
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return [(name, path, _saved_dataset(path, name, split))]
-    files = sorted(p for p in _walk(path) if p.suffix.lower() in READERS)
+    files = sorted(p for p in _walk(path) if reader_for(p) is not None)
     if not files:
         raise DataError(f"{name}: a directory with no data files ({', '.join(READERS)}) and not a "
                         "datasets.save_to_disk directory; pass the data files themselves")

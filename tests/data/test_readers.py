@@ -1,6 +1,7 @@
 """Bounded reading (issue 15): hostile or broken files give one line naming the file and line, never a hang."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -73,3 +74,32 @@ def test_records_stream_one_at_a_time(tmp_path):
         next(stream)
     with pytest.raises(DataError):
         load_records([path])
+
+
+def test_compressed_tsv_and_arrow_files_read_like_jsonl(tmp_path):
+    import bz2
+    import gzip
+
+    import datasets
+
+    rows = [{"prompt": "Define accrual.", "response": "Recorded when earned."}, {"prompt": "P/E?", "response": "Price/earnings."}]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "a.jsonl").write_text(lines)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "a.tsv.bz2").write_bytes(bz2.compress(b"prompt\tresponse\n" + b"".join(
+        f"{r['prompt']}\t{r['response']}\n".encode() for r in rows)))
+    arrow = datasets.Dataset.from_list(rows)
+    arrow.save_to_disk(str(tmp_path / "saved"))
+    [shard] = (tmp_path / "saved").glob("*.arrow")
+
+    def pairs(path):
+        return [(r.prompt, r.response) for r in DataSource(str(path)).records()]
+
+    expected = pairs(tmp_path / "a.jsonl")
+    assert pairs(tmp_path / "a.jsonl.gz") == pairs(tmp_path / "a.tsv.bz2") == pairs(shard) == expected
+
+
+def test_a_corrupt_gzip_is_one_line(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+
+    one_line_error(DataSource(str(tmp_path / "bad.jsonl.gz")), r"bad\.jsonl\.gz line 1: cannot decompress")
