@@ -106,3 +106,28 @@ def test_hub_id_not_in_the_cache_says_how_to_get_it(hub_cache):
                                         r"acme/missing --repo-type dataset`") as err:
         load_records(["acme/missing"])
     assert "\n" not in str(err.value)
+
+
+def _peak_rss_kib_reading(path: Path) -> int:
+    """Peak RSS of a fresh process that reads every record of ``path`` (and the record count)."""
+    import subprocess
+    import sys
+
+    # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss still counts the parent's (pytest's) pages
+    code = ("import sys; from dsft.data.source import DataSource; "
+            "n = sum(1 for _ in DataSource(sys.argv[1]).records()); "
+            "print(n, next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[1])
+
+
+def test_records_stream_a_file_in_bounded_memory(tmp_path):
+    line = json.dumps({"prompt": "What is accrual accounting? " * 40, "response": "Revenue is recorded when earned. " * 40})
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_text((line + "\n") * 100)
+    with big.open("w") as f:
+        for _ in range(20):
+            f.write((line + "\n") * 1000)
+    grown_kib = _peak_rss_kib_reading(big) - _peak_rss_kib_reading(small)
+
+    assert grown_kib < big.stat().st_size / 1024 / 8, "reading the file held much of it in memory"
