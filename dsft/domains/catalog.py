@@ -4,7 +4,6 @@ Lookup order for a name: ``$DSFT_HOME/domains/<name>.yaml`` (user domains), then
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -141,37 +140,6 @@ def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
     return terms
 
 
-def check_jsonl(data_file: Path) -> int:
-    """Check that every line of ``data_file`` is a record with "text" or "prompt"/"response"; return the count.
-
-    Raises:
-        DataError: the file is missing, empty, or a line is not such a record (the message names the line).
-    """
-    try:
-        lines = data_file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file {data_file} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{data_file}: cannot read the data file as UTF-8 text: {exc}") from None
-    count = 0
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{data_file}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        ok = isinstance(record, dict) and (
-            isinstance(record.get("text"), str) or (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str))
-        )
-        if not ok:
-            raise DataError(f'{data_file}:{lineno}: a record must be an object with "text", or "prompt" and "response" strings')
-        count += 1
-    if count == 0:
-        raise DataError(f"{data_file}: no records; write one JSON object per line")
-    return count
-
-
 def _check_data(values: list[str | Path], fields: tuple[tuple[str, str], ...]) -> list[str]:
     """Read every record of the data once (streamed) so a bad line fails now; return the absolute paths."""
     from dsft.data.source import as_sources
@@ -188,7 +156,7 @@ def _check_data(values: list[str | Path], fields: tuple[tuple[str, str], ...]) -
 
 def new_domain(name: str, terms_file: Path, data_file: str | Path | Sequence[str | Path] | None = None,
                description: str = "", fields: tuple[tuple[str, str], ...] = ()) -> Path:
-    """Make user domain ``name`` from a term list (and optionally a JSONL data file); return its YAML path.
+    """Make user domain ``name`` from a term list (and optionally data, as `dsft train --data` takes it); return its YAML path.
 
     The pack uses the generic fillers and templates; edit the written YAML to add your own.
 
