@@ -113,6 +113,8 @@ class DataSource:
             h.update(b"\0" + name.encode() + b"\0")
             if dataset is not None:
                 h.update(str(getattr(dataset, "_fingerprint", "")).encode())
+            elif (blob := _hub_blob(path)) is not None:
+                h.update(b"blob:" + blob.encode())  # hub cache blobs are named by their content hash
             else:
                 with open_regular(path, name) as f:
                     while chunk := f.read(1 << 20):
@@ -154,6 +156,14 @@ def _walk(root: Path) -> Iterator[Path]:
         for n in names:
             if not n.startswith("."):
                 yield Path(d) / n
+
+
+def _hub_blob(path: Path) -> str | None:
+    """The content-hash name of the hub cache blob that a snapshot file links to, else None."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.readlink(path))
+    return target.name if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40,64}", target.name) else None
 
 
 def _split_of(rel: Path) -> str | None:

@@ -100,6 +100,26 @@ def test_hub_id_reads_the_local_cache_offline(hub_cache):
     assert held.text == "held out"
 
 
+def test_hub_files_are_fingerprinted_by_their_blob_names_not_read(hub_cache):
+    """`hf download` leaves snapshot files as links to blobs named by their content hash."""
+    repo = hub_cache / "datasets--acme--filings"
+    train = next((repo / "snapshots").iterdir()) / "data" / "train.jsonl"
+    content = train.read_bytes()
+    (repo / "blobs").mkdir()
+
+    def link_to(blob: str) -> str:
+        (repo / "blobs" / blob).write_bytes(content)
+        train.unlink()
+        train.symlink_to(Path("../../../blobs") / blob)
+        return DataSource("acme/filings").fingerprint()
+
+    first = link_to("a" * 64)
+
+    assert [r.response for r in DataSource("acme/filings").records()] == ["A"]
+    assert DataSource("acme/filings").fingerprint() == first
+    assert link_to("b" * 64) != first  # same bytes: only the blob name can have told them apart
+
+
 def test_hub_id_not_in_the_cache_says_how_to_get_it(hub_cache):
     with pytest.raises(DataError, match=r"acme/missing: no such file or directory, and no dataset 'acme/missing' in the "
                                         r"local Hugging Face cache .*; on a connected machine run `hf download "
