@@ -72,13 +72,9 @@ class DataSource:
         if self.max_record_bytes < 1:
             raise UsageError(f"data.max_record_bytes must be >= 1, got {self.max_record_bytes}")
 
-    @staticmethod
-    def of(value: str | Path | DataSource, split: str = "train", fields: FieldMap = ()) -> DataSource:
-        """``value`` itself when it is a source, else a source at that location."""
-        return value if isinstance(value, DataSource) else DataSource(str(value), split, tuple(fields))
-
     def records(self) -> Iterator[Record]:
-        """The records, streamed: files are read line by line (row batches for Parquet), datasets iterated.
+        """The records, streamed: files are read line by line (row batches for Parquet and Arrow),
+        datasets iterated; nothing holds a whole file (a ``.json`` array excepted, see the readers).
 
         Raises:
             DataError: the location cannot be found or read, or a record is malformed; one line that

@@ -52,7 +52,7 @@ def test_an_unexpanded_glob_is_expanded_in_name_order(tmp_path):
         as_sources([str(tmp_path / "*.csv")])
 
 
-def test_fingerprint_follows_content_and_mapping_not_the_path(tmp_path):
+def test_fingerprint_follows_the_content_and_the_mapping(tmp_path):
     a = jsonl(tmp_path / "a.jsonl", [{"q": "x", "a": "y"}])
     fields = parse_fields(["prompt=q", "response=a"])
     first = DataSource(str(a), fields=fields).fingerprint()
