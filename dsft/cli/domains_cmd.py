@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from dsft.cli.common import console, guarded, print_json
+from dsft.cli.common import DATA_HELP, FIELD_HELP, console, data_sources, guarded, print_json
 
 app = typer.Typer(name="domains", help="Domain packs: list, show, create.\n\nExample: dsft domains show finance", no_args_is_help=True)
 
@@ -55,18 +55,29 @@ def show_cmd(name: str = typer.Argument(..., help="Domain name or YAML file."),
 @guarded
 def new_cmd(
     name: str = typer.Argument(..., help="Name of the new domain: lowercase letters, digits, - and _."),
+    more_data: list[str] = typer.Argument(None, help="More data paths (what a shell glob after --data expands to).",
+                                          show_default=False),
     terms: Path = typer.Option(..., "--terms", help="Text file: one term per line, optionally 'term: definition'."),
-    data: Path = typer.Option(None, "--data", help="JSONL with text or prompt/response records."),
+    data: list[str] = typer.Option(None, "--data", help=DATA_HELP + " Trains whenever the domain trains."),
+    field: list[str] = typer.Option(None, "--field", help=FIELD_HELP),
     description: str = typer.Option("", "--description", help="One line about the domain."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Create a user-defined domain in $DSFT_HOME/domains/.
 
-    Example: dsft domains new insurance --terms terms.txt --data claims.jsonl
+    Example: dsft domains new insurance --terms terms.txt --data claims.jsonl --data notes/
+
+    Example (your column names): dsft domains new support --terms t.txt --data tickets.csv --field response=reply
     """
     from dsft.domains import new_domain
+    from dsft.errors import UsageError
 
-    path = new_domain(name, terms, data, description=description)
+    if (more_data or field) and not data:
+        what = f"unexpected argument {more_data[0]!r}" if more_data else "--field"
+        raise UsageError(f"{what}: data comes with --data, e.g. --data {more_data[0] if more_data else 'qa.jsonl'}")
+    sources = data_sources([*data, *(more_data or ())] if data else [], field)
+    path = new_domain(name, terms, [s.location for s in sources] or None, description=description,
+                      fields=sources[0].fields if sources else ())
     if json_out:
         print_json({"domain": name, "path": str(path)})
     else:

@@ -9,7 +9,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dsft.base.presets import DEFAULT_BASE
-from dsft.cli.common import console, err_console, guarded, print_json
+from dsft.cli.common import (
+    DATA_HELP, FIELD_HELP, SPLIT_HELP, console, data_sources, err_console, guarded, print_json, split_data_args,
+)
 from dsft.errors import DsftError, UsageError
 
 
@@ -97,7 +99,7 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
     from dsft.recipes.launch import generated_config, launch, settings_for
     from dsft.recipes.runner import check_run
 
-    check_run(domain=a["domain"], base=a["base"], recipe=a["recipe"], data=a["data"] or (), overrides=a["overrides"] or (),
+    check_run(domain=a["domain"], base=a["base"], recipe=a["recipe"], data=a["sources"], overrides=a["overrides"] or (),
               seed=a["seed"], max_steps=a["max_steps"], output=a["output"], registry=a["registry"], resume=a["resume"],
               checkpoint_every=a["checkpoint_every"])
     given = {"num_processes": a["num_gpus"] and a["num_gpus"] * a["num_machines"], "num_machines": a["num_machines"],
@@ -124,11 +126,14 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
 @guarded
 def train_command(
     ctx: typer.Context,
-    overrides: list[str] = typer.Argument(None, help="Recipe overrides in dotted form, e.g. stages.0.lr=2e-5", show_default=False),
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides in dotted form, e.g. stages.0.lr=2e-5 (other "
+                                          "arguments after --data are more data: what a shell glob expands to)", show_default=False),
     domain: str = typer.Option("finance", "--domain", "-d", help="Domain name (finance, legal, medical, or one of yours) or a domain YAML file."),
     base: str = typer.Option(DEFAULT_BASE, "--base", "-b", help="Preset name, local model directory or hub id."),
     recipe: str = typer.Option(None, "--recipe", "-r", help="Built-in recipe name or YAML file (default: the domain's)."),
-    data: list[Path] = typer.Option(None, "--data", help="Extra data: JSONL, CSV, Parquet, text, or a datasets save_to_disk dir. Repeatable."),
+    data: list[str] = typer.Option(None, "--data", help=DATA_HELP),
+    field: list[str] = typer.Option(None, "--field", help=FIELD_HELP),
+    split: str = typer.Option("train", "--split", help=SPLIT_HELP),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: the recipe's); same seed, same adapter."),
     max_steps: int = typer.Option(None, "--max-steps", help="Cap every stage at this many steps."),
     output: Path = typer.Option(None, "--output", "-o", help="Also copy the finished adapter here."),
@@ -165,6 +170,8 @@ def train_command(
 
     Example: dsft train --domain finance --recipe two-stage stages.1.lr=2e-3
 
+    Example (your data, your column names): dsft train --domain legal --data contracts/ --data qa.csv --field response=answer
+
     Example (2 GPUs, FSDP2): dsft train --domain finance --num-gpus 2
 
     Example (QLoRA, 4-bit base): dsft train --domain legal --base deepseek-ai/DeepSeek-V2-Lite --qlora
@@ -182,9 +189,11 @@ def train_command(
         path = write_config(write_accelerate_config, settings)
         console.print(f"wrote {path}; edit it, then: dsft train --accelerate-config {path} [--machine-rank R] ...")
         return
+    data, overrides = split_data_args(overrides, data)
+    sources = data_sources(data, field, split)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this is one rank of a launched run
     if not launched and ((num_gpus or 1) > 1 or num_machines > 1 or accelerate_config is not None):
-        code = _launch(ctx, dict(ctx.params))
+        code = _launch(ctx, {**ctx.params, "overrides": overrides, "sources": sources})
         if code:
             raise typer.Exit(code)
         return
@@ -197,7 +206,7 @@ def train_command(
     view = _ProgressView(quiet or json_out or not dist.main)
     try:
         overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else [])]
-        result = train(domain=domain, base=base, recipe=recipe, data=data or (), overrides=overrides, seed=seed,
+        result = train(domain=domain, base=base, recipe=recipe, data=sources, overrides=overrides, seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
                        trust_remote_code=trust_remote_code, compile_layers=compile_layers,
                        keep_layers=int(keep_layers) if keep_layers.isdigit() else keep_layers, on_event=view,

@@ -5,6 +5,8 @@
     from dsft.data import load_records, build_examples, mix
 
     records = load_records(["notes.txt", "qa.jsonl"])           # DataError names file:line on bad input
+    src = DataSource("qa/", split="train", fields=parse_fields(["response=answer"]))
+    stream, cache_key = src.records(), src.fingerprint()      # an iterator of records; a content hash
     examples = build_examples(tokenizer, records, seq_len=512)  # input_ids / labels / attention_mask
     mixed, realised = mix({"user": examples, "general": general}, {"user": 3, "general": 1}, 1000, seed=0)
 """
@@ -13,11 +15,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from dsft.data.files import READERS, Message, Record, load_records, to_record
+from dsft.data.files import READERS, DataSource, Message, Record, load_records, parse_fields, to_record
 
 if TYPE_CHECKING:
-    from dsft.data.mixture import Source, apportion, mix
-    from dsft.data.tokenize import (
+    from dsft.data.mixture import Source, apportion, mix  # noqa: F401 (exported through _LAZY)
+    from dsft.data.prompt import encode_prompt  # noqa: F401
+    from dsft.data.tokenize import (  # noqa: F401 (exported through _LAZY)
         IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, pack_texts,
     )
 
@@ -27,9 +30,10 @@ _LAZY = {
         "IGNORE", "Examples", "build_examples", "collate", "count_tokens", "encode_chat", "encode_instruction",
         "pack_texts")},
     **{name: "dsft.data.mixture" for name in ("Source", "apportion", "mix")},
+    "encode_prompt": "dsft.data.prompt",
 }
 
-__all__ = ["READERS", "Message", "Record", "load_records", "to_record", *_LAZY]
+__all__ = ["READERS", "DataSource", "Message", "Record", "load_records", "parse_fields", "to_record", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

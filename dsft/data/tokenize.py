@@ -19,21 +19,19 @@ from typing import Any
 
 import torch
 
-from dsft.data.files import Message, Record
-from dsft.errors import DataError, UsageError
+from dsft.data.files import Record
+from dsft.data.prompt import IGNORE, encode_chat, encode_instruction
+from dsft.data.prompt import check_seq_len as _check_seq_len
+from dsft.data.prompt import encode_texts as _encode_batch
+from dsft.data.prompt import eos_id as _eos_id
+from dsft.data.prompt import pad_id as _pad_id
+from dsft.errors import DataError
 
 log = logging.getLogger("dsft.data")
 
-IGNORE = -100
-"""Label value that takes no loss (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``)."""
-
-# Plain-text template for tokenizers without a chat template (base models). A one-turn chat renders
-# exactly like an instruction record: "### Instruction:\n{prompt}\n\n### Response:\n{response}<eos>".
-HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
-TURN_END = "\n\n"
-
-Segments = list[tuple[str, bool]]
-"""A rendered example as (text, takes loss) pieces, in order."""
+__all__ = ["IGNORE", "Examples", "build_examples", "collate", "count_tokens", "encode_chat", "encode_instruction",
+           "pack_texts"]
+# encode_instruction / encode_chat live in dsft.data.prompt: serving renders prompts with the same code.
 
 
 @dataclass(frozen=True)
@@ -143,142 +141,6 @@ def _pack(tokenizer: Any, texts: Sequence[str], seq_len: int, add_eos: bool = Tr
     return Examples(ids, ids.clone(), torch.ones_like(ids))
 
 
-# --- instructions and chats ---------------------------------------------------------------------
-
-
-def encode_instruction(tokenizer: Any, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
-    """Encode one prompt/response pair with the plain template; loss on the response and its EOS only.
-
-    The text is ``"### Instruction:\\n{prompt}\\n\\n### Response:\\n{response}"`` then EOS; the
-    template is used even when the tokenizer has a chat template (chats use that one).
-
-    Args:
-        tokenizer: a Hugging Face tokenizer with an EOS token.
-        prompt, response: the pair.
-        seq_len: the result is cut to at most this many tokens, keeping the start.
-
-    Returns:
-        ``(input_ids, labels)``, equal lengths <= ``seq_len``, unpadded; labels are -100 on the prompt.
-    """
-    segments = _plain_segments([Message("user", prompt), Message("assistant", response)])
-    return _encode_segments(tokenizer, segments, seq_len, plain=True)
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[Message | Mapping[str, str]], seq_len: int) -> tuple[list[int], list[int]]:
-    """Encode one conversation; loss on the assistant turns only.
-
-    With a chat template (``tokenizer.chat_template``) each assistant turn's span is found by
-    rendering the conversation up to it (with the generation prompt) and up to its end, so the
-    loss covers the turn's content and its end-of-turn token. Templates that render earlier turns
-    differently from the last one (e.g. dropping an empty ``<think>`` block) fall back to finding
-    the content in the full rendering. Without a template, turns use the plain template of
-    :func:`encode_instruction` (system ``### System:``, user ``### Instruction:``, assistant
-    ``### Response:`` followed by EOS).
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        messages: ``[{"role": "system|user|assistant", "content": str}, ...]`` or :class:`Message`.
-        seq_len: the result is cut to at most this many tokens, keeping the start.
-
-    Returns:
-        ``(input_ids, labels)``, equal lengths <= ``seq_len``, unpadded.
-
-    Raises:
-        DataError: the chat template fails on the conversation, or an assistant turn cannot be located.
-    """
-    turns = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return _encode_segments(tokenizer, _template_segments(tokenizer, turns), seq_len, plain=False)
-    return _encode_segments(tokenizer, _plain_segments(turns), seq_len, plain=True)
-
-
-def _plain_segments(turns: Sequence[Message]) -> Segments:
-    segments: Segments = []
-    for m in turns:
-        if m.role == "assistant":
-            segments += [(HEADERS["assistant"], False), (m.content, True)]
-        else:
-            # no separator after an assistant turn: its EOS ends it
-            segments.append((HEADERS[m.role] + m.content + TURN_END, False))
-    return _merge(segments)
-
-
-def _template_segments(tokenizer: Any, turns: Sequence[Message]) -> Segments:
-    dicts = [{"role": m.role, "content": m.content} for m in turns]
-
-    def render(upto: int, generation: bool = False) -> str:
-        if upto == 0:
-            return ""
-        try:
-            return tokenizer.apply_chat_template(dicts[:upto], tokenize=False, add_generation_prompt=generation)
-        except Exception as e:  # jinja2 errors, or the template's own raise_exception(...)
-            raise DataError(f"the tokenizer's chat template fails on this conversation ({e}); "
-                            "check the roles' order") from None
-
-    full = render(len(dicts))
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for i, m in enumerate(turns):
-        if m.role != "assistant":
-            continue
-        before, through = render(i, generation=True), render(i + 1)
-        if full.startswith(before) and full.startswith(through) and cursor <= len(before) < len(through):
-            span = (len(before), len(through))
-        else:
-            span = _find_content(tokenizer, full, m.content, cursor, i)
-        spans.append(span)
-        cursor = span[1]
-    segments: Segments = []
-    pos = 0
-    for start, end in spans:
-        segments += [(full[pos:start], False), (full[start:end], True)]
-        pos = end
-    segments.append((full[pos:], False))
-    return _merge(segments)
-
-
-def _find_content(tokenizer: Any, full: str, content: str, cursor: int, i: int) -> tuple[int, int]:
-    """Locate an assistant turn's content in the full rendering; extend it over an end-of-turn token."""
-    needle = content.strip()  # templates often trim content
-    at = full.find(needle, cursor) if needle else -1
-    if at < 0:
-        raise DataError(f"cannot find assistant turn messages[{i}] in the chat template's rendering; "
-                        "use a tokenizer without a template or report the template")
-    end = at + len(needle)
-    specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(getattr(tokenizer, "get_added_vocab", dict)())
-    follow = max((s for s in specials if s and full.startswith(s, end)), key=len, default="")
-    return at, end + len(follow)
-
-
-def _merge(segments: Segments) -> Segments:
-    merged: Segments = []
-    for text, trained in segments:
-        if not text:
-            continue
-        if merged and merged[-1][1] == trained:
-            merged[-1] = (merged[-1][0] + text, trained)
-        else:
-            merged.append((text, trained))
-    return merged
-
-
-def _encode_segments(tokenizer: Any, segments: Segments, seq_len: int, plain: bool) -> tuple[list[int], list[int]]:
-    # Plain template: user text is data, so "<|endoftext|>" written in it is not a control token
-    # (split_special_tokens), the tokenizer's BOS (if any) starts the example, and each trained
-    # segment gets EOS. Chat template: the rendering already holds BOS and end-of-turn tokens.
-    _check_seq_len(seq_len)
-    eos = _eos_id(tokenizer) if plain else None
-    ids: list[int] = []
-    labels: list[int] = []
-    for k, (text, trained) in enumerate(segments):
-        piece = _encode_batch(tokenizer, [text], special=plain and k == 0, split=plain)[0]
-        if trained and eos is not None:
-            piece = piece + [eos]
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-    return ids[:seq_len], labels[:seq_len]
-
-
 # --- records -> examples ---------------------------------------------------------------------------
 
 
@@ -342,31 +204,3 @@ def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], seq_len: int, pad: in
         labels[i, : len(y)] = torch.tensor(y[:seq_len], dtype=torch.long)
         mask[i, : len(x)] = 1
     return Examples(ids, labels, mask)
-
-
-# --- tokenizer access ------------------------------------------------------------------------------
-
-
-def _encode_batch(tokenizer: Any, texts: list[str], special: bool, split: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    # verbose=False: long documents are expected here; they are packed, not fed to the model whole
-    enc = tokenizer(texts, add_special_tokens=special, split_special_tokens=split, verbose=False)
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def _eos_id(tokenizer: Any) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise UsageError("the tokenizer has no EOS token; set tokenizer.eos_token before building examples")
-    return eos
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return _eos_id(tokenizer) if pad is None else pad
-
-
-def _check_seq_len(seq_len: int) -> None:
-    if seq_len < 2:
-        raise UsageError(f"seq_len must be >= 2 (labels are shifted by one), got {seq_len}")

@@ -5,7 +5,6 @@
 """
 from dsft.domains.catalog import (
     builtin_pack,
-    check_jsonl,
     general_pack,
     list_domains,
     new_domain,
@@ -21,7 +20,6 @@ __all__ = [
     "DomainPack",
     "InstructionTemplate",
     "builtin_pack",
-    "check_jsonl",
     "corpus_text_for_tokenizer",
     "general_pack",
     "generate_corpus",

@@ -4,9 +4,9 @@ Lookup order for a name: ``$DSFT_HOME/domains/<name>.yaml`` (user domains), then
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -140,39 +140,23 @@ def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
     return terms
 
 
-def check_jsonl(data_file: Path) -> int:
-    """Check that every line of ``data_file`` is a record with "text" or "prompt"/"response"; return the count.
+def _check_data(values: list[str | Path], fields: tuple[tuple[str, str], ...]) -> list[str]:
+    """Read every record of the data once (streamed) so a bad line fails now; return the absolute paths."""
+    from dsft.data.source import as_sources
 
-    Raises:
-        DataError: the file is missing, empty, or a line is not such a record (the message names the line).
-    """
-    try:
-        lines = data_file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file {data_file} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{data_file}: cannot read the data file as UTF-8 text: {exc}") from None
-    count = 0
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{data_file}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        ok = isinstance(record, dict) and (
-            isinstance(record.get("text"), str) or (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str))
-        )
-        if not ok:
-            raise DataError(f'{data_file}:{lineno}: a record must be an object with "text", or "prompt" and "response" strings')
-        count += 1
-    if count == 0:
-        raise DataError(f"{data_file}: no records; write one JSON object per line")
-    return count
+    paths = []
+    for src in as_sources(values, fields=fields):
+        if not os.path.lexists(Path(src.location).expanduser()):
+            raise DataError(f"data file not found: {src.location}; domains keep local data files and directories")
+        for _ in src.records():
+            pass
+        paths.append(str(Path(src.location).expanduser().resolve()))
+    return paths
 
 
-def new_domain(name: str, terms_file: Path, data_file: Path | None = None, description: str = "") -> Path:
-    """Make user domain ``name`` from a term list (and optionally a JSONL data file); return its YAML path.
+def new_domain(name: str, terms_file: Path, data_file: str | Path | Sequence[str | Path] | None = None,
+               description: str = "", fields: tuple[tuple[str, str], ...] = ()) -> Path:
+    """Make user domain ``name`` from a term list (and optionally data, as `dsft train --data` takes it); return its YAML path.
 
     The pack uses the generic fillers and templates; edit the written YAML to add your own.
 
@@ -180,7 +164,9 @@ def new_domain(name: str, terms_file: Path, data_file: Path | None = None, descr
         name: the new domain's name (``[a-z][a-z0-9_-]{0,63}``).
         terms_file: one term per line, optionally ``term<TAB>definition`` or ``term: definition``;
             blank lines and ``#`` comments are skipped.
-        data_file: JSONL records with "text" or "prompt"/"response"; stored by absolute path.
+        data_file: what ``dsft train --data`` reads: one or more data files or directories (globs
+            expanded), every record checked now; stored by absolute path.
+        fields: the ``--field`` mapping the data is read with; stored in the pack as ``data_fields``.
         description: one line; a default naming the term count is used when empty.
 
     Raises:
@@ -203,8 +189,9 @@ def new_domain(name: str, terms_file: Path, data_file: Path | None = None, descr
         "terms": terms,
     }
     if data_file is not None:
-        check_jsonl(Path(data_file))
-        data["data_files"] = [str(Path(data_file).expanduser().resolve())]
+        data["data_files"] = _check_data([data_file] if isinstance(data_file, (str, Path)) else list(data_file), fields)
+        if fields:
+            data["data_fields"] = dict(fields)
     header = (
         f"# Made by `dsft domains new {name}`. Run: dsft train --domain {name}\n"
         "# Optional keys: fillers, raw_templates, instruction_templates (generic ones are used when absent).\n"

@@ -27,7 +27,7 @@ LORA_GROUPS = ("attention", "shared_experts", "routed_experts")
 TERM_PLACEHOLDERS = ("term", "Term", "definition", "term2", "Term2", "definition2")
 """Placeholders every template may use besides the pack's fillers (``{org}``, or ``{Org}`` capitalised)."""
 REQUIRED_KEYS = ("name", "description", "default_recipe", "lora_targets", "terms")
-OPTIONAL_KEYS = ("fillers", "raw_templates", "instruction_templates", "data_files")
+OPTIONAL_KEYS = ("fillers", "raw_templates", "instruction_templates", "data_files", "data_fields")
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 FILLER_RE = re.compile(r"[a-z][a-z0-9_]*")
 # libyaml is ~10x faster than the pure-Python parser; both give the same nodes and error marks.
@@ -59,7 +59,15 @@ class DomainPack:
     source: Path
     builtin: bool
     data_files: tuple[Path, ...] = ()
-    """Absolute paths of JSONL files the user attached with ``dsft domains new --data``."""
+    """Absolute paths of the data files and directories the user attached with ``dsft domains new --data``."""
+    data_fields: tuple[tuple[str, str], ...] = ()
+    """The ``--field`` mapping those files are read with ((dsft field, user column), ...)."""
+
+    def data_sources(self) -> list:
+        """The attached data as :class:`dsft.data.source.DataSource` objects (read with :attr:`data_fields`)."""
+        from dsft.data.source import DataSource
+
+        return [DataSource(str(p), fields=self.data_fields) for p in self.data_files]
 
     def filler(self, name: str) -> tuple[str, ...]:
         """The values of filler ``name``; KeyError if the pack has none by that name."""
@@ -252,10 +260,25 @@ def _data_files(value: Any, base: Path, problems: list[tuple[str, str]]) -> tupl
         if (item := _text(item, _join("data_files", i), problems)) is None:
             continue
         path = (base / Path(item).expanduser()).resolve()  # relative paths are relative to the YAML file
-        if not path.is_file():
+        if not path.exists():
             problems.append((_join("data_files", i), f"file {path} does not exist; fix the path or remove the entry"))
         files.append(path)
     return tuple(files)
+
+
+def _data_fields(value: Any, problems: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    from dsft.data.formats import parse_fields
+
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        problems.append(("data_fields", f"must map dsft field names to column names, e.g. {{response: answer}}, got {_show(value)}"))
+        return ()
+    try:
+        return parse_fields([f"{k}={v}" for k, v in value.items()])
+    except UsageError as e:
+        problems.append(("data_fields", str(e).removeprefix("--field ")))
+        return ()
 
 
 def _report(source: str, problems: list[tuple[str, str]]) -> UsageError:
@@ -296,12 +319,13 @@ def parse_pack(text: str, source: Path, builtin: bool = False) -> DomainPack:
     known = set(TERM_PLACEHOLDERS) | set(fillers) | {capitalise(filler) for filler in fillers}
     raw, pairs = _templates(data, known, problems)
     data_files = _data_files(data.get("data_files"), source.parent, problems)
+    data_fields = _data_fields(data.get("data_fields"), problems)
     if problems:
         raise _report(str(source), problems)
     return DomainPack(
         name=name, description=description, default_recipe=recipe, lora_targets=tuple(targets),
         terms=terms, fillers=tuple(fillers.items()), raw_templates=raw, instruction_templates=pairs,
-        source=source, builtin=builtin, data_files=data_files,
+        source=source, builtin=builtin, data_files=data_files, data_fields=data_fields,
     )
 
 

@@ -68,7 +68,8 @@ class RunKey:
     def build(domain: str, recipe_data: dict[str, Any], base: str, fingerprint_id: str, seed: int,
               max_steps: int | None, data_files: list[Path]) -> RunKey:
         return RunKey(domain, recipe_data["name"], sha256_json(recipe_data), base, fingerprint_id, seed, max_steps,
-                      tuple((str(p), _hash_path(p)) for p in data_files))
+                      tuple((str(getattr(p, "location", p)), p.fingerprint() if hasattr(p, "fingerprint") else _hash_path(p))
+                            for p in data_files))
 
     def mismatch(self, saved: dict[str, Any]) -> str | None:
         """Why a run with key ``saved`` cannot be resumed by this command (None: it can)."""

@@ -115,7 +115,7 @@ def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, 
 def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root) -> tuple:
     """Everything checked before any weights load (so a refused run, or --resume, writes nothing)."""
     from dsft.base.loading import fingerprint_for
-    from dsft.data.files import load_records
+    from dsft.data.files import as_sources, load_records
     from dsft.domains import resolve_domain
     from dsft.registry import open_registry
 
@@ -124,7 +124,7 @@ def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, regist
     seed = rec.seed if seed is None else seed
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-    data_files = [Path(p) for p in data]
+    data_files = as_sources(data)  # DataSource objects: paths, directories, globs, cached hub ids
     user_records = load_records(data_files) if data_files else []
     output = Path(output) if output else None
     _check_output(output)

@@ -36,7 +36,7 @@ def encode_messages(tokenizer, messages: Sequence[Mapping]) -> list[int]:
     Raises:
         UsageError: no messages, an unknown role, or non-text content.
     """
-    from dsft.data.tokenize import encode_chat
+    from dsft.data.prompt import encode_prompt
 
     if not messages:
         raise UsageError("messages must hold at least one message")
@@ -48,9 +48,4 @@ def encode_messages(tokenizer, messages: Sequence[Mapping]) -> list[int]:
         if role not in ROLES:
             raise UsageError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
         turns.append({"role": role, "content": _content(m)})
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, Mapping) else out)
-    # An empty assistant turn closes the prompt with "### Response:\n" and adds nothing after it.
-    ids, _ = encode_chat(tokenizer, [*turns, {"role": "assistant", "content": ""}], seq_len=1 << 30)
-    return ids
+    return encode_prompt(tokenizer, turns)

@@ -33,6 +33,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def bad_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{bad json\n')
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "qa.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     (tmp_path / "notadapter").mkdir()
     (tmp_path / "notadapter" / "keep.txt").write_text("mine")
     return tmp_path
@@ -47,6 +48,11 @@ CASES = [
     (["--data", "{tmp}/missing.jsonl"], 4, "not found"),
     (["--data", "{tmp}/empty.jsonl"], 4, "empty"),
     (["--data", "{tmp}/bad.jsonl"], 4, "line 2"),
+    (["{tmp}/qa.jsonl"], 2, "is not an override (key.path=value"),
+    (["--data", "{tmp}/qa.jsonl", "--field", "response=reply"], 4, "--field response=reply: no field 'reply' here"),
+    (["--data", "{tmp}/qa.jsonl", "--field", "answer=response"], 2, "'answer' is not one of dsft's fields"),
+    (["--data", "{tmp}/*.csv"], 4, "the pattern matches no file"),
+    (["--data", "acme/not-cached"], 4, "hf download acme/not-cached --repo-type dataset"),
     (["--output", "{tmp}/notadapter"], 2, "not a dsft adapter"),
     (["--recipe", "lora", "stages.0.lr=-1e-5"], 2, "stages[0].lr: must be > 0"),
 ]

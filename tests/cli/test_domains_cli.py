@@ -36,6 +36,40 @@ def test_domains_new_then_train_it(home, tmp_path):
     assert again.exit_code != 0 and "exists" in again.stderr
 
 
+def test_domains_new_takes_what_train_takes_several_files_a_directory_a_glob_and_a_mapping(home, tmp_path):
+    (tmp_path / "terms.txt").write_text("loss adjuster\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("Claims are assessed.\n")
+    for name in ("q1", "q2"):
+        (tmp_path / f"{name}.csv").write_text("question,answer\nWhat is a claim?,A request for payment.\n")
+
+    # as a shell leaves `--data notes --data q*.csv`: the glob's second match arrives as an argument
+    result = invoke("domains", "new", "claims", "--terms", str(tmp_path / "terms.txt"), "--data", str(tmp_path / "notes"),
+                    "--data", str(tmp_path / "q1.csv"), str(tmp_path / "q2.csv"),
+                    "--field", "prompt=question", "--field", "response=answer")
+
+    assert result.exit_code == 0, result.stderr
+    from dsft.data.files import load_records
+    from dsft.domains import resolve_domain
+
+    pack = resolve_domain("claims")
+    assert pack.data_files == ((tmp_path / "notes").resolve(), (tmp_path / "q1.csv").resolve(), (tmp_path / "q2.csv").resolve())
+    records = load_records(pack.data_sources())
+    assert [r.kind for r in records] == ["text", "instruction", "instruction"]
+    assert records[1].response == "A request for payment."
+
+
+def test_domains_new_refuses_a_mapping_that_misses_and_writes_nothing(home, tmp_path):
+    (tmp_path / "terms.txt").write_text("loss adjuster\n")
+    (tmp_path / "qa.csv").write_text("question,answer\nq,a\n")
+
+    result = invoke("domains", "new", "claims", "--terms", str(tmp_path / "terms.txt"), "--data", str(tmp_path / "qa.csv"),
+                    "--field", "response=reply")
+
+    assert result.exit_code == 4 and "--field response=reply: no field 'reply' here" in result.stderr
+    assert not (home / "domains" / "claims.yaml").exists()
+
+
 def test_recipes_show_prints_the_commented_yaml_and_validate_reports_problems(tmp_path):
     shown = invoke("recipes", "show", "lora")
     assert shown.exit_code == 0 and shown.stdout.startswith("# Run: dsft train")

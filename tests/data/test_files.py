@@ -116,14 +116,17 @@ def test_files_load_in_order(tmp_path):
     assert [r.text for r in load_records([a, str(b)])] == ["a", "b"]
 
 
-def test_dataset_dict_directory_asks_for_one_split(tmp_path):
+def test_dataset_dict_directory_reads_the_split(tmp_path):
     import datasets
 
     saved = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "x"}])}).save_to_disk(str(saved))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "x"}]),
+                          "test": datasets.Dataset.from_list([{"text": "y"}])}).save_to_disk(str(saved))
 
-    with pytest.raises(DataError, match=r"DatasetDict with splits \['train'\].*dd/train"):
-        load_records([saved])
+    assert [r.text for r in load_records([saved])] == ["x"]
+    assert [r.text for r in load_records([saved], split="test")] == ["y"]
+    with pytest.raises(DataError, match=r"dd: has no split 'validation'; splits: test, train; pick one with --split"):
+        load_records([saved], split="validation")
 
 
 def bad_json_line_3(tmp_path):
@@ -137,19 +140,21 @@ def bad_json_line_3(tmp_path):
     (lambda d: write(d / "header.csv", "text\n"), r"header\.csv: file is empty"),
     (bad_json_line_3, r"broken\.jsonl line 3: bad JSON \(Unterminated string"),
     (lambda d: jsonl(d / "keys.jsonl", [{"text": "ok"}, {"text": "ok"}, {"body": "x", "title": "y"}]),
-     r"keys\.jsonl line 3: record has none of text / prompt\+response / messages; got keys \['body', 'title'\]"),
+     r"keys\.jsonl line 3: no known record shape in fields \['body', 'title'\]; accepted: text \| prompt\+response \| "
+     r"instruction\+output\[\+input\] \(Alpaca\) \| messages \(OpenAI\) \| conversations \(ShareGPT\); map other "
+     r"column names with --field"),
     (lambda d: jsonl(d / "types.jsonl", [{"text": 5}]), r"types\.jsonl line 1: text must be a string, got number 5"),
     (lambda d: jsonl(d / "half.jsonl", [{"prompt": "q"}]), r"line 1: has prompt but no response"),
     (lambda d: jsonl(d / "noresp.jsonl", [{"prompt": "q", "response": " "}]), r"line 1: response is empty"),
     (lambda d: jsonl(d / "null.jsonl", [{"text": None}]), r"line 1: text is empty"),
     (lambda d: jsonl(d / "list.jsonl", [["text"]]), r"line 1: expected an object .* got list"),
     (lambda d: jsonl(d / "role.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}]),
-     r"role\.jsonl line 1: messages\[0\]\.role 'bot' is not one of system, user, assistant"),
+     r"role\.jsonl line 1: messages\[0\]\.role 'bot' is not one of system, developer, user, assistant, tool"),
     (lambda d: jsonl(d / "noasst.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]),
      r"line 1: messages has no assistant turn"),
     (lambda d: write(d / "wide.csv", "text\na,b\n"), r"wide\.csv line 2: 2 cells but the header has 1"),
     (lambda d: write(d / "notes.docx", "x"), r"notes\.docx: unsupported file type '\.docx'; use one of \.jsonl, \.json"),
-    (lambda d: d, r"is a directory but not a datasets save_to_disk directory"),
+    (lambda d: d, r"a directory with no data files \(\.jsonl, .*\) and not a datasets\.save_to_disk directory"),
     (lambda d: write_bytes(d / "latin1.txt", b"ok\ncaf\xe9\n"), r"latin1\.txt line 2: not UTF-8"),
     (lambda d: write(d / "bad.parquet", "not parquet"), r"bad\.parquet: not a readable Parquet file"),
 ])
