@@ -10,7 +10,7 @@ from dsft.cli.main import app
 
 def test_generate_prints_the_runtime_completion(attached, refs):
     prompt = "What is a collateralized debt obligation?"
-    want = attached.generate(prompt, adapter="finance", max_new_tokens=12, chat=True)
+    want = attached.generate(prompt, adapter="finance", max_new_tokens=12)  # an instruction, as the CLI takes it
     result = CliRunner().invoke(app, ["generate", "--adapter", refs["finance"], prompt, "--max-new-tokens", "12", "-q"])
     assert result.exit_code == 0, result.output
     assert result.stdout == want.text + "\n"
