@@ -30,7 +30,7 @@ from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, forward_rows, run_rows
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
-from dsft.runtime.refs import DEFAULT_TAG, AdapterHandle, TagCache, choose, not_attached, pick_version, tag_version
+from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
 
 
@@ -99,30 +99,11 @@ class RuntimeBase:
             NotFoundError: nothing attached by that name (the message lists what is).
             RegistryError: the registry could not be read to look a tag up.
         """
-        from dsft.registry.refs import parse_ref
-
         if adapter is None or adapter == self.name:
             return None
         if isinstance(adapter, AdapterHandle):
             return adapter
-        attached = self._attached
-        try:
-            ref = parse_ref(adapter)
-        except UsageError:  # not a ref at all (another model's name): simply not attached here
-            raise not_attached(str(adapter), self.name, attached) from None
-        versions = [a.info.version for a in attached.values() if a.info.domain == ref.domain]
-        if ref.version is not None:
-            version = ref.version
-        elif ref.tag is not None:
-            version = self._tags.version(ref.domain, ref.tag)
-        elif not versions:
-            version = None
-        else:
-            tagged = self._tags.version(ref.domain, DEFAULT_TAG) if len(versions) > 1 and "@" not in adapter else None
-            version = pick_version(versions, tagged)
-        if version not in versions:
-            raise not_attached(adapter, self.name, attached)
-        return AdapterHandle(ref.domain, version)
+        return resolve_attached(adapter, self.name, [a.info for a in self._attached.values()], self._tags)
 
     def tokenizer_for(self, adapter: str | AdapterHandle | None):
         """The tokenizer a request routed to ``adapter`` is encoded with (the base's plus that adapter's terms)."""

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from dsft.errors import NotFoundError
+from dsft.errors import NotFoundError, UsageError
 from dsft.registry.refs import parse_ref
 from dsft.registry.versions import Version
+from dsft.runtime.records import AdapterInfo
 
 DEFAULT_TAG = "production"
 """The tag a bare domain means first (``--adapter finance`` takes ``finance@production`` when it exists)."""
@@ -87,6 +88,35 @@ class TagCache:
         """Forget every answer (after an attach or detach, which may follow a tag move)."""
         with self._lock:
             self._answers.clear()
+
+
+def resolve_attached(adapter: str, base: str, attached: Sequence[AdapterInfo], tags: TagCache) -> AdapterHandle:
+    """The handle of the attached adapter ``adapter`` names, among ``attached`` (a snapshot).
+
+    ``finance@0.1.0`` names that version; ``finance@TAG`` the version the tag points at; ``finance`` the one
+    attached version, or among several the production-tagged one, else the newest (:func:`pick_version`).
+
+    Raises:
+        NotFoundError: nothing attached by that name (listing what is). RegistryError: a tag could not be read.
+    """
+    names = [a.ref for a in attached]
+    try:
+        ref = parse_ref(adapter)
+    except UsageError:  # not a ref at all (another model's name): simply not attached here
+        raise not_attached(str(adapter), base, names) from None
+    versions = [a.version for a in attached if a.domain == ref.domain]
+    if ref.version is not None:
+        version = ref.version
+    elif ref.tag is not None:
+        version = tags.version(ref.domain, ref.tag)
+    elif not versions:
+        version = None
+    else:  # only a bare domain with several versions attached asks for its tag; DOMAIN@latest never does
+        tagged = tags.version(ref.domain, DEFAULT_TAG) if len(versions) > 1 and "@" not in adapter else None
+        version = pick_version(versions, tagged)
+    if version not in versions:
+        raise not_attached(adapter, base, names)
+    return AdapterHandle(ref.domain, version)
 
 
 def not_attached(adapter: str, base: str, attached: Iterable[str]) -> NotFoundError:

@@ -48,3 +48,32 @@ def test_limits_no_row_can_run_with_are_refused_naming_the_setting(settings, fie
     with pytest.raises(UsageError, match=field):
         check_sampling(**args)
     check_sampling(max_new_tokens=1, temperature=MIN_TEMPERATURE, top_p=1.0, seed=2**64 - 1)
+
+
+def _info(ref):
+    from dsft.runtime.records import AdapterInfo
+
+    domain, version = ref.split("@")
+    return AdapterInfo(domain, version, f"/adapters/{domain}/{version}", "verified", 0, None, 0)
+
+
+def test_a_request_names_an_attached_version_by_version_tag_or_domain():
+    from dsft.errors import NotFoundError
+    from dsft.runtime.refs import resolve_attached
+
+    attached = [_info("finance@0.1.0"), _info("finance@0.2.0"), _info("legal@0.1.0")]
+    tags = {("finance", "production"): "0.1.0", ("finance", "canary"): "0.3.0"}
+    asked = []
+    cache = TagCache(lambda d, t: asked.append((d, t)) or tags.get((d, t)))
+
+    def name(adapter):
+        return resolve_attached(adapter, "tiny-deepseek-v2", attached, cache).ref
+
+    assert name("finance@0.2.0") == "finance@0.2.0" and name("legal") == "legal@0.1.0"
+    assert asked == []  # a version, or a domain with one version attached, needs no tag
+    assert name("finance") == "finance@0.1.0" and name("finance@production") == "finance@0.1.0"
+    assert name("finance@latest") == "finance@0.2.0"
+    assert asked == [("finance", "production")]  # looked up once, then cached
+    for missing in ("finance@0.3.0", "finance@canary", "medical", "Qwen/Qwen3-30B-A3B"):
+        with pytest.raises(NotFoundError, match="attached: finance@0.1.0, finance@0.2.0, legal@0.1.0"):
+            name(missing)
