@@ -41,8 +41,9 @@ def generate_command(
     runtime = load_base(base, device=device, registry=registry)
     info = runtime.attach(adapter) if adapter else None
     if not quiet and not json_out:
-        took = f" ({adapter} -> {info.via})" if info and info.via else ""
-        err_console.print(f"{runtime.name}" + (f" + {info.ref}{took} ({info.status})" if info else ""),
+        if info is not None and info.via:  # the version a bare domain or a tag took
+            err_console.print(f"{adapter} -> {info.ref} ({info.via})", style="dim", markup=False, highlight=False)
+        err_console.print(f"{runtime.name}" + (f" + {info.ref} ({info.status})" if info else ""),
                           style="dim", markup=False, highlight=False)
 
     def show(_: int, piece: str) -> None:

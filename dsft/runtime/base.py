@@ -59,6 +59,7 @@ class RuntimeBase:
         self.batch_size = batch_size
         self._registry = registry
         self._opened = None  # the registry this runtime opened itself (closed by close())
+        self._opening = threading.Lock()  # not the batch lock: a tag lookup must not wait for a batch
         self._lock = threading.RLock()
         # Replaced, never mutated, so that requests can read it without the lock while a batch runs.
         self._attached: Mapping[str, _Attached] = {}
@@ -128,7 +129,7 @@ class RuntimeBase:
 
         if isinstance(self._registry, Registry):
             return self._registry
-        with self._lock:
+        with self._opening:
             if self._opened is None:
                 self._opened = open_registry(self._registry)
             return self._opened
@@ -247,6 +248,7 @@ class RuntimeBase:
                 self.model.set_input_embeddings(embed)
                 self.model.set_output_embeddings(head)
                 self._lora = self._table = self._originals = None
+        with self._opening:
             if self._opened is not None:
                 self._opened.close()
                 self._opened = None
