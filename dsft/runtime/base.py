@@ -16,6 +16,7 @@ nothing changes.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,9 @@ from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
+
+
+log = logging.getLogger("dsft.runtime")
 
 
 @dataclass
@@ -173,6 +177,8 @@ class RuntimeBase:
         """
         reg = self._open_registry()
         chosen, via = choose(reg, ref)
+        if via is not None:
+            log.info("%s -> %s (%s)", ref, chosen.ref, via)
         self._tags.invalidate()  # an attach often follows a tag move: requests see it from now on
         rec = reg.resolve(chosen.ref, verify_files=True)
         compat = reg.check(rec.ref, base_fingerprint=self.fingerprint)

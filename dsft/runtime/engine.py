@@ -96,6 +96,8 @@ class Engine:
         self.batches: deque[tuple[int, int]] = deque(maxlen=1024)
         """(rows, distinct adapters incl. the plain base) of the latest batches."""
         self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0, "cancelled": 0, "failed": 0}
+        """Batches run, rows run, the largest batch, mixed batches, rows cancelled (their client left) and rows
+        failed (alone, or with their batch)."""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
         self._closed = False
