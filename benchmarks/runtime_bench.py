@@ -109,12 +109,13 @@ def runtime_generation(runtime, scenarios, new_tokens: int, device: str, batch_w
     engine = Engine(runtime, max_batch_size=max_batch, max_wait_s=batch_wait_ms / 1000)
     rows = []
     try:
-        engine.generate(Request(adapter=scenarios[0][2][0], prompt=PROMPTS[0], max_new_tokens=4, ignore_eos=True))  # warm-up
+        engine.generate(Request(adapter=scenarios[0][2][0], prompt=PROMPTS[0], raw=True, max_new_tokens=4,
+                                ignore_eos=True))  # warm-up
         for key, name, adapters in scenarios:
             results: list = [None] * len(adapters)
 
             def ask(i: int) -> None:
-                results[i] = engine.generate(Request(adapter=adapters[i], prompt=PROMPTS[i % len(PROMPTS)],
+                results[i] = engine.generate(Request(adapter=adapters[i], prompt=PROMPTS[i % len(PROMPTS)], raw=True,
                                                      max_new_tokens=new_tokens, ignore_eos=True))
             first = engine.counts["batches"]
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(adapters))]
@@ -244,11 +245,11 @@ def main() -> None:
     mem_after_detach = gib(a.device)
     for domain in ("legal", "medical", "tax"):
         runtime.attach(refs[domain].ref)
-    runtime.attach(refs["finance"].ref)  # back to finance@0.1.0 for the generation runs
+    runtime.detach(rec2.ref)  # versions are attached side by side: back to finance@0.1.0 alone for the generation runs
     lifecycle = {"attach_cold_s": round(attach_cold, 3), "attach_second_s": round(attach_second, 3),
                  "swap_s": round(swap, 3), "detach_s": round(detach, 3),
                  "adapter_gpu_gib": round(mem1 - mem0, 3), "freed_by_detach_gib": round(mem_before_detach - mem_after_detach, 3),
-                 "adapter_files_mb": adapter_mb, "added_tokens": runtime.adapters["finance"].added_tokens}
+                 "adapter_files_mb": adapter_mb, "added_tokens": runtime.adapters[refs["finance"].ref].added_tokens}
     print(json.dumps(lifecycle), flush=True)
 
     # Correctness on this device and dtype: each row of a mixed batch against the same adapter alone.
@@ -297,7 +298,7 @@ def main() -> None:
              "| adapter lifecycle | value |", "|---|---|",
              f"| attach (cold: registry check + sha256 + load) | {lifecycle['attach_cold_s']} s |",
              f"| attach a second adapter | {lifecycle['attach_second_s']} s |",
-             f"| swap (new version of an attached domain) | {lifecycle['swap_s']} s |",
+             f"| attach a new version of an attached domain (beside it) | {lifecycle['swap_s']} s |",
              f"| detach | {lifecycle['detach_s']} s |",
              f"| GPU memory per adapter / freed by detach | {lifecycle['adapter_gpu_gib']} / {lifecycle['freed_by_detach_gib']} GiB |",
              f"| adapter files on disk | {adapter_mb} MB |",

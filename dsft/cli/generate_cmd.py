@@ -12,7 +12,7 @@ from dsft.cli.common import err_console, guarded, print_json
 @guarded
 def generate_command(
     prompt: str = typer.Argument(..., help="The prompt (an instruction, unless --raw)."),
-    adapter: str = typer.Option(None, "--adapter", "-a", help="Adapter ref: DOMAIN, DOMAIN@VERSION or DOMAIN@TAG (default: the plain base)."),
+    adapter: str = typer.Option(None, "--adapter", "-a", help="Adapter ref: DOMAIN (its production tag, else its newest version), DOMAIN@VERSION or DOMAIN@TAG (default: the plain base)."),
     base: str = typer.Option(None, "--base", "-b", help="Preset name, model directory or hub id (default: the adapter's training base, else the default preset)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (reproducible); higher = more random."),
@@ -33,21 +33,26 @@ def generate_command(
 
     if base is None and adapter is not None:
         from dsft.registry import open_registry
+        from dsft.runtime.refs import choose
 
         with open_registry(registry) as reg:
-            base = training_base(reg.resolve(adapter).manifest)
+            # the version attach will take (production tag, else newest) decides the base to load
+            base = training_base(choose(reg, adapter)[0].manifest)
     runtime = load_base(base, device=device, registry=registry)
     info = runtime.attach(adapter) if adapter else None
     if not quiet and not json_out:
-        err_console.print(f"[dim]{runtime.name}" + (f" + {info.ref} ({info.status})" if info else "") + "[/]")
+        if info is not None and info.via:  # the version a bare domain or a tag took
+            err_console.print(f"{adapter} -> {info.ref} ({info.via})", style="dim", markup=False, highlight=False)
+        err_console.print(f"{runtime.name}" + (f" + {info.ref} ({info.status})" if info else ""),
+                          style="dim", markup=False, highlight=False)
 
     def show(_: int, piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    result = runtime.generate(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, chat=not raw, on_text=None if json_out else show)
+    result = runtime.generate(prompt, adapter=info.ref if info else None, raw=raw, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, on_text=None if json_out else show)
     seconds = time.perf_counter() - t0
     if json_out:
         print_json({"adapter": result.adapter, "base": runtime.name, "text": result.text, "finish_reason": result.finish_reason,

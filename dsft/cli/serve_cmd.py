@@ -1,6 +1,8 @@
 """``dsft serve``: an OpenAI-compatible HTTP server for a base and its domain adapters."""
 from __future__ import annotations
 
+import os
+
 import typer
 
 from dsft.base.presets import DEFAULT_BASE
@@ -10,11 +12,12 @@ from dsft.cli.common import err_console, guarded
 @guarded
 def serve_command(
     base: str = typer.Option(DEFAULT_BASE, "--base", "-b", help="Preset name, model directory or hub id."),
-    adapter: list[str] = typer.Option(None, "--adapter", "-a", help="Adapter ref to attach at start (repeatable); more can be attached with POST /v1/adapters."),
+    adapter: list[str] = typer.Option(None, "--adapter", "-a", help="Adapter ref to attach at start (repeatable): DOMAIN (its production tag, else its newest version), DOMAIN@VERSION or DOMAIN@TAG; more can be attached with POST /v1/adapters."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on."),
     api_key: str = typer.Option(None, "--api-key", envvar="DSFT_API_KEY", show_envvar=True,
-                                help="Require 'Authorization: Bearer KEY' on every /v1 request."),
+                                help="Require 'Authorization: Bearer KEY' on every /v1 request. Set it with the "
+                                     "DSFT_API_KEY environment variable: on the command line other users see it in ps."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests run together in one batch."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request waits for others to batch with."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens one request may ask for."),
@@ -24,15 +27,22 @@ def serve_command(
 ) -> None:
     """Serve a base and its adapters over an OpenAI-compatible API (model = adapter ref or base name).
 
-    Example: dsft serve --adapter finance --adapter legal --port 8000
+    Example: DSFT_API_KEY=... dsft serve --adapter finance --adapter legal@0.1.0 --port 8000
     """
     from dsft.serve.app import Limits
     from dsft.serve.server import serve
 
-    def ready(url: str) -> None:
-        err_console.print(f"dsft serving [bold]{base}[/] with {', '.join(adapter or []) or 'no adapters'} on {url} "
-                          f"(POST /v1/completions, /v1/chat/completions; GET /v1/models)"
-                          + ("; API key required" if api_key else ""), highlight=False)
+    if api_key and os.environ.get("DSFT_API_KEY") != api_key:
+        err_console.print("warning: --api-key is visible to every user of this machine (ps); "
+                          "set DSFT_API_KEY in the environment instead", style="yellow", markup=False, highlight=False)
+
+    def ready(url: str, infos) -> None:
+        for asked, info in zip(adapter or [], infos):
+            how = f" ({info.via})" if info.via else ""
+            err_console.print(f"{asked} -> {info.ref}{how}" if asked != info.ref else info.ref, markup=False, highlight=False)
+        err_console.print(f"dsft serving {base} with {', '.join(i.ref for i in infos) or 'no adapters'} on {url} "
+                          f"(POST /v1/completions, /v1/chat/completions; GET /v1/models: the refs clients may use)"
+                          + ("; API key required" if api_key else ""), markup=False, highlight=False)
 
     serve(base, adapter or (), host=host, port=port, api_key=api_key, device=device, registry=registry,
           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, limits=Limits(max_tokens=max_tokens),

@@ -1,8 +1,8 @@
 """Run time: one loaded base, several domain adapters attached, swapped and mixed per request.
 
     base = dsft.load_base("tiny-deepseek-v2")      # a RuntimeBase
-    base.attach("finance@0.1.0")
-    base.generate("A collateralized debt obligation is", adapter="finance")
+    base.attach("finance")                       # its production tag, else its newest version
+    base.generate("What is a collateralized debt obligation?", adapter="finance")   # raw=True: continue text
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 _NAMES = {
     "RuntimeBase": "dsft.runtime.base", "AdapterInfo": "dsft.runtime.records", "Generation": "dsft.runtime.records",
-    "load_base": "dsft.runtime.base", "Engine": "dsft.runtime.engine",
+    "load_base": "dsft.runtime.base", "Engine": "dsft.runtime.engine", "AdapterHandle": "dsft.runtime.refs",
 }
 __all__ = sorted(_NAMES)
 

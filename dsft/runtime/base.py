@@ -1,21 +1,25 @@
 """``RuntimeBase``: one loaded base with domain adapters attached, swapped and detached at run time.
 
     base = dsft.load_base("tiny-deepseek-v2")
-    base.attach("finance@1.2.0"); base.attach("legal")
-    base.generate("The bond's duration", adapter="finance")
+    base.attach("finance"); base.attach("legal@0.1.0")      # finance: its production tag, else the newest
+    base.generate("What is duration risk?", adapter="finance").text       # answered as an instruction
+    base.generate("The bond's duration", adapter="finance", raw=True)     # continued as plain text
     base.generate(["...", "...", "..."], adapters=["finance", "legal", None])   # one batch, a row per adapter
     base.detach("legal")
 
-An adapter is attached under its domain: attaching another version of an attached domain swaps it in
-place. Before any weight is read, the registry must say the adapter is compatible with (or verified on)
-this base's fingerprint, and its files must match their sha256; otherwise attach refuses with the
-reasons and nothing changes.
+Adapters are attached under their full ref (``finance@0.1.0``): a second version of a domain is attached
+beside the first, and each is addressed by its version; a bare ``finance`` in a request means the
+attached version the ``production`` tag points at, else the newest attached one (:mod:`dsft.runtime.refs`).
+Before any weight is read, the registry must say the adapter is compatible with (or verified on) this
+base's fingerprint, and its files must match their sha256; otherwise attach refuses with the reasons and
+nothing changes.
 """
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,14 @@ import torch
 from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
-from dsft.runtime.generation import FINISH_LENGTH, Row, forward_rows, run_rows
+from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, forward_rows, run_rows
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
+from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
+
+
+log = logging.getLogger("dsft.runtime")
 
 
 @dataclass
@@ -45,7 +53,7 @@ class RuntimeBase:
     and only apply inside the runtime's own forwards.
     """
 
-    def __init__(self, loaded: LoadedBase, *, registry: Any = None, batch_size: int = 32):
+    def __init__(self, loaded: LoadedBase, *, registry: Any = None, batch_size: int = 32, tag_ttl_s: float = 2.0):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -54,8 +62,12 @@ class RuntimeBase:
         self.ref = loaded.ref
         self.batch_size = batch_size
         self._registry = registry
+        self._opened = None  # the registry this runtime opened itself (closed by close())
+        self._opening = threading.Lock()  # not the batch lock: a tag lookup must not wait for a batch
         self._lock = threading.RLock()
-        self._attached: dict[str, _Attached] = {}
+        # Replaced, never mutated, so that requests can read it without the lock while a batch runs.
+        self._attached: Mapping[str, _Attached] = {}
+        self._tags = TagCache(self._tag_version, ttl_s=tag_ttl_s)
         self._lora: MultiLora | None = None
         self._table: TermTable | None = None
         self._originals: tuple[Any, Any] | None = None
@@ -69,8 +81,8 @@ class RuntimeBase:
 
     @property
     def adapters(self) -> dict[str, AdapterInfo]:
-        """Attached adapters by domain (a snapshot; safe to read while a batch runs)."""
-        return {k: a.info for k, a in list(self._attached.items())}
+        """Attached adapters by ref (``finance@0.1.0``); a snapshot, safe to read while a batch runs."""
+        return {k: a.info for k, a in self._attached.items()}
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -84,49 +96,50 @@ class RuntimeBase:
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    def key_of(self, adapter: str | None) -> str | None:
-        """The attached domain that ``adapter`` names (``finance``, ``finance@0.1.0``, ``finance@TAG``).
+    def resolve(self, adapter: str | AdapterHandle | None) -> AdapterHandle | None:
+        """The attached adapter that ``adapter`` names (``finance``, ``finance@0.1.0``, ``finance@TAG``);
+        None for the plain base (``None`` or the base's name). Call once per request, at the boundary.
 
         Raises:
             NotFoundError: nothing attached by that name (the message lists what is).
+            RegistryError: the registry could not be read to look a tag up.
         """
         if adapter is None or adapter == self.name:
             return None
-        # No lock: a dict lookup is atomic, and the server asks this while a batch holds the lock.
-        domain, _, version = adapter.partition("@")
-        att = self._attached.get(domain)
-        if att is not None and (not version or version == att.info.version):
-            return domain
-        if att is not None and version and not version[0].isdigit():
-            try:  # a tag: ask the registry which version it points at
-                with self._open_registry() as reg:
-                    if reg.resolve(adapter).version == att.info.version:
-                        return domain
-            except Exception:  # an unknown tag is just "not attached"
-                pass
-        attached = ", ".join(a.ref for a in self.adapters.values()) or "none"
-        raise NotFoundError(f"adapter {adapter!r} is not attached to {self.name} (attached: {attached}); attach it first")
+        if isinstance(adapter, AdapterHandle):
+            return adapter
+        return resolve_attached(adapter, self.name, [a.info for a in self._attached.values()], self._tags)
 
-    def tokenizer_for(self, adapter: str | None):
+    def tokenizer_for(self, adapter: str | AdapterHandle | None):
         """The tokenizer a request routed to ``adapter`` is encoded with (the base's plus that adapter's terms)."""
-        key = self.key_of(adapter)
-        return self.tokenizer if key is None else self._attached[key].tokenizer
+        handle = self.resolve(adapter)
+        return self.tokenizer if handle is None else self._entry(handle).tokenizer
+
+    def _entry(self, handle: AdapterHandle) -> _Attached:
+        att = self._attached.get(handle.key)
+        if att is None:
+            raise NotFoundError(f"adapter {handle.key} was detached before its request ran")
+        return att
 
     def memory(self) -> dict[str, int]:
-        """Bytes held for each attached adapter's factors and term rows."""
-        with self._lock:
-            return {k: a.weights.nbytes() for k, a in self._attached.items()}
+        """Bytes held for each attached adapter's factors and term rows, by ref."""
+        return {k: a.weights.nbytes() for k, a in self._attached.items()}
 
     # --- attach / detach ------------------------------------------------------------------------------
 
     def _open_registry(self):
-        from contextlib import nullcontext
-
+        """The registry attach and tag lookups read: the one given, else one opened once for this runtime."""
         from dsft.registry import Registry, open_registry
 
         if isinstance(self._registry, Registry):
-            return nullcontext(self._registry)
-        return open_registry(self._registry)
+            return self._registry
+        with self._opening:
+            if self._opened is None:
+                self._opened = open_registry(self._registry)
+            return self._opened
+
+    def _tag_version(self, domain: str, tag: str) -> str | None:
+        return tag_version(self._open_registry(), domain, tag)
 
     def _install(self) -> None:
         """Take the model over on first use: per-row LoRA forwards and the multi-adapter embedding and head."""
@@ -150,10 +163,11 @@ class RuntimeBase:
         self._lora = MultiLora(self.model, experts)
 
     def attach(self, ref: str) -> AdapterInfo:
-        """Attach the adapter ``ref`` (``finance``, ``finance@1.2.0``, ``finance@production``).
+        """Attach the adapter ``ref``: ``finance`` (its ``production`` tag when there is one, else the newest
+        version), ``finance@1.2.0`` or ``finance@TAG``. ``info.ref`` and ``info.via`` say what was taken.
 
-        A version of a domain that is already attached is swapped out for this one; attaching the same
-        version again does nothing.
+        Another version of an attached domain is attached beside it (both are served, each by its
+        version); attaching an attached version again does nothing.
 
         Raises:
             NotFoundError: no such adapter in the registry.
@@ -161,50 +175,65 @@ class RuntimeBase:
             IncompatibleError: the registry says it does not fit this base, with every reason.
             UsageError: a LoRA variant the runtime does not serve.
         """
-        with self._open_registry() as reg:
-            rec = reg.resolve(ref, verify_files=True)
-            compat = reg.check(rec.ref, base_fingerprint=self.fingerprint)
+        reg = self._open_registry()
+        chosen, via = choose(reg, ref)
+        if via is not None:
+            log.info("%s -> %s (%s)", ref, chosen.ref, via)
+        self._tags.invalidate()  # an attach often follows a tag move: requests see it from now on
+        rec = reg.resolve(chosen.ref, verify_files=True)
+        compat = reg.check(rec.ref, base_fingerprint=self.fingerprint)
         if not compat.ok:
             raise IncompatibleError(f"{rec.ref} does not fit base {self.name} ({self.fingerprint['id'][:12]}): "
                                     + "; ".join(compat.reasons))
-        with self._lock:
-            current = self._attached.get(rec.domain)
-            if current is not None and current.info.version == rec.version:
-                return current.info
+        current = self._attached.get(rec.ref)
+        if current is not None:
+            return replace(current.info, via=via)
         device, dtype = self.model.device, self.model.dtype
         weights = read_adapter(Path(rec.path), rec.manifest, self.model.config, device=device, dtype=dtype)
         tokenizer = extended_tokenizer(self.tokenizer, weights.added_tokens, weights.term_start)
         with self._lock:
+            if rec.ref in self._attached:  # attached meanwhile by another caller
+                return replace(self._attached[rec.ref].info, via=via)
             self._install()
             problems = self._lora.check(weights)
             if problems:
                 raise IncompatibleError(f"{rec.ref} does not fit the loaded {self.name}: " + "; ".join(problems))
-            self._detach_locked(rec.domain)
-            self._lora.add(rec.domain, weights)
+            self._lora.add(rec.ref, weights)
             rng = None
             if weights.terms is not None:
-                rng = self._table.add(rec.domain, weights.term_start, *weights.terms)
+                rng = self._table.add(rec.ref, weights.term_start, *weights.terms)
             info = AdapterInfo(rec.domain, rec.version, rec.path, compat.status, len(weights.added_tokens), rng,
-                               weights.nbytes())
-            self._attached[rec.domain] = _Attached(info, weights, tokenizer)
-            return info
+                               weights.nbytes(), via)
+            self._attached = {**self._attached, rec.ref: _Attached(info, weights, tokenizer)}
+        return info
 
     def detach(self, adapter: str) -> AdapterInfo:
-        """Detach an attached adapter (by domain or ref) and free its memory.
+        """Detach an attached adapter (by ref, or by domain when one version of it is attached) and free its memory.
 
         Raises:
-            NotFoundError: it is not attached.
+            NotFoundError: it is not attached. UsageError: the base itself, or a domain with several versions attached.
         """
         with self._lock:
-            key = self.key_of(adapter)
-            if key is None:
+            handle = self.resolve(adapter)
+            if handle is None:
                 raise UsageError(f"{adapter!r} is the base model; it cannot be detached")
-            return self._detach_locked(key)
+            if "@" not in adapter:
+                same = sorted(k for k, a in self._attached.items() if a.info.domain == handle.domain)
+                if len(same) > 1:
+                    raise UsageError(f"{adapter!r} has {len(same)} versions attached ({', '.join(same)}); "
+                                     f"detach one by its version")
+            info = self._detach_locked(handle.key)
+            if info is None:
+                raise NotFoundError(f"adapter {handle.key} is not attached")
+        self._tags.invalidate()
+        return info
 
     def _detach_locked(self, key: str) -> AdapterInfo | None:
-        att = self._attached.pop(key, None)
+        rest = dict(self._attached)
+        att = rest.pop(key, None)
         if att is None:
             return None
+        self._attached = rest
         self._lora.remove(key)
         self._table.remove(key)
         info = att.info
@@ -225,51 +254,87 @@ class RuntimeBase:
                 self.model.set_input_embeddings(embed)
                 self.model.set_output_embeddings(head)
                 self._lora = self._table = self._originals = None
+        with self._opening:
+            if self._opened is not None:
+                self._opened.close()
+                self._opened = None
 
     # --- requests -------------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int], adapter: str | None = None, *, chat: bool = False) -> list[int]:
-        """Token ids of ``prompt`` as a request routed to ``adapter`` sees them (local ids)."""
+    def encode(self, prompt: str | Sequence[int], adapter: str | AdapterHandle | None = None, *,
+               raw: bool = False) -> list[int]:
+        """Token ids of ``prompt`` as a request routed to ``adapter`` sees them (local ids).
+
+        Args:
+            prompt: text, or token ids (used as they are).
+            raw: encode the text as it is (to be continued); by default it is a user's instruction, wrapped
+                in the chat format the adapters were trained on (:func:`dsft.runtime.chat.encode_messages`).
+        """
         if not isinstance(prompt, str):
             return list(prompt)
-        tok = self.tokenizer_for(adapter)
-        if chat:
-            from dsft.runtime.chat import encode_messages
+        if not raw:
+            return self.encode_messages([{"role": "user", "content": prompt}], adapter)
+        return list(self.tokenizer_for(adapter)(prompt, add_special_tokens=True)["input_ids"])
 
-            return encode_messages(tok, [{"role": "user", "content": prompt}])
-        return list(tok(prompt, add_special_tokens=True)["input_ids"])
+    def encode_messages(self, messages: Sequence[Mapping], adapter: str | AdapterHandle | None = None) -> list[int]:
+        """Prompt ids of a conversation whose next turn is the assistant's, for ``adapter``'s tokenizer."""
+        from dsft.runtime.chat import encode_messages
 
-    def make_row(self, prompt_ids: list[int], adapter: str | None, *, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
-                 on_text: Callable[[str], bool | None] | None = None,
+        return encode_messages(self.tokenizer_for(adapter), messages)
+
+    def make_row(self, prompt_ids: list[int], adapter: str | AdapterHandle | None, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                 ignore_eos: bool = False, on_text: Callable[[str], bool | None] | None = None,
                  cancelled: Callable[[], bool] | None = None) -> Row:
-        """A row for :meth:`run`; ``prompt_ids`` are in ``adapter``'s tokenizer's ids."""
-        if max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+        """A row for :meth:`run`; ``prompt_ids`` are in ``adapter``'s tokenizer's ids.
+
+        Raises:
+            UsageError: limits or sampling out of range (:func:`dsft.runtime.generation.check_sampling`), an
+                empty prompt. ContextLengthError: the prompt and ``max_new_tokens`` exceed the context.
+            NotFoundError: the adapter is not attached.
+        """
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if not prompt_ids:
+            raise UsageError("the prompt is empty")
         if len(prompt_ids) + max_new_tokens > self.max_context:
             raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {self.max_context} tokens; shorten the prompt or ask for fewer tokens")
-        key = self.key_of(adapter)
-        tok = self.tokenizer if key is None else self._attached[key].tokenizer
-        return Row(list(prompt_ids), key, tok, max_new_tokens, temperature, top_p, seed, tuple(stop), self.eos_ids,
-                   ignore_eos, on_text, cancelled)
+        handle = self.resolve(adapter)
+        tok = self.tokenizer if handle is None else self._entry(handle).tokenizer
+        return Row(list(prompt_ids), None if handle is None else handle.key, tok, max_new_tokens, temperature, top_p,
+                   seed, tuple(stop), self.eos_ids, ignore_eos, on_text, cancelled)
 
     def run(self, rows: list[Row]) -> None:
-        """Generate a batch of prepared rows together (the engine's entry point)."""
+        """Generate a batch of prepared rows together. A row whose adapter was detached meanwhile, or that
+        fails on its own (see :attr:`Row.error`), ends with ``finish_reason == "error"``; the others complete.
+
+        Raises:
+            Exception: only what fails the whole batch (e.g. out of memory).
+        """
         with self._lock:
+            ok = []
             for row in rows:
                 if row.key is not None and row.key not in self._attached:
-                    raise NotFoundError(f"adapter {row.key!r} was detached before its request ran")
-            self._install()
-            run_rows(self.model, self._table, self._lora, rows, self._pad_id, self._originals[1].out_features)
+                    fail(row, NotFoundError(f"adapter {row.key} was detached before its request ran"))
+                else:
+                    ok.append(row)
+            if ok:
+                self._install()
+                run_rows(self.model, self._table, self._lora, ok, self._pad_id, self._originals[1].out_features)
 
     @property
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def result(self, row: Row) -> Generation:
+        """What a finished row generated.
+
+        Raises:
+            Exception: the row's own failure (:attr:`Row.error`).
+        """
+        if row.error is not None:
+            raise row.error
+        return Generation(row.text, list(row.tokens), row.finish_reason or FINISH_LENGTH, len(row.prompt), row.key)
 
     def generate(
         self,
@@ -277,30 +342,33 @@ class RuntimeBase:
         *,
         adapter: str | None = None,
         adapters: Sequence[str | None] | None = None,
+        raw: bool = False,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
-        chat: bool = False,
         on_text: Callable[[int, str], None] | None = None,
     ) -> Generation | list[Generation]:
-        """Generate from one prompt or a batch.
+        """Answer one prompt or a batch (as ``dsft generate`` and the server do).
 
         Args:
             prompts: a prompt, or a list of prompts (one batch).
             adapter: the adapter for every row (domain or ref; None = the plain base).
             adapters: one adapter per row instead (None entries = the plain base): a mixed batch in
                 which each row gets exactly what it would get with only its adapter attached.
+            raw: continue each prompt as plain text; by default a prompt is an instruction, wrapped as a user
+                turn in the format the adapters were trained on (``dsft generate --raw``, ``"raw": true``
+                on the server).
             max_new_tokens, temperature, top_p, seed, stop: per-row limits and sampling (temperature 0 = greedy).
             ignore_eos: keep going past the end-of-sequence token (benchmarks).
-            chat: wrap each prompt as a user turn in the instruction format the adapters were trained on.
             on_text: called as ``on_text(row, piece)`` while text is generated (streaming).
         Returns:
             A :class:`Generation` for a single prompt, else a list in prompt order.
         Raises:
             NotFoundError: an adapter that is not attached. UsageError: bad limits or a prompt too long.
+            Exception: a row that failed on its own (the first one).
         """
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
@@ -309,22 +377,18 @@ class RuntimeBase:
         names = list(adapters) if adapters is not None else [adapter] * len(texts)
         if len(names) != len(texts):
             raise UsageError(f"adapters= has {len(names)} entries for {len(texts)} prompts")
+        handles = [self.resolve(n) for n in names]
         results: list[Generation] = []
-        with self._lock:
-            for lo in range(0, len(texts), self.batch_size):
-                rows = []
-                for i in range(lo, min(lo + self.batch_size, len(texts))):
-                    callback = (lambda piece, i=i: on_text(i, piece)) if on_text else None
-                    rows.append(self.make_row(self.encode(texts[i], names[i], chat=chat), names[i],
-                                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                              seed=seed, stop=stop, ignore_eos=ignore_eos, on_text=callback))
-                self.run(rows)
-                results += [self._result(r) for r in rows]
+        for lo in range(0, len(texts), self.batch_size):
+            rows = []
+            for i in range(lo, min(lo + self.batch_size, len(texts))):
+                callback = (lambda piece, i=i: on_text(i, piece)) if on_text else None
+                rows.append(self.make_row(self.encode(texts[i], handles[i], raw=raw), handles[i],
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seed=seed, stop=stop, ignore_eos=ignore_eos, on_text=callback))
+            self.run(rows)
+            results += [self.result(r) for r in rows]
         return results[0] if single else results
-
-    def _result(self, row: Row) -> Generation:
-        ref = self._attached[row.key].info.ref if row.key is not None and row.key in self._attached else None
-        return Generation(row.text, list(row.tokens), row.finish_reason or FINISH_LENGTH, len(row.prompt), ref)
 
     def stream(self, prompt: str, *, adapter: str | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the text of one completion piece by piece as it is generated (see :meth:`generate`)."""
@@ -352,18 +416,22 @@ class RuntimeBase:
 
     def logits(self, prompts: Sequence[str | Sequence[int]], *, adapters: Sequence[str | None] | None = None,
                adapter: str | None = None) -> list[torch.Tensor]:
-        """Per-row logits of every prompt position in the row's own (local) vocabulary, as one mixed batch.
+        """Per-row logits of every position of each prompt, taken as raw text, in the row's own (local)
+        vocabulary, as one mixed batch.
 
         Returns:
             For each prompt a float tensor ``[prompt tokens, vocabulary of its adapter]``.
         """
         names = list(adapters) if adapters is not None else [adapter] * len(prompts)
+        handles = [self.resolve(n) for n in names]
+        ids = [self.encode(p, h, raw=True) for p, h in zip(prompts, handles)]
         with self._lock:
-            keys = [self.key_of(n) for n in names]
-            ids = [self.encode(p, n) for p, n in zip(prompts, names)]
+            for h in handles:
+                if h is not None:
+                    self._entry(h)
             self._install()
-            return forward_rows(self.model, self._table, self._lora, ids, keys, self._pad_id,
-                                self._originals[1].out_features)
+            return forward_rows(self.model, self._table, self._lora, ids, [h and h.key for h in handles],
+                                self._pad_id, self._originals[1].out_features)
 
 
 def load_base(base: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,
@@ -374,7 +442,7 @@ def load_base(base: str | None = None, *, device: str | None = None, dtype: torc
         base: preset name, local model directory or hub id (default: the default preset).
         device, dtype: as :func:`dsft.base.load_base` (CUDA + bf16 when available, else CPU + fp32).
         registry: a SQLAlchemy URL or an open :class:`dsft.registry.Registry` (default: ``$DSFT_REGISTRY_URL``
-            or ``$DSFT_HOME/registry.db``), consulted on every attach.
+            or ``$DSFT_HOME/registry.db``), opened once and consulted on every attach and for tags.
         adapters: refs to attach right away.
     Raises:
         NotFoundError, UnsupportedModelError, UsageError (loading); what :meth:`RuntimeBase.attach` raises.

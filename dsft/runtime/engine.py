@@ -1,10 +1,12 @@
 """Dynamic batching: requests that arrive together run together, whatever adapter each one uses.
 
-One worker thread owns the model. It takes the first waiting request, waits up to ``max_wait_s`` for
-more (up to ``max_batch_size``), prepares each (adapter lookup, tokenisation, limits: a bad request fails
-alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`). Attach and detach are ordinary
-runtime calls: they take the runtime's lock, which the worker holds while it prepares and runs a batch,
-so a batch never sees its adapters change under it.
+A request's adapter is resolved once, when it is submitted (:meth:`RuntimeBase.resolve` gives a handle),
+so the worker never looks a ref up. One worker thread owns the model. It takes the first waiting
+request, waits up to ``max_wait_s`` for more (up to ``max_batch_size``), prepares each (tokenisation,
+limits: a bad request fails alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`), in which a
+row that fails on its own (its adapter detached meanwhile, its sampling) fails alone too. Attach and
+detach take the runtime's lock, which :meth:`RuntimeBase.run` holds, so a batch never sees its adapters
+change under it.
 
 Callers get events through a callback, called on the worker thread:
 ``("started", {"prompt_tokens", "adapter"})``, ``("text", piece)`` while generating (requests with
@@ -25,7 +27,9 @@ from typing import Any
 
 from dsft.errors import DsftError
 from dsft.runtime.base import RuntimeBase
+from dsft.runtime.generation import FINISH_CANCELLED
 from dsft.runtime.records import Generation
+from dsft.runtime.refs import AdapterHandle
 
 log = logging.getLogger("dsft.runtime")
 Event = Callable[[str, Any], None]
@@ -39,10 +43,13 @@ class EngineBusy(DsftError):
 
 @dataclass
 class Request:
-    """One completion to generate: a text prompt, chat messages, or token ids, for one adapter."""
+    """One completion to generate: a prompt (an instruction unless ``raw``), chat messages, or token ids,
+    for one adapter (a ref, or the handle :meth:`RuntimeBase.resolve` gave; None: the plain base)."""
 
-    adapter: str | None = None
+    adapter: str | AdapterHandle | None = None
     prompt: str | None = None
+    raw: bool = False
+    """Continue ``prompt`` as plain text instead of answering it as an instruction (as ``dsft generate --raw``)."""
     messages: Sequence[dict] | None = None
     prompt_ids: Sequence[int] | None = None
     max_new_tokens: int = 16
@@ -88,7 +95,9 @@ class Engine:
         self.max_queue = max_queue
         self.batches: deque[tuple[int, int]] = deque(maxlen=1024)
         """(rows, distinct adapters incl. the plain base) of the latest batches."""
-        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0}
+        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0, "cancelled": 0, "failed": 0}
+        """Batches run, rows run, the largest batch, mixed batches, rows cancelled (their client left) and rows
+        failed (alone, or with their batch)."""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
         self._closed = False
@@ -97,11 +106,19 @@ class Engine:
     # --- API -------------------------------------------------------------------------------------------
 
     def submit(self, request: Request, on_event: Event) -> Ticket:
-        """Queue a request. Raises :class:`EngineBusy` when the queue is full."""
+        """Queue a request, its adapter resolved now (once).
+
+        Raises:
+            EngineBusy: the queue is full. NotFoundError: its adapter is not attached.
+        """
         if self._closed:
             raise EngineBusy("the engine is shutting down")
         if self._queue.qsize() >= self.max_queue:
             raise EngineBusy(f"{self.max_queue} requests are already waiting; retry shortly")
+        if not isinstance(request.adapter, AdapterHandle):
+            from dataclasses import replace
+
+            request = replace(request, adapter=self.runtime.resolve(request.adapter))
         ticket = Ticket(request, on_event)
         self._queue.put(ticket)
         return ticket
@@ -157,15 +174,9 @@ class Engine:
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
         elif req.messages is not None:
-            from dsft.runtime.chat import encode_messages
-
-            ids = encode_messages(rt.tokenizer_for(req.adapter), req.messages)
+            ids = rt.encode_messages(req.messages, req.adapter)
         else:
-            ids = rt.encode(req.prompt or "", req.adapter)
-        if not ids:
-            from dsft.errors import UsageError
-
-            raise UsageError("the prompt is empty")
+            ids = rt.encode(req.prompt or "", req.adapter, raw=req.raw)
 
         def on_text(piece: str) -> None:
             _safe(ticket.on_event, "text", piece)
@@ -175,21 +186,16 @@ class Engine:
                            on_text=on_text if req.stream else None, cancelled=lambda: ticket.cancelled)
 
     def _run_batch(self, batch: list[Ticket]) -> None:
-        with self.runtime._lock:
-            self._run_batch_locked(batch)
-
-    def _run_batch_locked(self, batch: list[Ticket]) -> None:
         rows, tickets = [], []
         for t in batch:
             if t.cancelled:
                 continue
             try:
                 row = self._prepare(t)
-            except Exception as exc:  # this request alone fails: unknown adapter, too long, ...
+            except Exception as exc:  # this request alone fails: adapter detached, too long, ...
                 _safe(t.on_event, "error", exc)
                 continue
-            info = self.runtime.adapters.get(row.key) if row.key else None
-            _safe(t.on_event, "started", {"prompt_tokens": len(row.prompt), "adapter": info.ref if info else None})
+            _safe(t.on_event, "started", {"prompt_tokens": len(row.prompt), "adapter": row.key})
             rows.append(row)
             tickets.append(t)
         if not rows:
@@ -204,11 +210,17 @@ class Engine:
             self.runtime.run(rows)
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
             log.exception("batch of %d failed", len(rows))
+            self.counts["failed"] += len(rows)
             for t in tickets:
                 _safe(t.on_event, "error", exc)
             return
         for t, row in zip(tickets, rows):
-            _safe(t.on_event, "done", self.runtime._result(row))
+            self.counts["cancelled"] += row.finish_reason == FINISH_CANCELLED
+            if row.error is not None:  # this row alone failed; the rest of the batch completed
+                self.counts["failed"] += 1
+                _safe(t.on_event, "error", row.error)
+            else:
+                _safe(t.on_event, "done", self.runtime.result(row))
 
 
 def _safe(fn: Event, kind: str, payload: Any) -> None:

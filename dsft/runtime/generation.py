@@ -10,17 +10,46 @@ rows, :class:`dsft.runtime.engine.Engine` batches requests into them.
 """
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dsft.adapters.terms import TermTable
+from dsft.errors import UsageError
 from dsft.runtime.multilora import MultiLora, RowGroups
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+MIN_TEMPERATURE = 1e-2
+"""Below this, ``logits / temperature`` overflows to inf in fp32/bf16 for ordinary logits (1e-45 gives NaN
+probabilities): ask for 0 (greedy) instead."""
+MAX_SEED = 2**64 - 1
+"""The largest seed a torch generator takes."""
+
+log = logging.getLogger("dsft.runtime")
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """Refuse limits and sampling settings no row can run with, before any work.
+
+    Raises:
+        UsageError: naming the setting, the accepted range and the value.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or not (temperature == 0 or temperature >= MIN_TEMPERATURE):
+        raise UsageError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow), "
+                         f"got {temperature!r}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise UsageError(f"seed must be an integer from 0 to 2**64-1, got {str(seed)[:40]}")
 
 
 def _decoder(tokenizer):
@@ -96,6 +125,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    error: BaseException | None = None
+    """Why this row alone failed (``finish_reason`` is then ``error``); the other rows of its batch go on."""
     stream: TextStream | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -124,19 +155,36 @@ def _advance(row: Row, token: int) -> None:
         row.text = row.stream.text
 
 
+def fail(row: Row, exc: BaseException) -> None:
+    """End ``row`` alone with ``exc`` (its batch goes on without it)."""
+    log.warning("a row failed and left its batch: %s: %s", type(exc).__name__, exc)
+    row.error, row.finish_reason = exc, FINISH_ERROR
+    if row.stream is not None:
+        row.text = row.stream.text
+
+
+def sample_row(scores: torch.Tensor, row: Row) -> int:
+    """One token from one row's logits: temperature + nucleus (top-p) sampling with the row's generator."""
+    scores = scores.float() / row.temperature
+    if row.top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs > row.top_p  # keep the smallest prefix whose mass reaches top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0])
+
+
 def sample(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    """One token per row: greedy at temperature 0, else :func:`sample_row`. A row whose sampling raises
+    is failed alone (:func:`fail`); its entry keeps the greedy token, which nobody reads."""
     out = logits.argmax(-1)
     for i, row in enumerate(rows):
         if row.temperature <= 0:
             continue
-        scores = logits[i].float() / row.temperature
-        if row.top_p < 1.0:
-            sorted_scores, order = scores.sort(descending=True)
-            probs = sorted_scores.softmax(-1)
-            drop = probs.cumsum(-1) - probs > row.top_p  # keep the smallest prefix whose mass reaches top_p
-            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-        out[i] = torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0]
+        try:
+            out[i] = sample_row(logits[i], row)
+        except Exception as exc:
+            fail(row, exc)
     return out
 
 
@@ -175,13 +223,16 @@ def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: 
 
     device = model.device
     for row in rows:
-        row.stream = TextStream(row.tokenizer, row.stop, live=row.on_text is not None)
-        if row.temperature > 0:
-            row.generator = torch.Generator(device=device)
-            row.generator.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    live = [r for r in rows if r.max_new_tokens > 0 and r.prompt]
+        try:
+            row.stream = TextStream(row.tokenizer, row.stop, live=row.on_text is not None)
+            if row.temperature > 0:
+                row.generator = torch.Generator(device=device)
+                row.generator.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        except Exception as exc:
+            fail(row, exc)
+    live = [r for r in rows if r.max_new_tokens > 0 and r.prompt and r.error is None]
     for r in rows:
-        if r not in live:
+        if r not in live and r.finish_reason is None:
             r.finish_reason = FINISH_LENGTH
     if not live:
         return
@@ -197,7 +248,12 @@ def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: 
         while True:
             local = sample(table.local_logits(logits, index), live)
             for row, token in zip(live, local.tolist()):
-                _advance(row, token)
+                if row.error is not None:
+                    continue
+                try:
+                    _advance(row, token)
+                except Exception as exc:  # the row's own callbacks or detokenisation
+                    fail(row, exc)
             keep = [i for i, r in enumerate(live) if r.finish_reason is None]
             if not keep:
                 return

@@ -25,6 +25,9 @@ class AdapterInfo:
     term_range: TermRange | None
     """Its added tokens' ids in the loaded model (None: it adds none)."""
     nbytes: int
+    via: str | None = None
+    """How attach picked this version from what was asked: ``production tag``, ``newest version``, ``TAG tag``,
+    or None when the version was named."""
 
     @property
     def ref(self) -> str:
@@ -34,7 +37,7 @@ class AdapterInfo:
         r = self.term_range
         return {"ref": self.ref, "domain": self.domain, "version": self.version, "path": self.path,
                 "status": self.status, "added_tokens": self.added_tokens, "bytes": self.nbytes,
-                "term_ids": [r.start, r.end] if r else None}
+                "term_ids": [r.start, r.end] if r else None, "via": self.via}
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     adapter: str | None
+    """The ref of the adapter that generated it (``finance@0.1.0``; None: the plain base)."""
 
     @property
     def completion_tokens(self) -> int:

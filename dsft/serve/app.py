@@ -3,11 +3,16 @@
 
     POST /v1/completions            {"model": "finance@0.1.0", "prompt": "...", "max_tokens": 32, "stream": false}
     POST /v1/chat/completions       {"model": "legal", "messages": [{"role": "user", "content": "..."}]}
-    GET  /v1/models                 the base and every attached adapter
+    GET  /v1/models                 the base and every attached adapter (its ref: what "model" takes)
     GET  /v1/adapters               attached adapters with their term ids and compatibility status
-    POST /v1/adapters               {"ref": "medical@0.2.0"}: attach (swaps an attached version of the domain)
+    POST /v1/adapters               {"ref": "medical@0.2.0"}: attach (beside other attached versions of medical)
     DELETE /v1/adapters/{ref}       detach
-    GET  /health                    liveness, base, adapters, batching counters (no token needed)
+    GET  /health                    liveness, base, batching counters (no token needed; adapters with one)
+
+A completion's ``prompt`` is an instruction, answered in the format the adapters were trained on, as
+``dsft generate`` and ``RuntimeBase.generate`` answer it; ``"raw": true`` continues it as plain text
+instead (``dsft generate --raw``). ``model`` is resolved once, when the request arrives.
+A client that goes away has its generation cancelled, streaming or not.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from dsft.runtime.base import RuntimeBase
 from dsft.runtime.records import Generation
 from dsft.runtime.engine import Engine
 from dsft.runtime.engine import Request as GenRequest
-from dsft.serve.errors import ApiError, Guard, dumps, from_exception, response, validation_message
+from dsft.serve.errors import ApiError, dumps, from_exception, response, validation_message
+from dsft.serve.guard import Guard, authorized
 from dsft.serve.schemas import AttachRequest, ChatRequest, CompletionRequest
 
 
@@ -66,10 +72,17 @@ def _now() -> int:
     return int(time.time())
 
 
-def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
-    """The application for one runtime; ``api_key`` (when set) is required on every ``/v1`` route."""
+def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = None, limits: Limits = Limits(),
+               hosts: frozenset[str] | None = None) -> FastAPI:
+    """The application for one runtime.
+
+    Args:
+        api_key: when set, required on every ``/v1`` route.
+        hosts: without an API key, the ``Host`` values accepted (:func:`dsft.serve.guard.allowed_hosts` of
+            the bound address; None accepts any Host, still refusing cross-origin requests).
+    """
     app = FastAPI(title="dsft", version="1", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, hosts=hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -109,13 +122,14 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             message, param = validation_message(exc.errors())
             raise ApiError(400, message, code="invalid_request", param=param) from None
 
-    def check_model(model: str) -> None:
+    def resolve(model: str):
         try:
-            runtime.key_of(model)
+            return runtime.resolve(model)
         except Exception as exc:
             raise from_exception(exc) from None
 
-    def check_common(req, max_tokens: int | None, prompt_chars: int) -> int:
+    def check_common(req, max_tokens: int | None, prompt_chars: int):
+        """The checks every completion gets; returns its adapter, resolved (the only time it is)."""
         if req.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
         if max_tokens is None or not 1 <= max_tokens <= limits.max_tokens:
@@ -125,11 +139,10 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         if prompt_chars > limits.max_prompt_chars:
             raise ApiError(413, f"prompt of {prompt_chars} characters is over the limit of {limits.max_prompt_chars}",
                            code="context_length_exceeded")
-        check_model(req.model)
-        return max_tokens
+        return resolve(req.model)
 
-    def gen_request(req, max_tokens: int, **what) -> GenRequest:
-        return GenRequest(adapter=req.model, max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+    def gen_request(req, adapter, max_tokens: int, **what) -> GenRequest:
+        return GenRequest(adapter=adapter, max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                           seed=req.seed, stop=tuple(req.stops()), ignore_eos=req.ignore_eos, **what)
 
     def submit(request: GenRequest) -> tuple[_Listener, Any]:
@@ -154,15 +167,30 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             if kind == "error":
                 raise from_exception(payload)
 
-    async def run_all(requests: list[GenRequest]) -> list[tuple[dict, Generation]]:
+    async def gone(request: Request) -> None:
+        """Returns when the client disconnects (the body was read already, so nothing else arrives)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def run_all(request: Request, requests: list[GenRequest]) -> list[tuple[dict, Generation]]:
         pending = [submit(r) for r in requests]
-        try:
+
+        async def collect():
             out = []
             for listener, _ in pending:
                 info = await started(listener)
                 out.append((info, await finished(listener)))
             return out
+
+        work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(gone(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client went away: nobody will read the answer
+                work.cancel()
+                raise ApiError(499, "client closed the request", code="client_closed")
+            return work.result()
         finally:
+            watch.cancel()
             for _, ticket in pending:
                 ticket.cancel()  # no-op for finished ones; stops the rest if one failed or the client left
 
@@ -201,9 +229,11 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
     # --- routes ----------------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "base": runtime.name, "adapters": [a.ref for a in runtime.adapters.values()],
-                "engine": dict(engine.counts)}
+    async def health(request: Request):
+        out = {"status": "ok", "base": runtime.name, "engine": dict(engine.counts)}
+        if authorized(request.headers.raw, api_key):  # what is attached is for clients that hold the key
+            out["adapters"] = [a.ref for a in runtime.adapters.values()]
+        return out
 
     @app.get("/v1/models")
     async def models():
@@ -222,12 +252,13 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             raise ApiError(400, f"prompt must be a string or a list of 1 to {limits.max_prompts} strings", param="prompt")
         if req.echo or req.logprobs or req.suffix:
             raise ApiError(400, "echo, logprobs and suffix are not supported")
-        max_tokens = check_common(req, req.max_tokens, max(len(p) for p in prompts))
+        adapter = check_common(req, req.max_tokens, max(len(p) for p in prompts))
+        max_tokens = req.max_tokens
         cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
         if req.stream:
             if len(prompts) != 1:
                 raise ApiError(400, "stream with several prompts is not supported; send one request per prompt", param="prompt")
-            listener, ticket = submit(gen_request(req, max_tokens, prompt=prompts[0], stream=True))
+            listener, ticket = submit(gen_request(req, adapter, max_tokens, prompt=prompts[0], raw=req.raw, stream=True))
             info = await started(listener)
             model = model_id(info["adapter"])
 
@@ -238,7 +269,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
                         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
             include = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(listener, ticket, chunk, info, include), media_type="text/event-stream")
-        results = await run_all([gen_request(req, max_tokens, prompt=p) for p in prompts])
+        results = await run_all(request, [gen_request(req, adapter, max_tokens, prompt=p, raw=req.raw) for p in prompts])
         return {"id": cid, "object": "text_completion", "created": created, "model": model_id(results[0][0]["adapter"]),
                 "choices": [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
                             for i, (_, g) in enumerate(results)],
@@ -252,11 +283,11 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_chat_tokens, limits.max_tokens)
         messages = [m.model_dump() for m in req.messages]
         chars = sum(len(m["content"]) if isinstance(m["content"], str) else len(dumps(m["content"] or "")) for m in messages)
-        max_tokens = check_common(req, max_tokens, chars)
+        adapter = check_common(req, max_tokens, chars)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
-        request = gen_request(req, max_tokens, messages=messages, stream=req.stream)
+        gen = gen_request(req, adapter, max_tokens, messages=messages, stream=req.stream)
         if req.stream:
-            listener, ticket = submit(request)
+            listener, ticket = submit(gen)
             info = await started(listener)
             model = model_id(info["adapter"])
 
@@ -266,7 +297,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             include = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(listener, ticket, chunk, info, include), media_type="text/event-stream")
-        results = await run_all([request])
+        results = await run_all(request, [gen])
         info, g = results[0]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(info["adapter"]),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,

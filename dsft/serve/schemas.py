@@ -1,13 +1,19 @@
-"""Request bodies of the OpenAI-compatible endpoints (fields OpenAI clients send and dsft ignores are allowed)."""
+"""Request bodies of the OpenAI-compatible endpoints (fields OpenAI clients send and dsft ignores are allowed).
+
+Ranges are checked here, so that a bad value is a 400 for its own request and never reaches a batch:
+the limits are the runtime's (:func:`dsft.runtime.generation.check_sampling`).
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dsft.runtime.generation import MAX_SEED, MIN_TEMPERATURE
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
     """An attached adapter (``finance``, ``finance@1.2.0``, ``finance@production``) or the base's name."""
@@ -17,9 +23,16 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     """Extension (as in vLLM): keep generating past the end-of-sequence token."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_tiny(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow), got {value!r}")
+        return value
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -29,7 +42,10 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = 16
+    """An instruction to answer, or (with ``raw``) text to continue; or a list of them."""
+    raw: bool = False
+    """Extension, as ``dsft generate --raw``: continue the prompt as plain text instead of answering it."""
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -44,8 +60,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
 
 

@@ -5,9 +5,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 from dsft.errors import UsageError
+from dsft.runtime.records import AdapterInfo
 from dsft.serve.app import Limits, create_app
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from dsft.serve.guard import LOOPBACK, allowed_hosts
 
 
 def serve(
@@ -23,16 +23,18 @@ def serve(
     batch_wait_ms: float = 10.0,
     limits: Limits = Limits(),
     trust_remote_code: bool = False,
-    on_ready: Callable[[str], None] | None = None,
+    on_ready: Callable[[str, list[AdapterInfo]], None] | None = None,
 ) -> None:
     """Serve ``base`` with ``adapters`` attached until interrupted.
 
     Args:
+        adapters: refs to attach (a bare domain takes its ``production`` tag, else its newest version).
         host, port: where to listen; 127.0.0.1 unless told otherwise.
-        api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``.
+        api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``; when not,
+            requests must name this address as their Host and come from no other origin.
         max_batch_size, batch_wait_ms: dynamic batching: the most rows per batch, and how long the
             first request of a batch waits for others.
-        on_ready: called with the base URL once the model is loaded, before listening.
+        on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:
         UsageError: bad port or batching settings; what loading and attaching raise.
     """
@@ -46,16 +48,16 @@ def serve(
     if max_batch_size < 1 or batch_wait_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
     runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
-    for ref in adapters:
-        runtime.attach(ref)
+    infos = [runtime.attach(ref) for ref in adapters]
     engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000)
-    app = create_app(runtime, engine, api_key=api_key, limits=limits)
+    app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port))
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
-        on_ready(f"http://{shown}:{port}")
+        on_ready(f"http://{shown}:{port}", infos)
     if host not in LOOPBACK and not api_key:
         logging.getLogger("dsft.serve").warning("listening on %s without an API key: anyone who can reach it can use it", host)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     finally:
         engine.close()
+        runtime.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -35,12 +36,50 @@ def test_concurrent_requests_for_different_adapters_batch_together(attached, tex
 def test_a_bad_request_fails_alone_and_the_engine_keeps_serving(attached, texts):
     engine = Engine(attached, max_wait_s=0.05)
     try:
+        with pytest.raises(NotFoundError, match="astrology"):  # resolved when submitted, before it is queued
+            engine.submit(Request(adapter="astrology", prompt=texts[0]), lambda kind, payload: None)
         events = []
-        engine.submit(Request(adapter="astrology", prompt=texts[0]), lambda kind, payload: events.append((kind, payload)))
+        engine.submit(Request(adapter="finance", prompt=texts[0], max_new_tokens=0), lambda *e: events.append(e))
         good = engine.generate(Request(adapter="finance", prompt=texts[0], max_new_tokens=4, ignore_eos=True))
         assert len(good.token_ids) == 4
-        assert events and events[0][0] == "error" and isinstance(events[0][1], NotFoundError)
-        with pytest.raises(NotFoundError):
-            engine.generate(Request(adapter="astrology", prompt="x"))
+        assert events and events[0][0] == "error" and "max_new_tokens" in str(events[0][1])
+    finally:
+        engine.close()
+
+
+def test_a_row_that_fails_in_its_batch_fails_alone(attached, texts, monkeypatch):
+    from dsft.runtime import generation
+
+    real = generation.sample_row
+
+    def poisoned(scores, row):  # a fault injected into one row's sampling, mid-batch
+        if row.seed == 13:
+            raise RuntimeError("probability tensor contains inf or nan")
+        return real(scores, row)
+
+    monkeypatch.setattr(generation, "sample_row", poisoned)
+    adapters = ["finance", "legal", "medical", None, "finance", "legal"]
+    seeds = [None, None, 13, None, None, None]  # the poisoned row samples; the others are greedy (comparable)
+    engine = Engine(attached, max_batch_size=16, max_wait_s=0.5)
+    try:
+        futures = [Future() for _ in seeds]
+
+        def listener(i):
+            def on_event(kind, payload):
+                if kind in ("done", "error"):
+                    futures[i].set_result((kind, payload))
+            return on_event
+
+        for i, (adapter, seed) in enumerate(zip(adapters, seeds)):
+            engine.submit(Request(adapter=adapter, prompt=texts[i % len(texts)], max_new_tokens=6,
+                                  temperature=0.8 if seed else 0.0, seed=seed, ignore_eos=True), listener(i))
+        outcomes = [f.result(timeout=120) for f in futures]
+        assert engine.batches[-1][0] == 6, "the six requests should have run as one batch"
+        assert [kind for kind, _ in outcomes] == ["done", "done", "error", "done", "done", "done"]
+        assert "inf or nan" in str(outcomes[2][1]) and engine.counts["failed"] == 1
+        for i, (kind, gen) in enumerate(outcomes):
+            if kind == "done":
+                want = attached.generate(texts[i % len(texts)], adapter=adapters[i], max_new_tokens=6, ignore_eos=True)
+                assert gen.token_ids == want.token_ids
     finally:
         engine.close()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsft
-from dsft.errors import IncompatibleError, IntegrityError, NotFoundError
+from dsft.errors import IncompatibleError, IntegrityError, NotFoundError, UsageError
 
 ATOL = 1e-5
 
@@ -23,7 +23,7 @@ def test_load_base_is_a_runtime_that_keeps_the_loaded_base_fields(refs):
 
 def test_each_adapter_has_its_own_term_range_and_tokenizer(attached, refs):
     infos = attached.adapters
-    assert {d: i.ref for d, i in infos.items()} == {d: refs[d] for d in ("finance", "legal", "medical")}
+    assert set(infos) == {refs[d] for d in ("finance", "legal", "medical")}
     ranges = sorted((i.term_range for i in infos.values()), key=lambda r: r.start)
     first = max(attached.model.get_input_embeddings().base.num_embeddings, len(attached.tokenizer))
     assert ranges[0].start >= first
@@ -32,7 +32,7 @@ def test_each_adapter_has_its_own_term_range_and_tokenizer(attached, refs):
     fin, legal = attached.tokenizer_for("finance"), attached.tokenizer_for("legal")
     term = "collateralized debt obligation"
     fin_ids = fin(f"A {term} desk", add_special_tokens=False)["input_ids"]
-    r = infos["finance"].term_range
+    r = infos[refs["finance"]].term_range
     assert fin.convert_tokens_to_ids(term) in fin_ids and r.local_start <= fin.convert_tokens_to_ids(term) < r.local_end
     assert not any(i >= len(attached.tokenizer) for i in legal(f"A {term} desk", add_special_tokens=False)["input_ids"])
 
@@ -102,36 +102,56 @@ def test_unknown_adapters_are_refused_with_what_is_attached(attached, texts):
         attached.generate(texts[0], adapter="finance@9.9.9")
 
 
-def _weights(base, domain):
-    att = base._attached[domain]
+def _weights(base, ref):
+    att = base._attached[ref]
     return [weakref.ref(t) for t in att.weights.tensors()]
 
 
-def test_detach_frees_the_adapter_and_swap_replaces_a_version_in_place(refs, alone, texts):
+def test_detach_frees_the_adapter_and_its_memory(refs, texts):
     base = dsft.load_base("tiny-deepseek-v2", device="cpu")
     base.attach(refs["finance"])
     base.attach(refs["legal"])
-    held = base.memory()
-    assert held["legal"] > 0
-    legal = _weights(base, "legal")
+    assert base.memory()[refs["legal"]] > 0
+    legal = _weights(base, refs["legal"])
     assert base.detach("legal").ref == refs["legal"]
     gc.collect()
     assert all(r() is None for r in legal), "detached tensors are still referenced"
-    assert set(base.memory()) == {"finance"} and "legal" not in base.adapters
+    assert set(base.memory()) == {refs["finance"]} and set(base.adapters) == {refs["finance"]}
     with pytest.raises(NotFoundError):
         base.generate(texts[1], adapter="legal")
-
-    old = _weights(base, "finance")
-    info = base.attach(refs["finance2"])  # a new version of an attached domain swaps it in place
-    gc.collect()
-    assert info.ref == refs["finance2"] and list(base.adapters) == ["finance"]
-    assert all(r() is None for r in old)
-    got = base.generate(texts[0], adapter="finance", max_new_tokens=10, ignore_eos=True)
-    want_base = dsft.load_base("tiny-deepseek-v2", device="cpu", adapters=[refs["finance2"]])
-    assert got.token_ids == want_base.generate(texts[0], adapter="finance", max_new_tokens=10, ignore_eos=True).token_ids
-    assert got.token_ids != alone["finance"].generate(texts[0], adapter="finance", max_new_tokens=10, ignore_eos=True).token_ids
     base.close()
     assert base.model.get_input_embeddings().__class__.__name__ == "Embedding"
+
+
+def test_a_second_version_is_attached_beside_the_first_and_a_bare_domain_follows_production(refs, alone, texts):
+    base = dsft.load_base("tiny-deepseek-v2", device="cpu")
+    first = base.attach("finance")  # no production tag: the newest version
+    assert first.ref == refs["finance2"] and first.via == "newest version"
+    assert base.attach(refs["finance"]).via is None
+    assert set(base.adapters) == {refs["finance"], refs["finance2"]}
+
+    def answer(adapter):
+        return base.generate(texts[0], adapter=adapter, max_new_tokens=8, ignore_eos=True).token_ids
+
+    old = alone["finance"].generate(texts[0], adapter="finance", max_new_tokens=8, ignore_eos=True).token_ids
+    assert answer(refs["finance"]) == old and answer(refs["finance2"]) != old
+    assert answer("finance") == answer(refs["finance2"])  # both attached, no tag: the newest
+    with pytest.raises(UsageError, match="2 versions attached"):
+        base.detach("finance")
+
+    reg = dsft.open_registry()
+    try:
+        reg.tag(refs["finance"], "production")
+        info = base.attach("finance")  # now the tagged version (attached already: nothing is loaded again)
+        assert info.ref == refs["finance"] and info.via == "production tag"
+        assert answer("finance") == old and answer("finance@production") == old
+        assert base.resolve("finance@production").ref == refs["finance"]
+    finally:
+        reg.untag("finance", "production")
+        reg.close()
+    assert base.detach(refs["finance2"]).ref == refs["finance2"]
+    assert answer("finance") == old
+    base.close()
 
 
 def test_a_tampered_adapter_is_refused_naming_the_file(refs, rt_home):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import httpx
 import pytest
@@ -21,9 +22,10 @@ def complete(client: httpx.Client, model: str, prompt: str, max_tokens: int = 10
     return r.json()["choices"][0]["text"]
 
 
-def test_health_needs_no_key_and_models_lists_base_and_adapters(server, client, serve_refs):
+def test_health_needs_no_key_but_lists_adapters_only_with_it(server, client, serve_refs):
     health = httpx.get(f"{server}/health").json()
-    assert health["status"] == "ok" and health["base"] == "tiny-deepseek-v2"
+    assert health["status"] == "ok" and health["base"] == "tiny-deepseek-v2" and "adapters" not in health
+    assert client.get("/health").json()["adapters"] == [serve_refs[k] for k in ("finance", "legal", "medical")]
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids == ["tiny-deepseek-v2", serve_refs["finance"], serve_refs["legal"], serve_refs["medical"]]
 
@@ -78,6 +80,9 @@ BAD = [
     ({"model": "finance", "prompt": "x", "max_tokens": 0}, 400),
     ({"model": "finance", "prompt": "x", "max_tokens": -5}, 400),
     ({"model": "finance", "prompt": "x", "temperature": -1}, 400),
+    ({"model": "finance", "prompt": "x", "temperature": 1e-45}, 400),
+    ({"model": "finance", "prompt": "x", "seed": 18446744073709551616}, 400),
+    ({"model": "finance", "prompt": "x", "top_p": 0}, 400),
     ({"model": "finance", "prompt": "x", "n": 3}, 400),
     ({"model": "finance", "prompt": "y" * 70_000}, 413),
     ({"model": "finance", "prompt": "hello " * 4000, "max_tokens": 5}, 413),
@@ -97,9 +102,38 @@ def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(client, payl
     assert complete(client, "finance", PROMPTS[0], max_tokens=2)
 
 
+def test_one_bad_request_among_six_concurrent_ones_fails_alone(server, client, api_key):
+    good = {"model": "finance", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    bodies = [good] * 2 + [{**good, "seed": 18446744073709551616, "temperature": 0.7}] + [good] * 3
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as c:
+            return await asyncio.gather(*[c.post("/v1/completions", json=b) for b in bodies])
+
+    answers = asyncio.run(burst())
+    assert [a.status_code for a in answers] == [200, 200, 400, 200, 200, 200]
+    assert "seed" in answers[2].json()["error"]["message"]
+    assert len({a.json()["choices"][0]["text"] for i, a in enumerate(answers) if i != 2}) == 1
+
+
+def test_a_client_that_leaves_has_its_completion_cancelled(server, client, api_key):
+    before = client.get("/health").json()["engine"]["cancelled"]
+    body = {"model": "finance", "prompt": [PROMPTS[0]] * 16, "max_tokens": 256, "ignore_eos": True, "raw": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 16 x 256 tokens are generated
+        httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=1.0)
+    for _ in range(100):
+        if client.get("/health").json()["engine"]["cancelled"] >= before + 16:
+            break
+        time.sleep(0.2)
+    assert client.get("/health").json()["engine"]["cancelled"] >= before + 16
+
+
 def test_chat_errors_and_unknown_routes_are_json_too(client):
     r = client.post("/v1/chat/completions", json={"model": "finance", "messages": []})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "finance", "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 0})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={"model": "finance", "messages": [{"role": "wizard", "content": "hi"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
     assert client.get("/v1/nothing-here").json()["error"]["type"] == "not_found_error"
@@ -112,19 +146,22 @@ def test_a_wrong_or_missing_key_is_401(server, api_key):
     assert httpx.get(f"{server}/health").status_code == 200
 
 
-def test_adapters_attach_swap_and_detach_over_http(client, serve_refs):
+def test_a_second_version_is_served_beside_the_first_and_each_answers_by_its_ref(client, serve_refs):
     before = complete(client, "finance", PROMPTS[0])
     r = client.post("/v1/adapters", json={"ref": serve_refs["finance2"]})
     assert r.status_code == 201 and r.json()["ref"] == serve_refs["finance2"]
-    assert complete(client, "finance", PROMPTS[0]) != before
-    assert client.post("/v1/completions", json={"model": serve_refs["finance"], "prompt": "x"}).status_code == 404
+    assert complete(client, serve_refs["finance"], PROMPTS[0]) == before  # still served, by its version
+    newest = complete(client, "finance", PROMPTS[0])  # no production tag: the newest attached version
+    assert newest != before and newest == complete(client, serve_refs["finance2"], PROMPTS[0])
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert serve_refs["finance"] in ids and serve_refs["finance2"] in ids
 
     r = client.post("/v1/adapters", json={"ref": serve_refs["incompatible"]})
     assert r.status_code == 409 and "tokenizer changed" in r.json()["error"]["message"]
     assert client.post("/v1/adapters", json={"ref": "astrology"}).status_code == 404
+    r = client.delete("/v1/adapters/finance")
+    assert r.status_code == 400 and "detach one by its version" in r.json()["error"]["message"]
 
     assert client.delete(f"/v1/adapters/{serve_refs['finance2']}").json() == {"detached": serve_refs["finance2"]}
-    assert client.post("/v1/completions", json={"model": "finance", "prompt": "x"}).status_code == 404
-    assert client.delete("/v1/adapters/finance").status_code == 404
-    assert client.post("/v1/adapters", json={"ref": serve_refs["finance"]}).status_code == 201
+    assert client.post("/v1/completions", json={"model": serve_refs["finance2"], "prompt": "x"}).status_code == 404
     assert complete(client, "finance", PROMPTS[0]) == before
