@@ -1,11 +1,14 @@
-"""Records -> token tensors: raw text is packed into full blocks, instructions and chats are encoded one by one.
+"""Records -> token tensors: raw text is packed into full blocks, instructions and chats are packed
+best-fit into full rows with each example attending only to itself (:mod:`dsft.data.packing`).
 
-Every example is ``seq_len`` tokens with three rows of the same shape:
+Every example row is ``seq_len`` tokens with four rows of the same shape:
 
 * ``input_ids``: token ids, right-padded with the tokenizer's pad id (EOS when it has none);
 * ``labels``: the targets *before* the shift (the training loop shifts by one); ``-100`` where no
-  loss is taken: padding, prompts, system and user turns;
-* ``attention_mask``: 1 on real tokens, 0 on padding.
+  loss is taken: padding, prompts, system and user turns, and the first token of every example;
+* ``attention_mask``: 1 on real tokens, 0 on padding (for counting; the model gets ``position_ids``);
+* ``position_ids``: restart at 0 at every packed example; the model is called through
+  :func:`dsft.data.packing.model_inputs` so that attention stays inside each example.
 
 The tokenizer is anything shaped like ``transformers.PreTrainedTokenizerFast``: callable on a
 list of texts, with ``eos_token_id`` and ``pad_token_id`` (and ``apply_chat_template`` for chats).
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dsft.data.files import Message, Record
+from dsft.data.packing import Sequences, best_fit, pack_rows
 from dsft.errors import DataError, UsageError
 
 log = logging.getLogger("dsft.data")
@@ -35,50 +39,59 @@ TURN_END = "\n\n"
 Segments = list[tuple[str, bool]]
 """A rendered example as (text, takes loss) pieces, in order."""
 
+KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
+
 
 @dataclass(frozen=True)
 class Examples:
-    """A set of tokenised examples, all ``[N, seq_len]`` long tensors; a map-style torch Dataset."""
+    """A set of tokenised rows, all ``[N, seq_len]`` long tensors; a map-style torch Dataset.
+
+    ``position_ids`` defaults to ``0 .. seq_len-1`` on every row (one example per row).
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    position_ids: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        shapes = {tuple(t.shape) for t in (self.input_ids, self.labels, self.attention_mask)}
+        if self.position_ids is None:
+            n, s = self.input_ids.shape if self.input_ids.dim() == 2 else (0, 0)
+            object.__setattr__(self, "position_ids", torch.arange(s).expand(n, s).contiguous())
+        shapes = {tuple(getattr(self, k).shape) for k in KEYS}
         if len(shapes) != 1 or self.input_ids.dim() != 2:
-            raise ValueError(f"input_ids, labels and attention_mask must share one [N, seq_len] shape, got {shapes}")
+            raise ValueError(f"input_ids, labels, attention_mask and position_ids must share one [N, seq_len] shape, got {shapes}")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
+        return {k: getattr(self, k)[i] for k in KEYS}
 
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
     def select(self, index: torch.Tensor | Sequence[int]) -> Examples:
-        """The examples at ``index`` (repeats allowed), in that order."""
+        """The rows at ``index`` (repeats allowed), in that order."""
         index = torch.as_tensor(index, dtype=torch.long)
-        return Examples(self.input_ids[index], self.labels[index], self.attention_mask[index])
+        return Examples(*(getattr(self, k)[index] for k in KEYS))
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "labels": self.labels, "attention_mask": self.attention_mask}
+        return {k: getattr(self, k) for k in KEYS}
 
     @staticmethod
     def from_dict(tensors: Mapping[str, Any]) -> Examples:
-        return Examples(*(torch.as_tensor(tensors[k], dtype=torch.long)
-                          for k in ("input_ids", "labels", "attention_mask")))
+        return Examples(*(torch.as_tensor(tensors[k], dtype=torch.long) if tensors.get(k) is not None else None
+                          for k in KEYS))
 
     @staticmethod
     def empty(seq_len: int) -> Examples:
-        return Examples(*(torch.zeros((0, seq_len), dtype=torch.long) for _ in range(3)))
+        return Examples(*(torch.zeros((0, seq_len), dtype=torch.long) for _ in KEYS))
 
     @staticmethod
     def cat(parts: Sequence[Examples], seq_len: int | None = None) -> Examples:
-        """Concatenate along the example axis; ``seq_len`` is needed only when ``parts`` is empty."""
+        """Concatenate along the row axis; ``seq_len`` is needed only when ``parts`` is empty."""
         if not parts:
             if seq_len is None:
                 raise ValueError("Examples.cat of no parts needs seq_len")
@@ -86,8 +99,7 @@ class Examples:
         lens = {p.seq_len for p in parts}
         if len(lens) != 1:
             raise ValueError(f"cannot concatenate examples of different seq_len {sorted(lens)}")
-        return Examples(*(torch.cat([getattr(p, k) for p in parts])
-                          for k in ("input_ids", "labels", "attention_mask")))
+        return Examples(*(torch.cat([getattr(p, k) for p in parts]) for k in KEYS))
 
 
 def count_tokens(examples: Examples | Mapping[str, torch.Tensor]) -> int:
@@ -98,7 +110,7 @@ def count_tokens(examples: Examples | Mapping[str, torch.Tensor]) -> int:
 
 def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack ``Examples[i]`` items into a batch; ``DataLoader(examples, batch_size=8, collate_fn=collate)``."""
-    return {k: torch.stack([item[k] for item in batch]) for k in ("input_ids", "labels", "attention_mask")}
+    return {k: torch.stack([item[k] for item in batch]) for k in KEYS}
 
 
 # --- raw text -------------------------------------------------------------------------------
@@ -138,7 +150,9 @@ def _pack(tokenizer: Any, texts: Sequence[str], seq_len: int, add_eos: bool = Tr
             stream.append(eos)
     n = len(stream) // seq_len
     if n == 0:
-        return _pad_rows([(stream, stream)], seq_len, _pad_id(tokenizer)) if stream else Examples.empty(seq_len)
+        if not stream:
+            return Examples.empty(seq_len)
+        return Examples(**pack_rows(Sequences.from_lists([(stream, stream)]), [[0]], seq_len, _pad_id(tokenizer)))
     ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return Examples(ids, ids.clone(), torch.ones_like(ids))
 
@@ -282,20 +296,17 @@ def _encode_segments(tokenizer: Any, segments: Segments, seq_len: int, plain: bo
 # --- records -> examples ---------------------------------------------------------------------------
 
 
-def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> Examples:
-    """Tokenise records: raw texts packed together into full blocks first, then one example per
-    instruction or chat record, right-padded to ``seq_len``.
+def tokenize_records(tokenizer: Any, records: Sequence[Record], seq_len: int) -> tuple[Sequences, int]:
+    """Tokenise records into variable-length examples of at most ``seq_len`` tokens.
 
-    An instruction or chat whose prompt fills all of ``seq_len`` (no response token left) would
-    train nothing; it is dropped with a warning on the ``dsft.data`` logger.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer with an EOS token.
-        records: from :func:`dsft.data.files.load_records` (or built with ``Record.raw`` etc.).
-        seq_len: tokens per example.
+    Raw texts come first, concatenated and cut into full ``seq_len`` blocks (GPT-style, see
+    :func:`pack_texts`; all of them shorter than one block make one shorter example); then one
+    example per instruction or chat record, cut to ``seq_len``. An instruction or chat whose prompt
+    fills all of ``seq_len`` (no response token left) would train nothing; it is dropped with a
+    warning on the ``dsft.data`` logger.
 
     Returns:
-        Examples ``[N, seq_len]``; N is 0 for no records.
+        ``(sequences, dropped)``: the examples and how many records were dropped.
 
     Raises:
         UsageError: ``seq_len`` < 2, or the tokenizer has no EOS token.
@@ -304,9 +315,14 @@ def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> E
     """
     _check_seq_len(seq_len)
     texts = [r.text for r in records if r.kind == "text"]
-    parts = [_pack(tokenizer, texts, seq_len)] if texts else []
     rows: list[tuple[list[int], list[int]]] = []
+    if texts:
+        blocks = _pack(tokenizer, texts, seq_len)
+        for ids, labels, mask in zip(blocks.input_ids, blocks.labels, blocks.attention_mask):
+            n = int(mask.sum())
+            rows.append((ids[:n].tolist(), labels[:n].tolist()))
     dropped: list[str] = []
+    kept = 0
     for r in records:
         if r.kind == "text":
             continue
@@ -317,31 +333,47 @@ def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> E
                 ids, labels = encode_chat(tokenizer, r.messages, seq_len)
         except DataError as e:
             raise DataError(f"{r.source}: {e}") from None
-        if all(x == IGNORE for x in labels):
+        # the first token never takes loss (it has no context; packed, it would be the previous example's target)
+        if all(x == IGNORE for x in labels[1:]):
             dropped.append(r.source)
         else:
             rows.append((ids, labels))
+            kept += 1
     if dropped:
-        if not rows and not texts:
+        if not kept and not texts:
             raise DataError(f"{dropped[0]}: no record has a response token within seq_len={seq_len} "
                             f"({len(dropped)} prompt(s) too long); raise seq_len or shorten the prompts")
         log.warning("dropped %d record(s) whose prompt fills seq_len=%d (first: %s); raise seq_len to keep them",
                     len(dropped), seq_len, dropped[0])
-    if rows:
-        parts.append(_pad_rows(rows, seq_len, _pad_id(tokenizer)))
-    return Examples.cat(parts, seq_len)
+    return Sequences.from_lists(rows), len(dropped)
 
 
-def _pad_rows(rows: Sequence[tuple[list[int], list[int]]], seq_len: int, pad: int) -> Examples:
-    n = len(rows)
-    ids = torch.full((n, seq_len), pad, dtype=torch.long)
-    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, seq_len), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)] = torch.tensor(x[:seq_len], dtype=torch.long)
-        labels[i, : len(y)] = torch.tensor(y[:seq_len], dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return Examples(ids, labels, mask)
+def pack_examples(seqs: Sequences, seq_len: int, pad_id: int) -> Examples:
+    """Pack ``seqs`` best-fit into ``seq_len`` rows (:func:`dsft.data.packing.best_fit`), in their order."""
+    rows = best_fit(seqs.lengths.tolist(), seq_len)
+    return Examples(**pack_rows(seqs, rows, seq_len, pad_id)) if rows else Examples.empty(seq_len)
+
+
+def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> Examples:
+    """Tokenise records (:func:`tokenize_records`) and pack them into full ``seq_len`` rows.
+
+    Raw texts fill whole rows (GPT-style blocks); instruction and chat examples are packed best-fit
+    several to a row, each attending only to itself (``position_ids`` restart per example).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        records: from :func:`dsft.data.files.load_records` (or built with ``Record.raw`` etc.).
+        seq_len: tokens per row.
+
+    Returns:
+        Examples ``[N, seq_len]``; N is 0 for no records.
+
+    Raises:
+        UsageError: ``seq_len`` < 2, or the tokenizer has no EOS token.
+        DataError: see :func:`tokenize_records`.
+    """
+    seqs, _ = tokenize_records(tokenizer, records, seq_len)
+    return pack_examples(seqs, seq_len, _pad_id(tokenizer))
 
 
 # --- tokenizer access ------------------------------------------------------------------------------
