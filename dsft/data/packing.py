@@ -77,7 +77,7 @@ def best_fit(lengths: Sequence[int], capacity: int, window: int = WINDOW) -> lis
 
     Within each window of ``window`` consecutive examples, the longest goes first into the open row
     with the least room that still fits it (a new row when none does). Ties keep the input order, so
-    the result depends only on ``lengths``. Rows come out window by window.
+    the result depends only on ``lengths``. Rows come out window by window, fullest first within one.
 
     Raises:
         ValueError: an example is longer than ``capacity``.
@@ -99,7 +99,8 @@ def best_fit(lengths: Sequence[int], capacity: int, window: int = WINDOW) -> lis
                 room, r = free.pop(at)
                 rows[r].append(i)
                 bisect.insort(free, (room - n, r))
-        rows[first:] = sorted(rows[first:], key=lambda r: r[0])  # rows in order of their first example
+        # fullest rows first: a caller that keeps a prefix of the rows cuts the emptiest ones of its last window
+        rows[first:] = sorted(rows[first:], key=lambda r: (-sum(lengths[i] for i in r), r[0]))
     return rows
 
 

@@ -152,7 +152,7 @@ def _pack(tokenizer: Any, texts: Sequence[str], seq_len: int, add_eos: bool = Tr
     if n == 0:
         if not stream:
             return Examples.empty(seq_len)
-        return Examples(**pack_rows(Sequences.from_lists([(stream, stream)]), [[0]], seq_len, _pad_id(tokenizer)))
+        return Examples(**pack_rows(Sequences.from_lists([(stream, stream)]), [[0]], seq_len, pad_id(tokenizer)))
     ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return Examples(ids, ids.clone(), torch.ones_like(ids))
 
@@ -373,7 +373,7 @@ def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> E
         DataError: see :func:`tokenize_records`.
     """
     seqs, _ = tokenize_records(tokenizer, records, seq_len)
-    return pack_examples(seqs, seq_len, _pad_id(tokenizer))
+    return pack_examples(seqs, seq_len, pad_id(tokenizer))
 
 
 # --- tokenizer access ------------------------------------------------------------------------------
@@ -394,7 +394,8 @@ def _eos_id(tokenizer: Any) -> int:
     return eos
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its EOS id when it has none."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return _eos_id(tokenizer) if pad is None else pad
 

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dsft.data.files import Record, load_records
-from dsft.data.mixture import apportion, mix
-from dsft.data.tokenize import Examples, build_examples
+from dsft.data.mixture import apportion, mix_packed
+from dsft.data.packing import Sequences
+from dsft.data.tokenize import Examples, pad_id, tokenize_records
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
 
@@ -60,13 +61,22 @@ def phase_steps(stage: Stage, steps: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class StageData:
-    """The tokenised examples of one stage in step order (phase after phase), and the realised mixture."""
+    """The packed rows of one stage in step order (phase after phase), and the realised mixture.
+
+    Every step takes ``batch_size`` rows of ``seq_len`` tokens (fixed shapes: each layer compiles
+    once); a row holds several instruction/chat examples (``position_ids`` restart per example) or
+    one block of raw text.
+    """
 
     examples: Examples
     realised: dict[str, int]
     """Examples per source over the whole stage."""
     phases: dict[str, dict[str, Any]]
-    """Per phase: ``{"steps": n, "mixture": {source: examples}}``."""
+    """Per phase: ``{"steps": n, "mixture": {source: examples}, "tokens": {source: tokens}}``."""
+    realised_tokens: dict[str, int] = field(default_factory=dict)
+    """Real (non-padding) tokens per source over the whole stage."""
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per source, what tokenising gave: ``records``, ``examples``, ``dropped`` (prompt fills seq_len), ``tokens``."""
 
     @staticmethod
     def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int,
@@ -74,28 +84,33 @@ class StageData:
         """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
         steps = steps or stage.steps
         as_text = stage.kind == "cpt"
-        tokenised: dict[str, Examples] = {}
-        parts, realised, phases = [], {}, {}
+        tokenised: dict[str, Sequences] = {}
+        sources: dict[str, dict[str, int]] = {}
+        parts, realised, realised_tokens, phases = [], {}, {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
             weights = phase_weights(stage, phase, bool(user_records))
             for name in weights:
                 if name not in tokenised:
-                    tokenised[name] = build_examples(tokenizer, source_records(name, pack, general, user_records, as_text),
-                                                     stage.seq_len)
-            phases[phase.name] = {"steps": n_steps, "mixture": {}}
+                    records = source_records(name, pack, general, user_records, as_text)
+                    tokenised[name], dropped = tokenize_records(tokenizer, records, stage.seq_len)
+                    sources[name] = {"records": len(records), "examples": len(tokenised[name]), "dropped": dropped,
+                                     "tokens": int(tokenised[name].lengths.sum())}
+            phases[phase.name] = {"steps": n_steps, "mixture": {}, "tokens": {}}
             if n_steps == 0:
                 continue
-            examples, counts = mix({n: tokenised[n] for n in weights}, weights, n_steps * stage.batch_size, seed + 1000 * k)
-            parts.append(examples)
-            phases[phase.name]["mixture"] = counts
-            for name, c in counts.items():
+            mixed = mix_packed({n: tokenised[n] for n in weights}, weights, n_steps * stage.batch_size, stage.seq_len,
+                               pad_id(tokenizer), seed + 1000 * k)
+            parts.append(mixed.examples)
+            phases[phase.name].update(mixture=mixed.counts, tokens=mixed.tokens)
+            for name, c in mixed.counts.items():
                 realised[name] = realised.get(name, 0) + c
-        return StageData(Examples.cat(parts, stage.seq_len), realised, phases)
+                realised_tokens[name] = realised_tokens.get(name, 0) + mixed.tokens[name]
+        return StageData(Examples.cat(parts, stage.seq_len), realised, phases, realised_tokens, sources)
 
 
 def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, int] = (0, 1)
                   ) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``batches(step)``: that step's slice of the mixed examples on ``device``; resumable by step number.
+    """``batches(step)``: that step's packed rows (incl. ``position_ids``) on ``device``; resumable by step number.
 
     ``shard=(rank, world)``: only this rank's rows of each step's ``batch_size`` (the global batch), split
     as :func:`dsft.recipes.distributed.split_rows` does, so the ranks together see one step's examples.
