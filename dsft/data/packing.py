@@ -140,7 +140,8 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | 
     """The keyword arguments for a model or decoder call on ``batch`` (without ``labels``).
 
     Packed rows give ``position_ids`` and no attention mask, so transformers builds the per-example
-    block-diagonal causal mask; batches without ``position_ids`` keep their ``attention_mask``.
+    block-diagonal causal mask; batches without ``position_ids`` keep their ``attention_mask``. Call
+    with ``use_cache=False``: transformers reads packed sequences only when there is no KV cache.
     """
     if batch.get("position_ids") is not None:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}

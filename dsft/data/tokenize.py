@@ -296,17 +296,35 @@ def _encode_segments(tokenizer: Any, segments: Segments, seq_len: int, plain: bo
 # --- records -> examples ---------------------------------------------------------------------------
 
 
-def tokenize_records(tokenizer: Any, records: Sequence[Record], seq_len: int) -> tuple[Sequences, int]:
+@dataclass(frozen=True)
+class TokenizeStats:
+    """What tokenising a list of records gave (the data plan shows it per source)."""
+
+    records: dict[str, int]
+    """Records per kind (``text``, ``instruction``, ``chat``)."""
+    examples: int
+    tokens: int
+    truncated: int
+    """Instruction/chat records cut to ``seq_len`` (their start kept)."""
+    dropped: int
+    """Instruction/chat records with no response token within ``seq_len`` (not trained on)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"records": self.records, "examples": self.examples, "tokens": self.tokens,
+                "truncated": self.truncated, "dropped": self.dropped}
+
+
+def tokenize_records(tokenizer: Any, records: Sequence[Record], seq_len: int) -> tuple[Sequences, TokenizeStats]:
     """Tokenise records into variable-length examples of at most ``seq_len`` tokens.
 
     Raw texts come first, concatenated and cut into full ``seq_len`` blocks (GPT-style, see
     :func:`pack_texts`; all of them shorter than one block make one shorter example); then one
-    example per instruction or chat record, cut to ``seq_len``. An instruction or chat whose prompt
-    fills all of ``seq_len`` (no response token left) would train nothing; it is dropped with a
-    warning on the ``dsft.data`` logger.
+    example per instruction or chat record, cut to ``seq_len`` (counted as truncated). An instruction
+    or chat whose prompt fills all of ``seq_len`` (no response token left) would train nothing; it is
+    dropped with a warning on the ``dsft.data`` logger.
 
     Returns:
-        ``(sequences, dropped)``: the examples and how many records were dropped.
+        ``(sequences, stats)``.
 
     Raises:
         UsageError: ``seq_len`` < 2, or the tokenizer has no EOS token.
@@ -322,17 +340,22 @@ def tokenize_records(tokenizer: Any, records: Sequence[Record], seq_len: int) ->
             n = int(mask.sum())
             rows.append((ids[:n].tolist(), labels[:n].tolist()))
     dropped: list[str] = []
-    kept = 0
+    kept = truncated = 0
+    kinds: dict[str, int] = {}
     for r in records:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
         if r.kind == "text":
             continue
-        try:
+        try:  # encoded whole, then cut here: so that truncation can be counted
             if r.kind == "instruction":
-                ids, labels = encode_instruction(tokenizer, r.prompt, r.response, seq_len)
+                ids, labels = encode_instruction(tokenizer, r.prompt, r.response, _UNCUT)
             else:
-                ids, labels = encode_chat(tokenizer, r.messages, seq_len)
+                ids, labels = encode_chat(tokenizer, r.messages, _UNCUT)
         except DataError as e:
             raise DataError(f"{r.source}: {e}") from None
+        if len(ids) > seq_len:
+            truncated += 1
+            ids, labels = ids[:seq_len], labels[:seq_len]
         # the first token never takes loss (it has no context; packed, it would be the previous example's target)
         if all(x == IGNORE for x in labels[1:]):
             dropped.append(r.source)
@@ -345,7 +368,11 @@ def tokenize_records(tokenizer: Any, records: Sequence[Record], seq_len: int) ->
                             f"({len(dropped)} prompt(s) too long); raise seq_len or shorten the prompts")
         log.warning("dropped %d record(s) whose prompt fills seq_len=%d (first: %s); raise seq_len to keep them",
                     len(dropped), seq_len, dropped[0])
-    return Sequences.from_lists(rows), len(dropped)
+    seqs = Sequences.from_lists(rows)
+    return seqs, TokenizeStats(kinds, len(seqs), int(seqs.lengths.sum()), truncated, len(dropped))
+
+
+_UNCUT = 1 << 62
 
 
 def pack_examples(seqs: Sequences, seq_len: int, pad_id: int) -> Examples:

@@ -75,8 +75,8 @@ class StageData:
     """Per phase: ``{"steps": n, "mixture": {source: examples}, "tokens": {source: tokens}}``."""
     realised_tokens: dict[str, int] = field(default_factory=dict)
     """Real (non-padding) tokens per source over the whole stage."""
-    sources: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Per source, what tokenising gave: ``records``, ``examples``, ``dropped`` (prompt fills seq_len), ``tokens``."""
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per source, what tokenising gave (:class:`dsft.data.tokenize.TokenizeStats` as JSON)."""
 
     @staticmethod
     def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int,
@@ -85,16 +85,15 @@ class StageData:
         steps = steps or stage.steps
         as_text = stage.kind == "cpt"
         tokenised: dict[str, Sequences] = {}
-        sources: dict[str, dict[str, int]] = {}
+        sources: dict[str, dict[str, Any]] = {}
         parts, realised, realised_tokens, phases = [], {}, {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
             weights = phase_weights(stage, phase, bool(user_records))
             for name in weights:
                 if name not in tokenised:
                     records = source_records(name, pack, general, user_records, as_text)
-                    tokenised[name], dropped = tokenize_records(tokenizer, records, stage.seq_len)
-                    sources[name] = {"records": len(records), "examples": len(tokenised[name]), "dropped": dropped,
-                                     "tokens": int(tokenised[name].lengths.sum())}
+                    tokenised[name], stats = tokenize_records(tokenizer, records, stage.seq_len)
+                    sources[name] = stats.to_json()
             phases[phase.name] = {"steps": n_steps, "mixture": {}, "tokens": {}}
             if n_steps == 0:
                 continue
