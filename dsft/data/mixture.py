@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsft.data.packing import Sequences, best_fit, pack_rows
+from dsft.data.packing import SequenceSource, best_fit, pack_rows
 from dsft.data.tokenize import Examples
 from dsft.errors import DataError, UsageError
 
@@ -116,7 +116,7 @@ class PackedMixture:
     """Real (non-padding) tokens per source in the rows."""
 
 
-def mix_packed(sources: Mapping[str, Sequences], weights: Mapping[str, float] | Sequence[Source], rows: int,
+def mix_packed(sources: Mapping[str, SequenceSource], weights: Mapping[str, float] | Sequence[Source], rows: int,
                seq_len: int, pad_id: int, seed: int) -> PackedMixture:
     """Draw examples from the sources in proportion to their weights until they fill ``rows`` packed rows.
 
@@ -148,17 +148,14 @@ def mix_packed(sources: Mapping[str, Sequences], weights: Mapping[str, float] | 
         n_draw = math.ceil(n_draw * rows / len(packed) * 1.02) + 1
     packed = packed[:rows]
     rng.shuffle(packed)
-    base, at = {}, 0
-    for n in names:
-        base[n], at = at, at + len(lengths[n])
-    index = [[base[drawn[j][0]] + drawn[j][1] for j in row] for row in packed]
+    index = [[drawn[j] for j in row] for row in packed]
     used = [drawn[j] for row in packed for j in row]
     realised = {n: 0 for n in names}
     tokens = {n: 0 for n in names}
     for n, i in used:
         realised[n] += 1
         tokens[n] += lengths[n][i]
-    examples = Examples(**pack_rows(Sequences.cat([sources[n] for n in names]), index, seq_len, pad_id))
+    examples = Examples(**pack_rows(lambda key: sources[key[0]].example(key[1]), index, seq_len, pad_id))
     return PackedMixture(examples, realised, tokens)
 
 

@@ -14,8 +14,9 @@ padding is a fraction of a percent apart from the last window's rows.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +24,17 @@ IGNORE = -100
 
 WINDOW = 1024
 """Examples considered together by best-fit decreasing: more packs tighter, fewer keeps the order local."""
+
+
+class SequenceSource(Protocol):
+    """Variable-length examples packing can draw from: in memory (:class:`Sequences`) or memory-mapped Arrow."""
+
+    @property
+    def lengths(self) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...
+
+    def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -63,14 +75,6 @@ class Sequences:
         flat_labels = [t for _, y in rows for t in y]
         return Sequences(torch.tensor(flat_ids, dtype=torch.long), torch.tensor(flat_labels, dtype=torch.long), offsets)
 
-    @staticmethod
-    def cat(parts: Sequence[Sequences]) -> Sequences:
-        if not parts:
-            return Sequences.from_lists([])
-        shifts = torch.tensor([0] + [int(p.offsets[-1]) for p in parts[:-1]]).cumsum(0)
-        offsets = torch.cat([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts.tolist())])
-        return Sequences(torch.cat([p.input_ids for p in parts]), torch.cat([p.labels for p in parts]), offsets)
-
 
 def best_fit(lengths: Sequence[int], capacity: int, window: int = WINDOW) -> list[list[int]]:
     """Group indices of ``lengths`` into rows of at most ``capacity`` tokens, best-fit decreasing per window.
@@ -104,8 +108,9 @@ def best_fit(lengths: Sequence[int], capacity: int, window: int = WINDOW) -> lis
     return rows
 
 
-def pack_rows(seqs: Sequences, rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Lay out ``rows`` (lists of example indices into ``seqs``) as ``[len(rows), seq_len]`` tensors.
+def pack_rows(get: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], rows: Sequence[Sequence[Any]], seq_len: int,
+              pad_id: int) -> dict[str, torch.Tensor]:
+    """Lay out ``rows`` (lists of example keys; ``get(key)`` gives that example's ids and labels) as ``[len(rows), seq_len]``.
 
     Returns ``input_ids``, ``labels`` (-100 on padding and on every example's first token),
     ``attention_mask`` (1 on real tokens) and ``position_ids`` (restarting at 0 per example and at the padding).
@@ -115,14 +120,13 @@ def pack_rows(seqs: Sequences, rows: Sequence[Sequence[int]], seq_len: int, pad_
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
     mask = torch.zeros((n, seq_len), dtype=torch.long)
     pos = torch.zeros((n, seq_len), dtype=torch.long)
-    lengths = seqs.lengths.tolist()
-    offsets = seqs.offsets.tolist()
     for r, row in enumerate(rows):
         at = 0
-        for i in row:
-            length, lo = lengths[i], offsets[i]
-            ids[r, at : at + length] = seqs.input_ids[lo : lo + length]
-            labels[r, at : at + length] = seqs.labels[lo : lo + length]
+        for key in row:
+            x, y = get(key)
+            length = len(x)
+            ids[r, at : at + length] = torch.as_tensor(x)
+            labels[r, at : at + length] = torch.as_tensor(y)
             labels[r, at] = IGNORE
             pos[r, at : at + length] = torch.arange(length)
             at += length

@@ -16,7 +16,8 @@ list of texts, with ``eos_token_id`` and ``pad_token_id`` (and ``apply_chat_temp
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from itertools import islice
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +153,7 @@ def _pack(tokenizer: Any, texts: Sequence[str], seq_len: int, add_eos: bool = Tr
     if n == 0:
         if not stream:
             return Examples.empty(seq_len)
-        return Examples(**pack_rows(Sequences.from_lists([(stream, stream)]), [[0]], seq_len, pad_id(tokenizer)))
+        return Examples(**pack_rows(lambda _: (stream, stream), [[0]], seq_len, pad_id(tokenizer)))
     ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return Examples(ids, ids.clone(), torch.ones_like(ids))
 
@@ -314,62 +315,83 @@ class TokenizeStats:
                 "truncated": self.truncated, "dropped": self.dropped}
 
 
-def tokenize_records(tokenizer: Any, records: Sequence[Record], seq_len: int) -> tuple[Sequences, TokenizeStats]:
-    """Tokenise records into variable-length examples of at most ``seq_len`` tokens.
+def encode_records(tokenizer: Any, records: Iterable[Record], seq_len: int, stats: dict[str, Any],
+                   chunk: int = 1024) -> Iterator[tuple[list[int], list[int]]]:
+    """Stream ``(input_ids, labels)`` examples of at most ``seq_len`` tokens from ``records``.
 
-    Raw texts come first, concatenated and cut into full ``seq_len`` blocks (GPT-style, see
-    :func:`pack_texts`; all of them shorter than one block make one shorter example); then one
-    example per instruction or chat record, cut to ``seq_len`` (counted as truncated). An instruction
-    or chat whose prompt fills all of ``seq_len`` (no response token left) would train nothing; it is
-    dropped with a warning on the ``dsft.data`` logger.
-
-    Returns:
-        ``(sequences, stats)``.
+    Raw texts are concatenated (each followed by EOS) and cut into full ``seq_len`` blocks as they
+    come (GPT-style, see :func:`pack_texts`; if all of them are shorter than one block they make one
+    shorter example); each instruction or chat record is one example, cut to ``seq_len`` (counted as
+    truncated). An instruction or chat whose prompt fills all of ``seq_len`` (no response token
+    left) would train nothing; it is dropped with a warning on the ``dsft.data`` logger. Records are
+    read ``chunk`` at a time, so memory holds one chunk, not the corpus. ``stats`` is filled as the
+    stream goes (see :class:`TokenizeStats`).
 
     Raises:
         UsageError: ``seq_len`` < 2, or the tokenizer has no EOS token.
-        DataError: a chat cannot be rendered (names the record's source), or no instruction/chat
-            record has a response token within ``seq_len`` and there is no raw text.
+        DataError: a chat cannot be rendered (names the record's source), or, at the end, no
+            instruction/chat record has a response token within ``seq_len`` and there is no raw text.
     """
     _check_seq_len(seq_len)
-    texts = [r.text for r in records if r.kind == "text"]
-    rows: list[tuple[list[int], list[int]]] = []
-    if texts:
-        blocks = _pack(tokenizer, texts, seq_len)
-        for ids, labels, mask in zip(blocks.input_ids, blocks.labels, blocks.attention_mask):
-            n = int(mask.sum())
-            rows.append((ids[:n].tolist(), labels[:n].tolist()))
+    eos = _eos_id(tokenizer)
+    stats.update(records={}, examples=0, tokens=0, truncated=0, dropped=0)
+    stream: list[int] = []
+    blocks = kept = 0
     dropped: list[str] = []
-    kept = truncated = 0
-    kinds: dict[str, int] = {}
-    for r in records:
-        kinds[r.kind] = kinds.get(r.kind, 0) + 1
-        if r.kind == "text":
-            continue
-        try:  # encoded whole, then cut here: so that truncation can be counted
-            if r.kind == "instruction":
-                ids, labels = encode_instruction(tokenizer, r.prompt, r.response, _UNCUT)
+    it = iter(records)
+    while batch := list(islice(it, chunk)):
+        texts = [r.text for r in batch if r.kind == "text"]
+        for ids in _encode_batch(tokenizer, texts, special=True, split=True):
+            stream.extend(ids)
+            if not ids or ids[-1] != eos:
+                stream.append(eos)
+        while len(stream) >= seq_len:
+            block, stream = stream[:seq_len], stream[seq_len:]
+            blocks += 1
+            yield _counted(stats, block, list(block))
+        for r in batch:
+            stats["records"][r.kind] = stats["records"].get(r.kind, 0) + 1
+            if r.kind == "text":
+                continue
+            try:  # encoded whole, then cut here: so that truncation can be counted
+                if r.kind == "instruction":
+                    ids, labels = encode_instruction(tokenizer, r.prompt, r.response, _UNCUT)
+                else:
+                    ids, labels = encode_chat(tokenizer, r.messages, _UNCUT)
+            except DataError as e:
+                raise DataError(f"{r.source}: {e}") from None
+            if len(ids) > seq_len:
+                stats["truncated"] += 1
+                ids, labels = ids[:seq_len], labels[:seq_len]
+            # the first token never takes loss (it has no context; packed, it would be the previous example's target)
+            if all(x == IGNORE for x in labels[1:]):
+                dropped.append(r.source)
+                stats["dropped"] += 1
             else:
-                ids, labels = encode_chat(tokenizer, r.messages, _UNCUT)
-        except DataError as e:
-            raise DataError(f"{r.source}: {e}") from None
-        if len(ids) > seq_len:
-            truncated += 1
-            ids, labels = ids[:seq_len], labels[:seq_len]
-        # the first token never takes loss (it has no context; packed, it would be the previous example's target)
-        if all(x == IGNORE for x in labels[1:]):
-            dropped.append(r.source)
-        else:
-            rows.append((ids, labels))
-            kept += 1
+                kept += 1
+                yield _counted(stats, ids, labels)
+    if stream and not blocks:
+        yield _counted(stats, stream, list(stream))
+    has_text = bool(blocks or stream)
     if dropped:
-        if not kept and not texts:
+        if not kept and not has_text:
             raise DataError(f"{dropped[0]}: no record has a response token within seq_len={seq_len} "
                             f"({len(dropped)} prompt(s) too long); raise seq_len or shorten the prompts")
         log.warning("dropped %d record(s) whose prompt fills seq_len=%d (first: %s); raise seq_len to keep them",
                     len(dropped), seq_len, dropped[0])
-    seqs = Sequences.from_lists(rows)
-    return seqs, TokenizeStats(kinds, len(seqs), int(seqs.lengths.sum()), truncated, len(dropped))
+
+
+def _counted(stats: dict[str, Any], ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    stats["examples"] += 1
+    stats["tokens"] += len(ids)
+    return ids, labels
+
+
+def tokenize_records(tokenizer: Any, records: Iterable[Record], seq_len: int) -> tuple[Sequences, TokenizeStats]:
+    """All of :func:`encode_records` in memory: ``(sequences, stats)`` (same errors)."""
+    stats: dict[str, Any] = {}
+    seqs = Sequences.from_lists(list(encode_records(tokenizer, records, seq_len, stats)))
+    return seqs, TokenizeStats(**stats)
 
 
 _UNCUT = 1 << 62
@@ -378,7 +400,7 @@ _UNCUT = 1 << 62
 def pack_examples(seqs: Sequences, seq_len: int, pad_id: int) -> Examples:
     """Pack ``seqs`` best-fit into ``seq_len`` rows (:func:`dsft.data.packing.best_fit`), in their order."""
     rows = best_fit(seqs.lengths.tolist(), seq_len)
-    return Examples(**pack_rows(seqs, rows, seq_len, pad_id)) if rows else Examples.empty(seq_len)
+    return Examples(**pack_rows(seqs.example, rows, seq_len, pad_id)) if rows else Examples.empty(seq_len)
 
 
 def build_examples(tokenizer: Any, records: Sequence[Record], seq_len: int) -> Examples:

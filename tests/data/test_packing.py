@@ -53,7 +53,7 @@ def test_padding_is_under_three_percent_on_an_sft_like_length_distribution():
 def test_pack_rows_restarts_positions_per_example_and_masks_each_first_token():
     seqs = Sequences.from_lists([([5, 6, 7], [5, 6, 7]), ([8, 9], [IGNORE, 9])])
 
-    row = pack_rows(seqs, [[0, 1]], seq_len=8, pad_id=1)
+    row = pack_rows(seqs.example, [[0, 1]], seq_len=8, pad_id=1)
 
     assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 1, 1]]
     assert row["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE, IGNORE, IGNORE]]
@@ -121,7 +121,7 @@ def test_packed_loss_per_example_equals_unpacked_loss(name, attn):
     seqs = _examples()
     seq_len = 32
     rows = best_fit(seqs.lengths.tolist(), seq_len)
-    packed = pack_rows(seqs, rows, seq_len, pad_id=1)
+    packed = pack_rows(seqs.example, rows, seq_len, pad_id=1)
     assert len(rows) < len(seqs)  # several examples share a row
 
     got = heldout_loss(model, packed)
@@ -142,7 +142,8 @@ def test_packed_loss_per_example_equals_unpacked_loss(name, attn):
 
 def test_labelled_positions_only_loss_matches_the_full_head_and_its_gradient():
     model = _model("tiny-deepseek-v2", "sdpa")
-    packed = pack_rows(_examples(1), best_fit(_examples(1).lengths.tolist(), 32), 32, pad_id=1)
+    seqs = _examples(1)
+    packed = pack_rows(seqs.example, best_fit(seqs.lengths.tolist(), 32), 32, pad_id=1)
 
     fast = lm_loss(model, packed, chunk_size=8)
     fast.backward()
