@@ -2,9 +2,10 @@
 
 A packed row holds several examples back to back; ``position_ids`` restart at 0 at every example
 (and at the row's padding tail), and the model is called with ``attention_mask=None`` and those
-``position_ids`` (:func:`model_inputs`). transformers (5.x ``masking_utils``) then reads the example
-boundaries from the position ids and makes the attention block-diagonal and causal: with sdpa, eager
-and flex attention alike. The first token of every example takes no loss, so no example is trained
+``position_ids`` (:func:`model_inputs`) and no KV cache. transformers (5.x ``masking_utils``) then
+reads the example boundaries from the position ids and makes the attention block-diagonal and causal
+(tests/data/test_packing.py checks sdpa and eager on every tiny MoE family; measured with 5.24 and
+5.17, on CPU and CUDA, and flex attention on CUDA: packed logits within 3e-7 of each example alone). The first token of every example takes no loss, so no example is trained
 to predict the next one's start: a packed example's loss equals its loss alone in a row.
 
 Rows are filled best-fit decreasing over consecutive windows of examples: deterministic for a given

@@ -9,8 +9,9 @@ import torch
 
 from dsft.data.files import Record, load_records
 from dsft.data.mixture import apportion, mix_packed
-from dsft.data.packing import Sequences
-from dsft.data.tokenize import Examples, pad_id, tokenize_records
+from dsft.data.packing import SequenceSource
+from dsft.data.token_cache import RecordList, tokenized
+from dsft.data.tokenize import Examples, pad_id
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
 
@@ -84,7 +85,7 @@ class StageData:
         """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
         steps = steps or stage.steps
         as_text = stage.kind == "cpt"
-        tokenised: dict[str, Sequences] = {}
+        tokenised: dict[str, SequenceSource] = {}
         sources: dict[str, dict[str, Any]] = {}
         parts, realised, realised_tokens, phases = [], {}, {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
@@ -92,8 +93,9 @@ class StageData:
             for name in weights:
                 if name not in tokenised:
                     records = source_records(name, pack, general, user_records, as_text)
-                    tokenised[name], stats = tokenize_records(tokenizer, records, stage.seq_len)
-                    sources[name] = stats.to_json()
+                    # cached on disk by content: a second run (or stage) with the same data does not tokenise again
+                    tokenised[name] = tokenized(RecordList(records), tokenizer, stage.seq_len)
+                    sources[name] = tokenised[name].stats.to_json()
             phases[phase.name] = {"steps": n_steps, "mixture": {}, "tokens": {}}
             if n_steps == 0:
                 continue
