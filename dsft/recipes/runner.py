@@ -39,7 +39,7 @@ from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.eval.heldout import eval_sets
 from dsft.recipes.data_plan import StagePlan
-from dsft.recipes.sources import StageData
+from dsft.recipes.sources import StageData, stage_steps
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -317,7 +317,8 @@ def train(
     for i, stage in enumerate(rec.stages):
         if i < first:
             continue
-        steps = min(stage.steps, max_steps) if max_steps else stage.steps
+        steps = stage_steps(stage, pack, general, tokenizer, user_records)
+        steps = min(steps, max_steps) if max_steps else steps
         stage_data = StageData.build(stage, pack, general, tokenizer, user_records, seed + i, steps)
         data_plan = StagePlan.of(stage.name, stage_data, steps, stage.batch_size).to_json()
         emit("data_plan", data_plan)

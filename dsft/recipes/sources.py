@@ -1,6 +1,7 @@
 """Turn a stage's data sources (bundled domain corpora, general replay, user files) into token tensors."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ import torch
 
 from dsft.data.files import Record, load_records
 from dsft.data.mixture import apportion, mix_packed
-from dsft.data.packing import SequenceSource
+from dsft.data.packing import SequenceSource, best_fit
 from dsft.data.token_cache import RecordList, tokenized
 from dsft.data.tokenize import Examples, pad_id
 from dsft.eval.heldout import corpus, pair_records, raw_records
@@ -60,6 +61,19 @@ def phase_steps(stage: Stage, steps: int) -> dict[str, int]:
     return apportion({p.name: p.fraction for p in stage.mixtures}, steps)
 
 
+def stage_steps(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record]) -> int:
+    """The stage's ``steps``, or for ``epochs``: epochs x the packed rows that all its examples fill, / batch_size."""
+    if stage.steps is not None:
+        return stage.steps
+    as_text = stage.kind == "cpt"
+    names = {n for phase in stage.mixtures for n in phase_weights(stage, phase, bool(user_records))}
+    lengths = [length for n in sorted(names)
+               for length in tokenized(RecordList(source_records(n, pack, general, user_records, as_text)), tokenizer,
+                                       stage.seq_len).lengths.tolist()]
+    rows = len(best_fit(lengths, stage.seq_len))
+    return max(1, math.ceil(stage.epochs * rows / stage.batch_size))
+
+
 @dataclass(frozen=True)
 class StageData:
     """The packed rows of one stage in step order (phase after phase), and the realised mixture.
@@ -83,7 +97,7 @@ class StageData:
     def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int,
               steps: int | None = None) -> StageData:
         """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
-        steps = steps or stage.steps
+        steps = steps or stage_steps(stage, pack, general, tokenizer, user_records)
         as_text = stage.kind == "cpt"
         tokenised: dict[str, SequenceSource] = {}
         sources: dict[str, dict[str, Any]] = {}
