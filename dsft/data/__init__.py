@@ -5,7 +5,7 @@
     from dsft.data import load_records, build_examples, mix
 
     records = load_records(["notes.txt", "qa.jsonl"])           # DataError names file:line on bad input
-    examples = build_examples(tokenizer, records, seq_len=512)  # input_ids / labels / attention_mask
+    examples = build_examples(tokenizer, records, seq_len=512)  # packed rows: input_ids / labels / attention_mask / position_ids
     mixed, realised = mix({"user": examples, "general": general}, {"user": 3, "general": 1}, 1000, seed=0)
 """
 from __future__ import annotations
@@ -18,14 +18,15 @@ from dsft.data.files import READERS, Message, Record, load_records, to_record
 if TYPE_CHECKING:
     from dsft.data.mixture import Source, apportion, mix
     from dsft.data.tokenize import (
-        IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, pack_texts,
+        IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, encode_records,
+        pack_texts, tokenize_records,
     )
 
 # Lazy: reading and checking data files must not pay for importing torch.
 _LAZY = {
     **{name: "dsft.data.tokenize" for name in (
         "IGNORE", "Examples", "build_examples", "collate", "count_tokens", "encode_chat", "encode_instruction",
-        "pack_texts")},
+        "encode_records", "pack_texts", "tokenize_records")},
     **{name: "dsft.data.mixture" for name in ("Source", "apportion", "mix")},
 }
 
