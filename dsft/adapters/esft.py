@@ -140,12 +140,14 @@ def score_experts(model, spec: ArchSpec, examples, batch_size: int = 16) -> Expe
         for lo in range(0, len(examples), batch_size):
             ids = examples.input_ids[lo : lo + batch_size].to(device)
             mask = examples.attention_mask[lo : lo + batch_size].to(device)
+            pos = examples.position_ids[lo : lo + batch_size].to(device)
             keep = mask.sum(1) > 0
-            ids, mask = ids[keep], mask[keep]
+            ids, mask, pos = ids[keep], mask[keep], pos[keep]
             if not len(ids):
                 continue
             mask_now[:] = [mask.float()]
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            # packed rows: each example attends only to itself, as in training
+            model(input_ids=ids, position_ids=pos, use_cache=False)
             n_seq += len(ids)
             n_tok += int(mask.sum())
     finally:

@@ -37,6 +37,12 @@ class _ProgressView:
             self._close()
             out.print(f"held-out {payload['when']}: domain loss {payload['domain_loss']:.4f} (ppl {payload['domain_ppl']:.2f}), "
                       f"general loss {payload['general_loss']:.4f}")
+        elif kind == "data_plan" and not self.quiet:
+            from dsft.recipes.data_plan import render as render_plan  # here: the CLI starts without torch
+
+            self._close()
+            for line in render_plan(payload):
+                out.print(line, highlight=False)
         elif kind == "resume" and not self.quiet:
             out.print(f"resuming run {payload['run']} at stage {payload['stage']}, step {payload['step']}")
         elif kind == "teacher" and not self.quiet:

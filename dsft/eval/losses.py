@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dsft.data.packing import model_inputs, segment_ids
 from dsft.kernels.chunked_ce import chunked_causal_lm_loss
 
 
@@ -21,29 +22,42 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 4096) -> torch.Tensor:
-    """The training loss: decoder hidden states, then the output head in chunks (never the whole
-    batch's logits at once; see :mod:`dsft.kernels.chunked_ce`)."""
+    """The training loss: decoder hidden states, then the output head in chunks on the labelled
+    positions only (never the whole batch's logits at once; see :mod:`dsft.kernels.chunked_ce`).
+    Packed rows (with ``position_ids``) attend within each example (:func:`dsft.data.packing.model_inputs`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = base.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
     return chunked_causal_lm_loss(hidden, base.get_output_embeddings(), batch["labels"], chunk_size)
 
 
 @torch.no_grad()
 def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over held-out examples, plus each example's summed
-    loss (``per_example``) and counted tokens (``per_example_tokens``) for bootstrap intervals."""
+    """Token-weighted mean loss and perplexity over held-out rows, plus each example's summed loss
+    (``per_example``) and counted tokens (``per_example_tokens``) for bootstrap intervals.
+
+    Rows packed with several examples (``position_ids`` restarting per example) are split at the
+    example boundaries; rows of padding only count as no example.
+    """
     model.eval()
     device = next(model.parameters()).device
     total, tokens, per_example, per_example_tokens = 0.0, 0, [], []
     for i in range(0, examples["input_ids"].shape[0], batch_size):
-        ids = examples["input_ids"][i : i + batch_size].to(device)
-        labels = examples["labels"][i : i + batch_size].to(device)
-        mask = examples["attention_mask"][i : i + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        nll = causal_lm_loss(logits, labels, reduction="none").view(ids.shape[0], -1)
+        batch = {k: v[i : i + batch_size].to(device) for k, v in examples.items() if v is not None}
+        labels, mask = batch["labels"], batch["attention_mask"]
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        nll = causal_lm_loss(logits, labels, reduction="none").view(labels.shape[0], -1)
         counted = (labels[:, 1:] != -100)
-        per_example += nll.sum(1).tolist()
-        per_example_tokens += counted.sum(1).tolist()
+        # each loss belongs to the example of its target position; one slot per (row, example)
+        pos = batch.get("position_ids")
+        seg = segment_ids(pos) if pos is not None else torch.zeros_like(labels)
+        slots = seg.max().item() + 1
+        flat = (seg + slots * torch.arange(labels.shape[0], device=device)[:, None])
+        sums = torch.zeros(labels.shape[0] * slots, dtype=torch.float64, device=device)
+        sums.index_add_(0, flat[:, 1:].reshape(-1), nll.reshape(-1).double())
+        counts = torch.zeros_like(sums).index_add_(0, flat[:, 1:].reshape(-1), counted.reshape(-1).double())
+        real = torch.zeros_like(sums).index_add_(0, flat.reshape(-1), mask.reshape(-1).double()) > 0
+        per_example += sums[real].tolist()
+        per_example_tokens += [int(c) for c in counts[real].tolist()]
         total += nll.sum().item()
         tokens += int(counted.sum())
     loss = total / max(tokens, 1)

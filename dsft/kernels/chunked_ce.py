@@ -57,13 +57,20 @@ def _sharded(params: list[torch.Tensor]) -> bool:
 def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """Mean next-token loss of ``head(hidden)`` against ``labels`` (-100 = ignored), ``chunk_size`` positions at a time.
 
-    Equal to ``causal_lm_loss(head(hidden), labels)``; peak memory holds one chunk's logits.
+    Equal to ``causal_lm_loss(head(hidden), labels)``; peak memory holds one chunk's logits. The head
+    runs only on positions whose shifted label is not -100 (prompts and padding cost no logits),
+    except for a head sharded by FSDP2: there every rank must call it the same number of times.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    count = (y != -100).sum().clamp(min=1)
+    keep = y != -100
+    count = keep.sum().clamp(min=1)
     params = [p for p in head.parameters() if p.requires_grad]
-    if torch.is_grad_enabled() and (h.requires_grad or params) and not _sharded(params):
+    sharded = _sharded(list(head.parameters()))
+    if not sharded:
+        index = keep.nonzero().squeeze(1)
+        h, y = h.index_select(0, index), y.index_select(0, index)
+    if torch.is_grad_enabled() and (h.requires_grad or params) and not sharded:
         return _GradInForward.apply(h, y, head, chunk_size, *params) / count
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk_size):

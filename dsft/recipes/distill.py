@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dsft.data.packing import model_inputs
 from dsft.errors import IncompatibleError, UsageError
 from dsft.recipes.schema import DistillSettings
 
@@ -85,7 +86,7 @@ def load_teacher(settings: DistillSettings, *, domain: str, base: str, student, 
 
 def _hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    return base.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
 
 
 def _chunk(s_head, t_head, h_s, h_t, y, width: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

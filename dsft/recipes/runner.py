@@ -38,7 +38,8 @@ from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rn
 from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.eval.heldout import eval_sets
-from dsft.recipes.sources import StageData
+from dsft.recipes.data_plan import StagePlan
+from dsft.recipes.sources import StageData, stage_steps
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -316,14 +317,18 @@ def train(
     for i, stage in enumerate(rec.stages):
         if i < first:
             continue
-        steps = min(stage.steps, max_steps) if max_steps else stage.steps
+        steps = stage_steps(stage, pack, general, tokenizer, user_records)
+        steps = min(steps, max_steps) if max_steps else steps
         stage_data = StageData.build(stage, pack, general, tokenizer, user_records, seed + i, steps)
+        data_plan = StagePlan.of(stage.name, stage_data, steps, stage.batch_size).to_json()
+        emit("data_plan", data_plan)
 
         def mid_stage(step, losses, optim, selection, i=i, steps=steps):
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save(i, step, losses, optim(), selection)
 
         metrics = run_stage(ctx, i, stage, stage_data, steps, resume_at if i == first else None, mid_stage)
+        metrics["data"] = data_plan
         stage_metrics.append(metrics)
         dist.on_main(lambda i=i, stage=stage, metrics=metrics: run.write_stage(i, stage.name, metrics))
         save(i + 1, 0, [], {}, None)

@@ -179,7 +179,9 @@ class Stage:
     replay: float = 0.0
     """Share of every phase's examples drawn from general.raw (replay limits forgetting); 0 = none."""
     lr: float
-    steps: int
+    steps: int | None = None
+    epochs: float | None = None
+    """Instead of ``steps``: passes over the stage's examples (steps = epochs x packed rows / batch_size)."""
     train: Trainable = field(default_factory=Trainable)
     esft: EsftSettings | None = None
     """ESFT settings (kind esft only; defaults when omitted)."""
@@ -209,13 +211,17 @@ class Stage:
         problems = []
         if not self.lr > 0:
             problems.append(("lr", f"must be > 0, got {self.lr}"))
-        if self.steps <= 0:
+        if (self.steps is None) == (self.epochs is None):
+            problems.append(("steps", "give either steps or epochs (exactly one)"))
+        if self.steps is not None and self.steps <= 0:
             problems.append(("steps", f"must be > 0, got {self.steps}"))
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            problems.append(("epochs", f"must be a number > 0, got {self.epochs}"))
         if self.batch_size <= 0:
             problems.append(("batch_size", f"must be > 0, got {self.batch_size}"))
         if self.seq_len < 16:
             problems.append(("seq_len", f"must be >= 16, got {self.seq_len}"))
-        if not 0 <= self.warmup_steps < self.steps:
+        if not 0 <= self.warmup_steps < (self.steps or math.inf):
             problems.append(("warmup_steps", f"must be in [0, steps), got {self.warmup_steps}"))
         if not 0 <= self.replay < 1:
             problems.append(("replay", f"must be in [0, 1), got {self.replay}"))

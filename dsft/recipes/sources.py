@@ -1,15 +1,18 @@
 """Turn a stage's data sources (bundled domain corpora, general replay, user files) into token tensors."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dsft.data.files import Record, load_records
-from dsft.data.mixture import apportion, mix
-from dsft.data.tokenize import Examples, build_examples
+from dsft.data.mixture import apportion, mix_packed
+from dsft.data.packing import SequenceSource, best_fit
+from dsft.data.token_cache import RecordList, tokenized
+from dsft.data.tokenize import Examples, pad_id
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
 
@@ -58,44 +61,71 @@ def phase_steps(stage: Stage, steps: int) -> dict[str, int]:
     return apportion({p.name: p.fraction for p in stage.mixtures}, steps)
 
 
+def stage_steps(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record]) -> int:
+    """The stage's ``steps``, or for ``epochs``: epochs x the packed rows that all its examples fill, / batch_size."""
+    if stage.steps is not None:
+        return stage.steps
+    as_text = stage.kind == "cpt"
+    names = {n for phase in stage.mixtures for n in phase_weights(stage, phase, bool(user_records))}
+    lengths = [length for n in sorted(names)
+               for length in tokenized(RecordList(source_records(n, pack, general, user_records, as_text)), tokenizer,
+                                       stage.seq_len).lengths.tolist()]
+    rows = len(best_fit(lengths, stage.seq_len))
+    return max(1, math.ceil(stage.epochs * rows / stage.batch_size))
+
+
 @dataclass(frozen=True)
 class StageData:
-    """The tokenised examples of one stage in step order (phase after phase), and the realised mixture."""
+    """The packed rows of one stage in step order (phase after phase), and the realised mixture.
+
+    Every step takes ``batch_size`` rows of ``seq_len`` tokens (fixed shapes: each layer compiles
+    once); a row holds several instruction/chat examples (``position_ids`` restart per example) or
+    one block of raw text.
+    """
 
     examples: Examples
     realised: dict[str, int]
     """Examples per source over the whole stage."""
     phases: dict[str, dict[str, Any]]
-    """Per phase: ``{"steps": n, "mixture": {source: examples}}``."""
+    """Per phase: ``{"steps": n, "mixture": {source: examples}, "tokens": {source: tokens}}``."""
+    realised_tokens: dict[str, int] = field(default_factory=dict)
+    """Real (non-padding) tokens per source over the whole stage."""
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per source, what tokenising gave (:class:`dsft.data.tokenize.TokenizeStats` as JSON)."""
 
     @staticmethod
     def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int,
               steps: int | None = None) -> StageData:
         """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
-        steps = steps or stage.steps
+        steps = steps or stage_steps(stage, pack, general, tokenizer, user_records)
         as_text = stage.kind == "cpt"
-        tokenised: dict[str, Examples] = {}
-        parts, realised, phases = [], {}, {}
+        tokenised: dict[str, SequenceSource] = {}
+        sources: dict[str, dict[str, Any]] = {}
+        parts, realised, realised_tokens, phases = [], {}, {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
             weights = phase_weights(stage, phase, bool(user_records))
             for name in weights:
                 if name not in tokenised:
-                    tokenised[name] = build_examples(tokenizer, source_records(name, pack, general, user_records, as_text),
-                                                     stage.seq_len)
-            phases[phase.name] = {"steps": n_steps, "mixture": {}}
+                    records = source_records(name, pack, general, user_records, as_text)
+                    # cached on disk by content: a second run (or stage) with the same data does not tokenise again
+                    tokenised[name] = tokenized(RecordList(records), tokenizer, stage.seq_len)
+                    sources[name] = tokenised[name].stats.to_json()
+            phases[phase.name] = {"steps": n_steps, "mixture": {}, "tokens": {}}
             if n_steps == 0:
                 continue
-            examples, counts = mix({n: tokenised[n] for n in weights}, weights, n_steps * stage.batch_size, seed + 1000 * k)
-            parts.append(examples)
-            phases[phase.name]["mixture"] = counts
-            for name, c in counts.items():
+            mixed = mix_packed({n: tokenised[n] for n in weights}, weights, n_steps * stage.batch_size, stage.seq_len,
+                               pad_id(tokenizer), seed + 1000 * k)
+            parts.append(mixed.examples)
+            phases[phase.name].update(mixture=mixed.counts, tokens=mixed.tokens)
+            for name, c in mixed.counts.items():
                 realised[name] = realised.get(name, 0) + c
-        return StageData(Examples.cat(parts, stage.seq_len), realised, phases)
+                realised_tokens[name] = realised_tokens.get(name, 0) + mixed.tokens[name]
+        return StageData(Examples.cat(parts, stage.seq_len), realised, phases, realised_tokens, sources)
 
 
 def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, int] = (0, 1)
                   ) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``batches(step)``: that step's slice of the mixed examples on ``device``; resumable by step number.
+    """``batches(step)``: that step's packed rows (incl. ``position_ids``) on ``device``; resumable by step number.
 
     ``shard=(rank, world)``: only this rank's rows of each step's ``batch_size`` (the global batch), split
     as :func:`dsft.recipes.distributed.split_rows` does, so the ranks together see one step's examples.

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from dsft.data.mixture import Source, apportion, mix
+from dsft.data.mixture import Source, apportion, mix, mix_packed
+from dsft.data.packing import Sequences, padding_share
 from dsft.data.tokenize import Examples
 from dsft.errors import DataError, UsageError
 
@@ -90,3 +91,42 @@ def test_every_source_needs_a_weight_and_every_weight_a_source():
 def test_an_empty_source_is_a_data_error():
     with pytest.raises(DataError, match="source 'user' has no examples"):
         mix({"domain": examples(1, 5), "user": Examples.empty(4)}, {"domain": 1, "user": 1}, 10, seed=0)
+
+
+# --- packed rows ---------------------------------------------------------------------------------
+
+
+def sequences(tag: int, lengths: list[int]) -> Sequences:
+    """Examples whose tokens are all ``tag`` (so a row's sources can be read off), labelled throughout."""
+    return Sequences.from_lists([([tag] * n, [tag] * n) for n in lengths])
+
+
+PACKABLE = {"short": sequences(5, [6, 7, 8, 9, 10] * 8), "long": sequences(6, [20, 24, 28, 30])}
+
+
+def test_mix_packed_fills_the_rows_and_counts_examples_and_tokens_per_source():
+    m = mix_packed(PACKABLE, {"short": 3, "long": 1}, rows=12, seq_len=32, pad_id=0, seed=0)
+
+    assert m.examples.input_ids.shape == (12, 32)
+    tokens = {name: int((m.examples.input_ids == tag).sum()) for name, tag in [("short", 5), ("long", 6)]}
+    assert m.tokens == tokens
+    starts = {name: int(((m.examples.position_ids == 0) & (m.examples.input_ids == tag)).sum())
+              for name, tag in [("short", 5), ("long", 6)]}
+    assert m.counts == starts
+    assert abs(m.counts["short"] / sum(m.counts.values()) - 0.75) < 0.1  # the weights count examples
+    assert padding_share(m.examples.attention_mask) < 0.1
+
+
+def test_mix_packed_is_seeded():
+    args = dict(rows=8, seq_len=32, pad_id=0)
+    a = mix_packed(PACKABLE, {"short": 1, "long": 1}, seed=3, **args)
+    b = mix_packed(PACKABLE, {"short": 1, "long": 1}, seed=3, **args)
+    c = mix_packed(PACKABLE, {"short": 1, "long": 1}, seed=4, **args)
+
+    assert torch.equal(a.examples.input_ids, b.examples.input_ids) and a.counts == b.counts
+    assert not torch.equal(a.examples.input_ids, c.examples.input_ids)
+
+
+def test_mix_packed_names_an_empty_source():
+    with pytest.raises(DataError, match="source 'user' has no examples"):
+        mix_packed({**PACKABLE, "user": sequences(7, [])}, {"short": 1, "long": 1, "user": 1}, 4, 32, 0, 0)

@@ -82,8 +82,10 @@ def test_pack_texts_shorter_than_a_block_gives_one_padded_block(tok):
 def test_raw_records_are_packed_and_labelled_as_themselves(tok):
     ex = build_examples(tok, [Record.raw(t) for t in CORPUS * 4], seq_len=16)
 
-    assert torch.equal(ex.labels, ex.input_ids)  # the training loop shifts
+    # the training loop shifts; the first token has no context and never takes loss
+    assert torch.equal(ex.labels[:, 1:], ex.input_ids[:, 1:]) and (ex.labels[:, 0] == IGNORE).all()
     assert ex.attention_mask.all()
+    assert torch.equal(ex.position_ids, torch.arange(16).expand(len(ex), 16))  # documents attend across EOS
 
 
 def test_a_short_raw_block_masks_its_padding(tok):
@@ -91,7 +93,7 @@ def test_a_short_raw_block_masks_its_padding(tok):
 
     n = len(ids_of(tok, "hello world")) + 1
     assert ex.attention_mask[0].tolist() == [1] * n + [0] * (32 - n)
-    assert (ex.labels[0, n:] == IGNORE).all() and (ex.labels[0, :n] == ex.input_ids[0, :n]).all()
+    assert (ex.labels[0, n:] == IGNORE).all() and (ex.labels[0, 1:n] == ex.input_ids[0, 1:n]).all()
 
 
 def test_special_token_text_inside_data_is_not_a_control_token(tok):
@@ -166,21 +168,26 @@ def test_chat_template_that_renders_the_last_turn_differently_falls_back_to_the_
 # --- records -> examples ---------------------------------------------------------------------
 
 
-def test_build_examples_packs_raw_text_then_pads_each_instruction_and_chat(tok):
+def test_build_examples_packs_raw_text_then_packs_instructions_and_chats_into_shared_rows(tok):
     records = [Record.raw(t) for t in CORPUS * 2] + [Record.instruction("Explain the term.", "A short answer."),
                                                       Record.chat(CHAT)]
-    seq_len = 64
+    seq_len = 96
     packed = pack_texts(tok, CORPUS * 2, seq_len)
+    ids, labels = encode_instruction(tok, "Explain the term.", "A short answer.", seq_len)
+    chat_ids, chat_labels = encode_chat(tok, CHAT, seq_len)
+    assert len(ids) + len(chat_ids) <= seq_len  # so both fit one row
 
     ex = build_examples(tok, records, seq_len)
 
-    assert len(ex) == len(packed) + 2 and ex.input_ids.shape[1] == seq_len
+    assert len(ex) == len(packed) + 1 and ex.input_ids.shape[1] == seq_len
     assert torch.equal(ex.input_ids[: len(packed)], packed)
-    ids, labels = encode_instruction(tok, "Explain the term.", "A short answer.", seq_len)
-    row = len(packed)
-    assert ex.input_ids[row, : len(ids)].tolist() == ids and (ex.input_ids[row, len(ids):] == tok.pad_token_id).all()
-    assert ex.labels[row, : len(ids)].tolist() == labels and (ex.labels[row, len(ids):] == IGNORE).all()
-    assert ex.attention_mask[row].sum() == len(ids)
+    row, n = len(packed), len(ids) + len(chat_ids)
+    longer, shorter = sorted([(ids, labels), (chat_ids, chat_labels)], key=lambda p: -len(p[0]))  # best-fit decreasing
+    assert ex.input_ids[row, :n].tolist() == longer[0] + shorter[0]
+    assert (ex.input_ids[row, n:] == tok.pad_token_id).all() and (ex.labels[row, n:] == IGNORE).all()
+    assert ex.labels[row, :n].tolist() == [IGNORE] + longer[1][1:] + [IGNORE] + shorter[1][1:]
+    assert ex.position_ids[row].tolist() == [*range(len(longer[0])), *range(len(shorter[0])), *range(seq_len - n)]
+    assert ex.attention_mask[row].sum() == n
     assert count_tokens(ex) == int((ex.labels[:, 1:] != IGNORE).sum())
 
 
@@ -191,7 +198,8 @@ def test_build_examples_drops_prompts_that_fill_seq_len(tok, caplog):
     with caplog.at_level(logging.WARNING, logger="dsft.data"):
         ex = build_examples(tok, [long, ok], seq_len=12)
 
-    assert len(ex) == 1 and "qa.jsonl:2" in caplog.text
+    assert len(ex) == 1 and ex.attention_mask.sum() == len(encode_instruction(tok, "q", "answer", 12)[0])
+    assert "qa.jsonl:2" in caplog.text
     with pytest.raises(DataError, match=r"qa\.jsonl:2: no record has a response token within seq_len=12"):
         build_examples(tok, [long], seq_len=12)
 
@@ -208,10 +216,12 @@ def test_seq_len_must_leave_room_for_the_shift(tok):
 
 
 def test_examples_feed_a_dataloader_through_collate(tok):
-    ex = build_examples(tok, [Record.instruction("q", f"answer {i}") for i in range(5)], seq_len=32)
+    ex = build_examples(tok, [Record.instruction("q", f"answer {i}") for i in range(10)], seq_len=40)
+    assert len(ex) == 5  # two examples per row
 
     batches = list(DataLoader(ex, batch_size=2, collate_fn=collate))
 
-    assert [b["input_ids"].shape for b in batches] == [(2, 32), (2, 32), (1, 32)]
+    assert [b["input_ids"].shape for b in batches] == [(2, 40), (2, 40), (1, 40)]
+    assert torch.equal(torch.cat([b["position_ids"] for b in batches]), ex.position_ids)
     assert torch.equal(torch.cat([b["labels"] for b in batches]), ex.labels)
     assert Examples.from_dict(ex.to_dict()).input_ids.equal(ex.input_ids)

@@ -163,3 +163,22 @@ def test_a_child_that_fails_to_build_is_reported_once(tmp_path):
     problems = _problems(tmp_path, GOOD.replace("steps: 10", "steps: 10\n    train: 5\n    phases: [7]"))
     assert "stages[0].train: must be a mapping, got 5" in problems
     assert "stages[0].phases[0]: must be a mapping, got 7" in problems
+
+
+def test_a_stage_gives_steps_or_epochs(tmp_path, monkeypatch):
+    import dsft.recipes.sources as sources
+    from dsft.data.files import Record
+    from tests.data.test_tokenize import make_tokenizer
+
+    stage = _load(tmp_path, GOOD.replace("steps: 10", "epochs: 2\n    seq_len: 32\n    batch_size: 2")).stages[0]
+    assert stage.steps is None and stage.epochs == 2
+    monkeypatch.setenv("DSFT_HOME", str(tmp_path / "home"))
+    user = [Record.instruction("q", f"answer {i}") for i in range(10)]  # 10 examples, two to a 40-token row
+    monkeypatch.setattr(sources, "source_records", lambda name, pack, general, user_records, as_text: user_records)
+    with_user = _load(tmp_path, GOOD.replace("steps: 10", "epochs: 2\n    seq_len: 40\n    batch_size: 2")
+                      .replace("domain.instruct", "user")).stages[0]
+    assert sources.stage_steps(with_user, None, None, make_tokenizer(), user) == 2 * 5 // 2  # 2 epochs x 5 rows / 2 per step
+
+    assert "give either steps or epochs" in _problems(tmp_path, GOOD.replace("steps: 10", "steps: 10\n    epochs: 1"))
+    assert "give either steps or epochs" in _problems(tmp_path, GOOD.replace("    steps: 10\n", ""))
+    assert "stages[0].epochs: must be a number > 0, got 0" in _problems(tmp_path, GOOD.replace("steps: 10", "epochs: 0"))

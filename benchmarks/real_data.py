@@ -1,0 +1,150 @@
+"""Training on SFT-like data from the CLI: packed throughput, padding, compiles; tokenising time and memory.
+
+    python benchmarks/real_data.py                                   # one H200: DeepSeek-V2-Lite shape, 1 GB JSONL
+    python benchmarks/real_data.py --base tiny-deepseek-v2 --small   # CPU smoke check (a minute)
+
+1. Writes variable-length instruction records as JSONL: response lengths lognormal (median ~300 tokens,
+   a long tail cut at 4,096), prompts a quarter of that, words drawn from a fixed vocabulary (seeded).
+2. Runs ``dsft train --base BASE --data that.jsonl --max-steps N --json`` and reads, per stage, the
+   non-padding tokens/s, the padding share of the packed rows, and the torch.compile recompiles
+   (``TORCH_LOGS=recompiles``; 0 means each layer compiled once).
+3. Tokenises a large JSONL (``--tokenize-gb``, default 1 GB) in a fresh process, streaming it into
+   the Arrow cache (:mod:`dsft.data.token_cache`), and reports the time, the time of a second call
+   (a cache hit) and the peak RSS.
+
+Prints one JSON line and one markdown table row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("asset liability equity revenue margin coupon yield duration hedge swap option futures basis spread ledger "
+         "accrual audit covenant dividend leverage liquidity collateral tranche default rating maturity principal "
+         "interest inflation payroll invoice budget forecast variance capital reserve escrow custody clearing").split()
+
+
+def write_jsonl(path: Path, target_bytes: int, seed: int = 0, max_tokens: int = 4096) -> int:
+    """Instruction records until the file holds ``target_bytes``; returns the record count."""
+    rng = random.Random(seed)
+    n = 0
+    with path.open("w") as f:
+        while f.tell() < target_bytes:
+            response = min(max_tokens, max(4, int(rng.lognormvariate(math.log(300), 0.9))))
+            prompt = max(4, response // 4)
+            rec = {"prompt": " ".join(rng.choices(WORDS, k=prompt)), "response": " ".join(rng.choices(WORDS, k=response))}
+            f.write(json.dumps(rec) + "\n")
+            n += 1
+    return n
+
+
+def run_train(a, data: Path, home: str) -> dict:
+    cmd = [sys.executable, "-m", "dsft.cli", "train", "--base", a.base, "--data", str(data), "--max-steps",
+           str(a.steps), "--json", "--checkpoint-every", "0"]
+    if a.device:
+        cmd += ["--device", a.device]
+    env = {**os.environ, "DSFT_HOME": home, "TORCH_LOGS": "recompiles", "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        sys.exit(f"dsft train failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    result = json.loads(p.stdout[p.stdout.index("{"):])
+    stages = []
+    for s in result["metrics"]["stages"]:
+        data_plan = s.get("data", {})
+        stages.append({"stage": s["stage"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
+                       "padded_tokens_per_s": s["padded_tokens_per_s"], "padding_share": data_plan.get("padding_share"),
+                       "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size")})
+    return {"stages": stages, "recompiles": p.stderr.count("Recompiling function"), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+TOKENIZE = """
+import json, os, resource, sys, tempfile, time
+from pathlib import Path
+from transformers import AutoTokenizer
+from dsft.data.files import Record
+from dsft.data.token_cache import tokenized
+
+class Jsonl:  # streams the file: memory holds one batch of examples, never the corpus
+    def __init__(self, path):
+        self.path = path
+    def records(self):
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                r = json.loads(line)
+                yield Record.instruction(r["prompt"], r["response"], source=f"{self.path}:{n}")
+    def fingerprint(self):
+        st = os.stat(self.path)
+        return f"{self.path}:{st.st_size}:{st.st_mtime_ns}"
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+cache = Path(tempfile.mkdtemp())
+t0 = time.perf_counter()
+seqs = tokenized(Jsonl(sys.argv[2]), tok, int(sys.argv[3]), cache)
+first = time.perf_counter() - t0
+t0 = time.perf_counter()
+tokenized(Jsonl(sys.argv[2]), tok, int(sys.argv[3]), cache)
+print(json.dumps({"seconds": first, "cached_seconds": time.perf_counter() - t0,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "examples": len(seqs), "tokens": int(seqs.lengths.sum())}))
+"""
+
+
+def run_tokenize(a, path: Path, home: str) -> dict:
+    from dsft.base.presets import build_preset
+
+    os.environ["DSFT_HOME"] = home
+    base_dir = build_preset(a.base) if not Path(a.base).exists() else Path(a.base)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", TOKENIZE, str(base_dir), str(path), str(a.seq_len)],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        sys.exit(f"tokenising failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default="deepseek-v2-lite-shape")
+    ap.add_argument("--small", action="store_true", help="CPU smoke check: small files, few steps")
+    ap.add_argument("--steps", type=int, default=None, help="--max-steps for dsft train (default 30; 2 with --small)")
+    ap.add_argument("--train-mb", type=float, default=None, help="size of the training JSONL (default 20 MB; 0.2 with --small)")
+    ap.add_argument("--tokenize-gb", type=float, default=None, help="size of the JSONL tokenised alone (default 1; 0.002 with --small)")
+    ap.add_argument("--seq-len", type=int, default=4096, help="seq_len for the tokenising measurement")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--home", default=None, help="DSFT_HOME (default: a temporary one; presets are built there)")
+    a = ap.parse_args()
+    a.steps = a.steps or (2 if a.small else 30)
+    train_mb = a.train_mb if a.train_mb is not None else (0.2 if a.small else 20)
+    tok_gb = a.tokenize_gb if a.tokenize_gb is not None else (0.002 if a.small else 1.0)
+    sys.path.insert(0, str(ROOT))
+    home = a.home or tempfile.mkdtemp(prefix="dsft-real-data-")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file, big_file = Path(tmp) / "sft.jsonl", Path(tmp) / "big.jsonl"
+        n_train = write_jsonl(train_file, int(train_mb * 2**20), seed=0)
+        train = run_train(a, train_file, home)
+        n_big = write_jsonl(big_file, int(tok_gb * 2**30), seed=1)
+        tok = run_tokenize(a, big_file, home)
+    out = {"benchmark": "real_data", "date": str(date.today()), "base": a.base, "steps": a.steps, "train_records": n_train,
+           **train, "tokenize": {"gb": tok_gb, "records": n_big, **{k: round(v, 1) for k, v in tok.items()}}}
+    print(json.dumps(out))
+    for s in train["stages"]:
+        print(f"| {a.base} | {s['stage']} | {s['batch_size']} x {s['seq_len']} | {s['tokens_per_s']:,.0f} tok/s "
+              f"| padding {100 * (s['padding_share'] or 0):.1f}% | recompiles {train['recompiles']} "
+              f"| tokenise {tok_gb} GB: {tok['seconds']:.0f} s (cached {tok['cached_seconds']:.1f} s), "
+              f"peak RSS {tok['peak_rss_mib']:,.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
