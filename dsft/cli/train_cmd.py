@@ -99,7 +99,7 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
 
     check_run(domain=a["domain"], base=a["base"], recipe=a["recipe"], data=a["data"] or (), overrides=a["overrides"] or (),
               seed=a["seed"], max_steps=a["max_steps"], output=a["output"], registry=a["registry"], resume=a["resume"],
-              checkpoint_every=a["checkpoint_every"])
+              checkpoint_every=a["checkpoint_every"], trust_remote_code=a["trust_remote_code"])
     given = {"num_processes": a["num_gpus"] and a["num_gpus"] * a["num_machines"], "num_machines": a["num_machines"],
              "machine_rank": a["machine_rank"], "main_process_ip": a["main_process_ip"], "main_process_port": a["main_process_port"]}
     if a["accelerate_config"] is not None:  # the file decides, except for what was given on this command line
@@ -171,8 +171,10 @@ def train_command(
     """
     import os
 
+    from dsft.recipes.run_checks import check_device
     from dsft.recipes.runner import train
 
+    check_device(device)
     if write_accelerate_config is not None:
         from dsft.recipes.launch import settings_for, write_config
 
