@@ -235,6 +235,7 @@ class Registry:
             check_fingerprint(base[2])
         with staging_dir(self.adapters_root / domain / "import") as staged:
             _copy_tree(source, staged)
+            importer.check_tree(staged)  # the source may have changed since it was checked
             with self.transaction() as tx:
                 base_rec = tx.ensure_base(name=base[0], source=base[1], fingerprint=base[2]) if base else None
                 v = version or tx.next_adapter_version(domain=domain, base_fingerprint=base[2] if base else None)
@@ -262,13 +263,14 @@ class Registry:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy ``src`` into the existing ``dst`` (files, following symlinks), without its manifest."""
+    """Copy ``src`` into the existing ``dst`` without its manifest; a link (refused earlier by
+    :func:`importer.check_tree`, but one could appear since) is copied as a link, never followed."""
     import shutil
 
     def ignore(_dir: str, names: list[str]) -> set[str]:
         return {n for n in names if n == MANIFEST_NAME and os.path.samefile(_dir, src)}
 
-    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=ignore)
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=ignore)
 
 
 def open_registry(url: str | None = None, *, adapters_root: str | Path | None = None) -> Registry:
