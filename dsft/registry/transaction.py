@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from dsft.atomic import fsync_dir
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.registry import repository as repo
 from dsft.registry.compat import Decision, applies_to, decide, trained_fingerprint
@@ -230,6 +231,7 @@ class Transaction:
             raise UsageError(f"{final} already exists but is not registered (see `dsft registry verify`); "
                              "move it away or choose another version")
         os.rename(staged, final)
+        fsync_dir(final.parent)
         self.on_rollback(lambda: os.rename(final, staged))
         return final
 
