@@ -100,10 +100,14 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 @contextmanager
 def staging_dir(final: str | Path) -> Iterator[Path]:
-    """A temp directory beside ``final``; removed if the block raises. The caller renames it into place."""
+    """A temp directory beside ``final``; removed if the block raises. The caller renames it into place.
+
+    Its name, ``.<final>.<pid>-<random>.partial``, carries the writer's pid so that ``dsft registry gc``
+    can tell a directory a killed process left from one being written now.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".partial", dir=final.parent))
     try:
         yield tmp
     except BaseException:

@@ -110,9 +110,9 @@ def check_files(rec: AdapterRecord) -> None:
 
 def _explain_hidden(name: str) -> str | None:
     if ".partial" in name:
-        return "staging directory of an interrupted write; safe to delete when no dsft process is running"
-    if ".trash-" in name:
-        return "left by an interrupted `registry rm` (its row is gone); safe to delete"
+        return "staging directory of a write in progress or interrupted; `dsft registry gc` removes it once its writer is gone"
+    if "trash-" in name:
+        return "left by an interrupted `registry rm` (its row is gone); `dsft registry gc` removes it"
     return None
 
 

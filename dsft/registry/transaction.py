@@ -391,7 +391,7 @@ class Transaction:
         inside = os.path.realpath(path).startswith(root + os.sep)
         doomed = None
         if inside and path.is_dir():
-            trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
+            trash = path.with_name(f".{path.name}.{os.getpid()}-trash-{uuid.uuid4().hex[:8]}")  # pid: for registry gc
             os.rename(path, trash)
             self.on_rollback(lambda: os.rename(trash, path))
             self.after_commit(lambda: shutil.rmtree(trash))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import one_error_line
+from security_helpers import one_error_line
 
 
 @pytest.mark.parametrize("name", ["[/]x.yaml", "[bold red]x.yaml", ":x:x.yaml"])

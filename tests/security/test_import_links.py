@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import one_error_line, write_peft_dir
+from security_helpers import one_error_line, write_peft_dir
 
 from dsft.atomic import sha256_file
 

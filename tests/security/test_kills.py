@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import write_peft_dir
+from security_helpers import write_peft_dir
 
 IMPORT_KILLS = 4
 TRAIN_KILLS = 2
@@ -48,5 +48,11 @@ def test_kills_during_import_and_train_leave_a_clean_registry(dsft, home, tmp_pa
     assert on_disk == registered  # no version directory without its row, no row without its directory
     for a in listed:
         assert dsft("registry", "show", f"{a['domain']}@{a['version']}").returncode == 0
+    # gc removes every leftover of the killed processes
+    assert dsft("registry", "gc").returncode == 0
+    after = json.loads(dsft("registry", "verify", "--json").stdout)
+    assert [f for f in after["findings"] if f["kind"] == "leftover"] == [], after
+    assert not [r for r in (home / "runs").glob("*/run.json") if json.loads(r.read_text())["status"] == "running"
+                and not (r.parent / "checkpoints" / "latest.json").exists()] if (home / "runs").exists() else True
     # and the registry still takes writes: the lock was not left held
     assert dsft("registry", "import", str(src), "--domain", "finance").returncode == 0

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_error_line
+from security_helpers import one_error_line
 
 from dsft.errors import DivergedError
 

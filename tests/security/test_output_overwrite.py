@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import one_error_line, write_peft_dir
+from security_helpers import one_error_line, write_peft_dir
 
 from dsft.atomic import sha256_file
 from dsft.errors import UsageError

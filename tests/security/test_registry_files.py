@@ -1,7 +1,7 @@
 """Registry files: a zero-byte registry.db is damage (never a new registry)."""
 from __future__ import annotations
 
-from conftest import one_error_line
+from security_helpers import one_error_line
 
 
 def test_a_zero_byte_registry_is_refused_untouched(dsft, home):

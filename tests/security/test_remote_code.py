@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import one_error_line
+from security_helpers import one_error_line
 
 MARKER_CODE = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('remote code ran')\n"
 

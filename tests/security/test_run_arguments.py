@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import one_error_line
+from security_helpers import one_error_line
 
 CASES = [
     (["--max-steps", "0"], "--max-steps must be >= 1"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import one_error_line
+from security_helpers import one_error_line
 
 from dsft.errors import UsageError
 from dsft.safe_yaml import MAX_NODES, expanded_size, compose, loads
