@@ -86,6 +86,25 @@ def read_config(ref: BaseRef, trust_remote_code: bool = False) -> dict[str, Any]
     return config
 
 
+def base_architecture(base: str, trust_remote_code: bool = False) -> str | None:
+    """The architecture of ``base`` from its config alone: a preset's table entry or a directory's
+    config.json; never builds a preset nor reads weights. None for a hub id (its config may not be local).
+
+    Raises:
+        UsageError: the directory asks to run its own code. UnsupportedModelError: not a supported MoE.
+    """
+    if base in PRESETS:
+        return PRESETS[base].model_class
+    path = Path(base).expanduser()
+    try:
+        if not (path / "config.json").is_file():
+            return None
+    except OSError:
+        return None
+    config = read_config(BaseRef(base, f"path:{path.resolve()}", path.resolve()), trust_remote_code)
+    return spec_for(config.get("model_type"), config.get("architectures")).architecture
+
+
 def fingerprint_for(base: str, trust_remote_code: bool = False) -> tuple[str, str, dict[str, Any]]:
     """(name, source, fingerprint) of a base, without loading its weights."""
     ref = resolve_base(base)

@@ -54,6 +54,21 @@ def _fingerprint(base: str) -> tuple[str, str, dict[str, Any]]:
     return fingerprint_for(base)
 
 
+def _architecture_mismatch(ref: str, base: str, registry: str | None) -> CompatRecord | None:
+    """An ``incompatible`` answer when the adapter's architecture differs from the base's config's, else None."""
+    from dsft.base.loading import base_architecture
+    from dsft.registry.compat import architecture_mismatch
+
+    arch = base_architecture(base)
+    if arch is None:
+        return None
+    with _registry(registry) as reg:
+        adapter = reg.resolve(ref)
+    why = architecture_mismatch(adapter.manifest, arch)
+    return None if why is None else CompatRecord(ref=adapter.ref, base_id=None, base_name=base, status="incompatible",
+                                                 reasons=[why])
+
+
 def _short(h: str | None) -> str:
     return (h or "")[:12]
 
@@ -150,6 +165,13 @@ def check_cmd(ref: RefArg, base: BaseOpt, registry: RegistryUrl = None, json_out
 
     Example: dsft registry check finance@0.2.0 --base tiny-deepseek-v2
     """
+    mismatch = _architecture_mismatch(ref, base, registry)
+    if mismatch is not None:  # decided from the base's config alone: no preset built, no weights hashed
+        if json_out:
+            print_json({**mismatch.to_json(), "base_source": None})
+        else:
+            _print_compat(mismatch, base)
+        raise typer.Exit(IncompatibleError.exit_code)
     name, source, fp = _fingerprint(base)
     with _registry(registry) as reg:
         rec = reg.check(ref, base_fingerprint=fp)

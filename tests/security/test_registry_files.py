@@ -9,3 +9,48 @@ def test_a_zero_byte_registry_is_refused_untouched(dsft, home):
     line = one_error_line(dsft("registry", "list"))
     assert "empty file (0 bytes)" in line and "left untouched" in line
     assert (home / "registry.db").read_bytes() == b""
+
+
+def _import_with_manifest(dsft, tmp_path, architecture: str) -> None:
+    import json
+
+    from dsft.atomic import sha256_file
+    from security_helpers import write_peft_dir
+
+    src = tmp_path / "exported"
+    write_peft_dir(src)
+    files = {p.name: sha256_file(p) for p in src.iterdir()}
+    (src / "dsft_adapter.json").write_text(json.dumps({
+        "schema_version": 1, "kind": "lora", "files": files, "target_shapes": {}, "added_tokens": [],
+        "base": {"name": "elsewhere", "source": None, "fingerprint": {"architecture": architecture}}}))
+    assert dsft("registry", "import", str(src), "--domain", "finance").returncode == 0
+
+
+def test_check_decides_an_architecture_mismatch_from_the_config_alone(dsft, home, tmp_path, monkeypatch):
+    import importlib
+    import json
+
+    _import_with_manifest(dsft, tmp_path, "MixtralForCausalLM")
+
+    def never(*_a, **_k):
+        raise AssertionError("a preset was built or a base fingerprinted just to say incompatible")
+
+    monkeypatch.setattr(importlib.import_module("dsft.base.loading"), "build_preset", never)
+    monkeypatch.setattr(importlib.import_module("dsft.base.fingerprint"), "compute_fingerprint", never)
+    proc = dsft("registry", "check", "finance", "--base", "tiny-deepseek-v2", "--json")
+    assert proc.returncode == 7, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["status"] == "incompatible"
+    assert out["reasons"] == ["architecture differs: adapter trained on MixtralForCausalLM, base is DeepseekV2ForCausalLM"]
+
+
+def test_verify_does_not_report_dsft_s_own_training_logs(dsft, home, tmp_path):
+    import json
+
+    _import_with_manifest(dsft, tmp_path, "DeepseekV2ForCausalLM")
+    events = home / "adapters" / "finance" / "0.1.0" / "tensorboard" / "events.out.tfevents.1764528000.host.1.0"
+    events.parent.mkdir()
+    events.write_bytes(b"\x00" * 64)
+    (events.parent.parent / "stray.txt").write_text("not dsft's")
+    found = json.loads(dsft("registry", "verify", "--json").stdout)["findings"]
+    assert [(f["kind"], f["path"].rsplit("/", 1)[-1]) for f in found] == [("unlisted", "stray.txt")]
