@@ -56,9 +56,12 @@ def _fingerprint(base: str) -> tuple[str, str, dict[str, Any]]:
 
 def _architecture_mismatch(ref: str, base: str, registry: str | None) -> CompatRecord | None:
     """An ``incompatible`` answer when the adapter's architecture differs from the base's config's, else None."""
-    from dsft.base.loading import base_architecture
     from dsft.registry.compat import architecture_mismatch
 
+    try:
+        from dsft.base import base_architecture
+    except ImportError:  # dsft.base unavailable: the full check below says why
+        return None
     arch = base_architecture(base)
     if arch is None:
         return None

@@ -23,6 +23,7 @@ from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.registry import repository as repo
 from dsft.registry.compat import Decision, applies_to, decide, trained_fingerprint
 from dsft.registry.models import AdapterVersion, BaseVersion, Compatibility, Tag, utcnow
+from dsft.registry.paths import to_stored
 from dsft.registry.records import AdapterRecord, BaseRecord, CompatRecord, TagMove
 from dsft.registry.refs import (
     VERSION_RE,
@@ -285,7 +286,7 @@ class Transaction:
                 raise IncompatibleError(f"{domain}@{version} does not fit the base it was trained on "
                                         f"({base_row.name}): " + "; ".join(d.reasons))
         row = AdapterVersion(
-            domain=domain, version=version, kind=kind, path=str(path), manifest=man,
+            domain=domain, version=version, kind=kind, path=to_stored(path), manifest=man,
             manifest_sha256=manifest_sha256, recipe=_json(dict(recipe), "recipe") if recipe is not None else None,
             metrics=_json(dict(metrics), "metrics") if metrics is not None else None,
             parent_id=parent_row.id if parent_row else None, base_id=base_row.id if base_row else None,

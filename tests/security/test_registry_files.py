@@ -54,3 +54,34 @@ def test_verify_does_not_report_dsft_s_own_training_logs(dsft, home, tmp_path):
     (events.parent.parent / "stray.txt").write_text("not dsft's")
     found = json.loads(dsft("registry", "verify", "--json").stdout)["findings"]
     assert [(f["kind"], f["path"].rsplit("/", 1)[-1]) for f in found] == [("unlisted", "stray.txt")]
+
+
+def test_a_moved_home_uses_its_own_files(dsft, home, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    _import_with_manifest(dsft, tmp_path, "DeepseekV2ForCausalLM")
+    moved = tmp_path / "moved-home"
+    shutil.copytree(home, moved, symlinks=True)
+    shutil.rmtree(home / "adapters")  # the original's files are gone: the copy must not need them
+    monkeypatch.setenv("DSFT_HOME", str(moved))
+    assert dsft("registry", "verify").returncode == 0
+    shown = json.loads(dsft("registry", "list", "--json").stdout)
+    assert [a["path"] for a in shown] == [str(moved / "adapters" / "finance" / "0.1.0")]
+
+
+def test_absolute_paths_of_an_older_registry_are_migrated(dsft, home, tmp_path):
+    import json
+    import sqlite3
+
+    from dsft.registry.models import VERSION_TABLE
+
+    _import_with_manifest(dsft, tmp_path, "DeepseekV2ForCausalLM")
+    old_home = "/somewhere/else/.dsft"
+    with sqlite3.connect(home / "registry.db") as db:  # as schema 0001 stored it, in the home it ran with
+        db.execute("UPDATE adapters SET path = ?", (f"{old_home}/adapters/finance/0.1.0",))
+        db.execute(f"UPDATE {VERSION_TABLE} SET version_num = '0001'")
+    assert dsft("registry", "verify").returncode == 0
+    with sqlite3.connect(home / "registry.db") as db:
+        assert db.execute("SELECT path FROM adapters").fetchall() == [("adapters/finance/0.1.0",)]
+    assert json.loads(dsft("registry", "list", "--json").stdout)[0]["path"] == str(home / "adapters" / "finance" / "0.1.0")
