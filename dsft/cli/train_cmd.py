@@ -92,8 +92,7 @@ def _worker_args(ctx: typer.Context) -> list[str]:
 
 def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
     """Check the arguments once, then run this command under accelerate launch (see dsft.recipes.launch)."""
-    import yaml
-
+    from dsft import safe_yaml
     from dsft.recipes.launch import generated_config, launch, settings_for
     from dsft.recipes.runner import check_run
 
@@ -108,7 +107,9 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
             raise UsageError(f"--accelerate-config {config}: no such file; write one with --write-accelerate-config {config}")
         defaults = {"num_machines": 1, "machine_rank": 0}
         overrides = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
-        file = yaml.safe_load(config.read_text()) or {}
+        file = safe_yaml.load_file(config, "--accelerate-config") or {}
+        if not isinstance(file, dict):
+            raise UsageError(f"--accelerate-config {config}: must be a YAML mapping (as --write-accelerate-config writes)")
         if "main_process_port" not in file and "main_process_port" not in overrides and int(file.get("num_machines", 1)) == 1:
             from dsft.recipes.launch import free_port
 
