@@ -17,6 +17,7 @@ from typing import Any
 
 from dsft.atomic import sha256_file
 from dsft.errors import IntegrityError, UsageError
+from dsft.registry import peft_export
 from dsft.registry.integrity import MANIFEST_NAME
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -149,16 +150,20 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return peft, manifest
 
 
-def default_kind(peft: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> str:
+def default_kind(peft: Mapping[str, Any], manifest: Mapping[str, Any] | None,
+                 exported: Mapping[str, Any] | None = None) -> str:
     if manifest and manifest.get("kind"):
         return str(manifest["kind"])
+    if exported and exported.get("kind"):
+        return str(exported["kind"])
     kind = str(peft.get("peft_type") or "lora").lower()
     return re.sub(r"[^a-z0-9+_-]", "-", kind)[:32] or "lora"
 
 
 def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: Mapping[str, Any],
                    previous: Mapping[str, Any] | None, source: str,
-                   base: tuple[str, str, Mapping[str, Any]] | None) -> dict[str, Any]:
+                   base: tuple[str, str, Mapping[str, Any]] | None,
+                   exported: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of an imported adapter whose files are already staged in ``staged``.
 
     Args:
@@ -168,6 +173,7 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
         previous: its own ``dsft_adapter.json`` when it came from another dsft (kept, re-stamped).
         source: where it was imported from, recorded as is.
         base: ``(name, source, fingerprint)`` of the base the user says it was trained on, if any.
+        exported: the ``dsft_export.json`` record when it is dsft's own PEFT export (see :mod:`.peft_export`).
     """
     files = hash_files(staged)
     if previous:
@@ -179,6 +185,8 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
              "added_tokens": [], "base_vocab_size": None, "recipe": None, "metrics": {}}
         if peft.get("base_model_name_or_path"):
             m["base"] = {"name": peft["base_model_name_or_path"], "source": None, "fingerprint": None}
+        if exported:
+            m.update(peft_export.manifest_fields(dict(exported), shapes))
     if base is not None:
         name, bsource, fp = base
         m["base"] = {"name": name, "source": bsource,

@@ -288,7 +288,9 @@ def _provenance(rec, fp: dict[str, Any], fmt: str) -> dict[str, Any]:
     return {"exported_from": rec.ref, "format": fmt, "manifest_sha256": rec.manifest_sha256,
             "base_fingerprint": {k: v for k, v in fp.items() if k != "param_shapes"},
             "added_tokens": m.get("added_tokens") or [], "term_start": m.get("term_start"),
-            "metrics": m.get("metrics"), "kind": m.get("kind")}
+            "metrics": m.get("metrics"), "kind": m.get("kind"),
+            "target_shapes": m.get("target_shapes"), "base_vocab_size": m.get("base_vocab_size"),  # for re-import
+            "base_name": (m.get("base") or {}).get("name"), "base_source": (m.get("base") or {}).get("source")}
 
 
 def _publish(tmp: Path, out: Path) -> None:
