@@ -44,12 +44,50 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries: a rename is only durable across a power cut once its directory is synced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform that cannot open directories (Windows): nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename itself stands
+        pass
+    finally:
+        os.close(fd)
+
+
+def _proc_umask() -> int | None:
+    """The process umask as Linux reports it (/proc/self/status, kernel 4.7+), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _import_umask() -> int:
+    mask = _proc_umask()
+    if mask is None:  # elsewhere: set-and-restore once, at import, before dsft starts any thread
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _import_umask()
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The umask new files get. Never sets the process umask: a server thread creating a file meanwhile
+    would get mode 0666 (setting it to 0 and back is not thread-safe)."""
+    mask = _proc_umask()
+    return _UMASK_AT_IMPORT if mask is None else mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -62,10 +100,14 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 @contextmanager
 def staging_dir(final: str | Path) -> Iterator[Path]:
-    """A temp directory beside ``final``; removed if the block raises. The caller renames it into place."""
+    """A temp directory beside ``final``; removed if the block raises. The caller renames it into place.
+
+    Its name, ``.<final>.<pid>-<random>.partial``, carries the writer's pid so that ``dsft registry gc``
+    can tell a directory a killed process left from one being written now.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".partial", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -78,3 +120,4 @@ def publish_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         raise FileExistsError(final)
     os.rename(tmp, final)
+    fsync_dir(final.parent)

@@ -47,7 +47,20 @@ class IncompatibleError(DsftError):
     exit_code = 7
 
 
+class DivergedError(DsftError):
+    """Training produced a non-finite loss; the run stops and registers nothing."""
+
+    exit_code = 10
+
+
 class RegistryError(DsftError):
     """The registry database cannot be opened, migrated or written."""
 
     exit_code = 8
+
+
+def show(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for echoing user input in a message: a 5,000-character
+    name or a whole parsed file must not fill the terminal (nor print a file's contents back)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 12]}... ({len(text):,} chars)"

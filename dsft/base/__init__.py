@@ -9,7 +9,7 @@ from typing import Any
 from dsft.base.arch import ARCHITECTURES, ArchSpec, spec_for
 from dsft.base.presets import DEFAULT_BASE, PRESETS, build_preset
 
-_LOADING = {"BaseRef", "LoadedBase", "fingerprint_for", "load_base", "resolve_base"}
+_LOADING = {"BaseRef", "LoadedBase", "base_architecture", "fingerprint_for", "load_base", "resolve_base"}
 __all__ = ["ARCHITECTURES", "ArchSpec", "spec_for", "DEFAULT_BASE", "PRESETS", "build_preset", *sorted(_LOADING)]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.atomic import sha256_bytes, sha256_file, sha256_json, write_json_atomic
+from dsft.base.remote_code import hf_kwargs, refuse_remote_code
 from dsft.home import dsft_home
 
 FINGERPRINT_FILE = "dsft_fingerprint.json"
@@ -34,15 +35,20 @@ def tokenizer_hash(tokenizer) -> str:
     return sha256_json({"vocab": vocab, "special": sorted(tokenizer.all_special_tokens)})
 
 
-def compute_fingerprint(model_dir: str | Path) -> dict[str, Any]:
-    """Fingerprint of a Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+def compute_fingerprint(model_dir: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Fingerprint of a Hugging Face model directory (config.json, *.safetensors, tokenizer files).
+
+    Raises:
+        UsageError: the directory asks to run its own code and ``trust_remote_code`` is false.
+    """
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
+    refuse_remote_code(model_dir, trust_remote_code)
     config = json.loads((model_dir / "config.json").read_text())
     config_core = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     file_hashes = [sha256_file(f) for f in weight_files(model_dir)]
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, **hf_kwargs(trust_remote_code))
     fp = {
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
         "model_type": config.get("model_type"),
@@ -51,13 +57,13 @@ def compute_fingerprint(model_dir: str | Path) -> dict[str, Any]:
         "weights_hash": sha256_bytes("".join(file_hashes).encode()),
         "vocab_size": config.get("vocab_size"),
         "tokenizer_size": len(tok),
-        "param_shapes": param_shapes(model_dir),
+        "param_shapes": param_shapes(model_dir, trust_remote_code),
     }
     fp["id"] = fingerprint_id(fp)
     return fp
 
 
-def param_shapes(model_dir: Path) -> dict[str, list[int]]:
+def param_shapes(model_dir: Path, trust_remote_code: bool = False) -> dict[str, list[int]]:
     """Parameter names and shapes as the loaded model has them.
 
     Read from a model built on the meta device (no memory, no weights): checkpoints may store
@@ -67,9 +73,9 @@ def param_shapes(model_dir: Path) -> dict[str, list[int]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, **hf_kwargs(trust_remote_code))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **hf_kwargs(trust_remote_code))
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
@@ -87,15 +93,19 @@ def save_fingerprint(model_dir: Path, fp: dict[str, Any]) -> None:
     write_json_atomic(_cache_path(model_dir), {"stamp": _stamp(model_dir), "fingerprint": fp})
 
 
-def load_fingerprint(model_dir: str | Path) -> dict[str, Any]:
-    """The cached fingerprint, recomputed when the directory's files changed since it was taken."""
+def load_fingerprint(model_dir: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The cached fingerprint, recomputed when the directory's files changed since it was taken.
+
+    Raises:
+        UsageError: the directory asks to run its own code and ``trust_remote_code`` is false.
+    """
     model_dir = Path(model_dir)
     cache = _cache_path(model_dir)
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("stamp") == _stamp(model_dir):
             return cached["fingerprint"]
-    fp = compute_fingerprint(model_dir)
+    fp = compute_fingerprint(model_dir, trust_remote_code)
     save_fingerprint(model_dir, fp)
     return fp
 

@@ -12,7 +12,8 @@ import torch
 from dsft.base.arch import ArchSpec, spec_for
 from dsft.base.fingerprint import load_fingerprint
 from dsft.base.presets import PRESETS, build_preset
-from dsft.errors import NotFoundError, UnsupportedModelError, UsageError
+from dsft.base.remote_code import hf_kwargs, refuse_remote_code
+from dsft.errors import NotFoundError, UnsupportedModelError, UsageError, show
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -44,7 +45,11 @@ def resolve_base(base: str, revision: str | None = None) -> BaseRef:
     if base in PRESETS:
         return BaseRef(base, f"preset:{base}", build_preset(base))
     path = Path(base).expanduser()
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # a name too long for the file system (ENAMETOOLONG): no such directory
+        is_dir = False
+    if is_dir:
         if not (path / "config.json").exists():
             raise NotFoundError(f"{base} is a directory but holds no config.json; point --base at a Hugging Face model directory")
         return BaseRef(base, f"path:{path.resolve()}", path.resolve())
@@ -55,32 +60,56 @@ def resolve_base(base: str, revision: str | None = None) -> BaseRef:
             local = snapshot_download(base, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
         except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
             raise NotFoundError(
-                f"base {base!r} could not be fetched from the hub ({type(exc).__name__}); "
+                f"base {show(base)} could not be fetched from the hub ({type(exc).__name__}); "
                 "download it first (huggingface-cli download) or pass its local directory"
             ) from None
         return BaseRef(base, f"hub:{base}@{revision or 'main'}", Path(local))
     if any(sep in base for sep in ("/", "\\")) or base.startswith("."):
-        raise NotFoundError(f"base directory {base} does not exist; check the path")
-    raise NotFoundError(f"unknown base {base!r}; use a preset ({', '.join(PRESETS)}), a local model directory or a hub id")
+        raise NotFoundError(f"base directory {show(base, 200)} does not exist; check the path")
+    raise NotFoundError(f"unknown base {show(base)}; use a preset ({', '.join(PRESETS)}), a local model directory or a hub id")
 
 
-def read_config(ref: BaseRef) -> dict[str, Any]:
-    """The raw config.json, checked to be a supported MoE (and free of remote code unless allowed)."""
+def read_config(ref: BaseRef, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The raw config.json, checked to be a supported MoE (and free of remote code unless allowed).
+
+    Raises:
+        UsageError: config.json is not JSON, or the directory asks to run its own code (``auto_map`` in
+            config.json or tokenizer_config.json) and ``trust_remote_code`` is false.
+        UnsupportedModelError: not an architecture in dsft's table.
+    """
+    refuse_remote_code(ref.path, trust_remote_code, ref.name)
     try:
         config = json.loads((ref.path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{ref.path / 'config.json'} is not valid JSON ({exc.msg}, line {exc.lineno}); fix or re-download it") from None
-    # Every architecture in the table is native to transformers, so its own classes load it and any
-    # `auto_map` code in the directory is never run unless the user passes --trust-remote-code.
     spec_for(config.get("model_type"), config.get("architectures"))
     return config
 
 
-def fingerprint_for(base: str) -> tuple[str, str, dict[str, Any]]:
+def base_architecture(base: str, trust_remote_code: bool = False) -> str | None:
+    """The architecture of ``base`` from its config alone: a preset's table entry or a directory's
+    config.json; never builds a preset nor reads weights. None for a hub id (its config may not be local).
+
+    Raises:
+        UsageError: the directory asks to run its own code. UnsupportedModelError: not a supported MoE.
+    """
+    if base in PRESETS:
+        return PRESETS[base].model_class
+    path = Path(base).expanduser()
+    try:
+        if not (path / "config.json").is_file():
+            return None
+    except OSError:
+        return None
+    config = read_config(BaseRef(base, f"path:{path.resolve()}", path.resolve()), trust_remote_code)
+    return spec_for(config.get("model_type"), config.get("architectures")).architecture
+
+
+def fingerprint_for(base: str, trust_remote_code: bool = False) -> tuple[str, str, dict[str, Any]]:
     """(name, source, fingerprint) of a base, without loading its weights."""
     ref = resolve_base(base)
-    read_config(ref)
-    return ref.name, ref.source, load_fingerprint(ref.path)
+    read_config(ref, trust_remote_code)
+    return ref.name, ref.source, load_fingerprint(ref.path, trust_remote_code)
 
 
 def default_device() -> str:
@@ -105,7 +134,7 @@ def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None
     hf_logging.disable_progress_bar()  # dsft shows its own progress; library bars would interleave with it
     hf_logging.set_verbosity_error()
     ref = resolve_base(base)
-    config = read_config(ref)
+    config = read_config(ref, trust_remote_code)
     spec = spec_for(config.get("model_type"), config.get("architectures"))
     device = device or default_device()
     # On a GPU machine a CPU load is a staging step (QLoRA quantises from there onto the GPU): allowed.
@@ -114,7 +143,7 @@ def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, use_safetensors=True
+            ref.path, dtype=dtype, device_map=device, use_safetensors=True, **hf_kwargs(trust_remote_code)
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
@@ -122,7 +151,7 @@ def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None
         raise
     if spec.architecture != type(model).__name__:
         raise UnsupportedModelError(f"{base} loaded as {type(model).__name__}, expected {spec.architecture}; it is not a supported MoE model")
-    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    tokenizer = AutoTokenizer.from_pretrained(ref.path, **hf_kwargs(trust_remote_code))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedBase(ref, model, tokenizer, spec, load_fingerprint(ref.path))
+    return LoadedBase(ref, model, tokenizer, spec, load_fingerprint(ref.path, trust_remote_code))

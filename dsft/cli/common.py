@@ -10,10 +10,12 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from dsft.errors import DsftError
 
 err_console = Console(stderr=True)
+MAX_MESSAGE = 2000
 console = Console()
 
 
@@ -26,7 +28,16 @@ def print_json(obj: Any) -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr and exit with ``code``.
+
+    The message is plain text, never rich markup nor emoji codes: a name or path holding ``[/]`` or
+    ``:x:`` is printed as given.
+    """
+    if len(message) > MAX_MESSAGE:  # a safety net; messages cut echoed values themselves (dsft.errors.show)
+        message = f"{message[:MAX_MESSAGE]}... (message cut at {MAX_MESSAGE} of {len(message):,} characters)"
+    line = Text("error:", style="bold red")
+    line.append(" " + message)
+    err_console.print(line, highlight=False, soft_wrap=True, emoji=False, markup=False)
     raise typer.Exit(code)
 
 

@@ -54,6 +54,24 @@ def _fingerprint(base: str) -> tuple[str, str, dict[str, Any]]:
     return fingerprint_for(base)
 
 
+def _architecture_mismatch(ref: str, base: str, registry: str | None) -> CompatRecord | None:
+    """An ``incompatible`` answer when the adapter's architecture differs from the base's config's, else None."""
+    from dsft.registry.compat import architecture_mismatch
+
+    try:
+        from dsft.base import base_architecture
+    except ImportError:  # dsft.base unavailable: the full check below says why
+        return None
+    arch = base_architecture(base)
+    if arch is None:
+        return None
+    with _registry(registry) as reg:
+        adapter = reg.resolve(ref)
+    why = architecture_mismatch(adapter.manifest, arch)
+    return None if why is None else CompatRecord(ref=adapter.ref, base_id=None, base_name=base, status="incompatible",
+                                                 reasons=[why])
+
+
 def _short(h: str | None) -> str:
     return (h or "")[:12]
 
@@ -150,6 +168,13 @@ def check_cmd(ref: RefArg, base: BaseOpt, registry: RegistryUrl = None, json_out
 
     Example: dsft registry check finance@0.2.0 --base tiny-deepseek-v2
     """
+    mismatch = _architecture_mismatch(ref, base, registry)
+    if mismatch is not None:  # decided from the base's config alone: no preset built, no weights hashed
+        if json_out:
+            print_json({**mismatch.to_json(), "base_source": None})
+        else:
+            _print_compat(mismatch, base)
+        raise typer.Exit(IncompatibleError.exit_code)
     name, source, fp = _fingerprint(base)
     with _registry(registry) as reg:
         rec = reg.check(ref, base_fingerprint=fp)
@@ -290,5 +315,41 @@ def verify_cmd(registry: RegistryUrl = None, json_out: Json = False) -> None:
         n = len(report.problems)
         console.print(f"checked {report.checked} adapters: " + ("[green]all files match[/]" if report.ok else
                       f"[red]{n} problem{'s' if n != 1 else ''}[/]"), highlight=False)
+        leftovers = [f for f in report.findings if f.kind == "leftover"]
+        if leftovers:
+            console.print(f"{len(leftovers)} leftover{'s' if len(leftovers) != 1 else ''} of interrupted work: "
+                          "`dsft registry gc` removes those whose process is gone", highlight=False)
     if not report.ok:
         raise typer.Exit(IntegrityError.exit_code)
+
+
+@app.command("gc")
+@guarded
+def gc_cmd(dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+           resumable: Annotated[bool, typer.Option("--resumable", help="Also remove unfinished runs that still have a "
+                                                   "checkpoint (dsft train --resume could continue them).")] = False,
+           older_than: Annotated[float, typer.Option("--older-than", metavar="SECONDS", min=0,
+                                                     help="Age past which a leftover that records no process is "
+                                                     "removed.")] = 3600,
+           json_out: Json = False) -> None:
+    """Remove what killed dsft processes left: staging directories (*.partial), directories of an interrupted
+    `registry rm`, an interrupted registry creation, and runs marked running whose process is gone.
+
+    Only leftovers whose process is gone (or, when none is recorded, older than --older-than) are removed;
+    registered adapters are never touched.
+
+    Example: dsft registry gc --dry-run
+    """
+    from dsft.registry.gc import find_leftovers, remove
+
+    found = find_leftovers(min_age_s=older_than, resumable=resumable)
+    removed = [] if dry_run else remove(found)
+    if json_out:
+        print_json({"found": [f.to_json() for f in found], "removed": [f.path for f in removed], "dry_run": dry_run})
+        return
+    gone = {f.path for f in removed}
+    for f in found:
+        state = "removed" if f.path in gone else "would remove" if dry_run and f.removable else "kept"
+        console.print(f"{state} {escape(f.path)}: {escape(f.reason)}", highlight=False, soft_wrap=True)
+    console.print(f"{len(removed)} leftover{'s' if len(removed) != 1 else ''} removed" if not dry_run else
+                  f"{sum(f.removable for f in found)} would be removed (dry run)", highlight=False)

@@ -100,14 +100,13 @@ def _worker_args(ctx: typer.Context) -> list[str]:
 
 def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
     """Check the arguments once, then run this command under accelerate launch (see dsft.recipes.launch)."""
-    import yaml
-
+    from dsft import safe_yaml
     from dsft.recipes.launch import generated_config, launch, settings_for
     from dsft.recipes.runner import check_run
 
     check_run(domain=a["domain"], base=a["base"], recipe=a["recipe"], data=a["sources"], overrides=a["overrides"] or (),
               seed=a["seed"], max_steps=a["max_steps"], output=a["output"], registry=a["registry"], resume=a["resume"],
-              checkpoint_every=a["checkpoint_every"])
+              checkpoint_every=a["checkpoint_every"], trust_remote_code=a["trust_remote_code"])
     given = {"num_processes": a["num_gpus"] and a["num_gpus"] * a["num_machines"], "num_machines": a["num_machines"],
              "machine_rank": a["machine_rank"], "main_process_ip": a["main_process_ip"], "main_process_port": a["main_process_port"]}
     if a["accelerate_config"] is not None:  # the file decides, except for what was given on this command line
@@ -116,7 +115,9 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
             raise UsageError(f"--accelerate-config {config}: no such file; write one with --write-accelerate-config {config}")
         defaults = {"num_machines": 1, "machine_rank": 0}
         overrides = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
-        file = yaml.safe_load(config.read_text()) or {}
+        file = safe_yaml.load_file(config, "--accelerate-config") or {}
+        if not isinstance(file, dict):
+            raise UsageError(f"--accelerate-config {config}: must be a YAML mapping (as --write-accelerate-config writes)")
         if "main_process_port" not in file and "main_process_port" not in overrides and int(file.get("num_machines", 1)) == 1:
             from dsft.recipes.launch import free_port
 
@@ -184,8 +185,10 @@ def train_command(
     """
     import os
 
+    from dsft.recipes.run_checks import check_device
     from dsft.recipes.runner import train
 
+    check_device(device)
     if write_accelerate_config is not None:
         from dsft.recipes.launch import settings_for, write_config
 

@@ -13,7 +13,7 @@ import yaml
 
 from dsft.atomic import write_text_atomic
 from dsft.domains.pack import BUILTIN_DOMAINS, GENERAL, LORA_GROUPS, NAME_RE, PACKS_DIR, DomainPack, load_pack, parse_pack
-from dsft.errors import DataError, NotFoundError, UsageError
+from dsft.errors import DataError, NotFoundError, UsageError, show
 from dsft.home import dsft_home
 
 # "term: definition" needs a space after the colon, so a term like "ratio 3:1" stays whole.
@@ -34,7 +34,7 @@ def validate_domain_name(name: str) -> str:
         raise UsageError("domain name is empty; give a name like 'finance' (see `dsft domains list`)")
     if "/" in name or "\\" in name or ".." in name:
         raise UsageError(
-            f"domain name {name!r} contains a path separator or '..'; a name is lower-case letters, digits, '-' and '_' "
+            f"domain name {show(name)} contains a path separator or '..'; a name is lower-case letters, digits, '-' and '_' "
             "(e.g. 'finance'); to use a pack file give its path ending in .yaml, e.g. --domain path/to/domain.yaml"
         )
     if not NAME_RE.fullmatch(name):
@@ -42,7 +42,7 @@ def validate_domain_name(name: str) -> str:
         if not suggestion[0].isalpha():
             suggestion = "d-" + suggestion
         raise UsageError(
-            f"domain name {name!r} is not valid: use 1-64 characters, a lower-case letter first, then lower-case "
+            f"domain name {show(name)} is not valid: use 1-64 characters, a lower-case letter first, then lower-case "
             f"letters, digits, '-' or '_' (e.g. {suggestion[:64]!r})"
         )
     return name
@@ -104,7 +104,7 @@ def resolve_domain(name_or_path: str) -> DomainPack:
     if name_or_path in BUILTIN_DOMAINS:
         return builtin_pack(name_or_path)
     raise NotFoundError(
-        f"unknown domain {name_or_path!r}; available domains: {_available()}. "
+        f"unknown domain {show(name_or_path)}; available domains: {_available()}. "
         "Run `dsft domains list`, give a pack file with --domain path/to/domain.yaml, "
         "or make one with `dsft domains new`"
     )

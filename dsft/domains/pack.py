@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from dsft.errors import NotFoundError, UsageError
+from dsft import safe_yaml
+from dsft.errors import UsageError
 
 PACKS_DIR = Path(__file__).parent / "packs"
 BUILTIN_DOMAINS = ("finance", "legal", "medical")
@@ -30,8 +31,6 @@ REQUIRED_KEYS = ("name", "description", "default_recipe", "lora_targets", "terms
 OPTIONAL_KEYS = ("fillers", "raw_templates", "instruction_templates", "data_files", "data_fields")
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 FILLER_RE = re.compile(r"[a-z][a-z0-9_]*")
-# libyaml is ~10x faster than the pure-Python parser; both give the same nodes and error marks.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -107,18 +106,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[tuple[str, str]]]:
     PyYAML keeps the last of two equal keys without a word, which would silently drop a term,
     so duplicates are found on the node tree before construction.
     """
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown position"
-        raise UsageError(f"{source}: malformed YAML at {where}: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{source}: malformed YAML: {exc}") from None
-    finally:
-        loader.dispose()
+    node = safe_yaml.compose(text, source)  # bounded: an alias bomb is refused before anything walks it
+    data = safe_yaml.construct(node, source)
     problems: list[tuple[str, str]] = []
     _duplicate_keys(node, "", problems, set())
     return data, problems
@@ -296,7 +285,7 @@ def parse_pack(text: str, source: Path, builtin: bool = False) -> DomainPack:
     """
     data, problems = _parse_yaml(text, str(source))
     if not isinstance(data, dict):
-        raise _report(str(source), [("<root>", f"must be a mapping with keys {', '.join(REQUIRED_KEYS)}, got {_show(data)}")])
+        raise _report(str(source), [("<root>", f"must be a mapping with keys {', '.join(REQUIRED_KEYS)}, got {type(data).__name__}")])
     for key in data:
         if key not in REQUIRED_KEYS + OPTIONAL_KEYS:
             close = difflib.get_close_matches(str(key), REQUIRED_KEYS + OPTIONAL_KEYS, n=1)
@@ -337,10 +326,5 @@ def load_pack(path: str | Path, builtin: bool = False) -> DomainPack:
         UsageError: malformed YAML (with line and column), or every schema problem at once.
     """
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotFoundError(f"domain file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the domain file: {exc}") from None
+    text = safe_yaml.read_text(path, "domain file")
     return parse_pack(text, path.absolute(), builtin)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dsft.errors import NotFoundError, UsageError
+from dsft.errors import NotFoundError, UsageError, show
 
 METHODS = ("lora", "qlora", "esft", "full")
 GIB = 2**30
@@ -160,6 +160,7 @@ def base_config(base: str):
     from transformers import AutoConfig
 
     from dsft.base.presets import PRESETS, TOKENIZER_VOCAB
+    from dsft.base.remote_code import refuse_remote_code
 
     if base in PRESETS:
         return PRESETS[base].make_config(TOKENIZER_VOCAB)
@@ -167,11 +168,12 @@ def base_config(base: str):
     if path.is_dir():
         if not (path / "config.json").exists():
             raise NotFoundError(f"{base} is a directory but holds no config.json; point --base at a Hugging Face model directory")
-        return AutoConfig.from_pretrained(path)
+        refuse_remote_code(path, False, base)  # plan never runs a model directory's code
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     try:
-        return AutoConfig.from_pretrained(base, local_files_only=True)
+        return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError):  # not cached, not a repo id: one message for both
-        raise NotFoundError(f"unknown base {base!r}: not a preset ({', '.join(PRESETS)}), a model directory, or a hub id "
+        raise NotFoundError(f"unknown base {show(base)}: not a preset ({', '.join(PRESETS)}), a model directory, or a hub id "
                             "in the local cache (huggingface-cli download it first)") from None
 
 

@@ -22,6 +22,7 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,8 @@ class RunDir:
         with staging_dir(final) as tmp:
             write_text_atomic(tmp / "recipe.yaml", recipe_yaml)
             write_json_atomic(tmp / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run": name, "status": "running",
-                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **key.to_json()})
+                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **key.to_json(),
+                                               "pid": os.getpid(), "host": socket.gethostname()})  # for registry gc
             os.rename(tmp, final)
         return RunDir(final)
 

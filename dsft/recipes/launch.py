@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from dsft import safe_yaml
 from dsft.errors import UsageError
 
 BACKENDS = ("fsdp", "ddp", "deepspeed")
@@ -179,7 +180,7 @@ def settings_for(base: str, *, num_gpus: int | None, backend: str, num_machines:
 
 def launch(config: Path, worker_args: list[str], overrides: dict[str, Any]) -> int:
     """Run the processes and wait; returns accelerate's exit status (non-zero when any rank failed)."""
-    file = yaml.safe_load(Path(config).read_text()) or {}
+    file = safe_yaml.load_file(Path(config), "accelerate config") or {}
     per_machine = int(overrides.get("num_processes") or file.get("num_processes") or 1) // \
         max(1, int(overrides.get("num_machines") or file.get("num_machines") or 1))
     env = dict(os.environ)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dsft.base.router import RouterProbe
+from dsft.errors import DivergedError
 from dsft.eval.losses import lm_loss
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ def train_steps(
         n_tokens = int(batch["attention_mask"].sum())
         if sync is not None:
             lm_value, aux_value, n_tokens = sync.metrics(step, lm_value, aux_value)
+        if not math.isfinite(lm_value) or (aux_value is not None and not math.isfinite(aux_value)):
+            raise DivergedError(f"step {step + 1}: the training loss is {lm_value} (aux {aux_value}), not a finite number; "
+                                "stopped and registered nothing: lower the stage's lr or check its data")
         losses.append(lm_value)
         if on_step:
             on_step(StepInfo(step + 1, steps, lm_value, aux_value or 0.0, peak_lrs[0] * scale,

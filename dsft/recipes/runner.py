@@ -36,6 +36,7 @@ from dsft.eval.logs import write_training_log
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
 from dsft.recipes.distributed import Dist
+from dsft.recipes.run_checks import check_device, check_max_steps, check_output, check_seed, check_seq_len
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.eval.heldout import eval_sets
 from dsft.recipes.data_plan import StagePlan
@@ -113,16 +114,20 @@ def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, 
     return keep
 
 
-def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root) -> tuple:
+def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+          trust_remote_code=False) -> tuple:
     """Everything checked before any weights load (so a refused run, or --resume, writes nothing)."""
-    from dsft.base.loading import fingerprint_for
+    from dsft.base.loading import fingerprint_for, read_config, resolve_base
     from dsft.data.files import as_sources, load_records
     from dsft.domains import resolve_domain
     from dsft.registry import open_registry
 
+    check_max_steps(max_steps)
+    check_seed(seed)
     pack = resolve_domain(domain)
     rec: Recipe = load_recipe(recipe or pack.default_recipe, overrides)
     seed = rec.seed if seed is None else seed
+    check_seed(seed, "seed")
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     data_files = as_sources(data)  # DataSource objects: paths, directories, globs, cached hub ids
@@ -130,8 +135,10 @@ def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, regist
     output = Path(output) if output else None
     _check_output(output)
     reg = registry if hasattr(registry, "transaction") else open_registry(registry)
+    check_output(output, reg.adapters_root, [r.path for r in reg.list_adapters()])
     _check_teachers(rec, pack.name, reg)
-    _, _, fingerprint = fingerprint_for(base)
+    _, _, fingerprint = fingerprint_for(base, trust_remote_code)
+    check_seq_len([(f"stages[{i}].seq_len", s.seq_len) for i, s in enumerate(rec.stages)], read_config(resolve_base(base), trust_remote_code), base)
     key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
     return pack, rec, seed, data_files, user_records, output, reg, key, Path(runs_root) if runs_root else runs_dir()
 
@@ -139,14 +146,16 @@ def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, regist
 def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | None = None, data: list[str | Path] | tuple = (),
               overrides: list[str] | tuple = (), seed: int | None = None, max_steps: int | None = None,
               output: str | Path | None = None, registry: Any = None, resume: bool = False,
-              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, runs_root: str | Path | None = None) -> None:
+              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, runs_root: str | Path | None = None,
+              trust_remote_code: bool = False) -> None:
     """The checks :func:`train` makes before loading any weights, alone: what ``dsft train --num-gpus`` runs
     before starting its processes, so that a bad argument is one error line, not one per rank.
 
     Raises:
         The errors :func:`train` raises for the same arguments before it trains.
     """
-    *_, key, root = _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root)
+    *_, key, root = _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+                          trust_remote_code)
     if resume:
         RunDir.for_resume(root, key)
 
@@ -211,13 +220,14 @@ def train(
 
     if keep_layers != "auto" and not (isinstance(keep_layers, int) and keep_layers >= 0):
         raise UsageError(f"--keep-layers must be a number >= 0 or auto, got {keep_layers!r}")
+    check_device(device)
     dist = dist if dist is not None else Dist.from_env(device)
     log: list[dict[str, Any]] = []
     emit = _logging(on_event if on_event and dist.main else (lambda kind, payload: None), log)
     t_start = time.perf_counter()
     with dist.local_main_first():  # a preset is built once per machine
         pack, rec, seed, data_files, user_records, output, reg, key, root = _plan(
-            domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root)
+            domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root, trust_remote_code)
 
     def find_checkpoint() -> tuple[RunDir | None, Any]:
         found = RunDir.for_resume(root, key) if resume else None

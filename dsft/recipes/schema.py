@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import yaml
 
-from dsft.errors import NotFoundError, UsageError
+from dsft import safe_yaml
+from dsft.errors import NotFoundError, show
 from dsft.recipes.typed import apply_override, load_tree, to_data
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -311,22 +312,18 @@ def builtin_recipes() -> list[str]:
 
 def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix in (".yaml", ".yml") or path.is_dir():
         if not path.exists():
             raise NotFoundError(f"recipe file {path} does not exist; check the path")
         return path
     if name_or_path not in builtin_recipes():
-        raise NotFoundError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(builtin_recipes())} (or give a .yaml file)")
+        raise NotFoundError(f"unknown recipe {show(name_or_path)}; built-in recipes: {', '.join(builtin_recipes())} (or give a .yaml file)")
     return BUILTIN_DIR / f"{name_or_path}.yaml"
 
 
 def read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise UsageError(f"{path}: malformed YAML at {where}: {exc.problem}") from None
+    """The recipe file's data: a UTF-8 regular file, parsed with bounded alias expansion (:mod:`dsft.safe_yaml`)."""
+    return safe_yaml.load_file(path, "recipe")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -7,10 +7,11 @@ for value rules that types cannot express.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from dsft.errors import UsageError
+from dsft.errors import UsageError, show
 
 
 class ConfigError(UsageError):
@@ -44,45 +45,53 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
         return build(args[0], data, path, problems) if len(args) == 1 else data
     if origin is Literal:
         if data not in get_args(cls):
-            problems.append(f"{path}: must be one of {_describe(cls)}, got {data!r}")
+            problems.append(f"{path}: must be one of {_describe(cls)}, got {show(data)}")
         return data
     if origin is tuple:
         item = get_args(cls)[0]
         if isinstance(data, (str, bytes)) or not isinstance(data, (list, tuple)):
-            problems.append(f"{path}: must be a list, got {data!r}")
+            problems.append(f"{path}: must be a list, got {show(data)}")
             return ()
         return tuple(build(item, v, _join(path, i), problems) for i, v in enumerate(data))
     if origin is dict:
         if not isinstance(data, dict):
-            problems.append(f"{path}: must be a mapping, got {data!r}")
+            problems.append(f"{path}: must be a mapping, got {show(data)}")
             return {}
         return dict(data)
     if dataclasses.is_dataclass(cls):
         return _build_dataclass(cls, data, path, problems)
     if cls is float:
+        value = data
         if isinstance(data, str):
             # PyYAML reads 2e-5 (no dot) as a string (YAML 1.1); accept what float() accepts.
             try:
-                return float(data)
+                value = float(data)
             except ValueError:
                 pass
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
-            problems.append(f"{path}: must be a number, got {data!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: must be a number, got {show(data)}")
             return 0.0
-        return float(data)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past 1e308
+            value = math.inf
+        if not math.isfinite(value):  # .inf or .nan would train on NaN losses
+            problems.append(f"{path}: must be a finite number, got {show(data)}")
+            return 0.0
+        return value
     if cls is int:
         if isinstance(data, bool) or not isinstance(data, int):
-            problems.append(f"{path}: must be an integer, got {data!r}")
+            problems.append(f"{path}: must be an integer, got {show(data)}")
             return 0
         return data
     if cls is bool:
         if not isinstance(data, bool):
-            problems.append(f"{path}: must be true or false, got {data!r}")
+            problems.append(f"{path}: must be true or false, got {show(data)}")
             return False
         return data
     if cls is str:
         if not isinstance(data, str):
-            problems.append(f"{path}: must be a string, got {data!r}")
+            problems.append(f"{path}: must be a string, got {show(data)}")
             return ""
         return data
     return data
@@ -90,7 +99,7 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
 
 def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(data, dict):
-        problems.append(f"{path or '<root>'}: must be a mapping, got {data!r}")
+        problems.append(f"{path or '<root>'}: must be a mapping, got {show(data)}")
         return None
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -147,12 +156,15 @@ def load_tree(cls: type, data: Any, source: str) -> Any:
 
 def apply_override(data: dict, dotted: str) -> None:
     """Apply ``stages.1.lr=2e-5`` to plain recipe data in place (values parsed as YAML scalars)."""
-    import yaml
+    from dsft import safe_yaml
 
     if "=" not in dotted:
-        raise UsageError(f"override {dotted!r}: expected key.path=value, e.g. stages.0.lr=2e-5")
+        raise UsageError(f"override {show(dotted)}: expected key.path=value, e.g. stages.0.lr=2e-5")
     key, raw = dotted.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = safe_yaml.loads(raw, f"override {show(dotted)}")
+    except UsageError as exc:
+        raise UsageError(f"{exc} (the value is read as YAML)") from None
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts):

@@ -69,6 +69,17 @@ def adapter_architecture(manifest: Mapping[str, Any]) -> str | None:
     return arch or None
 
 
+def architecture_mismatch(manifest: Mapping[str, Any], architecture: str | None) -> str | None:
+    """Why an adapter cannot fit a base of ``architecture`` (None: it may; the other rules decide).
+
+    Needs the base's config only, so ``registry check`` answers a mismatch without fingerprinting the base.
+    """
+    trained = adapter_architecture(manifest)
+    if trained and architecture and trained != architecture:
+        return f"architecture differs: adapter trained on {trained}, base is {architecture}"
+    return None
+
+
 def incompatibilities(manifest: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
     """Every reason the adapter described by ``manifest`` cannot be loaded onto ``base``.
 
@@ -82,9 +93,9 @@ def incompatibilities(manifest: Mapping[str, Any], base: Mapping[str, Any]) -> l
     reasons: list[str] = []
     trained = trained_fingerprint(manifest) or {}
 
-    arch_a, arch_b = trained.get("architecture"), base.get("architecture")
-    if arch_a and arch_b and arch_a != arch_b:
-        reasons.append(f"architecture differs: adapter trained on {arch_a}, base is {arch_b}")
+    arch = architecture_mismatch(manifest, base.get("architecture"))
+    if arch:
+        reasons.append(arch)
 
     vocab_a, vocab_b = _int(manifest.get("base_vocab_size")), _int(base.get("vocab_size"))
     if vocab_a is not None and vocab_b is not None and vocab_a != vocab_b:

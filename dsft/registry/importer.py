@@ -7,7 +7,9 @@ unless the user names one (``--base``); the rules then judge it on module shapes
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 from dsft.atomic import sha256_file
 from dsft.errors import IntegrityError, UsageError
+from dsft.registry import peft_export
 from dsft.registry.integrity import MANIFEST_NAME
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -67,15 +70,62 @@ def hash_files(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""Weights in Python's pickle format (loading one can run code); dsft stores safetensors only."""
+_MAX_FILES = 10_000
+
+
+def check_tree(src: Path) -> None:
+    """Refuse a directory to import that holds anything but plain files and folders, or pickled weights.
+
+    A symlink would copy what it points at (a private file, a whole directory, ``/dev/zero``) into the
+    registry, so links and devices, FIFOs and sockets are refused, never followed.
+
+    Raises:
+        UsageError: a link, a non-regular file, a pickle-format weights file, or more than 10,000 entries.
+    """
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for name in dirnames + filenames:
+            count += 1
+            if count > _MAX_FILES:
+                raise UsageError(f"{src} holds more than {_MAX_FILES:,} files; an adapter directory holds a few")
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise UsageError(f"{p} is a symbolic link; dsft imports plain files only: copy the file it points "
+                                 "to into the directory (cp -L) and import again")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise UsageError(f"{p} is not a regular file (a device, FIFO or socket); remove it and import again")
+            if stat.S_ISREG(st.st_mode) and p.suffix.lower() in PICKLE_SUFFIXES:
+                raise UsageError(f"{p} holds weights in pickle format, which dsft does not load (safetensors only): "
+                                 "save the adapter with safe_serialization=True and import again")
+
+
+def manifest_file_path(src: Path, rel: Any) -> Path:
+    """The file a manifest's ``files`` entry names, which must lie inside ``src``.
+
+    Raises:
+        IntegrityError: an absolute path, a ``..`` part, or anything else that leaves the directory.
+    """
+    parts = Path(str(rel)).parts
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in parts:
+        raise IntegrityError(f"{src / MANIFEST_NAME} lists {str(rel)[:120]!r}, a path outside the adapter directory; "
+                             "the manifest is damaged or forged")
+    return src / rel
+
+
 def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The PEFT config and the dsft manifest (if any) of a directory to import.
 
     Raises:
-        UsageError: not a directory, or neither ``adapter_config.json`` nor ``dsft_adapter.json`` in it.
+        UsageError: not a directory, neither ``adapter_config.json`` nor ``dsft_adapter.json`` in it, or a link,
+            device or pickle file in it (see :func:`check_tree`).
         IntegrityError: a dsft manifest whose files do not match.
     """
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory; give the adapter's directory (with adapter_config.json)")
+    check_tree(src)
     peft: dict[str, Any] = {}
     manifest: dict[str, Any] | None = None
     try:
@@ -89,24 +139,31 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         raise UsageError(f"{src} is not a PEFT adapter directory (no {PEFT_CONFIG}); give the directory "
                          "that save_pretrained wrote")
     if manifest is not None:
-        for rel, want in (manifest.get("files") or {}).items():
-            p = src / rel
+        files = manifest.get("files") or {}
+        if not isinstance(files, dict):
+            raise IntegrityError(f"{src / MANIFEST_NAME}: files must be a mapping of path to sha256; copy the adapter again")
+        for rel, want in files.items():
+            p = manifest_file_path(src, rel)
             if not p.is_file() or sha256_file(p) != want:
                 raise IntegrityError(f"{p} does not match {src / MANIFEST_NAME} (missing, changed or truncated); "
                                      "copy the adapter again")
     return peft, manifest
 
 
-def default_kind(peft: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> str:
+def default_kind(peft: Mapping[str, Any], manifest: Mapping[str, Any] | None,
+                 exported: Mapping[str, Any] | None = None) -> str:
     if manifest and manifest.get("kind"):
         return str(manifest["kind"])
+    if exported and exported.get("kind"):
+        return str(exported["kind"])
     kind = str(peft.get("peft_type") or "lora").lower()
     return re.sub(r"[^a-z0-9+_-]", "-", kind)[:32] or "lora"
 
 
 def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: Mapping[str, Any],
                    previous: Mapping[str, Any] | None, source: str,
-                   base: tuple[str, str, Mapping[str, Any]] | None) -> dict[str, Any]:
+                   base: tuple[str, str, Mapping[str, Any]] | None,
+                   exported: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of an imported adapter whose files are already staged in ``staged``.
 
     Args:
@@ -116,6 +173,7 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
         previous: its own ``dsft_adapter.json`` when it came from another dsft (kept, re-stamped).
         source: where it was imported from, recorded as is.
         base: ``(name, source, fingerprint)`` of the base the user says it was trained on, if any.
+        exported: the ``dsft_export.json`` record when it is dsft's own PEFT export (see :mod:`.peft_export`).
     """
     files = hash_files(staged)
     if previous:
@@ -127,6 +185,8 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
              "added_tokens": [], "base_vocab_size": None, "recipe": None, "metrics": {}}
         if peft.get("base_model_name_or_path"):
             m["base"] = {"name": peft["base_model_name_or_path"], "source": None, "fingerprint": None}
+        if exported:
+            m.update(peft_export.manifest_fields(dict(exported), shapes))
     if base is not None:
         name, bsource, fp = base
         m["base"] = {"name": name, "source": bsource,

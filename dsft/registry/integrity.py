@@ -60,6 +60,17 @@ def manifest_sha256_matches(path: Path, expected: str) -> bool:
         return False
 
 
+OWN_LOG_DIR = "tensorboard"
+"""Where training writes TensorBoard events into the adapter (:data:`dsft.eval.logs.TB_DIR`; the registry
+does not import dsft.eval). The manifest lists the top-level files only, so these are not hashed."""
+
+
+def own_log(rel: str) -> bool:
+    """Whether ``rel`` (a path inside an adapter) is a log dsft itself wrote there, not a stray file."""
+    parts = rel.split("/")
+    return len(parts) == 2 and parts[0] == OWN_LOG_DIR and parts[1].startswith("events.out.tfevents.")
+
+
 def file_findings(rec: AdapterRecord, *, stop_at_first: bool = False) -> list[Finding]:
     """Compare an adapter's directory with its manifest and the registry's manifest hash."""
     out: list[Finding] = []
@@ -90,7 +101,8 @@ def file_findings(rec: AdapterRecord, *, stop_at_first: bool = False) -> list[Fi
             return out
     listed = set(files) | {MANIFEST_NAME}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.relative_to(root).as_posix() not in listed:
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in listed and not own_log(rel):
             out.append(Finding("unlisted", rec.ref, str(p), "file not listed in the manifest (not loaded, not hashed)"))
     return out
 
@@ -110,9 +122,9 @@ def check_files(rec: AdapterRecord) -> None:
 
 def _explain_hidden(name: str) -> str | None:
     if ".partial" in name:
-        return "staging directory of an interrupted write; safe to delete when no dsft process is running"
-    if ".trash-" in name:
-        return "left by an interrupted `registry rm` (its row is gone); safe to delete"
+        return "staging directory of a write in progress or interrupted; `dsft registry gc` removes it once its writer is gone"
+    if "trash-" in name:
+        return "left by an interrupted `registry rm` (its row is gone); `dsft registry gc` removes it"
     return None
 
 

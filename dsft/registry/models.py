@@ -35,7 +35,7 @@ NAMING = {
 #: Alembic's bookkeeping table; its presence is what marks a database as a dsft registry.
 VERSION_TABLE = "dsft_schema_version"
 #: The Alembic revision these models describe (the head); bump it with each new migration.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

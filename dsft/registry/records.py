@@ -7,6 +7,7 @@ from typing import Any
 
 from dsft.registry.compat import OK_STATUSES
 from dsft.registry.models import AdapterVersion, BaseVersion, Compatibility
+from dsft.registry.paths import from_stored
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -60,7 +61,7 @@ class AdapterRecord:
     @classmethod
     def from_row(cls, row: AdapterVersion) -> AdapterRecord:
         return cls(
-            id=row.id, domain=row.domain, version=row.version, kind=row.kind, path=row.path,
+            id=row.id, domain=row.domain, version=row.version, kind=row.kind, path=from_stored(row.path),
             manifest=dict(row.manifest), manifest_sha256=row.manifest_sha256,
             recipe=dict(row.recipe) if row.recipe is not None else None,
             metrics=dict(row.metrics) if row.metrics is not None else None,

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from dsft.atomic import sha256_file, staging_dir, write_json_atomic
 from dsft.errors import UsageError
 from dsft.home import adapters_dir, registry_url
-from dsft.registry import importer
+from dsft.registry import importer, peft_export
 from dsft.registry import repository as repo
 from dsft.registry.compat import decide
 from dsft.registry.integrity import MANIFEST_NAME, Finding, check_files, file_findings, orphan_findings
@@ -230,18 +230,23 @@ class Registry:
             validate_version(version)
         source = Path(src).expanduser().resolve()
         peft, previous = importer.read_source(source)
-        kind = validate_kind(kind or importer.default_kind(peft, previous))
+        exported = None if previous else peft_export.export_record(source)
+        kind = validate_kind(kind or importer.default_kind(peft, previous, exported))
         if base is not None:
             check_fingerprint(base[2])
         with staging_dir(self.adapters_root / domain / "import") as staged:
             _copy_tree(source, staged)
+            importer.check_tree(staged)  # the source may have changed since it was checked
+            if exported:
+                peft_export.restore_terms(staged, exported)
             with self.transaction() as tx:
                 base_rec = tx.ensure_base(name=base[0], source=base[1], fingerprint=base[2]) if base else None
                 v = version or tx.next_adapter_version(domain=domain, base_fingerprint=base[2] if base else None)
                 if repo.get_adapter(tx.session, domain, v) is not None:
                     raise UsageError(f"{domain}@{v} is already registered; leave out --version for the next one")
                 manifest = importer.build_manifest(staged, domain=domain, version=v, kind=kind, peft=peft,
-                                                   previous=previous, source=str(source), base=base)
+                                                   previous=previous, source=str(source), base=base,
+                                                   exported=exported)
                 write_json_atomic(staged / MANIFEST_NAME, manifest)
                 sha = sha256_file(staged / MANIFEST_NAME)
                 final = tx.place_dir(staged, domain=domain, version=v)
@@ -262,13 +267,14 @@ class Registry:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy ``src`` into the existing ``dst`` (files, following symlinks), without its manifest."""
+    """Copy ``src`` into the existing ``dst`` without its manifest; a link (refused earlier by
+    :func:`importer.check_tree`, but one could appear since) is copied as a link, never followed."""
     import shutil
 
     def ignore(_dir: str, names: list[str]) -> set[str]:
         return {n for n in names if n == MANIFEST_NAME and os.path.samefile(_dir, src)}
 
-    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=ignore)
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=ignore)
 
 
 def open_registry(url: str | None = None, *, adapters_root: str | Path | None = None) -> Registry:

@@ -13,6 +13,7 @@ a registry at the same moment take turns instead of failing with "database is lo
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -27,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.engine.url import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
+from dsft.atomic import fsync_dir
 from dsft.errors import RegistryError
 from dsft.registry.models import SCHEMA_HEAD, TABLES, VERSION_TABLE
 
@@ -248,10 +250,12 @@ def prepare(engine: Engine) -> str:
     """
     url = engine.url
     path = sqlite_path(url)
+    head = SCHEMA_HEAD
     if path is not None:
         check_sqlite_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-    head = SCHEMA_HEAD
+        if not path.exists() or path.stat().st_size == 0:
+            return _create_sqlite(engine, path, head)
     with db_errors(url, "opening it"):
         with engine.connect() as conn:
             rev = schema_state(conn, url)
@@ -268,6 +272,48 @@ def prepare(engine: Engine) -> str:
         except Timeout:
             raise RegistryError(f"registry {safe_url(url)} is busy: another dsft process has been creating or "
                                 f"migrating it for over {BUSY_TIMEOUT_S} s; try again") from None
+
+
+def _create_sqlite(engine: Engine, path: Path, head: str) -> str:
+    """Create a new SQLite registry: built whole in a temp file beside ``path``, then renamed into place,
+    under the file lock.
+
+    So a process killed while creating leaves at most a temp file, never a half-made ``registry.db``; and
+    a zero-length file where a registry was expected is damage (a truncated registry), refused rather
+    than silently taken for a new, empty one.
+    """
+    url = engine.url
+    try:
+        with FileLock(str(path) + ".lock", timeout=BUSY_TIMEOUT_S):
+            if path.exists() and path.stat().st_size == 0:
+                raise RegistryError(
+                    f"registry {path} is an empty file (0 bytes): a registry was expected there, so it is damaged or was "
+                    "truncated; it was left untouched: restore it from a backup, or delete it to start a new, empty registry")
+            created_meanwhile = path.exists()  # by another process, while this one waited for the lock
+            if not created_meanwhile:
+                _create_sqlite_file(engine, path, head)
+    except Timeout:
+        raise RegistryError(f"registry {safe_url(url)} is busy: another dsft process has been creating or "
+                            f"migrating it for over {BUSY_TIMEOUT_S} s; try again") from None
+    return prepare(engine) if created_meanwhile else head
+
+
+def _create_sqlite_file(engine: Engine, path: Path, head: str) -> None:
+    """Build the registry in a temp file beside ``path`` and rename it into place (caller holds the lock)."""
+    url = engine.url
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)  # left by a killed process that had this pid
+    new = make_engine(url.set(database=str(tmp)))
+    try:
+        with db_errors(url, "creating it"):
+            _migrate(new, head)
+        new.dispose()  # the last connection closes: the WAL is checkpointed into the file
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        new.dispose()
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
 
 
 def _pragma(raw: Any, sql: str) -> Any:

@@ -18,10 +18,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from dsft.atomic import fsync_dir
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.registry import repository as repo
 from dsft.registry.compat import Decision, applies_to, decide, trained_fingerprint
 from dsft.registry.models import AdapterVersion, BaseVersion, Compatibility, Tag, utcnow
+from dsft.registry.paths import to_stored
 from dsft.registry.records import AdapterRecord, BaseRecord, CompatRecord, TagMove
 from dsft.registry.refs import (
     VERSION_RE,
@@ -230,6 +232,7 @@ class Transaction:
             raise UsageError(f"{final} already exists but is not registered (see `dsft registry verify`); "
                              "move it away or choose another version")
         os.rename(staged, final)
+        fsync_dir(final.parent)
         self.on_rollback(lambda: os.rename(final, staged))
         return final
 
@@ -283,7 +286,7 @@ class Transaction:
                 raise IncompatibleError(f"{domain}@{version} does not fit the base it was trained on "
                                         f"({base_row.name}): " + "; ".join(d.reasons))
         row = AdapterVersion(
-            domain=domain, version=version, kind=kind, path=str(path), manifest=man,
+            domain=domain, version=version, kind=kind, path=to_stored(path), manifest=man,
             manifest_sha256=manifest_sha256, recipe=_json(dict(recipe), "recipe") if recipe is not None else None,
             metrics=_json(dict(metrics), "metrics") if metrics is not None else None,
             parent_id=parent_row.id if parent_row else None, base_id=base_row.id if base_row else None,
@@ -389,7 +392,7 @@ class Transaction:
         inside = os.path.realpath(path).startswith(root + os.sep)
         doomed = None
         if inside and path.is_dir():
-            trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
+            trash = path.with_name(f".{path.name}.{os.getpid()}-trash-{uuid.uuid4().hex[:8]}")  # pid: for registry gc
             os.rename(path, trash)
             self.on_rollback(lambda: os.rename(trash, path))
             self.after_commit(lambda: shutil.rmtree(trash))

@@ -85,7 +85,7 @@ def _resolve(ref: str, base: str | None, registry: Any):
 def _extended_tokenizer(base_dir: Path, manifest: dict[str, Any]):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     added = manifest.get("added_tokens") or []
     if added:
         if len(tok) != int(manifest["term_start"]):
@@ -111,10 +111,10 @@ def _peft_with_trainable_tokens(directory: Path, manifest: dict[str, Any], base_
     state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS))
     rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
     start, n = int(manifest["term_start"]), len(manifest["added_tokens"])
-    model_config = AutoConfig.from_pretrained(base_dir)
+    model_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     model_config.vocab_size = max(model_config.vocab_size, start + n)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
     names = {id(m): n_ for n_, m in skeleton.named_modules()}
     embed, head = names[id(skeleton.get_input_embeddings())], names[id(skeleton.get_output_embeddings())]
     ids = list(range(start, start + n))
@@ -241,7 +241,8 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
     rec, base_ref, fp = _resolve(ref, base, registry)
     directory, manifest = Path(rec.path), rec.manifest
     tokenizer = _extended_tokenizer(base_ref.path, manifest)
-    model = AutoModelForCausalLM.from_pretrained(base_ref.path, dtype=dtype or "auto", device_map=device, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(base_ref.path, dtype=dtype or "auto", device_map=device, use_safetensors=True,
+                                                 trust_remote_code=False)
     added = manifest.get("added_tokens") or []
     if added:
         rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
@@ -287,7 +288,9 @@ def _provenance(rec, fp: dict[str, Any], fmt: str) -> dict[str, Any]:
     return {"exported_from": rec.ref, "format": fmt, "manifest_sha256": rec.manifest_sha256,
             "base_fingerprint": {k: v for k, v in fp.items() if k != "param_shapes"},
             "added_tokens": m.get("added_tokens") or [], "term_start": m.get("term_start"),
-            "metrics": m.get("metrics"), "kind": m.get("kind")}
+            "metrics": m.get("metrics"), "kind": m.get("kind"),
+            "target_shapes": m.get("target_shapes"), "base_vocab_size": m.get("base_vocab_size"),  # for re-import
+            "base_name": (m.get("base") or {}).get("name"), "base_source": (m.get("base") or {}).get("source")}
 
 
 def _publish(tmp: Path, out: Path) -> None:
