@@ -76,9 +76,9 @@ def read_config(ref: BaseRef) -> dict[str, Any]:
     return config
 
 
-def fingerprint_for(base: str) -> tuple[str, str, dict[str, Any]]:
-    """(name, source, fingerprint) of a base, without loading its weights."""
-    ref = resolve_base(base)
+def fingerprint_for(base: str | BaseRef) -> tuple[str, str, dict[str, Any]]:
+    """(name, source, fingerprint) of a base (a name or an already resolved ref), without loading its weights."""
+    ref = base if isinstance(base, BaseRef) else resolve_base(base)
     read_config(ref)
     return ref.name, ref.source, load_fingerprint(ref.path)
 

@@ -35,7 +35,7 @@ def generate_command(
         from dsft.registry import open_registry
 
         with open_registry(registry) as reg:
-            base = training_base(reg.resolve(adapter).manifest)
+            base = training_base(reg.resolve(adapter).parsed_manifest())
     runtime = load_base(base, device=device, registry=registry)
     info = runtime.attach(adapter) if adapter else None
     if not quiet and not json_out:

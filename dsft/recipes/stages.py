@@ -27,10 +27,10 @@ from dsft.adapters.esft import (
     EsftState, apply_slices, expert_grad_mask, expert_parameters, moe_layers, put_slices, score_experts, select_layers,
     select_slices, trained_slices, union,
 )
-from dsft.adapters.esft_slices import supports_slices, trainable_slices
+from dsft.adapters.esft_slices import trainable_slices
 from dsft.adapters.lora import LoraSettings, layer_indices, lora_targets
 from dsft.adapters.terms import TermPlan
-from dsft.base.arch import num_experts
+from dsft.base.arch import num_experts, supports_fused_experts
 from dsft.base.router import RouterProbe
 from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
@@ -121,7 +121,7 @@ def sliceable(model, spec, selection: dict[int, tuple[int, ...]]) -> bool:
     base = unwrap(model)
     layers = base.get_decoder().layers
     for i, (_, experts, _) in moe_layers(base, spec).items():
-        if selection.get(i) and (layers[i].get_submodule(spec.experts_attr) is not experts or not supports_slices(experts)):
+        if selection.get(i) and (layers[i].get_submodule(spec.experts_attr) is not experts or not supports_fused_experts(experts)):
             return False
     return True
 

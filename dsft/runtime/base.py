@@ -172,7 +172,7 @@ class RuntimeBase:
             if current is not None and current.info.version == rec.version:
                 return current.info
         device, dtype = self.model.device, self.model.dtype
-        weights = read_adapter(Path(rec.path), rec.manifest, self.model.config, device=device, dtype=dtype)
+        weights = read_adapter(Path(rec.path), rec.parsed_manifest(), self.model.config, device=device, dtype=dtype)
         tokenizer = extended_tokenizer(self.tokenizer, weights.added_tokens, weights.term_start)
         with self._lock:
             self._install()

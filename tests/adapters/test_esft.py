@@ -134,7 +134,7 @@ def test_esft_recipe_trains_a_few_experts_and_reloads_to_the_trained_loss(home, 
     from safetensors.torch import load_file
 
     import dsft
-    from dsft.adapters.manifest import read_manifest
+    from dsft.adapter_format import read_manifest
     from dsft.adapters.store import load_adapter
     from dsft.base import load_base
     from dsft.domains import general_pack, resolve_domain
@@ -147,8 +147,8 @@ def test_esft_recipe_trains_a_few_experts_and_reloads_to_the_trained_loss(home, 
     assert m["eval_loss_after"] < m["eval_loss_before"]
     assert m["esft"]["selected_share"] < 0.25 and m["esft"]["lora"] is lora
     manifest = read_manifest(result.path)
-    assert manifest["kind"] == "esft+terms" and manifest["esft"]["selection"] == m["esft"]["selection"]
-    assert {"esft.safetensors", "terms.safetensors"} <= set(manifest["files"]) and "adapter_model.safetensors" not in manifest["files"]
+    assert manifest.kind == "esft+terms" and manifest.esft["selection"] == m["esft"]["selection"]
+    assert {"esft.safetensors", "terms.safetensors"} <= set(manifest.files) and "adapter_model.safetensors" not in manifest.files
     saved = load_file(str(result.path / ESFT_FILE))
     n_selected = sum(len(v) for v in m["esft"]["selection"].values())
     assert sum(v.shape[0] for k, v in saved.items() if k.endswith("gate_up_proj")) == n_selected

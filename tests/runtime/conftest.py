@@ -39,7 +39,7 @@ def rt_home(tmp_path_factory, session_home) -> Path:
 def refs(rt_home) -> dict[str, str]:
     """finance@0.1.0, legal@0.1.0, medical@0.1.0 and finance@0.2.0: random LoRA on every target group + terms."""
     from dsft.base import load_base
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     loaded = load_base("tiny-deepseek-v2", device="cpu")
     out = {}

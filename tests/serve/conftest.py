@@ -29,7 +29,7 @@ def serve_refs(serve_home) -> dict[str, str]:
     import torch
 
     from dsft.base import load_base
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
