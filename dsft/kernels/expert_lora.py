@@ -14,7 +14,8 @@ same math runs as a loop over experts.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,17 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
 
 FORCE_GROUPED_KERNEL = False
 """Tests set this to run the grouped-kernel path on CPU (torch._grouped_mm runs there in fp32)."""
+
+
+@contextmanager
+def grouped_kernel_forced(force: bool = True) -> Iterator[None]:
+    """Run the block with :data:`FORCE_GROUPED_KERNEL` set to ``force``; the previous value is restored after."""
+    global FORCE_GROUPED_KERNEL
+    previous, FORCE_GROUPED_KERNEL = FORCE_GROUPED_KERNEL, force
+    try:
+        yield
+    finally:
+        FORCE_GROUPED_KERNEL = previous
 
 
 def use_grouped_kernel(x: torch.Tensor) -> bool:
