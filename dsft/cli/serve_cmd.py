@@ -26,6 +26,9 @@ def serve_command(
 
     Example: dsft serve --adapter finance --adapter legal --port 8000
     """
+    from dsft.extras import require
+
+    require("serve", "dsft serve")
     from dsft.serve.app import Limits
     from dsft.serve.server import serve
 

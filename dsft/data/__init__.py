@@ -18,7 +18,14 @@ from dsft.data.files import READERS, Message, Record, load_records, to_record
 if TYPE_CHECKING:
     from dsft.data.mixture import Source, apportion, mix
     from dsft.data.tokenize import (
-        IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, pack_texts,
+        IGNORE,
+        Examples,
+        build_examples,
+        collate,
+        count_tokens,
+        encode_chat,
+        encode_instruction,
+        pack_texts,
     )
 
 # Lazy: reading and checking data files must not pay for importing torch.

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from dsft.atomic import write_text_atomic
 from dsft.adapter_format import DOMAIN_RE, LORA_GROUPS
+from dsft.atomic import write_text_atomic
 from dsft.domains.pack import BUILTIN_DOMAINS, GENERAL, PACKS_DIR, DomainPack, load_pack, parse_pack
 from dsft.errors import DataError, NotFoundError, UsageError
 from dsft.home import dsft_home

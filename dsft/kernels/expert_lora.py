@@ -217,7 +217,7 @@ def experts_forward(
     a = act(gate) * up
     y, u = _down(a, down_proj, down_lora, r, down_head, down_folded)
     out = unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k)
-    if u is not None:
+    if u is not None and down_lora is not None:  # u is only made with a down LoRA
         out = out + _lora_out_to_tokens(u, down_lora, r, k, x.shape[0])
     return out.to(x.dtype)
 

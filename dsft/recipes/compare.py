@@ -14,6 +14,7 @@ from typing import Any
 from dsft.base.presets import DEFAULT_BASE
 from dsft.recipes.schema import builtin_recipes, load_recipe
 
+
 def _order(names: Sequence[str]) -> list[str]:
     """``lora`` first, recipes with a distill stage last (they need a teacher), the rest by name."""
     def rank(name: str) -> tuple[int, str]:

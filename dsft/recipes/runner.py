@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from dsft.adapter_format import MANIFEST_FILE
 from dsft.adapters.esft import EXPERT_PARAMS, EsftState
 from dsft.adapters.fast_lora import fold_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
-from dsft.adapter_format import MANIFEST_FILE
 from dsft.adapters.qlora import quantize_base
 from dsft.adapters.terms import TermPlan, extend_model, plan_terms
 from dsft.atomic import staging_dir
@@ -30,12 +30,12 @@ from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.loading import default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
+from dsft.eval.heldout import eval_sets
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
 from dsft.recipes.distributed import Dist
 from dsft.recipes.publish import publish_trained as _publish
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
-from dsft.eval.heldout import eval_sets
 from dsft.recipes.sources import StageData
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage
 

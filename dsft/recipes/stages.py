@@ -24,8 +24,17 @@ import torch
 from torch import nn
 
 from dsft.adapters.esft import (
-    EsftState, apply_slices, expert_grad_mask, expert_parameters, moe_layers, put_slices, score_experts, select_layers,
-    select_slices, trained_slices, union,
+    EsftState,
+    apply_slices,
+    expert_grad_mask,
+    expert_parameters,
+    moe_layers,
+    put_slices,
+    score_experts,
+    select_layers,
+    select_slices,
+    trained_slices,
+    union,
 )
 from dsft.adapters.esft_slices import trainable_slices
 from dsft.adapters.lora import LoraSettings, layer_indices, lora_targets
@@ -34,12 +43,12 @@ from dsft.base.arch import num_experts, supports_fused_experts
 from dsft.base.router import RouterProbe
 from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
-from dsft.recipes.distributed import Dist
+from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
 from dsft.kernels.optim import fused_adamw_ok
+from dsft.recipes.distributed import Dist
 from dsft.recipes.loop import default_loss, train_steps
 from dsft.recipes.schema import Stage
-from dsft.eval.heldout import scoring_sample
 from dsft.recipes.sources import StageData, stage_batches
 
 Event = Callable[[str, dict[str, Any]], None]

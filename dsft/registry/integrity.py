@@ -21,7 +21,6 @@ from dsft.errors import IntegrityError
 from dsft.registry.records import AdapterRecord
 from dsft.registry.refs import VERSION_RE
 
-
 Kind = Literal["missing_dir", "missing", "changed", "manifest_changed", "unlisted", "orphan", "leftover"]
 #: Findings that make ``verify`` fail; ``unlisted`` and ``leftover`` are reported but harmless.
 PROBLEMS: frozenset[str] = frozenset({"missing_dir", "missing", "changed", "manifest_changed", "orphan"})

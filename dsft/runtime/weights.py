@@ -27,7 +27,6 @@ from dsft.errors import IntegrityError, UsageError
 from dsft.kernels.expert_lora import LowRank
 
 
-
 @dataclass(frozen=True)
 class LinearLora:
     """``y += (x A^T) B^T`` on one linear module: A [r, in], B [out, r] with the LoRA scale folded into B."""

@@ -42,7 +42,14 @@ import pytest
 import torch
 
 from dsft.adapters.esft import (
-    ESFT_FILE, expert_grad_mask, expert_parameters, load_esft, put_slices, save_esft, select_layers, select_slices,
+    ESFT_FILE,
+    expert_grad_mask,
+    expert_parameters,
+    load_esft,
+    put_slices,
+    save_esft,
+    select_layers,
+    select_slices,
 )
 
 SELECTION = {1: (2,), 2: (0, 5), 3: (7,)}
