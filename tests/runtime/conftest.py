@@ -24,11 +24,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="package")
-def rt_home(tmp_path_factory, session_home) -> Path:
+def rt_home(tmp_path_factory, new_home) -> Path:
     """$DSFT_HOME for the runtime tests, sharing the session's built presets."""
-    home = tmp_path_factory.mktemp("runtime_home")
-    (session_home / "bases").mkdir(exist_ok=True)
-    (home / "bases").symlink_to(session_home / "bases")
+    home = new_home(tmp_path_factory.mktemp("runtime_home"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSFT_HOME", str(home))
         mp.delenv("DSFT_REGISTRY_URL", raising=False)
