@@ -22,11 +22,9 @@ def dsft(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, session_home):
+def trained(tmp_path_factory, new_home):
     """One real `dsft train --domain finance --json` run, shared by the tests of this module."""
-    home = tmp_path_factory.mktemp("e2e_home")
-    (home / "bases").symlink_to(session_home / "bases")
-    (session_home / "bases").mkdir(exist_ok=True)
+    home = new_home(tmp_path_factory.mktemp("e2e_home"))
     proc = dsft("train", "--domain", "finance", "--json", home=home)
     return home, json.loads(proc.stdout)
 
