@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dsft.adapter_format import MANIFEST_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SCHEMA_VERSION
+from dsft.adapter_format import MANIFEST_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SCHEMA_VERSION, Manifest
 from dsft.atomic import sha256_file
 from dsft.errors import IntegrityError, UsageError
 
@@ -70,7 +70,7 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
     Raises:
         UsageError: not a directory, or neither ``adapter_config.json`` nor ``dsft_adapter.json`` in it.
-        IntegrityError: a dsft manifest whose files do not match.
+        IntegrityError: a dsft manifest that is malformed (the field is named) or whose files do not match.
     """
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory; give the adapter's directory (with adapter_config.json)")
@@ -87,7 +87,7 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         raise UsageError(f"{src} is not a PEFT adapter directory (no {PEFT_CONFIG_FILE}); give the directory "
                          "that save_pretrained wrote")
     if manifest is not None:
-        for rel, want in (manifest.get("files") or {}).items():
+        for rel, want in Manifest.from_dict(manifest, where=str(src / MANIFEST_FILE)).files.items():
             p = src / rel
             if not p.is_file() or sha256_file(p) != want:
                 raise IntegrityError(f"{p} does not match {src / MANIFEST_FILE} (missing, changed or truncated); "
