@@ -139,6 +139,8 @@ class Manifest:
         if unknown:
             warnings.warn(f"{where}: written by a newer dsft (schema {version}); ignoring {unknown}", stacklevel=2)
         values = {k: _check(k, data[k], where) for k in _KNOWN if k in data and k != "base"}
+        if values["added_tokens"] and values.get("term_start") is None:
+            raise _problem(f"{where}: term_start", "required when added_tokens is not empty (the first added id)")
         return cls(base=_base(data["base"], where), extra={k: data[k] for k in unknown}, **values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def test_a_wrong_type_names_the_field():
         Manifest.from_dict(manifest_dict(base={"name": "x", "fingerprint": [1]}))
     with pytest.raises(IntegrityError, match="domain: must be a domain name"):
         Manifest.from_dict(manifest_dict(domain="../etc"))
+    with pytest.raises(IntegrityError, match="term_start: required when added_tokens is not empty"):
+        Manifest.from_dict(manifest_dict(term_start=None))
 
 
 def test_unknown_keys_fail_in_this_schema_and_warn_from_a_newer_one():

@@ -1,14 +1,6 @@
 """Write an adapter directory and load one onto a base model.
 
-An adapter directory holds::
-
-    adapter_config.json          PEFT's config (plain ``PeftModel.from_pretrained`` reads it)
-    adapter_model.safetensors    the LoRA weights
-    terms.safetensors            added-token rows {"embed": [n, d], "head": [n, d]} (term extension only)
-    esft.safetensors             ESFT adapters instead of the two PEFT files: the trained experts' slices
-    recipe.yaml                  the resolved recipe as run
-    dsft_adapter.json            the manifest (see :mod:`dsft.adapter_format`), written last
-
+What the directory holds, file by file, and its manifest are described in :mod:`dsft.adapter_format`.
 To load it with plain PEFT: resize the base's embeddings to ``term_start + len(added_tokens)``
 (when larger than the base), copy the rows of ``terms.safetensors`` to ids ``term_start...``,
 add ``added_tokens`` to the tokenizer in order, then ``PeftModel.from_pretrained``.
