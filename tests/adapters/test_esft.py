@@ -41,6 +41,7 @@ def test_experts_score_cli_writes_a_per_layer_selection(home, tmp_path):
 import pytest
 import torch
 
+from dsft.adapter_format import Manifest
 from dsft.adapters.esft import (
     ESFT_FILE,
     expert_grad_mask,
@@ -53,6 +54,8 @@ from dsft.adapters.esft import (
 )
 
 SELECTION = {1: (2,), 2: (0, 5), 3: (7,)}
+NO_TERMS = Manifest(schema_version=1, domain="finance", version="0.1.0", kind="esft", base=None, target_shapes={},
+                    added_tokens=(), files={})
 
 
 def test_select_layers_applies_p_per_layer():
@@ -131,7 +134,7 @@ def test_saved_slices_put_onto_a_fresh_base_give_the_same_logits(tiny, tmp_path)
     ids = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base_logits = fresh.model(input_ids=ids).logits
-        loaded = load_esft(fresh.model, fresh.tokenizer, tmp_path, {"added_tokens": []})
+        loaded = load_esft(fresh.model, fresh.tokenizer, tmp_path, NO_TERMS)
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
         assert not torch.allclose(base_logits, model(input_ids=ids).logits)
 
