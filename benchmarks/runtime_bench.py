@@ -211,7 +211,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     from dsft.registry import open_registry
     from dsft.runtime.base import RuntimeBase
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     # A throwaway registry and adapter store: the user's registry never sees the synthetic adapters.
     home = Path(tempfile.mkdtemp(prefix="dsft-runtime-bench-"))

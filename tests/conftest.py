@@ -18,13 +18,25 @@ def session_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def new_home(session_home):
+    """Make a fresh $DSFT_HOME directory (empty registry and adapters) sharing the session's built presets.
+
+    The one way tests get a home: ``home`` per test, and the runtime and serve packages one per package.
+    """
+    def make(directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        (session_home / "bases").mkdir(exist_ok=True)
+        (directory / "bases").symlink_to(session_home / "bases")
+        return directory
+
+    return make
+
+
 @pytest.fixture
-def home(tmp_path, session_home, monkeypatch) -> Path:
-    """A fresh $DSFT_HOME for one test (empty registry and adapters) sharing the session's built presets."""
-    h = tmp_path / "home"
-    h.mkdir()
-    (session_home / "bases").mkdir(exist_ok=True)
-    (h / "bases").symlink_to(session_home / "bases")
+def home(tmp_path, new_home, monkeypatch) -> Path:
+    """A fresh $DSFT_HOME for one test, set in the environment for its duration."""
+    h = new_home(tmp_path / "home")
     monkeypatch.setenv("DSFT_HOME", str(h))
     monkeypatch.delenv("DSFT_REGISTRY_URL", raising=False)
     return h

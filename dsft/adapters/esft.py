@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsft.adapter_format import ESFT_FILE, TERMS_FILE, Manifest
 from dsft.base.arch import ArchSpec, top_k
 from dsft.base.router import router_probs
 from dsft.errors import IncompatibleError, UsageError
 
-ESFT_FILE = "esft.safetensors"
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 METHODS = ("gate", "token")
 DEFAULT_P = {"gate": 0.1, "token": 0.2}
@@ -410,7 +410,7 @@ def apply_slices(model, tensors: Mapping[str, torch.Tensor]) -> int:
     return n
 
 
-def load_esft(model, tokenizer, directory: str | Path, manifest: Mapping[str, Any]):
+def load_esft(model, tokenizer, directory: str | Path, manifest: Manifest):
     """Put an ESFT adapter onto ``model`` (a plain transformers model) in place and return the model.
 
     Term rows (if any) extend the tokenizer and the embeddings as for LoRA adapters; the selected
@@ -418,11 +418,11 @@ def load_esft(model, tokenizer, directory: str | Path, manifest: Mapping[str, An
     """
     from safetensors.torch import load_file
 
-    from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, load_terms
+    from dsft.adapters.terms import TermPlan, extend_model, load_terms
 
     directory = Path(directory)
-    if manifest.get("added_tokens"):
-        plan = TermPlan(tuple(manifest["added_tokens"]), int(manifest["term_start"]), ())
+    if manifest.added_tokens:
+        plan = TermPlan(manifest.added_tokens, int(manifest.term_start or 0), ())
         extend_model(model, tokenizer, plan, rows=load_terms(directory / TERMS_FILE))
     apply_slices(model, load_file(str(directory / ESFT_FILE)))
     return model

@@ -44,14 +44,6 @@ class SliceParam:
     """The experts, ascending: ``param[s]`` is expert ``index[s]``."""
 
 
-def supports_slices(experts: nn.Module) -> bool:
-    """Fused 3-D expert weights without biases, in the layout :func:`experts_forward` computes."""
-    w = getattr(experts, "gate_up_proj", None)
-    return isinstance(w, torch.Tensor) and w.dim() == 3 and hasattr(experts, "act_fn") \
-        and getattr(experts, "gate_up_proj_bias", None) is None and getattr(experts, "down_proj_bias", None) is None \
-        and not getattr(experts, "is_transposed", False)
-
-
 def _sliced_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     return experts_forward(hidden_states, getattr(self, SLOT)[top_k_index], top_k_weights, self.gate_up_proj,
                            self.down_proj, self.act_fn, heads=getattr(self, HEADS))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsft.adapters.qlora import expert_weights
+from dsft.base.arch import supports_fused_experts
 from dsft.kernels.expert_lora import LowRank, experts_forward
 
 ADAPTER = "default"
@@ -229,8 +230,7 @@ def enable_fast_lora(model: nn.Module) -> int:
         by_param, core = _chain(wrapper)
         if any(len(w.lora_A) != 1 for w in by_param.values()):
             continue
-        if hasattr(core, "gate_up_proj") and core.gate_up_proj.dim() == 3 and set(by_param) <= {"gate_up_proj", "down_proj"} \
-                and getattr(core, "gate_up_proj_bias", None) is None and getattr(core, "down_proj_bias", None) is None:
+        if supports_fused_experts(core) and set(by_param) <= {"gate_up_proj", "down_proj"}:
             wrapper.forward = types.MethodType(_fast_experts_forward, wrapper)
             patched += 1
         elif isinstance(core, nn.Linear) and set(by_param) == {"weight"}:

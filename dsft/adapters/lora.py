@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from dsft.adapter_format import LORA_GROUPS
 from dsft.base.arch import ArchSpec
 from dsft.errors import UsageError
-
-TARGET_GROUPS = ("attention", "shared_experts", "routed_experts")
 
 
 @dataclass(frozen=True)
@@ -23,15 +22,15 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    targets: tuple[str, ...] = TARGET_GROUPS
+    targets: tuple[str, ...] = LORA_GROUPS
     """Which groups get LoRA: any of attention, shared_experts, routed_experts."""
     layers: tuple[int, ...] | None = None
     """Decoder layer indices to adapt; None = all."""
 
     def __post_init__(self):
-        bad = [t for t in self.targets if t not in TARGET_GROUPS]
+        bad = [t for t in self.targets if t not in LORA_GROUPS]
         if bad:
-            raise UsageError(f"lora.targets: unknown group {bad[0]!r}; choose from {', '.join(TARGET_GROUPS)}")
+            raise UsageError(f"lora.targets: unknown group {bad[0]!r}; choose from {', '.join(LORA_GROUPS)}")
         if self.r <= 0:
             raise UsageError(f"lora.r: must be > 0, got {self.r}")
 

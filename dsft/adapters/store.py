@@ -1,14 +1,6 @@
 """Write an adapter directory and load one onto a base model.
 
-An adapter directory holds::
-
-    adapter_config.json          PEFT's config (plain ``PeftModel.from_pretrained`` reads it)
-    adapter_model.safetensors    the LoRA weights
-    terms.safetensors            added-token rows {"embed": [n, d], "head": [n, d]} (term extension only)
-    esft.safetensors             ESFT adapters instead of the two PEFT files: the trained experts' slices
-    recipe.yaml                  the resolved recipe as run
-    dsft_adapter.json            the manifest (see :mod:`dsft.adapters.manifest`), written last
-
+What the directory holds, file by file, and its manifest are described in :mod:`dsft.adapter_format`.
 To load it with plain PEFT: resize the base's embeddings to ``term_start + len(added_tokens)``
 (when larger than the base), copy the rows of ``terms.safetensors`` to ids ``term_start...``,
 add ``added_tokens`` to the tokenizer in order, then ``PeftModel.from_pretrained``.
@@ -18,8 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dsft.adapters.manifest import MANIFEST, SCHEMA_VERSION, file_hashes, read_manifest, verify_files
-from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, load_terms, save_terms
+from dsft.adapter_format import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TERMS_FILE,
+    Manifest,
+    file_hashes,
+    read_manifest,
+    verify_files,
+)
+from dsft.adapters.terms import TermPlan, extend_model, load_terms, save_terms
 from dsft.atomic import sha256_file, write_json_atomic
 
 
@@ -31,12 +31,16 @@ def write_weights(directory: Path, peft_model, plan: TermPlan) -> None:
         save_terms(directory / TERMS_FILE, peft_model.get_base_model(), plan)
 
 
-def write_manifest(directory: Path, fields: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Hash every file in ``directory`` and write the manifest last; returns (manifest, its sha256)."""
-    names = [p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
-    manifest = {"schema_version": SCHEMA_VERSION, **fields, "files": file_hashes(directory, names)}
-    write_json_atomic(directory / MANIFEST, manifest)
-    return manifest, sha256_file(directory / MANIFEST)
+def write_manifest(directory: Path, fields: dict[str, Any]) -> tuple[Manifest, str]:
+    """Hash every file in ``directory`` and write the manifest last; returns (manifest, its sha256).
+
+    Raises:
+        IntegrityError: ``fields`` do not make a valid manifest (the field is named).
+    """
+    names = [p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")]
+    manifest = Manifest.from_dict({"schema_version": SCHEMA_VERSION, **fields, "files": file_hashes(directory, names)})
+    write_json_atomic(directory / MANIFEST_FILE, manifest.to_dict())
+    return manifest, sha256_file(directory / MANIFEST_FILE)
 
 
 def load_adapter(model, tokenizer, directory: str | Path, *, adapter_name: str = "default", verify: bool = True):
@@ -56,11 +60,11 @@ def load_adapter(model, tokenizer, directory: str | Path, *, adapter_name: str =
     manifest = read_manifest(directory)
     if verify:
         verify_files(directory, manifest)
-    if manifest["kind"].split("+")[0] == "esft":
+    if manifest.is_esft:
         from dsft.adapters.esft import load_esft
 
         return load_esft(model, tokenizer, directory, manifest)
-    if manifest["added_tokens"]:
-        plan = TermPlan(tuple(manifest["added_tokens"]), int(manifest["term_start"]), ())
+    if manifest.added_tokens:
+        plan = TermPlan(manifest.added_tokens, int(manifest.term_start or 0), ())
         extend_model(model, tokenizer, plan, rows=load_terms(directory / TERMS_FILE))
     return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=False)

@@ -18,8 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-TERMS_FILE = "terms.safetensors"
-
 
 @dataclass(frozen=True)
 class TermPlan:

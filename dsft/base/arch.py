@@ -126,3 +126,20 @@ def aux_loss_coef(spec: ArchSpec, config) -> float:
     if spec.aux_loss_coef_field and getattr(config, spec.aux_loss_coef_field, None) is not None:
         return float(getattr(config, spec.aux_loss_coef_field))
     return spec.default_aux_loss_coef
+
+
+def supports_fused_experts(experts: object) -> bool:
+    """Whether an experts module holds the fused layout dsft's expert kernels compute.
+
+    That is transformers v5's ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (3-D, not transposed,
+    gate and up concatenated), no biases, and an ``act_fn``. ESFT slices, the fast expert LoRA and the
+    runtime's multi-adapter experts all ask this one question; any other layout keeps the plain forward.
+    Torch-free: a tensor is recognised by its ``ndim``.
+    """
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    return (
+        getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(experts, "act_fn")
+        and not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
+        and getattr(experts, "has_gate", True) and not getattr(experts, "has_bias", False)
+        and getattr(experts, "gate_up_proj_bias", None) is None and getattr(experts, "down_proj_bias", None) is None
+    )

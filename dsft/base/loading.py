@@ -105,9 +105,9 @@ def base_architecture(base: str, trust_remote_code: bool = False) -> str | None:
     return spec_for(config.get("model_type"), config.get("architectures")).architecture
 
 
-def fingerprint_for(base: str, trust_remote_code: bool = False) -> tuple[str, str, dict[str, Any]]:
-    """(name, source, fingerprint) of a base, without loading its weights."""
-    ref = resolve_base(base)
+def fingerprint_for(base: str | BaseRef, trust_remote_code: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """(name, source, fingerprint) of a base (a name or an already resolved ref), without loading its weights."""
+    ref = base if isinstance(base, BaseRef) else resolve_base(base)
     read_config(ref, trust_remote_code)
     return ref.name, ref.source, load_fingerprint(ref.path, trust_remote_code)
 

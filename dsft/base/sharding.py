@@ -71,12 +71,6 @@ def shard_model(model, spec: ArchSpec, *, wrap: Sequence[str] = (), reshard_afte
     return [n for n, _ in layers] + [by_module[id(embed)], by_module[id(head)], by_module[id(decoder)]]
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor shard (a collective: every rank must call it); ``t`` itself otherwise."""
     from torch.distributed.tensor import DTensor

@@ -52,7 +52,8 @@ def eval_command(
         from dsft.registry import open_registry
 
         try:
-            log = read_training_log(Path(open_registry(registry).resolve(adapter).path))
+            with open_registry(registry) as reg:
+                log = read_training_log(Path(reg.resolve(adapter).path))
         except DsftError:
             log = None  # an imported adapter has no training log; the page says what it can
         result["report"] = str(write_report(result, log, report))

@@ -37,7 +37,7 @@ def generate_command(
 
         with open_registry(registry) as reg:
             # the version attach will take (production tag, else newest) decides the base to load
-            base = training_base(choose(reg, adapter)[0].manifest)
+            base = training_base(choose(reg, adapter)[0].parsed_manifest())
     runtime = load_base(base, device=device, registry=registry)
     info = runtime.attach(adapter) if adapter else None
     if not quiet and not json_out:

@@ -7,12 +7,12 @@ import warnings
 import typer
 
 from dsft.cli import domains_cmd, experts_cmd, recipes_cmd, registry_cmd
+from dsft.cli.eval_cmd import eval_command
 from dsft.cli.export_cmd import export_command
 from dsft.cli.generate_cmd import generate_command
-from dsft.cli.serve_cmd import serve_command
-from dsft.cli.eval_cmd import eval_command
 from dsft.cli.logs_cmd import logs_command
 from dsft.cli.plan_cmd import plan_command
+from dsft.cli.serve_cmd import serve_command
 from dsft.cli.train_cmd import train_command
 
 app = typer.Typer(

@@ -289,7 +289,7 @@ def import_cmd(
     if json_out:
         print_json({**_adapter_summary(rec), "compatibility": [c.to_json() for c in rows]})
         return
-    console.print(f"imported {rec.ref} ({rec.kind}, {len(rec.manifest.get('files') or {})} files) -> {rec.path}",
+    console.print(f"imported {rec.ref} ({rec.kind}, {len(rec.parsed_manifest().files)} files) -> {rec.path}",
                   highlight=False, markup=False)
     for c in rows:
         _print_compat(c, c.base_name or _short(c.base_id))

@@ -29,6 +29,9 @@ def serve_command(
 
     Example: DSFT_API_KEY=... dsft serve --adapter finance --adapter legal@0.1.0 --port 8000
     """
+    from dsft.extras import require
+
+    require("serve", "dsft serve")
     from dsft.serve.app import Limits
     from dsft.serve.server import serve
 

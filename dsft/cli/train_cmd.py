@@ -10,7 +10,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dsft.base.presets import DEFAULT_BASE
 from dsft.cli.common import (
-    DATA_HELP, FIELD_HELP, SPLIT_HELP, console, data_sources, err_console, guarded, print_json, split_data_args,
+    DATA_HELP,
+    FIELD_HELP,
+    SPLIT_HELP,
+    console,
+    data_sources,
+    err_console,
+    guarded,
+    print_json,
+    split_data_args,
 )
 from dsft.errors import DsftError, UsageError
 

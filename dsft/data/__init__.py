@@ -21,8 +21,16 @@ if TYPE_CHECKING:
     from dsft.data.mixture import Source, apportion, mix  # noqa: F401 (exported through _LAZY)
     from dsft.data.prompt import encode_prompt  # noqa: F401
     from dsft.data.tokenize import (  # noqa: F401 (exported through _LAZY)
-        IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, encode_records,
-        pack_texts, tokenize_records,
+        IGNORE,
+        Examples,
+        build_examples,
+        collate,
+        count_tokens,
+        encode_chat,
+        encode_instruction,
+        encode_records,
+        pack_texts,
+        tokenize_records,
     )
 
 # Lazy: reading and checking data files must not pay for importing torch.

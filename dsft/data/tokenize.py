@@ -16,9 +16,9 @@ list of texts, with ``eos_token_id`` and ``pad_token_id`` (and ``apply_chat_temp
 from __future__ import annotations
 
 import logging
-from itertools import islice
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from dsft.adapter_format import DOMAIN_RE, LORA_GROUPS
 from dsft.atomic import write_text_atomic
-from dsft.domains.pack import BUILTIN_DOMAINS, GENERAL, LORA_GROUPS, NAME_RE, PACKS_DIR, DomainPack, load_pack, parse_pack
+from dsft.domains.pack import BUILTIN_DOMAINS, GENERAL, PACKS_DIR, DomainPack, load_pack, parse_pack
 from dsft.errors import DataError, NotFoundError, UsageError, show
 from dsft.home import dsft_home
 
@@ -37,7 +38,7 @@ def validate_domain_name(name: str) -> str:
             f"domain name {show(name)} contains a path separator or '..'; a name is lower-case letters, digits, '-' and '_' "
             "(e.g. 'finance'); to use a pack file give its path ending in .yaml, e.g. --domain path/to/domain.yaml"
         )
-    if not NAME_RE.fullmatch(name):
+    if not DOMAIN_RE.fullmatch(name):
         suggestion = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_") or "my-domain"
         if not suggestion[0].isalpha():
             suggestion = "d-" + suggestion
@@ -74,7 +75,7 @@ def list_domains() -> list[DomainPack]:
     user_dir = user_domains_dir()
     if user_dir.is_dir():
         for path in sorted(user_dir.glob("*.yaml")):
-            if NAME_RE.fullmatch(path.stem) and path.stem != GENERAL:
+            if DOMAIN_RE.fullmatch(path.stem) and path.stem != GENERAL:
                 packs[path.stem] = _user_pack(path)
     return [packs[name] for name in sorted(packs)]
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from dsft import safe_yaml
+from dsft.adapter_format import DOMAIN_RE, LORA_GROUPS
 from dsft.errors import UsageError
 
 PACKS_DIR = Path(__file__).parent / "packs"
@@ -24,12 +25,10 @@ BUILTIN_DOMAINS = ("finance", "legal", "medical")
 GENERAL = "general"
 DEFAULTS_FILE = PACKS_DIR / "_defaults.yaml"
 """Generic fillers and templates for user packs that bring only terms (not itself a pack)."""
-LORA_GROUPS = ("attention", "shared_experts", "routed_experts")
 TERM_PLACEHOLDERS = ("term", "Term", "definition", "term2", "Term2", "definition2")
 """Placeholders every template may use besides the pack's fillers (``{org}``, or ``{Org}`` capitalised)."""
 REQUIRED_KEYS = ("name", "description", "default_recipe", "lora_targets", "terms")
 OPTIONAL_KEYS = ("fillers", "raw_templates", "instruction_templates", "data_files", "data_fields")
-NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 FILLER_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -293,7 +292,7 @@ def parse_pack(text: str, source: Path, builtin: bool = False) -> DomainPack:
             problems.append((_join("", str(key)), f"unknown key; {hint}"))
     problems.extend((key, "required key is missing") for key in REQUIRED_KEYS if key not in data)
     name = _text(data.get("name", "-"), "name", problems)
-    if name is not None and not NAME_RE.fullmatch(name):
+    if name is not None and not DOMAIN_RE.fullmatch(name):
         problems.append(("name", f"must match [a-z][a-z0-9_-]{{0,63}}, got {name!r}"))
     description = _text(data.get("description", "-"), "description", problems)
     recipe = _text(data.get("default_recipe", "-"), "default_recipe", problems)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dsft.errors import DataError
+from dsft.errors import DataError, UsageError
 from dsft.eval.metrics import bootstrap_difference, bootstrap_loss, expert_usage, perplexity
 
 
@@ -72,16 +72,18 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
     from dsft.eval.heldout import eval_sets
     from dsft.registry import open_registry
 
-    reg = open_registry(registry)
-    rec = reg.resolve(ref, verify_files=True)
-    manifest = rec.manifest
-    base = base or manifest["base"]["name"]
+    with open_registry(registry) as reg:
+        rec = reg.resolve(ref, verify_files=True)
+    manifest = rec.parsed_manifest()
+    if base is None and manifest.base is None:
+        raise UsageError(f"{rec.ref} does not record the base it was trained on; pass --base")
+    base = base or manifest.base.name
     loaded = load_base(base, device=device)
     pack, general = resolve_domain(rec.domain), general_pack()
-    seq_len = max((s["seq_len"] for s in (manifest.get("recipe") or {}).get("stages", [])), default=256)
+    seq_len = max((s["seq_len"] for s in (manifest.recipe or {}).get("stages", [])), default=256)
     base_sets, _ = eval_sets(pack, general, loaded.tokenizer, seq_len)
     before = {k: _nll(loaded.model, v) for k, v in base_sets.items()}
-    terms = manifest.get("added_tokens", [])
+    terms = manifest.added_tokens
     pieces = [len(loaded.tokenizer(" " + t, add_special_tokens=False).input_ids) for t in terms]
     model = load_adapter(loaded.model, loaded.tokenizer, rec.path)
     sets, _ = eval_sets(pack, general, loaded.tokenizer, seq_len)
@@ -98,7 +100,7 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
         out[name] = {"loss_base": b[0], "loss_base_ci": b[1:], "loss_adapter": a[0], "loss_adapter_ci": a[1:],
                      "ppl_base": perplexity(b[0]), "ppl_adapter": perplexity(a[0]), "delta": d[0], "delta_ci": d[1:]}
     out["forgetting"] = {"general_loss_change": out["general"]["delta"], "ci": out["general"]["delta_ci"]}
-    start = manifest.get("term_start", len(loaded.tokenizer))
+    start = len(loaded.tokenizer) if manifest.term_start is None else manifest.term_start
     ids = sets["domain"].input_ids[sets["domain"].attention_mask.bool()]
     out["terms"] = {"added": len(terms), "share_of_heldout_tokens": float((ids >= start).float().mean()) if terms else 0.0,
                     "pieces_per_term_without": sum(pieces) / len(pieces) if pieces else None,
@@ -110,7 +112,8 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
                 "eval_domain_delta": out["domain"]["delta"], "eval_general_delta": out["general"]["delta"]}
         if out["multiple_choice"]:
             flat["mc_accuracy"] = out["multiple_choice"]["accuracy"]
-        reg.record_eval(rec.ref, base_fingerprint=loaded.fingerprint, metrics=flat, name=loaded.ref.name, source=loaded.ref.source)
+        with open_registry(registry) as reg:
+            reg.record_eval(rec.ref, base_fingerprint=loaded.fingerprint, metrics=flat, name=loaded.ref.name, source=loaded.ref.source)
     return out
 
 

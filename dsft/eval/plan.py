@@ -18,7 +18,6 @@ fit decision adds the CUDA context and a fragmentation margin (``OVERHEAD_*``).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,12 +206,8 @@ def _saved_bytes(layer, rotary, hidden: int, dtype: torch.dtype, params: set[int
             layer(x, position_embeddings=rotary(x, pos), attention_mask=None)
         return float(sum(kept.values()))  # the layer's input is among them (its first norm keeps it)
 
-    forced = expert_lora.FORCE_GROUPED_KERNEL
-    expert_lora.FORCE_GROUPED_KERNEL = True  # the shape-static grouped path (the loop needs real routing)
-    try:
+    with expert_lora.grouped_kernel_forced():  # the shape-static grouped path (the loop needs real routing)
         a, b, c = run(128), run(256), run(512)
-    finally:
-        expert_lora.FORCE_GROUPED_KERNEL = forced
     # saved(S) = k0 + k1 S + k2 S^2 through three points.
     k2 = ((c - b) / 256 - (b - a) / 128) / (512 - 128)
     k1 = (b - a) / 128 - k2 * (256 + 128)
@@ -408,7 +403,3 @@ def _powers(start: int, stop: int) -> list[int]:
         out.append(start)
         start *= 2
     return out
-
-
-def plan_json(p: Plan) -> str:
-    return json.dumps(p.to_json(), indent=2)

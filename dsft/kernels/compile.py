@@ -6,7 +6,6 @@ share code and shapes, so one graph serves all) and composes with activation che
 from __future__ import annotations
 
 
-
 def compile_decoder_layers(model) -> int:
     """Compile every decoder layer of ``model`` (a transformers model or a PeftModel) in place."""
     import torch._dynamo as dynamo

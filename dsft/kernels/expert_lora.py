@@ -14,7 +14,8 @@ same math runs as a loop over experts.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,17 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
 
 FORCE_GROUPED_KERNEL = False
 """Tests set this to run the grouped-kernel path on CPU (torch._grouped_mm runs there in fp32)."""
+
+
+@contextmanager
+def grouped_kernel_forced(force: bool = True) -> Iterator[None]:
+    """Run the block with :data:`FORCE_GROUPED_KERNEL` set to ``force``; the previous value is restored after."""
+    global FORCE_GROUPED_KERNEL
+    previous, FORCE_GROUPED_KERNEL = FORCE_GROUPED_KERNEL, force
+    try:
+        yield
+    finally:
+        FORCE_GROUPED_KERNEL = previous
 
 
 def use_grouped_kernel(x: torch.Tensor) -> bool:
@@ -205,7 +217,7 @@ def experts_forward(
     a = act(gate) * up
     y, u = _down(a, down_proj, down_lora, r, down_head, down_folded)
     out = unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k)
-    if u is not None:
+    if u is not None and down_lora is not None:  # u is only made with a down LoRA
         out = out + _lora_out_to_tokens(u, down_lora, r, k, x.shape[0])
     return out.to(x.dtype)
 

@@ -19,12 +19,9 @@ BLOCK = 64
 
 
 def _ops():
-    try:
-        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
-    except ImportError:
-        from dsft.errors import UsageError
+    from dsft.extras import require
 
-        raise UsageError("4-bit (NF4) training needs bitsandbytes: pip install 'bitsandbytes>=0.46'") from None
+    require("qlora", "4-bit (NF4) training")  # importing bitsandbytes registers torch.ops.bitsandbytes
     return torch.ops.bitsandbytes
 
 

@@ -14,9 +14,6 @@ from typing import Any
 from dsft.base.presets import DEFAULT_BASE
 from dsft.recipes.schema import builtin_recipes, load_recipe
 
-COLUMNS = ("recipe", "domain_loss_before", "domain_loss", "general_loss_before", "general_loss", "trainable_params",
-           "routed_expert_share", "steps", "wall_seconds")
-
 
 def _order(names: Sequence[str]) -> list[str]:
     """``lora`` first, recipes with a distill stage last (they need a teacher), the rest by name."""

@@ -69,8 +69,9 @@ def load_teacher(settings: DistillSettings, *, domain: str, base: str, student, 
         decision = decide(rec.manifest, loaded.fingerprint)
         if decision.status == "incompatible":
             raise IncompatibleError(f"distill teacher {rec.ref} does not fit base {loaded.ref.name}: {'; '.join(decision.reasons)}")
-        added = tuple(rec.manifest.get("added_tokens") or ())
-        if terms and (added != terms or int(rec.manifest.get("term_start", -1)) != term_start):
+        teacher = rec.parsed_manifest()
+        added = teacher.added_tokens
+        if terms and (added != terms or teacher.term_start != term_start):
             raise UsageError(f"distill teacher {rec.ref} adds different tokens from this run's {len(terms)} terms; distil from an "
                              "adapter of the same domain on the same base, or set adapter.terms: false")
         model = load_adapter(model, loaded.tokenizer, rec.path, verify=False)

@@ -19,29 +19,27 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, EsftState, save_esft
+from dsft.adapter_format import MANIFEST_FILE
+from dsft.adapters.esft import EXPERT_PARAMS, EsftState
 from dsft.adapters.fast_lora import fold_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
-from dsft.adapters.manifest import MANIFEST
 from dsft.adapters.qlora import quantize_base
-from dsft.adapters.store import write_manifest, write_weights
-from dsft.adapters.terms import TERMS_FILE, TermPlan, extend_model, plan_terms, save_terms
-from dsft.atomic import staging_dir, write_text_atomic
+from dsft.adapters.terms import TermPlan, extend_model, plan_terms
+from dsft.atomic import staging_dir
 from dsft.base import DEFAULT_BASE, load_base
-from dsft.base.fingerprint import summary
 from dsft.base.loading import default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
-from dsft.eval.logs import write_training_log
+from dsft.eval.heldout import eval_sets
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
+from dsft.recipes.data_plan import StagePlan
 from dsft.recipes.distributed import Dist
+from dsft.recipes.publish import publish_trained as _publish
 from dsft.recipes.run_checks import check_device, check_max_steps, check_output, check_seed, check_seq_len
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
-from dsft.eval.heldout import eval_sets
-from dsft.recipes.data_plan import StagePlan
 from dsft.recipes.sources import StageData, stage_steps
-from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
+from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage
 
 Event = Callable[[str, dict[str, Any]], None]
 DEFAULT_CHECKPOINT_EVERY = 50
@@ -59,7 +57,7 @@ class TrainResult:
 
 
 def _check_output(output: Path | None) -> None:
-    if output is not None and output.exists() and not (output / MANIFEST).exists():
+    if output is not None and output.exists() and not (output / MANIFEST_FILE).exists():
         if output.is_dir() and not any(output.iterdir()):
             return
         raise UsageError(f"--output {output} exists and is not a dsft adapter; choose a new directory or remove it")
@@ -381,45 +379,6 @@ def _logging(emit: Event, log: list[dict[str, Any]]) -> Event:
                         "tokens_per_s": i.tokens_per_s, "aux_loss": i.aux_loss, "imbalance": i.imbalance})
         emit(kind, payload)
     return wrapped
-
-
-def _publish(reg, model, esft: EsftState | None, plan: TermPlan, loaded, domain: str, kind: str, rec: Recipe, shapes,
-             metrics, log: list[dict[str, Any]]) -> tuple[Path, str]:
-    """Write the adapter to a staging directory, then allocate its version, rename it into place
-    and write the registry rows in one transaction; on any failure nothing is left behind."""
-    from dsft.errors import NotFoundError
-
-    with staging_dir(reg.adapters_root / domain / "new") as tmp:
-        extra: dict[str, Any]
-        if esft is not None:
-            shapes = save_esft(tmp / ESFT_FILE, model, loaded.spec, esft.selection)
-            if plan.terms:
-                save_terms(tmp / TERMS_FILE, unwrap(model), plan)
-            extra = {"esft": esft.to_json()}
-        else:
-            write_weights(tmp, model, plan)
-            extra = {"lora": {"r": rec.adapter.r, "alpha": rec.adapter.alpha}}
-        write_text_atomic(tmp / "recipe.yaml", recipe_yaml(rec))
-        write_training_log(tmp, log)
-        fields = {
-            "domain": domain, "kind": kind,
-            "base": {"name": loaded.ref.name, "source": loaded.ref.source, "fingerprint": summary(loaded.fingerprint)},
-            "target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
-            "base_vocab_size": loaded.fingerprint["vocab_size"], "recipe": rec.to_data(), "metrics": metrics, **extra,
-        }
-        with reg.transaction() as tx:
-            base_rec = tx.ensure_base(name=loaded.ref.name, source=loaded.ref.source,
-                                      architecture=loaded.spec.architecture, fingerprint=loaded.fingerprint)
-            try:
-                parent = tx.resolve(domain)
-            except NotFoundError:
-                parent = None
-            version = tx.next_adapter_version(domain=domain, base_fingerprint=loaded.fingerprint)
-            manifest, sha = write_manifest(tmp, {**fields, "version": version})
-            final = tx.place_dir(tmp, domain=domain, version=version)  # renamed back if the transaction fails
-            tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
-                           manifest_sha256=sha, recipe=rec.to_data(), metrics=metrics, base=base_rec, parent=parent)
-    return final, version
 
 
 def _copy_out(path: Path, output: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 
 from dsft import safe_yaml
+from dsft.adapter_format import LORA_GROUPS
 from dsft.errors import NotFoundError, show
 from dsft.recipes.typed import apply_override, load_tree, to_data
 
@@ -19,7 +20,6 @@ DATA_SOURCES = ("domain.raw", "domain.instruct", "domain.longtail", "general.raw
 
 
 STAGE_KINDS = ("cpt", "sft", "esft", "distill")
-LORA_GROUPS = ("attention", "shared_experts", "routed_experts")
 FRACTION_TOLERANCE = 1e-6
 
 

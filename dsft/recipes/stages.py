@@ -24,22 +24,31 @@ import torch
 from torch import nn
 
 from dsft.adapters.esft import (
-    EsftState, apply_slices, expert_grad_mask, expert_parameters, moe_layers, put_slices, score_experts, select_layers,
-    select_slices, trained_slices, union,
+    EsftState,
+    apply_slices,
+    expert_grad_mask,
+    expert_parameters,
+    moe_layers,
+    put_slices,
+    score_experts,
+    select_layers,
+    select_slices,
+    trained_slices,
+    union,
 )
-from dsft.adapters.esft_slices import supports_slices, trainable_slices
+from dsft.adapters.esft_slices import trainable_slices
 from dsft.adapters.lora import LoraSettings, layer_indices, lora_targets
 from dsft.adapters.terms import TermPlan
-from dsft.base.arch import num_experts
+from dsft.base.arch import num_experts, supports_fused_experts
 from dsft.base.router import RouterProbe
 from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
-from dsft.recipes.distributed import Dist
+from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
 from dsft.kernels.optim import fused_adamw_ok
+from dsft.recipes.distributed import Dist
 from dsft.recipes.loop import default_loss, train_steps
 from dsft.recipes.schema import Stage
-from dsft.eval.heldout import scoring_sample
 from dsft.recipes.sources import StageData, stage_batches
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -121,7 +130,7 @@ def sliceable(model, spec, selection: dict[int, tuple[int, ...]]) -> bool:
     base = unwrap(model)
     layers = base.get_decoder().layers
     for i, (_, experts, _) in moe_layers(base, spec).items():
-        if selection.get(i) and (layers[i].get_submodule(spec.experts_attr) is not experts or not supports_slices(experts)):
+        if selection.get(i) and (layers[i].get_submodule(spec.experts_attr) is not experts or not supports_fused_experts(experts)):
             return False
     return True
 

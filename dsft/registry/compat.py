@@ -117,7 +117,7 @@ def incompatibilities(manifest: Mapping[str, Any], base: Mapping[str, Any]) -> l
     if targets and not isinstance(shapes, Mapping):
         reasons.append("base fingerprint has no param_shapes, so module shapes cannot be checked; "
                        "re-fingerprint the base with this version of dsft")
-    elif targets:
+    elif targets and isinstance(shapes, Mapping):
         for name in sorted(targets):
             want, have = _shape(targets[name]), _shape(shapes.get(name))
             if have is None:

@@ -15,13 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dsft.adapter_format import MANIFEST_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SCHEMA_VERSION, Manifest
 from dsft.atomic import sha256_file
 from dsft.errors import IntegrityError, UsageError
 from dsft.registry import peft_export
-from dsft.registry.integrity import MANIFEST_NAME
 
-MANIFEST_SCHEMA_VERSION = 1
-PEFT_CONFIG = "adapter_config.json"
 _MAX_HEADER = 100 << 20
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B|embedding_A|embedding_B)(?:\.weight)?$")
 
@@ -67,7 +65,7 @@ def lora_target_shapes(tensors: Mapping[str, list[int]]) -> dict[str, list[int]]
 def hash_files(root: Path) -> dict[str, str]:
     """Relative posix path -> sha256 of every file under ``root`` except the manifest."""
     return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -110,7 +108,7 @@ def manifest_file_path(src: Path, rel: Any) -> Path:
     """
     parts = Path(str(rel)).parts
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in parts:
-        raise IntegrityError(f"{src / MANIFEST_NAME} lists {str(rel)[:120]!r}, a path outside the adapter directory; "
+        raise IntegrityError(f"{src / MANIFEST_FILE} lists {str(rel)[:120]!r}, a path outside the adapter directory; "
                              "the manifest is damaged or forged")
     return src / rel
 
@@ -121,7 +119,7 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     Raises:
         UsageError: not a directory, neither ``adapter_config.json`` nor ``dsft_adapter.json`` in it, or a link,
             device or pickle file in it (see :func:`check_tree`).
-        IntegrityError: a dsft manifest whose files do not match.
+        IntegrityError: a dsft manifest that is malformed (the field is named) or whose files do not match.
     """
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory; give the adapter's directory (with adapter_config.json)")
@@ -129,23 +127,20 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     peft: dict[str, Any] = {}
     manifest: dict[str, Any] | None = None
     try:
-        if (src / PEFT_CONFIG).is_file():
-            peft = json.loads((src / PEFT_CONFIG).read_text())
-        if (src / MANIFEST_NAME).is_file():
-            manifest = json.loads((src / MANIFEST_NAME).read_text())
+        if (src / PEFT_CONFIG_FILE).is_file():
+            peft = json.loads((src / PEFT_CONFIG_FILE).read_text())
+        if (src / MANIFEST_FILE).is_file():
+            manifest = json.loads((src / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read the adapter config in {src}: {err}") from None
     if not peft and manifest is None:
-        raise UsageError(f"{src} is not a PEFT adapter directory (no {PEFT_CONFIG}); give the directory "
+        raise UsageError(f"{src} is not a PEFT adapter directory (no {PEFT_CONFIG_FILE}); give the directory "
                          "that save_pretrained wrote")
     if manifest is not None:
-        files = manifest.get("files") or {}
-        if not isinstance(files, dict):
-            raise IntegrityError(f"{src / MANIFEST_NAME}: files must be a mapping of path to sha256; copy the adapter again")
-        for rel, want in files.items():
+        for rel, want in Manifest.from_dict(manifest, where=str(src / MANIFEST_FILE)).files.items():
             p = manifest_file_path(src, rel)
             if not p.is_file() or sha256_file(p) != want:
-                raise IntegrityError(f"{p} does not match {src / MANIFEST_NAME} (missing, changed or truncated); "
+                raise IntegrityError(f"{p} does not match {src / MANIFEST_FILE} (missing, changed or truncated); "
                                      "copy the adapter again")
     return peft, manifest
 
@@ -179,9 +174,9 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
     if previous:
         m = dict(previous)
     else:
-        weights = staged / "adapter_model.safetensors"
+        weights = staged / PEFT_WEIGHTS_FILE
         shapes = lora_target_shapes(safetensors_shapes(weights)) if weights.is_file() else {}
-        m = {"schema_version": MANIFEST_SCHEMA_VERSION, "base": None, "target_shapes": shapes,
+        m = {"schema_version": SCHEMA_VERSION, "base": None, "target_shapes": shapes,
              "added_tokens": [], "base_vocab_size": None, "recipe": None, "metrics": {}}
         if peft.get("base_model_name_or_path"):
             m["base"] = {"name": peft["base_model_name_or_path"], "source": None, "fingerprint": None}

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dsft.adapter_format import DOMAIN_RE, MANIFEST_FILE
 from dsft.atomic import sha256_file, sha256_json
 from dsft.errors import IntegrityError
 from dsft.registry.records import AdapterRecord
-from dsft.registry.refs import DOMAIN_PATTERN, VERSION_RE
-
-MANIFEST_NAME = "dsft_adapter.json"
-_DOMAIN = re.compile(DOMAIN_PATTERN, re.ASCII)
+from dsft.registry.refs import VERSION_RE
 
 Kind = Literal["missing_dir", "missing", "changed", "manifest_changed", "unlisted", "orphan", "leftover"]
 #: Findings that make ``verify`` fail; ``unlisted`` and ``leftover`` are reported but harmless.
@@ -78,7 +75,7 @@ def file_findings(rec: AdapterRecord, *, stop_at_first: bool = False) -> list[Fi
     if not root.is_dir():
         return [Finding("missing_dir", rec.ref, str(root), "adapter directory is missing; "
                         f"re-import it or remove the entry (dsft registry rm {rec.ref})")]
-    mpath = root / MANIFEST_NAME
+    mpath = root / MANIFEST_FILE
     if not mpath.is_file():
         out.append(Finding("missing", rec.ref, str(mpath), "manifest is missing"))
     elif not manifest_sha256_matches(mpath, rec.manifest_sha256):
@@ -99,7 +96,7 @@ def file_findings(rec: AdapterRecord, *, stop_at_first: bool = False) -> list[Fi
                                    f"{str(files[rel])[:12]} ({size} bytes now; changed or truncated)"))
         if stop_at_first and out:
             return out
-    listed = set(files) | {MANIFEST_NAME}
+    listed = set(files) | {MANIFEST_FILE}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in listed and not own_log(rel):
@@ -140,7 +137,7 @@ def orphan_findings(adapters_root: Path, known_paths: Iterable[str]) -> list[Fin
             out.append(Finding("leftover", None, str(d), why) if why else
                        Finding("orphan", None, str(d), "unexpected entry in the adapters directory"))
             continue
-        if not d.is_dir() or not _DOMAIN.fullmatch(d.name):
+        if not d.is_dir() or not DOMAIN_RE.fullmatch(d.name):
             out.append(Finding("orphan", None, str(d), "not a domain directory; dsft did not write it"))
             continue
         for v in sorted(d.iterdir()):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from dsft.adapter_format import Manifest
 from dsft.registry.compat import OK_STATUSES
 from dsft.registry.models import AdapterVersion, BaseVersion, Compatibility
 from dsft.registry.paths import from_stored
@@ -57,6 +58,14 @@ class AdapterRecord:
     @property
     def ref(self) -> str:
         return f"{self.domain}@{self.version}"
+
+    def parsed_manifest(self) -> Manifest:
+        """The recorded manifest, checked (the registry stores it as given; loaders need it whole).
+
+        Raises:
+            IntegrityError: a required key is missing or a field has the wrong type (named).
+        """
+        return Manifest.from_dict(self.manifest, where=f"{self.ref} manifest")
 
     @classmethod
     def from_row(cls, row: AdapterVersion) -> AdapterRecord:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dsft.adapter_format import DOMAIN_RE, DOMAIN_RULE
 from dsft.errors import UsageError
 
 MAX_NAME = 64
 
-DOMAIN_PATTERN = r"[a-z][a-z0-9_-]{0,63}"
 TAG_PATTERN = r"[A-Za-z][A-Za-z0-9_.-]{0,63}"
 KIND_PATTERN = r"[a-z][a-z0-9+_-]{0,31}"
 # Semantic Versioning 2.0.0 (https://semver.org), the official regex less the build metadata part:
@@ -23,7 +23,6 @@ VERSION_PATTERN = (
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
 )
 
-_DOMAIN = re.compile(DOMAIN_PATTERN, re.ASCII)
 _TAG = re.compile(TAG_PATTERN, re.ASCII)
 _KIND = re.compile(KIND_PATTERN, re.ASCII)
 VERSION_RE = re.compile(VERSION_PATTERN, re.ASCII)
@@ -32,7 +31,6 @@ VERSION_RE = re.compile(VERSION_PATTERN, re.ASCII)
 LATEST = "latest"
 
 REF_HELP = "write refs as DOMAIN, DOMAIN@1.2.0 or DOMAIN@TAG (e.g. finance@production)"
-DOMAIN_RULE = f"1-{MAX_NAME} characters of a-z, 0-9, '_' or '-', starting with a letter (e.g. finance)"
 TAG_RULE = f"1-{MAX_NAME} characters of letters, digits, '_', '.' or '-', starting with a letter (e.g. production)"
 VERSION_RULE = "a semantic version MAJOR.MINOR.PATCH such as 1.2.0 (no leading zeros, no leading 'v')"
 
@@ -53,7 +51,7 @@ def validate_domain(name: str) -> str:
     Raises:
         UsageError: when it does not match ``[a-z][a-z0-9_-]{0,63}``.
     """
-    if not isinstance(name, str) or not _DOMAIN.fullmatch(name):
+    if not isinstance(name, str) or not DOMAIN_RE.fullmatch(name):
         raise UsageError(f"bad domain name {_show(name)}: use {DOMAIN_RULE}")
     return name
 
@@ -121,7 +119,7 @@ def parse_ref(text: str) -> Ref:
     if len(text) > 2 * MAX_NAME + 1:
         raise UsageError(f"adapter ref {_show(text)} is too long ({len(text)} characters): {REF_HELP}")
     domain, at, selector = text.partition("@")
-    if not _DOMAIN.fullmatch(domain):
+    if not DOMAIN_RE.fullmatch(domain):
         raise UsageError(f"bad adapter ref {_show(text)}: the domain must be {DOMAIN_RULE}; {REF_HELP}")
     if not at or selector == LATEST:
         return Ref(domain)

@@ -22,13 +22,14 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from dsft.adapter_format import MANIFEST_FILE
 from dsft.atomic import sha256_file, staging_dir, write_json_atomic
 from dsft.errors import UsageError
 from dsft.home import adapters_dir, registry_url
 from dsft.registry import importer, peft_export
 from dsft.registry import repository as repo
 from dsft.registry.compat import decide
-from dsft.registry.integrity import MANIFEST_NAME, Finding, check_files, file_findings, orphan_findings
+from dsft.registry.integrity import Finding, check_files, file_findings, orphan_findings
 from dsft.registry.records import AdapterRecord, BaseRecord, CompatRecord, TagMove
 from dsft.registry.refs import parse_ref, validate_domain, validate_kind, validate_version
 from dsft.registry.store import db_errors, make_engine, prepare, safe_url, writer
@@ -247,8 +248,8 @@ class Registry:
                 manifest = importer.build_manifest(staged, domain=domain, version=v, kind=kind, peft=peft,
                                                    previous=previous, source=str(source), base=base,
                                                    exported=exported)
-                write_json_atomic(staged / MANIFEST_NAME, manifest)
-                sha = sha256_file(staged / MANIFEST_NAME)
+                write_json_atomic(staged / MANIFEST_FILE, manifest)
+                sha = sha256_file(staged / MANIFEST_FILE)
                 final = tx.place_dir(staged, domain=domain, version=v)
                 return tx.add_adapter(domain=domain, version=v, kind=kind, path=str(final), manifest=manifest,
                                       manifest_sha256=sha, recipe=manifest.get("recipe"),
@@ -272,7 +273,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
     import shutil
 
     def ignore(_dir: str, names: list[str]) -> set[str]:
-        return {n for n in names if n == MANIFEST_NAME and os.path.samefile(_dir, src)}
+        return {n for n in names if n == MANIFEST_FILE and os.path.samefile(_dir, src)}
 
     shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True, ignore=ignore)
 

@@ -39,11 +39,6 @@ def all_adapters(s: Session, domain: str | None = None) -> list[AdapterVersion]:
     return sorted(rows, key=lambda r: (r.domain, Version.parse(r.version)))
 
 
-def latest_adapter(s: Session, domain: str) -> AdapterVersion | None:
-    rows = adapters_of(s, domain)
-    return rows[-1] if rows else None
-
-
 def get_adapter(s: Session, domain: str, version: str) -> AdapterVersion | None:
     return s.scalars(
         select(AdapterVersion).where(AdapterVersion.domain == domain, AdapterVersion.version == version)

@@ -305,7 +305,7 @@ class Transaction:
         existing = repo.get_compat(self.session, adapter.id, base.id)
         was_verified = existing is not None and existing.status == "verified"
         d = decide(adapter.manifest, base.fingerprint, verified=verified_metrics is not None or was_verified)
-        metrics = verified_metrics if verified_metrics is not None else (existing.metrics if was_verified else None)
+        metrics = verified_metrics if verified_metrics is not None else (existing.metrics if existing is not None and was_verified else None)
         if d.status != "verified":
             metrics = None
         if existing is None:
@@ -336,7 +336,7 @@ class Transaction:
         base = self.ensure_base(name=name or f"base-{fp['id'][:12]}", source=source or "unknown", fingerprint=fp)
         row = repo.get_base(self.session, base.id)
         assert row is not None
-        return self._write_compat(adapter, row, verified_metrics=metrics)
+        return self._write_compat(adapter, row, verified_metrics=dict(metrics))
 
     # --- tags ----------------------------------------------------------------------------------
 

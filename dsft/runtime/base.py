@@ -34,7 +34,6 @@ from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
 
-
 log = logging.getLogger("dsft.runtime")
 
 
@@ -189,7 +188,7 @@ class RuntimeBase:
         if current is not None:
             return replace(current.info, via=via)
         device, dtype = self.model.device, self.model.dtype
-        weights = read_adapter(Path(rec.path), rec.manifest, self.model.config, device=device, dtype=dtype)
+        weights = read_adapter(Path(rec.path), rec.parsed_manifest(), self.model.config, device=device, dtype=dtype)
         tokenizer = extended_tokenizer(self.tokenizer, weights.added_tokens, weights.term_start)
         with self._lock:
             if rec.ref in self._attached:  # attached meanwhile by another caller

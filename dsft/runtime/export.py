@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.terms import TERMS_FILE
+from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, Manifest
 from dsft.atomic import staging_dir, write_json_atomic, write_text_atomic
 from dsft.errors import IncompatibleError, UsageError
-from dsft.runtime.weights import PEFT_CONFIG, PEFT_WEIGHTS, read_verified
+from dsft.runtime.weights import read_verified
 
 FORMATS = ("peft", "merged")
 PEFT_PREFIX = "base_model.model."
@@ -42,17 +42,18 @@ class ExportResult:
         return {"adapter": self.ref, "format": self.format, "path": str(self.path), "files": self.files}
 
 
-def training_base(manifest: dict[str, Any]) -> str | None:
+def training_base(manifest: Manifest) -> str | None:
     """How to name the base an adapter was trained on (preset name, directory or hub id), if recorded."""
-    base = manifest.get("base") or {}
-    source = str(base.get("source") or "")
+    if manifest.base is None:
+        return None
+    source = manifest.base.source or ""
     if source.startswith("preset:"):
         return source.removeprefix("preset:")
     if source.startswith("path:"):
         return source.removeprefix("path:")
     if source.startswith("hub:"):
         return source.removeprefix("hub:").rsplit("@", 1)[0]
-    return base.get("name")
+    return manifest.base.name
 
 
 def _check_out(out: Path) -> None:
@@ -64,38 +65,36 @@ def _resolve(ref: str, base: str | None, registry: Any):
     """(record, base ref, base fingerprint), refusing a tampered adapter or one that does not fit the base."""
     from contextlib import nullcontext
 
-    from dsft.base.fingerprint import load_fingerprint
-    from dsft.base.loading import read_config, resolve_base
+    from dsft.base.loading import fingerprint_for, resolve_base
     from dsft.registry import Registry, open_registry
 
     with (nullcontext(registry) if isinstance(registry, Registry) else open_registry(registry)) as reg:
         rec = reg.resolve(ref, verify_files=True)
-        name = base or training_base(rec.manifest)
+        name = base or training_base(rec.parsed_manifest())
         if not name:
             raise UsageError(f"{rec.ref} does not record its base; pass --base")
         base_ref = resolve_base(name)
-        read_config(base_ref)
-        fp = load_fingerprint(base_ref.path)
+        _, _, fp = fingerprint_for(base_ref)
         compat = reg.check(rec.ref, base_fingerprint=fp)
     if not compat.ok:
         raise IncompatibleError(f"{rec.ref} does not fit base {name}: " + "; ".join(compat.reasons))
     return rec, base_ref, fp
 
 
-def _extended_tokenizer(base_dir: Path, manifest: dict[str, Any]):
+def _extended_tokenizer(base_dir: Path, manifest: Manifest):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
-    added = manifest.get("added_tokens") or []
+    added = manifest.added_tokens
     if added:
-        if len(tok) != int(manifest["term_start"]):
-            raise IncompatibleError(f"the adapter's terms start at id {manifest['term_start']} but the base tokenizer "
+        if len(tok) != manifest.term_start:
+            raise IncompatibleError(f"the adapter's terms start at id {manifest.term_start} but the base tokenizer "
                                     f"has {len(tok)} tokens")
         tok.add_tokens(list(added))
     return tok
 
 
-def _peft_with_trainable_tokens(directory: Path, manifest: dict[str, Any], base_dir: Path) -> tuple[dict, Any]:
+def _peft_with_trainable_tokens(directory: Path, manifest: Manifest, base_dir: Path) -> tuple[dict, Any]:
     """The adapter's LoRA state plus its term rows as PEFT trainable tokens, built on a meta-device skeleton."""
     from peft import (
         LoraConfig,
@@ -106,11 +105,11 @@ def _peft_with_trainable_tokens(directory: Path, manifest: dict[str, Any], base_
     from safetensors.torch import load as load_safetensors
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = json.loads(read_verified(directory, manifest, PEFT_CONFIG))
+    cfg = json.loads(read_verified(directory, manifest, PEFT_CONFIG_FILE))
     config = LoraConfig.from_peft_type(**cfg)
-    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS))
+    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS_FILE))
     rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
-    start, n = int(manifest["term_start"]), len(manifest["added_tokens"])
+    start, n = int(manifest.term_start or 0), len(manifest.added_tokens)
     model_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     model_config.vocab_size = max(model_config.vocab_size, start + n)
     with torch.device("meta"):
@@ -179,24 +178,24 @@ def export_peft(ref: str, out: str | Path, *, base: str | None = None, registry:
     out = Path(out).expanduser()
     _check_out(out)
     rec, base_ref, fp = _resolve(ref, base, registry)
-    directory, manifest = Path(rec.path), rec.manifest
-    if _is_esft(manifest):
+    directory, manifest = Path(rec.path), rec.parsed_manifest()
+    if manifest.is_esft:
         raise UsageError(f"{rec.ref} is an ESFT adapter (its own weights for some experts), which PEFT has no format for; "
                          f"export it with --format merged")
-    added = manifest.get("added_tokens") or []
+    added = manifest.added_tokens
     tokenizer = _extended_tokenizer(base_ref.path, manifest)
     with staging_dir(out) as tmp:
         if added:
             state, config = _peft_with_trainable_tokens(directory, manifest, base_ref.path)
-            save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+            save_file(state, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
             config.save_pretrained(tmp)
         else:
-            (tmp / PEFT_CONFIG).write_bytes(read_verified(directory, manifest, PEFT_CONFIG))
-            (tmp / PEFT_WEIGHTS).write_bytes(read_verified(directory, manifest, PEFT_WEIGHTS))
+            (tmp / PEFT_CONFIG_FILE).write_bytes(read_verified(directory, manifest, PEFT_CONFIG_FILE))
+            (tmp / PEFT_WEIGHTS_FILE).write_bytes(read_verified(directory, manifest, PEFT_WEIGHTS_FILE))
         tokenizer.save_pretrained(tmp)
         rows = int(json.loads((base_ref.path / "config.json").read_text()).get("vocab_size") or 0)
         resize = "model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))\n" if added else ""
-        terms = TERMS_NOTE.format(n=len(added), start=manifest.get("term_start"), end=int(manifest.get("term_start", 0)) + len(added) - 1,
+        terms = TERMS_NOTE.format(n=len(added), start=manifest.term_start, end=int(manifest.term_start or 0) + len(added) - 1,
                                   examples=", ".join(f"`{t}`" for t in added[:3]), rows=rows, size=len(tokenizer)) if added else ""
         write_text_atomic(tmp / "README.md", README_PEFT.format(
             ref=rec.ref, peft_version=peft.__version__, base=base_ref.name, arch=fp["architecture"], fp=fp["id"][:12],
@@ -239,17 +238,17 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
     out = Path(out).expanduser()
     _check_out(out)
     rec, base_ref, fp = _resolve(ref, base, registry)
-    directory, manifest = Path(rec.path), rec.manifest
+    directory, manifest = Path(rec.path), rec.parsed_manifest()
     tokenizer = _extended_tokenizer(base_ref.path, manifest)
     model = AutoModelForCausalLM.from_pretrained(base_ref.path, dtype=dtype or "auto", device_map=device, use_safetensors=True,
                                                  trust_remote_code=False)
-    added = manifest.get("added_tokens") or []
+    added = manifest.added_tokens
     if added:
         rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
-        apply_rows_to_plain_model(model, int(manifest["term_start"]), rows)
+        apply_rows_to_plain_model(model, int(manifest.term_start or 0), rows)
     with staging_dir(out) as tmp:
-        if _is_esft(manifest):
-            from dsft.adapters.esft import ESFT_FILE, apply_slices
+        if manifest.is_esft:
+            from dsft.adapters.esft import apply_slices
 
             apply_slices(model, load_safetensors(read_verified(directory, manifest, ESFT_FILE)))
             merged = model
@@ -258,7 +257,7 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
             # exactly what was hashed, then merge.
             src = tmp / ".adapter"
             src.mkdir()
-            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
                 (src / name).write_bytes(read_verified(directory, manifest, name))
             merged = PeftModel.from_pretrained(model, src, is_trainable=False).merge_and_unload()
             shutil.rmtree(src)
@@ -272,10 +271,6 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
     return ExportResult(rec.ref, "merged", out, sorted(p.name for p in out.iterdir()))
 
 
-def _is_esft(manifest: dict[str, Any]) -> bool:
-    return str(manifest.get("kind", "lora")).split("+")[0] == "esft"
-
-
 def export_adapter(ref: str, out: str | Path, *, format: str = "peft", **kwargs: Any) -> ExportResult:
     """:func:`export_peft` or :func:`export_merged` by ``format``."""
     if format not in FORMATS:
@@ -284,13 +279,13 @@ def export_adapter(ref: str, out: str | Path, *, format: str = "peft", **kwargs:
 
 
 def _provenance(rec, fp: dict[str, Any], fmt: str) -> dict[str, Any]:
-    m = copy.deepcopy(rec.manifest)
+    m = rec.parsed_manifest()
     return {"exported_from": rec.ref, "format": fmt, "manifest_sha256": rec.manifest_sha256,
             "base_fingerprint": {k: v for k, v in fp.items() if k != "param_shapes"},
-            "added_tokens": m.get("added_tokens") or [], "term_start": m.get("term_start"),
-            "metrics": m.get("metrics"), "kind": m.get("kind"),
-            "target_shapes": m.get("target_shapes"), "base_vocab_size": m.get("base_vocab_size"),  # for re-import
-            "base_name": (m.get("base") or {}).get("name"), "base_source": (m.get("base") or {}).get("source")}
+            "added_tokens": list(m.added_tokens), "term_start": m.term_start,
+            "metrics": copy.deepcopy(m.metrics), "kind": m.kind,
+            "target_shapes": dict(m.target_shapes), "base_vocab_size": m.base_vocab_size,  # for re-import
+            "base_name": m.base.name if m.base else None, "base_source": m.base.source if m.base else None}
 
 
 def _publish(tmp: Path, out: Path) -> None:

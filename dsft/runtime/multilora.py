@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsft.base.arch import supports_fused_experts
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
 from dsft.runtime.weights import AdapterWeights, ExpertSlices, LinearLora
 
@@ -155,17 +156,6 @@ def experts_forward_mixed(
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
-def experts_supported(module: nn.Module) -> bool:
-    """Fused, non-transposed, bias-free gate/up experts: the layout :func:`experts_forward_mixed` computes."""
-    gu = getattr(module, "gate_up_proj", None)
-    return (
-        isinstance(gu, torch.Tensor) and gu.dim() == 3 and isinstance(getattr(module, "down_proj", None), torch.Tensor)
-        and not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True)
-        and getattr(module, "has_gate", True) and not getattr(module, "has_bias", False)
-        and getattr(module, "gate_up_proj_bias", None) is None and hasattr(module, "act_fn")
-    )
-
-
 class MultiLora:
     """Per-module tables of attached adapters' factors, and the forwards that apply them per row."""
 
@@ -183,7 +173,7 @@ class MultiLora:
         self._experts_paths = set()
         for path in experts_paths:
             module = model.get_submodule(path)
-            if experts_supported(module):
+            if supports_fused_experts(module):
                 module.forward = types.MethodType(self._experts_forward(path, type(module).forward), module)
                 self._patched[path] = module
                 self._experts_paths.add(path)

@@ -20,14 +20,11 @@ from typing import Any
 
 import torch
 
+from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, Manifest
 from dsft.adapters.esft import EXPERT_PARAMS
-from dsft.adapters.terms import TERMS_FILE
 from dsft.atomic import sha256_bytes
 from dsft.errors import IntegrityError, UsageError
 from dsft.kernels.expert_lora import LowRank
-
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -83,13 +80,13 @@ class AdapterWeights:
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
 
-def read_verified(directory: Path, manifest: dict[str, Any], name: str) -> bytes:
+def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
     """The bytes of ``directory/name``, refused unless they match the manifest's sha256.
 
     Raises:
         IntegrityError: the file is not listed, missing, or its content differs.
     """
-    digest = manifest.get("files", {}).get(name)
+    digest = manifest.files.get(name)
     if digest is None:
         raise IntegrityError(f"adapter {directory}: {name} is not listed in its manifest; re-import the adapter")
     path = directory / name
@@ -192,7 +189,7 @@ def _extract(skeleton, adapter: str, device, dtype) -> AdapterWeights:
     return out
 
 
-def read_adapter(directory: str | Path, manifest: dict[str, Any], model_config, *, device, dtype) -> AdapterWeights:
+def read_adapter(directory: str | Path, manifest: Manifest, model_config, *, device, dtype) -> AdapterWeights:
     """Read an adapter directory (already resolved through the registry) for the runtime.
 
     Args:
@@ -208,11 +205,11 @@ def read_adapter(directory: str | Path, manifest: dict[str, Any], model_config, 
     from safetensors.torch import load as load_safetensors
 
     directory = Path(directory)
-    if str(manifest.get("kind", "lora")).split("+")[0] == "esft":
+    if manifest.is_esft:
         weights = AdapterWeights(expert_slices=_read_esft(directory, manifest, device, dtype))
     else:
         weights = _read_lora(directory, manifest, model_config, device, dtype)
-    added = tuple(manifest.get("added_tokens") or ())
+    added = manifest.added_tokens
     if added:
         rows = load_safetensors(read_verified(directory, manifest, TERMS_FILE))
         embed, head = rows["embed"], rows["head"]
@@ -221,31 +218,31 @@ def read_adapter(directory: str | Path, manifest: dict[str, Any], model_config, 
                                  f"{len(added)} added tokens; re-export or retrain it")
         weights.terms = (embed.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype))
         weights.added_tokens = added
-        weights.term_start = int(manifest["term_start"])
+        weights.term_start = int(manifest.term_start or 0)
     return weights
 
 
-def _read_lora(directory: Path, manifest: dict[str, Any], model_config, device, dtype) -> AdapterWeights:
+def _read_lora(directory: Path, manifest: Manifest, model_config, device, dtype) -> AdapterWeights:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
 
-    config = _peft_config(read_verified(directory, manifest, PEFT_CONFIG))
-    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS))
+    config = _peft_config(read_verified(directory, manifest, PEFT_CONFIG_FILE))
+    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS_FILE))
     skeleton = _skeleton(model_config, config)
     result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
-        raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS} does not match its config "
+        raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS_FILE} does not match its config "
                              f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
     return _extract(skeleton, "default", device, dtype)
 
 
-def _read_esft(directory: Path, manifest: dict[str, Any], device, dtype) -> dict[str, ExpertSlices]:
+def _read_esft(directory: Path, manifest: Manifest, device, dtype) -> dict[str, ExpertSlices]:
     """``{experts module path: slices}`` from ``esft.safetensors`` (``<path>.<param>`` + ``<path>.<param>.experts``)."""
     from safetensors.torch import load as load_safetensors
 
-    from dsft.adapters.esft import ESFT_FILE, INDEX_SUFFIX
+    from dsft.adapters.esft import INDEX_SUFFIX
 
     tensors = load_safetensors(read_verified(directory, manifest, ESFT_FILE))
     out = {}

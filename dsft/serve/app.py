@@ -32,9 +32,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsft.runtime.base import RuntimeBase
-from dsft.runtime.records import Generation
 from dsft.runtime.engine import Engine
 from dsft.runtime.engine import Request as GenRequest
+from dsft.runtime.records import Generation
 from dsft.serve.errors import ApiError, dumps, from_exception, response, validation_message
 from dsft.serve.guard import Guard, authorized
 from dsft.serve.schemas import AttachRequest, ChatRequest, CompletionRequest

@@ -35,8 +35,8 @@ def response(status: int, message: str, code: str | None = None, param: str | No
 
 def from_exception(exc: BaseException) -> ApiError:
     """The API error for an exception raised by the runtime."""
-    from dsft.runtime.records import ContextLengthError
     from dsft.runtime.engine import EngineBusy
+    from dsft.runtime.records import ContextLengthError
 
     if isinstance(exc, ApiError):
         return exc

@@ -41,11 +41,21 @@ def test_experts_score_cli_writes_a_per_layer_selection(home, tmp_path):
 import pytest
 import torch
 
+from dsft.adapter_format import Manifest
 from dsft.adapters.esft import (
-    ESFT_FILE, expert_grad_mask, expert_parameters, load_esft, put_slices, save_esft, select_layers, select_slices,
+    ESFT_FILE,
+    expert_grad_mask,
+    expert_parameters,
+    load_esft,
+    put_slices,
+    save_esft,
+    select_layers,
+    select_slices,
 )
 
 SELECTION = {1: (2,), 2: (0, 5), 3: (7,)}
+NO_TERMS = Manifest(schema_version=1, domain="finance", version="0.1.0", kind="esft", base=None, target_shapes={},
+                    added_tokens=(), files={})
 
 
 def test_select_layers_applies_p_per_layer():
@@ -124,7 +134,7 @@ def test_saved_slices_put_onto_a_fresh_base_give_the_same_logits(tiny, tmp_path)
     ids = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base_logits = fresh.model(input_ids=ids).logits
-        loaded = load_esft(fresh.model, fresh.tokenizer, tmp_path, {"added_tokens": []})
+        loaded = load_esft(fresh.model, fresh.tokenizer, tmp_path, NO_TERMS)
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
         assert not torch.allclose(base_logits, model(input_ids=ids).logits)
 
@@ -134,7 +144,7 @@ def test_esft_recipe_trains_a_few_experts_and_reloads_to_the_trained_loss(home, 
     from safetensors.torch import load_file
 
     import dsft
-    from dsft.adapters.manifest import read_manifest
+    from dsft.adapter_format import read_manifest
     from dsft.adapters.store import load_adapter
     from dsft.base import load_base
     from dsft.domains import general_pack, resolve_domain
@@ -147,8 +157,8 @@ def test_esft_recipe_trains_a_few_experts_and_reloads_to_the_trained_loss(home, 
     assert m["eval_loss_after"] < m["eval_loss_before"]
     assert m["esft"]["selected_share"] < 0.25 and m["esft"]["lora"] is lora
     manifest = read_manifest(result.path)
-    assert manifest["kind"] == "esft+terms" and manifest["esft"]["selection"] == m["esft"]["selection"]
-    assert {"esft.safetensors", "terms.safetensors"} <= set(manifest["files"]) and "adapter_model.safetensors" not in manifest["files"]
+    assert manifest.kind == "esft+terms" and manifest.esft["selection"] == m["esft"]["selection"]
+    assert {"esft.safetensors", "terms.safetensors"} <= set(manifest.files) and "adapter_model.safetensors" not in manifest.files
     saved = load_file(str(result.path / ESFT_FILE))
     n_selected = sum(len(v) for v in m["esft"]["selection"].values())
     assert sum(v.shape[0] for k, v in saved.items() if k.endswith("gate_up_proj")) == n_selected

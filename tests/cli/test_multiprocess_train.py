@@ -35,11 +35,9 @@ def train_single(home: Path, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, session_home):
+def reference(tmp_path_factory, new_home):
     """The single-process run both tests compare with."""
-    home = tmp_path_factory.mktemp("single")
-    (session_home / "bases").mkdir(exist_ok=True)
-    (home / "bases").symlink_to(session_home / "bases")
+    home = new_home(tmp_path_factory.mktemp("single"))
     saved = os.environ.get("DSFT_HOME")
     try:
         return train_single(home)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsft.adapters.manifest import read_manifest, verify_files
+from dsft.adapter_format import read_manifest, verify_files
 
 
 def dsft(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -22,11 +22,9 @@ def dsft(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, session_home):
+def trained(tmp_path_factory, new_home):
     """One real `dsft train --domain finance --json` run, shared by the tests of this module."""
-    home = tmp_path_factory.mktemp("e2e_home")
-    (home / "bases").symlink_to(session_home / "bases")
-    (session_home / "bases").mkdir(exist_ok=True)
+    home = new_home(tmp_path_factory.mktemp("e2e_home"))
     proc = dsft("train", "--domain", "finance", "--json", home=home)
     return home, json.loads(proc.stdout)
 
@@ -41,10 +39,10 @@ def test_main_job_registers_finance_0_1_0_and_lowers_perplexity_by_20_percent(tr
     assert path == home / "adapters" / "finance" / "0.1.0"
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    assert manifest["domain"] == "finance" and manifest["version"] == "0.1.0" and manifest["kind"] == "lora+terms"
-    assert manifest["base"]["fingerprint"]["architecture"] == "DeepseekV2ForCausalLM"
-    assert len(manifest["added_tokens"]) > 50
-    assert {"adapter_config.json", "adapter_model.safetensors", "terms.safetensors", "recipe.yaml"} <= set(manifest["files"])
+    assert manifest.domain == "finance" and manifest.version == "0.1.0" and manifest.kind == "lora+terms"
+    assert manifest.trained_fingerprint["architecture"] == "DeepseekV2ForCausalLM"
+    assert len(manifest.added_tokens) > 50
+    assert {"adapter_config.json", "adapter_model.safetensors", "terms.safetensors", "recipe.yaml"} <= set(manifest.files)
 
 
 def test_adapter_files_are_small_and_safetensors_only(trained):
@@ -56,7 +54,7 @@ def test_adapter_files_are_small_and_safetensors_only(trained):
 
     rows = load_file(str(path / "terms.safetensors"))
     manifest = read_manifest(path)
-    assert rows["embed"].shape[0] == len(manifest["added_tokens"])  # the added rows only, never the whole matrix
+    assert rows["embed"].shape[0] == len(manifest.added_tokens)  # the added rows only, never the whole matrix
 
 
 def test_plain_peft_loading_gives_the_same_logits_as_dsft(trained):
@@ -78,14 +76,14 @@ def test_plain_peft_loading_gives_the_same_logits_as_dsft(trained):
     base_dir = home / "bases" / "tiny-deepseek-v2"
     plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.add_tokens(manifest["added_tokens"])
-    apply_rows_to_plain_model(plain, manifest["term_start"], load_file(str(path / "terms.safetensors")))
+    tok.add_tokens(list(manifest.added_tokens))
+    apply_rows_to_plain_model(plain, manifest.term_start, load_file(str(path / "terms.safetensors")))
     plain = PeftModel.from_pretrained(plain, path)
 
     text = "The collateralized debt obligation desk reviewed its duration risk."
     ids = ours.tokenizer(text, return_tensors="pt").input_ids
     assert torch.equal(ids, tok(text, return_tensors="pt").input_ids)
-    assert (ids >= manifest["term_start"]).any(), "the text should use an added term token"
+    assert (ids >= manifest.term_start).any(), "the text should use an added term token"
     with torch.no_grad():
         torch.testing.assert_close(ours_model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -118,8 +116,8 @@ def test_output_gets_a_copy_and_an_older_adapter_there_is_replaced(home, tmp_pat
 
     out = tmp_path / "exported"
     first = dsft.train(domain="legal", max_steps=2, output=out)
-    assert read_manifest(out)["version"] == first.adapter.split("@")[1]
+    assert read_manifest(out).version == first.adapter.split("@")[1]
     second = dsft.train(domain="legal", max_steps=2, output=out)  # an existing dsft adapter is replaced atomically
-    assert read_manifest(out)["version"] == second.adapter.split("@")[1] == "0.2.0"
+    assert read_manifest(out).version == second.adapter.split("@")[1] == "0.2.0"
     verify_files(out, read_manifest(out))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no staging leftovers"

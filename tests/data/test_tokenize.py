@@ -11,7 +11,14 @@ from transformers import PreTrainedTokenizerFast
 
 from dsft.data.files import Record
 from dsft.data.tokenize import (
-    IGNORE, Examples, build_examples, collate, count_tokens, encode_chat, encode_instruction, pack_texts,
+    IGNORE,
+    Examples,
+    build_examples,
+    collate,
+    count_tokens,
+    encode_chat,
+    encode_instruction,
+    pack_texts,
 )
 from dsft.errors import DataError, UsageError
 

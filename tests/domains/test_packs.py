@@ -38,10 +38,8 @@ instruction_templates:
 
 
 @pytest.fixture(autouse=True)
-def dsft_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "dsft-home"
-    monkeypatch.setenv("DSFT_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def dsft_home(home: Path) -> Path:
+    """Every test here runs in a fresh $DSFT_HOME (tests/conftest.py's ``home``)."""
     return home
 
 

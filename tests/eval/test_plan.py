@@ -10,7 +10,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dsft.eval.plan import GIB, PlanRequest, count_model, estimate_memory, layers_to_keep, plan
+from dsft.eval.plan import (
+    GIB,
+    GPU_TFLOPS,
+    MEASURED_TFLOPS_H100,
+    PlanRequest,
+    count_model,
+    estimate_memory,
+    flops_per_token,
+    layers_to_keep,
+    plan,
+)
 
 
 def test_meta_counts_equal_the_real_model_with_lora_attached(home):
@@ -44,10 +54,24 @@ def test_the_suggestion_is_the_largest_setting_that_fits():
     assert not p.fits and p.suggestion is not None
     b, s = p.suggestion
     counts = count_model("tiny-deepseek-v2")
-    fits = lambda b, s: estimate_memory(
-        counts, PlanRequest("tiny-deepseek-v2", "lora", seq=s, batch=b, checkpointing=False))[0].total <= 1.5 * GIB
+
+    def fits(b: int, s: int) -> bool:
+        req = PlanRequest("tiny-deepseek-v2", "lora", seq=s, batch=b, checkpointing=False)
+        return estimate_memory(counts, req)[0].total <= 1.5 * GIB
+
     assert fits(b, s) and not fits(2 * b, s)
-    assert p.tokens_per_s and p.tokens_per_s > 0
+
+
+def test_tokens_per_second_is_the_measured_rate_over_the_flops_per_token_scaled_by_the_gpu():
+    counts = count_model("tiny-deepseek-v2")
+    req = PlanRequest("tiny-deepseek-v2", "lora", seq=512, batch=4)
+    h100 = plan(req, counts, gpu_name="NVIDIA H100 80GB HBM3").tokens_per_s
+    assert h100 == pytest.approx(MEASURED_TFLOPS_H100 * 1e12 / flops_per_token(counts, req))
+    a100 = plan(req, counts, gpu_name="NVIDIA A100-SXM4-80GB").tokens_per_s
+    assert a100 == pytest.approx(h100 * GPU_TFLOPS["A100"] / GPU_TFLOPS["H100"])
+    full = plan(PlanRequest("tiny-deepseek-v2", "full", seq=512, batch=4), counts, gpu_name="NVIDIA H100").tokens_per_s
+    assert full < h100  # full fine-tuning also computes every weight's gradient
+    assert plan(PlanRequest("tiny-deepseek-v2", "lora", device="cpu"), counts).tokens_per_s is None
 
 
 def test_layers_kept_out_of_checkpointing_use_the_spare_memory_and_no_more():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dsft.kernels.chunked_ce import chunked_causal_lm_loss
 from dsft.eval.losses import causal_lm_loss
+from dsft.kernels.chunked_ce import chunked_causal_lm_loss
 
 
 def test_chunked_loss_and_gradients_equal_the_full_logits_loss():

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from dsft.kernels import expert_lora
-
 from dsft.kernels.expert_lora import LowRank, experts_forward, experts_forward_reference, grouped_mm_reference, permute, route, unpermute
 
 

@@ -7,8 +7,8 @@ import torch
 
 def test_distill_loss_is_the_lm_loss_plus_kl_to_the_teacher(home):
     from dsft.base import load_base
-    from dsft.recipes.distill import Teacher, distill_loss
     from dsft.eval.losses import lm_loss
+    from dsft.recipes.distill import Teacher, distill_loss
 
     student = load_base("tiny-deepseek-v2", device="cpu").model
     ids = torch.randint(0, 4000, (2, 40), generator=torch.Generator().manual_seed(0))

@@ -51,7 +51,7 @@ def _outcome(metrics: dict) -> list[float]:
             *(s["eval"]["domain_loss"] for s in metrics["stages"])]
 
 
-def test_kill_9_in_the_middle_of_a_stage_then_resume_ends_with_the_same_loss(home, tmp_path):
+def test_kill_9_in_the_middle_of_a_stage_then_resume_ends_with_the_same_loss(home, new_home, tmp_path):
     import dsft
 
     recipe = tmp_path / "resumable.yaml"
@@ -85,15 +85,13 @@ def test_kill_9_in_the_middle_of_a_stage_then_resume_ends_with_the_same_loss(hom
     assert json.loads(run.read_text())["status"] == "done" and not (run.parent / "checkpoints").exists()
 
     # The same command, never interrupted, in a fresh home (in this process: no second import cost).
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / "bases").symlink_to(home / "bases")
+    fresh = new_home(tmp_path / "fresh")
     os.environ["DSFT_HOME"] = str(fresh)
     straight = dsft.train(recipe=str(recipe), checkpoint_every=3)
     assert _outcome(result["metrics"]) == pytest.approx(_outcome(straight.metrics), abs=1e-4)
 
 
-def test_esft_resumes_mid_stage_with_its_selection_and_optimizer_slices(home, tmp_path):
+def test_esft_resumes_mid_stage_with_its_selection_and_optimizer_slices(home, new_home, tmp_path):
     import dsft
 
     overrides = ["stages.0.steps=12", "stages.0.batch_size=4", "stages.0.seq_len=96", "stages.0.esft.sample_tokens=2048"]
@@ -110,9 +108,7 @@ def test_esft_resumes_mid_stage_with_its_selection_and_optimizer_slices(home, tm
     resumed = dsft.train(recipe="esft", overrides=overrides, checkpoint_every=4, resume=True)
     assert resumed.metrics["stages"][0]["resumed_at_step"] == 8
 
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / "bases").symlink_to(home / "bases")
+    fresh = new_home(tmp_path / "fresh")
     os.environ["DSFT_HOME"] = str(fresh)
     straight = dsft.train(recipe="esft", overrides=overrides, checkpoint_every=4)
     assert resumed.metrics["esft"]["selection"] == straight.metrics["esft"]["selection"]

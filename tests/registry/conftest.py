@@ -16,11 +16,8 @@ _pg_problem: list[str] = []
 
 
 @pytest.fixture(autouse=True)
-def dsft_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("DSFT_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("DSFT_REGISTRY_URL", raising=False)
+def dsft_home(home: Path) -> Path:
+    """Every registry test runs in a fresh $DSFT_HOME (tests/conftest.py's ``home``)."""
     return home
 
 

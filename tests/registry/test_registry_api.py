@@ -279,6 +279,10 @@ def test_import_of_a_dsft_export_checks_its_manifest(reg: Registry, tmp_path: Pa
     (export / "terms.safetensors").write_bytes(b"tampered")
     with pytest.raises(IntegrityError, match="terms.safetensors does not match"):
         reg.import_dir(export, domain="finance-copy")
+    manifest = json.loads((export / "dsft_adapter.json").read_text())
+    (export / "dsft_adapter.json").write_text(json.dumps({**manifest, "added_tokens": "cdo"}))
+    with pytest.raises(IntegrityError, match="dsft_adapter.json: added_tokens: must be a list of strings"):
+        reg.import_dir(export, domain="finance-copy")
 
 
 def test_sql_metacharacters_are_rejected_before_the_database(reg: Registry) -> None:

@@ -88,9 +88,8 @@ def test_killed_registration_leaves_no_row_and_an_explained_directory(registry_u
         [finding] = report.findings
         assert (finding.kind, finding.ref, Path(finding.path).name) == ("orphan", "finance@0.2.0", "0.2.0")
         assert "interrupted registration" in finding.detail
-        # the lock died with the process; the next registration goes on and skips the orphan's version
-        t0 = time.time()
+        # the lock died with the process (a held one would fail this after the busy timeout, not pass it);
+        # the next registration goes on and skips the orphan's version
         assert register(reg, "finance", fingerprint()).version == "0.3.0"
-        assert time.time() - t0 < 10
 
 

@@ -19,9 +19,27 @@ def _snapshot(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.name.startswith(path.name)}
 
 
-def test_models_describe_the_migrations_head() -> None:
+def test_models_describe_the_migrations_head(registry_url: str) -> None:
+    """A database made by the migrations has the models' tables, columns (types, nullability), keys and indexes."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from dsft.registry.models import Model
+    from dsft.registry.store import _alembic_config, make_engine
+
     revs, head = known_revisions()
     assert head == SCHEMA_HEAD and revs[-1] == "0001"
+    engine = make_engine(registry_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), head)
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+            diff = [d for d in compare_metadata(context, Model.metadata)
+                    if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)]
+    finally:
+        engine.dispose()
+    assert diff == []
 
 
 def test_default_location_is_dsft_home(dsft_home: Path) -> None:

@@ -24,11 +24,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="package")
-def rt_home(tmp_path_factory, session_home) -> Path:
+def rt_home(tmp_path_factory, new_home) -> Path:
     """$DSFT_HOME for the runtime tests, sharing the session's built presets."""
-    home = tmp_path_factory.mktemp("runtime_home")
-    (session_home / "bases").mkdir(exist_ok=True)
-    (home / "bases").symlink_to(session_home / "bases")
+    home = new_home(tmp_path_factory.mktemp("runtime_home"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSFT_HOME", str(home))
         mp.delenv("DSFT_REGISTRY_URL", raising=False)
@@ -39,7 +37,7 @@ def rt_home(tmp_path_factory, session_home) -> Path:
 def refs(rt_home) -> dict[str, str]:
     """finance@0.1.0, legal@0.1.0, medical@0.1.0 and finance@0.2.0: random LoRA on every target group + terms."""
     from dsft.base import load_base
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     loaded = load_base("tiny-deepseek-v2", device="cpu")
     out = {}

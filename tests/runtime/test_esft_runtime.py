@@ -12,7 +12,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def esft_ref(rt_home, refs) -> str:
     from dsft.base import load_base
-    from dsft.runtime.synthetic import make_esft_adapter
+    from dsft.testing.adapters import make_esft_adapter
 
     return make_esft_adapter(load_base("tiny-deepseek-v2", device="cpu"), "esftdemo", seed=3).ref
 

@@ -156,7 +156,7 @@ def test_a_second_version_is_attached_beside_the_first_and_a_bare_domain_follows
 
 def test_a_tampered_adapter_is_refused_naming_the_file(refs, rt_home):
     from dsft.base import load_base as load_plain
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     rec = make_adapter(load_plain("tiny-deepseek-v2", device="cpu"), "tampered", seed=5, max_terms=4)
     weights = rec.path + "/adapter_model.safetensors"
@@ -171,7 +171,7 @@ def test_a_tampered_adapter_is_refused_naming_the_file(refs, rt_home):
 
 def test_an_incompatible_adapter_is_refused_with_every_reason(refs):
     from dsft.base import load_base as load_plain
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     loaded = load_plain("tiny-deepseek-v2", device="cpu")
     other = dict(loaded.fingerprint, tokenizer_hash="0" * 64, id="1" * 64, vocab_size=5000)

@@ -10,7 +10,7 @@ import torch
 def test_an_exported_adapter_imports_back_checks_compatible_and_serves_the_same_logits(dsft, home, tmp_path):
     from dsft.base import load_base as load_plain
     from dsft.runtime import load_base
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     original = make_adapter(load_plain("tiny-deepseek-v2", device="cpu"), "finance", seed=3).ref
     out = tmp_path / "finance-peft"

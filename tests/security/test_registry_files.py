@@ -14,8 +14,9 @@ def test_a_zero_byte_registry_is_refused_untouched(dsft, home):
 def _import_with_manifest(dsft, tmp_path, architecture: str) -> None:
     import json
 
-    from dsft.atomic import sha256_file
     from security_helpers import write_peft_dir
+
+    from dsft.atomic import sha256_file
 
     src = tmp_path / "exported"
     write_peft_dir(src)

@@ -8,7 +8,7 @@ import pytest
 from security_helpers import one_error_line
 
 from dsft.errors import UsageError
-from dsft.safe_yaml import MAX_NODES, expanded_size, compose, loads
+from dsft.safe_yaml import MAX_NODES, compose, expanded_size, loads
 
 
 def bomb(levels: int = 10, fanout: int = 9, key: str = "name") -> str:

@@ -16,11 +16,9 @@ API_KEY = "test-key-123"
 
 
 @pytest.fixture(scope="package")
-def serve_home(tmp_path_factory, session_home) -> Path:
-    home = tmp_path_factory.mktemp("serve_home")
-    (session_home / "bases").mkdir(exist_ok=True)
-    (home / "bases").symlink_to(session_home / "bases")
-    return home
+def serve_home(tmp_path_factory, new_home) -> Path:
+    """$DSFT_HOME of the server and of the adapters made for it (tests/conftest.py's ``new_home``)."""
+    return new_home(tmp_path_factory.mktemp("serve_home"))
 
 
 @pytest.fixture(scope="package")
@@ -29,7 +27,7 @@ def serve_refs(serve_home) -> dict[str, str]:
     import torch
 
     from dsft.base import load_base
-    from dsft.runtime.synthetic import make_adapter
+    from dsft.testing.adapters import make_adapter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

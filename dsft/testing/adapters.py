@@ -3,22 +3,23 @@
 For benchmarks and tests of the runtime: a two-step training run leaves LoRA B close to zero, so
 adapters would barely differ from the base and from each other; these differ clearly, are written
 in exactly the format training writes (PEFT files + ``terms.safetensors`` + manifest) and go through
-the same registry transaction. Their metrics say ``synthetic``; never ship them.
+training's publish path (:func:`dsft.recipes.publish.publish_adapter`). Their metrics say ``synthetic``; never ship them.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from dsft.adapters.lora import TARGET_GROUPS, LoraSettings, peft_config, target_shapes
-from dsft.adapters.store import write_manifest
-from dsft.adapters.terms import TERMS_FILE, plan_terms
-from dsft.atomic import staging_dir
-from dsft.base.fingerprint import summary
+from dsft.adapter_format import ESFT, ESFT_FILE, LORA, LORA_GROUPS, TERMS_FILE, adapter_kind
+from dsft.adapters.lora import LoraSettings, peft_config, target_shapes
+from dsft.adapters.store import write_weights
+from dsft.adapters.terms import TermPlan, plan_terms
 from dsft.base.loading import LoadedBase
+from dsft.recipes.publish import TrainedOn, publish_adapter
 
 
 def _domain_terms(domain: str) -> list[str]:
@@ -40,7 +41,7 @@ def make_adapter(
     b_std: float = 0.05,
     terms: Sequence[str] | None = None,
     max_terms: int | None = None,
-    targets: Sequence[str] = TARGET_GROUPS,
+    targets: Sequence[str] = LORA_GROUPS,
     registry: Any = None,
     fingerprint: Mapping[str, Any] | None = None,
     base_name: str | None = None,
@@ -89,36 +90,32 @@ def make_adapter(
                     p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
                 elif "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * b_std)
-        with reg_cm as reg, staging_dir(reg.adapters_root / domain / "new") as tmp:
-            peft_model.save_pretrained(tmp, save_embedding_layers=False)
-            (tmp / "README.md").unlink(missing_ok=True)
+
+        def write_files(tmp: Path) -> dict[str, Any]:
+            write_weights(tmp, peft_model, TermPlan((), plan.start, ()))
             if plan.terms:
                 save_file(rows, str(tmp / TERMS_FILE), metadata={"start": str(plan.start), "count": str(len(plan.terms))})
-            kind = "lora+terms" if plan.terms else "lora"
-            return _register(reg, tmp, loaded, domain, kind, seed, fp, base_name,
-                             {"target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
-                              "lora": {"r": r, "alpha": alpha}})
+            return {"target_shapes": shapes, "added_tokens": list(plan.terms), "term_start": plan.start,
+                    "lora": {"r": r, "alpha": alpha}}
+
+        with reg_cm as reg:
+            return _publish(reg, loaded, domain, adapter_kind(LORA, terms=bool(plan.terms)), seed, write_files,
+                            fingerprint=fp, base_name=base_name)
     finally:
         peft_model.unload()
         for p in model.parameters():
             p.requires_grad_(False)
 
 
-def _register(reg, tmp, loaded: LoadedBase, domain: str, kind: str, seed: int, fp: Mapping[str, Any],
-              base_name: str | None, fields: dict[str, Any]):
-    """Write the manifest into the staged ``tmp``, move it into place and register it, in one transaction."""
-    name = base_name or loaded.ref.name
-    source = loaded.ref.source if base_name is None else f"path:/synthetic/{base_name}"
-    metrics = {"synthetic": True, "seed": seed}
-    fields = {"domain": domain, "kind": kind, "base": {"name": name, "source": source, "fingerprint": summary(fp)},
-              "base_vocab_size": fp["vocab_size"], "recipe": {"synthetic": True}, "metrics": metrics, **fields}
-    with reg.transaction() as tx:
-        base_rec = tx.ensure_base(name=name, source=source, fingerprint=fp)
-        version = tx.next_adapter_version(domain=domain, base_fingerprint=fp)
-        manifest, sha = write_manifest(tmp, {**fields, "version": version})
-        final = tx.place_dir(tmp, domain=domain, version=version)
-        return tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest,
-                              manifest_sha256=sha, recipe={"synthetic": True}, metrics=metrics, base=base_rec)
+def _publish(reg, loaded: LoadedBase, domain: str, kind: str, seed: int, write_files, *,
+             fingerprint: Mapping[str, Any], base_name: str | None = None):
+    """Register through training's publish path; metrics and recipe say ``synthetic``."""
+    if base_name is None:
+        base = TrainedOn(loaded.ref.name, loaded.ref.source, fingerprint)
+    else:
+        base = TrainedOn(base_name, f"path:/synthetic/{base_name}", fingerprint)
+    return publish_adapter(reg, domain, kind, base, write_files, recipe={"synthetic": True},
+                           metrics={"synthetic": True, "seed": seed}, link_parent=False)
 
 
 @torch.no_grad()
@@ -129,7 +126,7 @@ def make_esft_adapter(loaded: LoadedBase, domain: str, *, seed: int = 0, experts
     ``loaded``'s model is not changed. Returns the registered :class:`dsft.registry.AdapterRecord`."""
     from contextlib import nullcontext
 
-    from dsft.adapters.esft import ESFT_FILE, EXPERT_PARAMS, INDEX_SUFFIX, moe_layers
+    from dsft.adapters.esft import EXPERT_PARAMS, INDEX_SUFFIX, moe_layers
     from dsft.registry import Registry, open_registry
 
     g = torch.Generator().manual_seed(seed)
@@ -145,8 +142,11 @@ def make_esft_adapter(loaded: LoadedBase, domain: str, *, seed: int = 0, experts
             tensors[f"{path}.{pname}{INDEX_SUFFIX}"] = idx.clone()
             shapes[f"{path}.{pname}"] = list(getattr(core, pname).shape)
     reg_cm = nullcontext(registry) if isinstance(registry, Registry) else open_registry(registry)
-    with reg_cm as reg, staging_dir(reg.adapters_root / domain / "new") as tmp:
+
+    def write_files(tmp: Path) -> dict[str, Any]:
         save_file(tensors, str(tmp / ESFT_FILE), metadata={"format": "dsft-esft", "version": "1"})
         esft = {"method": "token", "p": 0.2, "lora": False, "selection": selection, "tokens": 0}
-        return _register(reg, tmp, loaded, domain, "esft", seed, loaded.fingerprint, None,
-                         {"target_shapes": shapes, "added_tokens": [], "term_start": len(loaded.tokenizer), "esft": esft})
+        return {"target_shapes": shapes, "added_tokens": [], "term_start": len(loaded.tokenizer), "esft": esft}
+
+    with reg_cm as reg:
+        return _publish(reg, loaded, domain, ESFT, seed, write_files, fingerprint=loaded.fingerprint)
