@@ -12,7 +12,8 @@ from dsft.cli.common import err_console, guarded, print_json
 @guarded
 def generate_command(
     prompt: str = typer.Argument(..., help="The prompt (an instruction, unless --raw)."),
-    adapter: str = typer.Option(None, "--adapter", "-a", help="Adapter ref: DOMAIN (its production tag, else its newest version), DOMAIN@VERSION or DOMAIN@TAG (default: the plain base)."),
+    adapter: str = typer.Option(None, "--adapter", "-a", help=("Adapter ref: DOMAIN (its production tag, else its newest version), DOMAIN@VERSION or DOMAIN@TAG "
+                                                                   "(default: the plain base).")),
     base: str = typer.Option(None, "--base", "-b", help="Preset name, model directory or hub id (default: the adapter's training base, else the default preset)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (reproducible); higher = more random."),

@@ -12,7 +12,8 @@ from dsft.cli.common import err_console, guarded
 @guarded
 def serve_command(
     base: str = typer.Option(DEFAULT_BASE, "--base", "-b", help="Preset name, model directory or hub id."),
-    adapter: list[str] = typer.Option(None, "--adapter", "-a", help="Adapter ref to attach at start (repeatable): DOMAIN (its production tag, else its newest version), DOMAIN@VERSION or DOMAIN@TAG; more can be attached with POST /v1/adapters."),
+    adapter: list[str] = typer.Option(None, "--adapter", "-a", help=("Adapter ref to attach at start (repeatable): DOMAIN (its production tag, else its newest "
+                                                                       "version), DOMAIN@VERSION or DOMAIN@TAG; more can be attached with POST /v1/adapters.")),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on."),
     api_key: str = typer.Option(None, "--api-key", envvar="DSFT_API_KEY", show_envvar=True,
