@@ -66,7 +66,7 @@ def _check_output(output: Path | None) -> None:
 def _check_teachers(rec: Recipe, domain: str, reg) -> None:
     """Fail before any work when a distill stage names a teacher adapter that is not registered."""
     for s in rec.stages:
-        if s.kind == "distill" and s.distill_settings.teacher is not None:
+        if s.kind_spec.teacher and s.distill_settings.teacher is not None:
             from dsft.errors import NotFoundError
 
             ref = s.distill_settings.teacher.replace("{domain}", domain)
@@ -81,7 +81,7 @@ def _attach(model, spec, rec: Recipe):
     """The model the stages train: PEFT LoRA for LoRA recipes; for ESFT recipes the plain model (full expert
     weights) or LoRA on the routed experts only (``esft.lora``)."""
     if rec.uses_esft:
-        if any(s.kind == "esft" and s.esft_settings.lora for s in rec.stages):
+        if any(s.kind_spec.trains == "experts" and s.esft_settings.lora for s in rec.stages):
             settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=("routed_experts",))
             return attach_lora(model, spec, settings), None
         return model, None

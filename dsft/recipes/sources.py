@@ -73,7 +73,7 @@ class StageData:
               steps: int | None = None) -> StageData:
         """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
         steps = steps or stage.steps
-        as_text = stage.kind == "cpt"
+        as_text = stage.kind_spec.reads == "text"
         tokenised: dict[str, Examples] = {}
         parts, realised, phases = [], {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):

@@ -37,7 +37,7 @@ from dsft.errors import UsageError
 from dsft.recipes.distributed import Dist
 from dsft.eval.losses import heldout_loss
 from dsft.kernels.optim import fused_adamw_ok
-from dsft.recipes.loop import default_loss, train_steps
+from dsft.recipes.loop import train_steps
 from dsft.recipes.schema import Stage
 from dsft.eval.heldout import scoring_sample
 from dsft.recipes.sources import StageData, stage_batches
@@ -262,9 +262,9 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
 
 def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, steps: int, resume: Resume | None,
                checkpoint: Callable[..., None], stack: ExitStack) -> dict[str, Any]:
-    model, spec, s = ctx.model, ctx.spec, stage
+    model, spec, s, kind = ctx.model, ctx.spec, stage, stage.kind_spec
     selection = None
-    if s.kind == "esft":
+    if kind.trains == "experts":
         selection = resume.selection if resume and resume.selection is not None else _esft_selection(ctx, s, data)
         ctx.esft.selection = union(ctx.esft.selection, selection)
     for p in model.parameters():
@@ -280,7 +280,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         e.param.requires_grad_(True)
     n_experts = ctx.n_experts
     # Decay would shrink the frozen experts' slices too, and the term rows start as means of real rows.
-    groups = [{"params": [e.param for e in main], "weight_decay": s.weight_decay if s.kind != "esft" else 0.0},
+    groups = [{"params": [e.param for e in main], "weight_decay": s.weight_decay if kind.trains != "experts" else 0.0},
               {"params": [e.param for e in terms], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), fused=fused_adamw_ok([e.param for e in entries]))
@@ -306,15 +306,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
             for e in lora:
                 e.param.requires_grad_(e.layer in active)
 
-    loss_fn, teacher = default_loss, None
-    if s.kind == "distill":
-        from dsft.recipes.distill import distill_loss
-
-        teacher, d = ctx.teacher_factory(s), s.distill_settings
-
-        def loss_fn(m, b):
-            return distill_loss(m, teacher, b, d.alpha, d.temperature)[:2]
-
+    loss = kind.loss(s, ctx.teacher_factory)
+    teacher = loss.teacher
     ctx.emit("stage_start", {"index": index, "stage": s.name, "kind": s.kind, "steps": steps, "start_step": start,
                              "realised_mixture": data.realised, "phases": data.phases,
                              "trainable": sum(stage_trained.values()), "experts": selection,
@@ -334,7 +327,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
             losses = done_losses + train_steps(
                 model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world)),
                 steps=steps, peak_lrs=[s.lr] * len(groups), warmup=min(s.warmup_steps, steps - 1),
-                schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss_fn,
+                schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss.fn,
                 before_step=before_step, on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
@@ -344,7 +337,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         probe.close()
     seconds = time.perf_counter() - t0
     teacher_name = teacher.name if teacher else None
-    loss_fn = teacher = None  # the teacher's weights go now, not at the end of the run
+    loss = teacher = None  # the teacher's weights go now, not at the end of the run
     mask = data.examples.attention_mask[start * s.batch_size : steps * s.batch_size]
     tail = losses[-5:]
     out: dict[str, Any] = {
