@@ -26,13 +26,18 @@ def closes(monkeypatch) -> list[Registry]:
 
 
 def test_the_base_is_resolved_once_into_the_plan(home, tiny_base_dir):
+    import torch
+
     from dsft.base.loading import fingerprint_for
+    from dsft.eval.plan import count_model
 
     plan = prepare(**_args())
     try:
         assert plan.base.source == "preset:tiny-deepseek-v2" and plan.base.path.resolve() == tiny_base_dir.resolve()
         assert plan.base_fingerprint == fingerprint_for("tiny-deepseek-v2")[2] == fingerprint_for(plan.base)[2]
         assert plan.key.base_fingerprint == plan.base_fingerprint["id"] and plan.seed == plan.recipe.seed
+        # --keep-layers auto counts the resolved base as it would count the name (a preset's config, in memory)
+        assert count_model(plan.base, dtype=torch.float32) == count_model("tiny-deepseek-v2", dtype=torch.float32)
     finally:
         plan.close()
 
