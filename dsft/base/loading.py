@@ -116,11 +116,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedBase:
+def load_base(base: str | BaseRef, *, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedBase:
     """Load model + tokenizer + fingerprint of ``base``.
 
     Args:
-        base: preset name, local model directory or hub id.
+        base: preset name, local model directory or hub id, or a :class:`BaseRef` already resolved
+            (a run resolves its base once, before any weights load).
         device: defaults to CUDA when available.
         dtype: defaults to bf16 on CUDA and fp32 on CPU.
         trust_remote_code: allow model code shipped in the model directory to run (off by default).
@@ -133,7 +134,7 @@ def load_base(base: str, *, device: str | None = None, dtype: torch.dtype | None
 
     hf_logging.disable_progress_bar()  # dsft shows its own progress; library bars would interleave with it
     hf_logging.set_verbosity_error()
-    ref = resolve_base(base)
+    ref, base = (base, base.name) if isinstance(base, BaseRef) else (resolve_base(base), base)
     config = read_config(ref, trust_remote_code)
     spec = spec_for(config.get("model_type"), config.get("architectures"))
     device = device or default_device()

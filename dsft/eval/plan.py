@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dsft.base.loading import BaseRef
 from dsft.errors import NotFoundError, UsageError, show
 
 METHODS = ("lora", "qlora", "esft", "full")
@@ -154,12 +155,15 @@ class Plan:
 # --- the model, on the meta device --------------------------------------------------------------------
 
 
-def base_config(base: str):
-    """The transformers config of ``base`` without building a preset or reading weights."""
+def base_config(base: str | BaseRef):
+    """The transformers config of ``base`` (a name, or one already resolved) without building a preset or reading weights."""
     from transformers import AutoConfig
 
     from dsft.base.presets import PRESETS, TOKENIZER_VOCAB
     from dsft.base.remote_code import refuse_remote_code
+
+    if isinstance(base, BaseRef):  # resolved: read its directory, except a preset's config, which is built in memory
+        base = base.name if base.source.startswith("preset:") else str(base.path)
 
     if base in PRESETS:
         return PRESETS[base].make_config(TOKENIZER_VOCAB)
@@ -214,7 +218,7 @@ def _saved_bytes(layer, rotary, hidden: int, dtype: torch.dtype, params: set[int
     return k1, max(k2, 0.0)
 
 
-def count_model(base: str, *, lora_r: int = 16, dtype: torch.dtype = torch.bfloat16) -> ModelCounts:
+def count_model(base: str | BaseRef, *, lora_r: int = 16, dtype: torch.dtype = torch.bfloat16) -> ModelCounts:
     """Parameter counts and per-token saved activations of ``base`` with dsft's LoRA attached (meta device)."""
     from dsft.adapters.lora import LoraSettings, attach_lora
     from dsft.base.arch import spec_for, top_k

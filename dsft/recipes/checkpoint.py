@@ -8,28 +8,35 @@ Every training run gets ``$DSFT_HOME/runs/<domain>-<time>-<id>/``::
     stages/<i>-<name>/stage.json  each finished stage's metrics (loss, held-out losses, mixture, ...)
     checkpoints/latest.json     {"dir": ..., "files": {name: sha256}}: the one checkpoint to resume from
     checkpoints/s<i>-<step>/    tensors.safetensors (adapter state "adapter/...", optimizer state "optim/...",
-                                RNG "rng/...") + state.json (stage, step, losses, metrics so far, ...)
+                                RNG "rng/...") + state.json (a :class:`CheckpointState`: stage, step, losses,
+                                metrics so far, ...)
 
 A checkpoint is written to a temporary directory, renamed into place, and only then named by
 ``latest.json`` (itself replaced atomically), so a crash at any moment leaves the previous
 checkpoint intact. Weights and optimizer state are safetensors; scalars are JSON; nothing is pickled.
 When the run finishes, its checkpoints are removed (the adapter holds the result).
+
+``state.json`` carries its own ``schema_version`` (:data:`STATE_VERSION`); an older one is brought up
+to date by the named functions of :data:`STATE_UPGRADES`, one version at a time, so a run started by
+an older dsft can still be resumed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import secrets
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsft.adapters.esft import EsftState
 from dsft.atomic import sha256_file, sha256_json, staging_dir, write_json_atomic, write_text_atomic
 from dsft.errors import IntegrityError, NotFoundError, UsageError
 from dsft.home import dsft_home
@@ -40,6 +47,11 @@ LATEST = "latest.json"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 SCHEMA_VERSION = 1
+"""Of ``run.json``."""
+STATE_VERSION = 2
+"""Of a checkpoint's ``state.json``: 2 since the state became :class:`CheckpointState`."""
+
+log = logging.getLogger(__name__)
 
 
 def runs_dir() -> Path:
@@ -97,11 +109,88 @@ def _hash_path(path: Path) -> str:
     return sha256_file(path)
 
 
+@dataclass(frozen=True)
+class CheckpointState:
+    """Where a run stands at a checkpoint: what ``state.json`` holds beside the checkpoint's tensors."""
+
+    stage: int
+    """Index of the stage to run next (the stages before it are finished)."""
+    step: int
+    """Steps of that stage already done (0: it starts from its beginning)."""
+    losses: tuple[float, ...]
+    """The training loss of each of those steps."""
+    before: dict[str, float]
+    """Held-out losses of the base before training (the run's "before" figures)."""
+    stage_metrics: tuple[dict[str, Any], ...]
+    """Metrics of the finished stages, in order."""
+    log: tuple[dict[str, Any], ...]
+    """Per-step training log so far (what the adapter's training log will hold)."""
+    trained: dict[str, int]
+    """Elements trained so far by key (see :class:`dsft.recipes.stages.StageContext`)."""
+    esft: EsftState | None
+    """The ESFT selection of the run so far (None: no ESFT stage has run)."""
+    selection: dict[int, tuple[int, ...]] | None
+    """The current ESFT stage's own selection (None: not inside an ESFT stage)."""
+    elapsed: float
+    """Wall seconds trained so far, over every process that ran this run."""
+    python_rng: list[Any] | None = field(default=None, repr=False)
+    """Python's ``random`` state (torch's RNG state is a tensor of the checkpoint)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": STATE_VERSION, "stage": self.stage, "step": self.step, "losses": list(self.losses),
+                "before": self.before, "stage_metrics": list(self.stage_metrics), "log": list(self.log),
+                "trained": self.trained, "esft": self.esft.to_json() if self.esft else None,
+                "selection": {str(k): list(v) for k, v in self.selection.items()} if self.selection is not None else None,
+                "elapsed": self.elapsed, "python_rng": self.python_rng}
+
+    @staticmethod
+    def from_json(data: dict[str, Any], where: str = "checkpoint") -> CheckpointState:
+        """Read a ``state.json`` of this or an older version (upgraded by :data:`STATE_UPGRADES`).
+
+        Raises:
+            IntegrityError: written by a newer dsft, or a required key is missing.
+        """
+        version = data.get("schema_version", 1)
+        if version > STATE_VERSION:
+            raise IntegrityError(f"{where} was written by a newer dsft (state version {version}); upgrade dsft to resume it")
+        while version < STATE_VERSION:
+            data = STATE_UPGRADES[version](data)
+            version = data["schema_version"]
+        known = {"schema_version", *CheckpointState.__dataclass_fields__}
+        missing = sorted(k for k in known - {"python_rng"} if k not in data)
+        if missing:
+            raise IntegrityError(f"{where} lacks {', '.join(missing)}; it cannot be resumed (start again without --resume)")
+        extra = sorted(set(data) - known)
+        if extra:
+            log.warning("%s: ignoring unknown keys %s", where, ", ".join(extra))
+        sel = data["selection"]
+        return CheckpointState(
+            stage=int(data["stage"]), step=int(data["step"]), losses=tuple(float(x) for x in data["losses"]),
+            before=dict(data["before"]), stage_metrics=tuple(data["stage_metrics"]), log=tuple(data["log"]),
+            trained=dict(data["trained"]), esft=EsftState.from_json(data["esft"]) if data["esft"] else None,
+            selection={int(k): tuple(v) for k, v in sel.items()} if sel is not None else None,
+            elapsed=float(data["elapsed"]), python_rng=data.get("python_rng"))
+
+
+def upgrade_state_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1, the dict the runner built: ``stages`` held the finished stages' metrics and
+    ``stage_selection`` the ESFT stage's selection; the oldest lack ``stage_selection`` and ``python_rng``."""
+    renamed = {"stages": "stage_metrics", "stage_selection": "selection"}
+    out = {renamed.get(k, k): v for k, v in data.items()}
+    out.setdefault("selection", None)
+    out.setdefault("python_rng", None)
+    return {**out, "schema_version": 2}
+
+
+STATE_UPGRADES = {1: upgrade_state_v1}
+"""``{version: function}``: each turns a ``state.json`` of that version into the next version's."""
+
+
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: ``state`` (JSON) and ``tensors`` by prefix (adapter/, optim/, rng/)."""
+    """A loaded checkpoint: its ``state`` and its ``tensors`` by prefix (adapter/, optim/, rng/)."""
 
-    state: dict[str, Any]
+    state: CheckpointState
     tensors: dict[str, torch.Tensor]
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -163,15 +252,15 @@ class RunDir:
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def save_checkpoint(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    def save_checkpoint(self, state: CheckpointState, tensors: dict[str, torch.Tensor]) -> Path:
         """Write a checkpoint atomically and make it the one ``--resume`` uses; older ones are removed."""
         from safetensors.torch import save_file
 
         root = self.path / "checkpoints"
-        final = root / f"s{state['stage']:02d}-{state['step']:06d}"
+        final = root / f"s{state.stage:02d}-{state.step:06d}"
         with staging_dir(final) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-            write_json_atomic(tmp / STATE, {"schema_version": SCHEMA_VERSION, **state})
+            write_json_atomic(tmp / STATE, state.to_json())
             files = {n: sha256_file(tmp / n) for n in (TENSORS, STATE)}
             if final.exists():  # the same position written again (e.g. after a resume): replace it
                 shutil.rmtree(final)
@@ -183,10 +272,10 @@ class RunDir:
         return final
 
     def load_checkpoint(self) -> Checkpoint:
-        """The checkpoint ``latest.json`` names, verified against its sha256s.
+        """The checkpoint ``latest.json`` names, verified against its sha256s (an older state upgraded).
 
         Raises:
-            NotFoundError: none yet. IntegrityError: a file is missing or changed.
+            NotFoundError: none yet. IntegrityError: a file is missing or changed, or its state is unreadable.
         """
         from safetensors.torch import load_file
 
@@ -198,9 +287,7 @@ class RunDir:
         for name, digest in latest["files"].items():
             if not (d / name).exists() or sha256_file(d / name) != digest:
                 raise IntegrityError(f"checkpoint {d / name} is missing or changed; it cannot be resumed (start again without --resume)")
-        state = json.loads((d / STATE).read_text())
-        if state.get("schema_version", 1) > SCHEMA_VERSION:
-            raise IntegrityError(f"checkpoint {d} was written by a newer dsft; upgrade dsft to resume it")
+        state = CheckpointState.from_json(json.loads((d / STATE).read_text()), f"checkpoint {d}")
         return Checkpoint(state, load_file(str(d / TENSORS)))
 
     def write_stage(self, index: int, name: str, metrics: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from dsft.recipes.schema import builtin_recipes, load_recipe
 def _order(names: Sequence[str]) -> list[str]:
     """``lora`` first, recipes with a distill stage last (they need a teacher), the rest by name."""
     def rank(name: str) -> tuple[int, str]:
-        distills = any(s.kind == "distill" for s in load_recipe(name).stages)
+        distills = any(s.kind_spec.teacher for s in load_recipe(name).stages)
         return (0 if name == "lora" else 2 if distills else 1, name)
     return sorted(names, key=rank)
 
@@ -53,7 +53,7 @@ def compare_recipes(domain: str = "finance", base: str = DEFAULT_BASE, recipes: 
                 overrides = [f"stages.{i}.distill.teacher={teachers['lora']}" if s.distill else
                              f"stages.{i}.distill={{teacher: {teachers['lora']}}}"
                              for i, s in enumerate(rec.stages)
-                             if s.kind == "distill" and s.distill_settings.teacher == "{domain}" and "lora" in teachers]
+                             if s.kind_spec.teacher and s.distill_settings.teacher == "{domain}" and "lora" in teachers]
                 emit("recipe", {"recipe": rec.name})
                 result = train(domain=domain, base=base, recipe=name, overrides=overrides, seed=seed, max_steps=max_steps,
                                registry=reg, device=device, runs_root=Path(tmp) / "runs", checkpoint_every=0, on_event=on_event)

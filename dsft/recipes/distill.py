@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dsft.base.loading import BaseRef
 from dsft.data.packing import model_inputs
 from dsft.errors import IncompatibleError, UsageError
 from dsft.recipes.schema import DistillSettings
@@ -40,7 +41,7 @@ def _head_width(model) -> int:
     return int(getattr(head, "out_features", head.weight.shape[0]))
 
 
-def load_teacher(settings: DistillSettings, *, domain: str, base: str, student, student_fingerprint: dict[str, Any],
+def load_teacher(settings: DistillSettings, *, domain: str, base: str | BaseRef, student, student_fingerprint: dict[str, Any],
                  terms: tuple[str, ...], term_start: int, registry, device) -> Teacher:
     """Load the teacher of a distill stage, frozen and in eval mode.
 

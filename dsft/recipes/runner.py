@@ -1,12 +1,16 @@
-"""``dsft.train``: resolve domain, base and recipe, run the stages, save and register the adapter.
+"""``dsft.train``: one domain adapter from a domain, a base and a recipe, in named steps.
 
-The steps, in order (each a small function here or in :mod:`dsft.recipes.stages`):
-domain + recipe + data files are validated -> a run directory is opened (or, with ``resume``, the last
-unfinished one is checked against this command and its checkpoint loaded) -> base loaded -> held-out
-"before" loss -> term extension + LoRA attached -> stages trained, each ending with held-out domain and
-general loss, ``stage.json`` and a checkpoint (and one every ``checkpoint_every`` steps) -> adapter written
-to a staging directory -> version allocated, directory renamed into place and registry rows written in
-one transaction.
+1. :func:`dsft.recipes.prepare.prepare`: every check before any weights load (domain, recipe, data files, output, distill
+   teachers), the base resolved once and fingerprinted, the run's key; a refused run writes nothing.
+2. :meth:`Training.open_run`: with ``resume``, the last unfinished run, checked against this command,
+   and its checkpoint (a new run directory is made once the model is ready).
+3. :meth:`Training.load`: the base loaded, the held-out sets built and the "before" losses measured.
+4. :meth:`Training.attach`: term extension and LoRA (or ESFT's expert training) attached, QLoRA
+   quantisation, recompute, sharding and compilation; a checkpoint's adapter state restored.
+5. :meth:`Training.run_stages`: each stage trained, ending with held-out domain and general loss,
+   ``stage.json`` and a checkpoint (and one every ``checkpoint_every`` steps).
+6. :meth:`Training.publish`: the adapter written to a staging directory, its version allocated, the
+   directory renamed into place and the registry rows written in one transaction; the run marked done.
 """
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsft.adapter_format import MANIFEST_FILE
 from dsft.adapters.esft import EXPERT_PARAMS, EsftState
 from dsft.adapters.fast_lora import fold_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
@@ -27,17 +31,18 @@ from dsft.adapters.qlora import quantize_base
 from dsft.adapters.terms import TermPlan, extend_model, plan_terms
 from dsft.atomic import staging_dir
 from dsft.base import DEFAULT_BASE, load_base
-from dsft.base.loading import default_device
+from dsft.base.loading import BaseRef, default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets
 from dsft.kernels.compile import compile_decoder_layers
-from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
+from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
 from dsft.recipes.distributed import Dist
+from dsft.recipes.prepare import RunPlan, prepare
 from dsft.recipes.publish import publish_trained as _publish
-from dsft.recipes.run_checks import check_device, check_max_steps, check_output, check_seed, check_seq_len
-from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
+from dsft.recipes.run_checks import check_device
+from dsft.recipes.schema import Recipe, recipe_yaml
 from dsft.recipes.sources import StageData, stage_steps
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage
 
@@ -56,32 +61,11 @@ class TrainResult:
         return {"adapter": self.adapter, "path": str(self.path), "metrics": self.metrics}
 
 
-def _check_output(output: Path | None) -> None:
-    if output is not None and output.exists() and not (output / MANIFEST_FILE).exists():
-        if output.is_dir() and not any(output.iterdir()):
-            return
-        raise UsageError(f"--output {output} exists and is not a dsft adapter; choose a new directory or remove it")
-
-
-def _check_teachers(rec: Recipe, domain: str, reg) -> None:
-    """Fail before any work when a distill stage names a teacher adapter that is not registered."""
-    for s in rec.stages:
-        if s.kind == "distill" and s.distill_settings.teacher is not None:
-            from dsft.errors import NotFoundError
-
-            ref = s.distill_settings.teacher.replace("{domain}", domain)
-            try:
-                reg.resolve(ref)
-            except NotFoundError as exc:
-                raise NotFoundError(f"stage {s.name}: distill teacher {ref!r} not found ({exc}); train it first "
-                                    f"(dsft train --domain {domain} --recipe lora) or set distill.teacher") from None
-
-
 def _attach(model, spec, rec: Recipe):
     """The model the stages train: PEFT LoRA for LoRA recipes; for ESFT recipes the plain model (full expert
     weights) or LoRA on the routed experts only (``esft.lora``)."""
     if rec.uses_esft:
-        if any(s.kind == "esft" and s.esft_settings.lora for s in rec.stages):
+        if any(s.kind_spec.trains == "experts" and s.esft_settings.lora for s in rec.stages):
             settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=("routed_experts",))
             return attach_lora(model, spec, settings), None
         return model, None
@@ -90,7 +74,7 @@ def _attach(model, spec, rec: Recipe):
     return attach_lora(model, spec, settings), target_shapes(model, cfg)
 
 
-def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
+def _spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
     """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner) out of activation
     checkpointing; returns how many."""
     layers = model.get_decoder().layers
@@ -101,7 +85,7 @@ def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, 
 
             big = max(rec.stages, key=lambda s: s.batch_size * s.seq_len)
             method = "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
-            req = PlanRequest(base=base, method=method, batch=big.batch_size, seq=big.seq_len, lora_r=rec.adapter.r,
+            req = PlanRequest(base=base.name, method=method, batch=big.batch_size, seq=big.seq_len, lora_r=rec.adapter.r,
                               new_terms=new_terms)
             card = torch.cuda.get_device_properties(torch.device(device)).total_memory
             keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card)
@@ -110,35 +94,6 @@ def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, 
     for layer in list(layers)[len(layers) - keep:] if keep else []:
         layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
     return keep
-
-
-def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
-          trust_remote_code=False) -> tuple:
-    """Everything checked before any weights load (so a refused run, or --resume, writes nothing)."""
-    from dsft.base.loading import fingerprint_for, read_config, resolve_base
-    from dsft.data.files import as_sources, load_records
-    from dsft.domains import resolve_domain
-    from dsft.registry import open_registry
-
-    check_max_steps(max_steps)
-    check_seed(seed)
-    pack = resolve_domain(domain)
-    rec: Recipe = load_recipe(recipe or pack.default_recipe, overrides)
-    seed = rec.seed if seed is None else seed
-    check_seed(seed, "seed")
-    if checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-    data_files = as_sources(data)  # DataSource objects: paths, directories, globs, cached hub ids
-    user_records = load_records(data_files) if data_files else []
-    output = Path(output) if output else None
-    _check_output(output)
-    reg = registry if hasattr(registry, "transaction") else open_registry(registry)
-    check_output(output, reg.adapters_root, [r.path for r in reg.list_adapters()])
-    _check_teachers(rec, pack.name, reg)
-    _, _, fingerprint = fingerprint_for(base, trust_remote_code)
-    check_seq_len([(f"stages[{i}].seq_len", s.seq_len) for i, s in enumerate(rec.stages)], read_config(resolve_base(base), trust_remote_code), base)
-    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
-    return pack, rec, seed, data_files, user_records, output, reg, key, Path(runs_root) if runs_root else runs_dir()
 
 
 def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | None = None, data: list[str | Path] | tuple = (),
@@ -152,10 +107,13 @@ def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | N
     Raises:
         The errors :func:`train` raises for the same arguments before it trains.
     """
-    *_, key, root = _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
-                          trust_remote_code)
-    if resume:
-        RunDir.for_resume(root, key)
+    plan = prepare(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+                   trust_remote_code)
+    try:
+        if resume:
+            RunDir.for_resume(plan.runs_root, plan.key)
+    finally:
+        plan.close()
 
 
 def train(
@@ -214,171 +172,245 @@ def train(
         UsageError: a bad recipe, override or output; ``resume`` of a run with other settings.
         DataError: a bad data file.
     """
-    from dsft.domains import general_pack
-
     if keep_layers != "auto" and not (isinstance(keep_layers, int) and keep_layers >= 0):
         raise UsageError(f"--keep-layers must be a number >= 0 or auto, got {keep_layers!r}")
     check_device(device)
     dist = dist if dist is not None else Dist.from_env(device)
-    log: list[dict[str, Any]] = []
-    emit = _logging(on_event if on_event and dist.main else (lambda kind, payload: None), log)
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     with dist.local_main_first():  # a preset is built once per machine
-        pack, rec, seed, data_files, user_records, output, reg, key, root = _plan(
-            domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root, trust_remote_code)
+        plan = prepare(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+                   trust_remote_code)
+    try:
+        run = Training(plan, dist, Events(on_event if dist.main else None), device, started)
+        run.open_run(resume)
+        run.load(trust_remote_code)
+        run.attach(keep_layers, compile_layers)
+        run.run_stages()
+        return run.publish()
+    finally:
+        plan.close()
 
-    def find_checkpoint() -> tuple[RunDir | None, Any]:
-        found = RunDir.for_resume(root, key) if resume else None
-        return found, found.load_checkpoint() if found else None
 
-    run, ckpt = dist.on_main(find_checkpoint)  # every rank resumes from rank 0's checkpoint
+class Events:
+    """Passes progress events on (to nobody when ``on_event`` is None), keeping each step's metrics in
+    ``log`` for the adapter's training log."""
 
-    target = dist.device(device) or default_device()
-    nf4 = rec.quantize == "nf4"
-    # QLoRA: load in bf16 on the CPU, attach LoRA, then quantise onto the GPU weight by weight (never the whole bf16 model there).
-    loaded = load_base(base, device="cpu" if nf4 else target, dtype=torch.bfloat16 if nf4 and target.startswith("cuda") else None,
-                       trust_remote_code=trust_remote_code)
-    model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.spec
-    emit("base", {"name": loaded.ref.name, "architecture": spec.architecture, "device": target,
-                  **({"quantize": "nf4"} if nf4 else {})})
-    if target.startswith("cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def __init__(self, on_event: Event | None):
+        self.on_event = on_event
+        self.log: list[dict[str, Any]] = []
 
-    seq_len = max(s.seq_len for s in rec.stages)
-    general = general_pack()
-    base_sets, base_tokens = eval_sets(pack, general, tokenizer, seq_len)
-    if not nf4:
-        before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens, dist)
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "step":
+            i = payload["info"]
+            self.log.append({"stage": payload["stage"], "step": i.step, "loss": i.loss, "lr": i.lr,
+                             "tokens_per_s": i.tokens_per_s, "aux_loss": i.aux_loss, "imbalance": i.imbalance})
+        if self.on_event is not None:
+            self.on_event(kind, payload)
 
-    plan = plan_terms(tokenizer, [t for t, _ in pack.terms]) if rec.adapter.terms else TermPlan((), len(tokenizer), ())
-    torch.manual_seed(seed)
-    extend_model(model, tokenizer, plan)
-    trained_model, shapes = _attach(model, spec, rec)
-    if nf4:
-        report = quantize_base(trained_model, spec, device=target)
-        emit("quantized", {"linears": report.linears, "expert_tensors": report.expert_tensors,
-                           "mib_before": round(report.bytes_before / 2**20, 1), "mib_after": round(report.bytes_after / 2**20, 1)})
-        # The 4-bit base is what trains, so it is the "before": new term rows are unused and LoRA starts at zero.
-        before = ckpt.state["before"] if ckpt else evaluate(trained_model, base_sets, base_tokens, dist)
-    emit("eval", {"when": "before", **before})
-    if target.startswith("cuda") and not nf4 and not (dist.enabled and dist.sharding == "fsdp"):
-        fold_lora(trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
-    if target.startswith("cuda"):
-        kept = _spare_recompute(model, keep_layers, base, rec, nf4, len(plan.terms), target, dist)
-        emit("recompute", {"kept_layers": kept, "layers": len(model.get_decoder().layers)})
-    if ckpt:  # before sharding: the checkpoint holds whole tensors
-        restore_adapter_state(trained_model, ckpt.group("adapter"))
-    dist.prepare(trained_model, spec)
-    if model.device.type == "cuda":
-        if hasattr(trained_model, "enable_input_require_grads"):
-            trained_model.enable_input_require_grads()
-        if compile_layers:
-            compile_decoder_layers(trained_model)
-    if run is None:
-        run = dist.on_main(lambda: RunDir.create(root, key, recipe_yaml(rec)))
 
-    sets, _ = eval_sets(pack, general, tokenizer, seq_len)
+class Training:
+    """One :func:`train` call after :func:`prepare`: its steps (see the module docstring) and what they share."""
 
-    def teacher(stage):
-        from dsft.recipes.distill import load_teacher
+    def __init__(self, plan: RunPlan, dist: Dist, emit: Events, device: str | None, started: float):
+        self.plan, self.dist, self.emit, self.started = plan, dist, emit, started
+        self.target = dist.device(device) or default_device()
+        self.nf4 = plan.recipe.quantize == "nf4"
+        self.run: RunDir | None = None
+        self.ckpt: Checkpoint | None = None
+        self.stage_metrics: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0
+        """Seconds trained by the processes before a resume."""
 
-        t = load_teacher(stage.distill_settings, domain=pack.name, base=base, student=trained_model,
-                         student_fingerprint=loaded.fingerprint, terms=plan.terms, term_start=plan.start,
-                         registry=reg, device=model.device)
-        emit("teacher", {"stage": stage.name, "teacher": t.name})
-        return t
+    @property
+    def cuda(self) -> bool:
+        return self.target.startswith("cuda")
 
-    ctx = StageContext(trained_model, spec, plan, sets, base_tokens, emit, teacher_factory=teacher, dist=dist)
-    stage_metrics: list[dict[str, Any]] = []
-    first, resume_at, elapsed = 0, None, 0.0
-    if ckpt:
-        st = ckpt.state
-        restore_rng(ckpt.group("rng"), st.get("python_rng"))
-        ctx.esft = EsftState.from_json(st["esft"]) if st.get("esft") else None
-        ctx.trained = dict(st["trained"])
-        stage_metrics, log[:] = list(st["stages"]), list(st["log"])
-        first, elapsed = st["stage"], float(st["elapsed"])
-        if st["step"]:
-            sel = st.get("stage_selection")
-            resume_at = Resume(st["step"], st["losses"], ckpt.group("optim"),
-                               {int(k): tuple(v) for k, v in sel.items()} if sel is not None else None)
-        emit("resume", {"run": run.name, "stage": rec.stages[min(first, len(rec.stages) - 1)].name, "step": st["step"]})
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
-    def saved(name: str) -> bool:
-        """The parameters an adapter or a checkpoint reads: LoRA, term rows, and ESFT's fused expert weights."""
-        return adapter_tensors(name) or (ctx.esft is not None and name.endswith(EXPERT_PARAMS))
+    # --- 2. open_run -----------------------------------------------------------------------------
 
-    def save(stage: int, step: int, losses: list[float], optim: dict[str, torch.Tensor], selection) -> None:
-        state = {"stage": stage, "step": step, "losses": losses, "before": before, "stages": stage_metrics, "log": log,
-                 "trained": ctx.trained, "esft": ctx.esft.to_json() if ctx.esft else None,
-                 "stage_selection": {str(k): list(v) for k, v in selection.items()} if selection is not None else None,
-                 "elapsed": elapsed + time.perf_counter() - t_start, "python_rng": python_rng_state()}
-        with gathered(trained_model, saved):  # FSDP2: whole tensors on every rank; rank 0 writes them
-            adapter = {f"adapter/{k}": v for k, v in adapter_state(trained_model, spec, ctx.esft).items()}
+    def open_run(self, resume: bool) -> None:
+        """With ``resume``: the run to continue and its checkpoint; every rank resumes from rank 0's."""
+        def find() -> tuple[RunDir | None, Checkpoint | None]:
+            found = RunDir.for_resume(self.plan.runs_root, self.plan.key) if resume else None
+            return found, found.load_checkpoint() if found else None
+        self.run, self.ckpt = self.dist.on_main(find)
+
+    # --- 3. load ---------------------------------------------------------------------------------
+
+    def load(self, trust_remote_code: bool) -> None:
+        """The base, the held-out sets and, unless 4-bit (see :meth:`attach`), the "before" losses."""
+        from dsft.domains import general_pack
+
+        plan = self.plan
+        # QLoRA: load in bf16 on the CPU, attach LoRA, then quantise onto the GPU weight by weight (never the whole bf16 model there).
+        self.loaded = load_base(plan.base, device="cpu" if self.nf4 else self.target,
+                                dtype=torch.bfloat16 if self.nf4 and self.cuda else None, trust_remote_code=trust_remote_code)
+        self.model, self.tokenizer, self.spec = self.loaded.model, self.loaded.tokenizer, self.loaded.spec
+        self.emit("base", {"name": self.loaded.ref.name, "architecture": self.spec.architecture, "device": self.target,
+                           **({"quantize": "nf4"} if self.nf4 else {})})
+        if self.cuda:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.seq_len = max(s.seq_len for s in plan.recipe.stages)
+        self.general = general_pack()
+        self.base_sets, self.base_tokens = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len)
+        if not self.nf4:
+            self.before = self._before(self.model)
+
+    def _before(self, model) -> dict[str, float]:
+        return self.ckpt.state.before if self.ckpt else evaluate(model, self.base_sets, self.base_tokens, self.dist)
+
+    # --- 4. attach -------------------------------------------------------------------------------
+
+    def attach(self, keep_layers: int | str, compile_layers: bool) -> None:
+        """Terms and LoRA (or ESFT) on the model, made ready to train on its device; the run directory made."""
+        plan, rec, model, dist = self.plan, self.plan.recipe, self.model, self.dist
+        self.terms = plan_terms(self.tokenizer, [t for t, _ in plan.pack.terms]) if rec.adapter.terms \
+            else TermPlan((), len(self.tokenizer), ())
+        torch.manual_seed(plan.seed)
+        extend_model(model, self.tokenizer, self.terms)
+        self.trained_model, self.shapes = _attach(model, self.spec, rec)
+        if self.nf4:
+            report = quantize_base(self.trained_model, self.spec, device=self.target)
+            self.emit("quantized", {"linears": report.linears, "expert_tensors": report.expert_tensors,
+                                    "mib_before": round(report.bytes_before / 2**20, 1), "mib_after": round(report.bytes_after / 2**20, 1)})
+            # The 4-bit base is what trains, so it is the "before": new term rows are unused and LoRA starts at zero.
+            self.before = self._before(self.trained_model)
+        self.emit("eval", {"when": "before", **self.before})
+        if self.cuda and not self.nf4 and not (dist.enabled and dist.sharding == "fsdp"):
+            fold_lora(self.trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
+        if self.cuda:
+            kept = _spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist)
+            self.emit("recompute", {"kept_layers": kept, "layers": len(model.get_decoder().layers)})
+        if self.ckpt:  # before sharding: the checkpoint holds whole tensors
+            restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
+        dist.prepare(self.trained_model, self.spec)
+        if model.device.type == "cuda":
+            if hasattr(self.trained_model, "enable_input_require_grads"):
+                self.trained_model.enable_input_require_grads()
+            if compile_layers:
+                compile_decoder_layers(self.trained_model)
+        if self.run is None:
+            self.run = dist.on_main(lambda: RunDir.create(plan.runs_root, plan.key, recipe_yaml(rec)))
+
+    # --- 5. run_stages ---------------------------------------------------------------------------
+
+    def run_stages(self) -> None:
+        """Train the stages not finished yet, each ending with its metrics and a checkpoint."""
+        plan = self.plan
+        sets, _ = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len)  # now with the added terms
+        self.ctx = StageContext(self.trained_model, self.spec, self.terms, sets, self.base_tokens, self.emit,
+                                teacher_factory=self._teacher, dist=self.dist)
+        first, resume_at = self._restore_progress()
+        for i, stage in enumerate(plan.recipe.stages[first:], start=first):
+            steps = stage_steps(stage, plan.pack, self.general, self.tokenizer, plan.user_records)
+            steps = min(steps, plan.max_steps) if plan.max_steps else steps
+            data = StageData.build(stage, plan.pack, self.general, self.tokenizer, plan.user_records, plan.seed + i, steps)
+            data_plan = StagePlan.of(stage.name, data, steps, stage.batch_size).to_json()
+            self.emit("data_plan", data_plan)
+            metrics = run_stage(self.ctx, i, stage, data, steps, resume_at if i == first else None,
+                                partial(self._mid_stage, i, steps))
+            metrics["data"] = data_plan
+            self.stage_metrics.append(metrics)
+            self.dist.on_main(partial(self.run.write_stage, i, stage.name, metrics))
+            self._checkpoint(i + 1, 0, [], {}, None)
+
+    def _restore_progress(self) -> tuple[int, Resume | None]:
+        """From a checkpoint: the RNG, the metrics and log so far; returns the stage to start at and where in it."""
+        if not self.ckpt:
+            return 0, None
+        st = self.ckpt.state
+        restore_rng(self.ckpt.group("rng"), st.python_rng)
+        self.ctx.esft = EsftState.from_json(st.esft.to_json()) if st.esft else None  # a copy: the stages extend it
+        self.ctx.trained = dict(st.trained)
+        self.stage_metrics, self.emit.log[:] = list(st.stage_metrics), list(st.log)
+        self.elapsed_before = st.elapsed
+        resume_at = Resume(st.step, list(st.losses), self.ckpt.group("optim"), st.selection) if st.step else None
+        stages = self.plan.recipe.stages
+        self.emit("resume", {"run": self.run.name, "stage": stages[min(st.stage, len(stages) - 1)].name, "step": st.step})
+        return st.stage, resume_at
+
+    def _mid_stage(self, stage: int, steps: int, step: int, losses: list[float], optim: Callable[[], dict[str, torch.Tensor]],
+                   selection: dict[int, tuple[int, ...]] | None) -> None:
+        """After each step of a stage: a checkpoint every ``checkpoint_every`` steps (its end has its own)."""
+        every = self.plan.checkpoint_every
+        if every and step % every == 0 and step < steps:
+            self._checkpoint(stage, step, losses, optim(), selection)
+
+    def _checkpoint(self, stage: int, step: int, losses: list[float], optim: dict[str, torch.Tensor],
+                    selection: dict[int, tuple[int, ...]] | None) -> None:
+        """Write a checkpoint at ``step`` of stage ``stage``: every rank gathers the tensors, rank 0 writes."""
+        ctx = self.ctx
+        state = CheckpointState(stage=stage, step=step, losses=tuple(losses), before=self.before,
+                                stage_metrics=tuple(self.stage_metrics), log=tuple(self.emit.log), trained=dict(ctx.trained),
+                                esft=ctx.esft, selection=selection, elapsed=self.elapsed(), python_rng=python_rng_state())
+        with gathered(self.trained_model, self._saved):  # FSDP2: whole tensors on every rank; rank 0 writes them
+            adapter = {f"adapter/{k}": v for k, v in adapter_state(self.trained_model, self.spec, ctx.esft).items()}
         tensors = {**adapter, **{f"optim/{k}": v for k, v in optim.items()}, **{f"rng/{k}": v for k, v in rng_tensors().items()}}
 
         def write() -> None:
-            path = run.save_checkpoint(state, tensors)
-            emit("checkpoint", {"run": run.name, "stage": stage, "step": step, "path": str(path)})
-        dist.on_main(write)
+            path = self.run.save_checkpoint(state, tensors)
+            self.emit("checkpoint", {"run": self.run.name, "stage": stage, "step": step, "path": str(path)})
+        self.dist.on_main(write)
 
-    for i, stage in enumerate(rec.stages):
-        if i < first:
-            continue
-        steps = stage_steps(stage, pack, general, tokenizer, user_records)
-        steps = min(steps, max_steps) if max_steps else steps
-        stage_data = StageData.build(stage, pack, general, tokenizer, user_records, seed + i, steps)
-        data_plan = StagePlan.of(stage.name, stage_data, steps, stage.batch_size).to_json()
-        emit("data_plan", data_plan)
+    def _saved(self, name: str) -> bool:
+        """The parameters an adapter or a checkpoint reads: LoRA, term rows, and ESFT's fused expert weights."""
+        return adapter_tensors(name) or (self.ctx.esft is not None and name.endswith(EXPERT_PARAMS))
 
-        def mid_stage(step, losses, optim, selection, i=i, steps=steps):
-            if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                save(i, step, losses, optim(), selection)
+    def _teacher(self, stage):
+        """A distill stage's teacher (the kinds table asks for it when the stage starts)."""
+        from dsft.recipes.distill import load_teacher
 
-        metrics = run_stage(ctx, i, stage, stage_data, steps, resume_at if i == first else None, mid_stage)
-        metrics["data"] = data_plan
-        stage_metrics.append(metrics)
-        dist.on_main(lambda i=i, stage=stage, metrics=metrics: run.write_stage(i, stage.name, metrics))
-        save(i + 1, 0, [], {}, None)
+        t = load_teacher(stage.distill_settings, domain=self.plan.pack.name, base=self.plan.base, student=self.trained_model,
+                         student_fingerprint=self.loaded.fingerprint, terms=self.terms.terms, term_start=self.terms.start,
+                         registry=self.plan.registry, device=self.model.device)
+        self.emit("teacher", {"stage": stage.name, "teacher": t.name})
+        return t
 
-    after = stage_metrics[-1]["eval"]
-    emit("eval", {"when": "after", **after})
+    # --- 6. publish ------------------------------------------------------------------------------
+
+    def publish(self) -> TrainResult:
+        """Save and register the adapter (rank 0; every rank returns the same result)."""
+        plan, ctx = self.plan, self.ctx
+        after = self.stage_metrics[-1]["eval"]
+        self.emit("eval", {"when": "after", **after})
+        metrics = run_metrics(self.before, self.stage_metrics, ctx.trained, self.terms, ctx.esft, ctx.n_experts,
+                              self.elapsed(), self.run.name)
+        kind = ("esft" if ctx.esft else "lora") + ("+terms" if self.terms.terms else "")
+        domain = plan.pack.name
+
+        def write() -> tuple[Path, str]:
+            path, version = _publish(plan.registry, self.trained_model, ctx.esft, self.terms, self.loaded, domain, kind,
+                                     plan.recipe, self.shapes, metrics, self.emit.log)
+            self.run.finish(f"{domain}@{version}", path)
+            if plan.output is not None:
+                _copy_out(path, plan.output)
+            return path, version
+
+        with gathered(self.trained_model, self._saved):
+            path, version = self.dist.on_main(write)
+        self.emit("saved", {"adapter": f"{domain}@{version}", "path": str(path)})
+        return TrainResult(f"{domain}@{version}", path, metrics, plan.recipe.to_data())
+
+
+def run_metrics(before: dict[str, float], stages: list[dict[str, Any]], trained: dict[str, int], terms: TermPlan,
+                esft: EsftState | None, n_experts: int, seconds: float, run: str) -> dict[str, Any]:
+    """The adapter's metrics: held-out figures before and after, size, stages, wall time."""
+    after = stages[-1]["eval"]
     metrics = {
         "eval_loss_before": before["domain_loss"], "eval_loss_after": after["domain_loss"],
         "eval_ppl_before": before["domain_ppl"], "eval_ppl_after": after["domain_ppl"],
         "general_loss_before": before["general_loss"], "general_loss_after": after["general_loss"],
         "ppl_reduction": round(1 - after["domain_ppl"] / before["domain_ppl"], 4),
-        "trainable_params": sum(ctx.trained.values()),
-        "added_tokens": len(plan.terms), "stages": stage_metrics,
-        "wall_seconds": round(elapsed + time.perf_counter() - t_start, 1), "run": run.name,
+        "trainable_params": sum(trained.values()),
+        "added_tokens": len(terms.terms), "stages": stages,
+        "wall_seconds": round(seconds, 1), "run": run,
     }
-    if ctx.esft:
-        chosen = sum(len(v) for v in ctx.esft.selection.values())
-        metrics["esft"] = {**ctx.esft.to_json(), "selected_share": round(chosen / max(1, ctx.n_experts * len(ctx.esft.selection)), 4)}
-    kind = ("esft" if ctx.esft else "lora") + ("+terms" if plan.terms else "")
-
-    def publish() -> tuple[Path, str]:
-        path, version = _publish(reg, trained_model, ctx.esft, plan, loaded, pack.name, kind, rec, shapes, metrics, log)
-        run.finish(f"{pack.name}@{version}", path)
-        if output is not None:
-            _copy_out(path, output)
-        return path, version
-
-    with gathered(trained_model, saved):
-        path, version = dist.on_main(publish)
-    emit("saved", {"adapter": f"{pack.name}@{version}", "path": str(path)})
-    return TrainResult(f"{pack.name}@{version}", path, metrics, rec.to_data())
-
-
-def _logging(emit: Event, log: list[dict[str, Any]]) -> Event:
-    """Pass events on, keeping each step's metrics for the adapter's training log."""
-    def wrapped(kind: str, payload: dict[str, Any]) -> None:
-        if kind == "step":
-            i = payload["info"]
-            log.append({"stage": payload["stage"], "step": i.step, "loss": i.loss, "lr": i.lr,
-                        "tokens_per_s": i.tokens_per_s, "aux_loss": i.aux_loss, "imbalance": i.imbalance})
-        emit(kind, payload)
-    return wrapped
+    if esft:
+        chosen = sum(len(v) for v in esft.selection.values())
+        metrics["esft"] = {**esft.to_json(), "selected_share": round(chosen / max(1, n_experts * len(esft.selection)), 4)}
+    return metrics
 
 
 def _copy_out(path: Path, output: Path) -> None:

@@ -12,14 +12,13 @@ import yaml
 from dsft import safe_yaml
 from dsft.adapter_format import LORA_GROUPS
 from dsft.errors import NotFoundError, show
+from dsft.recipes.kinds import KINDS, DistillSettings, EsftSettings, StageKind, stage_kind, unknown_kind
 from dsft.recipes.typed import apply_override, load_tree, to_data
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DATA_SOURCES = ("domain.raw", "domain.instruct", "domain.longtail", "general.raw", "user")
 """Named sources; ``user`` is the files given with ``--data``; ``file:PATH`` names a file directly."""
 
-
-STAGE_KINDS = ("cpt", "sft", "esft", "distill")
 FRACTION_TOLERANCE = 1e-6
 
 
@@ -120,59 +119,12 @@ class Trainable:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EsftSettings:
-    """Expert-specialised fine-tuning (Wang et al., DeepSeek, arXiv 2407.01906)."""
-
-    method: Literal["gate", "token"] = "gate"
-    """gate: average gate score per expert (ESFT-Gate); token: share of tokens routed to it (ESFT-Token)."""
-    p: float | None = None
-    """Per layer, the smallest set of experts whose normalised scores sum to >= p (default 0.1 gate, 0.2 token)."""
-    sample_tokens: int = 131072
-    """Tokens of the stage's data scored before training (the paper's 32 x 4096)."""
-    lora: bool = False
-    """LoRA on the selected experts instead of their full weights (merged into the saved slices)."""
-
-    @property
-    def threshold(self) -> float:
-        return self.p if self.p is not None else (0.1 if self.method == "gate" else 0.2)
-
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.p is not None and not 0 < self.p <= 1:
-            problems.append(("p", f"must be in (0, 1], got {self.p}"))
-        if self.sample_tokens < 1:
-            problems.append(("sample_tokens", f"must be >= 1, got {self.sample_tokens}"))
-        return problems
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistillSettings:
-    """Distillation: loss = alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * LM loss."""
-
-    teacher: str | None = "{domain}"
-    """A registered adapter on the teacher base (``{domain}`` = the latest adapter of this run's domain); null = the base alone."""
-    teacher_base: str | None = None
-    """The teacher's base (preset, directory or hub id) when not the student's; it must share the tokenizer."""
-    alpha: float = 0.5
-    temperature: float = 1.0
-
-    def check(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.teacher is None and self.teacher_base is None:
-            problems.append(("teacher", "set a teacher adapter, a teacher_base, or both"))
-        if not 0 <= self.alpha <= 1:
-            problems.append(("alpha", f"must be in [0, 1], got {self.alpha}"))
-        if not self.temperature > 0:
-            problems.append(("temperature", f"must be > 0, got {self.temperature}"))
-        return problems
-
-
-@dataclass(frozen=True, kw_only=True)
 class Stage:
     name: str
-    kind: Literal["cpt", "sft", "esft", "distill"]
-    """cpt: continued pre-training on raw text; sft: instruction tuning (loss on responses); esft: train
-    only the experts the domain routes to (instruction format); distill: KL to a teacher + LM loss."""
+    kind: str
+    """One of :data:`dsft.recipes.kinds.KINDS`: cpt: continued pre-training on raw text; sft: instruction
+    tuning (loss on responses); esft: train only the experts the domain routes to (instruction format);
+    distill: KL to a teacher + LM loss."""
     data: tuple[DataSource, ...] = ()
     """The stage's data mixture (or give ``phases``)."""
     phases: tuple[Phase, ...] = ()
@@ -194,6 +146,11 @@ class Stage:
     seq_len: int = 256
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+
+    @property
+    def kind_spec(self) -> StageKind:
+        """This stage's entry in the kinds table (raises UsageError for an unknown kind)."""
+        return stage_kind(self.kind)
 
     @property
     def esft_settings(self) -> EsftSettings:
@@ -237,16 +194,16 @@ class Stage:
             names = [p.name for p in self.phases]
             if len(set(names)) != len(names):
                 problems.append(("phases", f"phase names must be unique, got {names}"))
-        if self.kind == "esft":
-            if self.train.lora:
-                problems.append(("train.lora", "an esft stage trains the selected experts only; set train.lora: [] "
-                                               "(esft.lora: true puts LoRA on the selected experts)"))
-        elif not self.train.lora and not self.train.terms:
+        kind = KINDS.get(self.kind)
+        if kind is None:
+            problems.append(("kind", unknown_kind(self.kind)))
+        else:
+            problems += kind.problems(self)
+        if (kind is None or kind.trains == "lora") and not self.train.lora and not self.train.terms:
             problems.append(("train", "the stage trains nothing; set train.lora groups or train.terms: true"))
-        if self.esft is not None and self.kind != "esft":
-            problems.append(("esft", f"only for kind esft; this stage is {self.kind}"))
-        if self.distill is not None and self.kind != "distill":
-            problems.append(("distill", f"only for kind distill; this stage is {self.kind}"))
+        for other in KINDS.values():  # a kind's settings field belongs to that kind alone
+            if other.settings is not None and other.name != self.kind and getattr(self, other.name) is not None:
+                problems.append((other.name, f"only for kind {other.name}; this stage is {self.kind}"))
         return problems
 
 
@@ -294,7 +251,8 @@ class Recipe:
 
     @property
     def uses_esft(self) -> bool:
-        return any(s.kind == "esft" for s in self.stages)
+        """Some stage trains routed experts (ESFT): the adapter holds expert slices, not PEFT LoRA."""
+        return any(KINDS[s.kind].trains == "experts" for s in self.stages if s.kind in KINDS)
 
     @property
     def lora_groups(self) -> tuple[str, ...]:

@@ -65,7 +65,7 @@ def stage_steps(stage: Stage, pack, general, tokenizer, user_records: Sequence[R
     """The stage's ``steps``, or for ``epochs``: epochs x the packed rows that all its examples fill, / batch_size."""
     if stage.steps is not None:
         return stage.steps
-    as_text = stage.kind == "cpt"
+    as_text = stage.kind_spec.reads == "text"
     names = {n for phase in stage.mixtures for n in phase_weights(stage, phase, bool(user_records))}
     lengths = [length for n in sorted(names)
                for length in tokenized(RecordList(source_records(n, pack, general, user_records, as_text)), tokenizer,
@@ -98,7 +98,7 @@ class StageData:
               steps: int | None = None) -> StageData:
         """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
         steps = steps or stage_steps(stage, pack, general, tokenizer, user_records)
-        as_text = stage.kind == "cpt"
+        as_text = stage.kind_spec.reads == "text"
         tokenised: dict[str, SequenceSource] = {}
         sources: dict[str, dict[str, Any]] = {}
         parts, realised, realised_tokens, phases = [], {}, {}, {}

@@ -47,7 +47,7 @@ from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
 from dsft.kernels.optim import fused_adamw_ok
 from dsft.recipes.distributed import Dist
-from dsft.recipes.loop import default_loss, train_steps
+from dsft.recipes.loop import train_steps
 from dsft.recipes.schema import Stage
 from dsft.recipes.sources import StageData, stage_batches
 
@@ -269,40 +269,58 @@ def run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, step
         return _run_stage(ctx, index, stage, data, steps, resume, checkpoint, stack)
 
 
-def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, steps: int, resume: Resume | None,
-               checkpoint: Callable[..., None], stack: ExitStack) -> dict[str, Any]:
-    model, spec, s = ctx.model, ctx.spec, stage
+def _trainable(ctx: StageContext, stage: Stage, data: StageData, resume: Resume | None, stack: ExitStack
+               ) -> tuple[list[Entry], list[Entry], dict[int, tuple[int, ...]] | None]:
+    """What the stage trains, as the kinds table says: (LoRA factors or selected experts, term rows, the ESFT
+    selection or None). Only these require grad afterwards."""
+    model, spec = ctx.model, ctx.spec
     selection = None
-    if s.kind == "esft":
-        selection = resume.selection if resume and resume.selection is not None else _esft_selection(ctx, s, data)
+    if stage.kind_spec.trains == "experts":
+        selection = resume.selection if resume and resume.selection is not None else _esft_selection(ctx, stage, data)
         ctx.esft.selection = union(ctx.esft.selection, selection)
     for p in model.parameters():
         p.requires_grad_(False)
     fsdp = ctx.dist.enabled and ctx.dist.sharding == "fsdp"  # FSDP2 shards the fused tensors: slices cannot alias them
-    main = expert_entries(model, spec, selection, s.esft_settings.lora, None if fsdp else stack) if selection is not None \
-        else lora_entries(model, spec, s)
-    terms = term_entries(model, s, ctx.plan)
-    entries = main + terms
-    if not entries:
-        raise UsageError(f"stage {s.name}: trains nothing on this base (no matching LoRA targets, experts or new terms)")
-    for e in entries:
+    main = expert_entries(model, spec, selection, stage.esft_settings.lora, None if fsdp else stack) if selection is not None \
+        else lora_entries(model, spec, stage)
+    terms = term_entries(model, stage, ctx.plan)
+    if not main + terms:
+        raise UsageError(f"stage {stage.name}: trains nothing on this base (no matching LoRA targets, experts or new terms)")
+    for e in main + terms:
         e.param.requires_grad_(True)
-    n_experts = ctx.n_experts
+    return main, terms, selection
+
+
+def _optimizer(stage: Stage, main: list[Entry], terms: list[Entry]) -> torch.optim.AdamW:
     # Decay would shrink the frozen experts' slices too, and the term rows start as means of real rows.
-    groups = [{"params": [e.param for e in main], "weight_decay": s.weight_decay if s.kind != "esft" else 0.0},
-              {"params": [e.param for e in terms], "weight_decay": 0.0}]
+    decay = stage.weight_decay if stage.kind_spec.trains != "experts" else 0.0
+    groups = [{"params": [e.param for e in main], "weight_decay": decay}, {"params": [e.param for e in terms], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), fused=fused_adamw_ok([e.param for e in entries]))
+    return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.99), fused=fused_adamw_ok([e.param for e in main + terms]))
+
+
+def trained_sizes(entries: list[Entry], n_experts: int) -> dict[str, int]:
+    """Elements trained per key: a tensor, or one selected expert's slice of a fused tensor."""
+    out = {}
+    for e in entries:
+        keys = [f"{e.name}#{int(i)}" for i in e.index] if e.index is not None else [e.name]
+        for k in keys:
+            out[k] = e.trained_numel(n_experts) // len(keys)
+    return out
+
+
+def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, steps: int, resume: Resume | None,
+               checkpoint: Callable[..., None], stack: ExitStack) -> dict[str, Any]:
+    model, spec, s = ctx.model, ctx.spec, stage
+    main, terms, selection = _trainable(ctx, s, data, resume, stack)
+    entries = main + terms
+    n_experts = ctx.n_experts
+    optimizer = _optimizer(s, main, terms)
     start, done_losses = 0, []
     if resume is not None:
         restore_optimizer(optimizer, entries, resume.optimizer, n_experts)
         start, done_losses = resume.step, list(resume.losses)
-
-    stage_trained = {}
-    for e in entries:
-        keys = [f"{e.name}#{int(i)}" for i in e.index] if e.index is not None else [e.name]
-        for k in keys:
-            stage_trained[k] = e.trained_numel(n_experts) // len(keys)
+    stage_trained = trained_sizes(entries, n_experts)
     ctx.trained.update(stage_trained)
 
     lora = [e for e in main if e.group == "lora"]
@@ -315,15 +333,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
             for e in lora:
                 e.param.requires_grad_(e.layer in active)
 
-    loss_fn, teacher = default_loss, None
-    if s.kind == "distill":
-        from dsft.recipes.distill import distill_loss
-
-        teacher, d = ctx.teacher_factory(s), s.distill_settings
-
-        def loss_fn(m, b):
-            return distill_loss(m, teacher, b, d.alpha, d.temperature)[:2]
-
+    loss = s.kind_spec.loss(s, ctx.teacher_factory)
+    teacher = loss.teacher
     ctx.emit("stage_start", {"index": index, "stage": s.name, "kind": s.kind, "steps": steps, "start_step": start,
                              "realised_mixture": data.realised, "phases": data.phases,
                              "trainable": sum(stage_trained.values()), "experts": selection,
@@ -342,8 +353,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext():
             losses = done_losses + train_steps(
                 model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world)),
-                steps=steps, peak_lrs=[s.lr] * len(groups), warmup=min(s.warmup_steps, steps - 1),
-                schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss_fn,
+                steps=steps, peak_lrs=[s.lr] * len(optimizer.param_groups), warmup=min(s.warmup_steps, steps - 1),
+                schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss.fn,
                 before_step=before_step, on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
@@ -353,7 +364,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         probe.close()
     seconds = time.perf_counter() - t0
     teacher_name = teacher.name if teacher else None
-    loss_fn = teacher = None  # the teacher's weights go now, not at the end of the run
+    loss = teacher = None  # the teacher's weights go now, not at the end of the run
     mask = data.examples.attention_mask[start * s.batch_size : steps * s.batch_size]
     tail = losses[-5:]
     out: dict[str, Any] = {
