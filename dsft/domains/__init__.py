@@ -6,6 +6,7 @@
 from dsft.domains.catalog import (
     builtin_pack,
     check_jsonl,
+    data_records,
     general_pack,
     list_domains,
     new_domain,
@@ -22,6 +23,7 @@ __all__ = [
     "InstructionTemplate",
     "builtin_pack",
     "check_jsonl",
+    "data_records",
     "corpus_text_for_tokenizer",
     "general_pack",
     "generate_corpus",

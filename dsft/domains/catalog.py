@@ -134,7 +134,7 @@ def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
         if term.casefold() in first_line:
             raise DataError(f"{terms_file}:{lineno}: duplicate term {term!r} (first on line {first_line[term.casefold()]}); remove one")
         first_line[term.casefold()] = lineno
-        terms[term] = definition or f"a term used in the {name} domain."
+        terms[term] = definition  # none given stays none: an invented one would become a training target
     if not terms:
         raise DataError(f"{terms_file}: no terms found; write one term per line, optionally 'term<TAB>definition' or 'term: definition'")
     return terms
@@ -171,6 +171,17 @@ def check_jsonl(data_file: Path) -> int:
     return count
 
 
+def data_records(path: Path) -> int:
+    """How many training records a domain data file holds, read as ``dsft train --data`` reads it.
+
+    Raises:
+        DataError: a missing, empty or malformed file (naming the file and line).
+    """
+    from dsft.data.files import load_records
+
+    return len(load_records([path]))
+
+
 def new_domain(name: str, terms_file: Path, data_file: Path | None = None, description: str = "") -> Path:
     """Make user domain ``name`` from a term list (and optionally a JSONL data file); return its YAML path.
 
@@ -179,8 +190,9 @@ def new_domain(name: str, terms_file: Path, data_file: Path | None = None, descr
     Args:
         name: the new domain's name (``[a-z][a-z0-9_-]{0,63}``).
         terms_file: one term per line, optionally ``term<TAB>definition`` or ``term: definition``;
-            blank lines and ``#`` comments are skipped.
-        data_file: JSONL records with "text" or "prompt"/"response"; stored by absolute path.
+            blank lines and ``#`` comments are skipped. A term without a definition keeps none.
+        data_file: a data file in any format ``dsft train --data`` reads; stored by absolute path, it trains
+            (as source ``domain.user``) whenever the domain trains, and replaces the generated template text.
         description: one line; a default naming the term count is used when empty.
 
     Raises:
@@ -203,7 +215,7 @@ def new_domain(name: str, terms_file: Path, data_file: Path | None = None, descr
         "terms": terms,
     }
     if data_file is not None:
-        check_jsonl(Path(data_file))
+        data_records(Path(data_file))  # refuse a file that would fail at training time
         data["data_files"] = [str(Path(data_file).expanduser().resolve())]
     header = (
         f"# Made by `dsft domains new {name}`. Run: dsft train --domain {name}\n"

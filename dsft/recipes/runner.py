@@ -37,8 +37,9 @@ from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rng, rng_tensors, runs_dir
 from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
-from dsft.eval.heldout import eval_sets
+from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.recipes.sources import StageData
+from dsft.recipes.user_data import load_user_data, user_recipe
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -112,10 +113,10 @@ def _spare_recompute(model, keep: int | str, base: str, rec: Recipe, nf4: bool, 
     return keep
 
 
-def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root) -> tuple:
+def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+          eval_data=(), generated=False) -> tuple:
     """Everything checked before any weights load (so a refused run, or --resume, writes nothing)."""
     from dsft.base.loading import fingerprint_for
-    from dsft.data.files import load_records
     from dsft.domains import resolve_domain
     from dsft.registry import open_registry
 
@@ -125,27 +126,32 @@ def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, regist
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     data_files = [Path(p) for p in data]
-    user_records = load_records(data_files) if data_files else []
+    # user-data: the domain's files and --data, less a held-out split (or --eval-data); see recipes/user_data.py
+    eval_files = [Path(p) for p in eval_data]
+    user_records = load_user_data(pack, data_files, eval_files, generated or user_recipe(recipe))
     output = Path(output) if output else None
     _check_output(output)
     reg = registry if hasattr(registry, "transaction") else open_registry(registry)
     _check_teachers(rec, pack.name, reg)
     _, _, fingerprint = fingerprint_for(base)
-    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
+    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps,
+                       data_files + list(pack.data_files) + eval_files)
     return pack, rec, seed, data_files, user_records, output, reg, key, Path(runs_root) if runs_root else runs_dir()
 
 
 def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | None = None, data: list[str | Path] | tuple = (),
               overrides: list[str] | tuple = (), seed: int | None = None, max_steps: int | None = None,
               output: str | Path | None = None, registry: Any = None, resume: bool = False,
-              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, runs_root: str | Path | None = None) -> None:
+              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, runs_root: str | Path | None = None,
+              eval_data: list[str | Path] | tuple = (), generated: bool = False) -> None:
     """The checks :func:`train` makes before loading any weights, alone: what ``dsft train --num-gpus`` runs
     before starting its processes, so that a bad argument is one error line, not one per rank.
 
     Raises:
         The errors :func:`train` raises for the same arguments before it trains.
     """
-    *_, key, root = _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root)
+    *_, key, root = _plan(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+                          eval_data, generated)
     if resume:
         RunDir.for_resume(root, key)
 
@@ -169,6 +175,8 @@ def train(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     runs_root: str | Path | None = None,
     dist: Dist | None = None,
+    eval_data: list[str | Path] | tuple = (),
+    generated: bool = False,
 ) -> TrainResult:
     """Train a domain adapter and register it.
 
@@ -177,7 +185,8 @@ def train(
         base: a preset name, a local model directory or a hub id.
         recipe: a built-in recipe name or a YAML file; default: the domain's default recipe.
         data: extra data files (JSONL, CSV, Parquet, text, or a ``save_to_disk`` directory), used by
-            the recipe's ``user`` source (and added to the first stage when the recipe has none).
+            the recipe's ``user`` source; like the domain's own data files (``domain.user``), they replace
+            the pack's generated text in a built-in recipe (see :func:`dsft.recipes.sources.phase_weights`).
         overrides: dotted recipe overrides, e.g. ``["stages.0.lr=1e-4"]``.
         seed: overrides the recipe's seed; the same seed gives the same adapter.
         max_steps: caps every stage's steps (for smoke runs and benchmarks).
@@ -197,6 +206,9 @@ def train(
         dist: this process's place in a multi-process run (default: from the launcher's environment, see
             :mod:`dsft.recipes.distributed`); rank 0 alone writes and reports events, every rank returns
             the same result.
+        eval_data: held-out files to measure the adapter on; without them a deterministic share of the
+            user's data is held out (:func:`dsft.data.split.split_heldout`) and never trains.
+        generated: train on the pack's generated template text too when user data exists.
 
     Returns:
         TrainResult with the adapter ref (``finance@0.1.0``), its directory and its metrics.
@@ -216,7 +228,11 @@ def train(
     t_start = time.perf_counter()
     with dist.local_main_first():  # a preset is built once per machine
         pack, rec, seed, data_files, user_records, output, reg, key, root = _plan(
-            domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root)
+            domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
+            eval_data, generated)
+    if user_records.overlap:
+        emit("warning", {"message": f"{user_records.overlap} of {len(user_records.heldout)} held-out records are also "
+                                    "training records: their loss measures memorisation, not the domain"})
 
     def find_checkpoint() -> tuple[RunDir | None, Any]:
         found = RunDir.for_resume(root, key) if resume else None
@@ -237,7 +253,7 @@ def train(
 
     seq_len = max(s.seq_len for s in rec.stages)
     general = general_pack()
-    base_sets, base_tokens = eval_sets(pack, general, tokenizer, seq_len)
+    base_sets, base_tokens = eval_sets(pack, general, tokenizer, seq_len, user_records.heldout)
     if not nf4:
         before = ckpt.state["before"] if ckpt else evaluate(model, base_sets, base_tokens, dist)
 
@@ -268,7 +284,7 @@ def train(
     if run is None:
         run = dist.on_main(lambda: RunDir.create(root, key, recipe_yaml(rec)))
 
-    sets, _ = eval_sets(pack, general, tokenizer, seq_len)
+    sets, _ = eval_sets(pack, general, tokenizer, seq_len, user_records.heldout)
 
     def teacher(stage):
         from dsft.recipes.distill import load_teacher
@@ -339,6 +355,7 @@ def train(
         "added_tokens": len(plan.terms), "stages": stage_metrics,
         "wall_seconds": round(elapsed + time.perf_counter() - t_start, 1), "run": run.name,
     }
+    metrics.update(heldout_metrics(before, after, user_records))
     if ctx.esft:
         chosen = sum(len(v) for v in ctx.esft.selection.values())
         metrics["esft"] = {**ctx.esft.to_json(), "selected_share": round(chosen / max(1, ctx.n_experts * len(ctx.esft.selection)), 4)}

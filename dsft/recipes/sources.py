@@ -10,42 +10,73 @@ import torch
 from dsft.data.files import Record, load_records
 from dsft.data.mixture import apportion, mix
 from dsft.data.tokenize import Examples, build_examples
+from dsft.errors import DataError
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
+from dsft.recipes.user_data import GENERATED_SOURCES, USER_SOURCES, UserData
 
 
-def source_records(name: str, pack, general, user_records: Sequence[Record], as_text: bool) -> list[Record]:
-    """The records of one named source (see :data:`dsft.recipes.schema.DATA_SOURCES`)."""
+def source_records(name: str, pack, general, user_records: UserData | Sequence[Record], as_text: bool) -> list[Record]:
+    """The records of one named source (see :data:`dsft.recipes.schema.DATA_SOURCES`).
+
+    ``user_records``: the run's :class:`~dsft.recipes.user_data.UserData` (``domain.user`` and ``user``), or
+    a plain list of records, which is ``user``.
+
+    Raises:
+        DataError: a generated source with no records (a user domain whose terms have no definitions).
+    """
+    if isinstance(user_records, UserData):
+        if name in USER_SOURCES:
+            return user_records.records(name)
+    elif name == "user":
+        return list(user_records)
+    elif name == "domain.user":
+        return []
     dom = corpus(pack)
     if name == "domain.raw":
-        return raw_records(dom.raw_train)
-    if name == "domain.longtail":
-        return raw_records(dom.longtail_train)
-    if name == "domain.instruct":
-        return pair_records(dom.instruct_train, as_text)
-    if name == "general.raw":
+        records = raw_records(dom.raw_train)
+    elif name == "domain.longtail":
+        records = raw_records(dom.longtail_train)
+    elif name == "domain.instruct":
+        records = pair_records(dom.instruct_train, as_text)
+    elif name == "general.raw":
         return raw_records(corpus(general).raw_train)
-    if name == "user":
-        return list(user_records)
-    if name.startswith("file:"):
+    elif name.startswith("file:"):
         return load_records([name.removeprefix("file:")])
-    raise ValueError(name)
+    else:
+        raise ValueError(name)
+    if not records:
+        raise DataError(f"domain {pack.name}: no generated {name} text (its terms have no definitions to write it from); "
+                        f"give it your data (dsft train --domain {pack.name} --data FILE) or add definitions to its terms")
+    return records
 
 
 REPLAY_SOURCE = "general.raw"
 
 
-def phase_weights(stage: Stage, phase: Phase, has_user: bool) -> dict[str, float]:
-    """A phase's mixture weights after adding ``--data`` files and the stage's general replay.
+def phase_weights(stage: Stage, phase: Phase, user: UserData | bool) -> dict[str, float]:
+    """A phase's mixture weights once the user's data is placed, and after the stage's general replay.
 
-    Data given with ``--data`` joins a mixture that does not name it, weighing as much as the rest
-    together. Replay rescales the phase's own weights to ``1 - replay`` and gives ``replay`` to general.raw.
+    With user data (``domain.user``: the domain's own files, ``user``: ``--data``), the pack's generated
+    text (domain.raw / domain.instruct / domain.longtail) leaves the mixture and its weight goes, in equal
+    shares, to the user sources the phase does not name (issue 20.1: a user's domain trains on the user's
+    data); with ``keep_generated``, or in a phase without generated text, those user sources join weighing
+    as much as the rest together. A user source the phase names keeps its weight; one without records
+    drops out. Replay rescales the phase's own weights to ``1 - replay`` and gives ``replay`` to general.raw.
+
+    Args:
+        user: the run's user data, or (older callers) whether ``--data`` records exist.
     """
-    weights = {s.source: s.weight for s in phase.data}
-    if has_user and "user" not in weights:
-        weights["user"] = sum(weights.values())
-    if not has_user:
-        weights.pop("user", None)
+    if isinstance(user, bool):
+        present, keep_generated = ("user",) if user else (), True
+    else:
+        present, keep_generated = tuple(s for s in USER_SOURCES if s in user.sources), user.keep_generated
+    weights = {s.source: s.weight for s in phase.data if s.source not in USER_SOURCES or s.source in present}
+    unnamed = [s for s in present if s not in weights]
+    freed = 0.0 if keep_generated or not present else sum(weights.pop(s, 0.0) for s in GENERATED_SOURCES)
+    if unnamed:
+        share = (freed or sum(weights.values())) / len(unnamed)
+        weights.update({s: share for s in unnamed})
     if stage.replay > 0:
         total = sum(weights.values())
         weights = {k: (1 - stage.replay) * w / total for k, w in weights.items()}
@@ -77,7 +108,7 @@ class StageData:
         tokenised: dict[str, Examples] = {}
         parts, realised, phases = [], {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
-            weights = phase_weights(stage, phase, bool(user_records))
+            weights = phase_weights(stage, phase, user_records)
             for name in weights:
                 if name not in tokenised:
                     tokenised[name] = build_examples(tokenizer, source_records(name, pack, general, user_records, as_text),

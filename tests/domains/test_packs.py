@@ -230,7 +230,7 @@ def test_new_domain_round_trips_through_resolve_and_list(tmp_path, dsft_home):
     assert pack.terms == (
         ("neutron moderator", "a material that slows fast neutrons so they can sustain a chain reaction."),
         ("control rod", "a rod that absorbs neutrons to regulate the reactor's power."),
-        ("decay heat", "a term used in the reactor-ops domain."),
+        ("decay heat", ""),  # no definition given: none is invented
     )
     assert pack.data_files == (data.resolve(),)
     assert "reactor-ops" in [p.name for p in list_domains()]
@@ -264,7 +264,7 @@ def test_new_domain_with_a_bad_jsonl_line_names_the_file_and_line(tmp_path, dsft
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "fine"}) + "\n{not json\n")
 
-    with pytest.raises(DataError, match=r"data\.jsonl:3: not valid JSON"):
+    with pytest.raises(DataError, match=r"data\.jsonl line 3: bad JSON"):
         new_domain("mine", terms, data)
     assert not (dsft_home / "domains" / "mine.yaml").exists()
 
@@ -275,7 +275,7 @@ def test_new_domain_with_records_of_the_wrong_shape_names_the_line(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "no response"}\n')
 
-    with pytest.raises(DataError, match=r"data\.jsonl:1: a record must be an object"):
+    with pytest.raises(DataError, match=r"data\.jsonl line 1: has prompt but no response"):
         new_domain("mine", terms, data)
 
 
