@@ -112,7 +112,7 @@ def test_phases_unfreezing_and_replay_load_and_resolve():
     # replay rescales the phase's own weights to 80% and gives 20% to general text
     w = phase_weights(stage, stage.phases[1], False)
     assert w == pytest.approx({"domain.raw": 0.4, "domain.instruct": 0.4, "general.raw": 0.2})
-    w = phase_weights(stage, stage.phases[0], has_user=False)
+    w = phase_weights(stage, stage.phases[0], False)
     assert w == pytest.approx({"general.raw": 1.0})
 
 
