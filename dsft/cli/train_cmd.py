@@ -45,7 +45,9 @@ class _ProgressView:
             out.print(f"stage [bold]{payload['stage']}[/]: teacher {payload['teacher']}")
         elif kind == "stage_eval" and not self.quiet:
             self._close()
-            out.print(f"after stage {payload['stage']}: held-out domain loss {payload['domain_loss']:.4f}, general loss {payload['general_loss']:.4f}")
+            user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
+            out.print(f"after stage {payload['stage']}: {user}generated pack text loss {payload['domain_loss']:.4f}, "
+                      f"general loss {payload['general_loss']:.4f}")
         elif kind == "stage_start":
             self._close()
             if not self.quiet:

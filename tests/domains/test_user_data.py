@@ -72,3 +72,13 @@ def test_domains_show_lists_data_files_with_record_counts_and_says_when_text_is_
     assert mine["terms_without_definition"] == 3
     shipped = json.loads(CliRunner().invoke(app, ["domains", "show", "finance", "--json"]).stdout)
     assert shipped["data_files"] == [] and shipped["training_text"].startswith("generated")
+
+
+def test_eval_data_is_the_held_out_set_and_its_overlap_with_training_is_counted(home, tmp_path):
+    pack = _contracts(tmp_path, n=40)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text((tmp_path / "text.jsonl").read_text().splitlines(keepends=True)[3] + json.dumps({"text": "A new clause."}) + "\n")
+    user = load_user_data(pack, data_files=[], eval_data=[heldout])
+    assert len(user.sources["domain.user"]) == 40  # nothing split off: the given file is the held-out set
+    assert len(user.heldout) == 2 and user.overlap == 1
+    assert user.heldout_name == "user held-out (2 records)"
