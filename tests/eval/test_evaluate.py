@@ -36,30 +36,3 @@ def test_eval_reports_gain_forgetting_terms_experts_and_records_verified(home, t
     lo, hi = rows["domain"]["difference_ci"]
     assert lo <= rows["domain"]["difference"] <= hi
 
-
-def test_a_domain_made_with_data_trains_on_it_and_eval_data_shows_the_gain(home, tmp_path):
-    import dsft
-    from dsft.domains import new_domain
-
-    def lines(start: int, n: int) -> str:
-        return "".join(json.dumps({"text": f"Clause {i}: the lessee pays the rent of {i % 9 + 1} hundred dollars on the first day."}) + "\n"
-                       for i in range(start, start + n))
-    (tmp_path / "terms.txt").write_text("lessee\nforce majeure\n")
-    (tmp_path / "text.jsonl").write_text(lines(0, 100))
-    (tmp_path / "heldout.jsonl").write_text(lines(1000, 20))
-    new_domain("leases", tmp_path / "terms.txt", tmp_path / "text.jsonl")
-
-    result = dsft.train(domain="leases", max_steps=6)
-    m = result.metrics
-    assert set(m["stages"][0]["mixture"]) == {"domain.user"}  # the user's text alone, no generated text
-    assert m["headline"]["set"] == "user held-out (20 records)" == m["heldout_sets"]["user"]
-    assert m["user_loss_after"] < m["user_loss_before"]
-
-    out = CliRunner().invoke(app, ["eval", "--adapter", result.adapter, "--data", str(tmp_path / "heldout.jsonl"), "--json"])
-    assert out.exit_code == 0, out.stderr
-    r = json.loads(out.stdout)
-    assert r["headline"] == "user" and r["user"]["set"] == "user held-out (20 records)"
-    assert r["user"]["ppl_adapter"] < r["user"]["ppl_base"] and r["user"]["delta_ci"][1] < 0
-    assert r["domain"]["set"] == "generated pack text"
-    t = r["terms"]
-    assert t["occurrences"] == 20 and t["pieces_per_term_with"] == 1.0 < t["pieces_per_term_without"]
