@@ -66,7 +66,8 @@ def heldout_metrics(before: dict[str, float], after: dict[str, float], user=None
         before, after: :func:`dsft.recipes.stages.evaluate` results (``<set>_loss``, ``<set>_ppl``).
         user: the run's user data (its ``heldout`` records and where they came from), or None.
     """
-    n = len(user.heldout) if user is not None and "user_loss" in after else 0
+    # A run resumed from a checkpoint written before user sets existed has no "before" figure for one.
+    n = len(user.heldout) if user is not None and "user_loss" in after and "user_loss" in before else 0
     out: dict = {"heldout_sets": set_names(n)}
     key = "user" if n else "domain"
     if n:

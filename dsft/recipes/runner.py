@@ -198,7 +198,7 @@ def train(
             4 x 2048 tokens ~1.3 GiB more per layer, measured). ``"auto"``: as many as the planner
             (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare.
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
-            stage_eval, checkpoint, saved.
+            stage_eval, checkpoint, saved, warning (``{"message"}``).
         resume: continue the last unfinished run of this domain from its last checkpoint; it must have
             been started with the same recipe (and overrides), base, seed, step cap and data.
         checkpoint_every: also checkpoint every this many steps inside a stage (0: at stage ends only).
