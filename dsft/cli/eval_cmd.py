@@ -79,6 +79,8 @@ def eval_command(
                       f"{r['loss_adapter']:.4f}", f"{r['delta']:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]",
                       f"{r['ppl_base']:.1f} -> {r['ppl_adapter']:.1f}")
     console.print(f"[bold]{result['adapter']}[/] on {result['base']}")
+    if result.get("user_heldout_unavailable"):
+        console.print(f"[yellow]note:[/] {result['user_heldout_unavailable']}")
     console.print(table)
     t = result["terms"]
     if t["added"] and t["occurrences"]:

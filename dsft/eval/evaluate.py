@@ -95,6 +95,25 @@ def tokens_per_term(tokenizer, texts: Sequence[str], terms: Sequence[str]) -> tu
     return (total / count if count else None), count
 
 
+def _user_heldout(data: Sequence[Path], manifest: dict[str, Any]) -> tuple[list, str | None]:
+    """The user's held-out records: the ``data`` files, else the set the adapter's training run held out
+    (rebuilt from the files its metrics name; the split is deterministic), else none. The second item says
+    why a recorded set could not be rebuilt (its files moved or changed), or is None."""
+    from dsft.data.files import load_records
+    from dsft.data.user_data import rebuild_heldout
+    from dsft.errors import DsftError
+
+    if data:
+        return load_records(list(data)), None
+    described = (manifest.get("metrics") or {}).get("user_data") or {}
+    if not described.get("heldout_records"):
+        return [], None
+    try:
+        return list(rebuild_heldout(described)), None
+    except DsftError as exc:
+        return [], f"the training run's held-out data cannot be read again ({exc}); give it with --data"
+
+
 def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc: Path | None = None,
              device: str | None = None, record: bool = True, data: Sequence[Path] = (),
              on_progress: Progress | None = None) -> dict[str, Any]:
@@ -102,7 +121,8 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
 
     Args:
         data: held-out files of the user's (any format ``dsft train --data`` reads): measured as set
-            ``user``, the headline figure.
+            ``user``, the headline figure. Without them, the set the adapter's training run held out from
+            the user's data (or its ``--eval-data``), when it had one.
         on_progress: called ``(what, done, total)`` as the evaluation goes.
 
     Returns:
@@ -118,15 +138,14 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
     from dsft.adapters.store import load_adapter
     from dsft.adapters.terms import plain_terms
     from dsft.base import load_base
-    from dsft.data.files import load_records
     from dsft.domains import general_pack, resolve_domain
     from dsft.eval.heldout import corpus, eval_sets, pair_records, raw_records, set_names
     from dsft.registry import open_registry
 
-    user = load_records(list(data)) if data else []
     reg = open_registry(registry)
     rec = reg.resolve(ref, verify_files=True)
     manifest = rec.manifest
+    user, unavailable = _user_heldout(data, manifest)
     base = base or manifest["base"]["name"]
     names = set_names(len(user))
     total = 2 * len(names) + 3 + bool(mc)
@@ -162,6 +181,8 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
 
     headline = "user" if user else "domain"
     out: dict[str, Any] = {"adapter": rec.ref, "base": base, "headline": headline, "heldout_sets": names, "raw": {}}
+    if unavailable:
+        out["user_heldout_unavailable"] = unavailable
     for name in sets:
         base_tokens = sum(before[name][1])
         norm = sum(after[name][1]) / base_tokens  # per token of the base tokenizer

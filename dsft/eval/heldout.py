@@ -73,7 +73,7 @@ def heldout_metrics(before: dict[str, float], after: dict[str, float], user=None
     if n:
         out.update({"user_loss_before": before["user_loss"], "user_loss_after": after["user_loss"],
                     "user_ppl_before": before["user_ppl"], "user_ppl_after": after["user_ppl"],
-                    "user_heldout_from": user.heldout_from})
+                    "user_heldout_from": user.heldout_from, "user_data": user.describe()})
     out["headline"] = {"set": out["heldout_sets"][key], "key": key,
                        "loss_before": before[f"{key}_loss"], "loss_after": after[f"{key}_loss"],
                        "ppl_before": before[f"{key}_ppl"], "ppl_after": after[f"{key}_ppl"],

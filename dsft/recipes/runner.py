@@ -38,8 +38,8 @@ from dsft.recipes.checkpoint import RunDir, RunKey, python_rng_state, restore_rn
 from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.eval.heldout import eval_sets, heldout_metrics
-from dsft.recipes.sources import StageData
-from dsft.recipes.user_data import load_user_data, user_recipe
+from dsft.data.user_data import load_user_data
+from dsft.recipes.sources import StageData, user_recipe
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage, unwrap
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -126,9 +126,9 @@ def _plan(domain, base, recipe, data, overrides, seed, max_steps, output, regist
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     data_files = [Path(p) for p in data]
-    # user-data: the domain's files and --data, less a held-out split (or --eval-data); see recipes/user_data.py
+    # user-data: the domain's files and --data, less a held-out split (or --eval-data); see data/user_data.py
     eval_files = [Path(p) for p in eval_data]
-    user_records = load_user_data(pack, data_files, eval_files, generated or user_recipe(recipe))
+    user_records = load_user_data(pack.data_files, data_files, eval_files, generated or user_recipe(recipe))
     output = Path(output) if output else None
     _check_output(output)
     reg = registry if hasattr(registry, "transaction") else open_registry(registry)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,16 +11,16 @@ import torch
 from dsft.data.files import Record, load_records
 from dsft.data.mixture import apportion, mix
 from dsft.data.tokenize import Examples, build_examples
+from dsft.data.user_data import GENERATED_SOURCES, USER_SOURCES, UserData
 from dsft.errors import DataError
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
-from dsft.recipes.user_data import GENERATED_SOURCES, USER_SOURCES, UserData
 
 
 def source_records(name: str, pack, general, user_records: UserData | Sequence[Record], as_text: bool) -> list[Record]:
     """The records of one named source (see :data:`dsft.recipes.schema.DATA_SOURCES`).
 
-    ``user_records``: the run's :class:`~dsft.recipes.user_data.UserData` (``domain.user`` and ``user``), or
+    ``user_records``: the run's :class:`~dsft.data.user_data.UserData` (``domain.user`` and ``user``), or
     a plain list of records, which is ``user``.
 
     Raises:
@@ -52,6 +53,12 @@ def source_records(name: str, pack, general, user_records: UserData | Sequence[R
 
 
 REPLAY_SOURCE = "general.raw"
+def user_recipe(recipe: str | None) -> bool:
+    """Whether ``--recipe`` is the user's own recipe file: its sources were chosen on purpose, so generated
+    text it names trains beside the user's data (a built-in recipe names it only as the default)."""
+    from dsft.recipes.schema import BUILTIN_DIR
+
+    return recipe is not None and recipe.endswith((".yaml", ".yml")) and Path(recipe).resolve().parent != BUILTIN_DIR.resolve()
 
 
 def phase_weights(stage: Stage, phase: Phase, user: UserData | bool) -> dict[str, float]:

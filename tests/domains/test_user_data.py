@@ -10,7 +10,7 @@ import pytest
 from dsft.domains import general_pack, generate_corpus, new_domain, resolve_domain
 from dsft.recipes.schema import load_recipe
 from dsft.recipes.sources import StageData, phase_weights
-from dsft.recipes.user_data import UserData, load_user_data
+from dsft.data.user_data import UserData, load_user_data
 
 
 def _contracts(tmp_path, n: int = 120):
@@ -27,7 +27,7 @@ def test_the_domains_own_data_is_the_mixture_and_its_held_out_share_never_trains
     from transformers import AutoTokenizer
 
     pack = _contracts(tmp_path)
-    user = load_user_data(pack, data_files=[])
+    user = load_user_data(pack.data_files, data_files=[])
     assert len(user.heldout) == 24 and len(user.sources["domain.user"]) == 96  # 120 records: 20% held out, 96 train
     held = {r.text for r in user.heldout}
     assert not held & {r.text for r in user.sources["domain.user"]}
@@ -36,7 +36,7 @@ def test_the_domains_own_data_is_the_mixture_and_its_held_out_share_never_trains
     data = StageData.build(stage, pack, general_pack(), AutoTokenizer.from_pretrained(tiny_base_dir), user, seed=0, steps=2)
     assert data.realised == {"domain.user": 2 * stage.batch_size}
 
-    asked = load_user_data(pack, data_files=[], keep_generated=True)
+    asked = load_user_data(pack.data_files, data_files=[], keep_generated=True)
     mixed = StageData.build(stage, pack, general_pack(), AutoTokenizer.from_pretrained(tiny_base_dir), asked, seed=0, steps=4)
     assert set(mixed.realised) == {"domain.user", "domain.instruct"}
 
@@ -78,7 +78,22 @@ def test_eval_data_is_the_held_out_set_and_its_overlap_with_training_is_counted(
     pack = _contracts(tmp_path, n=40)
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text((tmp_path / "text.jsonl").read_text().splitlines(keepends=True)[3] + json.dumps({"text": "A new clause."}) + "\n")
-    user = load_user_data(pack, data_files=[], eval_data=[heldout])
+    user = load_user_data(pack.data_files, data_files=[], eval_data=[heldout])
     assert len(user.sources["domain.user"]) == 40  # nothing split off: the given file is the held-out set
     assert len(user.heldout) == 2 and user.overlap == 1
     assert user.heldout_name == "user held-out (2 records)"
+
+
+def test_eval_rebuilds_a_runs_held_out_set_from_what_its_metrics_recorded(home, tmp_path):
+    from dsft.data.user_data import rebuild_heldout
+    from dsft.eval.evaluate import _user_heldout
+
+    pack = _contracts(tmp_path, n=60)
+    user = load_user_data(pack.data_files, data_files=[])
+    described = json.loads(json.dumps(user.describe()))  # as the adapter's metrics store it
+    assert rebuild_heldout(described) == user.heldout and len(user.heldout) == 12
+    records, why = _user_heldout((), {"metrics": {"user_data": described}})
+    assert records == list(user.heldout) and why is None
+    (tmp_path / "text.jsonl").unlink()
+    records, why = _user_heldout((), {"metrics": {"user_data": described}})
+    assert records == [] and "give it with --data" in why

@@ -1,5 +1,7 @@
 """The user's own data for one run: what trains (by source) and what is held out to measure it.
 
+Here, below ``recipes/`` and ``eval/``, because training mixes it and evaluation rebuilds its held-out set.
+
 Two sources hold user data: ``domain.user`` (the files of ``dsft domains new NAME --data``, recorded in
 the pack) and ``user`` (``dsft train --data``). Unless ``--eval-data`` names a held-out file, a
 deterministic share of them (:func:`dsft.data.split.split_heldout`) is held out and never trains.
@@ -35,6 +37,8 @@ class UserData:
     """Held-out records (from ``--eval-data``) whose content is also a training record."""
     keep_generated: bool = False
     """Train on the pack's generated text too, beside the user's data."""
+    files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The files read: ``domain_files``, ``data_files`` and ``eval_data`` (absolute paths)."""
 
     def __bool__(self) -> bool:
         return bool(self.sources)
@@ -50,15 +54,19 @@ class UserData:
     def describe(self) -> dict[str, Any]:
         """The data plan's user part, for metrics and ``--json``."""
         return {"train_records": {k: len(v) for k, v in self.sources.items()}, "heldout_records": len(self.heldout),
-                "heldout_from": self.heldout_from, "overlap": self.overlap, "generated_text": self.keep_generated}
+                "heldout_from": self.heldout_from, "overlap": self.overlap, "generated_text": self.keep_generated,
+                "files": {k: list(v) for k, v in self.files.items()}}
 
 
-def load_user_data(pack, data_files: Sequence[Path], eval_data: Sequence[Path] = (), keep_generated: bool = False,
-                   heldout: bool = True) -> UserData:
+def load_user_data(domain_files: Sequence[Path], data_files: Sequence[Path], eval_data: Sequence[Path] = (),
+                   keep_generated: bool = False, heldout: bool = True) -> UserData:
     """Read the domain's data files and ``--data`` files; hold out a split, or read ``--eval-data``.
 
+    Evaluation calls it again with the files a run recorded (:meth:`UserData.describe`) to rebuild the
+    same held-out set: the split is a pure function of the records.
+
     Args:
-        pack: the domain pack (its ``data_files`` are ``domain.user``).
+        domain_files: the domain pack's ``data_files`` (source ``domain.user``).
         data_files: the ``--data`` files (``user``).
         eval_data: held-out files; when given, nothing is split off the training data.
         keep_generated: also train on the pack's generated text when user data exists.
@@ -70,7 +78,7 @@ def load_user_data(pack, data_files: Sequence[Path], eval_data: Sequence[Path] =
     Raises:
         DataError: an unreadable or malformed file (naming the file and line).
     """
-    raw = {"domain.user": load_records(list(pack.data_files)) if pack.data_files else [],
+    raw = {"domain.user": load_records(list(domain_files)) if domain_files else [],
            "user": load_records(list(data_files)) if data_files else []}
     given = load_records(list(eval_data)) if eval_data else []
     sources: dict[str, tuple[Record, ...]] = {}
@@ -83,16 +91,22 @@ def load_user_data(pack, data_files: Sequence[Path], eval_data: Sequence[Path] =
         else:
             split = split_heldout(raw[name])
             sources[name], held = split.train, held + list(split.heldout)
+    files = {"domain_files": tuple(str(Path(p).resolve()) for p in domain_files),
+             "data_files": tuple(str(Path(p).resolve()) for p in data_files),
+             "eval_data": tuple(str(Path(p).resolve()) for p in eval_data)}
     if given:
         train = [r for records in sources.values() for r in records]
         return UserData(sources, tuple(given), "--eval-data " + " ".join(str(p) for p in eval_data), overlap(given, train),
-                        keep_generated)
-    return UserData(sources, tuple(held), "split" if held else "", 0, keep_generated)
+                        keep_generated, files)
+    return UserData(sources, tuple(held), "split" if held else "", 0, keep_generated, files)
 
 
-def user_recipe(recipe: str | None) -> bool:
-    """Whether ``--recipe`` is the user's own recipe file: its sources were chosen on purpose, so generated
-    text it names trains beside the user's data (a built-in recipe names it only as the default)."""
-    from dsft.recipes.schema import BUILTIN_DIR
+def rebuild_heldout(described: dict[str, Any]) -> tuple[Record, ...]:
+    """The held-out records of a past run from its :meth:`UserData.describe` (in the adapter's metrics).
 
-    return recipe is not None and recipe.endswith((".yaml", ".yml")) and Path(recipe).resolve().parent != BUILTIN_DIR.resolve()
+    Raises:
+        DataError: a file of that run is gone or changed shape (the message names it).
+    """
+    files = described.get("files") or {}
+    return load_user_data(files.get("domain_files", ()), files.get("data_files", ()), files.get("eval_data", ())).heldout
+
