@@ -51,6 +51,8 @@ def eval_command(
         console.print(table)
         verdict = "" if result["significant"] else " (not significant: the interval spans 0)"
         console.print(f"better on {result['heldout_sets'][result['headline']]}: [bold]{result['better']}[/]{verdict}")
+        if result.get("note"):
+            console.print(f"[yellow]note:[/] {result['note']}")
         return
     if not adapter:
         raise UsageError("give --adapter REF (or --compare REF1 REF2); e.g. dsft eval --adapter finance")

@@ -3,6 +3,7 @@
 on the held-out text; expert usage; optional multiple-choice accuracy; recorded in the registry."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -183,6 +184,10 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
     out: dict[str, Any] = {"adapter": rec.ref, "base": base, "headline": headline, "heldout_sets": names, "raw": {}}
     if unavailable:
         out["user_heldout_unavailable"] = unavailable
+    if user:
+        from dsft.data.split import record_key
+
+        out["user_records_sha256"] = hashlib.sha256("".join(sorted(record_key(r) for r in user)).encode()).hexdigest()
     for name in sets:
         base_tokens = sum(before[name][1])
         norm = sum(after[name][1]) / base_tokens  # per token of the base tokenizer
@@ -227,13 +232,18 @@ def compare(ref_a: str, ref_b: str, on_progress: Progress | None = None, **kwarg
 
     a = evaluate(ref_a, on_progress=part(ref_a), **kwargs)
     b = evaluate(ref_b, on_progress=part(ref_b), **kwargs)
-    rows = {}
+    rows, note = {}, None
+    if "user" in a["raw"] and a.get("user_records_sha256") != b.get("user_records_sha256"):
+        # Without --data each version is measured on its own run's held-out set: different records do not compare.
+        note = "the two versions were held out on different user data; give --data FILE to compare on one set"
     for name in a["raw"]:
+        if name not in b["raw"] or (name == "user" and note):
+            continue
         diff = bootstrap_difference(a["raw"][name], b["raw"][name])
         rows[name] = {"set": a["heldout_sets"][name], ref_a: a[name]["loss_adapter"], ref_b: b[name]["loss_adapter"],
                       "difference": diff[0], "difference_ci": diff[1:]}
-    head = a["headline"]
+    head = a["headline"] if a["headline"] in rows else "domain"
     better = ref_b if rows[head]["difference"] < 0 else ref_a
     significant = rows[head]["difference_ci"][1] < 0 or rows[head]["difference_ci"][0] > 0
     return {"a": ref_a, "b": ref_b, "headline": head, "heldout_sets": a["heldout_sets"], "loss": rows,
-            "better": better, "significant": significant}
+            "better": better, "significant": significant, **({"note": note} if note else {})}
