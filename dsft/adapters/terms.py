@@ -21,24 +21,47 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TermPlan:
-    """Which terms become tokens, at which ids, initialised from which pieces."""
+    """Which tokens are added, at which ids, initialised from which pieces.
+
+    ``terms`` are the added tokens' strings, in id order: for each chosen term its in-sentence form
+    ``" term"`` (with the leading space, as byte-level BPE words carry it) and its text-initial form
+    ``"term"``. Adapters written before the spaced form existed list bare terms only; both load alike.
+    """
 
     terms: tuple[str, ...]
     start: int
     pieces: tuple[tuple[int, ...], ...]
 
 
+def term_forms(term: str) -> tuple[str, str]:
+    """The two tokens a term becomes: ``" term"`` inside running text and ``"term"`` at the start of one.
+
+    Only the spaced form makes a term one token in a sentence: with the bare form alone the space
+    before it stays a lone token the base never saw there (issue 21.7).
+    """
+    return " " + term, term
+
+
 def plan_terms(tokenizer, terms: Sequence[str]) -> TermPlan:
-    """Pick the terms the tokenizer splits into >= 2 pieces (deduplicated, in order)."""
+    """Pick the terms the tokenizer splits into >= 2 pieces in running text (deduplicated, in order);
+    each adds the forms of :func:`term_forms` that split into >= 2 pieces."""
     chosen, pieces, seen = [], [], set(tokenizer.get_vocab())
     for term in terms:
         # A leading space is how byte-level BPE sees a word inside a sentence; that is the split that costs tokens.
-        ids = tokenizer.encode(" " + term, add_special_tokens=False)
-        if len(ids) >= 2 and term not in seen:
-            seen.add(term)
-            chosen.append(term)
-            pieces.append(tuple(ids))
+        if term in seen or len(tokenizer.encode(" " + term, add_special_tokens=False)) < 2:
+            continue
+        seen.add(term)
+        for form in term_forms(term):
+            ids = tokenizer.encode(form, add_special_tokens=False)
+            if len(ids) >= 2 and form not in chosen:
+                chosen.append(form)
+                pieces.append(tuple(ids))
     return TermPlan(tuple(chosen), len(tokenizer), tuple(pieces))
+
+
+def plain_terms(added_tokens: Sequence[str]) -> list[str]:
+    """The distinct terms behind an adapter's added tokens (``" term"`` and ``"term"`` are one term)."""
+    return list(dict.fromkeys(t.strip() for t in added_tokens))
 
 
 class TermEmbedding(nn.Module):

@@ -34,20 +34,28 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.
 @guarded
 def show_cmd(name: str = typer.Argument(..., help="Domain name or YAML file."),
              json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """Show a domain: description, default recipe, LoRA targets and its terms.
+    """Show a domain: description, default recipe, LoRA targets, what text it trains on (its data files with
+    record counts, or generated template text) and its terms.
 
     Example: dsft domains show legal
     """
-    from dsft.domains import resolve_domain
+    from dsft.domains import data_records, resolve_domain
 
     p = resolve_domain(name)
+    files = [{"path": str(f), "records": data_records(f, p.data_fields)} for f in p.data_files]
+    text = ("its data files (source domain.user); generated template text only with --generated or a recipe naming it"
+            if files else "generated from the pack's templates (domain.raw, domain.instruct, domain.longtail)")
     info = {"name": p.name, "description": p.description, "default_recipe": p.default_recipe,
-            "lora_targets": list(p.lora_targets), "terms": [t for t, _ in p.terms], "source": str(p.source)}
+            "lora_targets": list(p.lora_targets), "terms": [t for t, _ in p.terms], "source": str(p.source),
+            "data_files": files, "training_text": text, "terms_without_definition": sum(1 for _, d in p.terms if not d)}
     if json_out:
         print_json(info)
         return
     console.print(f"[bold]{p.name}[/]: {p.description}")
     console.print(f"default recipe: {p.default_recipe}; LoRA targets: {', '.join(p.lora_targets)}; {len(p.terms)} terms")
+    console.print(f"training text: {text}")
+    for f in files:
+        console.print(f"  {f['path']}: {f['records']:,} records")
     console.print(", ".join(info["terms"][:40]) + (" ..." if len(p.terms) > 40 else ""))
 
 
@@ -58,7 +66,7 @@ def new_cmd(
     more_data: list[str] = typer.Argument(None, help="More data paths (what a shell glob after --data expands to).",
                                           show_default=False),
     terms: Path = typer.Option(..., "--terms", help="Text file: one term per line, optionally 'term: definition'."),
-    data: list[str] = typer.Option(None, "--data", help=DATA_HELP + " Trains whenever the domain trains."),
+    data: list[str] = typer.Option(None, "--data", help=DATA_HELP + " Trains whenever the domain trains, instead of generated text."),
     field: list[str] = typer.Option(None, "--field", help=FIELD_HELP),
     description: str = typer.Option("", "--description", help="One line about the domain."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),

@@ -43,21 +43,27 @@ class _ProgressView:
                       f"{payload['mib_before']:,} MiB -> {payload['mib_after']:,} MiB")
         elif kind == "eval" and not self.quiet:
             self._close()
-            out.print(f"held-out {payload['when']}: domain loss {payload['domain_loss']:.4f} (ppl {payload['domain_ppl']:.2f}), "
-                      f"general loss {payload['general_loss']:.4f}")
+            user = f"user held-out loss {payload['user_loss']:.4f} (ppl {payload['user_ppl']:.2f}), " if "user_loss" in payload else ""
+            out.print(f"held-out {payload['when']}: {user}generated pack text loss {payload['domain_loss']:.4f} "
+                      f"(ppl {payload['domain_ppl']:.2f}), general loss {payload['general_loss']:.4f}", highlight=False)
         elif kind == "data_plan" and not self.quiet:
             from dsft.recipes.data_plan import render as render_plan  # here: the CLI starts without torch
 
             self._close()
             for line in render_plan(payload):
                 out.print(line, highlight=False)
+        elif kind == "warning":
+            self._close()
+            out.print(f"warning: {payload['message']}", style="yellow", markup=False, highlight=False)
         elif kind == "resume" and not self.quiet:
             out.print(f"resuming run {payload['run']} at stage {payload['stage']}, step {payload['step']}")
         elif kind == "teacher" and not self.quiet:
             out.print(f"stage [bold]{payload['stage']}[/]: teacher {payload['teacher']}")
         elif kind == "stage_eval" and not self.quiet:
             self._close()
-            out.print(f"after stage {payload['stage']}: held-out domain loss {payload['domain_loss']:.4f}, general loss {payload['general_loss']:.4f}")
+            user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
+            out.print(f"after stage {payload['stage']}: {user}generated pack text loss {payload['domain_loss']:.4f}, "
+                      f"general loss {payload['general_loss']:.4f}")
         elif kind == "stage_start":
             self._close()
             if not self.quiet:
@@ -114,7 +120,8 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
 
     check_run(domain=a["domain"], base=a["base"], recipe=a["recipe"], data=a["sources"], overrides=a["overrides"] or (),
               seed=a["seed"], max_steps=a["max_steps"], output=a["output"], registry=a["registry"], resume=a["resume"],
-              checkpoint_every=a["checkpoint_every"], trust_remote_code=a["trust_remote_code"])
+              checkpoint_every=a["checkpoint_every"], trust_remote_code=a["trust_remote_code"],
+              eval_data=a["eval_data"] or (), generated=a["generated"])
     given = {"num_processes": a["num_gpus"] and a["num_gpus"] * a["num_machines"], "num_machines": a["num_machines"],
              "machine_rank": a["machine_rank"], "main_process_ip": a["main_process_ip"], "main_process_port": a["main_process_port"]}
     if a["accelerate_config"] is not None:  # the file decides, except for what was given on this command line
@@ -149,6 +156,10 @@ def train_command(
     data: list[str] = typer.Option(None, "--data", help=DATA_HELP),
     field: list[str] = typer.Option(None, "--field", help=FIELD_HELP),
     split: str = typer.Option("train", "--split", help=SPLIT_HELP),
+    eval_data: list[str] = typer.Option(None, "--eval-data", help="Held-out data to measure the adapter on (repeatable); "
+                                        "default: a deterministic 2% of your data (at least 50 records) that never trains."),
+    generated: bool = typer.Option(False, "--generated", help="Train on the domain's generated template text too when "
+                                   "you give data (by default your data replaces it)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: the recipe's); same seed, same adapter."),
     max_steps: int = typer.Option(None, "--max-steps", help="Cap every stage at this many steps."),
     output: Path = typer.Option(None, "--output", "-o", help="Also copy the finished adapter here."),
@@ -186,6 +197,7 @@ def train_command(
     Example: dsft train --domain finance --recipe two-stage stages.1.lr=2e-3
 
     Example (your data, your column names): dsft train --domain legal --data contracts/ --data qa.csv --field response=answer
+    Example (your data, your held-out file): dsft train --domain contracts --data text.jsonl --eval-data heldout.jsonl
 
     Example (2 GPUs, FSDP2): dsft train --domain finance --num-gpus 2
 
@@ -227,7 +239,8 @@ def train_command(
                        max_steps=max_steps, output=output, registry=registry, device=device,
                        trust_remote_code=trust_remote_code, compile_layers=compile_layers,
                        keep_layers=int(keep_layers) if keep_layers.isdigit() else keep_layers, on_event=view,
-                       resume=resume, checkpoint_every=checkpoint_every, dist=dist)
+                       resume=resume, checkpoint_every=checkpoint_every, dist=dist, eval_data=eval_data or (),
+                       generated=generated)
     except DsftError as exc:
         if getattr(exc, "from_rank0", False):
             raise typer.Exit(exc.exit_code) from None
@@ -242,5 +255,6 @@ def train_command(
         return
     m = result.metrics
     console.print(f"[bold green]{result.adapter}[/] saved to {result.path}")
-    console.print(f"held-out domain perplexity {m['eval_ppl_before']:.2f} -> {m['eval_ppl_after']:.2f} "
-                  f"({100 * m['ppl_reduction']:.1f}% lower); general loss {m['general_loss_before']:.3f} -> {m['general_loss_after']:.3f}")
+    h = m["headline"]
+    console.print(f"{h['set']}: perplexity {h['ppl_before']:.2f} -> {h['ppl_after']:.2f} ({100 * h['ppl_reduction']:.1f}% lower); "
+                  f"general loss {m['general_loss_before']:.3f} -> {m['general_loss_after']:.3f}")

@@ -5,6 +5,7 @@
 """
 from dsft.domains.catalog import (
     builtin_pack,
+    data_records,
     general_pack,
     list_domains,
     new_domain,
@@ -20,6 +21,7 @@ __all__ = [
     "DomainPack",
     "InstructionTemplate",
     "builtin_pack",
+    "data_records",
     "corpus_text_for_tokenizer",
     "general_pack",
     "generate_corpus",

@@ -135,7 +135,7 @@ def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
         if term.casefold() in first_line:
             raise DataError(f"{terms_file}:{lineno}: duplicate term {term!r} (first on line {first_line[term.casefold()]}); remove one")
         first_line[term.casefold()] = lineno
-        terms[term] = definition or f"a term used in the {name} domain."
+        terms[term] = definition  # none given stays none: an invented one would become a training target
     if not terms:
         raise DataError(f"{terms_file}: no terms found; write one term per line, optionally 'term<TAB>definition' or 'term: definition'")
     return terms
@@ -155,6 +155,17 @@ def _check_data(values: list[str | Path], fields: tuple[tuple[str, str], ...]) -
     return paths
 
 
+def data_records(path: str | Path, fields: tuple[tuple[str, str], ...] = ()) -> int:
+    """How many training records a domain data file or directory holds, read as ``dsft train --data`` reads it.
+
+    Raises:
+        DataError: a missing, empty or malformed file (naming the file and line).
+    """
+    from dsft.data.source import DataSource
+
+    return sum(1 for _ in DataSource(str(path), fields=fields).records())
+
+
 def new_domain(name: str, terms_file: Path, data_file: str | Path | Sequence[str | Path] | None = None,
                description: str = "", fields: tuple[tuple[str, str], ...] = ()) -> Path:
     """Make user domain ``name`` from a term list (and optionally data, as `dsft train --data` takes it); return its YAML path.
@@ -164,9 +175,10 @@ def new_domain(name: str, terms_file: Path, data_file: str | Path | Sequence[str
     Args:
         name: the new domain's name (``[a-z][a-z0-9_-]{0,63}``).
         terms_file: one term per line, optionally ``term<TAB>definition`` or ``term: definition``;
-            blank lines and ``#`` comments are skipped.
+            blank lines and ``#`` comments are skipped. A term without a definition keeps none.
         data_file: what ``dsft train --data`` reads: one or more data files or directories (globs
-            expanded), every record checked now; stored by absolute path.
+            expanded), every record checked now; stored by absolute path. It trains (as source
+            ``domain.user``) whenever the domain trains, and replaces the generated template text.
         fields: the ``--field`` mapping the data is read with; stored in the pack as ``data_fields``.
         description: one line; a default naming the term count is used when empty.
 

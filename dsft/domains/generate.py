@@ -99,14 +99,31 @@ class _Writer:
         sentences = []
         for template in chosen:
             about, mention = (second, term) if rng.random() < SECOND_TOPIC_PROBABILITY else (term, second)
+            if not _fits((template,), about, mention):
+                usable = [t for t in templates if _fits((t,), about, mention)]
+                if not usable:
+                    continue
+                template = rng.choice(usable)
             sentences.extend(self.fill(rng, (template,), about, mention))
         return " ".join(sentences)
 
-    def instruction(self, rng: random.Random) -> dict[str, str]:
+    def instruction(self, rng: random.Random) -> dict[str, str] | None:
+        """One pair, or None when no template fits the drawn terms (it needs a definition they lack)."""
         term = self.topic(rng)
-        template = rng.choice(self.pack.instruction_templates)
-        prompt, response = self.fill(rng, (template.prompt, template.response), term, self.other(rng, term))
+        second = self.other(rng, term)
+        usable = [t for t in self.pack.instruction_templates if _fits((t.prompt, t.response), term, second)]
+        if not usable:
+            return None
+        template = rng.choice(usable)
+        prompt, response = self.fill(rng, (template.prompt, template.response), term, second)
         return {"prompt": prompt, "response": response}
+
+
+def _fits(templates: tuple[str, ...], term: tuple[str, str], second: tuple[str, str]) -> bool:
+    """Whether the templates can be filled without a definition the terms lack: a term the user gave no
+    definition never gets an invented one (issue 20.1)."""
+    fields = {f for t in templates for f in _fields(t)}
+    return not ("definition" in fields and not term[1] or "definition2" in fields and not second[1])
 
 
 def _split(
@@ -162,8 +179,10 @@ def generate_corpus(
     raw_rng, instruct_rng, tail_rng = (random.Random(f"{seed}:{part}") for part in ("raw", "instruct", "longtail"))
     raw_train, raw_heldout = _split(lambda: writer.document(raw_rng), lambda d: d, n_raw, heldout_fraction, raw_rng)
     instruct_train, instruct_heldout = _split(
-        lambda: writer.instruction(instruct_rng), lambda p: p["prompt"], n_instruct, heldout_fraction, instruct_rng
+        lambda: writer.instruction(instruct_rng), lambda p: p and p["prompt"], n_instruct, heldout_fraction, instruct_rng
     )
+    # Drawn pairs no template fitted (terms without definitions) are dropped, not replaced by placeholder text.
+    instruct_train, instruct_heldout = (tuple(p for p in part if p) for part in (instruct_train, instruct_heldout))
     n_longtail = n_raw // 10 if n_longtail is None else n_longtail
     tail = writer.tail
     longtail = tuple(writer.document(tail_rng, tail[i % len(tail)]) for i in range(n_longtail))

@@ -49,7 +49,7 @@ class DomainPack:
     lora_targets: tuple[str, ...]
     """LoRA target groups: attention, shared_experts, routed_experts."""
     terms: tuple[tuple[str, str], ...]
-    """(term, definition) pairs in file order; definitions end with a full stop."""
+    """(term, definition) pairs in file order; definitions end with a full stop, or are "" when the user gave none."""
     fillers: tuple[tuple[str, tuple[str, ...]], ...]
     """(name, values) pairs, the generic defaults included; ``{name}`` in a template becomes one of the values."""
     raw_templates: tuple[str, ...]
@@ -57,7 +57,8 @@ class DomainPack:
     source: Path
     builtin: bool
     data_files: tuple[Path, ...] = ()
-    """Absolute paths of the data files and directories the user attached with ``dsft domains new --data``."""
+    """Absolute paths of the data files and directories the user attached with ``dsft domains new --data``:
+    they train as source ``domain.user`` whenever the domain trains."""
     data_fields: tuple[tuple[str, str], ...] = ()
     """The ``--field`` mapping those files are read with ((dsft field, user column), ...)."""
 
@@ -199,7 +200,8 @@ def _terms(value: Any, problems: list[tuple[str, str]]) -> tuple[tuple[str, str]
     for raw_term, raw_def in value.items():
         path = _join("terms", str(raw_term))
         term = _text(raw_term, path, problems)
-        definition = _text(raw_def, path, problems)
+        # No definition (null or ""): the term is used in text, never given an invented definition (issue 20.1).
+        definition = "" if raw_def is None or raw_def == "" else _text(raw_def, path, problems)
         if term is None or definition is None:
             continue
         if "\n" in term:
@@ -210,7 +212,7 @@ def _terms(value: Any, problems: list[tuple[str, str]]) -> tuple[tuple[str, str]
             continue
         seen[term.casefold()] = term
         # Templates put {definition} at the end of a sentence, so it must end like one.
-        terms.append((term, definition if definition[-1] in ".!?" else definition + "."))
+        terms.append((term, definition if not definition or definition[-1] in ".!?" else definition + "."))
     return tuple(terms)
 
 

@@ -19,14 +19,27 @@ def _plt():
     return plt
 
 
+def _sets(result: dict[str, Any]) -> list[str]:
+    """The held-out sets of an evaluation, headline first (older results: domain and general)."""
+    names = list(result.get("heldout_sets") or ("domain", "general"))
+    head = result.get("headline")
+    return [head] + [n for n in names if n != head] if head in names else names
+
+
+def _label(result: dict[str, Any], name: str) -> str:
+    """What a set is, in words: ``user held-out (50 records)``, ``generated pack text``, ``general``."""
+    label = (result.get("heldout_sets") or {}).get(name, f"{name} held-out")
+    return label + (" (headline)" if name == result.get("headline") else "")
+
+
 def perplexity_bars(result: dict[str, Any], png: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = ["domain", "general"]
+    names = _sets(result)
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [result[n]["ppl_base"] for n in names], 0.4, label="base")
     ax.bar([x + 0.2 for x in xs], [result[n]["ppl_adapter"] for n in names], 0.4, label="base + adapter")
-    ax.set_xticks(list(xs), [f"{n} held-out" for n in names])
+    ax.set_xticks(list(xs), [_label(result, n) for n in names])
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_yscale("log")
     ax.legend()
@@ -74,13 +87,17 @@ def write_report(result: dict[str, Any], log: Sequence[dict[str, Any]] | None, d
     if log:
         plots.insert(0, (plot_loss(log, directory / "loss.png", title=f"{result['adapter']} training loss"), "Training loss"))
     rows = "".join(
-        f"<tr><td>{n}</td><td>{result[n]['loss_base']:.4f}</td><td>{result[n]['loss_adapter']:.4f}</td>"
+        f"<tr><td>{html.escape(_label(result, n))}</td><td>{result[n]['loss_base']:.4f}</td><td>{result[n]['loss_adapter']:.4f}</td>"
         f"<td>{result[n]['delta']:+.4f} [{result[n]['delta_ci'][0]:+.4f}, {result[n]['delta_ci'][1]:+.4f}]</td>"
         f"<td>{result[n]['ppl_base']:.1f} &rarr; {result[n]['ppl_adapter']:.1f}</td></tr>"
-        for n in ("domain", "general"))
+        for n in _sets(result))
     t = result["terms"]
-    terms = (f"<p>{t['added']} domain terms became tokens; without them each took {t['pieces_per_term_without']:.1f} pieces. "
-             f"{100 * t['share_of_heldout_tokens']:.1f}% of held-out domain tokens are these terms.</p>") if t["added"] else "<p>No term extension.</p>"
+    if t["added"] and t.get("occurrences") and t.get("pieces_per_term_with") is not None:
+        terms = (f"<p>{t['added']} domain terms became tokens. On {html.escape(t['counted_on'])} a term took "
+                 f"{t['pieces_per_term_without']:.2f} tokens without them and {t['pieces_per_term_with']:.2f} with them "
+                 f"({t['occurrences']} occurrences); {100 * t['share_of_heldout_tokens']:.1f}% of its tokens are these terms.</p>")
+    else:
+        terms = f"<p>{t['added']} domain terms became tokens.</p>" if t["added"] else "<p>No term extension.</p>"
     mc = result.get("multiple_choice")
     mc_html = f"<p>Multiple choice: {100 * mc['accuracy']:.1f}% of {mc['items']} items.</p>" if mc else ""
     sections = "".join(f"<h2>{html.escape(title)}</h2>{_img(png, title)}" for png, title in plots)

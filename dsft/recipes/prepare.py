@@ -29,8 +29,9 @@ class RunPlan:
     base_fingerprint: dict[str, Any]
     seed: int
     max_steps: int | None
-    user_records: tuple[Any, ...]
-    """The records of the ``--data`` files."""
+    user_records: Any
+    """The user's data (:class:`dsft.data.user_data.UserData`): the domain's files and ``--data``, split into
+    training records per source and the held-out records that never train."""
     output: Path | None
     registry: Any
     owns_registry: bool
@@ -47,7 +48,8 @@ class RunPlan:
 
 def prepare(domain: str, base: str, recipe: str | None, data: Sequence[str | Path], overrides: Sequence[str],
             seed: int | None, max_steps: int | None, output: str | Path | None, registry: Any, checkpoint_every: int,
-            runs_root: str | Path | None, trust_remote_code: bool = False) -> RunPlan:
+            runs_root: str | Path | None, trust_remote_code: bool = False, eval_data: Sequence[str | Path] = (),
+            generated: bool = False) -> RunPlan:
     """Every check :func:`train` makes before loading any weights (so a refused run, or --resume, writes
     nothing); the arguments are :func:`train`'s.
 
@@ -55,8 +57,10 @@ def prepare(domain: str, base: str, recipe: str | None, data: Sequence[str | Pat
         NotFoundError, UsageError, DataError: as :func:`train`.
     """
     from dsft.base.loading import fingerprint_for, read_config, resolve_base
-    from dsft.data.files import as_sources, load_records
+    from dsft.data.files import as_sources
+    from dsft.data.user_data import load_user_data
     from dsft.domains import resolve_domain
+    from dsft.recipes.sources import user_recipe
     from dsft.registry import open_registry
 
     check_max_steps(max_steps)
@@ -68,7 +72,9 @@ def prepare(domain: str, base: str, recipe: str | None, data: Sequence[str | Pat
     if checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     data_files = as_sources(data)  # DataSource objects: paths, directories, globs, cached hub ids
-    user_records = tuple(load_records(data_files)) if data_files else ()
+    # the domain's own files (domain.user) and --data (user), less a held-out split (or --eval-data): data/user_data.py
+    eval_files = as_sources(eval_data)
+    user_records = load_user_data(pack.data_sources(), data_files, eval_files, generated or user_recipe(recipe))
     out = Path(output) if output else None
     _check_output(out)
     owns = not hasattr(registry, "transaction")
@@ -84,7 +90,8 @@ def prepare(domain: str, base: str, recipe: str | None, data: Sequence[str | Pat
         if owns:
             reg.close()
         raise
-    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps, data_files)
+    key = RunKey.build(pack.name, rec.to_data(), base, fingerprint["id"], seed, max_steps,
+                       data_files + pack.data_sources() + eval_files)
     return RunPlan(pack, rec, ref, fingerprint, seed, max_steps, user_records, out, reg, owns, key,
                    Path(runs_root) if runs_root else runs_dir(), checkpoint_every)
 

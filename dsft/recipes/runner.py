@@ -34,7 +34,7 @@ from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.loading import BaseRef, default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
-from dsft.eval.heldout import eval_sets
+from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
@@ -100,7 +100,7 @@ def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | N
               overrides: list[str] | tuple = (), seed: int | None = None, max_steps: int | None = None,
               output: str | Path | None = None, registry: Any = None, resume: bool = False,
               checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, runs_root: str | Path | None = None,
-              trust_remote_code: bool = False) -> None:
+              trust_remote_code: bool = False, eval_data: list[str | Path] | tuple = (), generated: bool = False) -> None:
     """The checks :func:`train` makes before loading any weights, alone: what ``dsft train --num-gpus`` runs
     before starting its processes, so that a bad argument is one error line, not one per rank.
 
@@ -108,7 +108,7 @@ def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | N
         The errors :func:`train` raises for the same arguments before it trains.
     """
     plan = prepare(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
-                   trust_remote_code)
+                   trust_remote_code, eval_data, generated)
     try:
         if resume:
             RunDir.for_resume(plan.runs_root, plan.key)
@@ -135,6 +135,8 @@ def train(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     runs_root: str | Path | None = None,
     dist: Dist | None = None,
+    eval_data: list[str | Path] | tuple = (),
+    generated: bool = False,
 ) -> TrainResult:
     """Train a domain adapter and register it.
 
@@ -143,7 +145,8 @@ def train(
         base: a preset name, a local model directory or a hub id.
         recipe: a built-in recipe name or a YAML file; default: the domain's default recipe.
         data: extra data files (JSONL, CSV, Parquet, text, or a ``save_to_disk`` directory), used by
-            the recipe's ``user`` source (and added to the first stage when the recipe has none).
+            the recipe's ``user`` source; like the domain's own data files (``domain.user``), they replace
+            the pack's generated text in a built-in recipe (see :func:`dsft.recipes.sources.phase_weights`).
         overrides: dotted recipe overrides, e.g. ``["stages.0.lr=1e-4"]``.
         seed: overrides the recipe's seed; the same seed gives the same adapter.
         max_steps: caps every stage's steps (for smoke runs and benchmarks).
@@ -155,7 +158,7 @@ def train(
             4 x 2048 tokens ~1.3 GiB more per layer, measured). ``"auto"``: as many as the planner
             (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare.
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
-            stage_eval, checkpoint, saved.
+            stage_eval, checkpoint, saved, data_plan, warning (``{"message"}``).
         resume: continue the last unfinished run of this domain from its last checkpoint; it must have
             been started with the same recipe (and overrides), base, seed, step cap and data.
         checkpoint_every: also checkpoint every this many steps inside a stage (0: at stage ends only).
@@ -163,6 +166,9 @@ def train(
         dist: this process's place in a multi-process run (default: from the launcher's environment, see
             :mod:`dsft.recipes.distributed`); rank 0 alone writes and reports events, every rank returns
             the same result.
+        eval_data: held-out files to measure the adapter on; without them a deterministic share of the
+            user's data is held out (:func:`dsft.data.split.split_heldout`) and never trains.
+        generated: train on the pack's generated template text too when user data exists.
 
     Returns:
         TrainResult with the adapter ref (``finance@0.1.0``), its directory and its metrics.
@@ -179,9 +185,13 @@ def train(
     started = time.perf_counter()
     with dist.local_main_first():  # a preset is built once per machine
         plan = prepare(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
-                   trust_remote_code)
+                       trust_remote_code, eval_data, generated)
     try:
         run = Training(plan, dist, Events(on_event if dist.main else None), device, started)
+        user = plan.user_records
+        if user.overlap:
+            run.emit("warning", {"message": f"{user.overlap} of {len(user.heldout)} held-out records are also "
+                                            "training records: their loss measures memorisation, not the domain"})
         run.open_run(resume)
         run.load(trust_remote_code)
         run.attach(keep_layers, compile_layers)
@@ -254,7 +264,8 @@ class Training:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.seq_len = max(s.seq_len for s in plan.recipe.stages)
         self.general = general_pack()
-        self.base_sets, self.base_tokens = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len)
+        self.base_sets, self.base_tokens = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,
+                                                     plan.user_records.heldout)
         if not self.nf4:
             self.before = self._before(self.model)
 
@@ -299,7 +310,8 @@ class Training:
     def run_stages(self) -> None:
         """Train the stages not finished yet, each ending with its metrics and a checkpoint."""
         plan = self.plan
-        sets, _ = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len)  # now with the added terms
+        sets, _ = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,  # now with the added terms
+                            plan.user_records.heldout)
         self.ctx = StageContext(self.trained_model, self.spec, self.terms, sets, self.base_tokens, self.emit,
                                 teacher_factory=self._teacher, dist=self.dist)
         first, resume_at = self._restore_progress()
@@ -377,6 +389,7 @@ class Training:
         self.emit("eval", {"when": "after", **after})
         metrics = run_metrics(self.before, self.stage_metrics, ctx.trained, self.terms, ctx.esft, ctx.n_experts,
                               self.elapsed(), self.run.name)
+        metrics.update(heldout_metrics(self.before, after, plan.user_records))
         kind = ("esft" if ctx.esft else "lora") + ("+terms" if self.terms.terms else "")
         domain = plan.pack.name
 

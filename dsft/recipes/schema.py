@@ -16,8 +16,9 @@ from dsft.recipes.kinds import KINDS, DistillSettings, EsftSettings, StageKind, 
 from dsft.recipes.typed import apply_override, load_tree, to_data
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-DATA_SOURCES = ("domain.raw", "domain.instruct", "domain.longtail", "general.raw", "user")
-"""Named sources; ``user`` is the files given with ``--data``; ``file:PATH`` names a file directly."""
+DATA_SOURCES = ("domain.raw", "domain.instruct", "domain.longtail", "general.raw", "domain.user", "user")
+"""Named sources; ``domain.user`` is the domain's own data files (``dsft domains new --data``), ``user`` the
+files given with ``--data``; ``file:PATH`` names a file directly."""
 
 FRACTION_TOLERANCE = 1e-6
 
@@ -25,7 +26,7 @@ FRACTION_TOLERANCE = 1e-6
 @dataclass(frozen=True, kw_only=True)
 class DataSource:
     source: str
-    """One of domain.raw, domain.instruct, domain.longtail, general.raw, user, or file:PATH."""
+    """One of domain.raw, domain.instruct, domain.longtail, general.raw, domain.user, user, or file:PATH."""
     weight: float = 1.0
     """Relative weight (> 0) in the stage's mixture; weights need not sum to 1."""
 

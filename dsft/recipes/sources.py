@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,47 +14,91 @@ from dsft.data.mixture import apportion, mix_packed
 from dsft.data.packing import SequenceSource, best_fit
 from dsft.data.token_cache import RecordList, tokenized
 from dsft.data.tokenize import Examples, pad_id
+from dsft.data.user_data import GENERATED_SOURCES, USER_SOURCES, UserData
+from dsft.errors import DataError
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
 
 
-def source_records(name: str, pack, general, user_records: Sequence[Record], as_text: bool) -> list[Record]:
-    """The records of one named source (see :data:`dsft.recipes.schema.DATA_SOURCES`)."""
+def source_records(name: str, pack, general, user_records: UserData | Sequence[Record], as_text: bool) -> list[Record]:
+    """The records of one named source (see :data:`dsft.recipes.schema.DATA_SOURCES`).
+
+    ``user_records``: the run's :class:`~dsft.data.user_data.UserData` (``domain.user`` and ``user``), or
+    a plain list of records, which is ``user``.
+
+    Raises:
+        DataError: a generated source with no records (a user domain whose terms have no definitions).
+    """
+    if isinstance(user_records, UserData):
+        if name in USER_SOURCES:
+            return user_records.records(name)
+    elif name == "user":
+        return list(user_records)
+    elif name == "domain.user":
+        return []
     dom = corpus(pack)
     if name == "domain.raw":
-        return raw_records(dom.raw_train)
-    if name == "domain.longtail":
-        return raw_records(dom.longtail_train)
-    if name == "domain.instruct":
-        return pair_records(dom.instruct_train, as_text)
-    if name == "general.raw":
+        records = raw_records(dom.raw_train)
+    elif name == "domain.longtail":
+        records = raw_records(dom.longtail_train)
+    elif name == "domain.instruct":
+        records = pair_records(dom.instruct_train, as_text)
+    elif name == "general.raw":
         return raw_records(corpus(general).raw_train)
-    if name == "user":
-        return list(user_records)
-    if name.startswith("file:"):
+    elif name.startswith("file:"):
         return load_records([name.removeprefix("file:")])
-    raise ValueError(name)
+    else:
+        raise ValueError(name)
+    if not records:
+        raise DataError(f"domain {pack.name}: no generated {name} text (its terms have no definitions to write it from); "
+                        f"give it your data (dsft train --domain {pack.name} --data FILE) or add definitions to its terms")
+    return records
 
 
 REPLAY_SOURCE = "general.raw"
 
 
-def phase_weights(stage: Stage, phase: Phase, has_user: bool) -> dict[str, float]:
-    """A phase's mixture weights after adding ``--data`` files and the stage's general replay.
+def user_recipe(recipe: str | None) -> bool:
+    """Whether ``--recipe`` is the user's own recipe file: its sources were chosen on purpose, so generated
+    text it names trains beside the user's data (a built-in recipe names it only as the default)."""
+    from dsft.recipes.schema import BUILTIN_DIR
 
-    Data given with ``--data`` joins a mixture that does not name it, weighing as much as the rest
-    together. Replay rescales the phase's own weights to ``1 - replay`` and gives ``replay`` to general.raw.
+    return recipe is not None and recipe.endswith((".yaml", ".yml")) and Path(recipe).resolve().parent != BUILTIN_DIR.resolve()
+
+
+def phase_weights(stage: Stage, phase: Phase, user: UserData | bool) -> dict[str, float]:
+    """A phase's mixture weights once the user's data is placed, and after the stage's general replay.
+
+    With user data (``domain.user``: the domain's own files, ``user``: ``--data``), the pack's generated
+    text (domain.raw / domain.instruct / domain.longtail) leaves the mixture and its weight goes, in equal
+    shares, to the user sources the phase does not name (issue 20.1: a user's domain trains on the user's
+    data); with ``keep_generated``, or in a phase without generated text, those user sources join weighing
+    as much as the rest together. A user source the phase names keeps its weight; one without records
+    drops out. Replay rescales the phase's own weights to ``1 - replay`` and gives ``replay`` to general.raw.
+
+    Args:
+        user: the run's user data, or (older callers) whether ``--data`` records exist.
     """
-    weights = {s.source: s.weight for s in phase.data}
-    if has_user and "user" not in weights:
-        weights["user"] = sum(weights.values())
-    if not has_user:
-        weights.pop("user", None)
+    if isinstance(user, bool):
+        present, keep_generated = ("user",) if user else (), True
+    else:
+        present, keep_generated = tuple(s for s in USER_SOURCES if s in user.sources), user.keep_generated
+    weights = {s.source: s.weight for s in phase.data if s.source not in USER_SOURCES or s.source in present}
+    unnamed = [s for s in present if s not in weights]
+    freed = 0.0 if keep_generated or not present else sum(weights.pop(s, 0.0) for s in GENERATED_SOURCES)
+    if unnamed:
+        share = (freed or sum(weights.values())) / len(unnamed)
+        weights.update({s: share for s in unnamed})
     if stage.replay > 0:
         total = sum(weights.values())
         weights = {k: (1 - stage.replay) * w / total for k, w in weights.items()}
         weights[REPLAY_SOURCE] = weights.get(REPLAY_SOURCE, 0.0) + stage.replay
     return weights
+
+
+def _placed(user_records: UserData | Sequence[Record]) -> UserData | bool:
+    """What :func:`phase_weights` takes: the run's UserData, or (a plain list of ``--data`` records) whether there are any."""
+    return user_records if isinstance(user_records, UserData) else bool(user_records)
 
 
 def phase_steps(stage: Stage, steps: int) -> dict[str, int]:
@@ -66,7 +111,7 @@ def stage_steps(stage: Stage, pack, general, tokenizer, user_records: Sequence[R
     if stage.steps is not None:
         return stage.steps
     as_text = stage.kind_spec.reads == "text"
-    names = {n for phase in stage.mixtures for n in phase_weights(stage, phase, bool(user_records))}
+    names = {n for phase in stage.mixtures for n in phase_weights(stage, phase, _placed(user_records))}
     lengths = [length for n in sorted(names)
                for length in tokenized(RecordList(source_records(n, pack, general, user_records, as_text)), tokenizer,
                                        stage.seq_len).lengths.tolist()]
@@ -103,7 +148,7 @@ class StageData:
         sources: dict[str, dict[str, Any]] = {}
         parts, realised, realised_tokens, phases = [], {}, {}, {}
         for k, (phase, n_steps) in enumerate(zip(stage.mixtures, phase_steps(stage, steps).values())):
-            weights = phase_weights(stage, phase, bool(user_records))
+            weights = phase_weights(stage, phase, _placed(user_records))
             for name in weights:
                 if name not in tokenised:
                     records = source_records(name, pack, general, user_records, as_text)

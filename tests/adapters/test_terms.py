@@ -57,3 +57,20 @@ def test_rows_written_into_a_plain_resized_model_give_the_same_logits(home):
     ids = torch.tensor([[3, plan.start, 8, plan.start + 1]])
     with torch.no_grad():
         torch.testing.assert_close(wrapped.model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_in_running_text_a_term_is_one_token_and_at_the_start_too(home):
+    base = load_base("tiny-deepseek-v2", device="cpu")
+    plan = plan_terms(base.tokenizer, TERMS)
+    assert " habeas corpus" in plan.terms and "habeas corpus" in plan.terms
+    spaced = plan.terms.index(" habeas corpus")
+    assert plan.pieces[spaced] == tuple(base.tokenizer.encode(" habeas corpus", add_special_tokens=False))
+    extend_model(base.model, base.tokenizer, plan)
+    tok = base.tokenizer
+    inside = tok.encode("The court granted habeas corpus today.", add_special_tokens=False)
+    assert tok.convert_tokens_to_ids(" habeas corpus") in inside
+    assert all(tok.decode([i]).strip() for i in inside)  # no lone space token before the term
+    first = tok.encode("habeas corpus was granted.", add_special_tokens=False)
+    assert first[0] == tok.convert_tokens_to_ids("habeas corpus")
+    assert tok.decode(inside) == "The court granted habeas corpus today."
+

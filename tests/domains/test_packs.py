@@ -228,7 +228,7 @@ def test_new_domain_round_trips_through_resolve_and_list(tmp_path, dsft_home):
     assert pack.terms == (
         ("neutron moderator", "a material that slows fast neutrons so they can sustain a chain reaction."),
         ("control rod", "a rod that absorbs neutrons to regulate the reactor's power."),
-        ("decay heat", "a term used in the reactor-ops domain."),
+        ("decay heat", ""),  # no definition given: none is invented
     )
     assert pack.data_files == (data.resolve(),)
     assert "reactor-ops" in [p.name for p in list_domains()]

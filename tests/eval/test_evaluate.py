@@ -22,6 +22,8 @@ def test_eval_reports_gain_forgetting_terms_experts_and_records_verified(home, t
     assert dom["loss_adapter"] < dom["loss_base"] and dom["delta_ci"][1] < 0  # the gain is significant
     assert dom["loss_adapter_ci"][0] <= dom["loss_adapter"] <= dom["loss_adapter_ci"][1]
     assert r["terms"]["added"] > 50 and r["terms"]["pieces_per_term_without"] >= 2
+    assert r["terms"]["pieces_per_term_with"] == 1.0  # measured on the held-out text: a term and its space, one token
+    assert r["headline"] == "domain" and dom["set"] == "generated pack text"  # no user data: the figure says what it is
     assert 0 < r["terms"]["share_of_heldout_tokens"] < 1
     layers = r["experts"]["domain"]
     assert layers and all(0 <= u["entropy"] <= 1 for u in layers.values())

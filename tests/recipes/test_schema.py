@@ -110,9 +110,9 @@ def test_phases_unfreezing_and_replay_load_and_resolve():
     assert list(phase_steps(stage, 200).values()) == [100, 60, 40]
     assert [stage.train.top_layers_at(s, 200) for s in (0, 99, 100, 159, 160)] == [0.34, 0.34, 0.67, 0.67, 1.0]
     # replay rescales the phase's own weights to 80% and gives 20% to general text
-    w = phase_weights(stage, stage.phases[1], has_user=False)
+    w = phase_weights(stage, stage.phases[1], False)
     assert w == pytest.approx({"domain.raw": 0.4, "domain.instruct": 0.4, "general.raw": 0.2})
-    w = phase_weights(stage, stage.phases[0], has_user=False)
+    w = phase_weights(stage, stage.phases[0], False)
     assert w == pytest.approx({"general.raw": 1.0})
 
 
