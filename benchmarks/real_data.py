@@ -54,7 +54,8 @@ def run_train(a, data: Path, home: str) -> dict:
            str(a.steps), "--json", "--checkpoint-every", "0"]
     if a.device:
         cmd += ["--device", a.device]
-    env = {**os.environ, "DSFT_HOME": home, "TORCH_LOGS": "recompiles", "PYTHONPATH": str(ROOT)}
+    cmd += a.override or []  # recipe overrides, e.g. stages.0.seq_len=4096 stages.0.batch_size=2
+    env = {**os.environ, "DSFT_HOME": home, "TORCH_LOGS": "recompiles", "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
@@ -66,6 +67,13 @@ def run_train(a, data: Path, home: str) -> dict:
         stages.append({"stage": s["stage"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
                        "padded_tokens_per_s": s["padded_tokens_per_s"], "padding_share": data_plan.get("padding_share"),
                        "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size")})
+    # The stage figures above include the compile warm-up of the first step; the steady rate is the median of
+    # the per-step rates in the adapter's training log after the first two steps.
+    log = Path(result["path"]) / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    for st in stages:
+        rates = sorted(r["tokens_per_s"] for r in rows if r.get("stage") == st["stage"] and r.get("step", 0) > 2)
+        st["steady_tokens_per_s"] = round(rates[len(rates) // 2], 1) if rates else None
     return {"stages": stages, "recompiles": p.stderr.count("Recompiling function"), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -106,7 +114,7 @@ def run_tokenize(a, path: Path, home: str) -> dict:
 
     os.environ["DSFT_HOME"] = home
     base_dir = build_preset(a.base) if not Path(a.base).exists() else Path(a.base)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     p = subprocess.run([sys.executable, "-c", TOKENIZE, str(base_dir), str(path), str(a.seq_len)],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
@@ -123,6 +131,7 @@ def main() -> None:
     ap.add_argument("--tokenize-gb", type=float, default=None, help="size of the JSONL tokenised alone (default 1; 0.002 with --small)")
     ap.add_argument("--seq-len", type=int, default=4096, help="seq_len for the tokenising measurement")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--override", action="append", help="a recipe override for dsft train (repeatable), e.g. stages.0.seq_len=4096")
     ap.add_argument("--home", default=None, help="DSFT_HOME (default: a temporary one; presets are built there)")
     a = ap.parse_args()
     a.steps = a.steps or (2 if a.small else 30)
@@ -134,13 +143,14 @@ def main() -> None:
         train_file, big_file = Path(tmp) / "sft.jsonl", Path(tmp) / "big.jsonl"
         n_train = write_jsonl(train_file, int(train_mb * 2**20), seed=0)
         train = run_train(a, train_file, home)
+        print(json.dumps({"train": train}), flush=True)  # before the tokenising run, which may take long
         n_big = write_jsonl(big_file, int(tok_gb * 2**30), seed=1)
         tok = run_tokenize(a, big_file, home)
     out = {"benchmark": "real_data", "date": str(date.today()), "base": a.base, "steps": a.steps, "train_records": n_train,
            **train, "tokenize": {"gb": tok_gb, "records": n_big, **{k: round(v, 1) for k, v in tok.items()}}}
     print(json.dumps(out))
     for s in train["stages"]:
-        print(f"| {a.base} | {s['stage']} | {s['batch_size']} x {s['seq_len']} | {s['tokens_per_s']:,.0f} tok/s "
+        print(f"| {a.base} | {s['stage']} | {s['batch_size']} x {s['seq_len']} | {s['tokens_per_s']:,.0f} tok/s (steady {s['steady_tokens_per_s'] or 0:,.0f}) "
               f"| padding {100 * (s['padding_share'] or 0):.1f}% | recompiles {train['recompiles']} "
               f"| tokenise {tok_gb} GB: {tok['seconds']:.0f} s (cached {tok['cached_seconds']:.1f} s), "
               f"peak RSS {tok['peak_rss_mib']:,.0f} MiB |")
