@@ -30,6 +30,7 @@ class _ProgressView:
         self.quiet = quiet
         self.progress: Progress | None = None
         self.task = None
+        self.stage = ""
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         out = err_console
@@ -77,11 +78,13 @@ class _ProgressView:
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out, disable=self.quiet,
             )
             self.progress.start()
-            self.task = self.progress.add_task(payload["stage"], total=payload["steps"], completed=payload.get("start_step", 0),
-                                               loss=0.0, tps=0.0)
+            # until its first step ends a stage is warming up (on a GPU: compiling each layer once)
+            self.stage = payload["stage"]
+            self.task = self.progress.add_task(f"{self.stage} (warm-up)", total=payload["steps"],
+                                               completed=payload.get("start_step", 0), loss=0.0, tps=0.0)
         elif kind == "step" and self.progress is not None:
             info = payload["info"]
-            self.progress.update(self.task, completed=info.step, loss=info.loss, tps=info.tokens_per_s)
+            self.progress.update(self.task, completed=info.step, loss=info.loss, tps=info.tokens_per_s, description=self.stage)
         elif kind == "saved":
             self._close()
 
