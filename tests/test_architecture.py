@@ -18,7 +18,7 @@ FLOORS: dict[str, int] = {
     "runtime": 11, "recipes": 10, "eval": 9, "adapters": 8, "kernels": 7, "base": 6, "domains": 5, "data": 4,
     "registry": 3,
     # foundation: torch-free single modules every floor may use
-    "adapter_format": 2, "extras": 1, "home": 1, "atomic": 1, "errors": 0,
+    "adapter_format": 2, "extras": 1, "home": 1, "atomic": 1, "safe_yaml": 1, "errors": 0,
 }
 """Package (or top-level module) of ``dsft`` -> its floor; ``api`` is ``dsft/__init__.py``. Higher may import lower."""
 

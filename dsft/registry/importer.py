@@ -137,6 +137,9 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         raise UsageError(f"{src} is not a PEFT adapter directory (no {PEFT_CONFIG_FILE}); give the directory "
                          "that save_pretrained wrote")
     if manifest is not None:
+        listed = manifest.get("files") if isinstance(manifest, Mapping) else None
+        for rel in listed if isinstance(listed, Mapping) else ():
+            manifest_file_path(src, rel)  # a path leaving the directory is refused before anything else is read
         for rel, want in Manifest.from_dict(manifest, where=str(src / MANIFEST_FILE)).files.items():
             p = manifest_file_path(src, rel)
             if not p.is_file() or sha256_file(p) != want:

@@ -45,6 +45,7 @@ def manifest(domain: str, version: str | None, fp: dict[str, Any], *, kind: str 
         "target_shapes": targets if targets is not None else {Q_PROJ: [hidden, hidden]},
         "added_tokens": ["collateralized debt obligation"] if added_tokens is None else added_tokens,
         "base_vocab_size": fp["vocab_size"] if vocab is None else vocab,
+        "term_start": fp["vocab_size"] if vocab is None else vocab,
         "recipe": {"lr": 1e-4}, "metrics": {"loss": 1.5}, "files": files or {},
     }
 

@@ -22,7 +22,8 @@ def _import_with_manifest(dsft, tmp_path, architecture: str) -> None:
     write_peft_dir(src)
     files = {p.name: sha256_file(p) for p in src.iterdir()}
     (src / "dsft_adapter.json").write_text(json.dumps({
-        "schema_version": 1, "kind": "lora", "files": files, "target_shapes": {}, "added_tokens": [],
+        "schema_version": 1, "domain": "finance", "version": "0.1.0", "kind": "lora", "files": files,
+        "target_shapes": {}, "added_tokens": [],
         "base": {"name": "elsewhere", "source": None, "fingerprint": {"architecture": architecture}}}))
     assert dsft("registry", "import", str(src), "--domain", "finance").returncode == 0
 
