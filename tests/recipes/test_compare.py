@@ -30,8 +30,9 @@ def test_compare_measures_domain_gain_forgetting_and_size_without_registering_an
     def forgetting_per_gain(r):
         return (r["general_loss"] - r["general_loss_before"]) / (r["domain_loss_before"] - r["domain_loss"])
 
-    # Measured at 30 steps: lora ~0.65 nats of general loss per nat of domain loss, esft ~0.34, progressive ~0.13.
-    assert forgetting_per_gain(rows["esft"]) < 0.75 * forgetting_per_gain(rows["lora"])
+    # Measured at 30 steps of packed rows (2026-11-30): lora ~0.41 nats of general loss per nat of domain loss,
+    # esft ~0.32 (one-example-per-row padding, before packing: lora ~0.65, esft ~0.34, progressive ~0.13).
+    assert forgetting_per_gain(rows["esft"]) < 0.9 * forgetting_per_gain(rows["lora"])
     assert forgetting_per_gain(rows["progressive"]) < 0.5 * forgetting_per_gain(rows["lora"])
     assert rows["esft"]["general_loss"] < rows["lora"]["general_loss"]
     assert rows["esft"]["routed_expert_share"] < 0.25 and rows["lora"]["routed_expert_share"] is None
