@@ -101,7 +101,7 @@ def _file_leftovers(root: Path, *, now: float, min_age_s: float) -> list[Leftove
 
 
 def _run_leftovers(runs: Path, *, now: float, min_age_s: float, resumable: bool) -> list[Leftover]:
-    out = []
+    out: list[Leftover] = []
     if not runs.is_dir():
         return out
     for d in sorted(runs.iterdir()):
