@@ -1,4 +1,4 @@
-"""Where a packed bf16 step goes non-finite on a GPU: SDPA with a block-diagonal mask (MLA head dims), then a
+"""Where a packed bf16 step goes non-finite on a GPU: the grouped GEMM's weight gradient with empty groups, SDPA with a block-diagonal mask (MLA head dims), then a
 small DeepseekV2 (random weights) forward + backward with packed ``position_ids`` vs a plain causal batch.
 
     python benchmarks/nan_probe.py            # prints one JSON line per check
@@ -34,13 +34,31 @@ def block_mask(pos: torch.Tensor) -> torch.Tensor:
 
 
 def check(name: str, tensors: dict[str, torch.Tensor | None]) -> None:
-    out = {k: (None if t is None else bool(torch.isfinite(t).all())) for k, t in tensors.items()}
+    # a bool tensor is a condition (true when it holds everywhere); any other tensor is checked to be finite
+    out = {k: (None if t is None else bool(t.all()) if t.dtype == torch.bool else bool(torch.isfinite(t).all())) for k, t in tensors.items()}
     print(json.dumps({"check": name, "finite": out}), flush=True)
+
+
+def empty_group_wgrad(dev: str, dt: torch.dtype) -> None:
+    """The weight gradient of a grouped GEMM with empty groups (experts no token chose), after the caching
+    allocator has been handed a NaN-filled block of the output's size: raw ``torch._grouped_mm`` vs dsft's op."""
+    from dsft.kernels.grouped_mm import gmm_wgrad
+
+    g, k, n = 64, 2048, 16
+    offs = torch.tensor([0 if e % 4 == 0 else 1 for e in range(g)], device=dev).cumsum(0).to(torch.int32) * 16
+    rows = int(offs[-1])
+    x, dy = torch.randn(rows, k, device=dev, dtype=dt), torch.randn(rows, n, device=dev, dtype=dt)
+    for label, fn in (("raw torch._grouped_mm", lambda: torch._grouped_mm(x.t(), dy, offs=offs)), ("dsft gmm_wgrad", lambda: gmm_wgrad(x, dy, offs))):
+        poison = torch.full((g, k, n), float("nan"), device=dev, dtype=dt)
+        del poison  # the next allocation of this size reuses the NaN block
+        dw = fn()
+        check(f"wgrad with empty groups, {label}", {"dw": dw, "empty groups zero": dw[::4].float().abs().sum() == 0})
 
 
 def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    empty_group_wgrad(dev, dt)
     gen = torch.Generator().manual_seed(0)
     pos = segments(2, 1024, gen)
     mask = block_mask(pos).to(dev)

@@ -3,7 +3,7 @@ layout it rejects (inductor is free to drop a ``.contiguous()`` it sees as value
 that the backward computes only the gradients that are needed (none for a frozen expert weight).
 
     y  = gmm(x, w, offs)           x [S, K] sorted by group, w [G, K, N]        -> [S, N]
-    dw = gmm_wgrad(x, dy, offs)    per group x_g^T dy_g                         -> [G, K, N]
+    dw = gmm_wgrad(x, dy, offs)    per group x_g^T dy_g (zero for an empty group) -> [G, K, N]
     y  = gmm_part(x, w, part, offs, where)   as gmm, where ``part`` is the part of w that trains (ESFT's
                                    selected experts, a folded LoRA factor; see PARTS): the backward gives
                                    dx and part's gradient, and none for the rest of w
@@ -34,7 +34,12 @@ def _(x, w, offs):
 
 @torch.library.custom_op("dsft::gmm_wgrad", mutates_args=())
 def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x.t(), dy.contiguous(), offs=offs)
+    dw = torch._grouped_mm(x.t(), dy.contiguous(), offs=offs)
+    # A group with no rows (an expert no token chose this step) is never written by the kernel: its
+    # slice is whatever the caching allocator held, NaN at times on CUDA (pytorch#154557, #193633).
+    # Its gradient is zero; where(), not a multiply, because 0 * NaN is NaN.
+    rows = torch.diff(offs, prepend=offs.new_zeros(1))
+    return torch.where((rows > 0).view(-1, 1, 1), dw, dw.new_zeros(()))
 
 
 @gmm_wgrad.register_fake

@@ -106,8 +106,9 @@ def test_same_seed_same_adapter_and_user_data_joins_the_mixture(home, tmp_path):
     assert runs[0].metrics["stages"][0]["mixture"]["user"] > 0
     a, b = (load_file(str(r.path / "adapter_model.safetensors")) for r in runs)
     assert a.keys() == b.keys()
-    assert runs[0].metrics["stages"][0]["final_loss"] == runs[1].metrics["stages"][0]["final_loss"]
-    for k in a:  # CPU thread scheduling may flip the last bit of a reduction, nothing more
+    # CPU thread scheduling may flip the last bits of a reduction, nothing more
+    assert runs[0].metrics["stages"][0]["final_loss"] == pytest.approx(runs[1].metrics["stages"][0]["final_loss"], rel=1e-6)
+    for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
