@@ -8,12 +8,25 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # Parallel workers (pytest -n N) share the cores: one torch thread each, in this process and the
+    # `dsft` processes tests start, is faster than N x all cores fighting over them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
-    """One $DSFT_HOME for the whole session: presets are built here once."""
+    """One $DSFT_HOME for the whole session: presets are built here once (once for all parallel
+    workers: their homes link one bases directory, and build_preset takes turns on a lock)."""
     home = tmp_path_factory.mktemp("dsft_home")
+    if XDIST_WORKER:
+        shared = tmp_path_factory.getbasetemp().parent / "dsft_bases"
+        shared.mkdir(exist_ok=True)
+        (home / "bases").symlink_to(shared)
     os.environ["DSFT_HOME"] = str(home)
     return home
 

@@ -101,8 +101,22 @@ def build_preset(name: str, device: str | None = None) -> Path:
     """Build preset ``name`` into ``$DSFT_HOME/bases/<name>/`` unless it is there; return the directory.
 
     The build is deterministic (fixed seed, tokenizer trained on the bundled corpora) and atomic:
-    the directory appears complete or not at all, and a concurrent builder's copy wins harmlessly.
+    the directory appears complete or not at all. Concurrent builders (two first runs on a fresh
+    machine, parallel test workers) take turns on a lock file: the second finds the first's copy.
     """
+    from filelock import FileLock
+
+    final = preset_dir(name)
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{name}.lock")):
+        if not (final / "config.json").exists():
+            _build(name, final, device)
+    return final
+
+
+def _build(name: str, final: Path, device: str | None) -> None:
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
@@ -112,9 +126,6 @@ def build_preset(name: str, device: str | None = None) -> Path:
     from dsft.domains import corpus_text_for_tokenizer
 
     hf_logging.disable_progress_bar()
-    final = preset_dir(name)
-    if (final / "config.json").exists():
-        return final
     preset = PRESETS[name]
     tokenizer = train_bpe(corpus_text_for_tokenizer(seed=SEED), TOKENIZER_VOCAB)
     config = preset.make_config(len(tokenizer))
@@ -133,9 +144,8 @@ def build_preset(name: str, device: str | None = None) -> Path:
         save_fingerprint(tmp, compute_fingerprint(tmp))
         try:
             publish_dir(tmp, final)
-        except FileExistsError:  # someone else built it meanwhile: theirs is identical
+        except FileExistsError:  # built meanwhile by a process that took no lock (an older dsft): identical
             shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def pretrain(model, tokenizer, steps: int, batch_size: int = 8, seq_len: int = 128, lr: float = 3e-3) -> list[float]:

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dsft.data.packing import padding_share
+from dsft.recipes.sizing import StepSize
 from dsft.recipes.sources import StageData
 
 
@@ -27,12 +28,17 @@ class StagePlan:
     """Realised mixture: real tokens per source in the rows."""
     heldout: int | None = None
     """Held-out examples set aside from the stage's data (None: none set aside)."""
+    micro_batch_size: int | None = None
+    """Rows per forward and backward on each rank (None: the whole step)."""
+    sized: tuple[str, ...] = ()
+    """The step fields chosen by :mod:`dsft.recipes.sizing` rather than the recipe."""
 
     @staticmethod
-    def of(stage_name: str, data: StageData, steps: int, batch_size: int) -> StagePlan:
+    def of(stage_name: str, data: StageData, steps: int, size: StepSize) -> StagePlan:
         ex = data.examples
-        return StagePlan(stage_name, steps, batch_size, ex.seq_len, data.sources, len(ex),
-                         round(padding_share(ex.attention_mask), 4), dict(data.realised), dict(data.realised_tokens))
+        return StagePlan(stage_name, steps, size.batch_size, ex.seq_len, data.sources, len(ex),
+                         round(padding_share(ex.attention_mask), 4), dict(data.realised), dict(data.realised_tokens),
+                         micro_batch_size=size.micro_batch_size, sized=size.chosen)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,9 +46,12 @@ class StagePlan:
 
 def render(plan: dict[str, Any]) -> list[str]:
     """The plan as a few lines of text (``plan`` is :meth:`StagePlan.to_json`)."""
+    micro = plan.get("micro_batch_size")
+    accumulate = f" in micro-batches of {micro}" if micro and micro < plan["batch_size"] else ""
+    chosen = f"; {', '.join(plan['sized'])} chosen for this device" if plan.get("sized") else ""
     lines = [f"data for stage {plan['stage']}: {plan['rows']:,} rows of {plan['seq_len']} tokens "
-             f"({plan['steps']} steps x {plan['batch_size']}), padding {100 * plan['padding_share']:.1f}%"
-             + (f", held-out {plan['heldout']:,} examples" if plan.get("heldout") is not None else "")]
+             f"({plan['steps']} steps x {plan['batch_size']}{accumulate}), padding {100 * plan['padding_share']:.1f}%"
+             + (f", held-out {plan['heldout']:,} examples" if plan.get("heldout") is not None else "") + chosen]
     total = sum(plan["mixture_tokens"].values()) or 1
     for name, s in plan["sources"].items():
         kinds = ", ".join(f"{n:,} {k}" for k, n in s["records"].items())

@@ -28,6 +28,23 @@ class StepInfo:
     imbalance: float
 
 
+def micro_batches(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[str, torch.Tensor]]:
+    """``batch`` split into consecutive pieces of ``rows`` rows (the whole batch when ``rows`` is None or larger)."""
+    n = batch["input_ids"].shape[0]
+    if not rows or rows >= n:
+        return [batch]
+    return [{k: v[i : i + rows] for k, v in batch.items()} for i in range(0, n, rows)]
+
+
+def token_shares(parts: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Each micro-batch's share of the labelled (loss-taking) positions of the step; equal shares when none has any."""
+    if len(parts) == 1:
+        return [1.0]  # no device sync for the common case
+    counts = [int((p["labels"][:, 1:] != -100).sum()) for p in parts]
+    total = sum(counts)
+    return [c / total for c in counts] if total else [1 / len(parts)] * len(parts)
+
+
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based)."""
     if step < warmup:
@@ -66,6 +83,7 @@ def train_steps(
     on_step: Callable[[StepInfo], None] | None = None,
     after_step: Callable[[int, list[float]], None] | None = None,
     sync: StepSync | None = None,
+    micro_batch: int | None = None,
 ) -> list[float]:
     """Run optimizer steps ``start_step .. steps - 1``; ``batches(step)`` returns that step's tensors on the model's device.
 
@@ -76,6 +94,9 @@ def train_steps(
     ``after_step(steps_done, losses)`` runs last (e.g. checkpoints). With ``sync`` (several ranks, each
     given its share of the global batch by ``batches``) the objective, the gradients and the reported
     loss and tokens are those of the global batch (:class:`dsft.recipes.distributed.StepSync`).
+    With ``micro_batch``, a step's rows go through forward and backward that many at a time and the
+    gradients accumulate: each micro-batch's loss is weighted by its share of the step's labelled tokens,
+    so the step minimises the same token mean as one forward over all its rows.
     Returns this call's LM losses (global means).
     """
     model.train()
@@ -89,13 +110,21 @@ def train_steps(
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * scale
         batch = batches(step)
-        probe.reset()
-        objective, lm = loss_fn(model, batch)
-        aux = probe.aux_loss() if sync is None else sync.aux_loss(probe)
-        if sync is not None:
-            objective = objective * sync.loss_weight(step)
-        loss = objective + probe.coef * aux if aux is not None else objective
-        loss.backward()
+        parts = micro_batches(batch, micro_batch)
+        weights = token_shares(parts)
+        lm, aux = torch.zeros(()), None
+        for part, weight in zip(parts, weights):
+            probe.reset()
+            objective, part_lm = loss_fn(model, part)
+            part_aux = probe.aux_loss() if sync is None else sync.aux_loss(probe)
+            if sync is not None:
+                objective = objective * sync.loss_weight(step)
+            loss = objective * weight
+            if part_aux is not None:
+                loss = loss + probe.coef * part_aux / len(parts)
+                aux = part_aux.detach() / len(parts) + (aux if aux is not None else 0)
+            loss.backward()
+            lm = lm.to(part_lm.device) + part_lm.detach() * weight
         if sync is not None:
             sync.after_backward(params)
         if grad_clip > 0:

@@ -84,7 +84,7 @@ def prepare(domain: str, base: str, recipe: str | None, data: Sequence[str | Pat
         _check_teachers(rec, pack.name, reg)
         ref = resolve_base(base)
         _, _, fingerprint = fingerprint_for(ref, trust_remote_code)
-        check_seq_len([(f"stages[{i}].seq_len", s.seq_len) for i, s in enumerate(rec.stages)],
+        check_seq_len([(f"stages[{i}].seq_len", s.seq_len) for i, s in enumerate(rec.stages) if s.seq_len is not None],
                       read_config(ref, trust_remote_code), base)
     except BaseException:
         if owns:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,9 @@ from dsft.recipes.distributed import Dist
 from dsft.recipes.prepare import RunPlan, prepare
 from dsft.recipes.publish import publish_trained as _publish
 from dsft.recipes.run_checks import check_device
-from dsft.recipes.schema import Recipe, recipe_yaml
-from dsft.recipes.sources import StageData, stage_steps
+from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
+from dsft.recipes.sizing import PLAN_MARGIN, SAMPLE, StepSize, size_stage, sized
+from dsft.recipes.sources import StageData, example_lengths, stage_steps
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -83,9 +84,9 @@ def _spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bo
         if not dist.enabled:  # sharded or replicated runs: per-GPU memory is not what the single-card plan assumes
             from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
 
-            big = max(rec.stages, key=lambda s: s.batch_size * s.seq_len)
+            big = max(rec.stages, key=lambda s: s.micro_batch_size * s.seq_len)  # one forward's rows, not the step's
             method = "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
-            req = PlanRequest(base=base.name, method=method, batch=big.batch_size, seq=big.seq_len, lora_r=rec.adapter.r,
+            req = PlanRequest(base=base.name, method=method, batch=big.micro_batch_size, seq=big.seq_len, lora_r=rec.adapter.r,
                               new_terms=new_terms)
             card = torch.cuda.get_device_properties(torch.device(device)).total_memory
             keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card)
@@ -262,12 +263,42 @@ class Training:
                            **({"quantize": "nf4"} if self.nf4 else {})})
         if self.cuda:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.seq_len = max(s.seq_len for s in plan.recipe.stages)
         self.general = general_pack()
+        self.sizes = self._size_steps()
+        plan = self.plan = replace(plan, recipe=sized(plan.recipe, self.sizes))
+        self.seq_len = max(s.seq_len for s in plan.recipe.stages)
         self.base_sets, self.base_tokens = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,
                                                      plan.user_records.heldout)
         if not self.nf4:
             self.before = self._before(self.model)
+
+    def _size_steps(self) -> list[StepSize]:
+        """Each stage's seq_len, rows per step and micro-batch (:mod:`dsft.recipes.sizing`), fixed for the run:
+        a resumed run keeps the sizes it started with, whatever card it resumes on."""
+        plan, world = self.plan, self.dist.world if self.dist.enabled else 1
+        if self.run is not None and (self.run.path / "recipe.yaml").exists():
+            ran = load_recipe(str(self.run.path / "recipe.yaml")).stages
+            return [StepSize(s.seq_len, s.batch_size, s.micro_batch_size or -(-s.batch_size // world), (), world) for s in ran]
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        fits = self._fits() if self.cuda else None
+        return [size_stage(s, cuda=self.cuda, context=context, fits=fits, world=world,
+                           lengths=partial(example_lengths, s, plan.pack, self.general, self.tokenizer, plan.user_records, SAMPLE))
+                for s in plan.recipe.stages]
+
+    def _fits(self) -> Callable[[int, int], bool]:
+        """Whether a micro-batch of ``m`` rows of ``seq`` tokens fits this card by ``dsft plan``'s memory model."""
+        from dsft.eval.plan import PlanRequest, count_model, estimate_memory
+
+        rec = self.plan.recipe
+        counts = count_model(self.plan.base, lora_r=rec.adapter.r)
+        card = torch.cuda.get_device_properties(torch.device(self.target)).total_memory
+        method = "esft" if rec.uses_esft else "qlora" if self.nf4 else "lora"
+        terms = 2 * len(self.plan.pack.terms) if rec.adapter.terms else 0
+
+        def fits(m: int, seq: int) -> bool:
+            req = PlanRequest(base=self.plan.base.name, method=method, batch=m, seq=seq, lora_r=rec.adapter.r, new_terms=terms)
+            return estimate_memory(counts, req)[0].total <= (1 - PLAN_MARGIN) * card
+        return fits
 
     def _before(self, model) -> dict[str, float]:
         return self.ckpt.state.before if self.ckpt else evaluate(model, self.base_sets, self.base_tokens, self.dist)
@@ -319,7 +350,7 @@ class Training:
             steps = stage_steps(stage, plan.pack, self.general, self.tokenizer, plan.user_records)
             steps = min(steps, plan.max_steps) if plan.max_steps else steps
             data = StageData.build(stage, plan.pack, self.general, self.tokenizer, plan.user_records, plan.seed + i, steps)
-            data_plan = StagePlan.of(stage.name, data, steps, stage.batch_size).to_json()
+            data_plan = StagePlan.of(stage.name, data, steps, self.sizes[i]).to_json()
             self.emit("data_plan", data_plan)
             metrics = run_stage(self.ctx, i, stage, data, steps, resume_at if i == first else None,
                                 partial(self._mid_stage, i, steps))

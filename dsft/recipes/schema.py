@@ -143,8 +143,16 @@ class Stage:
     """Distillation settings (kind distill only; defaults when omitted)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
-    batch_size: int = 8
-    seq_len: int = 256
+    batch_size: int | None = None
+    """Rows per optimizer step (the global batch). Left out: 8 on the CPU; on a GPU ``tokens_per_step / seq_len``
+    (see :mod:`dsft.recipes.sizing`)."""
+    seq_len: int | None = None
+    """Tokens per row. Left out: 128 on the CPU; on a GPU the data's 99th percentile example length, rounded up to 256."""
+    tokens_per_step: int | None = None
+    """Instead of ``batch_size``: a token budget per optimizer step (``batch_size = tokens_per_step // seq_len``)."""
+    micro_batch_size: int | None = None
+    """Rows per forward and backward; gradients accumulate over ``batch_size / micro_batch_size`` of them.
+    Left out: the whole step on the CPU; on a GPU the largest that ``dsft plan``'s memory model fits on the card."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 
@@ -176,10 +184,17 @@ class Stage:
             problems.append(("steps", f"must be > 0, got {self.steps}"))
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             problems.append(("epochs", f"must be a number > 0, got {self.epochs}"))
-        if self.batch_size <= 0:
-            problems.append(("batch_size", f"must be > 0, got {self.batch_size}"))
-        if self.seq_len < 16:
+        for name in ("batch_size", "tokens_per_step", "micro_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                problems.append((name, f"must be > 0, got {getattr(self, name)}"))
+        if self.batch_size is not None and self.tokens_per_step is not None:
+            problems.append(("tokens_per_step", "give either batch_size or tokens_per_step, not both"))
+        if self.seq_len is not None and self.seq_len < 16:
             problems.append(("seq_len", f"must be >= 16, got {self.seq_len}"))
+        if self.tokens_per_step is not None and self.seq_len is not None and self.tokens_per_step < self.seq_len:
+            problems.append(("tokens_per_step", f"must be at least one row (seq_len {self.seq_len}), got {self.tokens_per_step}"))
+        if None not in (self.micro_batch_size, self.batch_size) and self.micro_batch_size > self.batch_size:
+            problems.append(("micro_batch_size", f"must be <= batch_size ({self.batch_size}), got {self.micro_batch_size}"))
         if not 0 <= self.warmup_steps < (self.steps or math.inf):
             problems.append(("warmup_steps", f"must be in [0, steps), got {self.warmup_steps}"))
         if not 0 <= self.replay < 1:

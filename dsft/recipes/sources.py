@@ -119,6 +119,22 @@ def stage_steps(stage: Stage, pack, general, tokenizer, user_records: Sequence[R
     return max(1, math.ceil(stage.epochs * rows / stage.batch_size))
 
 
+def example_lengths(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], sample: int) -> list[int]:
+    """Token lengths of the stage's instruction and chat examples (the first ``sample`` of each source), as
+    they would train uncut; empty for a stage of raw text (its rows are filled whole whatever the length)."""
+    from itertools import islice
+
+    from dsft.data.tokenize import encode_records
+
+    as_text = stage.kind_spec.reads == "text"
+    names = sorted({n for phase in stage.mixtures for n in phase_weights(stage, phase, _placed(user_records))})
+    lengths: list[int] = []
+    for name in names:
+        records = (r for r in source_records(name, pack, general, user_records, as_text) if r.kind != "text")
+        lengths += [len(x) for x, _ in encode_records(tokenizer, islice(records, sample), 1 << 62, {})]
+    return lengths
+
+
 @dataclass(frozen=True)
 class StageData:
     """The packed rows of one stage in step order (phase after phase), and the realised mixture.

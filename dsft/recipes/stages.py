@@ -358,7 +358,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
                 before_step=before_step, on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
-                sync=sync,
+                sync=sync, micro_batch=s.micro_batch_size,
             )
     finally:
         probe.close()
