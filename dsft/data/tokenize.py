@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from dsft.data.files import Record
+from dsft.data.records import Message
 from dsft.data.packing import Sequences, best_fit, pack_rows
-from dsft.data.prompt import IGNORE, encode_chat, encode_instruction, pad_id
+from dsft.data.prompt import IGNORE, encode_chat, encode_chats, encode_instruction, pad_id
 from dsft.data.prompt import check_seq_len as _check_seq_len
 from dsft.data.prompt import encode_texts as _encode_batch
 from dsft.data.prompt import eos_id as _eos_id
@@ -210,17 +211,13 @@ def encode_records(tokenizer: Any, records: Iterable[Record], seq_len: int, stat
             block, stream = stream[:seq_len], stream[seq_len:]
             blocks += 1
             yield _counted(stats, block, list(block))
+        pairs = [r for r in batch if r.kind != "text"]
+        encoded = iter(_encode_pairs(tokenizer, pairs))
         for r in batch:
             stats["records"][r.kind] = stats["records"].get(r.kind, 0) + 1
             if r.kind == "text":
                 continue
-            try:  # encoded whole, then cut here: so that truncation can be counted
-                if r.kind == "instruction":
-                    ids, labels = encode_instruction(tokenizer, r.prompt, r.response, _UNCUT)
-                else:
-                    ids, labels = encode_chat(tokenizer, r.messages, _UNCUT)
-            except DataError as e:
-                raise DataError(f"{r.source}: {e}") from None
+            ids, labels = next(encoded)  # encoded whole, then cut here: so that truncation can be counted
             if len(ids) > seq_len:
                 stats["truncated"] += 1
                 ids, labels = ids[:seq_len], labels[:seq_len]
@@ -240,6 +237,23 @@ def encode_records(tokenizer: Any, records: Iterable[Record], seq_len: int, stat
                             f"({len(dropped)} prompt(s) too long); raise seq_len or shorten the prompts")
         log.warning("dropped %d record(s) whose prompt fills seq_len=%d (first: %s); raise seq_len to keep them",
                     len(dropped), seq_len, dropped[0])
+
+
+def _conversation(r: Record) -> list:
+    return [Message("user", r.prompt), Message("assistant", r.response)] if r.kind == "instruction" else list(r.messages)
+
+
+def _encode_pairs(tokenizer: Any, records: list[Record]) -> list[tuple[list[int], list[int]]]:
+    """Uncut ``(ids, labels)`` of instruction and chat records, batched; a failure names its record's source."""
+    try:
+        return encode_chats(tokenizer, [_conversation(r) for r in records], _UNCUT)
+    except DataError:
+        for r in records:  # find the record that fails, to name it
+            try:
+                encode_chat(tokenizer, _conversation(r), _UNCUT)
+            except DataError as e:
+                raise DataError(f"{r.source}: {e}") from None
+        raise
 
 
 def _counted(stats: dict[str, Any], ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:

@@ -103,3 +103,21 @@ def test_tool_turns_render_in_the_plain_template_with_the_call_trained(preset_to
     trained = preset_tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE])
     assert trained == '{"name": "get_rate", "arguments": {"currency": "EUR"}}<|endoftext|>1.08 USD.<|endoftext|>'
     assert encode_prompt(preset_tokenizer, chat.messages[:3]) == prompt_ids(ids, labels, reply=1)
+
+
+def test_many_conversations_encode_at_once_exactly_as_one_by_one(tok):
+    """encode_chats (what tokenising a corpus uses: two tokenizer calls per chunk with the plain template)
+    gives each conversation the ids and labels of encode_chat, with system and tool turns, several replies,
+    control-token text in user content, and a cut at seq_len."""
+    from dsft.data.prompt import encode_chats
+
+    conversations = [
+        [{"role": "user", "content": "What is EBITDA?"}, {"role": "assistant", "content": "Earnings before interest."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say <|endoftext|> twice"},
+         {"role": "assistant", "content": "No."}, {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Policy."}],
+        [{"role": "user", "content": "Rate?"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "rate", "arguments": {"ccy": "EUR"}}}]},
+         {"role": "tool", "content": "3.1%"}, {"role": "assistant", "content": "It is 3.1%."}],
+    ]
+    for seq_len in (1 << 20, 12):
+        assert encode_chats(tok, conversations, seq_len) == [encode_chat(tok, c, seq_len) for c in conversations]
