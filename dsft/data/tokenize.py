@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from dsft.data.files import Record
-from dsft.data.records import Message
 from dsft.data.packing import Sequences, best_fit, pack_rows
 from dsft.data.prompt import IGNORE, encode_chat, encode_chats, encode_instruction, pad_id
 from dsft.data.prompt import check_seq_len as _check_seq_len
 from dsft.data.prompt import encode_texts as _encode_batch
 from dsft.data.prompt import eos_id as _eos_id
+from dsft.data.records import Message
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft.data")
