@@ -117,6 +117,15 @@ def size_stage(stage: Stage, *, cuda: bool, lengths: Callable[[], Sequence[int]]
     return StepSize(seq, batch, micro, tuple(chosen) if cuda else (), world)
 
 
+def on_cpu(stage: Stage) -> Stage:
+    """``stage`` with the CPU's step wherever it sets none (a stage straight from :func:`load_recipe`, used
+    through the Python API without a run to size it)."""
+    if None not in (stage.seq_len, stage.batch_size, stage.micro_batch_size):
+        return stage
+    z = size_stage(stage, cuda=False)
+    return replace(stage, seq_len=z.seq_len, batch_size=z.batch_size, micro_batch_size=z.micro_batch_size)
+
+
 def sized(recipe: Recipe, sizes: Sequence[StepSize]) -> Recipe:
     """``recipe`` with every stage's step fields set (what the run trains and records)."""
     stages = tuple(replace(s, seq_len=z.seq_len, batch_size=z.batch_size, micro_batch_size=z.micro_batch_size)

@@ -18,6 +18,7 @@ from dsft.data.user_data import GENERATED_SOURCES, USER_SOURCES, UserData
 from dsft.errors import DataError
 from dsft.eval.heldout import corpus, pair_records, raw_records
 from dsft.recipes.schema import Phase, Stage
+from dsft.recipes.sizing import on_cpu
 
 
 def source_records(name: str, pack, general, user_records: UserData | Sequence[Record], as_text: bool) -> list[Record]:
@@ -107,9 +108,11 @@ def phase_steps(stage: Stage, steps: int) -> dict[str, int]:
 
 
 def stage_steps(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record]) -> int:
-    """The stage's ``steps``, or for ``epochs``: epochs x the packed rows that all its examples fill, / batch_size."""
+    """The stage's ``steps``, or for ``epochs``: epochs x the packed rows that all its examples fill, / batch_size
+    (an unsized stage: the CPU's step, :func:`dsft.recipes.sizing.on_cpu`)."""
     if stage.steps is not None:
         return stage.steps
+    stage = on_cpu(stage)
     as_text = stage.kind_spec.reads == "text"
     names = {n for phase in stage.mixtures for n in phase_weights(stage, phase, _placed(user_records))}
     lengths = [length for n in sorted(names)
@@ -157,7 +160,9 @@ class StageData:
     @staticmethod
     def build(stage: Stage, pack, general, tokenizer, user_records: Sequence[Record], seed: int,
               steps: int | None = None) -> StageData:
-        """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data."""
+        """Mix the stage's sources for ``steps`` steps (default: the stage's); the same seed gives the same data.
+        An unsized stage (straight from a recipe file) takes the CPU's step (:func:`dsft.recipes.sizing.on_cpu`)."""
+        stage = on_cpu(stage)
         steps = steps or stage_steps(stage, pack, general, tokenizer, user_records)
         as_text = stage.kind_spec.reads == "text"
         tokenised: dict[str, SequenceSource] = {}

@@ -1,8 +1,11 @@
-"""The main job, end to end through the real CLI: `dsft train --domain finance` on the default tiny base."""
+"""The main job, end to end through the real CLI: `dsft train --domain finance` on the default tiny base,
+and the README's tour run verbatim after it (the printed lines must say what the README says they say)."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +16,58 @@ import torch
 from dsft.adapter_format import read_manifest, verify_files
 
 
-def dsft(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dsft.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def dsft(*args: str, home: Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # COLUMNS: as wide as the README's lines, so that rich wraps nothing
+    env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "dsft.cli", *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"dsft {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
 
 
+def tour() -> list[tuple[str, list[str]]]:
+    """The README tour's console commands, in order, each with the lines the README shows it printing."""
+    section = README.read_text().split("## A short tour", 1)[1].split("\n## ", 1)[0]
+    steps: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            else:
+                steps[-1][1].append(line)
+    return steps
+
+
+def shape(line: str, home: Path) -> str:
+    """What a printed line says without its figures, hashes, dates and home directory."""
+    line = line.replace(str(home), "~/.dsft")
+    line = re.sub(r"\b[0-9a-f]{12}\b", "<id>", line)
+    line = re.sub(r"\d[\d,.]*\d|\d", "9", line)
+    return " ".join(line.split())
+
+
+def argv(command: str) -> tuple[list[str], int]:
+    """A README command as arguments (without the leading ``dsft``), and the exit code its comment promises."""
+    code = re.search(r"# exit code (\d+)", command)
+    args = shlex.split(command, comments=True)
+    assert args[0] == "dsft", command
+    return args[1:], int(code.group(1)) if code else 0
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, new_home):
-    """One real `dsft train --domain finance --json` run, shared by the tests of this module."""
+    """The README's first command, verbatim (``dsft train --domain finance``), shared by this module's tests:
+    its home, its registry row and what it printed."""
     home = new_home(tmp_path_factory.mktemp("e2e_home"))
-    proc = dsft("train", "--domain", "finance", "--json", home=home)
-    return home, json.loads(proc.stdout)
+    command, _ = tour()[0]
+    args, _ = argv(command)
+    assert args == ["train", "--domain", "finance"], "the README's main job"
+    proc = dsft(*args, home=home)
+    row = json.loads(dsft("registry", "show", "finance@0.1.0", "--json", home=home).stdout)
+    return home, {"adapter": row["ref"], "path": row["path"], "metrics": row["metrics"], "printed": proc.stdout + proc.stderr}
 
 
 def test_main_job_registers_finance_0_1_0_and_lowers_perplexity_by_20_percent(trained):
@@ -88,10 +129,33 @@ def test_plain_peft_loading_gives_the_same_logits_as_dsft(trained):
         torch.testing.assert_close(ours_model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_retraining_bumps_the_minor_version(trained):
-    home, _ = trained
-    proc = dsft("train", "--domain", "finance", "--max-steps", "2", "--json", home=home)
-    assert json.loads(proc.stdout)["adapter"] == "finance@0.2.0"
+def test_the_readme_tour_runs_verbatim_and_prints_what_the_readme_shows(trained, tmp_path):
+    """Every ``$ dsft`` line of the tour, in order, in the main job's home (retraining bumps the minor version,
+    tags, the registry's list and checks, generate and export): the exit code the README promises, and every
+    line the README shows printed (figures, hashes and paths aside; tables, progress bars and the generated
+    words are not compared, ``...`` marks lines left out). `serve` and `curl` are the server tests' (tests/serve)."""
+    home, result = trained
+    steps = tour()
+    printed = {0: result["printed"]}
+    for i, (command, _) in enumerate(steps[1:], start=1):
+        args, code = argv(command) if command.startswith("dsft ") else ([], 0)
+        if not args or args[0] == "serve":
+            continue
+        proc = dsft(*args, home=home, check=False, cwd=tmp_path)
+        assert proc.returncode == code, f"{command}: exit code {proc.returncode}\n{proc.stderr[-2000:]}"
+        printed[i] = proc.stdout + proc.stderr
+    if os.environ.get("DSFT_TEST_ARTIFACTS"):  # what the tour printed today, to refresh the README's figures from
+        out_dir = Path(os.environ["DSFT_TEST_ARTIFACTS"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "readme-tour.txt").write_text("".join(f"$ {steps[i][0]}\n{printed[i]}\n" for i in sorted(printed)))
+    assert "finance@0.2.0" in printed[1] and "production" in printed[3]  # the retrain and the tag, in the list
+    for i, out in printed.items():
+        got = {shape(line, home) for line in out.splitlines()}
+        shown = steps[i][1][1:] if steps[i][0].startswith("dsft generate") else steps[i][1]  # [0]: the model's words
+        for line in shown:
+            if line.strip() in ("", "...") or re.search("[━┃│┏┡└]", line):
+                continue
+            assert shape(line, home) in got, f"README line of `{steps[i][0]}` not printed:\n  {line}\nprinted:\n{out}"
 
 
 def test_same_seed_same_adapter_and_user_data_joins_the_mixture(home, tmp_path):

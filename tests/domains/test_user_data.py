@@ -10,6 +10,7 @@ import pytest
 from dsft.data.user_data import UserData, load_user_data
 from dsft.domains import general_pack, generate_corpus, new_domain, resolve_domain
 from dsft.recipes.schema import load_recipe
+from dsft.recipes.sizing import on_cpu
 from dsft.recipes.sources import StageData, phase_weights
 
 
@@ -32,7 +33,7 @@ def test_the_domains_own_data_is_the_mixture_and_its_held_out_share_never_trains
     held = {r.text for r in user.heldout}
     assert not held & {r.text for r in user.sources["domain.user"]}
 
-    stage = load_recipe("lora").stages[0]  # names domain.instruct: the default, not a request for generated text
+    stage = on_cpu(load_recipe("lora").stages[0])  # names domain.instruct: the default, not a request for generated text
     data = StageData.build(stage, pack, general_pack(), AutoTokenizer.from_pretrained(tiny_base_dir), user, seed=0, steps=2)
     assert data.realised == {"domain.user": 2 * stage.batch_size}
 
