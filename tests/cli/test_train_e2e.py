@@ -15,7 +15,6 @@ import torch
 
 from dsft.adapter_format import read_manifest, verify_files
 
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
