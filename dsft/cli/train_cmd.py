@@ -16,6 +16,7 @@ from dsft.cli.common import (
     console,
     data_sources,
     err_console,
+    fail,
     guarded,
     print_json,
     split_data_args,
@@ -92,6 +93,15 @@ class _ProgressView:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def resume_command() -> str:
+    """This very command line with ``--resume``: what continues an interrupted run."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:]
+    return shlex.join(["dsft", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 LAUNCH_OPTIONS = {"num_gpus", "backend", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
@@ -248,6 +258,10 @@ def train_command(
         if getattr(exc, "from_rank0", False):
             raise typer.Exit(exc.exit_code) from None
         raise
+    except KeyboardInterrupt:
+        view._close()
+        fail(f"interrupted; nothing was registered. Continue from the run's last checkpoint (every "
+             f"{checkpoint_every} steps and at each stage's end) with: {resume_command()}", 130)
     finally:
         view._close()
         dist.close()

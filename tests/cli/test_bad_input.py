@@ -87,3 +87,18 @@ def test_non_moe_base_is_refused_with_the_supported_list(home, tmp_path):
 def test_debug_shows_the_traceback(home):
     proc = run(home, "--debug", "train", "--domain", "astrology")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_ctrl_c_during_training_names_the_command_that_resumes(home, monkeypatch):
+    import dsft.recipes.runner
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsft.recipes.runner, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["dsft", "train", "--domain", "legal", "stages.0.lr=2e-4"])
+    out = run_inline("train", "--domain", "legal", "stages.0.lr=2e-4")
+    assert out.returncode == 130
+    assert "interrupted; nothing was registered" in out.stderr
+    assert out.stderr.strip().endswith("with: dsft train --domain legal stages.0.lr=2e-4 --resume")
+    assert "Traceback" not in out.stderr and not (home / "adapters").exists()
