@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.adapter_format import ESFT_FILE, RECIPE_FILE, TERMS_FILE
+from dsft.adapters.card import CARD_FILE, hub_name, model_card, point_peft_config_at
 from dsft.adapters.esft import save_esft
 from dsft.adapters.store import write_manifest, write_weights
 from dsft.adapters.terms import TermPlan, save_terms
@@ -73,6 +74,11 @@ def publish_adapter(reg, domain: str, kind: str, base: TrainedOn, write_files: C
                 except NotFoundError:
                     parent = None
             version = tx.next_adapter_version(domain=domain, base_fingerprint=base.fingerprint)
+            hub = hub_name(base.name, base.source)
+            point_peft_config_at(tmp, hub)
+            write_text_atomic(tmp / CARD_FILE, model_card(
+                ref=f"{domain}@{version}", kind=kind, base=hub, base_fingerprint=str(base.fingerprint.get("id", "")),
+                metrics=metrics, recipe=recipe, added_tokens=len(fields.get("added_tokens") or ())))
             manifest, sha = write_manifest(tmp, {**fields, "version": version})
             final = tx.place_dir(tmp, domain=domain, version=version)  # renamed back if the transaction fails
             return tx.add_adapter(domain=domain, version=version, kind=kind, path=str(final), manifest=manifest.to_dict(),
