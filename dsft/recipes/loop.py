@@ -26,6 +26,8 @@ class StepInfo:
     lr: float
     tokens_per_s: float
     imbalance: float
+    grad_norm: float | None = None
+    """Total gradient norm before clipping (None when the stage does not clip)."""
 
 
 def micro_batches(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[str, torch.Tensor]]:
@@ -127,11 +129,16 @@ def train_steps(
             lm = lm.to(part_lm.device) + part_lm.detach() * weight
         if sync is not None:
             sync.after_backward(params)
+        norm = None
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lm_value, aux_value = lm.item(), aux.item() if aux is not None else None
+        # one device sync for the step's figures
+        figures = [lm, aux if aux is not None else lm, norm if norm is not None else lm]
+        lm_value, aux_value, norm_value = torch.stack([f.float().to(lm.device) for f in figures]).tolist()
+        aux_value = aux_value if aux is not None else None
         n_tokens = int(batch["attention_mask"].sum())
         if sync is not None:
             lm_value, aux_value, n_tokens = sync.metrics(step, lm_value, aux_value)
@@ -141,7 +148,7 @@ def train_steps(
         losses.append(lm_value)
         if on_step:
             on_step(StepInfo(step + 1, steps, lm_value, aux_value or 0.0, peak_lrs[0] * scale,
-                             n_tokens / (time.perf_counter() - t0), probe.imbalance()))
+                             n_tokens / (time.perf_counter() - t0), probe.imbalance(), norm_value if norm is not None else None))
         if after_step:
             after_step(step + 1, losses)
     return losses

@@ -35,6 +35,7 @@ from dsft.base.loading import BaseRef, default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
+from dsft.eval.tracking import parse_report_to
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
@@ -138,6 +139,7 @@ def train(
     dist: Dist | None = None,
     eval_data: list[str | Path] | tuple = (),
     generated: bool = False,
+    report_to: str = "tensorboard",
 ) -> TrainResult:
     """Train a domain adapter and register it.
 
@@ -182,6 +184,7 @@ def train(
     if keep_layers != "auto" and not (isinstance(keep_layers, int) and keep_layers >= 0):
         raise UsageError(f"--keep-layers must be a number >= 0 or auto, got {keep_layers!r}")
     check_device(device)
+    trackers = parse_report_to(report_to)
     dist = dist if dist is not None else Dist.from_env(device)
     started = time.perf_counter()
     with dist.local_main_first():  # a preset is built once per machine
@@ -196,8 +199,14 @@ def train(
         run.open_run(resume)
         run.load(trust_remote_code)
         run.attach(keep_layers, compile_layers)
-        run.run_stages()
-        return run.publish()
+        run.track(trackers)
+        result = None
+        try:
+            run.run_stages()
+            result = run.publish()
+            return result
+        finally:
+            run.untrack(result.adapter if result else None)
     finally:
         plan.close()
 
@@ -209,12 +218,16 @@ class Events:
     def __init__(self, on_event: Event | None):
         self.on_event = on_event
         self.log: list[dict[str, Any]] = []
+        self.listeners: list[Event] = []
+        """Also told every event (live trackers)."""
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "step":
             i = payload["info"]
             self.log.append({"stage": payload["stage"], "step": i.step, "loss": i.loss, "lr": i.lr,
                              "tokens_per_s": i.tokens_per_s, "aux_loss": i.aux_loss, "imbalance": i.imbalance})
+        for listen in self.listeners:
+            listen(kind, payload)
         if self.on_event is not None:
             self.on_event(kind, payload)
 
@@ -335,6 +348,26 @@ class Training:
                 compile_decoder_layers(self.trained_model)
         if self.run is None:
             self.run = dist.on_main(lambda: RunDir.create(plan.runs_root, plan.key, recipe_yaml(rec)))
+
+    def track(self, names: tuple[str, ...]) -> None:
+        """Live tracking (:mod:`dsft.eval.tracking`) into the run directory's ``tracking/``, on the main rank."""
+        self.tracker = None
+        if not names or not self.dist.main:
+            return
+        from dsft.eval.tracking import RunTracker
+
+        plan = self.plan
+        params = {"domain": plan.pack.name, "base": plan.base.name, "seed": plan.seed, "recipe": plan.recipe.to_data()}
+        self.tracker = RunTracker(names, self.run.name, self.run.path / "tracking", params)
+        self.tracker.log({f"eval/{k}_before": v for k, v in self.before.items() if isinstance(v, (int, float))})
+        self.emit.listeners.append(self.tracker)
+
+    def untrack(self, adapter: str | None) -> None:
+        """Close the trackers, recording the adapter's ref when one was registered."""
+        tracker, self.tracker = getattr(self, "tracker", None), None
+        if tracker is not None:
+            self.emit.listeners.remove(tracker)
+            tracker.finish(adapter)
 
     # --- 5. run_stages ---------------------------------------------------------------------------
 
