@@ -97,7 +97,7 @@ def test_adapter_files_are_small_and_safetensors_only(trained):
     assert rows["embed"].shape[0] == len(manifest.added_tokens)  # the added rows only, never the whole matrix
 
 
-def test_plain_peft_loading_gives_the_same_logits_as_dsft(trained):
+def test_plain_peft_loading_gives_the_same_logits_as_dsft(trained, monkeypatch):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +109,7 @@ def test_plain_peft_loading_gives_the_same_logits_as_dsft(trained):
     home, result = trained
     path = Path(result["path"])
     manifest = read_manifest(path)
-    os.environ["DSFT_HOME"] = str(home)
+    monkeypatch.setenv("DSFT_HOME", str(home))  # for this test only: other files share the worker process
     ours = load_base("tiny-deepseek-v2", device="cpu")
     ours_model = load_adapter(ours.model, ours.tokenizer, path)
 

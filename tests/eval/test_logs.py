@@ -9,10 +9,34 @@ from dsft.cli.main import app
 from dsft.eval.logs import plot_loss, read_training_log, summarize
 
 
+def _scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = sorted((run_dir / "tracking").glob("*/events.out.tfevents.*"))
+    assert logs, f"no TensorBoard events under {run_dir / 'tracking'}"
+    acc = EventAccumulator(str(logs[0].parent))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def test_training_writes_a_log_that_dsft_logs_summarises_and_plots(home, tmp_path):
+    """The adapter's own log (JSONL + TensorBoard), and the live tracking of the run (--report-to tensorboard,
+    the default): events on disk while it trains."""
     import dsft
 
-    result = dsft.train(domain="medical", max_steps=4)
+    seen = {}
+
+    def on_event(kind, payload):
+        if kind == "step" and payload["info"].step == 2:  # mid-run: steps 1 and 2 are on disk, 3 and 4 to come
+            (run_dir,) = (home / "runs").iterdir()
+            seen.update(_scalars(run_dir))
+
+    result = dsft.train(domain="medical", max_steps=4, on_event=on_event)
+    assert [s for s, _ in seen["train/loss"]] == [1, 2]
+    live = _scalars(home / "runs" / result.metrics["run"])
+    assert [s for s, _ in live["train/loss"]] == [1, 2, 3, 4]
+    assert all(v > 0 for _, v in live["train/grad_norm"]) and len(live["train/lr"]) == 4
+    assert {"eval/domain_loss_before", "eval/domain_loss", "eval/general_loss"} <= set(live)
     records = read_training_log(result.path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["imbalance"] >= 1.0 and r["tokens_per_s"] > 0 for r in records)

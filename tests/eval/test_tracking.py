@@ -1,4 +1,5 @@
-"""Live tracking through accelerate's trackers: TensorBoard events written while the run trains."""
+"""Live tracking through accelerate's trackers: what --report-to takes, and a recipe as run parameters (the events
+written while a run trains are checked in tests/eval/test_logs.py, on the run that test trains)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,34 +8,6 @@ import pytest
 
 from dsft.errors import UsageError
 from dsft.eval.tracking import flat_params, parse_report_to
-
-
-def _scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logs = sorted((run_dir / "tracking").glob("*/events.out.tfevents.*"))
-    assert logs, f"no TensorBoard events under {run_dir / 'tracking'}"
-    acc = EventAccumulator(str(logs[0].parent))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def test_tensorboard_events_are_written_while_the_run_trains(home):
-    import dsft
-
-    seen = {}
-
-    def on_event(kind, payload):
-        if kind == "step" and payload["info"].step == 2:  # mid-run: steps 1 and 2 are on disk, step 3 is to come
-            (run_dir,) = (home / "runs").iterdir()
-            seen.update(_scalars(run_dir))
-
-    result = dsft.train(domain="medical", max_steps=3, on_event=on_event)
-    assert [s for s, _ in seen["train/loss"]] == [1, 2]
-    final = _scalars(home / "runs" / result.metrics["run"])
-    assert [s for s, _ in final["train/loss"]] == [1, 2, 3]
-    assert all(v > 0 for _, v in final["train/grad_norm"]) and len(final["train/lr"]) == 3
-    assert {"eval/domain_loss_before", "eval/domain_loss", "eval/general_loss"} <= set(final)
 
 
 def test_report_to_names_trackers_and_refuses_what_it_cannot_track():
