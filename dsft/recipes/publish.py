@@ -7,6 +7,7 @@ directory rename back.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from dsft.adapter_format import ESFT_FILE, RECIPE_FILE, TERMS_FILE
 from dsft.adapters.card import CARD_FILE, hub_name, model_card, point_peft_config_at
-from dsft.adapters.esft import save_esft
+from dsft.adapters.esft import EsftState, save_esft
 from dsft.adapters.store import write_manifest, write_weights
 from dsft.adapters.terms import TermPlan, save_terms
 from dsft.atomic import staging_dir, write_text_atomic
@@ -114,3 +115,34 @@ def publish_trained(reg, model, esft, plan: TermPlan, loaded, domain: str, kind:
     record = publish_adapter(reg, domain, kind, TrainedOn.of(loaded), write_files, recipe=rec.to_data(), metrics=metrics)
     return Path(record.path), record.version
 
+
+def run_metrics(before: dict[str, float], stages: list[dict[str, Any]], trained: dict[str, int], terms: TermPlan,
+                esft: EsftState | None, n_experts: int, seconds: float, run: str) -> dict[str, Any]:
+    """The adapter's metrics: held-out figures before and after, size, stages, wall time."""
+    after = stages[-1]["eval"]
+    metrics = {
+        "eval_loss_before": before["domain_loss"], "eval_loss_after": after["domain_loss"],
+        "eval_ppl_before": before["domain_ppl"], "eval_ppl_after": after["domain_ppl"],
+        "general_loss_before": before["general_loss"], "general_loss_after": after["general_loss"],
+        "ppl_reduction": round(1 - after["domain_ppl"] / before["domain_ppl"], 4),
+        "trainable_params": sum(trained.values()),
+        "added_tokens": len(terms.terms), "stages": stages,
+        "wall_seconds": round(seconds, 1), "run": run,
+    }
+    if esft:
+        chosen = sum(len(v) for v in esft.selection.values())
+        metrics["esft"] = {**esft.to_json(), "selected_share": round(chosen / max(1, n_experts * len(esft.selection)), 4)}
+    return metrics
+
+
+def copy_out(path: Path, output: Path) -> None:
+    """Copy the adapter to ``output``, replacing an older dsft adapter there atomically."""
+    with staging_dir(output) as tmp:
+        shutil.copytree(path, tmp, dirs_exist_ok=True)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output)

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,22 +28,23 @@ from dsft.adapters.fast_lora import fold_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.qlora import quantize_base
 from dsft.adapters.terms import TermPlan, extend_model, plan_terms
-from dsft.atomic import staging_dir
 from dsft.base import DEFAULT_BASE, load_base
-from dsft.base.loading import BaseRef, default_device
+from dsft.base.loading import default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.eval.tracking import parse_report_to
 from dsft.kernels.compile import compile_decoder_layers
+from dsft.recipes.card_fit import fits_on_card, spare_recompute
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
 from dsft.recipes.distributed import Dist
 from dsft.recipes.prepare import RunPlan, prepare
+from dsft.recipes.publish import copy_out, run_metrics
 from dsft.recipes.publish import publish_trained as _publish
 from dsft.recipes.run_checks import check_device
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
-from dsft.recipes.sizing import PLAN_MARGIN, SAMPLE, StepSize, size_stage, sized
+from dsft.recipes.sizing import SAMPLE, StepSize, size_stage, sized
 from dsft.recipes.sources import StageData, example_lengths, stage_steps
 from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage
 
@@ -74,28 +74,6 @@ def _attach(model, spec, rec: Recipe):
     settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=rec.lora_groups or ("attention",))
     cfg = peft_config(model, spec, settings)
     return attach_lora(model, spec, settings), target_shapes(model, cfg)
-
-
-def _spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
-    """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner) out of activation
-    checkpointing; returns how many."""
-    layers = model.get_decoder().layers
-    if keep == "auto":
-        keep = 0
-        if not dist.enabled:  # sharded or replicated runs: per-GPU memory is not what the single-card plan assumes
-            from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
-
-            big = max(rec.stages, key=lambda s: s.micro_batch_size * s.seq_len)  # one forward's rows, not the step's
-            method = "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
-            req = PlanRequest(base=base.name, method=method, batch=big.micro_batch_size, seq=big.seq_len, lora_r=rec.adapter.r,
-                              new_terms=new_terms)
-            card = torch.cuda.get_device_properties(torch.device(device)).total_memory
-            keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card)
-    if keep > len(layers):
-        raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep}")
-    for layer in list(layers)[len(layers) - keep:] if keep else []:
-        layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
-    return keep
 
 
 def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | None = None, data: list[str | Path] | tuple = (),
@@ -293,25 +271,14 @@ class Training:
             ran = load_recipe(str(self.run.path / "recipe.yaml")).stages
             return [StepSize(s.seq_len, s.batch_size, s.micro_batch_size or -(-s.batch_size // world), (), world) for s in ran]
         context = getattr(self.model.config, "max_position_embeddings", None)
-        fits = self._fits() if self.cuda else None
+        fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target) if self.cuda else None
         return [size_stage(s, cuda=self.cuda, context=context, fits=fits, world=world,
                            lengths=partial(example_lengths, s, plan.pack, self.general, self.tokenizer, plan.user_records, SAMPLE))
                 for s in plan.recipe.stages]
 
-    def _fits(self) -> Callable[[int, int], bool]:
-        """Whether a micro-batch of ``m`` rows of ``seq`` tokens fits this card by ``dsft plan``'s memory model."""
-        from dsft.eval.plan import PlanRequest, count_model, estimate_memory
-
-        rec = self.plan.recipe
-        counts = count_model(self.plan.base, lora_r=rec.adapter.r)
-        card = torch.cuda.get_device_properties(torch.device(self.target)).total_memory
-        method = "esft" if rec.uses_esft else "qlora" if self.nf4 else "lora"
-        terms = 2 * len(self.plan.pack.terms) if rec.adapter.terms else 0
-
-        def fits(m: int, seq: int) -> bool:
-            req = PlanRequest(base=self.plan.base.name, method=method, batch=m, seq=seq, lora_r=rec.adapter.r, new_terms=terms)
-            return estimate_memory(counts, req)[0].total <= (1 - PLAN_MARGIN) * card
-        return fits
+    def _new_terms(self) -> int:
+        """Tokens the run will add (two forms per term), before they are planned: for the memory model."""
+        return 2 * len(self.plan.pack.terms) if self.plan.recipe.adapter.terms else 0
 
     def _before(self, model) -> dict[str, float]:
         return self.ckpt.state.before if self.ckpt else evaluate(model, self.base_sets, self.base_tokens, self.dist)
@@ -336,7 +303,7 @@ class Training:
         if self.cuda and not self.nf4 and not (dist.enabled and dist.sharding == "fsdp"):
             fold_lora(self.trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
         if self.cuda:
-            kept = _spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist)
+            kept = spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist)
             self.emit("recompute", {"kept_layers": kept, "layers": len(model.get_decoder().layers)})
         if self.ckpt:  # before sharding: the checkpoint holds whole tensors
             restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
@@ -462,7 +429,7 @@ class Training:
                                      plan.recipe, self.shapes, metrics, self.emit.log)
             self.run.finish(f"{domain}@{version}", path)
             if plan.output is not None:
-                _copy_out(path, plan.output)
+                copy_out(path, plan.output)
             return path, version
 
         with gathered(self.trained_model, self._saved):
@@ -470,34 +437,3 @@ class Training:
         self.emit("saved", {"adapter": f"{domain}@{version}", "path": str(path)})
         return TrainResult(f"{domain}@{version}", path, metrics, plan.recipe.to_data())
 
-
-def run_metrics(before: dict[str, float], stages: list[dict[str, Any]], trained: dict[str, int], terms: TermPlan,
-                esft: EsftState | None, n_experts: int, seconds: float, run: str) -> dict[str, Any]:
-    """The adapter's metrics: held-out figures before and after, size, stages, wall time."""
-    after = stages[-1]["eval"]
-    metrics = {
-        "eval_loss_before": before["domain_loss"], "eval_loss_after": after["domain_loss"],
-        "eval_ppl_before": before["domain_ppl"], "eval_ppl_after": after["domain_ppl"],
-        "general_loss_before": before["general_loss"], "general_loss_after": after["general_loss"],
-        "ppl_reduction": round(1 - after["domain_ppl"] / before["domain_ppl"], 4),
-        "trainable_params": sum(trained.values()),
-        "added_tokens": len(terms.terms), "stages": stages,
-        "wall_seconds": round(seconds, 1), "run": run,
-    }
-    if esft:
-        chosen = sum(len(v) for v in esft.selection.values())
-        metrics["esft"] = {**esft.to_json(), "selected_share": round(chosen / max(1, n_experts * len(esft.selection)), 4)}
-    return metrics
-
-
-def _copy_out(path: Path, output: Path) -> None:
-    """Copy the adapter to ``output``, replacing an older dsft adapter there atomically."""
-    with staging_dir(output) as tmp:
-        shutil.copytree(path, tmp, dirs_exist_ok=True)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)

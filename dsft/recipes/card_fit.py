@@ -1,0 +1,54 @@
+"""What fits on this GPU, by ``dsft plan``'s memory model: the micro-batch a stage can take
+(:func:`fits_on_card`, for :mod:`dsft.recipes.sizing`) and the layers that can skip activation recompute
+(:func:`spare_recompute`, ``--keep-layers auto``)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dsft.base.loading import BaseRef
+from dsft.errors import UsageError
+from dsft.recipes.distributed import Dist
+from dsft.recipes.schema import Recipe
+from dsft.recipes.sizing import PLAN_MARGIN
+
+
+def _method(rec: Recipe, nf4: bool) -> str:
+    return "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
+
+
+def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str) -> Callable[[int, int], bool]:
+    """``fits(m, seq)``: whether a micro-batch of ``m`` rows of ``seq`` tokens fits the card of ``device``
+    with :data:`dsft.recipes.sizing.PLAN_MARGIN` of it to spare."""
+    from dsft.eval.plan import PlanRequest, count_model, estimate_memory
+
+    counts = count_model(base, lora_r=rec.adapter.r)
+    card = torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+    def fits(m: int, seq: int) -> bool:
+        req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=m, seq=seq, lora_r=rec.adapter.r, new_terms=new_terms)
+        return estimate_memory(counts, req)[0].total <= (1 - PLAN_MARGIN) * card
+    return fits
+
+
+def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
+    """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner) out of activation
+    checkpointing; returns how many. ``rec`` is sized (:mod:`dsft.recipes.sizing`): a forward holds a
+    micro-batch, not the whole step."""
+    layers = model.get_decoder().layers
+    if keep == "auto":
+        keep = 0
+        if not dist.enabled:  # sharded or replicated runs: per-GPU memory is not what the single-card plan assumes
+            from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
+
+            big = max(rec.stages, key=lambda s: s.micro_batch_size * s.seq_len)
+            req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=big.micro_batch_size, seq=big.seq_len,
+                              lora_r=rec.adapter.r, new_terms=new_terms)
+            card = torch.cuda.get_device_properties(torch.device(device)).total_memory
+            keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card)
+    if keep > len(layers):
+        raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep}")
+    for layer in list(layers)[len(layers) - keep:] if keep else []:
+        layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
+    return keep
