@@ -13,16 +13,17 @@ from typing import Any
 import torch
 
 from dsft.errors import DataError, UsageError
+from dsft.eval.base_cache import base_key
 from dsft.eval.metrics import bootstrap_difference, bootstrap_loss, expert_usage, perplexity
 
 Progress = Callable[[str, int, int], None]
 """``(what is running now, steps done, steps in all)``."""
 
 
-def _nll(model, examples) -> tuple[list[float], list[int]]:
+def _nll(model, examples, base_key: str | None = None) -> tuple[list[float], list[int]]:
     from dsft.eval.losses import heldout_loss
 
-    r = heldout_loss(model, examples.to_dict())
+    r = heldout_loss(model, examples.to_dict(), base_key=base_key)
     return r["per_example"], r["per_example_tokens"]
 
 
@@ -168,7 +169,7 @@ def evaluate(ref: str, base: str | None = None, registry: str | None = None, mc:
     before = {}
     for k, v in base_sets.items():
         step(f"base on {names[k]}")
-        before[k] = _nll(loaded.model, v)
+        before[k] = _nll(loaded.model, v, base_key(loaded.fingerprint["id"], loaded.model))
     terms = plain_terms(list(manifest.added_tokens))
     dom = corpus(pack)
     texts = record_texts(user or raw_records(dom.raw_heldout) + pair_records(dom.instruct_heldout, False))

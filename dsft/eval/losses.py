@@ -30,14 +30,21 @@ def lm_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 4096) -> to
     return chunked_causal_lm_loss(hidden, base.get_output_embeddings(), batch["labels"], chunk_size)
 
 
-@torch.no_grad()
-def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
+def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16, base_key: str | None = None) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over held-out rows, plus each example's summed loss
     (``per_example``) and counted tokens (``per_example_tokens``) for bootstrap intervals.
 
     Rows packed with several examples (``position_ids`` restarting per example) are split at the
-    example boundaries; rows of padding only count as no example.
+    example boundaries; rows of padding only count as no example. ``base_key``: ``model`` is an unmodified
+    base (:func:`dsft.eval.base_cache.base_key`), whose figures are cached on disk.
     """
+    from dsft.eval.base_cache import cached_base_loss
+
+    return cached_base_loss(base_key, examples, batch_size, lambda: _heldout_loss(model, examples, batch_size))
+
+
+@torch.no_grad()
+def _heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
     model.eval()
     device = next(model.parameters()).device
     total, tokens, per_example, per_example_tokens = 0.0, 0, [], []

@@ -281,7 +281,13 @@ class Training:
         return 2 * len(self.plan.pack.terms) if self.plan.recipe.adapter.terms else 0
 
     def _before(self, model) -> dict[str, float]:
-        return self.ckpt.state.before if self.ckpt else evaluate(model, self.base_sets, self.base_tokens, self.dist)
+        if self.ckpt:
+            return self.ckpt.state.before
+        from dsft.eval.base_cache import base_key
+
+        # QLoRA measures its 4-bit base with LoRA and the term rows attached (new logits in the head): not the base alone
+        key = None if self.nf4 else base_key(self.loaded.fingerprint["id"], model)
+        return evaluate(model, self.base_sets, self.base_tokens, self.dist, key)
 
     # --- 4. attach -------------------------------------------------------------------------------
 

@@ -233,13 +233,15 @@ class Resume:
     selection: dict[int, tuple[int, ...]] | None = None
 
 
-def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int], dist: Dist | None = None) -> dict[str, float]:
+def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int], dist: Dist | None = None,
+             base_key: str | None = None) -> dict[str, float]:
     """Held-out loss per set, normalised by the *base* tokenizer's token count so before/after compare.
-    With several ranks, each evaluates its share of the examples and the sums are added up."""
+    With several ranks, each evaluates its share of the examples and the sums are added up. ``base_key``:
+    ``model`` is the unmodified base, measured once per base version and rows (:mod:`dsft.eval.base_cache`)."""
     dist = dist or Dist()
     out = {}
     for name, ex in sets.items():
-        r = heldout_loss(model, dist.eval_share(ex.to_dict()))
+        r = heldout_loss(model, dist.eval_share(ex.to_dict()), base_key=base_key if not dist.enabled else None)
         summed, _ = dist.all_sum([r["loss"] * r["tokens"], r["tokens"]])
         loss = summed / base_tokens[name]
         out[f"{name}_loss"] = round(loss, 5)

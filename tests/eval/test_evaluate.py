@@ -37,3 +37,26 @@ def test_eval_reports_gain_forgetting_terms_experts_and_records_verified(home, t
     assert rows["domain"]["difference"] < 0  # the longer-trained version is better on its domain
     lo, hi = rows["domain"]["difference_ci"]
     assert lo <= rows["domain"]["difference"] <= hi
+
+
+def test_the_base_is_measured_once_per_version_and_rows(home, tiny_base_dir):
+    """Held-out figures of an unmodified base are cached by its fingerprint and the rows: the second measurement
+    reads the file and returns the same numbers; other rows or another base version are measured anew."""
+    import torch
+
+    from dsft.base import load_base
+    from dsft.eval.base_cache import base_key
+    from dsft.eval.losses import heldout_loss
+
+    loaded = load_base("tiny-deepseek-v2", device="cpu")
+    ids = torch.randint(0, 400, (3, 32), generator=torch.Generator().manual_seed(0))
+    rows = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    key = base_key(loaded.fingerprint["id"], loaded.model)
+    first = heldout_loss(loaded.model, rows, base_key=key)
+    (cached,) = (home / "cache" / "base-heldout").iterdir()
+    with torch.no_grad():
+        loaded.model.get_output_embeddings().weight.mul_(0)  # a changed model under the same key: the cache answers
+    assert heldout_loss(loaded.model, rows, base_key=key) == first
+    assert heldout_loss(loaded.model, rows) != first  # without a key nothing is cached
+    assert heldout_loss(loaded.model, rows, base_key=key.replace(loaded.fingerprint["id"], "0" * 64)) != first
+    assert len(list(cached.parent.iterdir())) == 2
