@@ -46,6 +46,13 @@ def point_peft_config_at(directory: Path, base: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def front_matter(base: str, library_name: str, tags: list[str]) -> str:
+    """The Hub's YAML header of a model card (the base's license applies: dsft cannot know it)."""
+    lines = ["---", f"base_model: {base}", f"library_name: {library_name}", "license: other  # the base model's license applies",
+             "tags:", *(f"- {t}" for t in tags), "---", ""]
+    return "\n".join(lines) + "\n"
+
+
 def _figures(metrics: Mapping[str, Any]) -> list[str]:
     """Table rows: the headline held-out set (the user's, else the pack's generated text), then general text."""
     h = metrics.get("headline") or ({"set": "generated pack text", "ppl_before": metrics["eval_ppl_before"],
@@ -62,9 +69,7 @@ def model_card(*, ref: str, kind: str, base: str, base_fingerprint: str, metrics
     domain = ref.split("@", 1)[0]
     method = "esft" if kind.startswith("esft") else "lora"
     peft = method == "lora"
-    front = ["---", f"base_model: {base}", f"library_name: {'peft' if peft else 'dsft'}",
-             "license: other  # the base model's license applies", "tags:",
-             *(f"- {t}" for t in ("dsft", "domain-adaptation", domain, method, "mixture-of-experts")), "---", ""]
+    front = front_matter(base, "peft" if peft else "dsft", ["dsft", "domain-adaptation", domain, method, "mixture-of-experts"])
     what = ("LoRA on attention, shared and routed experts (PEFT format: `adapter_config.json` + `adapter_model.safetensors`)"
             if peft else "the weights of the routed experts this domain uses (expert-specialised fine-tuning, `esft.safetensors`)")
     terms = (f" It adds {added_tokens} domain-term tokens, whose embedding and output rows are in `terms.safetensors`."
@@ -90,4 +95,4 @@ def model_card(*, ref: str, kind: str, base: str, base_fingerprint: str, metrics
              f"$ dsft export {ref} --format {'peft' if peft else 'merged'} --out exported   # "
              + ("plain PEFT files for `AutoPeftModelForCausalLM`" if peft else "full weights with the experts merged in"),
              "```", ""]
-    return "\n".join(front + body)
+    return front + "\n".join(body)

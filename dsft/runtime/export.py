@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, Manifest
-from dsft.adapters.card import hub_name
+from dsft.adapters.card import front_matter, hub_name
 from dsft.atomic import staging_dir, write_json_atomic, write_text_atomic
 from dsft.errors import IncompatibleError, UsageError
 from dsft.runtime.weights import read_verified
@@ -141,17 +141,7 @@ def _peft_with_trainable_tokens(directory: Path, manifest: Manifest, base_dir: P
     return {PEFT_PREFIX + k: v.contiguous() for k, v in out.items()}, config
 
 
-README_PEFT = """---
-base_model: {hub}
-library_name: peft
-license: other  # the base model's license applies
-tags:
-- dsft
-- domain-adaptation
-- lora
----
-
-# {ref}: a dsft domain adapter, exported for plain PEFT
+README_PEFT = """# {ref}: a dsft domain adapter, exported for plain PEFT
 
 LoRA adapter (PEFT {peft_version} format) for `{base}` (architecture `{arch}`, base fingerprint `{fp}`).
 {terms}
@@ -208,8 +198,9 @@ def export_peft(ref: str, out: str | Path, *, base: str | None = None, registry:
         resize = "model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))\n" if added else ""
         terms = TERMS_NOTE.format(n=len(added), start=manifest.term_start, end=int(manifest.term_start or 0) + len(added) - 1,
                                   examples=", ".join(f"`{t}`" for t in added[:3]), rows=rows, size=len(tokenizer)) if added else ""
-        write_text_atomic(tmp / "README.md", README_PEFT.format(
-            hub=hub_name(base_ref.name, base_ref.source), ref=rec.ref, peft_version=peft.__version__, base=base_ref.name, arch=fp["architecture"], fp=fp["id"][:12],
+        write_text_atomic(tmp / "README.md", front_matter(hub_name(base_ref.name, base_ref.source), "peft",
+                                                          ["dsft", "domain-adaptation", "lora"]) + README_PEFT.format(
+            ref=rec.ref, peft_version=peft.__version__, base=base_ref.name, arch=fp["architecture"], fp=fp["id"][:12],
             terms=terms, out=out, base_path=base_ref.path, resize=resize,
             tok_note=f" + {len(added)} domain terms" if added else ""))
         write_json_atomic(tmp / "dsft_export.json", _provenance(rec, fp, "peft"))
@@ -217,17 +208,7 @@ def export_peft(ref: str, out: str | Path, *, base: str | None = None, registry:
     return ExportResult(rec.ref, "peft", out, sorted(p.name for p in out.iterdir()))
 
 
-README_MERGED = """---
-base_model: {hub}
-library_name: transformers
-license: other  # the base model's license applies
-tags:
-- dsft
-- domain-adaptation
-- merge
----
-
-# {ref} merged into {base}
+README_MERGED = """# {ref} merged into {base}
 
 Full weights: `{base}` (fingerprint `{fp}`) with the dsft adapter `{ref}` merged in{terms}.
 Load it like any Hugging Face model:
@@ -284,8 +265,9 @@ def export_merged(ref: str, out: str | Path, *, base: str | None = None, registr
             shutil.rmtree(src)
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_text_atomic(tmp / "README.md", README_MERGED.format(
-            hub=hub_name(base_ref.name, base_ref.source), ref=rec.ref, base=base_ref.name, fp=fp["id"][:12], out=out,
+        write_text_atomic(tmp / "README.md", front_matter(hub_name(base_ref.name, base_ref.source), "transformers",
+                                                          ["dsft", "domain-adaptation", "merge"]) + README_MERGED.format(
+            ref=rec.ref, base=base_ref.name, fp=fp["id"][:12], out=out,
             terms=f" and its {len(added)} domain terms added to the vocabulary" if added else ""))
         write_json_atomic(tmp / "dsft_export.json", _provenance(rec, fp, "merged"))
         _publish(tmp, out)
