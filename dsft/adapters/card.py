@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dsft.adapter_format import PEFT_CONFIG_FILE
+from dsft.base.loading import looks_like_hub_id
 
 CARD_FILE = "README.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def hub_name(name: str, source: str) -> str:
@@ -31,7 +30,7 @@ def hub_name(name: str, source: str) -> str:
             saved = json.loads((Path(rest) / "config.json").read_text()).get("_name_or_path", "")
         except (OSError, ValueError):
             saved = ""
-        return saved if isinstance(saved, str) and _HUB_ID.match(saved) else Path(rest).name
+        return saved if isinstance(saved, str) and looks_like_hub_id(saved) else Path(rest).name
     return name
 
 

@@ -18,6 +18,11 @@ from dsft.errors import NotFoundError, UnsupportedModelError, UsageError, show
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` as the Hugging Face Hub spells a repository (not a relative or absolute path)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
 @dataclass(frozen=True)
 class BaseRef:
     """Where a base comes from: ``name`` as the user gave it, ``source`` as the registry records it."""
@@ -53,7 +58,7 @@ def resolve_base(base: str, revision: str | None = None) -> BaseRef:
         if not (path / "config.json").exists():
             raise NotFoundError(f"{base} is a directory but holds no config.json; point --base at a Hugging Face model directory")
         return BaseRef(base, f"path:{path.resolve()}", path.resolve())
-    if _HUB_ID.match(base) and not base.startswith((".", "/", "~")):
+    if looks_like_hub_id(base):
         from huggingface_hub import snapshot_download
 
         try:
