@@ -66,7 +66,8 @@ def run_train(a, data: Path, home: str) -> dict:
         data_plan = s.get("data", {})
         stages.append({"stage": s["stage"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
                        "padded_tokens_per_s": s["padded_tokens_per_s"], "padding_share": data_plan.get("padding_share"),
-                       "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size")})
+                       "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size"),
+                       "micro_batch_size": data_plan.get("micro_batch_size")})
     # The stage figures above include the compile warm-up of the first step; the steady rate is the median of
     # the per-step rates in the adapter's training log after the first two steps.
     log = Path(result["path"]) / "train_log.jsonl"

@@ -28,17 +28,30 @@ def router_probs(router_logits: torch.Tensor, scores: str = "softmax") -> torch.
     return router_logits.float().softmax(-1)
 
 
+def expert_load(top_k_index: torch.Tensor, n_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-to-expert assignments per expert (fp32), counting each token's ``weights`` (1 for all by default)."""
+    index = top_k_index.reshape(len(top_k_index), -1)
+    w = torch.ones(index.shape, device=index.device) if weights is None else weights.float()[:, None].expand(index.shape)
+    return torch.zeros(n_experts, device=index.device).index_add_(0, index.reshape(-1), w.reshape(-1))
+
+
 def load_balancing_loss(router_logits: torch.Tensor, top_k_index: torch.Tensor, n_experts: int,
-                        scores: str = "softmax") -> torch.Tensor:
+                        scores: str = "softmax", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer auxiliary loss ``E * sum_i f_i * P_i`` for one layer (arXiv 2101.03961, eq. 4).
 
     ``f_i`` is the share of token-to-expert assignments that went to expert i, ``P_i`` the mean
     router probability of expert i (:func:`router_probs`). It is 1.0 for a perfectly balanced router.
+    ``weights`` (one per token, 0 or 1) leaves tokens out: padding is not routed traffic, and the loss over a
+    padded tail is the only gradient that reaches it (no label does), through hidden states that start from
+    the pad token's zero embedding. On the DeepSeek-V2-Lite shape in bf16 that made every step-1 gradient NaN;
+    with padding left out the run is finite (``benchmarks/results/2026-12-01-h200-issue21-nan.md``).
     """
     probs = router_probs(router_logits, scores)
-    counts = torch.histc(top_k_index.reshape(-1).float(), bins=n_experts, min=0, max=n_experts - 1)
+    w = torch.ones(len(probs), device=probs.device) if weights is None else weights.float()
+    counts = expert_load(top_k_index, n_experts, w)
     f = counts / counts.sum().clamp(min=1)
-    return n_experts * (f * probs.mean(0)).sum()
+    mean_probs = (probs * w[:, None]).sum(0) / w.sum().clamp(min=1)
+    return n_experts * (f * mean_probs).sum()
 
 
 @dataclass
@@ -64,7 +77,7 @@ class RouterProbe:
         self.n_experts = num_experts(self.spec, config)
         self.coef = aux_loss_coef(self.spec, config)
         self.n_layers = 0
-        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.model.get_decoder().layers):
             try:
                 router = layer.get_submodule(self.spec.router_attr)
@@ -77,19 +90,32 @@ class RouterProbe:
     def _hook(self, layer: int):
         def hook(module, args, output):
             logits, _, index = output
-            self._aux = self._aux + load_balancing_loss(logits, index, self.n_experts, self.spec.router_scores)
-            load = torch.histc(index.detach().reshape(-1).float(), bins=self.n_experts, min=0, max=self.n_experts - 1)
+            w = self._token_weights(len(logits))
+            self._aux = self._aux + load_balancing_loss(logits, index, self.n_experts, self.spec.router_scores, w)
+            load = expert_load(index.detach(), self.n_experts, w)
             self._imbalance = self._imbalance + load.max() / load.mean().clamp(min=1e-9)
             if self.keep_counts:
                 self.counts[layer] = self.counts.get(layer, 0) + load.long().cpu()
             if self.global_stats:  # one fixed key per layer, overwritten each pass (no growing container)
-                self._stats[layer] = (router_probs(logits, self.spec.router_scores).sum(0), load, logits.shape[0])
+                probs = router_probs(logits, self.spec.router_scores)
+                if w is None:
+                    self._stats[layer] = (probs.sum(0), load, torch.full((), float(len(logits)), device=logits.device))
+                else:
+                    self._stats[layer] = ((probs * w[:, None]).sum(0), load, w.sum())
         return hook
 
-    def reset(self) -> None:
-        """Forget the last forward pass (call before each training step)."""
+    def _token_weights(self, n_tokens: int) -> torch.Tensor | None:
+        """1.0 for the tokens of the forward pass that count, 0.0 for padding, as :meth:`reset` was told; None:
+        all count. A forward of another size than the mask's (an evaluation batch) counts every token."""
+        mask = self._mask
+        return mask if mask is not None and mask.numel() == n_tokens else None
+
+    def reset(self, attention_mask: torch.Tensor | None = None) -> None:
+        """Forget the last forward pass (call before each training step). ``attention_mask`` ([rows, seq], 1 on
+        real tokens) is the next forward's: its padding then stays out of the loss and the expert counts."""
         self._aux = torch.zeros(())
         self._imbalance = torch.zeros(())
+        self._mask = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean over MoE layers of the load-balancing loss of the last forward pass."""
@@ -109,7 +135,7 @@ class RouterProbe:
         layers = sorted(self._stats)
         probs = torch.stack([self._stats[i][0] for i in layers])
         loads = torch.stack([self._stats[i][1] for i in layers])
-        tokens = torch.tensor([[float(self._stats[i][2])] for i in layers], device=loads.device)
+        tokens = torch.stack([self._stats[i][2] for i in layers]).reshape(-1, 1).to(loads.device)
         totals = all_sum(torch.cat([loads.float(), tokens], 1))
         f = totals[:, :-1] / totals[:, :-1].sum(-1, keepdim=True).clamp(min=1)
         return (self.n_experts * (f * probs / totals[:, -1:]).sum(-1)).sum() / self.n_layers

@@ -43,16 +43,37 @@ def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int = 16,
     return cached_base_loss(base_key, examples, batch_size, lambda: _heldout_loss(model, examples, batch_size))
 
 
+EVAL_TOKENS = 16384
+"""Tokens per held-out forward at most: rows of GPU-sized ``seq_len`` (6,144 on an SFT-like set) 16 at a time
+made 37.5 GiB of fp32 logits on the DeepSeek-V2-Lite shape and ran out of memory after training."""
+HEAD_CHUNK = 4096
+"""Positions whose logits exist at once (the output head runs chunk by chunk)."""
+
+
+def token_nll(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Next-token negative log-likelihood per position ([rows, seq - 1], fp32; 0 where the label is -100),
+    from the decoder's hidden states, running the output head over ``chunk`` positions at a time."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    nll = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
+    for lo in range(0, len(target), chunk):
+        logits = head(h[lo : lo + chunk]).float()
+        nll[lo : lo + chunk] = F.cross_entropy(logits, target[lo : lo + chunk], ignore_index=-100, reduction="none")
+    return nll.view(labels.shape[0], -1)
+
+
 @torch.no_grad()
 def _heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
     model.eval()
     device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = max(1, min(batch_size, EVAL_TOKENS // max(1, examples["input_ids"].shape[1])))
     total, tokens, per_example, per_example_tokens = 0.0, 0, [], []
-    for i in range(0, examples["input_ids"].shape[0], batch_size):
-        batch = {k: v[i : i + batch_size].to(device) for k, v in examples.items() if v is not None}
+    for i in range(0, examples["input_ids"].shape[0], rows):
+        batch = {k: v[i : i + rows].to(device) for k, v in examples.items() if v is not None}
         labels, mask = batch["labels"], batch["attention_mask"]
-        logits = model(**model_inputs(batch), use_cache=False).logits
-        nll = causal_lm_loss(logits, labels, reduction="none").view(labels.shape[0], -1)
+        hidden = base.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
+        nll = token_nll(hidden, base.get_output_embeddings(), labels)
         counted = (labels[:, 1:] != -100)
         # each loss belongs to the example of its target position; one slot per (row, example)
         pos = batch.get("position_ids")

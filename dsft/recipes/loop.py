@@ -116,7 +116,7 @@ def train_steps(
         weights = token_shares(parts)
         lm, aux = torch.zeros(()), None
         for part, weight in zip(parts, weights):
-            probe.reset()
+            probe.reset(part.get("attention_mask"))  # padding stays out of the balancing loss
             objective, part_lm = loss_fn(model, part)
             part_aux = probe.aux_loss() if sync is None else sync.aux_loss(probe)
             if sync is not None:

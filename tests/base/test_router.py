@@ -48,3 +48,26 @@ def test_deepseek_v3_load_balancing_and_expert_scores_use_its_sigmoid_router(tin
         chosen = torch.zeros(36, 8).scatter_(1, index, 1.0).view(3, 12, 8).mean(1).mean(0) / 2
         torch.testing.assert_close(torch.tensor(scores.token[layer]), chosen, rtol=1e-5, atol=1e-6)
         assert abs(sum(scores.gate[layer]) - 1) < 1e-5
+
+
+def test_padding_stays_out_of_the_balancing_loss_and_gets_no_gradient_from_it(tiny_deepseek_v3):
+    model, spec = tiny_deepseek_v3, ARCHITECTURES["deepseek_v3"]
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded tail, as packed rows end
+    real = mask.reshape(-1).bool()
+    routed = _router_outputs(model, ids)
+    want = sum(load_balancing_loss(logits[real], index[real], 8, "sigmoid") for logits, index in routed.values()) / len(routed)
+
+    probe = RouterProbe(model, spec)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    probe.reset(mask)
+    model(inputs_embeds=embeds)
+    torch.testing.assert_close(probe.aux_loss(), want)
+    (grad,) = torch.autograd.grad(probe.aux_loss(), [embeds])
+    assert grad[1, 7:].abs().max() == 0 and grad[1, :7].abs().max() > 0
+
+    probe.reset()  # no mask: every token counts, the padded tail too
+    model(inputs_embeds=embeds)
+    (grad,) = torch.autograd.grad(probe.aux_loss(), [embeds])
+    assert grad[1, 7:].abs().max() > 0

@@ -154,3 +154,21 @@ def test_labelled_positions_only_loss_matches_the_full_head_and_its_gradient():
 
     assert float(fast) == pytest.approx(float(full), rel=1e-6)
     torch.testing.assert_close(grad_fast, model.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_heldout_loss_is_the_same_with_a_forward_per_row_and_the_head_in_small_chunks(monkeypatch):
+    """Long GPU-sized rows are measured a few rows per forward and a few thousand logits at a time; the
+    figures do not depend on how the work is cut."""
+    import dsft.eval.losses as losses
+
+    model = _model(*CASES[0])
+    seqs = _examples()
+    rows = best_fit(seqs.lengths.tolist(), 32)
+    packed = pack_rows(seqs.example, rows, 32, pad_id=1)
+    whole = heldout_loss(model, packed)
+    monkeypatch.setattr(losses, "EVAL_TOKENS", 40)  # one 32-position row per forward
+    monkeypatch.setattr(losses, "HEAD_CHUNK", 7)
+    cut = heldout_loss(model, packed)
+    assert cut["tokens"] == whole["tokens"]
+    assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert cut["per_example"] == pytest.approx(whole["per_example"], rel=1e-6)
