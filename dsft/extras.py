@@ -1,4 +1,4 @@
-"""Optional dependencies (``pip install 'dsft[serve]'``, ``'dsft[qlora]'``): import one or say how to get it.
+"""Optional dependencies (``pip install 'dsft[serve]'``, ``'dsft[qlora]'``, ``'dsft[lmeval]'``): import one or say how to get it.
 
 ``dsft train --domain finance`` needs none of them; a command that does asks here first, so a user
 without the extra reads one line naming it instead of a ModuleNotFoundError traceback.
@@ -10,7 +10,7 @@ from types import ModuleType
 
 from dsft.errors import UsageError
 
-EXTRAS = {"serve": ("fastapi", "uvicorn"), "qlora": ("bitsandbytes",)}
+EXTRAS = {"serve": ("fastapi", "uvicorn"), "qlora": ("bitsandbytes",), "lmeval": ("lm_eval",)}
 """extra -> the modules it provides (kept equal to ``[project.optional-dependencies]`` in pyproject.toml)."""
 
 

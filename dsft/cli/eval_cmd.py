@@ -23,18 +23,36 @@ def eval_command(
     registry: str = typer.Option(None, "--registry", help="Registry SQLAlchemy URL."),
     device: str = typer.Option(None, "--device", help="cpu or cuda."),
     report: Path = typer.Option(None, "--report", help="Write report.html and its PNG plots into this directory."),
+    lm_eval: list[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks (comma-separated or repeated), "
+                                      "scored on the base and base + adapter instead of the held-out losses; needs "
+                                      "pip install 'dsft[lmeval]'."),
+    lm_eval_include: list[Path] = typer.Option(None, "--lm-eval-include", help="A directory of your own lm-eval task "
+                                               "YAMLs (lm-eval's --include_path; repeatable)."),
+    limit: float = typer.Option(None, "--limit", help="With --lm-eval: documents per task (or a fraction below 1), "
+                                "for a quick look; recorded with the figures."),
     json_out: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Held-out loss, base vs base + adapter (per base-tokenizer token, 95% bootstrap intervals), on your
     held-out data (--data, the headline), the domain's generated text and general text; term coverage
     measured on the held-out text; expert usage per layer; recorded in the registry as verified on that base.
 
+    With --lm-eval TASKS: lm-evaluation-harness tasks instead, base vs base + adapter side by side.
+
     Example: dsft eval --adapter contracts@0.1.0 --data heldout.jsonl   |   dsft eval --compare finance@0.1.0 --compare finance@0.2.0
+    |   dsft eval --adapter finance@0.1.0 --lm-eval my_task --lm-eval-include ./tasks --limit 50
     """
     from dsft.errors import UsageError
     from dsft.eval.evaluate import compare, evaluate
 
     data = list(data or ())
+    if lm_eval:
+        if compare_refs or data or mc or report:
+            raise UsageError("--lm-eval runs lm-eval tasks only; give --data, --mc, --compare or --report in a separate dsft eval")
+        if not adapter:
+            raise UsageError("--lm-eval needs --adapter REF; e.g. dsft eval --adapter finance --lm-eval hellaswag")
+        _lm_eval(adapter, lm_eval, base=base, registry=registry, device=device, include=list(lm_eval_include or ()),
+                 limit=limit, json_out=json_out)
+        return
     if compare_refs:
         if len(compare_refs) != 2:
             raise UsageError(f"--compare takes exactly two refs, got {len(compare_refs)}; e.g. --compare finance@0.1.0 --compare finance@0.2.0")
@@ -99,6 +117,40 @@ def eval_command(
         console.print(f"report: {result['report']}")
     if result["multiple_choice"]:
         console.print(f"multiple choice: {100 * result['multiple_choice']['accuracy']:.1f}% of {result['multiple_choice']['items']}")
+
+
+def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: float | None, json_out: bool,
+             **kwargs: Any) -> None:
+    """``dsft eval --lm-eval``: the Python API (:func:`dsft.eval.lm_eval_run.run_lm_eval`) and a table."""
+    from dsft.eval.lm_eval_run import run_lm_eval
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval reads an int as documents and a float as a fraction
+    with console.status("lm-eval: base, then base + adapter", spinner="dots") if not json_out else _nothing():
+        result = run_lm_eval(adapter, tasks, include=include, limit=limit, **kwargs)
+    if json_out:
+        print_json(result)
+        return
+    table = Table("task", "metric", "base", "adapter", "delta")
+    for r in result["rows"]:
+        arrow = {True: " (higher is better)", False: " (lower is better)"}.get(r["higher_is_better"], "")
+        table.add_row(r["task"], r["metric"] + arrow, _num(r["base"], r["base_stderr"]),
+                      _num(r["adapter"], r["adapter_stderr"]), "" if r["delta"] is None else f"{r['delta']:+.4f}")
+    console.print(f"[bold]{result['adapter']}[/] on {result['base']} (lm-eval {result['lm_eval_version']}"
+                  + (f", limit {result['limit']}" if result["limit"] is not None else "") + ")")
+    console.print(table)
+    console.print("recorded in the registry as verified on this base (dsft registry show " + result["adapter"] + ")")
+
+
+def _num(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and stderr == stderr else "")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @contextmanager

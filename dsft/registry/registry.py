@@ -182,10 +182,11 @@ class Registry:
             return tx.add_base(name=name, source=source, fingerprint=fingerprint)
 
     def record_eval(self, ref: str, *, base_fingerprint: Mapping[str, Any], metrics: Mapping[str, Any],
-                    name: str | None = None, source: str | None = None) -> CompatRecord:
+                    name: str | None = None, source: str | None = None, merge: bool = False) -> CompatRecord:
         """Mark ``ref`` verified on a base with evaluation metrics (see ``Transaction.record_eval``)."""
         with self.transaction() as tx:
-            return tx.record_eval(ref, base_fingerprint=base_fingerprint, metrics=metrics, name=name, source=source)
+            return tx.record_eval(ref, base_fingerprint=base_fingerprint, metrics=metrics, name=name, source=source,
+                                  merge=merge)
 
     def tag(self, ref: str, tag: str) -> TagMove:
         """Point ``domain@TAG`` at ``ref`` (moved atomically if it pointed elsewhere)."""

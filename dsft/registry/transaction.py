@@ -317,10 +317,12 @@ class Transaction:
         return _compat_record(adapter, base.id, base.name, d, metrics, stored=True)
 
     def record_eval(self, ref: str, *, base_fingerprint: Mapping[str, Any], metrics: Mapping[str, Any],
-                    name: str | None = None, source: str | None = None) -> CompatRecord:
+                    name: str | None = None, source: str | None = None, merge: bool = False) -> CompatRecord:
         """Mark ``ref`` verified on a base with the metrics of an evaluation there.
 
         The base is registered first if needed (``name``/``source`` default to its fingerprint id).
+        ``merge``: keep the metrics already verified there, updated with these (a second kind of
+        evaluation, e.g. lm-eval tasks beside the held-out losses); otherwise they are replaced.
 
         Raises:
             IncompatibleError: the rules say the adapter cannot load on that base.
@@ -336,6 +338,9 @@ class Transaction:
         base = self.ensure_base(name=name or f"base-{fp['id'][:12]}", source=source or "unknown", fingerprint=fp)
         row = repo.get_base(self.session, base.id)
         assert row is not None
+        existing = repo.get_compat(self.session, adapter.id, row.id) if merge else None
+        if existing is not None and existing.status == "verified" and existing.metrics:
+            metrics = {**existing.metrics, **metrics}
         return self._write_compat(adapter, row, verified_metrics=dict(metrics))
 
     # --- tags ----------------------------------------------------------------------------------
