@@ -13,6 +13,7 @@ base + adapter) with ``runtime=``: the base is read once.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dsft.errors import UsageError
+
+log = logging.getLogger("dsft.eval")
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
@@ -67,6 +70,11 @@ class DsftLM(LM):
         if runtime is None:
             from dsft.runtime import load_base
 
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line says cuda:0 unless told otherwise; its HFLM falls back to CPU too.
+                log.warning("device %s asked for but CUDA is not available; using the CPU", device)
+                device = "cpu"
+
             runtime = load_base(base or _adapter_base(adapter, registry), device=device, registry=registry)
         self.runtime = runtime
         self.adapter: str | None = None
@@ -76,6 +84,19 @@ class DsftLM(LM):
         self.batch_size_per_gpu = _batch_size(batch_size)
         self.max_length = int(max_length) if max_length else runtime.max_context
         self.max_gen_toks = int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DsftLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> DsftLM:
+        # lm-eval adds its own --device/--batch_size (device defaulting to cuda:0) beside --model_args:
+        # what model_args says wins, instead of the duplicate keyword lm-eval's base class would pass.
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
 
     # --- what lm-eval asks of every model -----------------------------------------------------------
 

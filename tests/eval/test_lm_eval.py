@@ -140,6 +140,35 @@ def test_the_cli_prints_json_and_a_table(lm_home):
 
 
 @needs_lm_eval
+def test_the_base_scores_as_lm_evals_own_hf_model_does(lm_home):
+    """The dsft model, base alone, gives the log-likelihoods lm-eval's HFLM gives on the same model (its
+    reference implementation), for continuations and for rolling windows; the adapter changes them, and a
+    term of the adapter that spans context and continuation ("duration" + " risk") still scores " risk"."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from dsft.eval.lm_eval_model import DsftLM
+    from dsft.runtime import load_base
+
+    runtime = load_base("tiny-deepseek-v2", device="cpu")
+    pairs = [(q, " " + c[0]) for q, c, _ in QUESTIONS[:4]] + [("The portfolio manager reduced duration", " risk"), ("", "Bonds")]
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    rolling = [Instance("loglikelihood_rolling", {}, (q + " " + c[a] + ".",), i) for i, (q, c, a) in enumerate(QUESTIONS[:3])]
+    ours = DsftLM(runtime=runtime, batch_size=3)
+    reference = HFLM(pretrained=runtime.model, tokenizer=runtime.tokenizer, device="cpu", batch_size=3)
+    for (a, greedy_a), (b, greedy_b) in zip(ours.loglikelihood(requests), reference.loglikelihood(requests)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4) and greedy_a == greedy_b
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(reference.loglikelihood_rolling(rolling), rel=1e-4)
+
+    adapted = DsftLM(runtime=runtime, adapter=lm_home["ref"], batch_size=3)
+    assert adapted.tokenizer_name != ours.tokenizer_name  # lm-eval's request cache keeps them apart
+    with_adapter = adapted.loglikelihood(requests)
+    assert all(logp < 0 for logp, _ in with_adapter)
+    assert with_adapter[0][0] != pytest.approx(ours.loglikelihood(requests[:1])[0][0], abs=1e-6)
+    runtime.close()
+
+
+@needs_lm_eval
 def test_the_model_is_registered_as_dsft():
     import lm_eval.api.registry as registry
 
