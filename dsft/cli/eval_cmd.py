@@ -45,6 +45,8 @@ def eval_command(
     from dsft.eval.evaluate import compare, evaluate
 
     data = list(data or ())
+    if not lm_eval and (lm_eval_include or limit is not None):
+        raise UsageError("--lm-eval-include and --limit go with --lm-eval TASKS; e.g. dsft eval --adapter finance --lm-eval my_task --limit 50")
     if lm_eval:
         if compare_refs or data or mc or report:
             raise UsageError("--lm-eval runs lm-eval tasks only; give --data, --mc, --compare or --report in a separate dsft eval")

@@ -181,23 +181,32 @@ class DsftLM(LM):
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in requests:
-            context, kwargs = req.args
-            out.append(self._generate(context, dict(kwargs or {})))
-            self.cache_hook.add_partial("generate_until", req.args, out[-1])
+        # Requests with the same generation settings (a task's) are generated together, a batch at a time.
+        groups: dict[tuple, list[int]] = {}
+        for n, req in enumerate(requests):
+            until, max_new, temperature = self._settings(dict(req.args[1] or {}))
+            groups.setdefault((tuple(until), max_new, temperature), []).append(n)
+        out: list[str] = [""] * len(requests)
+        for (until, max_new, temperature), members in groups.items():
+            for lo in range(0, len(members), self.batch_size_per_gpu):
+                chunk = members[lo:lo + self.batch_size_per_gpu]
+                # Keep each prompt's tail that leaves room for the answer (the runtime refuses an overlong prompt).
+                prompts = [self._encode(requests[n].args[0])[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
+                           for n in chunk]
+                gens = self.runtime.generate(prompts, adapter=self.adapter, raw=True, max_new_tokens=max_new,
+                                             temperature=temperature, stop=list(until))
+                for n, gen in zip(chunk, gens):
+                    out[n] = _cut(gen.text, until)
+                    self.cache_hook.add_partial("generate_until", requests[n].args, out[n])
         return out
 
-    def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
-        until = kwargs.pop("until", None) or []
+    def _settings(self, kwargs: dict[str, Any]) -> tuple[list[str], int, float]:
+        """(stop strings, new tokens at most, temperature) from a request's lm-eval generation kwargs."""
+        until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-        # Keep the prompt's tail that leaves room for the answer (the runtime refuses an overlong prompt).
-        ids = self._encode(context)[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
-        gen = self.runtime.generate([ids], adapter=self.adapter, raw=True, max_new_tokens=max_new,
-                                    temperature=temperature, stop=until)[0]
-        return _cut(gen.text, until)
+        max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+        return until, max_new, temperature
 
 
 def _cut(text: str, until: Iterable[str]) -> str:

@@ -159,6 +159,10 @@ def test_the_base_scores_as_lm_evals_own_hf_model_does(lm_home):
     for (a, greedy_a), (b, greedy_b) in zip(ours.loglikelihood(requests), reference.loglikelihood(requests)):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-4) and greedy_a == greedy_b
     assert ours.loglikelihood_rolling(rolling) == pytest.approx(reference.loglikelihood_rolling(rolling), rel=1e-4)
+    settings = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+    gen = [Instance("generate_until", {}, (q, dict(settings)), i) for i, (q, _, _) in enumerate(QUESTIONS[:3])]
+    texts = ours.generate_until(gen)
+    assert texts == reference.generate_until(gen) and all(texts)  # greedy: the same text
 
     adapted = DsftLM(runtime=runtime, adapter=lm_home["ref"], batch_size=3)
     assert adapted.tokenizer_name != ours.tokenizer_name  # lm-eval's request cache keeps them apart
