@@ -146,14 +146,18 @@ class DsftLM(LM):
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         for lo in range(0, len(order), self.batch_size_per_gpu):
             chunk = order[lo:lo + self.batch_size_per_gpu]
-            inputs = []
+            inputs, conts = [], []
             for i in chunk:
                 ctx, cont = pairs[i]
-                # The last continuation token is predicted, never fed; the context is cut from the left.
+                # The last continuation token is predicted, never fed; the context is cut from the left
+                # (and a continuation longer than the context window is scored on its last window, as HFLM).
                 inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])
+                conts.append(cont[-self.max_length:])
             logits = self.runtime.logits(inputs, adapter=self.adapter)
-            for i, row in zip(chunk, logits):
-                cont = pairs[i][1]
+            for i, row, cont in zip(chunk, logits, conts):
+                if not cont:  # nothing to predict: certain, and trivially greedy
+                    out[i] = (0.0, True)
+                    continue
                 logp = row[-len(cont):].log_softmax(-1)
                 target = torch.tensor(cont, device=logp.device)
                 out[i] = (float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
