@@ -13,7 +13,7 @@ ROOT = Path(__file__).parents[1] / "dsft"
 
 FLOORS: dict[str, int] = {
     # top: entry points
-    "cli": 15, "testing": 14, "serve": 13, "api": 12,
+    "cli": 15, "testing": 14, "serve": 13, "lmeval": 13, "api": 12,
     # the library, top-down
     "runtime": 11, "recipes": 10, "eval": 9, "adapters": 8, "kernels": 7, "base": 6, "domains": 5, "data": 4,
     "registry": 3,

@@ -123,8 +123,8 @@ def eval_command(
 
 def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: float | None, json_out: bool,
              **kwargs: Any) -> None:
-    """``dsft eval --lm-eval``: the Python API (:func:`dsft.eval.lm_eval_run.run_lm_eval`) and a table."""
-    from dsft.eval.lm_eval_run import run_lm_eval
+    """``dsft eval --lm-eval``: the Python API (:func:`dsft.lmeval.run.run_lm_eval`) and a table."""
+    from dsft.lmeval.run import run_lm_eval
 
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads an int as documents and a float as a fraction

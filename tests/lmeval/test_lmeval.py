@@ -96,7 +96,7 @@ def invoke(*args: str):
 @needs_lm_eval
 def test_tasks_score_base_and_adapter_side_by_side_and_are_recorded(lm_home):
     from dsft.base import load_base
-    from dsft.eval.lm_eval_run import run_lm_eval
+    from dsft.lmeval.run import run_lm_eval
     from dsft.registry import open_registry
 
     ref = lm_home["ref"]
@@ -147,7 +147,7 @@ def test_the_base_scores_as_lm_evals_own_hf_model_does(lm_home):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from dsft.eval.lm_eval_model import DsftLM
+    from dsft.lmeval.model import DsftLM
     from dsft.runtime import load_base
 
     runtime = load_base("tiny-deepseek-v2", device="cpu")
@@ -176,7 +176,7 @@ def test_the_base_scores_as_lm_evals_own_hf_model_does(lm_home):
 def test_the_model_is_registered_as_dsft():
     import lm_eval.api.registry as registry
 
-    from dsft.eval.lm_eval_model import DsftLM
+    from dsft.lmeval.model import DsftLM
 
     assert registry.get_model("dsft") is DsftLM
 

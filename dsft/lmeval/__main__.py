@@ -1,12 +1,12 @@
-"""``python -m dsft.eval.lm_eval_cli``: lm-eval's own command line, with the ``dsft`` model registered.
+"""``python -m dsft.lmeval``: lm-eval's own command line, with the ``dsft`` model registered.
 
-    python -m dsft.eval.lm_eval_cli run --model dsft --model_args base=tiny-deepseek-v2,adapter=finance@0.1.0 \\
+    python -m dsft.lmeval run --model dsft --model_args base=tiny-deepseek-v2,adapter=finance@0.1.0 \\
         --tasks my_task --include_path ./tasks
 
 lm-eval 0.4 finds models only in its own package (it reads no entry points and imports no plugins), so
 the stock ``lm_eval --model dsft`` cannot see dsft's model; this entry point imports
-:mod:`dsft.eval.lm_eval_model` (which registers it) and then hands the arguments to lm-eval unchanged.
-From Python, ``import dsft.eval.lm_eval_model`` before ``lm_eval.simple_evaluate(model="dsft", ...)``.
+:mod:`dsft.lmeval.model` (which registers it) and then hands the arguments to lm-eval unchanged.
+From Python, ``import dsft.lmeval.model`` before ``lm_eval.simple_evaluate(model="dsft", ...)``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 def main() -> None:
     from dsft.errors import UsageError
-    from dsft.eval.lm_eval_run import import_lm_eval
+    from dsft.lmeval.run import import_lm_eval
 
     try:
         import_lm_eval()
@@ -23,7 +23,7 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     from lm_eval.__main__ import cli_evaluate
 
-    import dsft.eval.lm_eval_model  # noqa: F401  (registers the dsft model)
+    import dsft.lmeval.model  # noqa: F401  (registers the dsft model)
 
     cli_evaluate()
 

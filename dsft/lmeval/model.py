@@ -1,9 +1,9 @@
 """The ``dsft`` model of EleutherAI's lm-evaluation-harness: a dsft base, alone or with a registered adapter.
 
-    python -m dsft.eval.lm_eval_cli run --model dsft --model_args base=tiny-deepseek-v2,adapter=finance@0.1.0 --tasks hellaswag
+    python -m dsft.lmeval run --model dsft --model_args base=tiny-deepseek-v2,adapter=finance@0.1.0 --tasks hellaswag
 
 Importing this module registers the model as ``dsft`` (lm-eval discovers no plugins on its own, so the
-import is what :mod:`dsft.eval.lm_eval_cli` and :mod:`dsft.eval.lm_eval_run` do first).
+import is what ``python -m dsft.lmeval`` and :mod:`dsft.lmeval.run` do first).
 
 Requests are scored through :class:`dsft.runtime.RuntimeBase`: the adapter is attached the way ``dsft
 serve`` attaches it (registry compatibility with this base's fingerprint, files against their sha256) and

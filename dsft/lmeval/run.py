@@ -2,7 +2,7 @@
 
 The base is loaded once into a :class:`dsft.runtime.RuntimeBase`, the adapter attached to it with the
 runtime's checks, and both are scored through the registered ``dsft`` lm-eval model
-(:mod:`dsft.eval.lm_eval_model`). The figures are recorded in the registry beside the held-out ones of
+(:mod:`dsft.lmeval.model`). The figures are recorded in the registry beside the held-out ones of
 ``dsft eval`` (verified metrics of the adapter on that base), under ``lm_eval:<task>:<metric>`` keys.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def run_lm_eval(ref: str, tasks: str | Sequence[str], *, base: str | None = None
     manager = task_manager(names, include)  # before the model loads: a typo costs no minutes
     from lm_eval import simple_evaluate
 
-    from dsft.eval.lm_eval_model import DsftLM
+    from dsft.lmeval.model import DsftLM
     from dsft.registry import open_registry
     from dsft.runtime import load_base
 
