@@ -24,7 +24,7 @@ def eval_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda."),
     report: Path = typer.Option(None, "--report", help="Write report.html and its PNG plots into this directory."),
     lm_eval: list[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks (comma-separated or repeated), "
-                                      "scored on the base and base + adapter instead of the held-out losses; needs "
+                                      "scored on the base and base + adapter instead of the held-out losses (--report: lm_eval.html); needs "
                                       "pip install 'dsft[lmeval]'."),
     lm_eval_include: list[Path] = typer.Option(None, "--lm-eval-include", help="A directory of your own lm-eval task "
                                                "YAMLs (lm-eval's --include_path; repeatable)."),
@@ -48,12 +48,12 @@ def eval_command(
     if not lm_eval and (lm_eval_include or limit is not None):
         raise UsageError("--lm-eval-include and --limit go with --lm-eval TASKS; e.g. dsft eval --adapter finance --lm-eval my_task --limit 50")
     if lm_eval:
-        if compare_refs or data or mc or report:
-            raise UsageError("--lm-eval runs lm-eval tasks only; give --data, --mc, --compare or --report in a separate dsft eval")
+        if compare_refs or data or mc:
+            raise UsageError("--lm-eval runs lm-eval tasks only; give --data, --mc or --compare in a separate dsft eval")
         if not adapter:
             raise UsageError("--lm-eval needs --adapter REF; e.g. dsft eval --adapter finance --lm-eval hellaswag")
         _lm_eval(adapter, lm_eval, base=base, registry=registry, device=device, include=list(lm_eval_include or ()),
-                 limit=limit, json_out=json_out)
+                 limit=limit, report=report, json_out=json_out)
         return
     if compare_refs:
         if len(compare_refs) != 2:
@@ -121,8 +121,8 @@ def eval_command(
         console.print(f"multiple choice: {100 * result['multiple_choice']['accuracy']:.1f}% of {result['multiple_choice']['items']}")
 
 
-def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: float | None, json_out: bool,
-             **kwargs: Any) -> None:
+def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: float | None, report: Path | None,
+             json_out: bool, **kwargs: Any) -> None:
     """``dsft eval --lm-eval``: the Python API (:func:`dsft.lmeval.run.run_lm_eval`) and a table."""
     from dsft.lmeval.run import run_lm_eval
 
@@ -130,6 +130,10 @@ def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: floa
         limit = int(limit)  # lm-eval reads an int as documents and a float as a fraction
     with console.status("lm-eval: base, then base + adapter", spinner="dots") if not json_out else _nothing():
         result = run_lm_eval(adapter, tasks, include=include, limit=limit, **kwargs)
+    if report is not None:
+        from dsft.eval.report import write_lm_eval_report
+
+        result["report"] = str(write_lm_eval_report(result, report))
     if json_out:
         print_json(result)
         return
@@ -141,7 +145,9 @@ def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: floa
     console.print(f"[bold]{result['adapter']}[/] on {result['base']} (lm-eval {result['lm_eval_version']}"
                   + (f", limit {result['limit']}" if result["limit"] is not None else "") + ")")
     console.print(table)
-    console.print("recorded in the registry as verified on this base (dsft registry show " + result["adapter"] + ")")
+    console.print("recorded in the registry as verified on this base (dsft registry show " + result["adapter"] + " --json)")
+    if result.get("report"):
+        console.print(f"report: {result['report']}")
 
 
 def _num(value: float | None, stderr: float | None) -> str:

@@ -116,3 +116,35 @@ that expert-specialised fine-tuning (ESFT) would train.</p></body></html>
     path = directory / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+def write_lm_eval_report(result: dict[str, Any], directory: Path) -> Path:
+    """Write ``lm_eval.html`` into ``directory``: lm-eval's figures, base beside base + adapter (the result of
+    :func:`dsft.lmeval.run.run_lm_eval`); returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def num(value: float | None, stderr: float | None = None) -> str:
+        if value is None:
+            return "&ndash;"
+        return f"{value:.4f}" + (f" &plusmn; {stderr:.4f}" if stderr is not None and stderr == stderr else "")
+
+    better = {True: " &uarr;", False: " &darr;"}
+    rows = "".join(
+        f"<tr><td>{html.escape(r['task'])}</td><td>{html.escape(r['metric'])}{better.get(r['higher_is_better'], '')}</td>"
+        f"<td>{num(r['base'], r['base_stderr'])}</td><td>{num(r['adapter'], r['adapter_stderr'])}</td>"
+        f"<td>{'&ndash;' if r['delta'] is None else format(r['delta'], '+.4f')}</td></tr>"
+        for r in result["rows"])
+    limit = f"; at most {html.escape(str(result['limit']))} documents per task" if result.get("limit") is not None else ""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(result['adapter'])} — lm-eval</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}</style></head>
+<body><h1>{html.escape(result['adapter'])} on {html.escape(result['base'])}: lm-evaluation-harness</h1>
+<p>lm-eval {html.escape(str(result['lm_eval_version']))}{limit}. The same tasks on the base alone and on base + adapter;
+&uarr; higher is better, &darr; lower is better; &plusmn; is lm-eval's standard error.</p>
+<table><tr><th>task</th><th>metric</th><th>base</th><th>base + adapter</th><th>delta</th></tr>{rows}</table></body></html>
+"""
+    path = directory / "lm_eval.html"
+    write_text_atomic(path, page)
+    return path

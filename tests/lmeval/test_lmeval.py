@@ -127,16 +127,18 @@ def test_tasks_score_base_and_adapter_side_by_side_and_are_recorded(lm_home):
 
 
 @needs_lm_eval
-def test_the_cli_prints_json_and_a_table(lm_home):
+def test_the_cli_prints_json_a_table_and_a_report(lm_home, tmp_path):
     args = ("eval", "--adapter", lm_home["ref"], "--lm-eval", "dsft_tiny_mc", "--lm-eval-include", str(lm_home["tasks"]),
             "--limit", "4", "--device", "cpu")
     out = invoke(*args, "--json")
     assert out.exit_code == 0, out.output
     result = json.loads(out.stdout)  # lm-eval logs to stderr
     assert result["limit"] == 4 and [r["task"] for r in result["rows"]] == ["dsft_tiny_mc"]
-    table = invoke(*args)
+    table = invoke(*args, "--report", str(tmp_path))
     assert table.exit_code == 0, table.output
     assert "dsft_tiny_mc" in table.output and "delta" in table.output
+    page = (tmp_path / "lm_eval.html").read_text()
+    assert "dsft_tiny_mc" in page and "base + adapter" in page
 
 
 @needs_lm_eval
