@@ -276,7 +276,8 @@ class Training:
             ran = load_recipe(str(self.run.path / "recipe.yaml")).stages
             return [StepSize(s.seq_len, s.batch_size, s.micro_batch_size or -(-s.batch_size // world), (), world) for s in ran]
         context = getattr(self.model.config, "max_position_embeddings", None)
-        fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target) if self.cuda else None
+        sharded = self.dist.world if self.dist.sharding == "fsdp" else 1
+        fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target, sharded) if self.cuda else None
         return [size_stage(s, cuda=self.cuda, context=context, fits=fits, world=world,
                            lengths=partial(example_lengths, s, plan.pack, self.general, self.tokenizer, plan.user_records, SAMPLE))
                 for s in plan.recipe.stages]
