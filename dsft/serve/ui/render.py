@@ -32,7 +32,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .badge{display:inline-block;color:#fff;border-radius:4px;padding:0 6px;font-size:.85em;font-weight:600}
 .none{color:#8c959f}.reasons{margin:4px 0 0 0;padding-left:18px;font-size:.85em;color:#57606a}
 pre{background:#fff;border:1px solid #d0d7de;padding:10px;overflow:auto;max-height:480px;font-size:.85em}
-.note{color:#9a6700}.muted{color:#57606a;font-size:.9em}form{display:inline}
+.nowrap{white-space:nowrap}.note{color:#9a6700}.muted{color:#57606a;font-size:.9em}form{display:inline}
 """
 
 
@@ -69,8 +69,9 @@ def tags(names: Iterable[str]) -> str:
 def table(head: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
     """A table; ``rows`` hold HTML already escaped by the caller (cells mix text, links and badges)."""
     th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    thead = f"<thead><tr>{th}</tr></thead>" if any(head) else ""  # key/value tables need no header row
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{esc(cls)}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table class="{esc(cls)}">{thead}<tbody>{body}</tbody></table>'
 
 
 def page(title: str, body: str, *, read_only: bool) -> str:
@@ -93,7 +94,7 @@ def _summary(row: VersionRow) -> str:
     counts = row.counts()
     if not counts:
         return '<span class="none">no base rows</span>'
-    return " ".join(f"{badge(s)}&nbsp;{n}" for s, n in sorted(counts.items()))
+    return " ".join(f'<span class="nowrap">{badge(s)}&nbsp;{n}</span>' for s, n in sorted(counts.items()))
 
 
 def index_page(rows: list[VersionRow], *, n_bases: int, read_only: bool) -> str:
