@@ -215,3 +215,16 @@ def test_dsft_ui_renders_in_headless_chromium(ui_server, tmp_path):
         # a rendered table of rows, not a blank or error page (a white page of that size is a few KB)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 15_000, (name, shot.stat().st_size)
         shutil.copy(shot, artifacts / name)
+
+
+def test_the_commands_say_how_to_use_them(home):
+    from typer.testing import CliRunner
+
+    from dsft.cli.main import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["ui", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "Example: dsft ui --port 8765" in out.stdout and "DSFT_API_KEY" in out.stdout
+    assert "--ui" in runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).stdout
+    bad = runner.invoke(app, ["ui", "--port", "70000"])
+    assert bad.exit_code != 0 and "--port must be 0-65535, got 70000" in bad.stderr
