@@ -43,8 +43,9 @@ METRICS = {
 @pytest.fixture(scope="module")
 def ui_home(tmp_path_factory, new_home) -> Path:
     """A registry of finance@0.1.0 (tagged production), finance@0.2.0 (with a training log and recipe file) and
-    legal@0.1.0, trained on base "tiny"; and a second base whose tokenizer differs and whose name is hostile,
-    so every adapter (they add tokens) is incompatible with it for a stated reason."""
+    legal@0.1.0, trained on base "tiny"; a second base whose tokenizer differs and whose name is hostile, so
+    every adapter (they add tokens) is incompatible with it for a stated reason; and a third, other weights, on
+    which legal was evaluated (registered by that evaluation, so the finance versions have no row there)."""
     home = new_home(tmp_path_factory.mktemp("ui_home"))
     with open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters") as reg:
         fp = fingerprint()
@@ -53,6 +54,8 @@ def ui_home(tmp_path_factory, new_home) -> Path:
         register(reg, "legal", fp, seed="z")
         reg.tag("finance@0.1.0", "production")
         reg.add_base(name=HOSTILE, source="hub:evil/base", fingerprint=fingerprint(tokenizer="t2"))
+        reg.record_eval("legal@0.1.0", base_fingerprint=fingerprint(weights="w2"), name="tiny-continued",
+                        source="/bases/tiny-continued", metrics={"eval_domain_loss": 5.25, "eval_headline": "user held-out"})
         d = Path(second.path)
         (d / "train_log.jsonl").write_text("".join(
             json.dumps({"stage": "sft", "step": i, "loss": 8.0 - 0.04 * i, "lr": 2e-3, "tokens_per_s": 300.0}) + "\n"
@@ -82,7 +85,8 @@ def test_the_pages_show_what_the_registry_holds(client):
     assert "default-src 'none'" in index.headers["content-security-policy"]  # no script runs, whatever slips through
 
     matrix = client.get("/ui/compat").text
-    assert matrix.count(">verified</span>") == 3 and matrix.count(">incompatible</span>") == 3  # own base; the re-tokenized one
+    assert matrix.count(">verified</span>") == 4 and matrix.count(">incompatible</span>") == 3  # own base; the re-tokenized one
+    assert matrix.count("no row: not checked against this base") == 2  # the base legal's evaluation registered
     assert "tokenizer changed" in matrix and "retrain on this base" in matrix and "hub:evil/base" in matrix
 
     detail = client.get("/ui/adapters/finance/0.2.0")
@@ -96,6 +100,8 @@ def test_the_pages_show_what_the_registry_holds(client):
     assert "<form" not in d  # read-only: no forms without an API key
     first = client.get("/ui/adapters/finance/0.1.0").text
     assert "No training log" in first and '&quot;lr&quot;: 0.0001' in first  # no file: the recipe the registry recorded
+    legal = client.get("/ui/adapters/legal/0.1.0").text
+    assert "Recorded on tiny-continued" in legal and "eval_domain_loss" in legal and "5.25" in legal  # dsft eval's figures
 
 
 def test_hostile_names_and_file_text_are_escaped(client):

@@ -126,7 +126,7 @@ def index_page(rows: list[VersionRow], *, n_bases: int, read_only: bool) -> str:
 
 def _cell(c: CompatRecord | None) -> str:
     if c is None:
-        return '<span class="none" title="no row: another architecture">-</span>'
+        return '<span class="none" title="no row: not checked against this base (another architecture, or a base registered by an evaluation)">-</span>'
     tip = "\n".join(c.reasons)
     reasons = "".join(f"<li>{esc(x)}</li>" for x in c.reasons)
     return (f'<span title="{esc(tip)}">{badge(c.status)}</span>'
@@ -243,15 +243,24 @@ def _compat(d: Detail) -> str:
     rows = []
     for b in d.bases:
         c = by_base.get(b.id)
-        metrics = (" ".join(f"{esc(k)}={_num(v)}" for k, v in sorted((c.metrics or {}).items())
-                            if not isinstance(v, (dict, list))) if c else "")
         rows.append([esc(b.name) + f' <span class="muted">{esc(b.id[:12])}</span>', badge(c.status if c else None),
-                     "<br>".join(esc(x) for x in c.reasons) if c else "another architecture: no row",
-                     f"<small>{metrics}</small>" if metrics else '<span class="none">-</span>',
+                     "<br>".join(esc(x) for x in c.reasons) if c else "not checked against this base (no row)",
                      _when(c.checked_at if c else None)])
     if not rows:
         return '<p class="none">No base versions registered.</p>'
-    return table(["base version", "verdict", "reasons", "evaluation", "checked"], rows)
+    return table(["base version", "verdict", "reasons", "checked"], rows)
+
+
+def _evaluations(d: Detail) -> str:
+    """Figures recorded on each base version by `dsft eval` (training's own, identical to the adapter's, skipped)."""
+    names = {b.id: b.name for b in d.bases}
+    out = ""
+    for c in d.compat:
+        if not c.metrics or c.metrics == (d.record.metrics or {}):
+            continue
+        out += (f"<h3>Recorded on {esc(names.get(c.base_id, c.base_name))} "
+                f'<span class="muted">{esc(c.base_id[:12])}</span></h3>' + _kv(sorted(c.metrics.items())))
+    return out
 
 
 def _tag_forms(rec: AdapterRecord) -> str:
@@ -281,7 +290,7 @@ def detail_page(d: Detail, *, read_only: bool, message: str | None = None) -> st
         body += f'<p class="note">{esc(message)}</p>'
     body += info + ("" if read_only else _tag_forms(r))
     body += "<h2>Compatibility with registered base versions</h2>" + _compat(d)
-    body += "<h2>Evaluation</h2>" + _metrics(r)
+    body += "<h2>Evaluation</h2>" + _metrics(r) + _evaluations(d)
     body += "<h2>Training curve</h2>" + (loss_svg(d.log) if d.log else
                                           '<p class="none">No training log (train_log.jsonl) in the adapter directory.</p>')
     body += "<h2>Data plan</h2>" + _data_plan(r)

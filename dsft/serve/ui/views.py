@@ -42,7 +42,8 @@ class VersionRow:
 
 @dataclass(frozen=True)
 class Matrix:
-    """Adapter versions x base versions; a missing cell means the registry holds no row (other architecture)."""
+    """Adapter versions x base versions; a missing cell: the registry holds no row (another architecture, or a base
+    that an evaluation registered, which checks only the evaluated adapter)."""
 
     bases: list[BaseRecord]
     rows: list[tuple[AdapterRecord, dict[str, CompatRecord]]]
