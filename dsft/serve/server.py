@@ -36,7 +36,7 @@ def serve(
             first request of a batch waits for others.
         on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:
-        UsageError: bad port or batching settings; what loading and attaching raise.
+        UsageError: bad port, batching settings or --max-tokens; what loading and attaching raise.
     """
     import uvicorn
 
@@ -47,6 +47,8 @@ def serve(
         raise UsageError(f"--port must be 0-65535, got {port}")
     if max_batch_size < 1 or batch_wait_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    if limits.max_tokens < 1:  # else the server would start and refuse every request
+        raise UsageError(f"--max-tokens must be >= 1, got {limits.max_tokens}")
     runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
     infos = [runtime.attach(ref) for ref in adapters]
     engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000)

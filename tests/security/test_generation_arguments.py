@@ -1,0 +1,31 @@
+"""``dsft generate`` and ``dsft serve`` refuse settings no request could run with in one line, before loading a
+base (seconds to minutes of work, and a server that would refuse every request)."""
+from __future__ import annotations
+
+import pytest
+from security_helpers import one_error_line
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import dsft.runtime.base
+
+    def load_base(*_a, **_k):
+        raise AssertionError("a base was loaded before the arguments were checked")
+
+    monkeypatch.setattr(dsft.runtime.base, "load_base", load_base)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "1e-45"], "--temperature must be 0 (greedy) or >= 0.01"),
+    (["--temperature", "0.7", "--seed", str(2**64)], "--seed must be an integer from 0 to 2**64-1"),
+    (["--temperature", "0.7", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+], ids=["tiny-temperature", "huge-seed", "zero-top-p"])
+def test_generate_checks_sampling_before_loading(dsft, no_loading, args, message):
+    line = one_error_line(dsft("generate", *args, "What is EBITDA?"))
+    assert message in line
+
+
+def test_serve_refuses_max_tokens_0_before_loading(dsft, no_loading):
+    line = one_error_line(dsft("serve", "--max-tokens", "0"))
+    assert "--max-tokens must be >= 1, got 0" in line
