@@ -43,3 +43,23 @@ def test_the_server_answers_after_them(client):
                     headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
     assert client.get("/health").json()["status"] == "ok"
+
+
+COMPLETION = {"model": "fake-base", "prompt": "x", "max_tokens": 2}
+CHAT = {"model": "fake-base", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", {**COMPLETION, "seed": 2**64}, "seed"),
+    ("/v1/completions", {**COMPLETION, "seed": -1}, "seed"),
+    ("/v1/completions", {**COMPLETION, "temperature": 1e-45}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
+    ("/v1/completions", {**COMPLETION, "top_p": 1.5}, "top_p"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),  # never silently the default 256
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+], ids=["seed-2**64", "seed-negative", "temperature-1e-45", "top_p-0", "top_p-1.5", "chat-max_tokens-0",
+        "chat-max_completion_tokens-0"])
+def test_sampling_out_of_range_is_refused_before_the_engine(client, route, body, param):
+    """Refused at the schema: such a request never joins a batch, so it cannot fail the others."""
+    r = client.post(route, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
