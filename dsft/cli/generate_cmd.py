@@ -29,9 +29,11 @@ def generate_command(
 
     Example: dsft generate --adapter finance "What is a collateralized debt obligation?"
     """
+    from dsft.recipes.run_checks import check_device
     from dsft.runtime.base import load_base
     from dsft.runtime.export import training_base
 
+    check_device(device)
     check_flags(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if base is None and adapter is not None:
         from dsft.registry import open_registry

@@ -1,4 +1,4 @@
-"""``dsft generate`` and ``dsft serve`` refuse settings no request could run with in one line, before loading a
+"""``dsft generate``, ``serve`` and ``eval`` refuse settings no request could run with in one line, before loading a
 base (seconds to minutes of work, and a server that would refuse every request)."""
 from __future__ import annotations
 
@@ -29,3 +29,11 @@ def test_generate_checks_sampling_before_loading(dsft, no_loading, args, message
 def test_serve_refuses_max_tokens_0_before_loading(dsft, no_loading):
     line = one_error_line(dsft("serve", "--max-tokens", "0"))
     assert "--max-tokens must be >= 1, got 0" in line
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve"], ["eval", "--adapter", "finance"],
+                                     ["export", "finance", "--format", "merged", "--out", "x"]],
+                         ids=["generate", "serve", "eval", "export-merged"])
+def test_an_unknown_device_is_refused_before_loading(dsft, no_loading, command):
+    line = one_error_line(dsft(*command, "--device", "quantum"))
+    assert "--device must be cpu, cuda or cuda:N, got 'quantum'" in line
