@@ -35,8 +35,11 @@ def serve_command(
     from dsft.extras import require
 
     require("serve", "dsft serve")
+    from dsft.recipes.run_checks import check_device
     from dsft.serve.app import Limits
     from dsft.serve.server import serve
+
+    check_device(device)  # before a base loads, not transformers' device_map error after
 
     if api_key and os.environ.get("DSFT_API_KEY") != api_key:
         err_console.print("warning: --api-key is visible to every user of this machine (ps); "

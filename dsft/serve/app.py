@@ -121,6 +121,8 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        except RecursionError:  # nesting deeper than the parser's stack: the client's mistake, not a 500
+            raise ApiError(400, "the request body is JSON nested too deeply to read; flatten it", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_request")
         try:

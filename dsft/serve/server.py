@@ -38,7 +38,7 @@ def serve(
         ui: also serve the registry pages under ``/ui`` (read from the registry adapters are resolved in).
         on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:
-        UsageError: bad port or batching settings; what loading and attaching raise.
+        UsageError: bad port, batching settings or --max-tokens; what loading and attaching raise.
     """
     import uvicorn
 
@@ -49,6 +49,8 @@ def serve(
         raise UsageError(f"--port must be 0-65535, got {port}")
     if max_batch_size < 1 or batch_wait_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    if limits.max_tokens < 1:  # else the server would start and refuse every request
+        raise UsageError(f"--max-tokens must be >= 1, got {limits.max_tokens}")
     ui_registry = None
     if ui:  # opened before the model loads: a registry that cannot be read fails in a second, not a minute
         from dsft.registry import open_registry
