@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dsft.errors import UsageError
 from dsft.runtime.records import AdapterInfo
 from dsft.serve.app import Limits, create_app
-from dsft.serve.guard import LOOPBACK, allowed_hosts
+from dsft.serve.guard import LOOPBACK, allowed_hosts, check_bind
 
 
 def serve(
@@ -49,6 +49,7 @@ def serve(
         raise UsageError(f"--port must be 0-65535, got {port}")
     if max_batch_size < 1 or batch_wait_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    check_bind(host, api_key)
     if limits.max_tokens < 1:  # else the server would start and refuse every request
         raise UsageError(f"--max-tokens must be >= 1, got {limits.max_tokens}")
     ui_registry = None

@@ -37,3 +37,11 @@ def test_serve_refuses_max_tokens_0_before_loading(dsft, no_loading):
 def test_an_unknown_device_is_refused_before_loading(dsft, no_loading, command):
     line = one_error_line(dsft(*command, "--device", "quantum"))
     assert "--device must be cpu, cuda or cuda:N, got 'quantum'" in line
+
+
+@pytest.mark.parametrize("command", [["serve"], ["ui"]])
+def test_listening_on_every_interface_needs_an_api_key(dsft, no_loading, monkeypatch, command):
+    """A wildcard bind cannot check the Host header against one address (DNS rebinding): a key is the guard."""
+    monkeypatch.delenv("DSFT_API_KEY", raising=False)
+    line = one_error_line(dsft(*command, "--host", "0.0.0.0"))
+    assert "--host 0.0.0.0 listens on every interface: set DSFT_API_KEY" in line

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from dsft.errors import DsftError, IncompatibleError, IntegrityError, NotFoundError, UsageError
 from dsft.registry import Registry
 from dsft.registry.refs import validate_domain, validate_tag, validate_version
-from dsft.serve.guard import LOOPBACK, Guard, allowed_hosts, cross_site_problem
+from dsft.serve.guard import LOOPBACK, Guard, allowed_hosts, check_bind, cross_site_problem
 from dsft.serve.ui import render, views
 
 log = logging.getLogger("dsft.serve.ui")
@@ -159,6 +159,7 @@ def serve_ui(*, host: str = "127.0.0.1", port: int = 8765, api_key: str | None =
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0-65535, got {port}")
+    check_bind(host, api_key)
     reg = open_registry(registry)
     try:
         app = create_ui_app(reg, api_key=api_key, hosts=allowed_hosts(host, port))
