@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="--max-steps for dsft train (default 30; 2 with --small)")
     ap.add_argument("--train-mb", type=float, default=None, help="size of the training JSONL (default 20 MB; 0.2 with --small)")
     ap.add_argument("--tokenize-gb", type=float, default=None, help="size of the JSONL tokenised alone (default 1; 0.002 with --small)")
+    ap.add_argument("--tokenize-only", action="store_true", help="only the tokenising measurement (no dsft train)")
     ap.add_argument("--seq-len", type=int, default=4096, help="seq_len for the tokenising measurement")
     ap.add_argument("--device", default=None)
     ap.add_argument("--override", action="append", help="a recipe override for dsft train (repeatable), e.g. stages.0.seq_len=4096")
@@ -143,19 +144,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_file, big_file = Path(tmp) / "sft.jsonl", Path(tmp) / "big.jsonl"
         n_train = write_jsonl(train_file, int(train_mb * 2**20), seed=0)
-        train = run_train(a, train_file, home)
+        train = {"stages": [], "recompiles": 0, "seconds": 0.0} if a.tokenize_only else run_train(a, train_file, home)
         print(json.dumps({"train": train}), flush=True)  # before the tokenising run, which may take long
-        n_big = write_jsonl(big_file, int(tok_gb * 2**30), seed=1)
-        tok = run_tokenize(a, big_file, home)
+        tok, n_big = None, 0
+        if tok_gb > 0:
+            n_big = write_jsonl(big_file, int(tok_gb * 2**30), seed=1)
+            tok = run_tokenize(a, big_file, home)
+    tokenize = {"gb": tok_gb, "records": n_big, **{k: round(v, 1) for k, v in tok.items()}} if tok else None
     out = {"benchmark": "real_data", "date": str(date.today()), "base": a.base, "steps": a.steps, "train_records": n_train,
-           **train, "tokenize": {"gb": tok_gb, "records": n_big, **{k: round(v, 1) for k, v in tok.items()}}}
+           **train, "tokenize": tokenize}
     print(json.dumps(out))
-    for s in train["stages"]:
-        print(f"| {a.base} | {s['stage']} | {s['batch_size']} x {s['seq_len']} | {s['tokens_per_s']:,.0f} tok/s (steady {s['steady_tokens_per_s'] or 0:,.0f}) "
-              f"| padding {100 * (s['padding_share'] or 0):.1f}% | recompiles {train['recompiles']} "
-              f"| tokenise {tok_gb} GB: {tok['seconds']:.0f} s (cached {tok['cached_seconds']:.1f} s), "
-              f"peak RSS {tok['peak_rss_mib']:,.0f} MiB |")
-
+    tok_text = (f"tokenise {tok_gb} GB: {tok['seconds']:.0f} s (cached {tok['cached_seconds']:.1f} s), peak RSS {tok['peak_rss_mib']:,.0f} MiB"
+                if tok else "not tokenised")
+    for st in train["stages"]:
+        print(f"| {a.base} | {st['stage']} | {st['batch_size']} x {st['seq_len']} | {st['tokens_per_s']:,.0f} tok/s (steady {st['steady_tokens_per_s'] or 0:,.0f}) "
+              f"| padding {100 * (st['padding_share'] or 0):.1f}% | recompiles {train['recompiles']} | {tok_text} |")
+    if not train["stages"]:
+        print(f"| {a.base} | {tok_text} |")
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,15 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a file written by another writer (pyarrow's, say) before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: str | Path) -> None:
     """Flush a directory's entries: a rename is only durable across a power cut once its directory is synced."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dsft.cli.common import DATA_HELP, FIELD_HELP, console, data_sources, guarded, print_json
@@ -89,4 +90,4 @@ def new_cmd(
     if json_out:
         print_json({"domain": name, "path": str(path)})
     else:
-        console.print(f"created domain [bold]{name}[/] at {path}; train it with: dsft train --domain {name}")
+        console.print(f"created domain [bold]{name}[/] at {escape(str(path))}; train it with: dsft train --domain {name}")

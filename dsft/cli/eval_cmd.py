@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dsft.cli.common import console, guarded, print_json
@@ -43,7 +44,9 @@ def eval_command(
     """
     from dsft.errors import UsageError
     from dsft.eval.evaluate import compare, evaluate
+    from dsft.recipes.run_checks import check_device
 
+    check_device(device)
     data = list(data or ())
     if not lm_eval and (lm_eval_include or limit is not None):
         raise UsageError("--lm-eval-include and --limit go with --lm-eval TASKS; e.g. dsft eval --adapter finance --lm-eval my_task --limit 50")
@@ -116,7 +119,7 @@ def eval_command(
         g = result["experts"]["general"][layer]
         console.print(f"layer {layer}: domain entropy {u['entropy']:.2f} (top experts {[e for e, _ in u['top']]}), general {g['entropy']:.2f}")
     if result.get("report"):
-        console.print(f"report: {result['report']}")
+        console.print(f"report: {escape(str(result['report']))}")
     if result["multiple_choice"]:
         console.print(f"multiple choice: {100 * result['multiple_choice']['accuracy']:.1f}% of {result['multiple_choice']['items']}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from dsft.atomic import write_json_atomic
 from dsft.base.presets import DEFAULT_BASE
@@ -40,4 +41,4 @@ def score_cmd(
     for layer, v in result["layers"].items():
         console.print(f"layer {layer}: experts {v['selected']}")
     if out is not None:
-        console.print(f"written to {out}")
+        console.print(f"written to {escape(str(out))}")

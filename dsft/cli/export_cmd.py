@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from dsft.cli.common import console, guarded, print_json
 
@@ -26,9 +27,14 @@ def export_command(
 
     kwargs = {"base": base, "registry": registry}
     if format == "merged":
+        from dsft.recipes.run_checks import check_device
+
+        check_device(device)
         kwargs["device"] = device
     result = export_adapter(ref, out, format=format, **kwargs)
     if json_out:
         print_json(result.to_json())
         return
-    console.print(f"[bold green]{result.ref}[/] exported ({result.format}) to {result.path}: {', '.join(result.files)}")
+    # the path is the user's --out: escaped, so that brackets in it print as given (after the work is done)
+    console.print(f"[bold green]{result.ref}[/] exported ({result.format}) to {escape(str(result.path))}: "
+                  f"{escape(', '.join(result.files))}")

@@ -29,9 +29,12 @@ def generate_command(
 
     Example: dsft generate --adapter finance "What is a collateralized debt obligation?"
     """
+    from dsft.recipes.run_checks import check_device
     from dsft.runtime.base import load_base
     from dsft.runtime.export import training_base
 
+    check_device(device)
+    check_flags(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if base is None and adapter is not None:
         from dsft.registry import open_registry
         from dsft.runtime.refs import choose
@@ -63,3 +66,19 @@ def generate_command(
     if not quiet:
         err_console.print(f"[dim]{result.completion_tokens} tokens in {seconds:.2f}s "
                           f"({result.completion_tokens / max(seconds, 1e-9):.1f} tokens/s), finish: {result.finish_reason}[/]")
+
+
+def check_flags(**sampling) -> None:
+    """The runtime's sampling checks, before a base is loaded (seconds to minutes), with the flag named.
+
+    Raises:
+        UsageError: e.g. ``--temperature must be 0 (greedy) or >= 0.01 ..., got 1e-45``.
+    """
+    from dsft.errors import UsageError
+    from dsft.runtime.generation import check_sampling
+
+    try:
+        check_sampling(**sampling)
+    except UsageError as exc:  # its message starts with the setting's name: say it as the flag
+        name, _, rest = str(exc).partition(" ")
+        raise UsageError(f"--{name.replace('_', '-')} {rest}") from None

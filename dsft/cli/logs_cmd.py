@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dsft.cli.common import console, guarded, print_json
@@ -35,7 +36,7 @@ def logs_command(
     for s in summary:
         table.add_row(s["stage"], str(s["steps"]), f"{s['loss_first']:.4f}", f"{s['loss_last']:.4f}",
                       f"{s['tokens_per_s']:,.0f}", f"{s['imbalance']:.2f}")
-    console.print(f"[bold]{rec.ref}[/] ({rec.path})")
+    console.print(f"[bold]{rec.ref}[/] ({escape(str(rec.path))})")
     console.print(table)
     if plot is not None:
-        console.print(f"loss curve written to {plot}")
+        console.print(f"loss curve written to {escape(str(plot))}")

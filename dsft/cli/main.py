@@ -14,6 +14,7 @@ from dsft.cli.logs_cmd import logs_command
 from dsft.cli.plan_cmd import plan_command
 from dsft.cli.serve_cmd import serve_command
 from dsft.cli.train_cmd import train_command
+from dsft.cli.ui_cmd import ui_command
 
 app = typer.Typer(
     name="dsft",
@@ -41,6 +42,7 @@ app.add_typer(experts_cmd.app)
 app.add_typer(registry_cmd.app, name="registry")
 app.command("generate")(generate_command)
 app.command("serve")(serve_command)
+app.command("ui")(ui_command)
 app.command("export")(export_command)
 app.command("logs")(logs_command)
 app.command("eval")(eval_command)

@@ -5,6 +5,7 @@ import typer
 from rich.table import Table
 
 from dsft.cli.common import console, guarded, print_json
+from dsft.errors import UsageError
 from dsft.eval.plan import GIB, METHODS
 
 
@@ -20,17 +21,23 @@ def plan_command(
     lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
     new_terms: int = typer.Option(200, "--new-terms", help="Domain terms added as tokens (their rows train)."),
     device: str = typer.Option("cuda", "--device", help="cuda (bf16 weights) or cpu (fp32, no CUDA overhead)."),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs sharing the run through FSDP2 (as dsft train --num-gpus); "
+                                 "memory is per GPU and --batch is each GPU's rows."),
     measure: bool = typer.Option(False, "--measure", help="Also run two real training steps here and show the measured peak."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Estimate peak GPU memory and tokens/s of a training run from the base's config (no weights read).
 
     Example: dsft plan --base deepseek-ai/DeepSeek-V2-Lite --method lora --seq 4096 --batch 2 --gpu-mem 80
+
+    Example (2 GPUs, FSDP2, 8 rows a GPU): dsft plan --base deepseek-ai/DeepSeek-V2-Lite --num-gpus 2 --batch 8
     """
     from dsft.eval.plan import PlanRequest, plan
 
     req = PlanRequest(base=base, method=method, seq=seq, batch=batch, checkpointing=checkpointing, gpu_mem_gib=gpu_mem,
-                      device=device, lora_r=lora_r, new_terms=new_terms)
+                      device=device, lora_r=lora_r, new_terms=new_terms, num_gpus=num_gpus)
+    if measure and num_gpus > 1:
+        raise UsageError("--measure runs one process on this machine; leave out --num-gpus to compare with it")
     p = plan(req)
     measured = None
     if measure:
@@ -42,7 +49,8 @@ def plan_command(
         return
     m = p.memory
     table = Table("component", "GiB", title=f"{base}, {method}, batch {batch} x {seq}"
-                  f"{', checkpointing' if checkpointing else ''} ({device})")
+                  f"{', checkpointing' if checkpointing else ''} ({device})"
+                  + (f", per GPU of {num_gpus} (FSDP2)" if num_gpus > 1 else ""))
     rows = [("weights", m.weights), ("trainable parameters", m.trainable), ("gradients", m.gradients),
             ("optimizer state", m.optimizer), ("kept activations", m.activations),
             ("loss chunk / layer backward", m.transient), ("peak allocated", m.peak_allocated),

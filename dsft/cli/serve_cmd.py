@@ -25,6 +25,8 @@ def serve_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     registry: str = typer.Option(None, "--registry", envvar="DSFT_REGISTRY_URL", help="Registry SQLAlchemy URL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
+    ui: bool = typer.Option(False, "--ui", help="Also serve the registry pages under /ui (as `dsft ui` does; "
+                                                "tags editable only with the API key)."),
 ) -> None:
     """Serve a base and its adapters over an OpenAI-compatible API (model = adapter ref or base name).
 
@@ -33,8 +35,11 @@ def serve_command(
     from dsft.extras import require
 
     require("serve", "dsft serve")
+    from dsft.recipes.run_checks import check_device
     from dsft.serve.app import Limits
     from dsft.serve.server import serve
+
+    check_device(device)  # before a base loads, not transformers' device_map error after
 
     if api_key and os.environ.get("DSFT_API_KEY") != api_key:
         err_console.print("warning: --api-key is visible to every user of this machine (ps); "
@@ -46,8 +51,9 @@ def serve_command(
             err_console.print(f"{asked} -> {info.ref}{how}" if asked != info.ref else info.ref, markup=False, highlight=False)
         err_console.print(f"dsft serving {base} with {', '.join(i.ref for i in infos) or 'no adapters'} on {url} "
                           f"(POST /v1/completions, /v1/chat/completions; GET /v1/models: the refs clients may use)"
-                          + ("; API key required" if api_key else ""), markup=False, highlight=False)
+                          + ("; API key required" if api_key else "") + (f"; registry pages at {url}/ui" if ui else ""),
+                          markup=False, highlight=False)
 
     serve(base, adapter or (), host=host, port=port, api_key=api_key, device=device, registry=registry,
           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, limits=Limits(max_tokens=max_tokens),
-          trust_remote_code=trust_remote_code, on_ready=ready)
+          trust_remote_code=trust_remote_code, ui=ui, on_ready=ready)

@@ -135,9 +135,9 @@ def _launch(ctx: typer.Context, a: dict[str, Any]) -> int:
               seed=a["seed"], max_steps=a["max_steps"], output=a["output"], registry=a["registry"], resume=a["resume"],
               checkpoint_every=a["checkpoint_every"], trust_remote_code=a["trust_remote_code"],
               eval_data=a["eval_data"] or (), generated=a["generated"])
-    from dsft.eval.tracking import parse_report_to
+    from dsft.eval.tracking import parse_report_to, reachable_trackers
 
-    parse_report_to(a["report_to"])
+    reachable_trackers(parse_report_to(a["report_to"]), a["report_to_optional"])
     given = {"num_processes": a["num_gpus"] and a["num_gpus"] * a["num_machines"], "num_machines": a["num_machines"],
              "machine_rank": a["machine_rank"], "main_process_ip": a["main_process_ip"], "main_process_port": a["main_process_port"]}
     if a["accelerate_config"] is not None:  # the file decides, except for what was given on this command line
@@ -192,7 +192,11 @@ def train_command(
                                 "(same recipe, overrides, base, seed, --max-steps and --data)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Checkpoint every N steps inside a stage (0: at stage ends only)."),
     report_to: str = typer.Option("tensorboard", "--report-to", help="Track the run live: tensorboard (events in the run "
-                                  "directory's tracking/), mlflow, wandb, a comma-separated list, all (every one installed) or none."),
+                                  "directory's tracking/), mlflow, wandb, a comma-separated list, all (every one installed) or none. "
+                                  "MLflow logs to MLFLOW_TRACKING_URI, else to $DSFT_HOME/mlflow.db."),
+    report_to_optional: bool = typer.Option(False, "--report-to-optional", help="Train even when a tracking server does "
+                                            "not answer (a warning instead of an error); a tracker failing mid-run is "
+                                            "always dropped with a warning."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     num_gpus: int = typer.Option(None, "--num-gpus", help="Train on N GPUs of this machine, one process each, through "
@@ -258,7 +262,7 @@ def train_command(
                        trust_remote_code=trust_remote_code, compile_layers=compile_layers,
                        keep_layers=int(keep_layers) if keep_layers.isdigit() else keep_layers, on_event=view,
                        resume=resume, checkpoint_every=checkpoint_every, dist=dist, eval_data=eval_data or (),
-                       generated=generated, report_to=report_to)
+                       generated=generated, report_to=report_to, report_to_optional=report_to_optional)
     except DsftError as exc:
         if getattr(exc, "from_rank0", False):
             raise typer.Exit(exc.exit_code) from None

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import torch
 
+from dsft.atomic import fsync_dir, fsync_file
 from dsft.data.files import Record
 from dsft.data.tokenize import TokenizeStats, encode_records
 from dsft.home import dsft_home
@@ -136,7 +137,9 @@ def tokenized(source: RecordSource, tokenizer: Any, seq_len: int, cache_dir: Pat
                 for batch in pa.ipc.open_stream(src):
                     writer.write_batch(batch)
             os.unlink(spill)
+        fsync_file(tmp)  # else a power cut could leave a cache file of the right name and no content
         os.replace(tmp, path)
+        fsync_dir(cache_dir)
     except BaseException:
         for p in (tmp, tmp + ".batches"):
             Path(p).unlink(missing_ok=True)

@@ -49,6 +49,9 @@ reach the same share of their peak."""
 DEQUANT_S_PER_PARAM_H100 = 2.1e-11
 """Seconds per quantised parameter and training step that QLoRA's dequantisation cost on one H100: lite shape,
 1 x 2048, 0.417 s a step where the same FLOPs at LoRA's efficiency take 0.102 s (same results file)."""
+FSDP2_EFFICIENCY = 37258.0 / 22814.3 / 2
+"""Tokens/s of N GPUs under FSDP2 over N times one GPU's, at the same per-GPU batch: 1.633x on 2 H200 (lite shape,
+8 x 2048 a GPU, compiled; benchmarks/results/2026-11-30-h200x2-multi-gpu.json). Assumed for more GPUs too."""
 GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
               "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0}
 
@@ -69,11 +72,13 @@ class PlanRequest:
     esft_share: float = 0.125
     """Share of routed experts ESFT trains (the builtin recipe selects about 1 in 8 on the presets)."""
     new_terms: int = 200
+    num_gpus: int = 1
+    """GPUs sharing the run through FSDP2 (``dsft train --num-gpus``); ``batch`` is then the rows of each GPU."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"--method: must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("seq", "batch", "lora_r"):
+        for name in ("seq", "batch", "lora_r", "num_gpus"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
         if self.gpu_mem_gib is not None and self.gpu_mem_gib <= 0:
@@ -104,6 +109,8 @@ class ModelCounts:
     saved_per_seq2: dict[str, float]
     """Saved bytes per squared sequence length of one layer (attention weights on the math path)."""
     layer_kinds: dict[str, int]
+    largest_layer_params: int
+    """Parameters of the largest decoder layer (what FSDP2 all-gathers whole while it runs)."""
     attention_flops_per_token_per_pos: float
     """Attention score + value FLOPs per token per position attended (forward)."""
     max_positions: int
@@ -230,6 +237,7 @@ def count_model(base: str | BaseRef, *, lora_r: int = 16, dtype: torch.dtype = t
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     params = sum(p.numel() for p in model.parameters())
     expert_params, linear_params, kinds, active = 0, 0, {}, 0
+    largest = max(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers)
     k = top_k(spec, config)
     for layer in decoder.layers:
         try:
@@ -261,7 +269,7 @@ def count_model(base: str | BaseRef, *, lora_r: int = 16, dtype: torch.dtype = t
     return ModelCounts(
         params=params, expert_params=expert_params, linear_params=linear_params, lora_params=lora_params,
         active_params=active + head.numel(), hidden=config.hidden_size, vocab=embed.shape[0], layers=len(layers),
-        saved_per_token=saved, saved_per_seq2=saved2, layer_kinds=kinds, attention_flops_per_token_per_pos=2.0 * heads * (qk + v),
+        saved_per_token=saved, saved_per_seq2=saved2, layer_kinds=kinds, largest_layer_params=largest, attention_flops_per_token_per_pos=2.0 * heads * (qk + v),
         max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096),
     )
 
@@ -321,6 +329,14 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
     # the saved log-softmax.
     loss = chunk * c.vocab * (2 * wbytes + 8 if wbytes != 4 else 12)
     transient = max(loss, inside) + 2 * layer_input  # + the gradient flowing between layers
+    if req.num_gpus > 1:
+        # FSDP2: each GPU holds 1/N of the weights and of the trainable state, plus the layer it has all-gathered
+        # whole to run. One such layer at the peak matched the 2 x H200 runs (lite shape, 4 and 8 x 2048 a GPU:
+        # 21.81 and 23.47 GiB measured; tests/eval/test_plan.py).
+        weights = weights / req.num_gpus + c.largest_layer_params * wbytes
+        state = {k: v / req.num_gpus for k, v in state.items()}
+        notes.append(f"fsdp2 over {req.num_gpus} GPUs: weights and trainable state sharded, one layer gathered at a time; "
+                     f"--batch is each GPU's rows")
     # On one CUDA device dsft train's AdamW is torch's fused one: no step-time copies of the moments
     # (foreach, used under FSDP2 and on CPU, takes the square root of all second moments at once).
     overhead = 0.0
@@ -390,6 +406,8 @@ def plan(req: PlanRequest, counts: ModelCounts | None = None, gpu_name: str | No
         if req.method == "qlora":  # every quantised weight is dequantised in forward, recompute and backward
             step_s += (c.linear_params + c.expert_params) * DEQUANT_S_PER_PARAM_H100 * H100_BF16_TFLOPS / peak
         tokens_per_s = tokens / step_s
+        if req.num_gpus > 1:
+            tokens_per_s *= req.num_gpus * FSDP2_EFFICIENCY
     best = None
     for seq in _powers(64, min(c.max_positions, 1 << 17)):
         for batch in _powers(1, 1024):

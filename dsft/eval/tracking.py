@@ -4,11 +4,21 @@
 while training: every step's loss, learning rate, tokens/s, router aux loss, load imbalance and gradient
 norm, each stage's held-out losses, the resolved recipe as the run's parameters, and the adapter's ref
 once it is registered. The adapter directory keeps its own copy of the step log (:mod:`dsft.eval.logs`).
+
+MLflow logs to ``MLFLOW_TRACKING_URI`` when it is set (a tracking server, a database), otherwise to a SQLite
+store in ``$DSFT_HOME/mlflow.db`` (MLflow 3 refuses its old ``./mlruns`` file store by default); see it with
+``mlflow ui --backend-store-uri sqlite:///$DSFT_HOME/mlflow.db``. A tracking server that does not answer
+stops ``dsft train`` before any work, unless ``--report-to-optional`` lets the run go on without it; a
+tracker that fails during a run is dropped with a warning (a run is never lost to its metrics).
 """
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,43 @@ def parse_report_to(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def mlflow_tracking_uri() -> str:
+    """Where MLflow logs: ``MLFLOW_TRACKING_URI``, else a SQLite store in ``$DSFT_HOME``."""
+    from dsft.home import dsft_home
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{dsft_home() / 'mlflow.db'}"
+
+
+def unreachable(names: Sequence[str], timeout: float = 5.0) -> dict[str, str]:
+    """The trackers among ``names`` whose server does not answer, with why: an MLflow tracking server (an
+    ``http(s)`` tracking URI) must answer ``GET /health``. Local stores always count as reachable."""
+    out: dict[str, str] = {}
+    uri = mlflow_tracking_uri() if "mlflow" in names else ""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:  # noqa: S310 (http(s) only)
+                if r.status != 200:
+                    out["mlflow"] = f"the MLflow tracking server at {uri} answered /health with HTTP {r.status}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            out["mlflow"] = f"the MLflow tracking server at {uri} does not answer ({reason})"
+    return out
+
+
+def reachable_trackers(names: tuple[str, ...], optional: bool) -> tuple[tuple[str, ...], list[str]]:
+    """``names`` less the trackers that cannot be reached, and a warning for each one left out.
+
+    Raises:
+        UsageError: one cannot be reached and ``optional`` is False (nothing has started yet).
+    """
+    down = unreachable(names)
+    if down and not optional:
+        name, why = next(iter(down.items()))
+        raise UsageError(f"--report-to {name}: {why}; start it, set MLFLOW_TRACKING_URI to one that runs, "
+                         "or add --report-to-optional to train without it")
+    return tuple(n for n in names if n not in down), [f"not tracking to {n}: {why}" for n, why in down.items()]
+
+
 def flat_params(tree: Any, prefix: str = "") -> dict[str, bool | int | float | str]:
     """A nested recipe as ``{"stages.0.lr": 0.0002, ...}`` (lists of scalars and None as text): what trackers take."""
     if isinstance(tree, Mapping):
@@ -62,20 +109,32 @@ class RunTracker:
     run join up.
     """
 
-    def __init__(self, names: Sequence[str], run_name: str, logging_dir: Path, params: Mapping[str, Any]):
+    def __init__(self, names: Sequence[str], run_name: str, logging_dir: Path, params: Mapping[str, Any],
+                 tags: Mapping[str, str] | None = None, on_warning: Callable[[str], None] | None = None):
         from accelerate import PartialState, tracking
 
         PartialState()  # accelerate's trackers log through its logger, which wants its state (one process: no-op)
+        self.on_warning = on_warning or (lambda message: None)
         made = {"tensorboard": lambda: tracking.TensorBoardTracker(run_name, logging_dir),
-                "mlflow": lambda: tracking.MLflowTracker(experiment_name="dsft", logging_dir=str(logging_dir), run_name=run_name),
-                "wandb": lambda: tracking.WandBTracker(run_name, project="dsft")}
+                "mlflow": lambda: _mlflow_tracker(run_name, tags or {}),
+                # accelerate passes its first argument to wandb.init as the project
+                "wandb": lambda: tracking.WandBTracker("dsft", name=run_name, tags=list((tags or {}).values()))}
         self.trackers = [made[n]() for n in names]
         for t in self.trackers:
             t.main_process_only = False  # only the main rank makes a RunTracker; no accelerate state needed
-            t.start()
-            t.store_init_configuration(flat_params(params))
+        self._each(lambda t: t.start())
+        self._each(lambda t: t.store_init_configuration(flat_params(params)))
         self.offset = 0
         self.step = 0
+
+    def _each(self, call: Callable[[Any], None]) -> None:
+        """``call`` on every tracker; one that raises is dropped with a warning and the others go on."""
+        for t in list(self.trackers):
+            try:
+                call(t)
+            except Exception as exc:  # a tracker's failure (a server gone) must not stop training
+                self.trackers.remove(t)
+                self.on_warning(f"stopped tracking to {t.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "stage_start":
@@ -92,18 +151,31 @@ class RunTracker:
             self.log({f"eval/{k}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
 
     def log(self, values: dict[str, float | str]) -> None:
-        for t in self.trackers:
-            t.log(values, step=self.step)
+        self._each(lambda t: t.log(values, step=self.step))
 
     def finish(self, adapter: str | None = None) -> None:
         """Record the registered adapter's ref (when there is one) and close every tracker."""
-        for t in self.trackers:
-            if adapter is not None:
-                if t.name == "mlflow":
-                    import mlflow
-
-                    mlflow.set_tag("dsft.adapter", adapter)
-                else:
-                    t.log({"adapter": adapter}, step=self.step)
-            t.finish()
+        if adapter is not None:
+            self._each(lambda t: _tag(t, "dsft.adapter", adapter, self.step))
+        self._each(lambda t: t.finish())
         self.trackers = []
+
+
+def _mlflow_tracker(run_name: str, tags: Mapping[str, str]) -> Any:
+    import mlflow
+    from accelerate import tracking
+
+    for name in ("mlflow", "alembic"):  # MLflow's store set-up logs each migration at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(mlflow_tracking_uri())
+    # No logging_dir: accelerate would make it the experiment's artifact location, shared by every later run.
+    return tracking.MLflowTracker(experiment_name="dsft", run_name=run_name, tags=dict(tags))
+
+
+def _tag(tracker: Any, key: str, value: str, step: int) -> None:
+    if tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.set_tag(key, value)
+    else:
+        tracker.log({key: value}, step=step)

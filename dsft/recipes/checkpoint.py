@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from dsft.adapters.esft import EsftState
-from dsft.atomic import sha256_file, sha256_json, staging_dir, write_json_atomic, write_text_atomic
+from dsft.atomic import fsync_dir, sha256_file, sha256_json, staging_dir, write_json_atomic, write_text_atomic
 from dsft.errors import IntegrityError, NotFoundError, UsageError
 from dsft.home import dsft_home
 
@@ -222,6 +222,7 @@ class RunDir:
                                                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **key.to_json(),
                                                "pid": os.getpid(), "host": socket.gethostname()})  # for registry gc
             os.rename(tmp, final)
+        fsync_dir(final.parent)
         return RunDir(final)
 
     @staticmethod
@@ -265,6 +266,7 @@ class RunDir:
             if final.exists():  # the same position written again (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
+        fsync_dir(root)  # the rename is durable before latest.json names it
         write_json_atomic(root / LATEST, {"dir": final.name, "files": files})
         for old in root.iterdir():  # older checkpoints, and the leftovers of a write that a kill -9 cut short
             if old.is_dir() and old.name != final.name:

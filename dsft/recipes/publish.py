@@ -18,7 +18,7 @@ from dsft.adapters.card import CARD_FILE, hub_name, model_card, point_peft_confi
 from dsft.adapters.esft import EsftState, save_esft
 from dsft.adapters.store import write_manifest, write_weights
 from dsft.adapters.terms import TermPlan, save_terms
-from dsft.atomic import staging_dir, write_text_atomic
+from dsft.atomic import fsync_dir, staging_dir, write_text_atomic
 from dsft.base.fingerprint import summary
 from dsft.errors import NotFoundError
 from dsft.eval.logs import write_training_log
@@ -146,3 +146,4 @@ def copy_out(path: Path, output: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(output)
+    fsync_dir(output.parent)

@@ -33,7 +33,7 @@ from dsft.base.loading import default_device
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
-from dsft.eval.tracking import parse_report_to
+from dsft.eval.tracking import parse_report_to, reachable_trackers
 from dsft.kernels.attention import training_sdpa_backends
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.card_fit import fits_on_card, spare_recompute
@@ -119,6 +119,7 @@ def train(
     eval_data: list[str | Path] | tuple = (),
     generated: bool = False,
     report_to: str = "tensorboard",
+    report_to_optional: bool = False,
 ) -> TrainResult:
     """Train a domain adapter and register it.
 
@@ -163,7 +164,7 @@ def train(
     if keep_layers != "auto" and not (isinstance(keep_layers, int) and keep_layers >= 0):
         raise UsageError(f"--keep-layers must be a number >= 0 or auto, got {keep_layers!r}")
     check_device(device)
-    trackers = parse_report_to(report_to)
+    trackers, tracking_warnings = reachable_trackers(parse_report_to(report_to), report_to_optional)
     dist = dist if dist is not None else Dist.from_env(device)
     started = time.perf_counter()
     with dist.local_main_first():  # a preset is built once per machine
@@ -172,6 +173,8 @@ def train(
     try:
         with training_sdpa_backends():  # cuDNN's masked attention backward (packed rows): see dsft.kernels.attention
             run = Training(plan, dist, Events(on_event if dist.main else None), device, started)
+            for message in tracking_warnings:
+                run.emit("warning", {"message": message})
             user = plan.user_records
             if user.overlap:
                 run.emit("warning", {"message": f"{user.overlap} of {len(user.heldout)} held-out records are also "
@@ -273,7 +276,8 @@ class Training:
             ran = load_recipe(str(self.run.path / "recipe.yaml")).stages
             return [StepSize(s.seq_len, s.batch_size, s.micro_batch_size or -(-s.batch_size // world), (), world) for s in ran]
         context = getattr(self.model.config, "max_position_embeddings", None)
-        fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target) if self.cuda else None
+        sharded = self.dist.world if self.dist.sharding == "fsdp" else 1
+        fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target, sharded) if self.cuda else None
         return [size_stage(s, cuda=self.cuda, context=context, fits=fits, world=world,
                            lengths=partial(example_lengths, s, plan.pack, self.general, self.tokenizer, plan.user_records, SAMPLE))
                 for s in plan.recipe.stages]
@@ -333,7 +337,9 @@ class Training:
 
         plan = self.plan
         params = {"domain": plan.pack.name, "base": plan.base.name, "seed": plan.seed, "recipe": plan.recipe.to_data()}
-        self.tracker = RunTracker(names, self.run.name, self.run.path / "tracking", params)
+        self.tracker = RunTracker(names, self.run.name, self.run.path / "tracking", params,
+                                  tags={"dsft.domain": plan.pack.name, "dsft.base": plan.base.name},
+                                  on_warning=lambda message: self.emit("warning", {"message": message}))
         self.tracker.log({f"eval/{k}_before": v for k, v in self.before.items() if isinstance(v, (int, float))})
         self.emit.listeners.append(self.tracker)
 

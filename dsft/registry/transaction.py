@@ -399,6 +399,7 @@ class Transaction:
         if inside and path.is_dir():
             trash = path.with_name(f".{path.name}.{os.getpid()}-trash-{uuid.uuid4().hex[:8]}")  # pid: for registry gc
             os.rename(path, trash)
+            fsync_dir(path.parent)  # a power cut after the commit must not bring the removed version back
             self.on_rollback(lambda: os.rename(trash, path))
             self.after_commit(lambda: shutil.rmtree(trash))
             doomed = path

@@ -24,7 +24,7 @@ import torch
 
 from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, Manifest
 from dsft.adapters.card import front_matter, hub_name
-from dsft.atomic import staging_dir, write_json_atomic, write_text_atomic
+from dsft.atomic import fsync_dir, staging_dir, write_json_atomic, write_text_atomic
 from dsft.errors import IncompatibleError, UsageError
 from dsft.runtime.weights import read_verified
 
@@ -295,3 +295,4 @@ def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
         out.rmdir()  # empty (checked): replaced by the finished export
     tmp.rename(out)
+    fsync_dir(out.parent)

@@ -8,6 +8,7 @@
     POST /v1/adapters               {"ref": "medical@0.2.0"}: attach (beside other attached versions of medical)
     DELETE /v1/adapters/{ref}       detach
     GET  /health                    liveness, base, batching counters (no token needed; adapters with one)
+    GET  /ui ...                    the registry pages (``dsft serve --ui``; see :mod:`dsft.serve.ui`)
 
 A completion's ``prompt`` is an instruction, answered in the format the adapters were trained on, as
 ``dsft generate`` and ``RuntimeBase.generate`` answer it; ``"raw": true`` continues it as plain text
@@ -31,6 +32,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsft.registry import Registry
 from dsft.runtime.base import RuntimeBase
 from dsft.runtime.engine import Engine
 from dsft.runtime.engine import Request as GenRequest
@@ -73,16 +75,21 @@ def _now() -> int:
 
 
 def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = None, limits: Limits = Limits(),
-               hosts: frozenset[str] | None = None) -> FastAPI:
+               hosts: frozenset[str] | None = None, ui_registry: Registry | None = None) -> FastAPI:
     """The application for one runtime.
 
     Args:
         api_key: when set, required on every ``/v1`` route.
         hosts: without an API key, the ``Host`` values accepted (:func:`dsft.serve.guard.allowed_hosts` of
             the bound address; None accepts any Host, still refusing cross-origin requests).
+        ui_registry: when given, the registry pages (:mod:`dsft.serve.ui`) are served under ``/ui`` from it.
     """
     app = FastAPI(title="dsft", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, hosts=hosts)
+    if ui_registry is not None:
+        from dsft.serve.ui.app import ui_router
+
+        app.include_router(ui_router(ui_registry, api_key=api_key, hosts=hosts))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -114,6 +121,8 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        except RecursionError:  # nesting deeper than the parser's stack: the client's mistake, not a 500
+            raise ApiError(400, "the request body is JSON nested too deeply to read; flatten it", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_request")
         try:

@@ -13,10 +13,23 @@ import secrets
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from dsft.errors import UsageError
 from dsft.serve.errors import response
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD = ("0.0.0.0", "::", "")
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to listen on every interface without an API key: with a wildcard bind the ``Host`` header cannot be
+    checked against one address, so a page on any site could reach the server through DNS rebinding.
+
+    Raises:
+        UsageError: ``host`` is a wildcard and there is no key.
+    """
+    if host in WILDCARD and not api_key:
+        raise UsageError(f"--host {host or '(empty)'} listens on every interface: set DSFT_API_KEY (or --api-key) so that "
+                         "only clients with the key get in, or give the one address to listen on")
 
 
 def allowed_hosts(host: str, port: int) -> frozenset[str] | None:

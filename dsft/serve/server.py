@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dsft.errors import UsageError
 from dsft.runtime.records import AdapterInfo
 from dsft.serve.app import Limits, create_app
-from dsft.serve.guard import LOOPBACK, allowed_hosts
+from dsft.serve.guard import LOOPBACK, allowed_hosts, check_bind
 
 
 def serve(
@@ -23,6 +23,7 @@ def serve(
     batch_wait_ms: float = 10.0,
     limits: Limits = Limits(),
     trust_remote_code: bool = False,
+    ui: bool = False,
     on_ready: Callable[[str, list[AdapterInfo]], None] | None = None,
 ) -> None:
     """Serve ``base`` with ``adapters`` attached until interrupted.
@@ -34,9 +35,10 @@ def serve(
             requests must name this address as their Host and come from no other origin.
         max_batch_size, batch_wait_ms: dynamic batching: the most rows per batch, and how long the
             first request of a batch waits for others.
+        ui: also serve the registry pages under ``/ui`` (read from the registry adapters are resolved in).
         on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:
-        UsageError: bad port or batching settings; what loading and attaching raise.
+        UsageError: bad port, batching settings or --max-tokens; what loading and attaching raise.
     """
     import uvicorn
 
@@ -47,10 +49,19 @@ def serve(
         raise UsageError(f"--port must be 0-65535, got {port}")
     if max_batch_size < 1 or batch_wait_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    check_bind(host, api_key)
+    if limits.max_tokens < 1:  # else the server would start and refuse every request
+        raise UsageError(f"--max-tokens must be >= 1, got {limits.max_tokens}")
+    ui_registry = None
+    if ui:  # opened before the model loads: a registry that cannot be read fails in a second, not a minute
+        from dsft.registry import open_registry
+
+        ui_registry = open_registry(registry)
     runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
     infos = [runtime.attach(ref) for ref in adapters]
     engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000)
-    app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port))
+    app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port),
+                     ui_registry=ui_registry)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{port}", infos)
@@ -61,3 +72,5 @@ def serve(
     finally:
         engine.close()
         runtime.close()
+        if ui_registry is not None:
+            ui_registry.close()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dsft.errors import UsageError
 from dsft.eval.plan import (
     GIB,
     GPU_TFLOPS,
@@ -129,3 +130,35 @@ def test_plan_cli_prints_json_and_refuses_bad_input_in_one_line():
     assert bad.exit_code != 0 and "--method" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = CliRunner().invoke(app, ["plan", "--base", "no-such-base"])
     assert missing.exit_code != 0 and "unknown base" in missing.stderr
+
+
+def test_fsdp2_holds_a_share_of_weights_and_state_per_gpu_plus_the_layer_it_runs():
+    counts = count_model("tiny-qwen3-moe", dtype=torch.bfloat16)
+    one = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "lora", seq=512, batch=4))[0]
+    four = estimate_memory(counts, PlanRequest("tiny-qwen3-moe", "lora", seq=512, batch=4, num_gpus=4))[0]
+    assert four.weights == pytest.approx(one.weights / 4 + counts.largest_layer_params * 2)
+    assert (four.trainable, four.gradients, four.optimizer) == pytest.approx((one.trainable / 4, one.gradients / 4, one.optimizer / 4))
+    assert four.activations == one.activations  # --batch is each GPU's rows
+    with pytest.raises(UsageError, match="--num-gpus"):
+        PlanRequest("tiny-qwen3-moe", num_gpus=0)
+
+
+def test_fsdp2_plan_matches_the_2_h200_runs(home):
+    """Peaks measured by benchmarks/multi_gpu.py on 2 H200 (lite shape, seq 2048, compiled;
+    benchmarks/results/2026-11-30-h200x2-multi-gpu.json) and the 1-GPU run beside them."""
+    counts = count_model("deepseek-v2-lite-shape")
+    for gpus, rows, measured_gib in ((1, 8, 38.73), (2, 4, 21.81), (2, 8, 23.47)):
+        req = PlanRequest("deepseek-v2-lite-shape", batch=rows, seq=2048, num_gpus=gpus, gpu_mem_gib=139.8)
+        predicted = estimate_memory(counts, req)[0].peak_allocated / GIB
+        assert 0 <= predicted / measured_gib - 1 < 0.08, (gpus, rows, predicted, measured_gib)  # never under, within 8%
+
+
+def test_plan_cli_per_gpu_under_fsdp2():
+    from dsft.cli.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--base", "tiny-mixtral", "--num-gpus", "2", "--batch", "8", "--gpu-mem", "24", "--json"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["request"]["num_gpus"] == 2 and any("fsdp2 over 2 GPUs" in n for n in data["notes"])
+    bad = CliRunner().invoke(app, ["plan", "--num-gpus", "2", "--measure"])
+    assert bad.exit_code != 0 and "--measure" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -23,3 +23,16 @@ def test_a_file_given_as_domain_is_not_printed_back(dsft, tmp_path):
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
     line = one_error_line(dsft("train", "--domain", str(secret)))
     assert "root:x" not in line and "must be a mapping" in line
+
+
+def test_a_path_with_brackets_in_a_success_message_is_printed_as_given(dsft, tmp_path, monkeypatch):
+    """Once the work is done, printing where it went must not fail (rich would read ``[/]`` as markup)."""
+    import importlib
+    from types import SimpleNamespace
+
+    out = tmp_path / "finance[/]peft [bold]x"
+    done = SimpleNamespace(ref="finance@0.1.0", format="peft", path=out, files=["adapter_config.json"])
+    monkeypatch.setattr(importlib.import_module("dsft.runtime.export"), "export_adapter", lambda *a, **k: done)
+    proc = dsft("export", "finance", "--format", "peft", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout.replace("\n", "")
