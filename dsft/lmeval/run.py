@@ -41,10 +41,10 @@ def task_manager(tasks: Sequence[str], include: Sequence[str | Path] = ()) -> An
         if not Path(p).is_dir():
             raise UsageError(f"--lm-eval-include {p}: no such directory")
     if paths:
-        local = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+        local = TaskManager(include_path=paths, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    manager = TaskManager(include_path=paths or None, verbosity="ERROR")
+    manager = TaskManager(include_path=paths or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor in {', '.join(paths)})" if paths else ""
@@ -116,7 +116,7 @@ def run_lm_eval(ref: str, tasks: str | Sequence[str], *, base: str | None = None
         for label, adapter in (("base", None), ("adapter", rec.ref)):
             lm = DsftLM(runtime=runtime, adapter=adapter, batch_size=batch_size)
             res = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=False, bootstrap_iters=1000, verbosity="ERROR")
+                                  log_samples=False, bootstrap_iters=1000)
             scored[label] = _figures(res)
         fingerprint, base_name, base_source = runtime.fingerprint, runtime.ref.name, runtime.ref.source
     finally:
