@@ -231,6 +231,8 @@ def train_command(
     from dsft.recipes.runner import train
 
     check_device(device)
+    if num_gpus is not None and num_gpus < 1:
+        raise UsageError(f"--num-gpus must be >= 1, got {num_gpus}")
     if write_accelerate_config is not None:
         from dsft.recipes.launch import settings_for, write_config
 

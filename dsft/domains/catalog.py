@@ -91,13 +91,11 @@ def resolve_domain(name_or_path: str) -> DomainPack:
         UsageError: an invalid name, or a pack file with problems.
         NotFoundError: no such file or domain; the message lists the available domains.
     """
-    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or os.sep in name_or_path
-    if looks_like_path:
+    if name_or_path.endswith((".yaml", ".yml")):  # only a .yaml path is read as a pack: never echo another file's lines
         path = Path(name_or_path).expanduser()
         if path.is_file():
             return load_pack(path)
-        if name_or_path.endswith((".yaml", ".yml")):
-            raise NotFoundError(f"domain file {path} does not exist; check the path, or give a domain name ({_available()})")
+        raise NotFoundError(f"domain file {path} does not exist; check the path, or give a domain name ({_available()})")
     validate_domain_name(name_or_path)
     user_path = user_domains_dir() / f"{name_or_path}.yaml"
     if user_path.is_file():
@@ -111,13 +109,18 @@ def resolve_domain(name_or_path: str) -> DomainPack:
     )
 
 
+MAX_TERM_CHARS = 200
+"""A domain term is a word or a short phrase; longer lines are refused (they would become one token each)."""
+
+
 def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
+    from dsft.safe_yaml import read_text
+
+    # The config reader's guarantees: a regular file (no FIFO, device or link to /dev/zero), bounded, UTF-8.
     try:
-        lines = terms_file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise NotFoundError(f"terms file {terms_file} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{terms_file}: cannot read the terms file as UTF-8 text: {exc}") from None
+        lines = read_text(terms_file, "terms file").splitlines()
+    except UsageError as exc:
+        raise DataError(str(exc)) from None
     terms: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(lines, 1):
@@ -132,6 +135,9 @@ def _read_terms(name: str, terms_file: Path) -> dict[str, str]:
             term, definition = line, ""
         if not term:
             raise DataError(f"{terms_file}:{lineno}: the line has a definition but no term")
+        if len(term) > MAX_TERM_CHARS:
+            raise DataError(f"{terms_file}:{lineno}: a term of {len(term):,} characters; a term is at most {MAX_TERM_CHARS} "
+                            "(one word or a short phrase per line)")
         if term.casefold() in first_line:
             raise DataError(f"{terms_file}:{lineno}: duplicate term {term!r} (first on line {first_line[term.casefold()]}); remove one")
         first_line[term.casefold()] = lineno

@@ -36,6 +36,15 @@ def check_device(device: str | None) -> None:
     kind, _, index = str(device).partition(":")
     if kind not in DEVICE_TYPES or (index and not (kind == "cuda" and index.isdigit())):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {show(device, 40)}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def check_seq_len(seq_lens: Iterable[tuple[str, int]], config: dict[str, Any], base: str) -> None:

@@ -73,8 +73,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _MAX_FILES = 10_000
 
 
-def check_tree(src: Path) -> None:
-    """Refuse a directory to import that holds anything but plain files and folders, or pickled weights.
+_SPARE_BYTES = 2**30
+
+
+def check_tree(src: Path) -> int:
+    """Refuse a directory to import that holds anything but plain files and folders, or pickled weights;
+    return the bytes its files hold once copied (their apparent sizes: a sparse file is written out whole).
 
     A symlink would copy what it points at (a private file, a whole directory, ``/dev/zero``) into the
     registry, so links and devices, FIFOs and sockets are refused, never followed.
@@ -82,7 +86,7 @@ def check_tree(src: Path) -> None:
     Raises:
         UsageError: a link, a non-regular file, a pickle-format weights file, or more than 10,000 entries.
     """
-    count = 0
+    count, total = 0, 0
     for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
         for name in dirnames + filenames:
             count += 1
@@ -98,6 +102,24 @@ def check_tree(src: Path) -> None:
             if stat.S_ISREG(st.st_mode) and p.suffix.lower() in PICKLE_SUFFIXES:
                 raise UsageError(f"{p} holds weights in pickle format, which dsft does not load (safetensors only): "
                                  "save the adapter with safe_serialization=True and import again")
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def check_room(needed: int, store: Path) -> None:
+    """Refuse an import whose copy would not fit on the store's disk with 1 GiB to spare.
+
+    Raises:
+        UsageError: not enough free space (both figures named).
+    """
+    import shutil
+
+    store.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store).free
+    if needed + _SPARE_BYTES > free:
+        raise UsageError(f"the files to import take {needed / 2**30:,.2f} GiB once copied and {store} has {free / 2**30:,.2f} "
+                         "GiB free (1 GiB kept spare); free space or leave large unrelated files out of the directory")
 
 
 def manifest_file_path(src: Path, rel: Any) -> Path:

@@ -236,6 +236,7 @@ class Registry:
         kind = validate_kind(kind or importer.default_kind(peft, previous, exported))
         if base is not None:
             check_fingerprint(base[2])
+        importer.check_room(importer.check_tree(source), self.adapters_root)  # a sparse 1 TB file would fill the disk
         with staging_dir(self.adapters_root / domain / "import") as staged:
             _copy_tree(source, staged)
             importer.check_tree(staged)  # the source may have changed since it was checked

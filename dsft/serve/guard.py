@@ -20,6 +20,21 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD = ("0.0.0.0", "::", "")
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether binding ``host`` listens on every interface: ``0.0.0.0`` and ``::`` in any spelling the resolver
+    accepts (``0``, ``0.0.0.00``, ``::0``)."""
+    import ipaddress
+    import socket
+
+    if host in WILDCARD:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return False  # a name, resolved by the server: not a wildcard spelling
+    return any(ipaddress.ip_address(info[4][0].split("%")[0]).is_unspecified for info in infos)
+
+
 def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to listen on every interface without an API key: with a wildcard bind the ``Host`` header cannot be
     checked against one address, so a page on any site could reach the server through DNS rebinding.
@@ -27,7 +42,7 @@ def check_bind(host: str, api_key: str | None) -> None:
     Raises:
         UsageError: ``host`` is a wildcard and there is no key.
     """
-    if host in WILDCARD and not api_key:
+    if is_wildcard(host) and not api_key:
         raise UsageError(f"--host {host or '(empty)'} listens on every interface: set DSFT_API_KEY (or --api-key) so that "
                          "only clients with the key get in, or give the one address to listen on")
 
@@ -37,7 +52,7 @@ def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
 
     A loopback server answers all loopback names; each name is allowed with and without the port.
     """
-    if host in WILDCARD:
+    if is_wildcard(host):
         return None
     names = set(LOOPBACK) if host in LOOPBACK else {host}
     out = set()
