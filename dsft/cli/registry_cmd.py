@@ -54,7 +54,7 @@ def _fingerprint(base: str) -> tuple[str, str, dict[str, Any]]:
     return fingerprint_for(base)
 
 
-def _architecture_mismatch(ref: str, base: str, registry: str | None) -> CompatRecord | None:
+def _architecture_mismatch(adapter: AdapterRecord, base: str) -> CompatRecord | None:
     """An ``incompatible`` answer when the adapter's architecture differs from the base's config's, else None."""
     from dsft.registry.compat import architecture_mismatch
 
@@ -65,8 +65,6 @@ def _architecture_mismatch(ref: str, base: str, registry: str | None) -> CompatR
     arch = base_architecture(base)
     if arch is None:
         return None
-    with _registry(registry) as reg:
-        adapter = reg.resolve(ref)
     why = architecture_mismatch(adapter.manifest, arch)
     return None if why is None else CompatRecord(ref=adapter.ref, base_id=None, base_name=base, status="incompatible",
                                                  reasons=[why])
@@ -164,11 +162,14 @@ def show_cmd(ref: RefArg, registry: RegistryUrl = None, json_out: Json = False) 
 @app.command("check")
 @guarded
 def check_cmd(ref: RefArg, base: BaseOpt, registry: RegistryUrl = None, json_out: Json = False) -> None:
-    """Say whether an adapter fits a base model version, with every reason. Exits 0 only when it does.
+    """Say whether an adapter fits a base model version, with every reason. Exits 0 only when it does
+    (and its files match their manifest: a changed file is refused first, as generate and serve refuse it).
 
     Example: dsft registry check finance@0.2.0 --base tiny-deepseek-v2
     """
-    mismatch = _architecture_mismatch(ref, base, registry)
+    with _registry(registry) as reg:
+        adapter = reg.resolve(ref, verify_files=True)  # IntegrityError (exit 6) names the changed file
+    mismatch = _architecture_mismatch(adapter, base)
     if mismatch is not None:  # decided from the base's config alone: no preset built, no weights hashed
         if json_out:
             print_json({**mismatch.to_json(), "base_source": None})
@@ -177,7 +178,7 @@ def check_cmd(ref: RefArg, base: BaseOpt, registry: RegistryUrl = None, json_out
         raise typer.Exit(IncompatibleError.exit_code)
     name, source, fp = _fingerprint(base)
     with _registry(registry) as reg:
-        rec = reg.check(ref, base_fingerprint=fp)
+        rec = reg.check(adapter.ref, base_fingerprint=fp, verify_files=False)  # hashed above; the version hashed
     if json_out:
         print_json({**rec.to_json(), "base_name": rec.base_name or name, "base_source": source})
     else:

@@ -107,7 +107,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[tuple[str, str]]]:
     so duplicates are found on the node tree before construction.
     """
     node = safe_yaml.compose(text, source)  # bounded: an alias bomb is refused before anything walks it
-    data = safe_yaml.construct(node, source)
+    data = safe_yaml.construct(node, source, refuse_duplicates=False)  # found below, listed with every other problem
     problems: list[tuple[str, str]] = []
     _duplicate_keys(node, "", problems, set())
     return data, problems

@@ -154,14 +154,22 @@ class Registry:
             row = repo.resolve(s, parsed)
             return [CompatRecord.from_row(c) for c in repo.compat_of_adapter(s, row.id)]
 
-    def check(self, ref: str, *, base_fingerprint: Mapping[str, Any]) -> CompatRecord:
+    def check(self, ref: str, *, base_fingerprint: Mapping[str, Any], verify_files: bool = True) -> CompatRecord:
         """Whether adapter ``ref`` fits the base with this fingerprint (computed now; nothing is written).
 
         ``verified`` when an evaluation on exactly this base was recorded (training or ``record_eval``),
-        ``compatible`` when it loads, ``incompatible`` with every reason otherwise.
+        ``compatible`` when it loads, ``incompatible`` with every reason otherwise. Its files are
+        re-hashed first: a verdict is about the adapter that would load, never a tampered copy.
+
+        Args:
+            verify_files: False only when the caller has just checked them (``resolve(verify_files=True)``).
+        Raises:
+            IntegrityError: with ``verify_files``, a missing, changed or truncated file (named).
         """
         fp = check_fingerprint(base_fingerprint)
         parsed = parse_ref(ref)
+        if verify_files:  # hashed outside the read transaction; the ref is then pinned to the version hashed
+            parsed = parse_ref(self.resolve(ref, verify_files=True).ref)
         with self._read() as s:
             row = repo.resolve(s, parsed)
             base = repo.get_base(s, fp["id"])

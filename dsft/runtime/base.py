@@ -180,7 +180,7 @@ class RuntimeBase:
             log.info("%s -> %s (%s)", ref, chosen.ref, via)
         self._tags.invalidate()  # an attach often follows a tag move: requests see it from now on
         rec = reg.resolve(chosen.ref, verify_files=True)
-        compat = reg.check(rec.ref, base_fingerprint=self.fingerprint)
+        compat = reg.check(rec.ref, base_fingerprint=self.fingerprint, verify_files=False)  # hashed just above
         if not compat.ok:
             raise IncompatibleError(f"{rec.ref} does not fit base {self.name} ({self.fingerprint['id'][:12]}): "
                                     + "; ".join(compat.reasons))

@@ -76,7 +76,7 @@ def _resolve(ref: str, base: str | None, registry: Any):
             raise UsageError(f"{rec.ref} does not record its base; pass --base")
         base_ref = resolve_base(name)
         _, _, fp = fingerprint_for(base_ref)
-        compat = reg.check(rec.ref, base_fingerprint=fp)
+        compat = reg.check(rec.ref, base_fingerprint=fp, verify_files=False)  # hashed by resolve above
     if not compat.ok:
         raise IncompatibleError(f"{rec.ref} does not fit base {name}: " + "; ".join(compat.reasons))
     return rec, base_ref, fp

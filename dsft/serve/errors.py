@@ -26,6 +26,8 @@ class ApiError(Exception):
 
 
 def body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    # a message quoting a client's text must still encode: a lone surrogate is written as its escape
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param, "code": code}}
 
 

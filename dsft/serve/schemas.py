@@ -2,14 +2,49 @@
 
 Ranges are checked here, so that a bad value is a 400 for its own request and never reaches a batch:
 the limits are the runtime's (:func:`dsft.runtime.generation.check_sampling`).
+Every text a request carries must be valid Unicode: JSON's ``\\ud800`` escape decodes to a lone UTF-16
+surrogate, which no tokenizer or response can encode, so it is refused here, naming the field (checked
+before the type, so that every field gives the same message).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from dsft.runtime.generation import MAX_SEED, MIN_TEMPERATURE
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where ``value`` (a string, or lists and objects of strings, keys included) holds text that UTF-8
+    cannot encode: ``"at position P[ of PATH]"``; None when all of it can be."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"at position {exc.start}" + (f" of {where}" if where else "")
+        return None
+    if isinstance(value, list):
+        pairs = [(f"{where}[{i}]", None, item) for i, item in enumerate(value)]
+    elif isinstance(value, dict):
+        pairs = [(f"{where}[{ascii(key)}]", key, item) for key, item in value.items()]
+    else:
+        return None
+    for path, key, item in pairs:
+        problem = (_lone_surrogate(key, f"the key {path}") if key is not None else None) or _lone_surrogate(item, path)
+        if problem:
+            return problem
+    return None
+
+
+def _unicode_text(value: Any) -> Any:
+    """``value`` unchanged when all its text is valid Unicode; else the field's error (one line)."""
+    problem = _lone_surrogate(value)
+    if problem:
+        raise PydanticCustomError("invalid_unicode", "not valid Unicode text (a lone surrogate {problem})",
+                                  {"problem": problem})
+    return value
 
 
 class _Sampling(BaseModel):
@@ -26,6 +61,11 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     """Extension (as in vLLM): keep generating past the end-of-sequence token."""
+
+    @field_validator("model", "stop", mode="before")
+    @classmethod
+    def _model_stop_unicode(cls, value: Any) -> Any:
+        return _unicode_text(value)
 
     @field_validator("temperature")
     @classmethod
@@ -50,12 +90,22 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", "suffix", mode="before")
+    @classmethod
+    def _text_unicode(cls, value: Any) -> Any:
+        return _unicode_text(value)
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role", "content", mode="before")
+    @classmethod
+    def _text_unicode(cls, value: Any) -> Any:
+        return _unicode_text(value)
 
 
 class ChatRequest(_Sampling):
@@ -70,3 +120,8 @@ class AttachRequest(BaseModel):
 
     ref: str = Field(min_length=1, max_length=256)
     """The adapter to attach: ``finance``, ``finance@1.2.0`` or ``finance@production``."""
+
+    @field_validator("ref", mode="before")
+    @classmethod
+    def _ref_unicode(cls, value: Any) -> Any:
+        return _unicode_text(value)

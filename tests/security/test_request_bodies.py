@@ -63,3 +63,36 @@ def test_sampling_out_of_range_is_refused_before_the_engine(client, route, body,
     """Refused at the schema: such a request never joins a batch, so it cannot fail the others."""
     r = client.post(route, json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# "\\ud800" in the JSON text (ASCII bytes): json.loads makes it a lone UTF-16 surrogate
+
+
+@pytest.mark.parametrize("route, body, param, where", [
+    ("/v1/completions", '{"model": "fake-base", "prompt": "\\ud800 hi", "max_tokens": 8}', "prompt", "position 0"),
+    ("/v1/completions", '{"model": "fake-base", "prompt": ["ok", "a\\ud800 hi"], "max_tokens": 8}', "prompt",
+     "position 1 of [1]"),
+    ("/v1/completions", '{"model": "fake-base", "prompt": "x", "stop": ["\\ud800 hi"]}', "stop", "position 0 of [0]"),
+    ("/v1/completions", '{"model": "\\ud800 hi", "prompt": "x"}', "model", "position 0"),
+    ("/v1/chat/completions", '{"model": "fake-base", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+     "messages.0.content", "position 0"),
+    ("/v1/chat/completions", '{"model": "fake-base", "messages": [{"role": "user", "content": '
+                             '[{"type": "text", "text": "\\ud800 hi"}]}]}', "messages.0.content", "position 0 of [0]['text']"),
+    ("/v1/chat/completions", '{"model": "fake-base", "messages": [{"role": "user", "content": "x"}], "stop": "\\ud800 hi"}',
+     "stop", "position 0"),
+    ("/v1/adapters", '{"ref": "\\ud800 hi"}', "ref", "position 0"),
+], ids=["prompt", "prompt-list", "stop-list", "model", "chat-content", "chat-content-part", "chat-stop", "attach-ref"])
+def test_a_lone_surrogate_is_a_400_naming_the_field(client, route, body, param, where):
+    """Not a 500 from the tokenizer or the response encoder: the field and the position, one line."""
+    r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert error["message"] == f"{param}: not valid Unicode text (a lone surrogate at {where})"
+
+
+def test_valid_non_ascii_text_is_not_refused_as_unicode(client):
+    """Astral characters (a surrogate pair in JSON) and plain UTF-8 pass the check: the error is top_p's."""
+    body = '{"model": "fake-base", "prompt": "\\ud83d\\ude00 caf\u00e9", "top_p": 0}'
+    r = client.post("/v1/completions", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_p", r.text
