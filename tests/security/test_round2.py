@@ -24,13 +24,6 @@ def test_a_terms_file_is_a_bounded_regular_file_of_short_terms(dsft, home, tmp_p
     assert not (home / "domains" / "foo.yaml").exists()
 
 
-def test_a_domain_path_that_is_not_yaml_is_not_read_nor_echoed(dsft, tmp_path):
-    secret = tmp_path / "shadow"
-    secret.write_text("root:*:20228:0:99999:7:::\n")
-    line = one_error_line(dsft("train", "--domain", str(secret), "--max-steps", "1"))
-    assert "root:" not in line and "ending in .yaml" in line
-
-
 def test_an_import_that_would_not_fit_on_the_disk_is_refused_before_copying(dsft, home, tmp_path):
     src = tmp_path / "peft"
     write_peft_dir(src)
