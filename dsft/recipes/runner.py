@@ -73,8 +73,8 @@ def _attach(model, spec, rec: Recipe):
             return attach_lora(model, spec, settings), None
         return model, None
     settings = LoraSettings(r=rec.adapter.r, alpha=rec.adapter.alpha, targets=rec.lora_groups or ("attention",))
-    cfg = peft_config(model, spec, settings)
-    return attach_lora(model, spec, settings), target_shapes(model, cfg)
+    shapes = target_shapes(model, peft_config(model, spec, settings))  # before PEFT renames what it wraps
+    return attach_lora(model, spec, settings), shapes
 
 
 def check_run(domain: str = "finance", base: str = DEFAULT_BASE, recipe: str | None = None, data: list[str | Path] | tuple = (),

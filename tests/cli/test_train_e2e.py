@@ -85,6 +85,22 @@ def test_main_job_registers_finance_0_1_0_and_lowers_perplexity_by_20_percent(tr
     assert {"adapter_config.json", "adapter_model.safetensors", "terms.safetensors", "recipe.yaml"} <= set(manifest.files)
 
 
+def test_a_trained_adapter_records_the_shapes_it_modifies_and_its_peft_export_imports_back(trained, tmp_path):
+    """The registry's shape check needs the adapter's targets (they were recorded empty once, after PEFT had renamed
+    the wrapped parameters); with them, dsft's own PEFT export of a routed-expert LoRA imports back as compatible."""
+    home, result = trained
+    shapes = read_manifest(Path(result["path"])).target_shapes
+    assert "model.layers.1.mlp.experts.gate_up_proj" in shapes and "model.layers.1.mlp.experts.down_proj" in shapes
+    assert "model.layers.0.self_attn.q_proj.weight" in shapes and "model.layers.1.mlp.shared_experts.up_proj.weight" in shapes
+    out = tmp_path / "finance-peft"
+    dsft("export", "finance@0.1.0", "--format", "peft", "--out", str(out), home=home)
+    dsft("registry", "import", str(out), "--domain", "finance-again", home=home)
+    check = dsft("registry", "check", "finance-again", "--base", "tiny-deepseek-v2", "--json", home=home)
+    assert json.loads(check.stdout)["status"] == "compatible", check.stdout
+    gen = dsft("generate", "--adapter", "finance-again", "--max-new-tokens", "4", "What is EBITDA?", home=home)
+    assert gen.stdout.strip()
+
+
 def test_adapter_files_are_small_and_safetensors_only(trained):
     _, result = trained
     path = Path(result["path"])
