@@ -143,7 +143,7 @@ def main() -> None:
     home = a.home or tempfile.mkdtemp(prefix="dsft-real-data-")
     with tempfile.TemporaryDirectory() as tmp:
         train_file, big_file = Path(tmp) / "sft.jsonl", Path(tmp) / "big.jsonl"
-        n_train = write_jsonl(train_file, int(train_mb * 2**20), seed=0)
+        n_train = 0 if a.tokenize_only else write_jsonl(train_file, int(train_mb * 2**20), seed=0)
         train = {"stages": [], "recompiles": 0, "seconds": 0.0} if a.tokenize_only else run_train(a, train_file, home)
         print(json.dumps({"train": train}), flush=True)  # before the tokenising run, which may take long
         tok, n_big = None, 0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: floa
 
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads an int as documents and a float as a fraction
-    with console.status("lm-eval: base, then base + adapter", spinner="dots") if not json_out else _nothing():
+    with console.status("lm-eval: base, then base + adapter", spinner="dots") if not json_out else nullcontext():
         result = run_lm_eval(adapter, tasks, include=include, limit=limit, **kwargs)
     if report is not None:
         from dsft.eval.report import write_lm_eval_report
@@ -150,18 +150,13 @@ def _lm_eval(adapter: str, tasks: list[str], *, include: list[Path], limit: floa
     console.print(table)
     console.print("recorded in the registry as verified on this base (dsft registry show " + result["adapter"] + " --json)")
     if result.get("report"):
-        console.print(f"report: {result['report']}")
+        console.print(f"report: {escape(str(result['report']))}")
 
 
 def _num(value: float | None, stderr: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and stderr == stderr else "")
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextmanager
