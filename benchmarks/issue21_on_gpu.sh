@@ -27,6 +27,7 @@ for part in "$@"; do
         t "dsft train --data (real_data.py, GPU-sized)"
         timeout 300 python benchmarks/real_data.py --home "$DSFT_HOME" --steps 20 --tokenize-gb 0 > "$OUT/real_data.txt" 2>&1
         echo "rc=$?" >> "$OUT/real_data.txt"; shown "$OUT/real_data.txt" 3
+        [ -n "${SKIP_THROUGHPUT:-}" ] && continue
         SEQ=$(field "$OUT/real_data.txt" seq_len); MB=$(field "$OUT/real_data.txt" micro_batch_size)
         t "train_throughput.py at ${SEQ:-2048} x ${MB:-4}"
         timeout 150 python benchmarks/train_throughput.py --variant dsft_lora --compile --seq "${SEQ:-2048}" --bs "${MB:-4}" > "$OUT/throughput.txt" 2>&1

@@ -3,6 +3,11 @@ where the step's wall time goes: the host's time to enqueue a step vs the synchr
 An enqueue time close to the step time means the GPU waits on Python (launch-bound), not on kernels.
 
     python benchmarks/profile_step.py dsft_lora --compile [--layers 27] [--top 0]
+    python benchmarks/profile_step.py dsft_lora --compile --bs 5 --seq 6144 --packed --probe   # as ``dsft train --data`` steps
+
+``--packed``: rows of SFT-like examples packed as ``dsft train`` packs them (position ids restarting per
+example, labels only on responses); ``--probe``: the router probe (load-balancing loss) as in training;
+``--attn``: the attention implementation (sdpa, flex_attention, eager).
 """
 from __future__ import annotations
 
@@ -18,6 +23,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import compile_layers, prepare, release  # noqa: E402
 from dsft.eval.losses import causal_lm_loss, lm_loss  # noqa: E402
 
+def packed_batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
+    """``rows`` packed rows of examples with benchmarks/real_data.py's lengths (response lognormal, median 300
+    tokens, tail cut at 4,096; prompt a quarter of it, unlabelled), laid out by dsft's own packer."""
+    import math
+    import random
+
+    from dsft.data.packing import best_fit, pack_rows
+
+    rng = random.Random(0)
+    examples = []
+    while sum(len(x) for x, _ in examples) < 2 * rows * seq:
+        response = min(4096, max(4, int(rng.lognormvariate(math.log(300), 0.9))))
+        prompt = max(4, response // 4)
+        ids = torch.randint(0, 102400, (prompt + response,))
+        examples.append((ids, torch.cat([torch.full((prompt,), -100), ids[prompt:]])))
+    layout = best_fit([min(len(x), seq) for x, _ in examples], seq)[:rows]
+    batch = pack_rows(lambda i: (examples[i][0][:seq], examples[i][1][:seq]), layout, seq, pad_id=0)
+    print(json.dumps({"packed_rows": rows, "examples": sum(map(len, layout)),
+                      "padding": round(1 - batch["attention_mask"].float().mean().item(), 4)}))
+    return {k: v.cuda() for k, v in batch.items()}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("variant")
@@ -30,16 +57,34 @@ if __name__ == "__main__":
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--host", action="store_true", help="also profile the host side of one step")
+    p.add_argument("--packed", action="store_true", help="packed SFT-like rows instead of dense random rows")
+    p.add_argument("--probe", action="store_true", help="with the router probe's load-balancing loss")
+    p.add_argument("--attn", help="attention implementation, e.g. flex_attention")
+    p.add_argument("--no-cudnn", action="store_true", help="SDPA without cuDNN attention, as dsft train runs")
     a = p.parse_args()
+    torch.backends.cuda.enable_cudnn_sdp(not a.no_cudnn)
     model, layers, trainable = prepare(a.variant, a.layers, 16, a.dense_fold)
+    if a.attn:
+        model.set_attn_implementation(a.attn)
     if a.compile:
         compile_layers(layers, a.compile_mode, a.inductor)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
+    batch = packed_batch(a.bs, a.seq) if a.packed else {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+    probe = None
+    if a.probe:
+        from dsft.base.arch import ARCHITECTURES
+        from dsft.base.router import RouterProbe
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        probe = RouterProbe(base, ARCHITECTURES["deepseek_v2"])
 
     def step():
-        batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+        if probe:
+            probe.reset(batch["attention_mask"])
         loss = lm_loss(model, batch) if a.variant.startswith("dsft") else causal_lm_loss(model(input_ids=x, use_cache=False).logits, x)
+        if probe:
+            loss = loss + probe.coef * probe.aux_loss()
         loss.backward()
         if opt:
             opt.step()
@@ -72,8 +117,10 @@ if __name__ == "__main__":
         torch.cuda.synchronize()
     ka = prof.key_averages()
     total = sum(k.device_time_total for k in ka)
-    print(json.dumps({"variant": a.variant + ("+compile" if a.compile else ""), "layers": a.layers, "kernel_ms": round(total / 1e3, 1),
-                      "step_ms": round(1e3 * sum(wall) / len(wall), 1), "enqueue_ms": round(1e3 * sum(enqueue) / len(enqueue), 1)}))
+    print(json.dumps({"variant": a.variant + ("+compile" if a.compile else "") + ("+packed" if a.packed else "")
+                      + ("+probe" if a.probe else "") + (f"+{a.attn}" if a.attn else "") + ("+nocudnn" if a.no_cudnn else ""), "layers": a.layers, "kernel_ms": round(total / 1e3, 1),
+                      "step_ms": round(1e3 * sum(wall) / len(wall), 1),
+                      "tokens_per_s": round(int(batch["attention_mask"].sum()) * len(wall) / sum(wall)), "enqueue_ms": round(1e3 * sum(enqueue) / len(enqueue), 1)}))
     for k in sorted(ka, key=lambda k: -k.device_time_total)[: a.top]:
         print(f"{k.device_time_total / 1e3:8.1f} ms {100 * k.device_time_total / total:5.1f}% n={k.count:5d}  {k.key[:120]}")
     release()

@@ -67,7 +67,7 @@ def run_train(a, data: Path, home: str) -> dict:
         stages.append({"stage": s["stage"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
                        "padded_tokens_per_s": s["padded_tokens_per_s"], "padding_share": data_plan.get("padding_share"),
                        "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size"),
-                       "micro_batch_size": data_plan.get("micro_batch_size")})
+                       "micro_batch_size": data_plan.get("micro_batch_size"), "attention": s.get("attention")})
     # The stage figures above include the compile warm-up of the first step; the steady rate is the median of
     # the per-step rates in the adapter's training log after the first two steps.
     log = Path(result["path"]) / "train_log.jsonl"
@@ -75,7 +75,20 @@ def run_train(a, data: Path, home: str) -> dict:
     for st in stages:
         rates = sorted(r["tokens_per_s"] for r in rows if r.get("stage") == st["stage"] and r.get("step", 0) > 2)
         st["steady_tokens_per_s"] = round(rates[len(rates) // 2], 1) if rates else None
-    return {"stages": stages, "recompiles": p.stderr.count("Recompiling function"), "seconds": round(time.perf_counter() - t0, 1)}
+    return {"stages": stages, "recompiles": p.stderr.count("Recompiling function"), "recompile_reasons": recompile_reasons(p.stderr),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def recompile_reasons(log: str) -> dict[str, int]:
+    """``TORCH_LOGS=recompiles`` output as {function and first failed guard: times}."""
+    lines, reasons = log.splitlines(), {}
+    for i, line in enumerate(lines):
+        if "Recompiling function" in line:
+            where = line.split("Recompiling function", 1)[1].strip()
+            guard = next((g.split("- ", 1)[-1].strip() for g in lines[i + 1 : i + 4] if "- " in g and "triggered" not in g), "")
+            key = f"{where.split(' in ')[0]} @ {where.rsplit('/', 1)[-1]}: {guard[:160]}"
+            reasons[key] = reasons.get(key, 0) + 1
+    return reasons
 
 
 TOKENIZE = """

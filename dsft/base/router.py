@@ -113,8 +113,11 @@ class RouterProbe:
     def reset(self, attention_mask: torch.Tensor | None = None) -> None:
         """Forget the last forward pass (call before each training step). ``attention_mask`` ([rows, seq], 1 on
         real tokens) is the next forward's: its padding then stays out of the loss and the expert counts."""
-        self._aux = torch.zeros(())
-        self._imbalance = torch.zeros(())
+        # On the forward's device from the start: a CPU scalar that became a CUDA tensor after the first MoE
+        # layer failed the next compiled layer's guard on it, one recompile per stage (measured on an H200).
+        device = attention_mask.device if attention_mask is not None else next(self.model.parameters()).device
+        self._aux = torch.zeros((), device=device)
+        self._imbalance = torch.zeros((), device=device)
         self._mask = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32)
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -63,7 +63,10 @@ def token_nll(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def _heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    # Eager: the layers compiled for training would compile again for every evaluation shape and mode
+    # (tens of seconds each on a GPU) for a few forwards over a small held-out set.
     model.eval()
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

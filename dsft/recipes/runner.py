@@ -34,7 +34,6 @@ from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.eval.tracking import parse_report_to, reachable_trackers
-from dsft.kernels.attention import training_sdpa_backends
 from dsft.kernels.compile import compile_decoder_layers
 from dsft.recipes.card_fit import fits_on_card, spare_recompute
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
@@ -171,25 +170,24 @@ def train(
         plan = prepare(domain, base, recipe, data, overrides, seed, max_steps, output, registry, checkpoint_every, runs_root,
                        trust_remote_code, eval_data, generated)
     try:
-        with training_sdpa_backends():  # cuDNN's masked attention backward (packed rows): see dsft.kernels.attention
-            run = Training(plan, dist, Events(on_event if dist.main else None), device, started)
-            for message in tracking_warnings:
-                run.emit("warning", {"message": message})
-            user = plan.user_records
-            if user.overlap:
-                run.emit("warning", {"message": f"{user.overlap} of {len(user.heldout)} held-out records are also "
-                                                "training records: their loss measures memorisation, not the domain"})
-            run.open_run(resume)
-            run.load(trust_remote_code)
-            run.attach(keep_layers, compile_layers)
-            run.track(trackers)
-            result = None
-            try:
-                run.run_stages()
-                result = run.publish()
-                return result
-            finally:
-                run.untrack(result.adapter if result else None)
+        run = Training(plan, dist, Events(on_event if dist.main else None), device, started)
+        for message in tracking_warnings:
+            run.emit("warning", {"message": message})
+        user = plan.user_records
+        if user.overlap:
+            run.emit("warning", {"message": f"{user.overlap} of {len(user.heldout)} held-out records are also "
+                                            "training records: their loss measures memorisation, not the domain"})
+        run.open_run(resume)
+        run.load(trust_remote_code)
+        run.attach(keep_layers, compile_layers)
+        run.track(trackers)
+        result = None
+        try:
+            run.run_stages()
+            result = run.publish()
+            return result
+        finally:
+            run.untrack(result.adapter if result else None)
     finally:
         plan.close()
 

@@ -45,6 +45,7 @@ from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
 from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
+from dsft.kernels.attention import training_attention
 from dsft.kernels.optim import fused_adamw_ok
 from dsft.recipes.distributed import Dist
 from dsft.recipes.loop import train_steps
@@ -352,7 +353,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         sync.expert_masks, expert_params = [(p, n_experts, idx, dim) for _, p, idx, dim in expert_params], []
     t0 = time.perf_counter()
     try:
-        with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext():
+        with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext(), \
+                training_attention(model, device) as attention:  # flex attention over packed rows on a GPU
             losses = done_losses + train_steps(
                 model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world)),
                 steps=steps, peak_lrs=[s.lr] * len(optimizer.param_groups), warmup=min(s.warmup_steps, steps - 1),
@@ -370,7 +372,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     mask = data.examples.attention_mask[start * s.batch_size : steps * s.batch_size]
     tail = losses[-5:]
     out: dict[str, Any] = {
-        "stage": s.name, "kind": s.kind, "steps": steps, "final_loss": sum(tail) / len(tail),
+        "stage": s.name, "kind": s.kind, "steps": steps, "final_loss": sum(tail) / len(tail), "attention": attention,
         "seconds": round(seconds, 2), "tokens_per_s": round(int(mask.sum()) / max(seconds, 1e-9), 1),
         "padded_tokens_per_s": round(mask.numel() / max(seconds, 1e-9), 1), "mixture": data.realised,
         "trainable_params": sum(stage_trained.values()),

@@ -71,3 +71,13 @@ def test_padding_stays_out_of_the_balancing_loss_and_gets_no_gradient_from_it(ti
     model(inputs_embeds=embeds)
     (grad,) = torch.autograd.grad(probe.aux_loss(), [embeds])
     assert grad[1, 7:].abs().max() > 0
+
+
+def test_the_accumulators_start_on_the_forwards_device(tiny_deepseek_v3):
+    """Not a CPU scalar that turns into a device tensor at the first MoE layer: inside compiled decoder layers
+    that change failed a guard and compiled the layer once more every stage."""
+    probe = RouterProbe(tiny_deepseek_v3, ARCHITECTURES["deepseek_v3"])
+    probe.reset(torch.ones(2, 5, device="meta"))
+    assert probe._aux.device.type == probe._imbalance.device.type == "meta"
+    probe.reset()
+    assert probe._aux.device == next(tiny_deepseek_v3.parameters()).device

@@ -1,24 +1,60 @@
-"""Training leaves cuDNN attention out on CUDA (its masked backward NaN, pytorch#196678) and restores the caller's choice."""
+"""On a GPU training runs with flex attention (packed rows skip the blocks outside each example) and SDPA
+without cuDNN (its masked backward NaN, pytorch#196678); the model's own settings come back after."""
 from __future__ import annotations
 
+import pytest
 import torch
+import transformers
 
-from dsft.kernels.attention import training_sdpa_backends
+from dsft.base.presets import PRESETS
+from dsft.errors import UsageError
+from dsft.kernels.attention import training_attention, training_implementation
 
 
-def test_cudnn_attention_is_off_while_training_on_cuda_and_restored_after(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def _tiny(name: str = "tiny-deepseek-v2"):
+    config = PRESETS[name].make_config(400)
+    config._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_flex_attention_trains_on_cuda_and_the_model_gets_sdpa_back(monkeypatch):
+    monkeypatch.delenv("DSFT_ATTENTION", raising=False)
     monkeypatch.delenv("DSFT_SDPA_CUDNN", raising=False)
+    model = _tiny()
     torch.backends.cuda.enable_cudnn_sdp(True)
-    with training_sdpa_backends():
+    with training_attention(model, "cuda") as impl:
+        assert impl == "flex_attention" == model.config._attn_implementation
+        assert model.model.layers[0].self_attn.config._attn_implementation == "flex_attention"
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert torch.backends.cuda.mem_efficient_sdp_enabled()  # the others stay available
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()  # the other SDPA kernels stay available
+    assert model.config._attn_implementation == "sdpa"
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
-def test_dsft_sdpa_cudnn_lets_it_back_in(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_cpu_training_keeps_the_models_attention():
+    model = _tiny()
+    with training_attention(model, "cpu") as impl:
+        assert impl == "sdpa"
+
+
+def test_dsft_attention_sdpa_keeps_sdpa_and_dsft_sdpa_cudnn_lets_cudnn_back_in(monkeypatch):
+    monkeypatch.setenv("DSFT_ATTENTION", "sdpa")
     monkeypatch.setenv("DSFT_SDPA_CUDNN", "1")
+    model = _tiny()
     torch.backends.cuda.enable_cudnn_sdp(True)
-    with training_sdpa_backends():
+    with training_attention(model, "cuda") as impl:
+        assert impl == "sdpa"
         assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_an_architecture_without_flex_support_keeps_sdpa(monkeypatch):
+    monkeypatch.delenv("DSFT_ATTENTION", raising=False)
+    model = _tiny()
+    monkeypatch.setattr(type(model), "_supports_flex_attn", False)
+    assert training_implementation(model, "cuda") is None
+
+
+def test_an_unknown_dsft_attention_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("DSFT_ATTENTION", "flash")
+    with pytest.raises(UsageError, match="DSFT_ATTENTION='flash'.*flex_attention.*sdpa"):
+        training_implementation(_tiny(), "cuda")
