@@ -45,7 +45,7 @@ def parse_report_to(value: str) -> tuple[str, ...]:
         return tuple(t for t in TRACKERS if importlib.util.find_spec(_PACKAGES[t]) is not None)
     for n in names:
         if importlib.util.find_spec(_PACKAGES[n]) is None:
-            raise UsageError(f"--report-to {n}: the {_PACKAGES[n]} package is not installed; pip install {_PACKAGES[n]}")
+            raise UsageError(f"--report-to {n}: the {_PACKAGES[n]} package is not installed; pip install 'dsft[tracking]' (or pip install {_PACKAGES[n]})")
     return tuple(dict.fromkeys(names))
 
 
@@ -106,7 +106,7 @@ class RunTracker:
     """Forwards a training run's events (:class:`dsft.recipes.runner.Events`) to accelerate trackers, live.
 
     Steps count across stages (stage 2's first step follows stage 1's last), so curves of a multi-stage
-    run join up.
+    run join up, and a resumed run goes on from the checkpoint's step.
     """
 
     def __init__(self, names: Sequence[str], run_name: str, logging_dir: Path, params: Mapping[str, Any],
@@ -137,7 +137,9 @@ class RunTracker:
                 self.on_warning(f"stopped tracking to {t.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind == "stage_start":
+        if kind == "resume":  # a resumed run's curves continue where the checkpoint left them
+            self.step = payload.get("steps_done", 0)
+        elif kind == "stage_start":
             self.offset = self.step - payload.get("start_step", 0)
         elif kind == "step":
             i = payload["info"]
@@ -147,8 +149,10 @@ class RunTracker:
             if i.grad_norm is not None:
                 values["train/grad_norm"] = i.grad_norm
             self.log(values)
-        elif kind in ("stage_eval", "eval"):
+        elif kind == "stage_eval":
             self.log({f"eval/{k}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
+        elif kind == "eval" and payload.get("when") == "after":  # beside eval/*_before (the last stage's eval/* has it too)
+            self.log({f"eval/{k}_after": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
 
     def log(self, values: dict[str, float | str]) -> None:
         self._each(lambda t: t.log(values, step=self.step))

@@ -383,7 +383,8 @@ class Training:
         self.elapsed_before = st.elapsed
         resume_at = Resume(st.step, list(st.losses), self.ckpt.group("optim"), st.selection) if st.step else None
         stages = self.plan.recipe.stages
-        self.emit("resume", {"run": self.run.name, "stage": stages[min(st.stage, len(stages) - 1)].name, "step": st.step})
+        self.emit("resume", {"run": self.run.name, "stage": stages[min(st.stage, len(stages) - 1)].name, "step": st.step,
+                             "steps_done": sum(m["steps"] for m in self.stage_metrics) + st.step})
         return st.stage, resume_at
 
     def _mid_stage(self, stage: int, steps: int, step: int, losses: list[float], optim: Callable[[], dict[str, torch.Tensor]],
