@@ -354,7 +354,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     t0 = time.perf_counter()
     try:
         with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext(), \
-                training_attention(model, device) as attention:  # flex attention over packed rows on a GPU
+                training_attention(model, device) as attention, \
+                training_attention(teacher.model, device) if teacher else nullcontext():  # flex attention over packed rows on a GPU
             losses = done_losses + train_steps(
                 model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world)),
                 steps=steps, peak_lrs=[s.lr] * len(optimizer.param_groups), warmup=min(s.warmup_steps, steps - 1),
