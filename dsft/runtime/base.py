@@ -340,11 +340,13 @@ class RuntimeBase:
                 self._install()
                 run_rows(self.model, self._table, self._lora, ok, self._pad_id, self._originals[1].out_features)
 
-    def batch(self) -> RunningBatch:
-        """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with)."""
+    def batch(self, *, prefill_chunk: int | None = None) -> RunningBatch:
+        """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with); prompts longer
+        than ``prefill_chunk`` tokens are prefilled a chunk per step."""
         with self._lock:
             self._install()
-            return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features)
+            return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
+                                prefill_chunk=prefill_chunk)
 
     def step(self, batch: RunningBatch, new_rows: Sequence[Row] = ()) -> list[Row]:
         """One token boundary of continuous batching, under the runtime's lock (attach and detach happen

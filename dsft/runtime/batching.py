@@ -61,6 +61,25 @@ class _Index:
     widths: list[int]
 
 
+@dataclass
+class _Fill:
+    """New rows whose prompts are being prefilled, a chunk per step; ``part`` holds their cache so far."""
+
+    part: _Part
+    ids: torch.Tensor
+    """``[b, W]`` the prompts in global ids, left-padded."""
+    mask: torch.Tensor
+    positions: torch.Tensor
+    done: int = 0
+    """Columns prefilled so far."""
+    fresh: bool = False
+    """Admitted during this step (it had its chunk)."""
+
+    def select(self, keep: list[int]) -> None:
+        sel = torch.tensor(keep, device=self.ids.device)
+        self.ids, self.mask, self.positions = self.ids[sel], self.mask[sel], self.positions[sel]
+
+
 class RunningBatch:
     """Rows decoding together on one model, joining (:meth:`admit`) and leaving (:meth:`step`) between tokens.
 
@@ -69,9 +88,11 @@ class RunningBatch:
         table, lora: the runtime's term table and per-row LoRA.
         pad_id: the id left padding is filled with (masked out).
         base_width: the base vocabulary's width (logits past it are term rows).
+        prefill_chunk: prefill prompts this many columns per step (None: a whole prompt at once).
     """
 
-    def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int):
+    def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int, *,
+                 prefill_chunk: int | None = None):
         from transformers import DynamicCache
 
         self.model, self.table, self.lora = model, table, lora
@@ -79,17 +100,20 @@ class RunningBatch:
         self.device = model.device
         self.joinable = kv_cache.joinable(DynamicCache(config=model.config))
         """Whether rows can join a batch that is running (False: sliding-window caches; admit into an empty batch only)."""
+        self.prefill_chunk = prefill_chunk
         self._part: _Part | None = None
+        self._filling: list[_Fill] = []
         self._layout_key: tuple | None = None
         self._layout: tuple[_Index, tuple[torch.Tensor, torch.Tensor, torch.Tensor], RowGroups] | None = None
 
     def __len__(self) -> int:
-        return 0 if self._part is None else len(self._part.rows)
+        return len(self.rows)
 
     @property
     def rows(self) -> list[Row]:
-        """The running rows, in batch order."""
-        return [] if self._part is None else list(self._part.rows)
+        """The running rows, in batch order, then the rows whose prompts are still being prefilled."""
+        parts = ([] if self._part is None else [self._part]) + [f.part for f in self._filling]
+        return [r for p in parts for r in p.rows]
 
     @property
     def can_admit(self) -> bool:
@@ -103,13 +127,15 @@ class RunningBatch:
     # --- joining ----------------------------------------------------------------------------------------
 
     def admit(self, rows: Sequence[Row]) -> list[Row]:
-        """Prefill ``rows`` and join them to the running rows. Each gets its first token now.
+        """Prefill ``rows`` and join them to the running rows; each gets its first token when its prompt is
+        prefilled: now, or, for prompts longer than ``prefill_chunk``, one chunk per :meth:`step` (so the
+        running rows keep decoding while a long prompt is read).
 
         Returns:
             The rows of ``rows`` that already finished (failed to start, done at their first token).
         Raises:
             RuntimeError: rows cannot join a running batch with this cache (see :attr:`joinable`).
-            Exception: what fails the whole prefill (e.g. out of memory); the running rows are untouched.
+            Exception: what fails the whole prefill (e.g. out of memory).
         """
         if not self.can_admit:
             raise RuntimeError("this model's KV cache (sliding window) cannot take rows into a running batch")
@@ -124,15 +150,31 @@ class RunningBatch:
             (live if row.finish_reason is None else done).append(row)
         if not live:
             return done
-        keys = [r.key for r in live]
         ids, mask = left_pad([self.table.to_global(r.prompt, r.key) for r in live], self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode(), self.lora.rows(RowGroups.of(keys, self.device)):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
-        part = _Part(live, cache, mask, positions[:, -1:] + 1, [len(r.prompt) for r in live])
-        done += self._take(part, logits, self._index(keys))
+        part = _Part(live, DynamicCache(config=self.model.config), mask[:, :0], positions[:, -1:] + 1,
+                     [len(r.prompt) for r in live])
+        fill = _Fill(part, ids, mask, positions)
+        done += self._fill(fill)
+        if fill.part.rows and fill.done < fill.ids.shape[1]:
+            fill.fresh = True  # its next chunk waits for the next step
+            self._filling.append(fill)
+        return done
+
+    def _fill(self, fill: _Fill) -> list[Row]:
+        """Prefill the next chunk of ``fill`` (all of it without ``prefill_chunk``); after the last one, sample
+        each row's first token and join the rows to the running ones. Returns the rows that finished."""
+        part, lo = fill.part, fill.done
+        hi = fill.ids.shape[1] if self.prefill_chunk is None else min(fill.ids.shape[1], lo + self.prefill_chunk)
+        part.mask = fill.mask[:, :hi]
+        with torch.inference_mode(), self.lora.rows(RowGroups.of(part.keys, self.device)):
+            logits = self.model(input_ids=fill.ids[:, lo:hi], attention_mask=part.mask,
+                                position_ids=fill.positions[:, lo:hi], past_key_values=part.cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+        fill.done = hi
+        if hi < fill.ids.shape[1]:
+            return []
+        done = self._take(part, logits, self._index(part.keys))
         if part.rows:
             self._join(part)
         return done
@@ -153,12 +195,24 @@ class RunningBatch:
     # --- decoding ---------------------------------------------------------------------------------------
 
     def step(self) -> list[Row]:
-        """Decode one token for every running row; returns the rows that finished (they left the batch).
+        """Prefill the next chunk of each prompt being read, then decode one token for every running row;
+        returns the rows that finished (they left the batch).
 
         Raises:
             Exception: what fails the whole forward (e.g. out of memory); the batch is then unusable
             (:meth:`abandon` it).
         """
+        done: list[Row] = []
+        for fill in list(self._filling):
+            if fill.fresh:
+                fill.fresh = False
+                continue
+            done += self._fill(fill)
+            if not fill.part.rows or fill.done == fill.ids.shape[1]:
+                self._filling.remove(fill)
+        return done + self._decode()
+
+    def _decode(self) -> list[Row]:
         part = self._part
         if part is None:
             return []
@@ -222,7 +276,7 @@ class RunningBatch:
         if part.last is not None:
             part.last = part.last[sel]
         trim = part.mask.shape[1] - max(part.lengths)
-        if trim > 0:
+        if trim > 0 and part is self._part:  # (a part still being prefilled has not read its columns yet)
             kv_cache.trim_left(part.cache, trim)
             part.mask = part.mask[:, trim:]
         return gone
@@ -232,18 +286,24 @@ class RunningBatch:
     def evict(self, why: Callable[[Row], BaseException | None]) -> list[Row]:
         """Fail and drop the running rows for which ``why(row)`` gives an exception (e.g. their adapter was
         detached since the last step); the others go on. Returns the dropped rows."""
-        part = self._part
-        if part is None:
-            return []
-        for row in part.rows:
+        for row in self.rows:
             exc = why(row)
             if exc is not None:
                 fail(row, exc)
-        return self._prune(part)
+        gone = [] if self._part is None else self._prune(self._part)
+        for fill in list(self._filling):
+            keep = [i for i, r in enumerate(fill.part.rows) if r.finish_reason is None]
+            if len(keep) < len(fill.part.rows):
+                if keep:
+                    fill.select(keep)
+                gone += self._prune(fill.part)
+            if not fill.part.rows:
+                self._filling.remove(fill)
+        return gone
 
     def abandon(self) -> list[Row]:
         """Empty the batch after a failure of the whole batch; returns the rows that were running."""
-        rows, self._part = self.rows, None
+        rows, self._part, self._filling = self.rows, None, []
         return rows
 
 

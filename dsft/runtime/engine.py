@@ -92,10 +92,14 @@ class Engine:
         max_batch_size: the most rows running at once.
         max_wait_s: how long a request that finds nothing running waits for company.
         max_queue: requests waiting beyond this are refused with :class:`EngineBusy`.
+        prefill_chunk: prompts longer than this are prefilled this many tokens per step, so that running rows
+            keep decoding while a long prompt is read (None: a whole prompt in one step).
     """
 
-    def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024):
+    def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024,
+                 prefill_chunk: int | None = 512):
         self.runtime = runtime
+        self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -171,7 +175,7 @@ class Engine:
                 continue
             if batch is None:
                 try:
-                    batch = self.runtime.batch()
+                    batch = self.runtime.batch(prefill_chunk=self.prefill_chunk)
                 except Exception as exc:
                     self._fail_all(running, exc)
                     continue

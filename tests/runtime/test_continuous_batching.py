@@ -26,18 +26,18 @@ class Ask:
     seed: int | None = None
 
 
-def run_continuously(runtime, asks: list[Ask]):
+def run_continuously(runtime, asks: list[Ask], prefill_chunk: int | None = None):
     """Drive one running batch step by step, each ask joining at its step; returns the rows (in ask order) and
-    (step, running rows before it, rows that joined, rows that left) for every step."""
+    (step, running rows before it, rows that joined, rows that left, tokens of each row after it) for every step."""
     rows = [runtime.make_row(runtime.encode(a.prompt, a.adapter, raw=True), runtime.resolve(a.adapter),
                              max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, ignore_eos=True)
             for a in asks]
-    batch, log, step = runtime.batch(), [], 0
+    batch, log, step = runtime.batch(prefill_chunk=prefill_chunk), [], 0
     while step <= max(a.join for a in asks) or len(batch):
         running = len(batch)
         new = [r for r, a in zip(rows, asks) if a.join == step]
         left = runtime.step(batch, new)
-        log.append((step, running, len(new), len(left)))
+        log.append((step, running, len(new), len(left), [len(r.tokens) for r in rows]))
         step += 1
     return rows, log
 
@@ -47,12 +47,12 @@ def alone(runtime, ask: Ask):
                             temperature=ask.temperature, seed=ask.seed, ignore_eos=True).token_ids
 
 
-def check_each_row_as_alone(runtime, asks: list[Ask]) -> None:
-    rows, log = run_continuously(runtime, asks)
+def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None = None) -> None:
+    rows, log = run_continuously(runtime, asks, prefill_chunk)
     # Requests really joined rows that were running and left while others went on.
-    assert any(running and joined for _, running, joined, _ in log), log
-    assert any(left and running > left for _, running, _, left in log), log
-    assert max(running for _, running, _, _ in log) >= 3, log
+    assert any(running and joined for _, running, joined, _, _ in log), log
+    assert any(left and running > left for _, running, _, left, _ in log), log
+    assert max(running for _, running, _, _, _ in log) >= 3, log
     for ask, row in zip(asks, rows):
         assert row.error is None and row.finish_reason == "length" and len(row.tokens) == ask.max_new_tokens
         assert row.tokens == alone(runtime, ask), ask
@@ -68,6 +68,39 @@ def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(a
         Ask("finance", texts[3], 6, join=12),  # joins after the short ones left (the cache was trimmed)
     ]
     check_each_row_as_alone(attached, asks)
+
+
+def test_a_long_prompt_prefilled_in_chunks_joins_while_the_running_rows_keep_decoding(attached, texts):
+    long_prompt = " ".join(texts)  # 7 chunks of 4 tokens, one per step
+    asks = [Ask("legal", texts[1], 14, join=0), Ask(None, texts[3], 12, join=0),
+            Ask("finance", long_prompt, 6, join=1), Ask("medical", texts[2], 5, join=3)]
+    rows, log = run_continuously(attached, asks, prefill_chunk=4)
+    for ask, row in zip(asks, rows):
+        assert row.tokens == alone(attached, ask), ask
+    # The long prompt took a step per chunk to read (its first token came with the last chunk), and the
+    # rows that were running got a token at every one of those steps.
+    chunks = -(-len(attached.encode(long_prompt, "finance", raw=True)) // 4)
+    first = next(step for step, *_, tokens in log if tokens[2])
+    assert chunks >= 5 and first == 1 + chunks - 1
+    assert [log[s][4][0] - log[s - 1][4][0] for s in range(2, first + 1)] == [1] * (first - 1)
+
+
+def test_a_row_evicted_while_its_prompt_is_read_leaves_the_others_exact(attached, texts):
+    asks = [Ask("legal", texts[1], 10, join=0), Ask("finance", " ".join(texts), 4, join=1),
+            Ask(None, " ".join(texts[1:]), 5, join=1)]
+    rows = [attached.make_row(attached.encode(a.prompt, a.adapter, raw=True), attached.resolve(a.adapter),
+                              max_new_tokens=a.max_new_tokens, ignore_eos=True) for a in asks]
+    batch = attached.batch(prefill_chunk=4)
+    attached.step(batch, rows[:1])
+    attached.step(batch, rows[1:])  # both long prompts are being read, a chunk per step
+    assert not rows[1].tokens and not rows[2].tokens and len(batch) == 3
+    assert batch.evict(lambda row: RuntimeError("gone") if row is rows[1] else None) == [rows[1]]
+    while len(batch):
+        attached.step(batch)
+    assert rows[1].finish_reason == "error" and "gone" in str(rows[1].error)
+    for ask, row in zip(asks, rows):
+        if row is not rows[1]:
+            assert row.tokens == alone(attached, ask), ask
 
 
 @pytest.fixture(scope="module")
