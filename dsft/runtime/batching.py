@@ -117,12 +117,8 @@ class RunningBatch:
 
     @property
     def can_admit(self) -> bool:
-        return self._part is None or self.joinable
-
-    @property
-    def width(self) -> int:
-        """The cache's time width (the longest running row's tokens)."""
-        return 0 if self._part is None else int(self._part.mask.shape[1])
+        """Whether :meth:`admit` may be called now: always with a joinable cache, else only when empty."""
+        return self.joinable or not self.rows
 
     # --- joining ----------------------------------------------------------------------------------------
 
