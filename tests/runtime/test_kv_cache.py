@@ -79,3 +79,19 @@ def test_rows_joining_a_running_cache_compute_what_they_compute_alone(arch, monk
             assert r.tokens == solo.tokens and len(r.tokens) == plan[i][1]
             for together, alone in zip(seen[i], seen[100 + i], strict=True):
                 torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_a_sliding_window_cache_takes_new_rows_only_into_an_empty_batch():
+    import transformers as tf
+
+    model = tf.MixtralForCausalLM(tf.MixtralConfig(**SMALL, intermediate_size=64, num_key_value_heads=2,
+                                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=8)).eval()
+    batch = batching.RunningBatch(model, TermTable(VOCAB), MultiLora(model, []), 0, VOCAB)
+    assert not batch.joinable and batch.can_admit
+    batch.admit([Row(list(range(2, 14)), None, _Tokenizer(), 3, ignore_eos=True)])
+    assert not batch.can_admit  # the engine waits until the running rows are done
+    with pytest.raises(RuntimeError, match="sliding window"):
+        batch.admit([Row([5, 6], None, _Tokenizer(), 2)])
+    while len(batch):
+        batch.step()
+    assert batch.can_admit
