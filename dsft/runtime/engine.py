@@ -188,7 +188,9 @@ class Engine:
                 self._fail_all(running, exc)
                 continue
             for row in finished:
-                ticket, _ = running.pop(id(row))
+                ticket, _ = running.pop(id(row), (None, None))
+                if ticket is None:  # not one of ours: never expected, but the worker must not die of it
+                    continue
                 self.counts["cancelled"] += row.finish_reason == FINISH_CANCELLED
                 if row.error is not None:  # this row alone failed; the rest of the batch goes on
                     self.counts["failed"] += 1
