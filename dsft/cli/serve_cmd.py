@@ -19,8 +19,8 @@ def serve_command(
     api_key: str = typer.Option(None, "--api-key", envvar="DSFT_API_KEY", show_envvar=True,
                                 help="Require 'Authorization: Bearer KEY' on every /v1 request. Set it with the "
                                      "DSFT_API_KEY environment variable: on the command line other users see it in ps."),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests run together in one batch."),
-    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request waits for others to batch with."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests generating at once (continuous batching: requests join and leave between tokens)."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request that finds nothing running waits for others to start with."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens one request may ask for."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     registry: str = typer.Option(None, "--registry", envvar="DSFT_REGISTRY_URL", help="Registry SQLAlchemy URL."),

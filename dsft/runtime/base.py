@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ import torch
 from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
-from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, forward_rows, run_rows
+from dsft.runtime.batching import RunningBatch, run_rows
+from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, forward_rows
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
@@ -64,6 +67,10 @@ class RuntimeBase:
         self._opened = None  # the registry this runtime opened itself (closed by close())
         self._opening = threading.Lock()  # not the batch lock: a tag lookup must not wait for a batch
         self._lock = threading.RLock()
+        # Attach/detach/close announce themselves here before they wait for the lock: the engine takes the lock
+        # once per decode step and would otherwise win it back every time (a lock is not fair), starving them.
+        self._priority = 0
+        self._priority_guard = threading.Lock()
         # Replaced, never mutated, so that requests can read it without the lock while a batch runs.
         self._attached: Mapping[str, _Attached] = {}
         self._tags = TagCache(self._tag_version, ttl_s=tag_ttl_s)
@@ -161,6 +168,18 @@ class RuntimeBase:
         self.model.set_output_embeddings(MultiTermHead(head, self._table))
         self._lora = MultiLora(self.model, experts)
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The lock, for a change of what is attached: taken before the engine's next step (:meth:`step`)."""
+        with self._priority_guard:
+            self._priority += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._priority_guard:
+                self._priority -= 1
+
     def attach(self, ref: str) -> AdapterInfo:
         """Attach the adapter ``ref``: ``finance`` (its ``production`` tag when there is one, else the newest
         version), ``finance@1.2.0`` or ``finance@TAG``. ``info.ref`` and ``info.via`` say what was taken.
@@ -190,7 +209,7 @@ class RuntimeBase:
         device, dtype = self.model.device, self.model.dtype
         weights = read_adapter(Path(rec.path), rec.parsed_manifest(), self.model.config, device=device, dtype=dtype)
         tokenizer = extended_tokenizer(self.tokenizer, weights.added_tokens, weights.term_start)
-        with self._lock:
+        with self._exclusive():
             if rec.ref in self._attached:  # attached meanwhile by another caller
                 return replace(self._attached[rec.ref].info, via=via)
             self._install()
@@ -212,7 +231,7 @@ class RuntimeBase:
         Raises:
             NotFoundError: it is not attached. UsageError: the base itself, or a domain with several versions attached.
         """
-        with self._lock:
+        with self._exclusive():
             handle = self.resolve(adapter)
             if handle is None:
                 raise UsageError(f"{adapter!r} is the base model; it cannot be detached")
@@ -244,7 +263,7 @@ class RuntimeBase:
 
     def close(self) -> None:
         """Detach everything and give the model back plain (embedding, head and forwards restored)."""
-        with self._lock:
+        with self._exclusive():
             for key in list(self._attached):
                 self._detach_locked(key)
             if self._lora is not None:
@@ -320,6 +339,43 @@ class RuntimeBase:
             if ok:
                 self._install()
                 run_rows(self.model, self._table, self._lora, ok, self._pad_id, self._originals[1].out_features)
+
+    def batch(self, *, prefill_chunk: int | None = None) -> RunningBatch:
+        """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with); prompts longer
+        than ``prefill_chunk`` tokens are prefilled a chunk per step."""
+        with self._lock:
+            self._install()
+            return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
+                                prefill_chunk=prefill_chunk)
+
+    def step(self, batch: RunningBatch, new_rows: Sequence[Row] = ()) -> list[Row]:
+        """One token boundary of continuous batching, under the runtime's lock (attach and detach happen
+        between steps, never under one): running rows whose adapter was detached since the last step fail
+        alone and leave; ``new_rows`` join (each gets its first token; one whose adapter is gone fails
+        alone); then every running row decodes one token.
+
+        Returns:
+            The rows that finished or failed during this step (they have left ``batch``).
+        Raises:
+            Exception: only what fails the whole step (e.g. out of memory); ``batch`` is then unusable.
+        """
+        while self._priority:  # an attach or detach is waiting for the lock: let it go first
+            time.sleep(0.0005)
+        with self._lock:
+            gone = batch.evict(lambda row: NotFoundError(
+                f"adapter {row.key} was detached while this request was generating ({len(row.tokens)} tokens "
+                f"in); the request was stopped") if row.key is not None and row.key not in self._attached else None)
+            ok = []
+            for row in new_rows:
+                if row.key is not None and row.key not in self._attached:
+                    fail(row, NotFoundError(f"adapter {row.key} was detached before its request ran"))
+                    gone.append(row)
+                else:
+                    ok.append(row)
+            if ok:
+                gone += batch.admit(ok)
+            gone += batch.step()
+        return gone
 
     @property
     def _pad_id(self) -> int:

@@ -1,12 +1,18 @@
-"""Dynamic batching: requests that arrive together run together, whatever adapter each one uses.
+"""Continuous batching: requests join and leave the running batch at token boundaries, whatever adapter each uses.
 
 A request's adapter is resolved once, when it is submitted (:meth:`RuntimeBase.resolve` gives a handle),
-so the worker never looks a ref up. One worker thread owns the model. It takes the first waiting
-request, waits up to ``max_wait_s`` for more (up to ``max_batch_size``), prepares each (tokenisation,
-limits: a bad request fails alone) and runs them as one mixed batch (:meth:`RuntimeBase.run`), in which a
-row that fails on its own (its adapter detached meanwhile, its sampling) fails alone too. Attach and
-detach take the runtime's lock, which :meth:`RuntimeBase.run` holds, so a batch never sees its adapters
-change under it.
+so the worker never looks a ref up. One worker thread owns the model and a running batch
+(:class:`dsft.runtime.batching.RunningBatch`) with its KV cache. At every token boundary it takes waiting
+requests into the free slots (up to ``max_batch_size`` running rows), prepares each (tokenisation,
+limits: a bad request fails alone), prefills them and joins them to the running rows, then decodes one
+token for all rows (:meth:`RuntimeBase.step`). A row that finishes, is cancelled (:meth:`Ticket.cancel`)
+or fails on its own leaves the batch at once, so its slot is free at the next token: a short request
+does not wait for a long one. When nothing runs, the first request waits up to ``max_wait_s`` for
+company.
+
+The runtime's lock is held for one step, not for a whole generation: attach and detach happen between
+steps (never under one), and a row whose adapter is detached while it generates fails alone, with an
+error that says so.
 
 Callers get events through a callback, called on the worker thread:
 ``("started", {"prompt_tokens", "adapter"})``, ``("text", piece)`` while generating (requests with
@@ -27,7 +33,7 @@ from typing import Any
 
 from dsft.errors import DsftError
 from dsft.runtime.base import RuntimeBase
-from dsft.runtime.generation import FINISH_CANCELLED
+from dsft.runtime.generation import FINISH_CANCELLED, Row
 from dsft.runtime.records import Generation
 from dsft.runtime.refs import AdapterHandle
 
@@ -79,25 +85,30 @@ _STOP = object()
 
 
 class Engine:
-    """Batches requests for one :class:`RuntimeBase` on a worker thread.
+    """Continuously batches requests for one :class:`RuntimeBase` on a worker thread.
 
     Args:
         runtime: the loaded base with its adapters.
-        max_batch_size: the most rows run together.
-        max_wait_s: how long the first request of a batch waits for company.
+        max_batch_size: the most rows running at once.
+        max_wait_s: how long a request that finds nothing running waits for company.
         max_queue: requests waiting beyond this are refused with :class:`EngineBusy`.
+        prefill_chunk: prompts longer than this are prefilled this many tokens per step, so that running rows
+            keep decoding while a long prompt is read (None: a whole prompt in one step).
     """
 
-    def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024):
+    def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024,
+                 prefill_chunk: int | None = 512):
         self.runtime = runtime
+        self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.batches: deque[tuple[int, int]] = deque(maxlen=1024)
-        """(rows, distinct adapters incl. the plain base) of the latest batches."""
-        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0, "cancelled": 0, "failed": 0}
-        """Batches run, rows run, the largest batch, mixed batches, rows cancelled (their client left) and rows
-        failed (alone, or with their batch)."""
+        """(running rows, distinct adapters among them incl. the plain base) right after each of the latest admissions."""
+        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        """Admissions (requests that joined the running batch together), rows run, the most rows running at once,
+        admissions after which the running rows mixed adapters, rows cancelled (their client left), rows failed
+        (alone, or with their step) and decode steps."""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
         self._closed = False
@@ -136,7 +147,7 @@ class Engine:
         return done.result()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, fail what is still queued, stop the worker."""
+        """Finish the running rows (admitting no more), fail what is still queued, stop the worker."""
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
@@ -144,23 +155,48 @@ class Engine:
     # --- the worker --------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        batch = None
+        running: dict[int, tuple[Ticket, Row]] = {}  # id(row) -> its ticket and row, for every running row
+        stopping = False
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch = [item]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
-                timeout = deadline - time.monotonic()
+            if not running:
+                if stopping:
+                    break
+                first = self._queue.get()  # idle: sleep until a request comes
+                if first is _STOP:
+                    break
+                waiting, stopping = self._gather([first], self.max_batch_size, time.monotonic() + self.max_wait_s)
+            elif not stopping and batch is not None and batch.can_admit:
+                waiting, stopping = self._gather([], self.max_batch_size - len(running), None)
+            else:
+                waiting = []
+            new = self._admit(waiting, running)
+            if not running:  # every waiting request failed to prepare or was cancelled
+                continue
+            if batch is None:
                 try:
-                    nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
+                    batch = self.runtime.batch(prefill_chunk=self.prefill_chunk)
+                except Exception as exc:
+                    self._fail_all(running, exc)
+                    continue
+            self.counts["steps"] += 1
+            try:
+                finished = self.runtime.step(batch, new)
+            except Exception as exc:  # e.g. out of memory: fail the running rows, keep serving
+                batch.abandon()
+                batch = None
+                self._fail_all(running, exc)
+                continue
+            for row in finished:
+                ticket, _ = running.pop(id(row), (None, None))
+                if ticket is None:  # not one of ours: never expected, but the worker must not die of it
+                    continue
+                self.counts["cancelled"] += row.finish_reason == FINISH_CANCELLED
+                if row.error is not None:  # this row alone failed; the rest of the batch goes on
+                    self.counts["failed"] += 1
+                    _safe(ticket.on_event, "error", row.error)
+                else:
+                    _safe(ticket.on_event, "done", self.runtime.result(row))
         while True:  # shutting down: nothing queued is left hanging
             try:
                 item = self._queue.get_nowait()
@@ -169,7 +205,51 @@ class Engine:
             if isinstance(item, Ticket):
                 _safe(item.on_event, "error", EngineBusy("the server is shutting down"))
 
-    def _prepare(self, ticket: Ticket):
+    def _gather(self, got: list, limit: int, deadline: float | None) -> tuple[list[Ticket], bool]:
+        """Up to ``limit`` waiting tickets (waiting until ``deadline`` for more, or not at all when None), and
+        whether the engine is closing (then nothing more is taken)."""
+        while len(got) < limit:
+            timeout = 0.0 if deadline is None else deadline - time.monotonic()
+            try:
+                nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return got, True
+            got.append(nxt)
+        return got, False
+
+    def _admit(self, waiting: list[Ticket], running: dict[int, tuple[Ticket, Row]]) -> list[Row]:
+        """Prepare waiting requests as rows (a bad one fails alone) and count the admission."""
+        rows = []
+        for t in waiting:
+            if t.cancelled:
+                continue
+            try:
+                row = self._prepare(t)
+            except Exception as exc:  # this request alone fails: adapter detached, too long, ...
+                _safe(t.on_event, "error", exc)
+                continue
+            _safe(t.on_event, "started", {"prompt_tokens": len(row.prompt), "adapter": row.key})
+            rows.append(row)
+            running[id(row)] = (t, row)
+        if rows:
+            kinds = len({r.key for _, r in running.values()})
+            self.batches.append((len(running), kinds))
+            self.counts["batches"] += 1
+            self.counts["rows"] += len(rows)
+            self.counts["largest"] = max(self.counts["largest"], len(running))
+            self.counts["mixed"] += kinds > 1
+        return rows
+
+    def _fail_all(self, running: dict[int, tuple[Ticket, Row]], exc: BaseException) -> None:
+        log.error("a step of %d rows failed: %s: %s", len(running), type(exc).__name__, exc)
+        self.counts["failed"] += len(running)
+        for ticket, _ in running.values():
+            _safe(ticket.on_event, "error", exc)
+        running.clear()
+
+    def _prepare(self, ticket: Ticket) -> Row:
         req, rt = ticket.request, self.runtime
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
@@ -184,43 +264,6 @@ class Engine:
         return rt.make_row(ids, req.adapter, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                            top_p=req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
                            on_text=on_text if req.stream else None, cancelled=lambda: ticket.cancelled)
-
-    def _run_batch(self, batch: list[Ticket]) -> None:
-        rows, tickets = [], []
-        for t in batch:
-            if t.cancelled:
-                continue
-            try:
-                row = self._prepare(t)
-            except Exception as exc:  # this request alone fails: adapter detached, too long, ...
-                _safe(t.on_event, "error", exc)
-                continue
-            _safe(t.on_event, "started", {"prompt_tokens": len(row.prompt), "adapter": row.key})
-            rows.append(row)
-            tickets.append(t)
-        if not rows:
-            return
-        kinds = len({r.key for r in rows})
-        self.batches.append((len(rows), kinds))
-        self.counts["batches"] += 1
-        self.counts["rows"] += len(rows)
-        self.counts["largest"] = max(self.counts["largest"], len(rows))
-        self.counts["mixed"] += kinds > 1
-        try:
-            self.runtime.run(rows)
-        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
-            log.exception("batch of %d failed", len(rows))
-            self.counts["failed"] += len(rows)
-            for t in tickets:
-                _safe(t.on_event, "error", exc)
-            return
-        for t, row in zip(tickets, rows):
-            self.counts["cancelled"] += row.finish_reason == FINISH_CANCELLED
-            if row.error is not None:  # this row alone failed; the rest of the batch completed
-                self.counts["failed"] += 1
-                _safe(t.on_event, "error", row.error)
-            else:
-                _safe(t.on_event, "done", self.runtime.result(row))
 
 
 def _safe(fn: Event, kind: str, payload: Any) -> None:

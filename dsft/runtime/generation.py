@@ -1,9 +1,9 @@
-"""The decode loop: one batch of rows, each with its own adapter, prompt, limits and sampling.
+"""Rows and what happens to one row per token: a row, its sampling, its text stream with stop strings.
 
-Rows are left-padded and run together; a row leaves the batch (and the KV cache) as soon as it
-finishes, so the batch shrinks instead of carrying dead rows. Logits are taken per row in its
-adapter's *local* vocabulary (:meth:`dsft.adapters.terms.TermTable.local_index`), so sampling and the
-returned ids are what that adapter alone would give; the next input is translated back to global ids.
+Logits are taken per row in its adapter's *local* vocabulary (:meth:`dsft.adapters.terms.TermTable.local_index`),
+so sampling and the returned ids are what that adapter alone would give; the next input is translated
+back to global ids. The decode loop that runs rows together, with rows joining and leaving at token
+boundaries, is :mod:`dsft.runtime.batching`.
 
 This module knows nothing of the registry or HTTP: :class:`dsft.runtime.base.RuntimeBase` prepares the
 rows, :class:`dsft.runtime.engine.Engine` batches requests into them.
@@ -136,7 +136,7 @@ def _emit(row: Row, delta: str) -> None:
         row.finish_reason = FINISH_CANCELLED
 
 
-def _advance(row: Row, token: int) -> None:
+def advance(row: Row, token: int) -> None:
     """Record one sampled token and decide whether the row is done."""
     if row.cancelled is not None and row.cancelled():
         row.finish_reason = FINISH_CANCELLED
@@ -153,6 +153,19 @@ def _advance(row: Row, token: int) -> None:
         if row.finish_reason != FINISH_CANCELLED:
             _emit(row, row.stream.flush())
         row.text = row.stream.text
+
+
+def start(row: Row, device) -> None:
+    """Give ``row`` its text stream and, when it samples, its own generator (seeded by the request, else at
+    random): each sampled row draws from its own generator only, so its tokens do not depend on which rows
+    share its batch. A row that cannot start fails alone (:func:`fail`)."""
+    try:
+        row.stream = TextStream(row.tokenizer, row.stop, live=row.on_text is not None)
+        if row.temperature > 0:
+            row.generator = torch.Generator(device=device)
+            row.generator.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    except Exception as exc:
+        fail(row, exc)
 
 
 def fail(row: Row, exc: BaseException) -> None:
@@ -174,21 +187,26 @@ def sample_row(scores: torch.Tensor, row: Row) -> int:
     return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0])
 
 
-def sample(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else :func:`sample_row`. A row whose sampling raises
-    is failed alone (:func:`fail`); its entry keeps the greedy token, which nobody reads."""
+def sample(logits: torch.Tensor, rows: Sequence[Row], widths: Sequence[int] | None = None) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else :func:`sample_row` on the row's own ``widths[i]``
+    logits (its adapter's vocabulary). A row whose sampling raises is failed alone (:func:`fail`); its entry
+    keeps the greedy token, which nobody reads.
+
+    The width matters: ``torch.multinomial`` draws one random number per column, so sampling over columns a
+    wider row in the same batch added (``-inf`` for this row) would move this row's generator differently
+    and its next tokens would depend on who shares its batch."""
     out = logits.argmax(-1)
     for i, row in enumerate(rows):
         if row.temperature <= 0:
             continue
         try:
-            out[i] = sample_row(logits[i], row)
+            out[i] = sample_row(logits[i] if widths is None else logits[i, : widths[i]], row)
         except Exception as exc:
             fail(row, exc)
     return out
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -203,7 +221,7 @@ def forward_rows(model, table: TermTable, lora: MultiLora, prompts: Sequence[Seq
                  pad_id: int, base_width: int) -> list[torch.Tensor]:
     """Local logits of every prompt position, per row (``[len(prompt), row's vocabulary]``)."""
     device = model.device
-    ids, mask = _left_pad([table.to_global(p, k) for p, k in zip(prompts, keys)], pad_id, device)
+    ids, mask = left_pad([table.to_global(p, k) for p, k in zip(prompts, keys)], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode(), lora.rows(RowGroups.of(keys, device)):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
@@ -215,58 +233,3 @@ def forward_rows(model, table: TermTable, lora: MultiLora, prompts: Sequence[Seq
         row = logits[i, ids.shape[1] - len(p):]
         out.append(table.local_logits(row, index.expand(row.shape[0], -1))[:, :width].float())
     return out
-
-
-def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: int, base_width: int) -> None:
-    """Generate every row to completion (filling ``tokens``, ``text``, ``finish_reason``)."""
-    from transformers import DynamicCache
-
-    device = model.device
-    for row in rows:
-        try:
-            row.stream = TextStream(row.tokenizer, row.stop, live=row.on_text is not None)
-            if row.temperature > 0:
-                row.generator = torch.Generator(device=device)
-                row.generator.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        except Exception as exc:
-            fail(row, exc)
-    live = [r for r in rows if r.max_new_tokens > 0 and r.prompt and r.error is None]
-    for r in rows:
-        if r not in live and r.finish_reason is None:
-            r.finish_reason = FINISH_LENGTH
-    if not live:
-        return
-    keys = [r.key for r in live]
-    ids, mask = _left_pad([table.to_global(r.prompt, r.key) for r in live], pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    index = table.local_index(keys, base_width, device)
-    shifts = table.shifts(keys, device)
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode(), lora.rows(RowGroups.of(keys, device)):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        while True:
-            local = sample(table.local_logits(logits, index), live)
-            for row, token in zip(live, local.tolist()):
-                if row.error is not None:
-                    continue
-                try:
-                    _advance(row, token)
-                except Exception as exc:  # the row's own callbacks or detokenisation
-                    fail(row, exc)
-            keep = [i for i, r in enumerate(live) if r.finish_reason is None]
-            if not keep:
-                return
-            if len(keep) < len(live):
-                sel = torch.tensor(keep, device=device)
-                cache.batch_select_indices(sel)
-                live = [live[i] for i in keep]
-                keys = [keys[i] for i in keep]
-                local, mask, positions, index = local[sel], mask[sel], positions[sel], index[sel]
-                shifts = tuple(s[sel] for s in shifts)
-                lora.set_rows(RowGroups.of(keys, device))
-            step = TermTable.to_global_tensor(local, shifts).unsqueeze(-1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            logits = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True).logits[:, -1]

@@ -28,6 +28,7 @@ model computes exactly as the plain base.
 from __future__ import annotations
 
 import types
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from torch import nn
 from dsft.base.arch import supports_fused_experts
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
 from dsft.runtime.weights import AdapterWeights, ExpertSlices, LinearLora
+
+MIXES_KEPT = 4
+"""Mixes of adapters whose stacked factors are kept (see ``MultiLora._stacks``)."""
 
 
 @dataclass(eq=False)
@@ -166,8 +170,11 @@ class MultiLora:
         self._experts: dict[str, dict[str, dict[str, LowRank]]] = {}
         self._slices: dict[str, dict[str, ExpertSlices]] = {}
         self._patched: dict[str, nn.Module] = {}
-        self._stacks: dict[tuple, object] = {}
-        self._stacks_for: tuple[str, ...] | None = None
+        # Stacked factors per mix of adapters (the keys of a RowGroups), most recently used last: continuous
+        # batching alternates between the running rows' mix and the mix of rows being prefilled, and
+        # re-stacking (a concatenation per module) at every switch would cost more than the forward.
+        self._stacks: OrderedDict[tuple[str, ...], dict[tuple, object]] = OrderedDict()
+        self._current: dict[tuple, object] = {}
         # Routed experts always run through the grouped path while the runtime drives the model, so a row
         # without an adapter computes the same way in a mixed batch as in a batch of its own.
         self._experts_paths = set()
@@ -228,6 +235,7 @@ class MultiLora:
         for path, sl in weights.expert_slices.items():
             self._slices.setdefault(path, {})[key] = sl
         self._stacks.clear()
+        self._current = {}
 
     def remove(self, key: str) -> None:
         """Drop every reference to ``key``'s factors; give modules no adapter targets their own forward back."""
@@ -245,6 +253,7 @@ class MultiLora:
             if not self._slices[path]:
                 del self._slices[path]
         self._stacks.clear()
+        self._current = {}
 
     def close(self) -> None:
         """Restore every patched forward: the model is plain again."""
@@ -255,29 +264,42 @@ class MultiLora:
         self._experts.clear()
         self._slices.clear()
         self._stacks.clear()
+        self._current = {}
 
     @contextmanager
     def rows(self, groups: RowGroups) -> Iterator[None]:
         """Run forwards with ``groups`` deciding which adapter each row uses."""
-        previous, self._routing = self._routing, groups
+        previous = self._routing
+        self.set_rows(groups)
         try:
             yield
         finally:
             self._routing = previous
+            if previous is not None:
+                self._current = self._stacks_of(previous.keys)
 
     def set_rows(self, groups: RowGroups) -> None:
         """Change the row assignment inside :meth:`rows` (after finished rows leave the batch)."""
         self._routing = groups
+        self._current = self._stacks_of(groups.keys)
+
+    def _stacks_of(self, keys: tuple[str, ...]) -> dict[tuple, object]:
+        hit = self._stacks.get(keys)
+        if hit is None:
+            hit = self._stacks[keys] = {}
+            while len(self._stacks) > MIXES_KEPT:
+                self._stacks.popitem(last=False)
+        else:
+            self._stacks.move_to_end(keys)
+        return hit
 
     # --- stacked factors for the adapters present ---------------------------------------------------
 
     def _stacked(self, kind: str, path: str, routing: RowGroups, table: dict, pick=lambda f: f):
         """(stacked factors, their groups, their ranks) for the adapters of ``routing`` that target ``path``."""
-        if self._stacks_for != routing.keys:  # keep the stacks of one mix of adapters only
-            self._stacks.clear()
-            self._stacks_for = routing.keys
+        stacks = self._current
         cache_key = (kind, path)
-        hit = self._stacks.get(cache_key)
+        hit = stacks.get(cache_key)
         if hit is None:
             present = [(g, pick(table[k])) for g, k in enumerate(routing.keys) if k in table and pick(table[k]) is not None]
             if not present:
@@ -288,7 +310,7 @@ class MultiLora:
                 stacked = stack_linear(factors) if kind == "linear" else stack_experts(factors)
                 ranks = tuple(int(f.A.shape[0 if kind == "linear" else 1]) for f in factors)
                 hit = (stacked, groups, ranks)
-            self._stacks[cache_key] = hit
+            stacks[cache_key] = hit
         return hit
 
     def _mask(self, routing: RowGroups, groups: tuple[int, ...], ranks: tuple[int, ...], n: int, dtype):
@@ -352,10 +374,8 @@ class MultiLora:
         table = self._slices.get(path)
         if not table:
             return None
-        if self._stacks_for != routing.keys:
-            self._stacks.clear()
-            self._stacks_for = routing.keys
-        hit = self._stacks.get(("slices", path), False)
+        stacks = self._current
+        hit = stacks.get(("slices", path), False)
         if hit is False:
             present = [(g, table[k]) for g, k in enumerate(routing.keys) if k in table]
             hit = None
@@ -370,5 +390,5 @@ class MultiLora:
                                        torch.cat([sl.gate_up_proj for _, sl in present]),
                                        torch.cat([sl.down_proj for _, sl in present]))
                 hit = (remap, stacked)
-            self._stacks[("slices", path)] = hit
+            stacks[("slices", path)] = hit
         return hit

@@ -33,8 +33,8 @@ def serve(
         host, port: where to listen; 127.0.0.1 unless told otherwise.
         api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``; when not,
             requests must name this address as their Host and come from no other origin.
-        max_batch_size, batch_wait_ms: dynamic batching: the most rows per batch, and how long the
-            first request of a batch waits for others.
+        max_batch_size, batch_wait_ms: continuous batching: the most requests generating at once, and how
+            long a request that finds none running waits for others.
         ui: also serve the registry pages under ``/ui`` (read from the registry adapters are resolved in).
         on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:

@@ -1,0 +1,311 @@
+"""Continuous batching: rows join and leave one running batch at token boundaries.
+
+A :class:`RunningBatch` holds the rows being generated and their KV cache.
+
+* :meth:`RunningBatch.admit` prefills new rows on their own (left-padded among themselves), samples their
+  first token, and joins their cache to the running rows' (:mod:`dsft.runtime.kv_cache`).
+* :meth:`RunningBatch.step` feeds every running row its latest token, samples the next one, and drops the
+  rows that finished (stop, length, cancelled, failed) from the cache at once, so their slots are free
+  for the next admission.
+
+Rows are right-aligned: the attention mask zeros each row's left padding and the position ids count each
+row's own tokens, so a row computes what it would compute alone whatever joins or leaves around it; cache
+columns that became padding for every row (after the longest rows left) are trimmed. Each row decodes
+through its own adapter: per-row LoRA groups (:class:`dsft.runtime.multilora.RowGroups`) and term
+vocabularies (:class:`dsft.adapters.terms.TermTable`) are recomputed whenever the rows or the attached
+adapters change. Sampled rows draw from their own generators only (:func:`dsft.runtime.generation.start`),
+so a seeded row gives the same tokens whatever shares its batch.
+
+The batch takes no lock: :meth:`dsft.runtime.base.RuntimeBase.step` holds the runtime's lock for one
+admission and one step, so adapters can be attached and detached between steps.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsft.adapters.terms import TermTable
+from dsft.runtime import kv_cache
+from dsft.runtime.generation import FINISH_LENGTH, Row, advance, fail, left_pad, sample, start
+from dsft.runtime.multilora import MultiLora, RowGroups
+
+
+@dataclass
+class _Part:
+    """Rows sharing one cache, and what the next step feeds them (all aligned with ``rows``)."""
+
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    """``[B, T]``: 1 over each row's tokens in the cache (right-aligned), 0 over its left padding."""
+    positions: torch.Tensor
+    """``[B, 1]``: the position of the token each row is fed next."""
+    lengths: list[int]
+    """Each row's tokens in the cache (the host's copy of ``positions``: trimming needs no device sync)."""
+    last: torch.Tensor | None = None
+    """``[B]``: each row's latest sampled token (local ids), fed at the next step."""
+
+    @property
+    def keys(self) -> list[str | None]:
+        return [r.key for r in self.rows]
+
+
+@dataclass
+class _Index:
+    """From global logits to each row's local logits (:meth:`TermTable.local_index`), and each row's width."""
+
+    gather: torch.Tensor
+    widths: list[int]
+
+
+@dataclass
+class _Fill:
+    """New rows whose prompts are being prefilled, a chunk per step; ``part`` holds their cache so far."""
+
+    part: _Part
+    ids: torch.Tensor
+    """``[b, W]`` the prompts in global ids, left-padded."""
+    mask: torch.Tensor
+    positions: torch.Tensor
+    done: int = 0
+    """Columns prefilled so far."""
+    fresh: bool = False
+    """Admitted during this step (it had its chunk)."""
+
+    def select(self, keep: list[int]) -> None:
+        sel = torch.tensor(keep, device=self.ids.device)
+        self.ids, self.mask, self.positions = self.ids[sel], self.mask[sel], self.positions[sel]
+
+
+class RunningBatch:
+    """Rows decoding together on one model, joining (:meth:`admit`) and leaving (:meth:`step`) between tokens.
+
+    Args:
+        model: the runtime's model (its embedding and head are the runtime's multi-adapter ones).
+        table, lora: the runtime's term table and per-row LoRA.
+        pad_id: the id left padding is filled with (masked out).
+        base_width: the base vocabulary's width (logits past it are term rows).
+        prefill_chunk: prefill prompts this many columns per step (None: a whole prompt at once).
+    """
+
+    def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int, *,
+                 prefill_chunk: int | None = None):
+        from transformers import DynamicCache
+
+        self.model, self.table, self.lora = model, table, lora
+        self.pad_id, self.base_width = pad_id, base_width
+        self.device = model.device
+        self.joinable = kv_cache.joinable(DynamicCache(config=model.config))
+        """Whether rows can join a batch that is running (False: sliding-window caches; admit into an empty batch only)."""
+        self.prefill_chunk = prefill_chunk
+        self._part: _Part | None = None
+        self._filling: list[_Fill] = []
+        self._layout_key: tuple | None = None
+        self._layout: tuple[_Index, tuple[torch.Tensor, torch.Tensor, torch.Tensor], RowGroups] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def rows(self) -> list[Row]:
+        """The running rows, in batch order, then the rows whose prompts are still being prefilled."""
+        parts = ([] if self._part is None else [self._part]) + [f.part for f in self._filling]
+        return [r for p in parts for r in p.rows]
+
+    @property
+    def can_admit(self) -> bool:
+        """Whether :meth:`admit` may be called now: always with a joinable cache, else only when empty."""
+        return self.joinable or not self.rows
+
+    # --- joining ----------------------------------------------------------------------------------------
+
+    def admit(self, rows: Sequence[Row]) -> list[Row]:
+        """Prefill ``rows`` and join them to the running rows; each gets its first token when its prompt is
+        prefilled: now, or, for prompts longer than ``prefill_chunk``, one chunk per :meth:`step` (so the
+        running rows keep decoding while a long prompt is read).
+
+        Returns:
+            The rows of ``rows`` that already finished (failed to start, done at their first token).
+        Raises:
+            RuntimeError: rows cannot join a running batch with this cache (see :attr:`joinable`).
+            Exception: what fails the whole prefill (e.g. out of memory).
+        """
+        if not self.can_admit:
+            raise RuntimeError("this model's KV cache (sliding window) cannot take rows into a running batch")
+        from transformers import DynamicCache
+
+        done: list[Row] = []
+        live: list[Row] = []
+        for row in rows:
+            start(row, self.device)
+            if row.error is None and (row.max_new_tokens <= 0 or not row.prompt):
+                row.finish_reason = FINISH_LENGTH
+            (live if row.finish_reason is None else done).append(row)
+        if not live:
+            return done
+        ids, mask = left_pad([self.table.to_global(r.prompt, r.key) for r in live], self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        part = _Part(live, DynamicCache(config=self.model.config), mask[:, :0], positions[:, -1:] + 1,
+                     [len(r.prompt) for r in live])
+        fill = _Fill(part, ids, mask, positions)
+        done += self._fill(fill)
+        if fill.part.rows and fill.done < fill.ids.shape[1]:
+            fill.fresh = True  # its next chunk waits for the next step
+            self._filling.append(fill)
+        return done
+
+    def _fill(self, fill: _Fill) -> list[Row]:
+        """Prefill the next chunk of ``fill`` (all of it without ``prefill_chunk``); after the last one, sample
+        each row's first token and join the rows to the running ones. Returns the rows that finished."""
+        part, lo = fill.part, fill.done
+        hi = fill.ids.shape[1] if self.prefill_chunk is None else min(fill.ids.shape[1], lo + self.prefill_chunk)
+        part.mask = fill.mask[:, :hi]
+        with torch.inference_mode(), self.lora.rows(RowGroups.of(part.keys, self.device)):
+            logits = self.model(input_ids=fill.ids[:, lo:hi], attention_mask=part.mask,
+                                position_ids=fill.positions[:, lo:hi], past_key_values=part.cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+        fill.done = hi
+        if hi < fill.ids.shape[1]:
+            return []
+        done = self._take(part, logits, self._index(part.keys))
+        if part.rows:
+            self._join(part)
+        return done
+
+    def _join(self, part: _Part) -> None:
+        run = self._part
+        if run is None:
+            self._part = part
+            return
+        kv_cache.join(run.cache, part.cache)
+        run.mask = kv_cache.join_masks(run.mask, part.mask)
+        run.positions = torch.cat([run.positions, part.positions])
+        assert run.last is not None and part.last is not None
+        run.last = torch.cat([run.last, part.last])
+        run.lengths += part.lengths
+        run.rows += part.rows
+
+    # --- decoding ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[Row]:
+        """Prefill the next chunk of each prompt being read, then decode one token for every running row;
+        returns the rows that finished (they left the batch).
+
+        Raises:
+            Exception: what fails the whole forward (e.g. out of memory); the batch is then unusable
+            (:meth:`abandon` it).
+        """
+        done: list[Row] = []
+        for fill in list(self._filling):
+            if fill.fresh:
+                fill.fresh = False
+                continue
+            done += self._fill(fill)
+            if not fill.part.rows or fill.done == fill.ids.shape[1]:
+                self._filling.remove(fill)
+        return done + self._decode()
+
+    def _decode(self) -> list[Row]:
+        part = self._part
+        if part is None:
+            return []
+        assert part.last is not None
+        index, shifts, groups = self._layout_of(part.keys)
+        ids = TermTable.to_global_tensor(part.last, shifts).unsqueeze(-1)
+        part.mask = torch.cat([part.mask, part.mask.new_ones((part.mask.shape[0], 1))], dim=-1)
+        with torch.inference_mode(), self.lora.rows(groups):
+            logits = self.model(input_ids=ids, attention_mask=part.mask, position_ids=part.positions,
+                                past_key_values=part.cache, use_cache=True).logits[:, -1]
+        part.positions = part.positions + 1
+        part.lengths = [n + 1 for n in part.lengths]
+        return self._take(part, logits, index)
+
+    def _layout_of(self, keys: list[str | None]):
+        """(local vocabulary index, term shifts, LoRA row groups) for ``keys``, recomputed only when the keys
+        or the attached adapters' term ranges changed (an attach or detach between steps moves ``table.end``)."""
+        key = (tuple(keys), tuple(sorted(self.table.ranges().items())))
+        if key != self._layout_key or self._layout is None:
+            self._layout = (self._index(keys), self.table.shifts(keys, self.device), RowGroups.of(keys, self.device))
+            self._layout_key = key
+        return self._layout
+
+    def _index(self, keys: Sequence[str | None]) -> _Index:
+        """Gather index to each row's local logits, and each row's own vocabulary width."""
+        widths = []
+        for k in keys:
+            rng = self.table.range_of(k)
+            widths.append(max(self.base_width, rng.local_end if rng else 0))
+        return _Index(self.table.local_index(keys, self.base_width, self.device), widths)
+
+    def _take(self, part: _Part, logits: torch.Tensor, index: _Index) -> list[Row]:
+        """Sample and record one token per row of ``part``, then drop its finished rows."""
+        local = sample(self.table.local_logits(logits, index.gather), part.rows, index.widths)
+        for row, token in zip(part.rows, local.tolist()):
+            if row.error is not None:
+                continue
+            try:
+                advance(row, token)
+            except Exception as exc:  # the row's own callbacks or detokenisation
+                fail(row, exc)
+        part.last = local
+        return self._prune(part)
+
+    def _prune(self, part: _Part) -> list[Row]:
+        """Slice the finished rows out of ``part`` (cache included) and trim padding no row needs any more."""
+        keep = [i for i, r in enumerate(part.rows) if r.finish_reason is None]
+        if len(keep) == len(part.rows):
+            return []
+        gone = [r for r in part.rows if r.finish_reason is not None]
+        if not keep:
+            part.rows = []
+            if part is self._part:
+                self._part = None
+            return gone
+        sel = torch.tensor(keep, device=self.device)
+        kv_cache.select(part.cache, sel)
+        part.rows = [part.rows[i] for i in keep]
+        part.lengths = [part.lengths[i] for i in keep]
+        part.mask, part.positions = part.mask[sel], part.positions[sel]
+        if part.last is not None:
+            part.last = part.last[sel]
+        trim = part.mask.shape[1] - max(part.lengths)
+        if trim > 0 and part is self._part:  # (a part still being prefilled has not read its columns yet)
+            kv_cache.trim_left(part.cache, trim)
+            part.mask = part.mask[:, trim:]
+        return gone
+
+    # --- leaving from outside ---------------------------------------------------------------------------
+
+    def evict(self, why: Callable[[Row], BaseException | None]) -> list[Row]:
+        """Fail and drop the running rows for which ``why(row)`` gives an exception (e.g. their adapter was
+        detached since the last step); the others go on. Returns the dropped rows."""
+        for row in self.rows:
+            exc = why(row)
+            if exc is not None:
+                fail(row, exc)
+        gone = [] if self._part is None else self._prune(self._part)
+        for fill in list(self._filling):
+            keep = [i for i, r in enumerate(fill.part.rows) if r.finish_reason is None]
+            if len(keep) < len(fill.part.rows):
+                if keep:
+                    fill.select(keep)
+                gone += self._prune(fill.part)
+            if not fill.part.rows:
+                self._filling.remove(fill)
+        return gone
+
+    def abandon(self) -> list[Row]:
+        """Empty the batch after a failure of the whole batch; returns the rows that were running."""
+        rows, self._part, self._filling = self.rows, None, []
+        return rows
+
+
+def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: int, base_width: int) -> None:
+    """Generate every row to completion as one batch (filling ``tokens``, ``text``, ``finish_reason``)."""
+    batch = RunningBatch(model, table, lora, pad_id, base_width)
+    batch.admit(rows)
+    while len(batch):
+        batch.step()

@@ -1,0 +1,97 @@
+"""Every architecture dsft serves joins rows into a running KV cache exactly: each row's logits at every step
+equal its logits alone (small random models built from their configs, plain base, fp32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsft.adapters.terms import TermTable
+from dsft.runtime import batching
+from dsft.runtime.generation import Row
+from dsft.runtime.multilora import MultiLora
+
+VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
+
+
+def _config(arch: str):
+    import transformers as tf
+
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(
+            **SMALL, intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=4, n_shared_experts=1,
+            n_routed_experts=8, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16,
+            qk_nope_head_dim=16, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig(
+            **SMALL, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2)
+    if arch == "mixtral":
+        return tf.MixtralForCausalLM, tf.MixtralConfig(**SMALL, intermediate_size=64, num_key_value_heads=2,
+                                                       num_local_experts=8, num_experts_per_tok=2)
+    return tf.OlmoeForCausalLM, tf.OlmoeConfig(**SMALL, intermediate_size=64, num_key_value_heads=4, num_experts=8,
+                                               num_experts_per_tok=2, eos_token_id=None, pad_token_id=None)
+
+
+class _Tokenizer:
+    def __len__(self) -> int:
+        return VOCAB
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "mixtral", "olmoe"])
+def test_rows_joining_a_running_cache_compute_what_they_compute_alone(arch, monkeypatch):
+    cls, cfg = _config(arch)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    table, lora = TermTable(VOCAB), MultiLora(model, [])
+    seen: dict[int, list[torch.Tensor]] = {}
+    real = batching.sample
+
+    def spy(logits, rows, widths=None):  # keep each row's logits of every step
+        for i, row in enumerate(rows):
+            seen.setdefault(row.seed, []).append(logits[i].clone())
+        return real(logits, rows, widths)
+
+    monkeypatch.setattr(batching, "sample", spy)
+    g = torch.Generator().manual_seed(1)
+    # (prompt length, new tokens, step it joins at): joins while others run, different lengths, early leavers
+    plan = [(11, 12, 0), (3, 4, 0), (17, 6, 2), (5, 7, 3), (25, 5, 8)]
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n, _, _ in plan]
+
+    def row(i: int, tag: int) -> Row:  # the seed only names the row here (greedy rows never sample)
+        return Row(prompts[i], None, _Tokenizer(), plan[i][1], seed=tag, ignore_eos=True)
+
+    for chunk in (None, 4):
+        seen.clear()
+        rows = [row(i, i) for i in range(len(plan))]
+        batch, step = batching.RunningBatch(model, table, lora, 0, VOCAB, prefill_chunk=chunk), 0
+        assert batch.joinable
+        while step <= plan[-1][2] or len(batch):
+            batch.admit([r for r, (_, _, join) in zip(rows, plan) if join == step])
+            batch.step()
+            step += 1
+        for i, r in enumerate(rows):
+            solo = row(i, 100 + i)
+            batching.run_rows(model, table, lora, [solo], 0, VOCAB)
+            assert r.tokens == solo.tokens and len(r.tokens) == plan[i][1]
+            for together, alone in zip(seen[i], seen[100 + i], strict=True):
+                torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_a_sliding_window_cache_takes_new_rows_only_into_an_empty_batch():
+    import transformers as tf
+
+    model = tf.MixtralForCausalLM(tf.MixtralConfig(**SMALL, intermediate_size=64, num_key_value_heads=2,
+                                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=8)).eval()
+    batch = batching.RunningBatch(model, TermTable(VOCAB), MultiLora(model, []), 0, VOCAB)
+    assert not batch.joinable and batch.can_admit
+    batch.admit([Row(list(range(2, 14)), None, _Tokenizer(), 3, ignore_eos=True)])
+    assert not batch.can_admit  # the engine waits until the running rows are done
+    with pytest.raises(RuntimeError, match="sliding window"):
+        batch.admit([Row([5, 6], None, _Tokenizer(), 2)])
+    while len(batch):
+        batch.step()
+    assert batch.can_admit
