@@ -54,7 +54,8 @@ class _Live:
 class ServeMetrics:
     """The metrics of one app (its own :class:`CollectorRegistry`, so several apps in one process do not collide)."""
 
-    def __init__(self, base_name: str, resident: Callable[[], dict[str, int]], engine_counts: Callable[[], dict]):
+    def __init__(self, base_name: Callable[[], str], resident: Callable[[], dict[str, int]],
+                 engine_counts: Callable[[], dict]):
         self.base_name = base_name
         self.registry = r = CollectorRegistry()
         self.requests = Counter("dsft_requests", "HTTP requests answered, by endpoint and status",
@@ -80,7 +81,7 @@ class ServeMetrics:
         r.register(_Live(resident, engine_counts))
 
     def label(self, adapter: str | None) -> str:
-        return adapter or self.base_name
+        return adapter or self.base_name()
 
     def started(self, adapter: str | None, prompt_tokens: int) -> None:
         name = self.label(adapter)
