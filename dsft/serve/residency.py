@@ -141,6 +141,11 @@ class Residency:
             info = self.runtime.attach(ref)
             key = info.ref
             handle = AdapterHandle(info.domain, info.version)
+            if self.budget.max_bytes is not None and info.nbytes > self.budget.max_bytes:  # evicting would not help
+                if key not in before:
+                    self._forget(key)
+                raise UsageError(f"adapter {key} needs {info.nbytes / 2**20:.1f} MiB, over the adapter memory budget "
+                                 f"of {self.budget.describe()}")
             with self._lock:
                 self._evicting.discard(key)
                 if pin:
@@ -152,9 +157,6 @@ class Residency:
                     self.release(handle)
                 if key not in before:
                     self._forget(key)
-                if self.budget.max_bytes is not None and info.nbytes > self.budget.max_bytes:
-                    raise UsageError(f"adapter {key} needs {info.nbytes / 2**20:.1f} MiB, over the adapter memory budget "
-                                     f"of {self.budget.describe()}")
                 in_use = sorted(self._pinned())
                 raise BudgetFull(f"no room to make {key} resident: the budget is {self.budget.describe()} and the "
                                  f"adapters that could make room are in use ({', '.join(in_use) or 'none'}); retry shortly")
