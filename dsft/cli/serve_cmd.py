@@ -17,7 +17,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on."),
     api_key: str = typer.Option(None, "--api-key", envvar="DSFT_API_KEY", show_envvar=True,
-                                help="Require 'Authorization: Bearer KEY' on every /v1 request. Set it with the "
+                                help="Require 'Authorization: Bearer KEY' on every /v1 request and /metrics. Set it with the "
                                      "DSFT_API_KEY environment variable: on the command line other users see it in ps."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests run together in one batch."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request waits for others to batch with."),
