@@ -4,6 +4,7 @@ freeing its place. Real servers over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -98,7 +99,7 @@ def budget_home(tmp_path_factory, new_home):
 @pytest.fixture(scope="module")
 def budget(budget_home):
     with running_server(budget_home, "--adapter", "finance", "--max-adapters", "2", "--load-on-demand",
-                        "--max-queue", "1", "--max-batch-size", "4", "--batch-wait-ms", "0", "--max-tokens", "2000",
+                        "--max-queue", "1", "--max-batch-size", "1", "--batch-wait-ms", "0", "--max-tokens", "2000",
                         "--access-log", "off") as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
             yield c
@@ -112,17 +113,17 @@ def resident(client: httpx.Client) -> list[str]:
     return [a["domain"] for a in client.get("/v1/adapters").json()["data"]]
 
 
-def long_request(client: httpx.Client, model: str) -> tuple[threading.Thread, list]:
-    """A completion of 1500 tokens in the background (seconds on the tiny base); returns once it is generating."""
-    out: list = []
-    body = {"model": model, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "raw": True}
-    thread = threading.Thread(target=lambda: out.append(client.post("/v1/completions", json=body)), daemon=True)
-    thread.start()
-    for _ in range(200):
-        if scrape(client)[("dsft_running_requests", ())] == 1:
-            return thread, out
-        time.sleep(0.05)
-    raise AssertionError("the long request never started")
+@contextlib.contextmanager
+def generating(client: httpx.Client, model: str, tokens: int = 1500):
+    """A streamed completion of ``tokens`` tokens (1500: half a minute on the tiny base), generating inside the
+    block; leaving the block disconnects it."""
+    body = {"model": model, "prompt": "Hello", "max_tokens": tokens, "ignore_eos": True, "raw": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as s:
+        assert s.status_code == 200
+        lines = s.iter_lines()  # kept: closing the iterator (e.g. collecting it) would close the connection
+        next(lines)  # its first piece of text: it is generating
+        yield
+        lines.close()
 
 
 def test_a_request_attaches_a_registry_adapter_on_demand_and_lru_evicts_the_least_recently_used(budget):
@@ -145,13 +146,11 @@ def test_an_adapter_in_use_is_not_evicted_even_when_least_recently_used(budget):
     assert ask(budget, "finance").status_code == 200
     assert ask(budget, "medical").status_code == 200
     assert resident(budget) == ["finance", "medical"]
-    thread, out = long_request(budget, "finance")  # finance generating; medical used more recently
-    assert [a["in_use"] for a in budget.get("/v1/adapters").json()["data"]] == [1, 0]
-    r = budget.post("/v1/adapters", json={"ref": "legal"})
-    assert r.status_code == 201
-    assert sorted(resident(budget)) == ["finance", "legal"]  # medical went, not the finance in use
-    thread.join(120)
-    assert out[0].status_code == 200 and out[0].json()["usage"]["completion_tokens"] == 1500
+    with generating(budget, "finance", tokens=100):  # finance in use; medical used more recently
+        assert [a["in_use"] for a in budget.get("/v1/adapters").json()["data"]] == [1, 0]
+        # (attach and detach wait for the running batch: the runtime never changes adapters under one)
+        assert budget.post("/v1/adapters", json={"ref": "legal"}).status_code == 201
+        assert sorted(resident(budget)) == ["finance", "legal"]  # medical went, not the finance in use
 
 
 def test_a_tampered_adapter_is_refused_for_its_request_and_the_others_keep_serving(budget):
@@ -164,31 +163,29 @@ def test_a_tampered_adapter_is_refused_for_its_request_and_the_others_keep_servi
 
 
 def test_a_full_queue_is_429_with_retry_after_and_a_client_that_leaves_frees_its_place(budget):
-    thread, out = long_request(budget, "finance")  # the engine is busy; one more may wait, the rest are refused
+    def rejected() -> float:
+        return scrape(budget).get(("dsft_requests_total", (("endpoint", "/v1/completions"), ("status", "429"))), 0)
 
     async def burst():
         async with httpx.AsyncClient(base_url=str(budget.base_url), headers=budget.headers, timeout=120) as c:
             return await asyncio.gather(*[c.post("/v1/completions", json={"model": "finance", "prompt": "Hi",
                                                                           "max_tokens": 2}) for _ in range(3)])
 
-    answers = asyncio.run(burst())
-    statuses = sorted(a.status_code for a in answers)
-    assert statuses == [200, 429, 429], statuses
+    answers: list = []
+    with generating(budget, "finance"):  # the engine is busy: one more request may wait, the rest are refused
+        thread = threading.Thread(target=lambda: answers.extend(asyncio.run(burst())), daemon=True)
+        thread.start()
+        for _ in range(200):
+            if rejected() == 2:
+                break
+            time.sleep(0.05)
+        assert rejected() == 2
+        start = time.monotonic()
+    # the streaming client left: its completion stops and the request that waited is served at once
+    thread.join(60)
+    assert time.monotonic() - start < 10
+    assert sorted(a.status_code for a in answers) == [200, 429, 429]
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "busy"
-    assert scrape(budget)[("dsft_requests_total", (("endpoint", "/v1/completions"), ("status", "429")))] == 2
-    thread.join(120)
-
-    # a streaming client that goes away: its row stops and the next request is served at once
-    with httpx.stream("POST", f"{budget.base_url}/v1/completions", headers=budget.headers, timeout=120,
-                      json={"model": "finance", "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True,
-                            "raw": True, "stream": True}) as s:
-        next(s.iter_lines())
-    for _ in range(100):
-        if scrape(budget)[("dsft_running_requests", ())] == 0:
-            break
-        time.sleep(0.05)
-    assert scrape(budget)[("dsft_running_requests", ())] == 0
-    start = time.monotonic()
-    assert ask(budget, "finance").status_code == 200 and time.monotonic() - start < 5
+    assert scrape(budget)[("dsft_running_requests", ())] == 0 and scrape(budget)[("dsft_queue_length", ())] == 0
     assert budget.get("/health").json()["engine"]["cancelled"] >= 1
