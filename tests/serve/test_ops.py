@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
 from tests.serve.conftest import API_KEY, running_server
 
@@ -189,3 +190,17 @@ def test_a_full_queue_is_429_with_retry_after_and_a_client_that_leaves_frees_its
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "busy"
     assert scrape(budget)[("dsft_running_requests", ())] == 0 and scrape(budget)[("dsft_queue_length", ())] == 0
     assert budget.get("/health").json()["engine"]["cancelled"] >= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-adapters", "0"], "--max-adapters must be >= 1"),
+    (["--max-adapters", "1", "--adapter", "finance", "--adapter", "legal"], "--max-adapters is 1"),
+    (["--adapter-memory", "0"], "--adapter-memory must be > 0"),
+    (["--max-queue", "0"], "--max-queue must be >= 1"),
+    (["--access-log", "/nonexistent-dir/access.log"], "--access-log /nonexistent-dir/access.log"),
+])
+def test_bad_budget_queue_and_log_flags_are_refused_before_the_model_loads(args, message):
+    from dsft.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
