@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import compile_layers, prepare, release  # noqa: E402
 from dsft.eval.losses import causal_lm_loss, lm_loss  # noqa: E402
 
+
 def packed_batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
     """``rows`` packed rows of examples with benchmarks/real_data.py's lengths (response lognormal, median 300
     tokens, tail cut at 4,096; prompt a quarter of it, unlabelled), laid out by dsft's own packer."""
@@ -118,7 +119,8 @@ if __name__ == "__main__":
     ka = prof.key_averages()
     total = sum(k.device_time_total for k in ka)
     print(json.dumps({"variant": a.variant + ("+compile" if a.compile else "") + ("+packed" if a.packed else "")
-                      + ("+probe" if a.probe else "") + (f"+{a.attn}" if a.attn else "") + ("+nocudnn" if a.no_cudnn else ""), "layers": a.layers, "kernel_ms": round(total / 1e3, 1),
+                      + ("+probe" if a.probe else "") + (f"+{a.attn}" if a.attn else "") + ("+nocudnn" if a.no_cudnn else ""),
+                      "layers": a.layers, "kernel_ms": round(total / 1e3, 1),
                       "step_ms": round(1e3 * sum(wall) / len(wall), 1),
                       "tokens_per_s": round(int(batch["attention_mask"].sum()) * len(wall) / sum(wall)), "enqueue_ms": round(1e3 * sum(enqueue) / len(enqueue), 1)}))
     for k in sorted(ka, key=lambda k: -k.device_time_total)[: a.top]:

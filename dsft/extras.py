@@ -10,7 +10,7 @@ from types import ModuleType
 
 from dsft.errors import UsageError
 
-EXTRAS = {"serve": ("fastapi", "uvicorn"), "qlora": ("bitsandbytes",), "lmeval": ("lm_eval",)}
+EXTRAS = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "qlora": ("bitsandbytes",), "lmeval": ("lm_eval",)}
 """extra -> the modules it provides (kept equal to ``[project.optional-dependencies]`` in pyproject.toml)."""
 
 

@@ -17,7 +17,7 @@ def test_a_missing_extra_names_the_pip_command(monkeypatch):
 
 
 def test_an_installed_extra_is_imported():
-    assert [m.__name__ for m in extras.require("serve", "dsft serve")] == ["fastapi", "uvicorn"]
+    assert [m.__name__ for m in extras.require("serve", "dsft serve")] == ["fastapi", "uvicorn", "prometheus_client"]
 
 
 def test_the_cli_starts_without_the_serve_extra():

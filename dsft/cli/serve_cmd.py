@@ -17,11 +17,23 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on."),
     api_key: str = typer.Option(None, "--api-key", envvar="DSFT_API_KEY", show_envvar=True,
-                                help="Require 'Authorization: Bearer KEY' on every /v1 request. Set it with the "
+                                help="Require 'Authorization: Bearer KEY' on every /v1 request and /metrics. Set it with the "
                                      "DSFT_API_KEY environment variable: on the command line other users see it in ps."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests generating at once (continuous batching: requests join and leave between tokens)."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request that finds nothing running waits for others to start with."),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Most completions waiting for the engine; beyond it "
+                                                             "requests get HTTP 429 with Retry-After."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens one request may ask for."),
+    max_adapters: int = typer.Option(None, "--max-adapters", help="Most adapters resident at once; attaching another "
+                                     "evicts the least recently used one no request is using (default: no limit)."),
+    adapter_memory: float = typer.Option(None, "--adapter-memory", metavar="GIB",
+                                         help="Most GiB of adapter weights resident at once; beyond it the least "
+                                              "recently used adapters not in use are evicted (default: no limit)."),
+    load_on_demand: bool = typer.Option(False, "--load-on-demand", help="A request naming a registry adapter that is "
+                                        "not resident attaches it first (registry check and sha256, as attach does)."),
+    access_log: str = typer.Option("-", "--access-log", metavar="FILE|-|off",
+                                   help="Where the JSON access log goes, one line per request: - (stderr), a file "
+                                        "(appended), or off."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     registry: str = typer.Option(None, "--registry", envvar="DSFT_REGISTRY_URL", help="Registry SQLAlchemy URL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
@@ -50,10 +62,12 @@ def serve_command(
             how = f" ({info.via})" if info.via else ""
             err_console.print(f"{asked} -> {info.ref}{how}" if asked != info.ref else info.ref, markup=False, highlight=False)
         err_console.print(f"dsft serving {base} with {', '.join(i.ref for i in infos) or 'no adapters'} on {url} "
-                          f"(POST /v1/completions, /v1/chat/completions; GET /v1/models: the refs clients may use)"
+                          f"(POST /v1/completions, /v1/chat/completions; GET /v1/models: the refs clients may use; GET /metrics)"
                           + ("; API key required" if api_key else "") + (f"; registry pages at {url}/ui" if ui else ""),
                           markup=False, highlight=False)
 
     serve(base, adapter or (), host=host, port=port, api_key=api_key, device=device, registry=registry,
-          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, limits=Limits(max_tokens=max_tokens),
+          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue, max_adapters=max_adapters,
+          adapter_memory_gib=adapter_memory, load_on_demand=load_on_demand, access_log=access_log,
+          limits=Limits(max_tokens=max_tokens),
           trust_remote_code=trust_remote_code, ui=ui, on_ready=ready)

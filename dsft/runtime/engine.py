@@ -66,6 +66,8 @@ class Request:
     ignore_eos: bool = False
     stream: bool = False
     """Send ``text`` events as the text is generated (otherwise the text is decoded once, at the end)."""
+    on_token: Callable[[], None] | None = None
+    """Called on the worker thread as each token is sampled (the server's latency metrics); must be quick."""
 
 
 @dataclass
@@ -263,7 +265,22 @@ class Engine:
 
         return rt.make_row(ids, req.adapter, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                            top_p=req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
-                           on_text=on_text if req.stream else None, cancelled=lambda: ticket.cancelled)
+                           on_text=on_text if req.stream else None, cancelled=_asked_per_token(ticket))
+
+
+def _asked_per_token(ticket: Ticket) -> Callable[[], bool]:
+    """The row's ``cancelled`` check (asked as each token is sampled), telling ``on_token`` first when there is one."""
+    hook = ticket.request.on_token
+    if hook is None:
+        return lambda: ticket.cancelled
+
+    def cancelled() -> bool:
+        try:
+            hook()
+        except Exception:  # metrics must not end a row
+            log.exception("on_token hook failed")
+        return ticket.cancelled
+    return cancelled
 
 
 def _safe(fn: Event, kind: str, payload: Any) -> None:

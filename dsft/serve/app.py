@@ -4,16 +4,20 @@
     POST /v1/completions            {"model": "finance@0.1.0", "prompt": "...", "max_tokens": 32, "stream": false}
     POST /v1/chat/completions       {"model": "legal", "messages": [{"role": "user", "content": "..."}]}
     GET  /v1/models                 the base and every attached adapter (its ref: what "model" takes)
-    GET  /v1/adapters               attached adapters with their term ids and compatibility status
+    GET  /v1/adapters               resident adapters: term ids, compatibility, bytes, last use; the budget
     POST /v1/adapters               {"ref": "medical@0.2.0"}: attach (beside other attached versions of medical)
     DELETE /v1/adapters/{ref}       detach
     GET  /health                    liveness, base, batching counters (no token needed; adapters with one)
+    GET  /metrics                   Prometheus text format (:mod:`dsft.serve.metrics`; the API key when there is one)
     GET  /ui ...                    the registry pages (``dsft serve --ui``; see :mod:`dsft.serve.ui`)
 
 A completion's ``prompt`` is an instruction, answered in the format the adapters were trained on, as
 ``dsft generate`` and ``RuntimeBase.generate`` answer it; ``"raw": true`` continues it as plain text
 instead (``dsft generate --raw``). ``model`` is resolved once, when the request arrives.
-A client that goes away has its generation cancelled, streaming or not.
+A client that goes away has its generation cancelled, streaming or not. Adapters stay resident under
+the budget of a :class:`dsft.serve.residency.Residency` (LRU eviction, attach on demand when allowed); a
+full queue is answered 429 with ``Retry-After``. Every request is logged as one JSON line
+(:mod:`dsft.serve.access`).
 """
 from __future__ import annotations
 
@@ -22,23 +26,28 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsft.errors import NotFoundError
 from dsft.registry import Registry
 from dsft.runtime.base import RuntimeBase
 from dsft.runtime.engine import Engine
 from dsft.runtime.engine import Request as GenRequest
 from dsft.runtime.records import Generation
+from dsft.runtime.refs import AdapterHandle
+from dsft.serve.access import AccessLog, record
 from dsft.serve.errors import ApiError, dumps, from_exception, response, validation_message
 from dsft.serve.guard import Guard, authorized
+from dsft.serve.metrics import CONTENT_TYPE, Progress, ServeMetrics
+from dsft.serve.residency import Residency
 from dsft.serve.schemas import AttachRequest, ChatRequest, CompletionRequest
 
 
@@ -60,13 +69,16 @@ class Limits:
 
 
 class _Listener:
-    """Engine events -> an asyncio queue on the server's loop (the engine calls from its own thread)."""
+    """Engine events -> an asyncio queue on the server's loop (the engine calls from its own thread), and to the
+    request's :class:`Progress` (metrics) first."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, progress: Progress):
         self.loop = loop
+        self.progress = progress
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def __call__(self, kind: str, payload: Any) -> None:
+        self.progress.event(kind, payload)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
 
 
@@ -75,7 +87,8 @@ def _now() -> int:
 
 
 def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = None, limits: Limits = Limits(),
-               hosts: frozenset[str] | None = None, ui_registry: Registry | None = None) -> FastAPI:
+               hosts: frozenset[str] | None = None, ui_registry: Registry | None = None,
+               residency: Residency | None = None) -> FastAPI:
     """The application for one runtime.
 
     Args:
@@ -83,9 +96,15 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         hosts: without an API key, the ``Host`` values accepted (:func:`dsft.serve.guard.allowed_hosts` of
             the bound address; None accepts any Host, still refusing cross-origin requests).
         ui_registry: when given, the registry pages (:mod:`dsft.serve.ui`) are served under ``/ui`` from it.
+        residency: which adapters stay attached (budget, attach on demand); default: no budget, no on-demand.
     """
+    residency = residency if residency is not None else Residency(runtime)
+    metrics = ServeMetrics(lambda: runtime.name, lambda: runtime.memory(), lambda: dict(engine.counts))
+    residency.on_evict = lambda _ref: metrics.evictions.inc()
     app = FastAPI(title="dsft", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics, app.state.residency = metrics, residency
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, hosts=hosts)
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: sees (and logs) what the guard refuses too
     if ui_registry is not None:
         from dsft.serve.ui.app import ui_router
 
@@ -93,7 +112,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
-        return response(exc.status, exc.message, exc.code, exc.param)
+        return response(exc.status, exc.message, exc.code, exc.param, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
@@ -107,7 +126,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):
         err = from_exception(exc)
-        return response(err.status, err.message, err.code)
+        return response(err.status, err.message, err.code, headers=err.headers)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -131,14 +150,29 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             message, param = validation_message(exc.errors())
             raise ApiError(400, message, code="invalid_request", param=param) from None
 
-    def resolve(model: str):
+    async def lease(request: Request, model: str) -> AdapterHandle | None:
+        """The resident adapter ``model`` names, pinned until the response is sent (attached first when it is
+        not resident and on-demand loading is on); None for the plain base."""
         try:
-            return runtime.resolve(model)
+            handle = residency.acquire(model)
+        except NotFoundError as exc:
+            if not residency.can_load(model):
+                raise from_exception(exc) from None
+            try:
+                _, handle = await run_in_threadpool(residency.attach, model, pin=True)
+            except Exception as failure:
+                err = from_exception(failure)
+                if err.status != 404:  # refused (tampered, incompatible, no room): this request only
+                    err.message = f"adapter {model!r} could not be attached: {err.message}"
+                raise err from None
         except Exception as exc:
             raise from_exception(exc) from None
+        if handle is not None:
+            record(request.scope).cleanups.append(lambda: residency.release(handle))
+        return handle
 
-    def check_common(req, max_tokens: int | None, prompt_chars: int):
-        """The checks every completion gets; returns its adapter, resolved (the only time it is)."""
+    async def check_common(request: Request, req, max_tokens: int | None, prompt_chars: int):
+        """The checks every completion gets; returns its adapter, resolved (the only time it is) and pinned."""
         if req.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
         if max_tokens is None or not 1 <= max_tokens <= limits.max_tokens:
@@ -148,19 +182,26 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         if prompt_chars > limits.max_prompt_chars:
             raise ApiError(413, f"prompt of {prompt_chars} characters is over the limit of {limits.max_prompt_chars}",
                            code="context_length_exceeded")
-        return resolve(req.model)
+        return await lease(request, req.model)
 
     def gen_request(req, adapter, max_tokens: int, **what) -> GenRequest:
         return GenRequest(adapter=adapter, max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                           seed=req.seed, stop=tuple(req.stops()), ignore_eos=req.ignore_eos, **what)
 
     def submit(request: GenRequest) -> tuple[_Listener, Any]:
-        listener = _Listener(asyncio.get_running_loop())
+        progress = Progress(metrics)
+        listener = _Listener(asyncio.get_running_loop(), progress)
         try:
-            ticket = engine.submit(request, listener)
+            ticket = engine.submit(replace(request, on_token=progress.token), listener)
         except Exception as exc:
+            progress.abandon()
             raise from_exception(exc) from None
         return listener, ticket
+
+    def drop(listener: _Listener, ticket) -> None:
+        """Nobody reads this request's answer any more: stop it (a no-op once finished)."""
+        ticket.cancel()
+        listener.progress.abandon()
 
     async def started(listener: _Listener) -> dict:
         kind, payload = await listener.queue.get()
@@ -182,7 +223,14 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             pass
 
     async def run_all(request: Request, requests: list[GenRequest]) -> list[tuple[dict, Generation]]:
-        pending = [submit(r) for r in requests]
+        pending: list[tuple[_Listener, Any]] = []
+        try:
+            for r in requests:
+                pending.append(submit(r))
+        except ApiError:  # the queue filled up part way: the ones already queued are not wanted
+            for listener, ticket in pending:
+                drop(listener, ticket)
+            raise
 
         async def collect():
             out = []
@@ -200,8 +248,8 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             return work.result()
         finally:
             watch.cancel()
-            for _, ticket in pending:
-                ticket.cancel()  # no-op for finished ones; stops the rest if one failed or the client left
+            for listener, ticket in pending:
+                drop(listener, ticket)  # no-op for finished ones; stops the rest if one failed or the client left
 
     def usage(results: list[tuple[dict, Generation]]) -> dict:
         prompt = sum(g.prompt_tokens for _, g in results)
@@ -211,7 +259,8 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
     def sse(obj: Any) -> str:
         return f"data: {dumps(obj)}\n\n"
 
-    async def stream(listener: _Listener, ticket, chunk, info: dict, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(request: Request, listener: _Listener, ticket, chunk, info: dict,
+                     include_usage: bool) -> AsyncIterator[str]:
         """SSE events: ``chunk(text, finish_reason)`` per piece, a final chunk, optional usage, [DONE]."""
         first = chunk(None, None)
         try:
@@ -222,9 +271,10 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
                 if kind == "text":
                     yield sse(chunk(payload, None))
                 elif kind == "done":
+                    u = usage([(info, payload)])
+                    record(request.scope).usage(u["prompt_tokens"], u["completion_tokens"])
                     yield sse(chunk("", payload.finish_reason))
                     if include_usage:
-                        u = usage([(info, payload)])
                         yield sse({**chunk("", None), "choices": [], "usage": u})
                     break
                 elif kind == "error":
@@ -233,7 +283,18 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
                     break
             yield "data: [DONE]\n\n"
         finally:
-            ticket.cancel()
+            drop(listener, ticket)
+
+    def finish(request: Request, results: list[tuple[dict, Generation]]) -> dict:
+        """The usage of a non-streamed answer, also noted for its access-log line."""
+        u = usage(results)
+        record(request.scope).usage(u["prompt_tokens"], u["completion_tokens"])
+        return u
+
+    def started_with(request: Request, info: dict) -> str:
+        model = model_id(info["adapter"])
+        record(request.scope).adapter = model
+        return model
 
     # --- routes ----------------------------------------------------------------------------------------
 
@@ -261,7 +322,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
             raise ApiError(400, f"prompt must be a string or a list of 1 to {limits.max_prompts} strings", param="prompt")
         if req.echo or req.logprobs or req.suffix:
             raise ApiError(400, "echo, logprobs and suffix are not supported")
-        adapter = check_common(req, req.max_tokens, max(len(p) for p in prompts))
+        adapter = await check_common(request, req, req.max_tokens, max(len(p) for p in prompts))
         max_tokens = req.max_tokens
         cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
         if req.stream:
@@ -269,7 +330,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
                 raise ApiError(400, "stream with several prompts is not supported; send one request per prompt", param="prompt")
             listener, ticket = submit(gen_request(req, adapter, max_tokens, prompt=prompts[0], raw=req.raw, stream=True))
             info = await started(listener)
-            model = model_id(info["adapter"])
+            model = started_with(request, info)
 
             def chunk(text, finish):
                 if text is None:
@@ -277,12 +338,13 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
                 return {"id": cid, "object": "text_completion", "created": created, "model": model,
                         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
             include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream(listener, ticket, chunk, info, include), media_type="text/event-stream")
+            return StreamingResponse(stream(request, listener, ticket, chunk, info, include),
+                                     media_type="text/event-stream")
         results = await run_all(request, [gen_request(req, adapter, max_tokens, prompt=p, raw=req.raw) for p in prompts])
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_id(results[0][0]["adapter"]),
+        return {"id": cid, "object": "text_completion", "created": created, "model": started_with(request, results[0][0]),
                 "choices": [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
                             for i, (_, g) in enumerate(results)],
-                "usage": usage(results)}
+                "usage": finish(request, results)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -292,36 +354,41 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_chat_tokens, limits.max_tokens)
         messages = [m.model_dump() for m in req.messages]
         chars = sum(len(m["content"]) if isinstance(m["content"], str) else len(dumps(m["content"] or "")) for m in messages)
-        adapter = check_common(req, max_tokens, chars)
+        adapter = await check_common(request, req, max_tokens, chars)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         gen = gen_request(req, adapter, max_tokens, messages=messages, stream=req.stream)
         if req.stream:
             listener, ticket = submit(gen)
             info = await started(listener)
-            model = model_id(info["adapter"])
+            model = started_with(request, info)
 
             def chunk(text, finish):
                 delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream(listener, ticket, chunk, info, include), media_type="text/event-stream")
+            return StreamingResponse(stream(request, listener, ticket, chunk, info, include),
+                                     media_type="text/event-stream")
         results = await run_all(request, [gen])
         info, g = results[0]
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(info["adapter"]),
+        return {"id": cid, "object": "chat.completion", "created": created, "model": started_with(request, info),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
                              "finish_reason": g.finish_reason}],
-                "usage": usage(results)}
+                "usage": finish(request, results)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/adapters")
     async def list_adapters():
-        return {"object": "list", "data": [a.to_json() for a in runtime.adapters.values()]}
+        return {"object": "list", "data": residency.resident(), "budget": residency.to_json()}
 
     @app.post("/v1/adapters")
     async def attach(request: Request):
         req = await parse(request, AttachRequest)
         try:
-            info = await run_in_threadpool(runtime.attach, req.ref)
+            info, _ = await run_in_threadpool(residency.attach, req.ref)
         except Exception as exc:
             raise from_exception(exc) from None
         return JSONResponse(info.to_json(), status_code=201)
@@ -329,7 +396,7 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
     @app.delete("/v1/adapters/{ref}")
     async def detach(ref: str):
         try:
-            info = await run_in_threadpool(runtime.detach, ref)
+            info = await run_in_threadpool(residency.detach, ref)
         except Exception as exc:
             raise from_exception(exc) from None
         return {"detached": info.ref}

@@ -1,7 +1,8 @@
 """Every error the server answers is OpenAI-shaped JSON: ``{"error": {"message", "type", "param", "code"}}``.
 
 dsft's own errors map to statuses here (unknown adapter 404, bad input 400, prompt too long 413,
-incompatible or tampered adapter 409, queue full 503); the guard middleware (:mod:`dsft.serve.guard`)
+incompatible or tampered adapter 409, queue full 429 with ``Retry-After``, no room to make an adapter
+resident 503 with ``Retry-After``); the guard middleware (:mod:`dsft.serve.guard`)
 answers 401, 403, 413 and 415 before a request body is even parsed.
 """
 from __future__ import annotations
@@ -14,15 +15,20 @@ from dsft.errors import IncompatibleError, IntegrityError, NotFoundError, UsageE
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 500: "server_error", 503: "overloaded_error"}
+          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "overloaded_error"}
+
+RETRY_AFTER_S = 1
+"""What ``Retry-After`` says when the queue is full or no adapter can be evicted: the engine drains in about that."""
 
 
 class ApiError(Exception):
     """An error answered as ``status`` with an OpenAI-shaped body."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
 
 
 def body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
@@ -39,6 +45,7 @@ def from_exception(exc: BaseException) -> ApiError:
     """The API error for an exception raised by the runtime."""
     from dsft.runtime.engine import EngineBusy
     from dsft.runtime.records import ContextLengthError
+    from dsft.serve.residency import BudgetFull
 
     if isinstance(exc, ApiError):
         return exc
@@ -51,7 +58,9 @@ def from_exception(exc: BaseException) -> ApiError:
     if isinstance(exc, UsageError):
         return ApiError(400, str(exc))
     if isinstance(exc, EngineBusy):
-        return ApiError(503, str(exc), code="busy")
+        return ApiError(429, str(exc), code="busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, BudgetFull):
+        return ApiError(503, str(exc), code="adapter_budget_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     return ApiError(500, f"internal error ({type(exc).__name__}); the server keeps running, see its log")
 
 

@@ -1,6 +1,6 @@
 """ASGI middleware in front of every route: who may call, from where, and how much they may send.
 
-With an API key, every ``/v1`` request must carry it (``Authorization: Bearer KEY``). Without one, the
+With an API key, every ``/v1`` request and ``/metrics`` must carry it (``Authorization: Bearer KEY``). Without one, the
 server trusts whoever can reach its address, so it makes sure a browser cannot be used to reach it for
 someone else: the ``Host`` header must name the address the server is bound to (a DNS-rebinding page
 sends its own name), an ``Origin`` header must be that address too (a cross-site page sends its own), and a
@@ -71,6 +71,11 @@ def authorized(headers: Iterable[tuple[bytes, bytes]], api_key: str | None) -> b
     return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def needs_key(path: str) -> bool:
+    """Whether a server with an API key asks for it on ``path``: the API and the metrics (which name the adapters)."""
+    return path.startswith("/v1") or path == "/metrics"
+
+
 def cross_site_problem(method: str, headers: Iterable[tuple[bytes, bytes]], hosts: frozenset[str] | None) -> tuple[int, str] | None:
     """Why a request to a server without an API key looks like it came through someone else's page (status,
     message), or None."""
@@ -93,7 +98,7 @@ def cross_site_problem(method: str, headers: Iterable[tuple[bytes, bytes]], host
 
 
 class Guard:
-    """Bearer token on ``/v1/*`` (when set), the cross-site checks (when not), and a cap on the body's size.
+    """Bearer token on ``/v1/*`` and ``/metrics`` (when set), the cross-site checks (when not), and a cap on the body's size.
 
     The body is read here (up to the cap) and replayed to the app, so an oversize body is refused with
     413 before anything parses it, whether or not it announced its length.
@@ -108,7 +113,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1") and not authorized(scope["headers"], self.api_key):
+        if self.api_key and needs_key(scope["path"]) and not authorized(scope["headers"], self.api_key):
             return await response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         if not self.api_key:

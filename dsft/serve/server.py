@@ -21,6 +21,11 @@ def serve(
     registry: str | None = None,
     max_batch_size: int = 32,
     batch_wait_ms: float = 10.0,
+    max_queue: int = 1024,
+    max_adapters: int | None = None,
+    adapter_memory_gib: float | None = None,
+    load_on_demand: bool = False,
+    access_log: str | None = "-",
     limits: Limits = Limits(),
     trust_remote_code: bool = False,
     ui: bool = False,
@@ -35,20 +40,36 @@ def serve(
             requests must name this address as their Host and come from no other origin.
         max_batch_size, batch_wait_ms: continuous batching: the most requests generating at once, and how
             long a request that finds none running waits for others.
+        max_queue: completions waiting beyond this are answered 429 with ``Retry-After``.
+        max_adapters, adapter_memory_gib: the residency budget (None: no limit); attaching beyond it evicts
+            the least recently used adapter that no request is using.
+        load_on_demand: a request naming a registry adapter that is not resident attaches it first.
+        access_log: where the JSON access-log lines go: ``-`` (stderr), a file (appended), or None / ``off``.
         ui: also serve the registry pages under ``/ui`` (read from the registry adapters are resolved in).
         on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:
-        UsageError: bad port, batching settings or --max-tokens; what loading and attaching raise.
+        UsageError: bad port, batching, queue or budget settings or --max-tokens; what loading and attaching raise.
     """
     import uvicorn
 
     from dsft.runtime.base import load_base
     from dsft.runtime.engine import Engine
+    from dsft.serve import access
+    from dsft.serve.residency import Budget, Residency
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0-65535, got {port}")
     if max_batch_size < 1 or batch_wait_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    if max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {max_queue}")
+    if max_adapters is not None and max_adapters < 1:
+        raise UsageError(f"--max-adapters must be >= 1, got {max_adapters}")
+    if max_adapters is not None and len(adapters) > max_adapters:
+        raise UsageError(f"{len(adapters)} --adapter given but --max-adapters is {max_adapters}")
+    if adapter_memory_gib is not None and not adapter_memory_gib > 0:
+        raise UsageError(f"--adapter-memory must be > 0 GiB, got {adapter_memory_gib}")
+    budget = Budget(max_adapters, None if adapter_memory_gib is None else int(adapter_memory_gib * 2**30))
     check_bind(host, api_key)
     if limits.max_tokens < 1:  # else the server would start and refuse every request
         raise UsageError(f"--max-tokens must be >= 1, got {limits.max_tokens}")
@@ -57,11 +78,16 @@ def serve(
         from dsft.registry import open_registry
 
         ui_registry = open_registry(registry)
+    try:
+        handler = access.configure(access_log)
+    except OSError as exc:
+        raise UsageError(f"--access-log {access_log}: {exc.strerror or exc}") from None
     runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
-    infos = [runtime.attach(ref) for ref in adapters]
-    engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000)
+    residency = Residency(runtime, budget, load_on_demand=load_on_demand)
+    infos = [residency.attach(ref)[0] for ref in adapters]
+    engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000, max_queue=max_queue)
     app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port),
-                     ui_registry=ui_registry)
+                     ui_registry=ui_registry, residency=residency)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{port}", infos)
@@ -74,3 +100,6 @@ def serve(
         runtime.close()
         if ui_registry is not None:
             ui_registry.close()
+        if handler is not None:
+            logging.getLogger(access.ACCESS_LOGGER).removeHandler(handler)
+            handler.close()

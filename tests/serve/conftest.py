@@ -2,6 +2,7 @@
 and an API key; tests talk to it over HTTP only."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -50,32 +51,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="package")
-def server(serve_home, serve_refs):
-    """Base URL of a running `dsft serve` (stopped at the end of the package)."""
+@contextlib.contextmanager
+def running_server(home: Path, *extra: str):
+    """`dsft serve` with ``extra`` arguments in a child process on a free port, its $DSFT_HOME ``home`` and the
+    API key; yields its base URL (its output goes to ``home/server.log``)."""
     port = _free_port()
-    env = {**os.environ, "DSFT_HOME": str(serve_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "DSFT_API_KEY": API_KEY}
     env.pop("DSFT_REGISTRY_URL", None)
-    args = [sys.executable, "-m", "dsft.cli", "serve", "--port", str(port), "--batch-wait-ms", "50",
-            "--max-tokens", "256"]
-    for key in ("finance", "legal", "medical"):
-        args += ["--adapter", serve_refs[key]]
-    log = open(serve_home / "server.log", "w")
+    args = [sys.executable, "-m", "dsft.cli", "serve", "--port", str(port), *extra]
+    log = open(home / "server.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"dsft serve exited with {proc.returncode}:\n{(serve_home / 'server.log').read_text()}")
+                raise RuntimeError(f"dsft serve exited with {proc.returncode}:\n{(home / 'server.log').read_text()}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"dsft serve did not come up:\n{(serve_home / 'server.log').read_text()}")
+                raise RuntimeError(f"dsft serve did not come up:\n{(home / 'server.log').read_text()}")
             time.sleep(0.3)
         yield url
     finally:
@@ -86,6 +85,17 @@ def server(serve_home, serve_refs):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="package")
+def server(serve_home, serve_refs):
+    """Base URL of a running `dsft serve` (stopped at the end of the package); its JSON access log goes to
+    ``serve_home/access.log``."""
+    args = ["--batch-wait-ms", "50", "--max-tokens", "256", "--access-log", str(serve_home / "access.log")]
+    for key in ("finance", "legal", "medical"):
+        args += ["--adapter", serve_refs[key]]
+    with running_server(serve_home, *args) as url:
+        yield url
 
 
 @pytest.fixture
