@@ -12,9 +12,10 @@ throwaway registry (the user's is never touched), then:
 1. attach (cold, from the registry: sha256 check + compatibility + load), attach a second, swap (a new version
    of an attached domain), detach: wall time, and GPU memory held/freed; then, on this device and dtype, each
    row of a mixed batch against its adapter alone, next to the noise floor (one adapter batched vs alone);
-2. runtime generation, greedy, ``--new-tokens`` tokens per request (EOS ignored), through the dynamic-batching
+2. runtime generation, greedy, ``--new-tokens`` tokens per request (EOS ignored), through the continuous-batching
    engine: 1 request; ``--concurrent`` requests for one adapter; ``--concurrent`` requests over 4 adapters mixed
-   in one batch;
+   in one batch; the same with ``--prompt-tokens`` prompts (time to first token p50 / p99);
+   ``--concurrent-high`` requests over 4 adapters;
 3. plain PEFT on the same model in the same process (``PeftModel`` + ``generate``, the model's experts on
    ``grouped_mm``): batch 1; batch ``--concurrent`` one adapter; 4 adapters: one ``generate`` per adapter, then
    PEFT's mixed-batch ``adapter_names=`` is tried (it refuses ``target_parameters`` LoRA) and its error recorded.
@@ -103,21 +104,30 @@ def timed(fn, device: str):
 
 
 def runtime_generation(runtime, scenarios, new_tokens: int, device: str, batch_wait_ms: float, max_batch: int) -> list[dict]:
-    """Tokens/s of the runtime through the dynamic-batching engine, concurrent requests from threads."""
+    """Tokens/s and time to first token of the runtime through the continuous-batching engine, concurrent
+    requests from threads. A scenario is (key, name, adapters[, prompt tokens]): with a prompt length, each
+    request's prompt is that many random token ids (seeded) instead of the short text prompts."""
     from dsft.runtime.engine import Engine, Request
 
     engine = Engine(runtime, max_batch_size=max_batch, max_wait_s=batch_wait_ms / 1000)
+    vocab = len(runtime.tokenizer)
     rows = []
     try:
         engine.generate(Request(adapter=scenarios[0][2][0], prompt=PROMPTS[0], raw=True, max_new_tokens=4,
                                 ignore_eos=True))  # warm-up
-        for key, name, adapters in scenarios:
+        for key, name, adapters, *length in scenarios:
             results: list = [None] * len(adapters)
+            first_token: list[float | None] = [None] * len(adapters)
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(100, vocab, (length[0],), generator=g).tolist() if length else None for _ in adapters]
 
             def ask(i: int) -> None:
-                results[i] = engine.generate(Request(adapter=adapters[i], prompt=PROMPTS[i % len(PROMPTS)], raw=True,
-                                                     max_new_tokens=new_tokens, ignore_eos=True))
-            first = engine.counts["batches"]
+                def on_token() -> None:
+                    if first_token[i] is None:
+                        first_token[i] = time.perf_counter()
+                text = None if prompts[i] else PROMPTS[i % len(PROMPTS)]
+                results[i] = engine.generate(Request(adapter=adapters[i], prompt=text, prompt_ids=prompts[i], raw=True,
+                                                     max_new_tokens=new_tokens, ignore_eos=True, on_token=on_token))
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(adapters))]
             sync(device)
             t0 = time.perf_counter()
@@ -128,11 +138,14 @@ def runtime_generation(runtime, scenarios, new_tokens: int, device: str, batch_w
             sync(device)
             seconds = time.perf_counter() - t0
             tokens = sum(r.completion_tokens for r in results)
-            batches = list(engine.batches)[-(engine.counts["batches"] - first):]
+            ttft = sorted(f - t0 for f in first_token if f is not None)
             rows.append({"engine": "dsft runtime", "key": key, "scenario": name, "requests": len(adapters),
-                         "adapters": len(set(adapters)), "new_tokens": new_tokens, "generated": tokens,
-                         "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-                         "batches": [n for n, _ in batches]})
+                         "adapters": len(set(adapters)), "prompt_tokens": length[0] if length else None,
+                         "new_tokens": new_tokens, "generated": tokens, "seconds": round(seconds, 3),
+                         "tokens_per_s": round(tokens / seconds, 1),
+                         "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
+                         "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None,
+                         "largest_batch": engine.counts.get("largest")})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         engine.close()
@@ -202,6 +215,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--concurrent", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the time-to-first-token scenario")
+    p.add_argument("--concurrent-high", type=int, default=128, help="requests of the high-concurrency scenario (0: skip)")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
@@ -269,8 +284,12 @@ def main() -> None:
     n = a.concurrent
     scenarios = [("1x1", "1 request, 1 adapter", ["finance"]), ("Nx1", f"{n} requests, 1 adapter", ["finance"] * n),
                  ("Nx4", f"{n} requests, 4 adapters mixed in one batch", [DOMAINS[i % 4] for i in range(n)]),
-                 ("base", f"{n} requests, base only", [None] * n)]
-    rows = runtime_generation(runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, 1))
+                 ("base", f"{n} requests, base only", [None] * n),
+                 ("Nx4-long", f"{n} requests, 4 adapters, {a.prompt_tokens}-token prompts", [DOMAINS[i % 4] for i in range(n)],
+                  a.prompt_tokens)]
+    if a.concurrent_high:
+        scenarios.append(("Hx4", f"{a.concurrent_high} requests, 4 adapters mixed", [DOMAINS[i % 4] for i in range(a.concurrent_high)]))
+    rows = runtime_generation(runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, a.concurrent_high, 1))
     runtime.close()
     if not a.no_peft:
         paths = {d: refs[d].path for d in DOMAINS}
@@ -305,9 +324,10 @@ def main() -> None:
              f"| mixed batch rows equal to the adapter alone (greedy, 16 tokens) | {lifecycle['mixed_rows_equal_to_alone']} |",
              f"| max logit difference, mixed vs alone (largest logit {lifecycle['max_abs_logit']}) | {lifecycle['mixed_vs_alone_max_logit_diff']} |",
              f"| the same, one adapter batched vs alone (the dtype's noise floor) | {lifecycle['same_adapter_batch_vs_alone_max_logit_diff']} |", "",
-             "| engine | scenario | tokens/s | seconds | vs PEFT |", "|---|---|---|---|---|"]
+             "| engine | scenario | tokens/s | seconds | time to first token p50 / p99 s | vs PEFT |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['engine']} | {r['scenario']} | {r['tokens_per_s']} | {r['seconds']} | {r.get('speedup_vs_peft', '')} |")
+        ttft = f"{r['ttft_p50_s']} / {r['ttft_p99_s']}" if r.get("ttft_p50_s") is not None else ""
+        lines.append(f"| {r['engine']} | {r['scenario']} | {r['tokens_per_s']} | {r['seconds']} | {ttft} | {r.get('speedup_vs_peft', '')} |")
     err = next((r.get("mixed_batch_error") for r in rows if r.get("mixed_batch_error")), None)
     if err:
         lines += ["", f"PEFT mixed batch (`adapter_names=`) on this adapter: `{err}`"]
