@@ -262,7 +262,7 @@ class Training:
                                 meta=self.sharded_load)
         self.model, self.tokenizer, self.spec = self.loaded.model, self.loaded.tokenizer, self.loaded.spec
         self.emit("base", {"name": self.loaded.ref.name, "architecture": self.spec.architecture, "device": self.target,
-                           **({"quantize": "nf4"} if self.nf4 else {})})
+                           **({"quantize": "nf4"} if self.nf4 else {}), **({"sharded_load": True} if self.sharded_load else {})})
         if self.cuda:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.general = general_pack()
@@ -332,7 +332,8 @@ class Training:
             restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
         dist.prepare(self.trained_model, self.spec)
         if weights is not None:
-            materialize(self.trained_model, weights, self.target)
+            # Each rank's shard straight onto its device (the CPU under FSDP2's CPU offload, where the shards live)
+            materialize(self.trained_model, weights, "cpu" if dist.fsdp.offload else self.target)
             with base_logits_only(self.trained_model):  # the base's "before": LoRA is still zero, the term rows unused
                 self.before = self._before(self.trained_model)
             self.emit("eval", {"when": "before", **self.before})

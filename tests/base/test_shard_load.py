@@ -121,3 +121,51 @@ def test_two_ranks_loading_their_own_shards_hold_the_single_process_model(kind, 
     for rank in result["ranks"]:
         assert rank["local_max"] <= -(-largest // 2) + 4096
         assert rank["max_read"] <= rank["local_max"]
+
+
+def test_the_glm_4_5_air_shape_preset_is_larger_than_one_h200_and_plans_per_gpu(home):
+    from typer.testing import CliRunner
+
+    from dsft.base.presets import PRESETS, TOKENIZER_VOCAB
+    from dsft.cli.main import app
+    from dsft.eval.plan import _meta_model
+
+    preset = PRESETS["glm-4.5-air-shape"]
+    assert preset.random_weights and not preset.cpu_ok
+    config = preset.make_config(TOKENIZER_VOCAB)
+    assert (config.hidden_size, config.num_hidden_layers, config.n_routed_experts, config.num_experts_per_tok) == (4096, 46, 128, 8)
+    params = sum(p.numel() for p in _meta_model(config, torch.bfloat16).parameters())
+    assert params * 2 > 141e9, params  # bf16 weights alone exceed one H200
+    out = CliRunner().invoke(app, ["plan", "--base", "glm-4.5-air-shape", "--num-gpus", "2", "--gpu-mem", "141"])
+    assert out.exit_code == 0, out.output
+    assert "per GPU of 2 (FSDP2)" in out.output and "fits in 141 GiB" in out.output
+    with pytest.raises(UsageError, match="GPU benchmarks"):  # no CPU run of it here
+        from dsft.base import load_base
+
+        load_base("glm-4.5-air-shape", device="cpu")
+
+
+def test_glm4_moe_takes_dsft_lora_and_router_probe():
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    from dsft.adapters.lora import LoraSettings, attach_lora
+    from dsft.base.arch import ARCHITECTURES, supports_fused_experts
+    from dsft.base.router import RouterProbe
+    from dsft.eval.losses import lm_loss
+
+    cfg = Glm4MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True, n_routed_experts=8,
+                        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model, spec = Glm4MoeForCausalLM(cfg), ARCHITECTURES["glm4_moe"]
+    assert supports_fused_experts(model.model.layers[1].mlp.experts)
+    probe = RouterProbe(model, spec)
+    ids = torch.randint(0, 300, (2, 12))
+    model(input_ids=ids)
+    assert float(probe.aux_loss()) > 0
+    probe.close()
+    peft = attach_lora(model, spec, LoraSettings(r=4, alpha=8, targets=("attention", "shared_experts", "routed_experts")))
+    names = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert any("q_proj.lora_A" in n for n in names) and any("shared_experts" in n for n in names)
+    assert any("experts.lora_A" in n or "experts.base_layer.lora_A" in n for n in names)
+    lm_loss(peft, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}).backward()
