@@ -254,15 +254,17 @@ def materialize(model: nn.Module, source: WeightSource, device: torch.device | s
     return filled
 
 
-def term_rows(model: nn.Module, source: WeightSource, pieces: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+def term_rows(model: nn.Module, source: WeightSource, pieces: Sequence[Sequence[int]],
+              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The term rows :func:`dsft.adapters.terms.extend_model` would initialise from the loaded embedding and
-    head (mean of each term's pieces), read from ``source`` a row at a time."""
+    head (mean of each term's pieces), read from ``source`` a row at a time on ``device``, the device the base
+    is loaded on (generated rows depend on it, and so may the last bit of a mean). Returned on the CPU."""
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     for part, module in (("embed", model.get_input_embeddings()), ("head", model.get_output_embeddings())):
         key, w = base_key(f"{names[id(module)]}.weight"), module.weight
-        out[part] = torch.stack([torch.cat([source.rows(key, tuple(w.shape), i, i + 1, w.dtype, torch.device("cpu")) for i in p])
-                                 .float().mean(0) for p in pieces])
+        out[part] = torch.stack([torch.cat([source.rows(key, tuple(w.shape), i, i + 1, w.dtype, torch.device(device)) for i in p])
+                                 .float().mean(0) for p in pieces]).cpu()
     return out
 
 

@@ -310,9 +310,11 @@ class Training:
             else TermPlan((), len(self.tokenizer), ())
         torch.manual_seed(plan.seed)
         weights = self.loaded.weights
+        # Each rank's shard goes straight onto its device (the CPU under FSDP2's CPU offload, where the shards live)
+        shard_device = "cpu" if dist.fsdp.offload else self.target
         # A meta base: the term rows' initial values are read from the weights, LoRA is made on the CPU as in one process.
         extend_model(model, self.tokenizer, self.terms,
-                     term_rows(model, weights, self.terms.pieces) if weights is not None and self.terms.terms else None)
+                     term_rows(model, weights, self.terms.pieces, shard_device) if weights is not None and self.terms.terms else None)
         with adapters_off_meta() if weights is not None else nullcontext():
             self.trained_model, self.shapes = _attach(model, self.spec, rec)
         if self.nf4:
@@ -332,8 +334,7 @@ class Training:
             restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
         dist.prepare(self.trained_model, self.spec)
         if weights is not None:
-            # Each rank's shard straight onto its device (the CPU under FSDP2's CPU offload, where the shards live)
-            materialize(self.trained_model, weights, "cpu" if dist.fsdp.offload else self.target)
+            materialize(self.trained_model, weights, shard_device)
             with base_logits_only(self.trained_model):  # the base's "before": LoRA is still zero, the term rows unused
                 self.before = self._before(self.trained_model)
             self.emit("eval", {"when": "before", **self.before})

@@ -169,3 +169,19 @@ def test_glm4_moe_takes_dsft_lora_and_router_probe():
     assert any("q_proj.lora_A" in n for n in names) and any("shared_experts" in n for n in names)
     assert any("experts.lora_A" in n or "experts.base_layer.lora_A" in n for n in names)
     lm_loss(peft, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}).backward()
+
+
+def test_a_random_weights_preset_is_written_without_weights_and_generated_on_load(home, monkeypatch):
+    from dsft.base import load_base
+    from dsft.base.presets import PRESETS, Preset
+
+    name = "tiny-random-deepseek-v2"
+    monkeypatch.setitem(PRESETS, name, Preset(name, "test", "DeepseekV2ForCausalLM", _tiny_deepseek_v2, random_weights=True))
+    first = load_base(name, device="cpu")
+    assert not list(first.ref.path.glob("*.safetensors")) and first.fingerprint["architecture"] == "DeepseekV2ForCausalLM"
+    again = load_base(name, device="cpu")  # the same weights every time, drawn row by row
+    for (n, a), b in zip(first.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(a, b), n
+    w = RandomWeights(0, first.model.config.initializer_range)
+    q = first.model.model.layers[1].mlp.experts.gate_up_proj
+    assert torch.equal(q[3], w.rows("model.layers.1.mlp.experts.gate_up_proj", tuple(q.shape), 3, 4, q.dtype, q.device)[0])
