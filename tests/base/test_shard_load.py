@@ -89,9 +89,12 @@ def _two_ranks(model_dir: Path, out: Path) -> dict:
 
 
 def _random_preset(directory: Path, tokenizer_from: Path) -> Path:
-    """A tiny random preset as `build_preset` writes a generated one: config (with its init tag) and tokenizer."""
+    """A tiny random preset as `build_preset` writes a generated one: config (with its init tag) and tokenizer.
+    Odd sizes on dim 0 (7 experts, 383 and 95 rows): FSDP2 gives the two ranks unequal shards."""
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(preset_config(_tiny_deepseek_v2(TOKENIZER_VOCAB), 0, "DeepseekV2ForCausalLM")))
+    config = _tiny_deepseek_v2(TOKENIZER_VOCAB)
+    config.n_routed_experts, config.intermediate_size, config.moe_intermediate_size = 7, 383, 95
+    (directory / "config.json").write_text(json.dumps(preset_config(config, 0, "DeepseekV2ForCausalLM")))
     for f in tokenizer_from.glob("tokenizer*"):
         shutil.copy(f, directory / f.name)
     return directory
