@@ -10,7 +10,8 @@ tokens to 102,400 rows), the new ids land in that padding and the matrix does no
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,8 @@ class TermHead(nn.Module):
         self.base = base
         self.start = start
         self.rows = nn.Parameter(rows)
+        self.plain = False
+        """Return the base head's logits only (see :func:`base_logits_only`)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -104,9 +107,27 @@ class TermHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)
+        if self.plain:
+            return logits
         new = h @ self.rows.to(h.dtype).t()
         end = self.start + self.rows.shape[0]
         return torch.cat([logits[..., : self.start], new, logits[..., end:]], dim=-1)
+
+
+@contextmanager
+def base_logits_only(model) -> Iterator[None]:
+    """While active, a term-extended head gives the base's logits alone: the extended model measures exactly what
+    the base measures (new rows unused, LoRA still zero), for a base that is never run before its adapter is
+    attached (loaded straight into FSDP shards, :mod:`dsft.base.shard_load`)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, TermHead):
+        yield
+        return
+    head.plain = True
+    try:
+        yield
+    finally:
+        head.plain = False
 
 
 def _mean_rows(weight: torch.Tensor, pieces: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -128,8 +149,12 @@ def extend_model(model, tokenizer, plan: TermPlan, rows: dict[str, torch.Tensor]
     if rows is None:
         rows = {"embed": _mean_rows(embed.weight.data, plan.pieces), "head": _mean_rows(head.weight.data, plan.pieces)}
     # Trainable rows live in fp32 even when the base is bf16: they are few and Adam needs the precision.
-    model.set_input_embeddings(TermEmbedding(embed, plan.start, rows["embed"].float().to(embed.weight.device)))
-    model.set_output_embeddings(TermHead(head, plan.start, rows["head"].float().to(head.weight.device)))
+    # A base on the meta device (sharded loading) keeps them where they are: they are its adapter's values.
+    def place(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.float() if like.is_meta else t.float().to(like.device)
+
+    model.set_input_embeddings(TermEmbedding(embed, plan.start, place(rows["embed"], embed.weight)))
+    model.set_output_embeddings(TermHead(head, plan.start, place(rows["head"], head.weight)))
     model.config.vocab_size = max(model.config.vocab_size, plan.start + len(plan.terms))
 
 

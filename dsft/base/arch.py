@@ -62,6 +62,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             default_aux_loss_coef=0.0001,  # V3 is aux-loss-free apart from a tiny sequence-wise term
             router_scores="sigmoid",
         ),
+        # GLM-4.5 / 4.5-Air: DeepSeek-V3's sigmoid router (aux-loss-free bias), GQA attention with biases, one shared expert.
+        ArchSpec(
+            model_type="glm4_moe",
+            architecture="Glm4MoeForCausalLM",
+            decoder_layer="Glm4MoeDecoderLayer",
+            attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+            shared_experts=("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
+            num_experts_field="n_routed_experts",
+            aux_loss_coef_field=None,
+            default_aux_loss_coef=0.0001,
+            router_scores="sigmoid",
+        ),
         ArchSpec(
             model_type="qwen2_moe",
             architecture="Qwen2MoeForCausalLM",

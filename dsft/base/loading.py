@@ -13,6 +13,7 @@ from dsft.base.arch import ArchSpec, spec_for
 from dsft.base.fingerprint import load_fingerprint
 from dsft.base.presets import PRESETS, build_preset
 from dsft.base.remote_code import hf_kwargs, refuse_remote_code
+from dsft.base.shard_load import RANDOM_INIT_KEY
 from dsft.errors import NotFoundError, UnsupportedModelError, UsageError, show
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,6 +40,8 @@ class LoadedBase:
     tokenizer: Any
     spec: ArchSpec
     fingerprint: dict[str, Any] = field(repr=False)
+    weights: Any = field(default=None, repr=False)
+    """With ``meta=True``: the :class:`dsft.base.shard_load.WeightSource` that fills the meta model's parameters."""
 
 
 def resolve_base(base: str, revision: str | None = None) -> BaseRef:
@@ -121,7 +124,8 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(base: str | BaseRef, *, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedBase:
+def load_base(base: str | BaseRef, *, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+              meta: bool = False) -> LoadedBase:
     """Load model + tokenizer + fingerprint of ``base``.
 
     Args:
@@ -130,6 +134,8 @@ def load_base(base: str | BaseRef, *, device: str | None = None, dtype: torch.dt
         device: defaults to CUDA when available.
         dtype: defaults to bf16 on CUDA and fp32 on CPU.
         trust_remote_code: allow model code shipped in the model directory to run (off by default).
+        meta: build the model on the meta device and read no weights: the caller shards it and fills each
+            rank's part from ``LoadedBase.weights`` (:mod:`dsft.base.shard_load`).
 
     Raises:
         NotFoundError, UnsupportedModelError, UsageError.
@@ -145,19 +151,34 @@ def load_base(base: str | BaseRef, *, device: str | None = None, dtype: torch.dt
     device = device or default_device()
     # On a GPU machine a CPU load is a staging step (QLoRA quantises from there onto the GPU): allowed.
     if ref.source.startswith("preset:") and not PRESETS[ref.name].cpu_ok and device == "cpu" and not torch.cuda.is_available():
-        raise UsageError(f"preset {ref.name} is for GPU benchmarks (15.7B parameters); use tiny-deepseek-v2 on CPU")
+        raise UsageError(f"preset {ref.name} is for GPU benchmarks ({PRESETS[ref.name].description}); use tiny-deepseek-v2 on CPU")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=dtype, device_map=device, use_safetensors=True, **hf_kwargs(trust_remote_code)
-        )
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise UsageError(f"{base} needs its own model code; pass --trust-remote-code if you trust its authors") from None
-        raise
+    weights = None
+    if meta or config.get(RANDOM_INIT_KEY):
+        # Sharded loading, or a preset whose weights are generated (it has no weight files to load)
+        from transformers import AutoConfig
+
+        from dsft.base.shard_load import materialize, meta_model, weight_source
+
+        if trust_remote_code and config.get("auto_map"):
+            raise UsageError(f"{base}: sharded loading builds transformers' own classes only; use --backend ddp for remote code")
+        model = meta_model(spec.architecture, AutoConfig.from_pretrained(ref.path), dtype)
+        weights = weight_source(ref.path, config)
+        if not meta:
+            materialize(model, weights, device)
+            model.eval()  # as from_pretrained leaves it
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                ref.path, dtype=dtype, device_map=device, use_safetensors=True, **hf_kwargs(trust_remote_code)
+            )
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise UsageError(f"{base} needs its own model code; pass --trust-remote-code if you trust its authors") from None
+            raise
     if spec.architecture != type(model).__name__:
         raise UnsupportedModelError(f"{base} loaded as {type(model).__name__}, expected {spec.architecture}; it is not a supported MoE model")
     tokenizer = AutoTokenizer.from_pretrained(ref.path, **hf_kwargs(trust_remote_code))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedBase(ref, model, tokenizer, spec, load_fingerprint(ref.path, trust_remote_code))
+    return LoadedBase(ref, model, tokenizer, spec, load_fingerprint(ref.path, trust_remote_code), weights if meta else None)

@@ -28,6 +28,9 @@ class Preset:
     make_config: Callable[[int], Any]
     """Builds the config from the tokenizer's size (the vocabulary is the only data-dependent field)."""
     cpu_ok: bool = True
+    random_weights: bool = False
+    """Weights generated when loaded (:class:`dsft.base.shard_load.RandomWeights`), never written: the directory
+    holds the config and tokenizer only. For shapes too large to build whole in one process, or to store."""
     pretrain_steps: int = 0
     """Steps of full-parameter training on the bundled general corpus at build time, so that the base
     is a language model (and forgetting is measurable) rather than random weights."""
@@ -81,6 +84,22 @@ def _deepseek_v2_lite_shape(vocab: int) -> Any:
     )
 
 
+def _glm_4_5_air_shape(vocab: int) -> Any:
+    from transformers import Glm4MoeConfig
+
+    # The public GLM-4.5-Air config (zai-org/GLM-4.5-Air: 46 layers, 128 routed + 1 shared experts, top-8; ~106B
+    # parameters without its multi-token-prediction layer, which transformers does not build): 213 GB in bf16, more
+    # than one H200 (141 GB). Only the weights are random; the vocabulary stays the real one (dsft's tokenizer uses 4k ids).
+    return Glm4MoeConfig(
+        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=46,
+        num_attention_heads=96, num_key_value_heads=8, head_dim=128, attention_bias=True, partial_rotary_factor=0.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, n_routed_experts=128, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=1.0, n_group=1,
+        topk_group=1, use_qk_norm=False, max_position_embeddings=131072, rms_norm_eps=1e-5, initializer_range=0.02,
+        tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=1,
+    )
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -88,6 +107,9 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-qwen3-moe", "Qwen3MoeForCausalLM, 4 MoE layers, 8 experts top-2", "Qwen3MoeForCausalLM", _tiny_qwen3_moe, pretrain_steps=PRETRAIN_STEPS),
         Preset("tiny-mixtral", "MixtralForCausalLM, 4 MoE layers, 8 experts top-2", "MixtralForCausalLM", _tiny_mixtral, pretrain_steps=PRETRAIN_STEPS),
         Preset("deepseek-v2-lite-shape", "DeepSeek-V2-Lite config (27 layers, 64+2 experts, top-6) with random weights; GPU only", "DeepseekV2ForCausalLM", _deepseek_v2_lite_shape, cpu_ok=False),
+        Preset("glm-4.5-air-shape", "GLM-4.5-Air config (106B parameters, 213 GB in bf16: 46 layers, 128+1 experts, top-8) with "
+               "weights generated on load; GPU only, more than one GPU (dsft train --num-gpus 2)", "Glm4MoeForCausalLM",
+               _glm_4_5_air_shape, cpu_ok=False, random_weights=True),
     )
 }
 DEFAULT_BASE = "tiny-deepseek-v2"
@@ -129,6 +151,9 @@ def _build(name: str, final: Path, device: str | None) -> None:
     preset = PRESETS[name]
     tokenizer = train_bpe(corpus_text_for_tokenizer(seed=SEED), TOKENIZER_VOCAB)
     config = preset.make_config(len(tokenizer))
+    if preset.random_weights:
+        _build_random(config, preset.model_class, tokenizer, final)
+        return
     torch.manual_seed(SEED)
     big = not preset.cpu_ok
     init_device = device or ("cuda" if big and torch.cuda.is_available() else "cpu")
@@ -145,6 +170,26 @@ def _build(name: str, final: Path, device: str | None) -> None:
         try:
             publish_dir(tmp, final)
         except FileExistsError:  # built meanwhile by a process that took no lock (an older dsft): identical
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_random(config: Any, architecture: str, tokenizer: Any, final: Path) -> None:
+    """A preset whose weights are generated on load: config.json (tagged with the init and seed) and the tokenizer."""
+    import json
+
+    from transformers import GenerationConfig
+
+    from dsft.base.fingerprint import compute_fingerprint, save_fingerprint
+    from dsft.base.shard_load import preset_config
+
+    with staging_dir(final) as tmp:
+        (tmp / "config.json").write_text(json.dumps(preset_config(config, SEED, architecture), indent=2))
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_fingerprint(tmp, compute_fingerprint(tmp))
+        try:
+            publish_dir(tmp, final)
+        except FileExistsError:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

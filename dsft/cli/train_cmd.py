@@ -36,7 +36,8 @@ class _ProgressView:
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         out = err_console
         if kind == "base" and not self.quiet:
-            out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}")
+            out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}"
+                      + (", each process reading its own shard" if payload.get("sharded_load") else ""))
         elif kind == "recompute" and payload["kept_layers"] and not self.quiet:
             out.print(f"activation checkpointing: the last {payload['kept_layers']} of {payload['layers']} layers keep "
                       "their activations (no recompute)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -27,9 +28,10 @@ from dsft.adapters.esft import EXPERT_PARAMS, EsftState
 from dsft.adapters.fast_lora import fold_lora
 from dsft.adapters.lora import LoraSettings, attach_lora, peft_config, target_shapes
 from dsft.adapters.qlora import quantize_base
-from dsft.adapters.terms import TermPlan, extend_model, plan_terms
+from dsft.adapters.terms import TermPlan, base_logits_only, extend_model, plan_terms
 from dsft.base import DEFAULT_BASE, load_base
 from dsft.base.loading import default_device
+from dsft.base.shard_load import adapters_off_meta, materialize, term_rows
 from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
@@ -249,12 +251,18 @@ class Training:
         from dsft.domains import general_pack
 
         plan = self.plan
+        # FSDP: the base is built on the meta device and each rank reads its own shard once the adapters are
+        # attached and the model sharded (:meth:`attach`), so no rank ever holds the whole base. Not for
+        # QLoRA (quantised from a whole bf16 copy) nor for an ESFT resume (whole expert tensors restored before sharding).
+        self.sharded_load = self.dist.enabled and self.dist.sharding == "fsdp" and not self.nf4 \
+            and not (self.ckpt is not None and plan.recipe.uses_esft)
         # QLoRA: load in bf16 on the CPU, attach LoRA, then quantise onto the GPU weight by weight (never the whole bf16 model there).
         self.loaded = load_base(plan.base, device="cpu" if self.nf4 else self.target,
-                                dtype=torch.bfloat16 if self.nf4 and self.cuda else None, trust_remote_code=trust_remote_code)
+                                dtype=torch.bfloat16 if self.nf4 and self.cuda else None, trust_remote_code=trust_remote_code,
+                                meta=self.sharded_load)
         self.model, self.tokenizer, self.spec = self.loaded.model, self.loaded.tokenizer, self.loaded.spec
         self.emit("base", {"name": self.loaded.ref.name, "architecture": self.spec.architecture, "device": self.target,
-                           **({"quantize": "nf4"} if self.nf4 else {})})
+                           **({"quantize": "nf4"} if self.nf4 else {}), **({"sharded_load": True} if self.sharded_load else {})})
         if self.cuda:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.general = general_pack()
@@ -263,7 +271,7 @@ class Training:
         self.seq_len = max(s.seq_len for s in plan.recipe.stages)
         self.base_sets, self.base_tokens = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,
                                                      plan.user_records.heldout)
-        if not self.nf4:
+        if not self.nf4 and not self.sharded_load:
             self.before = self._before(self.model)
 
     def _size_steps(self) -> list[StepSize]:
@@ -301,15 +309,22 @@ class Training:
         self.terms = plan_terms(self.tokenizer, [t for t, _ in plan.pack.terms]) if rec.adapter.terms \
             else TermPlan((), len(self.tokenizer), ())
         torch.manual_seed(plan.seed)
-        extend_model(model, self.tokenizer, self.terms)
-        self.trained_model, self.shapes = _attach(model, self.spec, rec)
+        weights = self.loaded.weights
+        # Each rank's shard goes straight onto its device (the CPU under FSDP2's CPU offload, where the shards live)
+        shard_device = "cpu" if dist.fsdp.offload else self.target
+        # A meta base: the term rows' initial values are read from the weights, LoRA is made on the CPU as in one process.
+        extend_model(model, self.tokenizer, self.terms,
+                     term_rows(model, weights, self.terms.pieces, shard_device) if weights is not None and self.terms.terms else None)
+        with adapters_off_meta() if weights is not None else nullcontext():
+            self.trained_model, self.shapes = _attach(model, self.spec, rec)
         if self.nf4:
             report = quantize_base(self.trained_model, self.spec, device=self.target)
             self.emit("quantized", {"linears": report.linears, "expert_tensors": report.expert_tensors,
                                     "mib_before": round(report.bytes_before / 2**20, 1), "mib_after": round(report.bytes_after / 2**20, 1)})
             # The 4-bit base is what trains, so it is the "before": new term rows are unused and LoRA starts at zero.
             self.before = self._before(self.trained_model)
-        self.emit("eval", {"when": "before", **self.before})
+        if weights is None:
+            self.emit("eval", {"when": "before", **self.before})
         if self.cuda and not self.nf4 and not (dist.enabled and dist.sharding == "fsdp"):
             fold_lora(self.trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
         if self.cuda:
@@ -318,6 +333,11 @@ class Training:
         if self.ckpt:  # before sharding: the checkpoint holds whole tensors
             restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
         dist.prepare(self.trained_model, self.spec)
+        if weights is not None:
+            materialize(self.trained_model, weights, shard_device)
+            with base_logits_only(self.trained_model):  # the base's "before": LoRA is still zero, the term rows unused
+                self.before = self._before(self.trained_model)
+            self.emit("eval", {"when": "before", **self.before})
         if model.device.type == "cuda":
             if hasattr(self.trained_model, "enable_input_require_grads"):
                 self.trained_model.enable_input_require_grads()

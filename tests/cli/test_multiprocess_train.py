@@ -78,6 +78,9 @@ def test_two_fsdp_processes_train_the_single_process_adapter_and_write_it_once(h
     expected = [json.loads(line)["loss"] for line in (reference.path / "train_log.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(expected, abs=1e-5)
     assert result["metrics"]["eval_loss_after"] == pytest.approx(reference.metrics["eval_loss_after"], abs=1e-4)
+    # Measured on the sharded model before training (each rank loaded only its shard): the whole base's losses
+    for key in ("eval_loss_before", "general_loss_before"):
+        assert result["metrics"][key] == pytest.approx(reference.metrics[key], abs=1e-4)
 
 
 def test_two_processes_resume_one_checkpoint_and_end_where_one_process_ends(home, reference, tiny_base_dir):
