@@ -162,7 +162,7 @@ def load_base(base: str | BaseRef, *, device: str | None = None, dtype: torch.dt
 
         if trust_remote_code and config.get("auto_map"):
             raise UsageError(f"{base}: sharded loading builds transformers' own classes only; use --backend ddp for remote code")
-        model = meta_model(spec.architecture, AutoConfig.from_pretrained(ref.path), dtype)
+        model = meta_model(spec.architecture, AutoConfig.from_pretrained(ref.path, trust_remote_code=False), dtype)
         weights = weight_source(ref.path, config)
         if not meta:
             materialize(model, weights, device)
