@@ -22,26 +22,36 @@ def serve_home(tmp_path_factory, new_home) -> Path:
     return new_home(tmp_path_factory.mktemp("serve_home"))
 
 
-@pytest.fixture(scope="package")
-def serve_refs(serve_home) -> dict[str, str]:
-    """finance, legal, medical @0.1.0 (attached at start), finance@0.2.0 and an incompatible one (not attached)."""
+@contextlib.contextmanager
+def making_adapters(home: Path):
+    """The tiny base, loaded with $DSFT_HOME ``home`` (one torch thread, no registry URL from the environment):
+    adapters made with it (:func:`dsft.testing.adapters.make_adapter`) register in ``home``'s registry."""
     import torch
 
     from dsft.base import load_base
-    from dsft.testing.adapters import make_adapter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DSFT_HOME", str(serve_home))
-        mp.delenv("DSFT_REGISTRY_URL", raising=False)
-        loaded = load_base("tiny-deepseek-v2", device="cpu")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DSFT_HOME", str(home))
+            mp.delenv("DSFT_REGISTRY_URL", raising=False)
+            yield load_base("tiny-deepseek-v2", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
+def serve_refs(serve_home) -> dict[str, str]:
+    """finance, legal, medical @0.1.0 (attached at start), finance@0.2.0 and an incompatible one (not attached)."""
+    from dsft.testing.adapters import make_adapter
+
+    with making_adapters(serve_home) as loaded:
         refs = {d: make_adapter(loaded, d, seed=i + 1).ref for i, d in enumerate(["finance", "legal", "medical"])}
         refs["finance2"] = make_adapter(loaded, "finance", seed=9).ref
         other = dict(loaded.fingerprint, tokenizer_hash="0" * 64, id="2" * 64)
         refs["incompatible"] = make_adapter(loaded, "retokenized", terms=["habeas corpus"], fingerprint=other,
                                             base_name="other-base").ref
-    torch.set_num_threads(threads)
     return refs
 
 
@@ -52,14 +62,18 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(home: Path, *extra: str):
-    """`dsft serve` with ``extra`` arguments in a child process on a free port, its $DSFT_HOME ``home`` and the
-    API key; yields its base URL (its output goes to ``home/server.log``)."""
+def running_server(home: Path, *extra: str, command: str = "serve", api_key: str | None = API_KEY,
+                   ready: str = "/health"):
+    """`dsft COMMAND` (``serve`` or ``ui``) with ``extra`` arguments in a child process on a free port, its
+    $DSFT_HOME ``home`` and ``api_key``; yields its base URL once ``ready`` answers 200 (its output goes to
+    ``home/server.log``)."""
     port = _free_port()
-    env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "DSFT_API_KEY": API_KEY}
+    env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("DSFT_REGISTRY_URL", None)
-    args = [sys.executable, "-m", "dsft.cli", "serve", "--port", str(port), *extra]
+    env.pop("DSFT_API_KEY", None)
+    if api_key:
+        env["DSFT_API_KEY"] = api_key
+    args = [sys.executable, "-m", "dsft.cli", command, "--port", str(port), *extra]
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -67,14 +81,14 @@ def running_server(home: Path, *extra: str):
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"dsft serve exited with {proc.returncode}:\n{(home / 'server.log').read_text()}")
+                raise RuntimeError(f"dsft {command} exited with {proc.returncode}:\n{(home / 'server.log').read_text()}")
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}{ready}", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"dsft serve did not come up:\n{(home / 'server.log').read_text()}")
+                raise RuntimeError(f"dsft {command} did not come up:\n{(home / 'server.log').read_text()}")
             time.sleep(0.3)
         yield url
     finally:

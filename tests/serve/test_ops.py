@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from tests.serve.conftest import API_KEY, running_server
+from tests.serve.conftest import API_KEY, making_adapters, running_server
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
@@ -74,22 +74,13 @@ def test_every_request_is_one_json_access_log_line(server, client, serve_home, s
 @pytest.fixture(scope="module")
 def budget_home(tmp_path_factory, new_home):
     """A registry of its own: finance, legal, medical and a tampered adapter (its weights changed after registering)."""
-    import torch
-
     from dsft.adapter_format import PEFT_WEIGHTS_FILE
-    from dsft.base import load_base
     from dsft.testing.adapters import make_adapter
 
     home = new_home(tmp_path_factory.mktemp("budget_home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DSFT_HOME", str(home))
-        mp.delenv("DSFT_REGISTRY_URL", raising=False)
-        loaded = load_base("tiny-deepseek-v2", device="cpu")
+    with making_adapters(home) as loaded:
         for i, domain in enumerate(["finance", "legal", "medical", "tampered"]):
             rec = make_adapter(loaded, domain, seed=i + 1)
-    torch.set_num_threads(threads)
     target = Path(rec.path) / PEFT_WEIGHTS_FILE
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF

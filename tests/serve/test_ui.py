@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from registry_helpers import fingerprint, register  # noqa: E402
 from dsft.registry import Registry, open_registry  # noqa: E402
 from dsft.serve.guard import allowed_hosts  # noqa: E402
 from dsft.serve.ui.app import create_ui_app  # noqa: E402
+from tests.serve.conftest import running_server  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOSTILE = "<script>alert(1)</script>"
@@ -165,40 +164,13 @@ def test_serve_mounts_the_same_pages(reg):
     assert TestClient(create_app(None, None)).get("/ui").status_code == 404  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui_server(ui_home: Path) -> Iterator[str]:
-    """`dsft ui` in a child process on a free port; its base URL."""
-    port = _free_port()
-    env = {**os.environ, "DSFT_HOME": str(ui_home), "HF_HUB_OFFLINE": "1"}
-    env.pop("DSFT_REGISTRY_URL", None)
-    env.pop("DSFT_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "dsft.cli", "ui", "--port", str(port), "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dsft ui exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/ui", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("dsft ui did not answer within 60 s")
-            time.sleep(0.2)
-        assert json.loads(proc.stdout.readline()) == {"url": f"{url}/ui", "read_only": True}
+    """`dsft ui --json` in a child process on a free port (no API key); its base URL."""
+    with running_server(ui_home, "--json", command="ui", api_key=None, ready="/ui") as url:
+        first = next(line for line in (ui_home / "server.log").read_text().splitlines() if line.startswith("{"))
+        assert json.loads(first) == {"url": f"{url}/ui", "read_only": True}
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_dsft_ui_renders_in_headless_chromium(ui_server, tmp_path):
