@@ -279,6 +279,24 @@ def main() -> None:
     same = runtime.logits(PROMPTS, adapters=["finance"] * len(PROMPTS))[0]
     lifecycle["same_adapter_batch_vs_alone_max_logit_diff"] = round((same - la[0]).abs().max().item(), 5)
     lifecycle["max_abs_logit"] = round(max(x.abs().max().item() for x in la), 2)
+    # Decode steps replayed as CUDA graphs vs run eagerly: the same greedy tokens (bf16: a bucket's padded
+    # shapes may pick other GEMM kernels, so a late token can differ; counted, not asserted).
+    os.environ["DSFT_CUDA_GRAPHS"] = "0"
+    eager = runtime.generate([p for _, p in probe], adapters=[d for d, _ in probe], max_new_tokens=16, ignore_eos=True)
+    os.environ.pop("DSFT_CUDA_GRAPHS")
+    lifecycle["graph_vs_eager_equal_rows"] = f"{sum(m.token_ids == e.token_ids for m, e in zip(mixed, eager))}/{len(probe)}"
+    lifecycle["graph_vs_eager_equal_tokens"] = round(sum(x == y for m, e in zip(mixed, eager) for x, y in zip(m.token_ids, e.token_ids))
+                                                     / sum(len(m.token_ids) for m in mixed), 3)
+    # What an attach costs, part by part: the registry check with every file hashed before reading (how
+    # attach worked until 2026-12-01) vs reading with the hash computed while reading.
+    from dsft.runtime.weights import read_adapter
+
+    rec = reg.resolve(refs["medical"].ref)
+    _, lifecycle["hash_all_files_s"] = timed(lambda: reg.resolve(rec.ref, verify_files=True), a.device)
+    _, lifecycle["read_adapter_s"] = timed(lambda: read_adapter(Path(rec.path), rec.parsed_manifest(), loaded.model.config,
+                                                                device=loaded.model.device, dtype=loaded.model.dtype), a.device)
+    lifecycle["hash_all_files_s"] = round(lifecycle["hash_all_files_s"], 3)
+    lifecycle["read_adapter_s"] = round(lifecycle["read_adapter_s"], 3)
     print(json.dumps(lifecycle), flush=True)
 
     n = a.concurrent
@@ -290,6 +308,11 @@ def main() -> None:
     if a.concurrent_high:
         scenarios.append(("Hx4", f"{a.concurrent_high} requests, 4 adapters mixed", [DOMAINS[i % 4] for i in range(a.concurrent_high)]))
     rows = runtime_generation(runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, a.concurrent_high, 1))
+    if a.device.startswith("cuda"):  # the same single stream with decode steps launched one by one
+        os.environ["DSFT_CUDA_GRAPHS"] = "0"
+        rows += runtime_generation(runtime, [("1x1-eager", "1 request, 1 adapter, no CUDA graphs", ["finance"])],
+                                   a.new_tokens, a.device, a.batch_wait_ms, 1)
+        os.environ.pop("DSFT_CUDA_GRAPHS")
     runtime.close()
     if not a.no_peft:
         paths = {d: refs[d].path for d in DOMAINS}
@@ -319,11 +342,15 @@ def main() -> None:
              f"| attach a second adapter | {lifecycle['attach_second_s']} s |",
              f"| attach a new version of an attached domain (beside it) | {lifecycle['swap_s']} s |",
              f"| detach | {lifecycle['detach_s']} s |",
+             f"| of which: reading + verifying one adapter (hash while reading) / hashing every file beforehand (until 2026-12-01) | "
+             f"{lifecycle['read_adapter_s']} / {lifecycle['hash_all_files_s']} s |",
              f"| GPU memory per adapter / freed by detach | {lifecycle['adapter_gpu_gib']} / {lifecycle['freed_by_detach_gib']} GiB |",
              f"| adapter files on disk | {adapter_mb} MB |",
              f"| mixed batch rows equal to the adapter alone (greedy, 16 tokens) | {lifecycle['mixed_rows_equal_to_alone']} |",
              f"| max logit difference, mixed vs alone (largest logit {lifecycle['max_abs_logit']}) | {lifecycle['mixed_vs_alone_max_logit_diff']} |",
-             f"| the same, one adapter batched vs alone (the dtype's noise floor) | {lifecycle['same_adapter_batch_vs_alone_max_logit_diff']} |", "",
+             f"| the same, one adapter batched vs alone (the dtype's noise floor) | {lifecycle['same_adapter_batch_vs_alone_max_logit_diff']} |",
+             f"| decode as CUDA graphs vs eager: rows equal / tokens equal (greedy, 16 tokens) | "
+             f"{lifecycle['graph_vs_eager_equal_rows']} / {lifecycle['graph_vs_eager_equal_tokens']} |", "",
              "| engine | scenario | tokens/s | seconds | time to first token p50 / p99 s | vs PEFT |", "|---|---|---|---|---|---|"]
     for r in rows:
         ttft = f"{r['ttft_p50_s']} / {r['ttft_p99_s']}" if r.get("ttft_p50_s") is not None else ""

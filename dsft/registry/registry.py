@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,12 +118,14 @@ class Registry:
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def resolve(self, ref: str, *, verify_files: bool = False) -> AdapterRecord:
+    def resolve(self, ref: str, *, verify_files: bool = False, hashed_when_read: Collection[str] = ()) -> AdapterRecord:
         """The adapter a ref names: ``finance`` (latest), ``finance@0.2.0`` or ``finance@production``.
 
         Args:
             ref: the ref.
             verify_files: also re-hash its files against the manifest (do this before loading).
+            hashed_when_read: with ``verify_files``, files only checked to exist here because the loader
+                verifies their sha256 while it reads them (one read instead of two).
         Raises:
             UsageError: malformed ref. NotFoundError: nothing by that ref (the message lists what exists).
             IntegrityError: with ``verify_files``, a missing, changed or truncated file (named).
@@ -132,7 +134,7 @@ class Registry:
         with self._read() as s:
             rec = AdapterRecord.from_row(repo.resolve(s, parsed))
         if verify_files:
-            check_files(rec)
+            check_files(rec, hashed_when_read=hashed_when_read)
         return rec
 
     def list_adapters(self, domain: str | None = None) -> list[AdapterRecord]:

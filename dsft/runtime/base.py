@@ -35,7 +35,7 @@ from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, fo
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
-from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
+from dsft.runtime.weights import VERIFIED_ON_READ, AdapterWeights, extended_tokenizer, read_adapter
 
 log = logging.getLogger("dsft.runtime")
 
@@ -198,8 +198,9 @@ class RuntimeBase:
         if via is not None:
             log.info("%s -> %s (%s)", ref, chosen.ref, via)
         self._tags.invalidate()  # an attach often follows a tag move: requests see it from now on
-        rec = reg.resolve(chosen.ref, verify_files=True)
-        compat = reg.check(rec.ref, base_fingerprint=self.fingerprint, verify_files=False)  # hashed just above
+        # The weights are hashed as read_adapter reads them (below): one read of each file, not two.
+        rec = reg.resolve(chosen.ref, verify_files=True, hashed_when_read=VERIFIED_ON_READ)
+        compat = reg.check(rec.ref, base_fingerprint=self.fingerprint, verify_files=False)  # checked just above
         if not compat.ok:
             raise IncompatibleError(f"{rec.ref} does not fit base {self.name} ({self.fingerprint['id'][:12]}): "
                                     + "; ".join(compat.reasons))
@@ -340,13 +341,16 @@ class RuntimeBase:
                 self._install()
                 run_rows(self.model, self._table, self._lora, ok, self._pad_id, self._originals[1].out_features)
 
-    def batch(self, *, prefill_chunk: int | None = None) -> RunningBatch:
+    def batch(self, *, prefill_chunk: int | None = None, max_rows: int | None = None, graphs: bool | None = None,
+              buckets: bool | None = None) -> RunningBatch:
         """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with); prompts longer
-        than ``prefill_chunk`` tokens are prefilled a chunk per step."""
+        than ``prefill_chunk`` tokens are prefilled a chunk per step. Decode steps replay CUDA graphs on a GPU
+        (``graphs``; see :class:`dsft.runtime.static_cache.SlotDecoder` for ``buckets``); the KV cache is
+        allocated for ``max_rows`` rows from the start (it grows, dropping the captured graphs, otherwise)."""
         with self._lock:
             self._install()
             return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
-                                prefill_chunk=prefill_chunk)
+                                prefill_chunk=prefill_chunk, max_rows=max_rows, graphs=graphs, buckets=buckets)
 
     def step(self, batch: RunningBatch, new_rows: Sequence[Row] = ()) -> list[Row]:
         """One token boundary of continuous batching, under the runtime's lock (attach and detach happen

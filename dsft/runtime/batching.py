@@ -2,15 +2,18 @@
 
 A :class:`RunningBatch` holds the rows being generated and their KV cache.
 
-* :meth:`RunningBatch.admit` prefills new rows on their own (left-padded among themselves), samples their
-  first token, and joins their cache to the running rows' (:mod:`dsft.runtime.kv_cache`).
-* :meth:`RunningBatch.step` feeds every running row its latest token, samples the next one, and drops the
-  rows that finished (stop, length, cancelled, failed) from the cache at once, so their slots are free
-  for the next admission.
+* :meth:`RunningBatch.admit` prefills new rows on their own (left-padded among themselves, in a
+  transformers ``DynamicCache``), samples their first token, and copies their keys and values into free
+  slots of the running rows' :class:`dsft.runtime.static_cache.SlotCache`.
+* :meth:`RunningBatch.step` feeds every running row its latest token through
+  :class:`dsft.runtime.static_cache.SlotDecoder` (a replayed CUDA graph on a GPU), samples the next one,
+  and drops the rows that finished (stop, length, cancelled, failed) at once (the slots are compacted),
+  so their slots are free for the next admission.
 
-Rows are right-aligned: the attention mask zeros each row's left padding and the position ids count each
-row's own tokens, so a row computes what it would compute alone whatever joins or leaves around it; cache
-columns that became padding for every row (after the longest rows left) are trimmed. Each row decodes
+In the slots each row is left-aligned and attends over its own columns only, at its own positions, so a
+row computes what it would compute alone whatever joins or leaves around it. A model whose cache cannot
+be kept that way (sliding-window layers: :func:`dsft.runtime.kv_cache.joinable`) decodes its rows in their
+``DynamicCache`` instead and admits new rows only into an empty batch. Each row decodes
 through its own adapter: per-row LoRA groups (:class:`dsft.runtime.multilora.RowGroups`) and term
 vocabularies (:class:`dsft.adapters.terms.TermTable`) are recomputed whenever the rows or the attached
 adapters change. Sampled rows draw from their own generators only (:func:`dsft.runtime.generation.start`),
@@ -31,6 +34,7 @@ from dsft.adapters.terms import TermTable
 from dsft.runtime import kv_cache
 from dsft.runtime.generation import FINISH_LENGTH, Row, advance, fail, left_pad, sample, start
 from dsft.runtime.multilora import MultiLora, RowGroups
+from dsft.runtime.static_cache import SlotDecoder
 
 
 @dataclass
@@ -39,12 +43,14 @@ class _Part:
 
     rows: list[Row]
     cache: Any
-    mask: torch.Tensor
-    """``[B, T]``: 1 over each row's tokens in the cache (right-aligned), 0 over its left padding."""
-    positions: torch.Tensor
-    """``[B, 1]``: the position of the token each row is fed next."""
+    """A ``DynamicCache`` (rows being prefilled; running rows of a model without slots), else None: the
+    running rows are in the batch's :class:`SlotCache`, row i in slot i."""
+    mask: torch.Tensor | None
+    """``[B, T]`` with a ``DynamicCache``: 1 over each row's tokens in the cache (right-aligned), 0 over its left padding."""
+    positions: torch.Tensor | None
+    """``[B, 1]`` with a ``DynamicCache``: the position of the token each row is fed next."""
     lengths: list[int]
-    """Each row's tokens in the cache (the host's copy of ``positions``: trimming needs no device sync)."""
+    """Each row's tokens in the cache (on the host: trimming and slot writes need no device sync)."""
     last: torch.Tensor | None = None
     """``[B]``: each row's latest sampled token (local ids), fed at the next step."""
 
@@ -89,10 +95,14 @@ class RunningBatch:
         pad_id: the id left padding is filled with (masked out).
         base_width: the base vocabulary's width (logits past it are term rows).
         prefill_chunk: prefill prompts this many columns per step (None: a whole prompt at once).
+        graphs: decode steps as CUDA graphs (default: on CUDA, unless ``DSFT_CUDA_GRAPHS=0``).
+        max_rows: the most rows expected at once (the slots are allocated for them up front).
+        buckets: pad decode steps to the graphs' buckets without graphs (tests: what a graph computes, on CPU).
     """
 
     def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int, *,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, max_rows: int | None = None, graphs: bool | None = None,
+                 buckets: bool | None = None):
         from transformers import DynamicCache
 
         self.model, self.table, self.lora = model, table, lora
@@ -100,6 +110,8 @@ class RunningBatch:
         self.device = model.device
         self.joinable = kv_cache.joinable(DynamicCache(config=model.config))
         """Whether rows can join a batch that is running (False: sliding-window caches; admit into an empty batch only)."""
+        self.slots = SlotDecoder(model, lora, pad_id, rows=max_rows, graphs=graphs, buckets=buckets) if self.joinable else None
+        """The running rows' cache and decode steps (None without :attr:`joinable`)."""
         self.prefill_chunk = prefill_chunk
         self._part: _Part | None = None
         self._filling: list[_Fill] = []
@@ -176,13 +188,22 @@ class RunningBatch:
         return done
 
     def _join(self, part: _Part) -> None:
+        """The prefilled rows of ``part`` join the running rows: into the slots after them."""
         run = self._part
-        if run is None:
+        if self.slots is None:  # not joinable: admitted into an empty batch only
+            assert run is None
             self._part = part
             return
-        kv_cache.join(run.cache, part.cache)
-        run.mask = kv_cache.join_masks(run.mask, part.mask)
-        run.positions = torch.cat([run.positions, part.positions])
+        n = 0 if run is None else len(run.rows)
+        cache = self.slots.cache
+        cache.reserve(n + len(part.rows), max(part.lengths) + 1, n)
+        if not cache.allocated:
+            cache.allocate_like(part.cache.layers)
+        for i, length in enumerate(part.lengths):
+            cache.load(n + i, part.cache.layers, i, length)
+        if run is None:
+            self._part = _Part(part.rows, None, None, None, part.lengths, part.last)
+            return
         assert run.last is not None and part.last is not None
         run.last = torch.cat([run.last, part.last])
         run.lengths += part.lengths
@@ -214,7 +235,13 @@ class RunningBatch:
             return []
         assert part.last is not None
         index, shifts, groups = self._layout_of(part.keys)
-        ids = TermTable.to_global_tensor(part.last, shifts).unsqueeze(-1)
+        ids = TermTable.to_global_tensor(part.last, shifts)
+        if self.slots is not None:
+            logits = self.slots.forward(ids, part.lengths, part.keys, groups)
+            part.lengths = [n + 1 for n in part.lengths]
+            return self._take(part, logits, index)
+        assert part.mask is not None and part.positions is not None
+        ids = ids.unsqueeze(-1)
         part.mask = torch.cat([part.mask, part.mask.new_ones((part.mask.shape[0], 1))], dim=-1)
         with torch.inference_mode(), self.lora.rows(groups):
             logits = self.model(input_ids=ids, attention_mask=part.mask, position_ids=part.positions,
@@ -265,12 +292,17 @@ class RunningBatch:
                 self._part = None
             return gone
         sel = torch.tensor(keep, device=self.device)
-        kv_cache.select(part.cache, sel)
         part.rows = [part.rows[i] for i in keep]
         part.lengths = [part.lengths[i] for i in keep]
-        part.mask, part.positions = part.mask[sel], part.positions[sel]
         if part.last is not None:
             part.last = part.last[sel]
+        if part.cache is None:  # running rows in slots: compact them
+            assert self.slots is not None
+            self.slots.cache.keep(keep)
+            return gone
+        assert part.mask is not None and part.positions is not None
+        kv_cache.select(part.cache, sel)
+        part.mask, part.positions = part.mask[sel], part.positions[sel]
         trim = part.mask.shape[1] - max(part.lengths)
         if trim > 0 and part is self._part:  # (a part still being prefilled has not read its columns yet)
             kv_cache.trim_left(part.cache, trim)

@@ -177,7 +177,7 @@ class Engine:
                 continue
             if batch is None:
                 try:
-                    batch = self.runtime.batch(prefill_chunk=self.prefill_chunk)
+                    batch = self.runtime.batch(prefill_chunk=self.prefill_chunk, max_rows=self.max_batch_size)
                 except Exception as exc:
                     self._fail_all(running, exc)
                     continue

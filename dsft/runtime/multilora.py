@@ -70,17 +70,31 @@ class RowGroups:
 
     def column_mask(self, groups: tuple[int, ...], ranks: tuple[int, ...], n: int, dtype) -> torch.Tensor:
         """``[n, sum(ranks)]`` for ``n`` flattened positions (``n // batch`` per row, in row order): 1 where the
-        position's adapter owns the rank column, else 0."""
+        position's adapter owns the rank column, else 0. Computed on the device from :attr:`row_group`
+        without a host sync (a CUDA graph recomputes it at every replay, see :meth:`drop_masks`)."""
         key = (groups, ranks, n, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            device = self.row_group.device
-            cols = torch.repeat_interleave(torch.tensor(groups, device=device), torch.tensor(ranks, device=device))
+            cols = self._masks.get((groups, ranks))
+            if cols is None:
+                cols = self._masks[(groups, ranks)] = torch.tensor(
+                    [g for g, r in zip(groups, ranks) for _ in range(r)], device=self.row_group.device)
             mask = (self.row_group[:, None] == cols[None, :]).to(dtype)
             if n != self.batch:
-                mask = mask.repeat_interleave(n // self.batch, 0)
+                mask = mask[:, None, :].expand(self.batch, n // self.batch, mask.shape[1]).reshape(n, mask.shape[1])
             self._masks[key] = mask
         return mask
+
+    def positions_group(self, n: int) -> torch.Tensor:
+        """Each of ``n`` flattened positions' group (``n // batch`` per row, in row order)."""
+        if n == self.batch:
+            return self.row_group
+        return self.row_group[:, None].expand(self.batch, n // self.batch).reshape(n)
+
+    def drop_masks(self) -> None:
+        """Forget the computed masks (not the column layouts, which hold no row data), so the next forward
+        computes them again from :attr:`row_group`: what a CUDA graph captured after a warm-up needs."""
+        self._masks = {k: v for k, v in self._masks.items() if len(k) == 2}
 
 
 def stack_linear(factors: Sequence[LinearLora]) -> LinearLora:
@@ -175,6 +189,9 @@ class MultiLora:
         # re-stacking (a concatenation per module) at every switch would cost more than the forward.
         self._stacks: OrderedDict[tuple[str, ...], dict[tuple, object]] = OrderedDict()
         self._current: dict[tuple, object] = {}
+        self._keys: set[str] = set()
+        self.version = 0
+        """Bumped by every :meth:`add` and :meth:`remove` (what a captured CUDA graph read may have moved)."""
         # Routed experts always run through the grouped path while the runtime drives the model, so a row
         # without an adapter computes the same way in a mixed batch as in a batch of its own.
         self._experts_paths = set()
@@ -224,6 +241,7 @@ class MultiLora:
     def add(self, key: str, weights: AdapterWeights) -> None:
         """Put ``key``'s factors into the tables (replacing a previous ``key``), patching new modules."""
         self.remove(key)
+        self._keys.add(key)
         for path, f in weights.linear.items():
             self._linear.setdefault(path, {})[key] = f
             if path not in self._patched:
@@ -239,6 +257,8 @@ class MultiLora:
 
     def remove(self, key: str) -> None:
         """Drop every reference to ``key``'s factors; give modules no adapter targets their own forward back."""
+        self._keys.discard(key)
+        self.version += 1
         for path in list(self._linear):
             self._linear[path].pop(key, None)
             if not self._linear[path]:
@@ -265,6 +285,16 @@ class MultiLora:
         self._slices.clear()
         self._stacks.clear()
         self._current = {}
+        self._keys.clear()
+        self.version += 1
+
+    def keys(self) -> tuple[str, ...]:
+        """The attached adapters, sorted (a :class:`RowGroups` over all of them stacks every one's factors)."""
+        return tuple(sorted(self._keys))
+
+    def current_stacks(self, keys: tuple[str, ...]) -> dict[tuple, object]:
+        """The stacked factors computed so far for the mix ``keys`` (kept by whoever must keep them alive)."""
+        return self._stacks_of(keys)
 
     @contextmanager
     def rows(self, groups: RowGroups) -> Iterator[None]:
@@ -359,7 +389,7 @@ class MultiLora:
                                              module.down_proj, module.act_fn, *projections)
             remap, slices = own
             # Row r's pair (t, j) goes to its adapter's slice remap[group(r), expert] when there is one.
-            groups = routing.row_group.repeat_interleave(n // routing.batch)
+            groups = routing.positions_group(n)
             target = remap[groups.where(groups >= 0, remap.shape[0] - 1)[:, None], top_k_index]
             mine = target >= 0
             y = experts_forward_mixed(hidden_states, top_k_index, top_k_weights.masked_fill(mine, 0), module.gate_up_proj,

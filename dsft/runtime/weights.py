@@ -13,7 +13,9 @@ are parsed, so what is loaded is exactly what was verified.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,6 @@ import torch
 
 from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, Manifest
 from dsft.adapters.esft import EXPERT_PARAMS
-from dsft.atomic import sha256_bytes
 from dsft.errors import IntegrityError, UsageError
 from dsft.kernels.expert_lora import LowRank
 
@@ -80,23 +81,48 @@ class AdapterWeights:
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
 
+VERIFIED_ON_READ = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, ESFT_FILE)
+"""The files :func:`read_adapter` hashes as it reads them (an attach need not hash them beforehand)."""
+
+READ_CHUNK = 64 << 20
+
+
 def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
     """The bytes of ``directory/name``, refused unless they match the manifest's sha256.
+
+    The file is read once: each chunk is hashed on a worker thread while the next one is read (hashlib
+    releases the GIL), so verifying costs about what the slower of reading and hashing costs.
 
     Raises:
         IntegrityError: the file is not listed, missing, or its content differs.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     digest = manifest.files.get(name)
     if digest is None:
         raise IntegrityError(f"adapter {directory}: {name} is not listed in its manifest; re-import the adapter")
     path = directory / name
+    h = hashlib.sha256()
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            view, at, pending = memoryview(data), 0, None
+            while at < len(data):
+                got = f.readinto(view[at : at + READ_CHUNK])
+                if not got:
+                    break  # truncated while being read: the hash below refuses it
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(h.update, view[at : at + got])
+                at += got
+            if pending is not None:
+                pending.result()
+            view.release()
     except FileNotFoundError:
         raise IntegrityError(f"adapter file {path} is missing; restore it, or re-import / retrain the adapter") from None
-    if sha256_bytes(data) != digest:
+    if at != len(data) or h.hexdigest() != digest:
         raise IntegrityError(f"adapter file {path} does not match its recorded sha256 (changed or truncated); refusing to load it")
-    return data
+    return bytes(data)
 
 
 def _peft_config(raw: bytes):

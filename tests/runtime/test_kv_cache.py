@@ -1,5 +1,7 @@
 """Every architecture dsft serves joins rows into a running KV cache exactly: each row's logits at every step
-equal its logits alone (small random models built from their configs, plain base, fp32)."""
+equal its logits alone, and alone they equal a forward over the whole sequence without a cache (small random
+models built from their configs, plain base, fp32). The slot cache is checked with exact shapes and with the
+CUDA graphs' buckets (rows and width padded to powers of two), and while it grows past its first 64 columns."""
 from __future__ import annotations
 
 import pytest
@@ -57,17 +59,18 @@ def test_rows_joining_a_running_cache_compute_what_they_compute_alone(arch, monk
 
     monkeypatch.setattr(batching, "sample", spy)
     g = torch.Generator().manual_seed(1)
-    # (prompt length, new tokens, step it joins at): joins while others run, different lengths, early leavers
-    plan = [(11, 12, 0), (3, 4, 0), (17, 6, 2), (5, 7, 3), (25, 5, 8)]
+    # (prompt length, new tokens, step it joins at): joins while others run, different lengths, early leavers,
+    # one row longer than the cache's first 64 columns
+    plan = [(11, 12, 0), (3, 4, 0), (17, 6, 2), (5, 7, 3), (25, 5, 8), (52, 20, 1)]
     prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n, _, _ in plan]
 
     def row(i: int, tag: int) -> Row:  # the seed only names the row here (greedy rows never sample)
         return Row(prompts[i], None, _Tokenizer(), plan[i][1], seed=tag, ignore_eos=True)
 
-    for chunk in (None, 4):
+    for chunk, buckets in ((None, False), (4, False), (None, True)):
         seen.clear()
         rows = [row(i, i) for i in range(len(plan))]
-        batch, step = batching.RunningBatch(model, table, lora, 0, VOCAB, prefill_chunk=chunk), 0
+        batch, step = batching.RunningBatch(model, table, lora, 0, VOCAB, prefill_chunk=chunk, buckets=buckets), 0
         assert batch.joinable
         while step <= plan[-1][2] or len(batch):
             batch.admit([r for r, (_, _, join) in zip(rows, plan) if join == step])
@@ -79,6 +82,12 @@ def test_rows_joining_a_running_cache_compute_what_they_compute_alone(arch, monk
             assert r.tokens == solo.tokens and len(r.tokens) == plan[i][1]
             for together, alone in zip(seen[i], seen[100 + i], strict=True):
                 torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    # Alone, every step's logits are those of the whole sequence so far, without a cache.
+    for i in range(len(plan)):
+        full = torch.tensor([prompts[i] + rows[i].tokens])
+        with torch.no_grad():
+            want = model(input_ids=full).logits[0, len(prompts[i]) - 1 : -1]
+        torch.testing.assert_close(torch.stack(seen[100 + i]), want, rtol=0, atol=1e-4)
 
 
 def test_a_sliding_window_cache_takes_new_rows_only_into_an_empty_batch():

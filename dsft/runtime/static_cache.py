@@ -1,0 +1,252 @@
+"""A pre-allocated KV cache with one slot per running row, and decode steps replayed as CUDA graphs.
+
+Decoding one token is a few thousand small kernels for an MoE model; launched one by one from Python the
+host is the bottleneck (145 ms a token on the DeepSeek-V2-Lite shape, for ~2 ms of GPU work). A CUDA graph
+replays the whole step with one launch, but only over tensors that stay where they were when it was
+captured. So the running rows' keys and values live in :class:`SlotCache`: per layer one buffer
+``[slots, heads, columns, dim]`` allocated once (grown by doubling when rows or lengths outgrow it), row i
+of the batch in slot i, its tokens at columns ``[0, length_i)`` (left-aligned). A decode step writes each
+row's new key at its own column (its position) and attends over columns ``[0, width)`` with a mask that
+is true up to that column: a row computes what it computes alone, whatever the other rows' lengths.
+
+:class:`SlotDecoder` runs the step, eagerly or (on CUDA) as a graph captured per bucket of (rows,
+width): powers of two, the unused rows of a bucket fed a pad token in free slots. Rows join by copying
+their prefilled cache into free slots (:meth:`SlotCache.load`) and leave by compaction
+(:meth:`SlotCache.keep`), so the live rows stay in slots ``[0, n)``.
+
+What a graph captures must not move: the adapters' stacked factors (the mix of every attached adapter,
+kept alive here), the term tables and the cache buffers. Any change of those (an attach or detach: the
+:attr:`dsft.runtime.multilora.MultiLora.version`; the buffers growing) drops the graphs, and the next step
+captures again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsft.runtime.multilora import MultiLora, RowGroups
+
+log = logging.getLogger("dsft.runtime")
+
+MIN_WIDTH = 64
+"""The narrowest width bucket (columns attended in a decode step)."""
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The smallest power of two >= max(n, least)."""
+    n = max(n, least)
+    return 1 << (n - 1).bit_length()
+
+
+class SlotCache:
+    """Per-layer key/value buffers ``[slots, heads, columns, dim]``, a row per slot, left-aligned.
+
+    transformers' attention layers call :meth:`update` with the new token's keys and values (for MLA, the
+    compressed latent as a one-head layer) and attend over what it returns. Before a forward the decoder
+    sets :attr:`write` (the column each row writes, its position) and :attr:`width` (the columns returned).
+    """
+
+    is_compileable = False
+    is_sliding = ()
+
+    def __init__(self, slots: int = 1, columns: int = MIN_WIDTH):
+        self.slots, self.columns = slots, columns
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.write: torch.Tensor | None = None
+        self.width = 0
+        self.generation = 0
+        """Bumped when the buffers are reallocated (graphs captured on the old ones are stale)."""
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.keys)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def allocate_like(self, layers) -> None:
+        """Buffers shaped like the layers of a prefilled ``DynamicCache`` (heads, dim, dtype, device per layer)."""
+        self.keys = [layer.keys.new_zeros((self.slots, layer.keys.shape[1], self.columns, layer.keys.shape[3]))
+                     for layer in layers]
+        self.values = [layer.values.new_zeros((self.slots, layer.values.shape[1], self.columns, layer.values.shape[3]))
+                       for layer in layers]
+        self.generation += 1
+
+    def reserve(self, slots: int, columns: int, live: int) -> None:
+        """At least ``slots`` slots and ``columns`` columns (doubling), keeping the first ``live`` slots."""
+        if slots <= self.slots and columns <= self.columns:
+            return
+        self.slots, self.columns = max(self.slots, bucket(slots)), max(self.columns, bucket(columns))
+        if not self.allocated:
+            return
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros((self.slots, old.shape[1], self.columns, old.shape[3]))
+                new[:live, :, : old.shape[2]] = old[:live]
+                buffers[i] = new
+        self.generation += 1
+
+    def load(self, slot: int, layers, row: int, length: int) -> None:
+        """Copy row ``row`` of a prefilled ``DynamicCache`` (right-aligned: its last ``length`` columns) to
+        ``slot``, columns ``[0, length)``."""
+        for k, v, layer in zip(self.keys, self.values, layers, strict=True):
+            k[slot, :, :length] = layer.keys[row, :, -length:]
+            v[slot, :, :length] = layer.values[row, :, -length:]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Move slots ``rows`` (increasing) to ``[0, len(rows))``: the rows that stay, compacted in order."""
+        if list(rows) == list(range(len(rows))):
+            return
+        index = torch.tensor(list(rows), device=self.keys[0].device)
+        for buffers in (self.keys, self.values):
+            for t in buffers:
+                t[: len(rows)] = t.index_select(0, index)
+
+    # --- what transformers' attention layers call ---------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        assert self.write is not None and key_states.shape[2] == 1, "SlotCache takes one token per row"
+        b = key_states.shape[0]
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        at = self.write.view(b, 1, 1, 1)
+        k[:b].scatter_(2, at.expand(b, k.shape[1], 1, k.shape[3]), key_states.to(k.dtype))
+        v[:b].scatter_(2, at.expand(b, v.shape[1], 1, v.shape[3]), value_states.to(v.dtype))
+        return k[:b, :, : self.width], v[:b, :, : self.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.width, 0
+
+
+@dataclass
+class _Graph:
+    """One bucket's graph and the tensors it reads and writes (filled before each replay)."""
+
+    graph: torch.cuda.CUDAGraph | None
+    ids: torch.Tensor
+    write: torch.Tensor
+    groups: torch.Tensor
+    logits: torch.Tensor | None
+
+
+def graphs_wanted(device: torch.device) -> bool:
+    """CUDA graphs on a CUDA device unless ``DSFT_CUDA_GRAPHS=0`` (to compare, or to debug a step eagerly)."""
+    return device.type == "cuda" and os.environ.get("DSFT_CUDA_GRAPHS", "1") != "0"
+
+
+class SlotDecoder:
+    """Decode steps over a :class:`SlotCache`: eager, or replayed CUDA graphs per (rows, width) bucket.
+
+    Args:
+        model: the runtime's model (multi-adapter embedding and head installed).
+        lora: the runtime's per-row LoRA; a graph stacks every attached adapter's factors (a row's mask
+            picks its own), so the adapters' mix in the batch does not change the graph.
+        pad_id: fed to the bucket's unused rows.
+        rows: slots to allocate up front (the engine's batch size).
+        graphs: capture CUDA graphs (default: :func:`graphs_wanted`).
+        buckets: pad rows and width to the graphs' buckets even without graphs (default: with graphs): the
+            graphs' inputs run eagerly, which is how the CPU tests check what a graph computes.
+    """
+
+    def __init__(self, model, lora: MultiLora, pad_id: int, *, rows: int | None = None, graphs: bool | None = None,
+                 buckets: bool | None = None):
+        self.model, self.lora, self.pad_id = model, lora, pad_id
+        self.device = model.device
+        self.cache = SlotCache(bucket(rows or 1))
+        self.graphs_on = graphs_wanted(self.device) if graphs is None else graphs
+        self.buckets = self.graphs_on or bool(buckets)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graph_key: tuple | None = None
+        self._pool = None
+        self._stacks: object = None  # the stacked factors the graphs read: kept alive while they exist
+        self.captures = 0
+        self.graph_error: str | None = None
+        """Why graphs were turned off (a failed capture), if they were."""
+
+    def forward(self, ids: torch.Tensor, write: Sequence[int], keys: Sequence[str | None],
+                groups: RowGroups) -> torch.Tensor:
+        """Logits ``[n, V]`` of the next token for rows in slots ``[0, n)``: row i is fed ``ids[i]`` (global id)
+        at position/column ``write[i]`` (its length so far), through adapter ``keys[i]`` (``groups``: the
+        same as row groups, used by the eager step; a graph routes over every attached adapter)."""
+        n = len(write)
+        width = max(write) + 1
+        if not self.buckets:
+            self.cache.reserve(n, width, n)
+            return self._step(ids.view(n, 1), torch.tensor(list(write), device=self.device), width, groups)
+        rows, width = bucket(n), bucket(width, MIN_WIDTH)
+        self.cache.reserve(rows, width, n)
+        graph = self._inputs(rows, width)
+        graph.ids[:n, 0] = ids
+        graph.ids[n:] = self.pad_id
+        graph.write.copy_(torch.tensor(list(write) + [0] * (rows - n)), non_blocking=True)
+        index = {k: i for i, k in enumerate(self.lora.keys())}
+        graph.groups.copy_(torch.tensor([index.get(k, -1) if k is not None else -1 for k in keys] + [-1] * (rows - n)),
+                           non_blocking=True)
+        if not self.graphs_on:
+            return self._step(graph.ids, graph.write, width, RowGroups(rows, self.lora.keys(), graph.groups, None))[:n]
+        if graph.graph is None:
+            try:
+                self._capture(graph, width)
+            except Exception as exc:  # an op that syncs with the host, or a capture limit: decode eagerly
+                log.warning("decode steps run without CUDA graphs: capturing one failed (%s: %s)",
+                            type(exc).__name__, str(exc)[:300])
+                self.graphs_on, self.graph_error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+                self._graphs.clear()
+                return self._step(graph.ids, graph.write, width, RowGroups(rows, self.lora.keys(), graph.groups, None))[:n]
+        assert graph.graph is not None and graph.logits is not None
+        graph.graph.replay()
+        return graph.logits[:n]
+
+    def _step(self, ids: torch.Tensor, write: torch.Tensor, width: int, groups: RowGroups) -> torch.Tensor:
+        cache = self.cache
+        cache.write, cache.width = write, width
+        mask = (torch.arange(width, device=write.device)[None, :] <= write[:, None])[:, None, None, :]
+        with torch.inference_mode(), self.lora.rows(groups):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=write[:, None], past_key_values=cache,
+                             use_cache=True)
+        return out.logits[:, -1]
+
+    def _inputs(self, rows: int, width: int) -> _Graph:
+        """The static inputs of the (rows, width) bucket's graph (not captured yet when new)."""
+        stale = (self.lora.version, self.cache.generation)
+        if stale != self._graph_key:
+            self._graphs.clear()
+            self._graph_key, self._pool, self._stacks = stale, None, None
+        hit = self._graphs.get((rows, width))
+        if hit is None:
+            hit = self._graphs[(rows, width)] = _Graph(
+                None, torch.full((rows, 1), self.pad_id, dtype=torch.long, device=self.device),
+                torch.zeros(rows, dtype=torch.long, device=self.device),
+                torch.full((rows,), -1, dtype=torch.long, device=self.device), None)
+        return hit
+
+    def _capture(self, graph: _Graph, width: int) -> None:
+        """Capture the step over ``graph``'s inputs, which hold the real step's values: the warm-up run and the
+        capture write exactly what the replay that follows writes (each row's own key at its own column; the
+        bucket's unused rows into free slots), so nothing live is disturbed."""
+        order = self.lora.keys()
+        groups = RowGroups(graph.ids.shape[0], order, graph.groups, None)
+        # Warm up outside the capture (cuBLAS workspaces, the stacked factors, the column structures), on a
+        # side stream as capture requires.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._step(graph.ids, graph.write, width, groups)
+            groups.drop_masks()  # recomputed from the row groups inside the graph, at every replay
+            self._stacks = self.lora.current_stacks(order)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            cuda_graph = torch.cuda.CUDAGraph()
+            # thread_local: the engine's worker captures while other threads may use CUDA (attach waits for the lock)
+            with torch.cuda.graph(cuda_graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                graph.logits = self._step(graph.ids, graph.write, width, groups)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph.graph = cuda_graph
+        self.captures += 1
