@@ -16,6 +16,11 @@ import copy
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import torch
 
 from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, Manifest
 from dsft.adapters.esft import EXPERT_PARAMS
+from dsft.atomic import sha256_json
 from dsft.errors import IntegrityError, UsageError
 from dsft.kernels.expert_lora import LowRank
 
@@ -90,39 +96,53 @@ READ_CHUNK = 64 << 20
 def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
     """The bytes of ``directory/name``, refused unless they match the manifest's sha256.
 
-    The file is read once: each chunk is hashed on a worker thread while the next one is read (hashlib
-    releases the GIL), so verifying costs about what the slower of reading and hashing costs.
-
     Raises:
         IntegrityError: the file is not listed, missing, or its content differs.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    data, verified = read_hashing(directory, manifest, name)
+    verified()
+    return data
 
+
+def read_hashing(directory: Path, manifest: Manifest, name: str) -> tuple[bytes, Callable[[], None]]:
+    """The bytes of ``directory/name`` (read once), and ``verified()``: returns once their sha256 matched the
+    manifest's, raises :class:`IntegrityError` if it did not.
+
+    The hash runs on a worker thread while the file is read and after (hashlib releases the GIL), so the
+    caller can parse the bytes meanwhile (safetensors' parser is memory-safe on any input) and must call
+    ``verified()`` before anything parsed from them is used.
+
+    Raises:
+        IntegrityError: the file is not listed or missing.
+    """
     digest = manifest.files.get(name)
     if digest is None:
         raise IntegrityError(f"adapter {directory}: {name} is not listed in its manifest; re-import the adapter")
     path = directory / name
     h = hashlib.sha256()
+    pool = ThreadPoolExecutor(1)  # one worker: the chunks are hashed in order
     try:
-        with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        with open(path, "rb", buffering=0) as f:
             data = bytearray(os.fstat(f.fileno()).st_size)
-            view, at, pending = memoryview(data), 0, None
+            view, at = memoryview(data), 0
             while at < len(data):
                 got = f.readinto(view[at : at + READ_CHUNK])
                 if not got:
-                    break  # truncated while being read: the hash below refuses it
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(h.update, view[at : at + got])
+                    break  # truncated while being read: refused below
+                pool.submit(h.update, view[at : at + got])
                 at += got
-            if pending is not None:
-                pending.result()
-            view.release()
     except FileNotFoundError:
+        pool.shutdown()
         raise IntegrityError(f"adapter file {path} is missing; restore it, or re-import / retrain the adapter") from None
-    if at != len(data) or h.hexdigest() != digest:
-        raise IntegrityError(f"adapter file {path} does not match its recorded sha256 (changed or truncated); refusing to load it")
-    return bytes(data)
+    complete = at == len(data)
+    done = pool.submit(lambda: complete and h.hexdigest() == digest)
+    pool.shutdown(wait=False)
+
+    def verified() -> None:
+        if not done.result():
+            raise IntegrityError(f"adapter file {path} does not match its recorded sha256 (changed or truncated); "
+                                 "refusing to load it")
+    return bytes(data), verified
 
 
 def _peft_config(raw: bytes):
@@ -143,21 +163,43 @@ def _peft_config(raw: bytes):
     return config
 
 
-def _skeleton(model_config, peft_config):
-    """The base's architecture on the meta device with the adapter injected; LoRA factors materialised on CPU."""
+_SKELETONS: OrderedDict[str, Any] = OrderedDict()
+_SKELETONS_KEPT = 2
+_SKELETON_LOCK = threading.Lock()
+
+
+@contextmanager
+def _skeleton(model_config, raw_config: bytes, peft_config, device, dtype) -> Iterator[Any]:
+    """The base's architecture on the meta device with the adapter injected, its LoRA factors allocated on
+    ``device`` in ``dtype`` for the duration (the state dict is copied straight there).
+
+    Building it (PEFT's injection) costs more than the rest of an attach, and adapters trained by one recipe
+    share their config: the last few skeletons are kept, their factors back on meta (no memory) between uses.
+    """
     from peft import inject_adapter_in_model
     from peft.tuners.lora.layer import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
-    skeleton = inject_adapter_in_model(peft_config, skeleton, low_cpu_mem_usage=True)
-    for module in skeleton.modules():
-        if isinstance(module, LoraLayer):
-            for factors in (module.lora_A, module.lora_B):
-                for name in factors:
-                    factors[name].to_empty(device="cpu")
-    return skeleton
+    key = sha256_json(model_config.to_dict()) + hashlib.sha256(raw_config).hexdigest()
+    with _SKELETON_LOCK:  # one attach at a time uses a skeleton
+        skeleton = _SKELETONS.pop(key, None)
+        if skeleton is None:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
+            skeleton = inject_adapter_in_model(peft_config, skeleton, low_cpu_mem_usage=True)
+        linears = [factors[name] for m in skeleton.modules() if isinstance(m, LoraLayer)
+                   for factors in (m.lora_A, m.lora_B) for name in factors]
+        try:
+            for lin in linears:
+                lin.weight = torch.nn.Parameter(torch.empty(lin.weight.shape, device=device, dtype=dtype),
+                                                requires_grad=False)
+            yield skeleton
+        finally:
+            for lin in linears:
+                lin.weight = torch.nn.Parameter(torch.empty(lin.weight.shape, device="meta"), requires_grad=False)
+            _SKELETONS[key] = skeleton
+            while len(_SKELETONS) > _SKELETONS_KEPT:
+                _SKELETONS.popitem(last=False)
 
 
 def _param_wrapper_chain(module) -> tuple[list, Any]:
@@ -177,8 +219,8 @@ def _extract(skeleton, adapter: str, device, dtype) -> AdapterWeights:
     out = AdapterWeights()
     inner = {id(m.base_layer) for m in skeleton.modules() if isinstance(m, ParamWrapper)}
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device=device, dtype=dtype).contiguous()
+    def cast(t: torch.Tensor) -> torch.Tensor:  # a copy: the skeleton's factors are reused by the next adapter
+        return t.detach().to(device=device, dtype=dtype, copy=True).contiguous()
 
     for path, module in skeleton.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A or id(module) in inner:
@@ -252,16 +294,25 @@ def _read_lora(directory: Path, manifest: Manifest, model_config, device, dtype)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
 
-    config = _peft_config(read_verified(directory, manifest, PEFT_CONFIG_FILE))
-    state = load_safetensors(read_verified(directory, manifest, PEFT_WEIGHTS_FILE))
-    skeleton = _skeleton(model_config, config)
-    result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        bad = (missing or result.unexpected_keys)[0]
-        raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS_FILE} does not match its config "
-                             f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
-    return _extract(skeleton, "default", device, dtype)
+    raw_config = read_verified(directory, manifest, PEFT_CONFIG_FILE)
+    config = _peft_config(raw_config)
+    data, verified = read_hashing(directory, manifest, PEFT_WEIGHTS_FILE)
+    try:  # parsed while the hash runs; nothing leaves before verified()
+        state = load_safetensors(data)
+        del data
+        with _skeleton(model_config, raw_config, config, device, dtype) as skeleton:
+            result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing or result.unexpected_keys:
+                bad = (missing or result.unexpected_keys)[0]
+                raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS_FILE} does not match its config "
+                                     f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
+            weights = _extract(skeleton, "default", device, dtype)
+    except Exception:
+        verified()  # a damaged file fails to parse: name it as damaged rather than report the parse error
+        raise
+    verified()
+    return weights
 
 
 def _read_esft(directory: Path, manifest: Manifest, device, dtype) -> dict[str, ExpertSlices]:

@@ -1,0 +1,142 @@
+"""Where a decode step's time goes: milliseconds per step of the runtime's running batch, CUDA graphs vs
+eager, at several batch sizes, and the GPU kernels of one step (torch.profiler).
+
+    python benchmarks/decode_profile.py                     # H200: lite shape (random bf16 weights), ~3 min
+    python benchmarks/decode_profile.py --base tiny-deepseek-v2 --device cpu --sizes 1 4 --steps 3   # smoke run
+
+Rows are greedy requests over four adapters (LoRA r16 on attention + shared + routed experts, domain terms),
+16-token prompts, decoding ``--steps`` timed steps after a few warm-up steps (graphs captured). This is the
+decode loop alone (no engine thread, no HTTP); ``runtime_bench.py`` measures requests end to end.
+Writes benchmarks/results/<date>-<gpu>-decode-profile.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steps_ms(runtime, refs: list[str], rows_n: int, steps: int, graphs: bool, device: str, vocab: int):
+    """Admit ``rows_n`` rows into a fresh running batch, warm up, then time ``steps`` decode steps."""
+    g = torch.Generator().manual_seed(rows_n)
+    rows = [runtime.make_row(torch.randint(100, vocab, (16,), generator=g).tolist(), runtime.resolve(refs[i % len(refs)]),
+                             max_new_tokens=steps + 8, ignore_eos=True) for i in range(rows_n)]
+    batch = runtime.batch(max_rows=rows_n, graphs=graphs)
+    runtime.step(batch, rows)
+    for _ in range(3):
+        runtime.step(batch)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runtime.step(batch)
+    sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1000
+    return ms, batch
+
+
+def kernels(runtime, batch, device: str, top: int) -> tuple[float, list[dict]]:
+    """GPU kernel time of one step (mean of 3) and its top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runtime.step(batch)
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in events) / 3 / 1000
+    events.sort(key=lambda e: -e.device_time_total)
+    return total, [{"kernel": e.key[:90], "ms_per_step": round(e.device_time_total / 3 / 1000, 3), "calls_per_step": e.count // 3}
+                   for e in events[:top]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=None, help="preset or model directory (default: lite shape built in memory)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from runtime_bench import DOMAINS, build_lite
+
+    from dsft.registry import open_registry
+    from dsft.runtime.base import RuntimeBase
+    from dsft.testing.adapters import make_adapter
+
+    home = Path(tempfile.mkdtemp(prefix="dsft-decode-profile-"))
+    reg = open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
+    if a.base:
+        from dsft.base import load_base
+
+        loaded = load_base(a.base, device=a.device)
+    else:
+        loaded = build_lite(a.device)
+    refs = [make_adapter(loaded, d, seed=i, r=16, alpha=32, b_std=0.01, registry=reg).ref for i, d in enumerate(DOMAINS)]
+    runtime = RuntimeBase(loaded, registry=reg)
+    for ref in refs:
+        runtime.attach(ref)
+    vocab = len(loaded.tokenizer)
+    results = []
+    for n in a.sizes:
+        row: dict = {"rows": n}
+        for graphs in ((True, False) if a.device.startswith("cuda") else (False,)):
+            ms, batch = steps_ms(runtime, refs, n, a.steps, graphs, a.device, vocab)
+            tag = "graph" if graphs else "eager"
+            row[f"{tag}_ms_per_step"] = round(ms, 2)
+            row[f"{tag}_tokens_per_s"] = round(n / ms * 1000, 1)
+            if a.device.startswith("cuda"):
+                total, top = kernels(runtime, batch, a.device, a.top)
+                row[f"{tag}_kernel_ms_per_step"] = round(total, 2)
+                row[f"{tag}_top_kernels"] = top
+            if graphs:
+                row["captures"] = batch.slots.captures if batch.slots else 0
+                row["graph_error"] = batch.slots.graph_error if batch.slots else None
+                row["kv_cache_gib"] = round(batch.slots.cache.nbytes() / 2**30, 3) if batch.slots else 0
+            batch.abandon()
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("top_kernels")}), flush=True)
+        results.append(row)
+    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-decode-profile"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name, "torch": torch.__version__, "base": loaded.ref.name, "adapters": len(refs),
+            "steps": a.steps}
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "sizes": results}, indent=2) + "\n")
+    lines = [f"# Decode steps on {device_name}: {loaded.ref.name}, 4 adapters mixed ({date.today()})", "",
+             "| rows | graph ms/step | graph tokens/s | GPU kernel ms/step (graph) | eager ms/step | eager tokens/s | GPU kernel ms/step (eager) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['rows']} | {r.get('graph_ms_per_step', '')} | {r.get('graph_tokens_per_s', '')} | "
+                     f"{r.get('graph_kernel_ms_per_step', '')} | {r.get('eager_ms_per_step', '')} | "
+                     f"{r.get('eager_tokens_per_s', '')} | {r.get('eager_kernel_ms_per_step', '')} |")
+    for r in results:
+        if r.get("graph_top_kernels"):
+            lines += ["", f"Top kernels of a graph step, {r['rows']} rows:", "", "| kernel | ms/step | calls/step |", "|---|---|---|"]
+            lines += [f"| `{k['kernel']}` | {k['ms_per_step']} | {k['calls_per_step']} |" for k in r["graph_top_kernels"]]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    reg.close()
+
+
+if __name__ == "__main__":
+    main()
