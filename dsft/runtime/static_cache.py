@@ -134,6 +134,11 @@ class _Graph:
     write: torch.Tensor
     groups: torch.Tensor
     logits: torch.Tensor | None
+    routing: RowGroups | None = None
+    stacks: object = None
+    """The row groups captured with and the adapters' stacked factors: tensors made in the warm-up that the
+    graph reads (column layouts, factors). Kept alive with the graph: each capture empties the allocator's
+    cache, so a freed tensor's memory would go back to the driver and a replay would read unmapped memory."""
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -165,7 +170,6 @@ class SlotDecoder:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_key: tuple | None = None
         self._pool = None
-        self._stacks: object = None  # the stacked factors the graphs read: kept alive while they exist
         self.captures = 0
         self.graph_error: str | None = None
         """Why graphs were turned off (a failed capture), if they were."""
@@ -218,7 +222,7 @@ class SlotDecoder:
         stale = (self.lora.version, self.cache.generation)
         if stale != self._graph_key:
             self._graphs.clear()
-            self._graph_key, self._pool, self._stacks = stale, None, None
+            self._graph_key, self._pool = stale, None
         hit = self._graphs.get((rows, width))
         if hit is None:
             hit = self._graphs[(rows, width)] = _Graph(
@@ -240,7 +244,7 @@ class SlotDecoder:
         with torch.cuda.stream(stream):
             self._step(graph.ids, graph.write, width, groups)
             groups.drop_masks()  # recomputed from the row groups inside the graph, at every replay
-            self._stacks = self.lora.current_stacks(order)
+            stacks = self.lora.current_stacks(order)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             cuda_graph = torch.cuda.CUDAGraph()
@@ -248,5 +252,5 @@ class SlotDecoder:
             with torch.cuda.graph(cuda_graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                 graph.logits = self._step(graph.ids, graph.write, width, groups)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph.graph = cuda_graph
+        graph.graph, graph.routing, graph.stacks = cuda_graph, groups, stacks
         self.captures += 1
