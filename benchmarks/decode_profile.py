@@ -37,7 +37,7 @@ def steps_ms(runtime, refs: list[str], rows_n: int, steps: int, graphs: bool, de
     g = torch.Generator().manual_seed(rows_n)
     rows = [runtime.make_row(torch.randint(100, vocab, (16,), generator=g).tolist(), runtime.resolve(refs[i % len(refs)]),
                              max_new_tokens=steps + 8, ignore_eos=True) for i in range(rows_n)]
-    batch = runtime.batch(max_rows=rows_n, graphs=graphs)
+    batch = runtime.batch(graphs=graphs)
     runtime.step(batch, rows)
     for _ in range(3):
         runtime.step(batch)

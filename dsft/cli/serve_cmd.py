@@ -23,6 +23,10 @@ def serve_command(
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request that finds nothing running waits for others to start with."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Most completions waiting for the engine; beyond it "
                                                              "requests get HTTP 429 with Retry-After."),
+    kv_memory: float = typer.Option(None, "--kv-memory", metavar="GIB",
+                                    help="Most GiB the running requests' KV cache may take; requests beyond it wait, one "
+                                         "that alone needs more is refused (default: on a GPU, half the memory free "
+                                         "after loading; on a CPU, no limit)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Most tokens one request may ask for."),
     max_adapters: int = typer.Option(None, "--max-adapters", help="Most adapters resident at once; attaching another "
                                      "evicts the least recently used one no request is using (default: no limit)."),
@@ -67,7 +71,8 @@ def serve_command(
                           markup=False, highlight=False)
 
     serve(base, adapter or (), host=host, port=port, api_key=api_key, device=device, registry=registry,
-          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue, max_adapters=max_adapters,
+          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue, kv_memory_gib=kv_memory,
+          max_adapters=max_adapters,
           adapter_memory_gib=adapter_memory, load_on_demand=load_on_demand, access_log=access_log,
           limits=Limits(max_tokens=max_tokens),
           trust_remote_code=trust_remote_code, ui=ui, on_ready=ready)

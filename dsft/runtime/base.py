@@ -341,16 +341,15 @@ class RuntimeBase:
                 self._install()
                 run_rows(self.model, self._table, self._lora, ok, self._pad_id, self._originals[1].out_features)
 
-    def batch(self, *, prefill_chunk: int | None = None, max_rows: int | None = None, graphs: bool | None = None,
+    def batch(self, *, prefill_chunk: int | None = None, graphs: bool | None = None,
               buckets: bool | None = None) -> RunningBatch:
         """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with); prompts longer
         than ``prefill_chunk`` tokens are prefilled a chunk per step. Decode steps replay CUDA graphs on a GPU
-        (``graphs``; see :class:`dsft.runtime.static_cache.SlotDecoder` for ``buckets``); the KV cache is
-        allocated for ``max_rows`` rows from the start (it grows, dropping the captured graphs, otherwise)."""
+        (``graphs``; see :class:`dsft.runtime.static_cache.SlotDecoder` for ``buckets``)."""
         with self._lock:
             self._install()
             return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
-                                prefill_chunk=prefill_chunk, max_rows=max_rows, graphs=graphs, buckets=buckets)
+                                prefill_chunk=prefill_chunk, graphs=graphs, buckets=buckets)
 
     def step(self, batch: RunningBatch, new_rows: Sequence[Row] = ()) -> list[Row]:
         """One token boundary of continuous batching, under the runtime's lock (attach and detach happen

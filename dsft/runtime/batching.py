@@ -34,7 +34,7 @@ from dsft.adapters.terms import TermTable
 from dsft.runtime import kv_cache
 from dsft.runtime.generation import FINISH_LENGTH, Row, advance, fail, left_pad, sample, start
 from dsft.runtime.multilora import MultiLora, RowGroups
-from dsft.runtime.static_cache import SlotDecoder
+from dsft.runtime.static_cache import MIN_WIDTH, SlotDecoder, bucket
 
 
 @dataclass
@@ -96,13 +96,11 @@ class RunningBatch:
         base_width: the base vocabulary's width (logits past it are term rows).
         prefill_chunk: prefill prompts this many columns per step (None: a whole prompt at once).
         graphs: decode steps as CUDA graphs (default: on CUDA, unless ``DSFT_CUDA_GRAPHS=0``).
-        max_rows: the most rows expected at once (the slots are allocated for them up front).
         buckets: pad decode steps to the graphs' buckets without graphs (tests: what a graph computes, on CPU).
     """
 
     def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int, *,
-                 prefill_chunk: int | None = None, max_rows: int | None = None, graphs: bool | None = None,
-                 buckets: bool | None = None):
+                 prefill_chunk: int | None = None, graphs: bool | None = None, buckets: bool | None = None):
         from transformers import DynamicCache
 
         self.model, self.table, self.lora = model, table, lora
@@ -110,16 +108,33 @@ class RunningBatch:
         self.device = model.device
         self.joinable = kv_cache.joinable(DynamicCache(config=model.config))
         """Whether rows can join a batch that is running (False: sliding-window caches; admit into an empty batch only)."""
-        self.slots = SlotDecoder(model, lora, pad_id, rows=max_rows, graphs=graphs, buckets=buckets) if self.joinable else None
+        self.slots = SlotDecoder(model, lora, pad_id, graphs=graphs, buckets=buckets) if self.joinable else None
         """The running rows' cache and decode steps (None without :attr:`joinable`)."""
         self.prefill_chunk = prefill_chunk
         self._part: _Part | None = None
         self._filling: list[_Fill] = []
         self._layout_key: tuple | None = None
         self._layout: tuple[_Index, tuple[torch.Tensor, torch.Tensor, torch.Tensor], RowGroups] | None = None
+        self._token_bytes: int | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def kv_bytes_for(self, lengths: Sequence[int]) -> int | None:
+        """Bytes the running rows' KV cache takes when rows of these final lengths (prompt + new tokens) run
+        together, as :class:`SlotCache` allocates it (slots and columns rounded up to powers of two); None for a
+        model without slots. The first call runs the model on one token to learn the cache's bytes per token."""
+        if self.slots is None or not lengths:
+            return None if self.slots is None else 0
+        if self._token_bytes is None:
+            from transformers import DynamicCache
+
+            probe = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), past_key_values=probe,
+                           use_cache=True)
+            self._token_bytes = sum(t.numel() * t.element_size() for layer in probe.layers for t in (layer.keys, layer.values))
+        return bucket(len(lengths)) * bucket(max(lengths), MIN_WIDTH) * self._token_bytes
 
     @property
     def rows(self) -> list[Row]:
@@ -196,7 +211,9 @@ class RunningBatch:
             return
         n = 0 if run is None else len(run.rows)
         cache = self.slots.cache
-        cache.reserve(n + len(part.rows), max(part.lengths) + 1, n)
+        # Room for every row's last token now: the cache does not grow (nor its graphs change) mid-generation.
+        final = max(len(r.prompt) + r.max_new_tokens for r in part.rows + ([] if run is None else run.rows))
+        cache.reserve(n + len(part.rows), final, n)
         if not cache.allocated:
             cache.allocate_like(part.cache.layers)
         for i, length in enumerate(part.lengths):

@@ -31,10 +31,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from dsft.errors import DsftError
 from dsft.runtime.base import RuntimeBase
 from dsft.runtime.generation import FINISH_CANCELLED, Row
-from dsft.runtime.records import Generation
+from dsft.runtime.records import ContextLengthError, Generation
 from dsft.runtime.refs import AdapterHandle
 
 log = logging.getLogger("dsft.runtime")
@@ -96,21 +98,30 @@ class Engine:
         max_queue: requests waiting beyond this are refused with :class:`EngineBusy`.
         prefill_chunk: prompts longer than this are prefilled this many tokens per step, so that running rows
             keep decoding while a long prompt is read (None: a whole prompt in one step).
+        kv_memory_gib: the most GiB the running rows' KV cache may take; a request that would take it past
+            waits (at the head of the queue) until rows leave, and one that alone would is refused. Default:
+            on a GPU, half the memory free when the engine starts; on a CPU, no bound.
     """
 
     def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024,
-                 prefill_chunk: int | None = 512):
+                 prefill_chunk: int | None = 512, kv_memory_gib: float | None = None):
         self.runtime = runtime
+        if kv_memory_gib is None and runtime.model.device.type == "cuda":
+            kv_memory_gib = torch.cuda.mem_get_info(runtime.model.device)[0] / 2 / 2**30
+        self.kv_budget = None if kv_memory_gib is None else int(kv_memory_gib * 2**30)
+        """Bytes the KV cache may take (None: no bound)."""
+        self._held: deque[Ticket] = deque()  # taken from the queue, waiting for KV memory: first in line
         self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.batches: deque[tuple[int, int]] = deque(maxlen=1024)
         """(running rows, distinct adapters among them incl. the plain base) right after each of the latest admissions."""
-        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self.counts = {"batches": 0, "rows": 0, "largest": 0, "mixed": 0, "cancelled": 0, "failed": 0, "steps": 0,
+                       "held": 0}
         """Admissions (requests that joined the running batch together), rows run, the most rows running at once,
         admissions after which the running rows mixed adapters, rows cancelled (their client left), rows failed
-        (alone, or with their step) and decode steps."""
+        (alone, or with their step), decode steps, and times a request waited for KV memory."""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
         self._closed = False
@@ -164,23 +175,30 @@ class Engine:
             if not running:
                 if stopping:
                     break
-                first = self._queue.get()  # idle: sleep until a request comes
-                if first is _STOP:
-                    break
-                waiting, stopping = self._gather([first], self.max_batch_size, time.monotonic() + self.max_wait_s)
+                if self._held:  # held for KV memory, and nothing runs now: they go first
+                    waiting, stopping = self._gather([], self.max_batch_size, None)
+                else:
+                    first = self._queue.get()  # idle: sleep until a request comes
+                    if first is _STOP:
+                        break
+                    waiting, stopping = self._gather([first], self.max_batch_size, time.monotonic() + self.max_wait_s)
             elif not stopping and batch is not None and batch.can_admit:
                 waiting, stopping = self._gather([], self.max_batch_size - len(running), None)
             else:
                 waiting = []
-            new = self._admit(waiting, running)
+            if batch is None and waiting:
+                try:
+                    batch = self.runtime.batch(prefill_chunk=self.prefill_chunk)
+                except Exception as exc:
+                    log.error("could not start a batch: %s: %s", type(exc).__name__, exc)
+                    self.counts["failed"] += len(waiting)
+                    for t in waiting:
+                        _safe(t.on_event, "error", exc)
+                    continue
+            new = self._admit(waiting, running, batch)
             if not running:  # every waiting request failed to prepare or was cancelled
                 continue
-            if batch is None:
-                try:
-                    batch = self.runtime.batch(prefill_chunk=self.prefill_chunk, max_rows=self.max_batch_size)
-                except Exception as exc:
-                    self._fail_all(running, exc)
-                    continue
+            assert batch is not None
             self.counts["steps"] += 1
             try:
                 finished = self.runtime.step(batch, new)
@@ -199,7 +217,9 @@ class Engine:
                     _safe(ticket.on_event, "error", row.error)
                 else:
                     _safe(ticket.on_event, "done", self.runtime.result(row))
-        while True:  # shutting down: nothing queued is left hanging
+        while self._held:  # shutting down: nothing queued is left hanging
+            _safe(self._held.popleft().on_event, "error", EngineBusy("the server is shutting down"))
+        while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -208,8 +228,10 @@ class Engine:
                 _safe(item.on_event, "error", EngineBusy("the server is shutting down"))
 
     def _gather(self, got: list, limit: int, deadline: float | None) -> tuple[list[Ticket], bool]:
-        """Up to ``limit`` waiting tickets (waiting until ``deadline`` for more, or not at all when None), and
-        whether the engine is closing (then nothing more is taken)."""
+        """Up to ``limit`` waiting tickets, those held for KV memory first (waiting until ``deadline`` for more,
+        or not at all when None), and whether the engine is closing (then nothing more is taken)."""
+        while self._held and len(got) < limit:
+            got.append(self._held.popleft())
         while len(got) < limit:
             timeout = 0.0 if deadline is None else deadline - time.monotonic()
             try:
@@ -221,14 +243,21 @@ class Engine:
             got.append(nxt)
         return got, False
 
-    def _admit(self, waiting: list[Ticket], running: dict[int, tuple[Ticket, Row]]) -> list[Row]:
-        """Prepare waiting requests as rows (a bad one fails alone) and count the admission."""
-        rows = []
-        for t in waiting:
+    def _admit(self, waiting: list[Ticket], running: dict[int, tuple[Ticket, Row]], batch) -> list[Row]:
+        """Prepare waiting requests as rows (a bad one fails alone) and count the admission. A request the KV
+        budget cannot take now is held, in order, for the next token boundary (the rest behind it wait too)."""
+        rows: list[Row] = []
+        for i, t in enumerate(waiting):
             if t.cancelled:
                 continue
             try:
                 row = self._prepare(t)
+                if not self._kv_fits(batch, [r for _, r in running.values()] + rows + [row]):
+                    if running or rows:
+                        self._held.extend(waiting[i:])
+                        self.counts["held"] += 1
+                        break
+                    raise self._kv_refusal(batch, row)
             except Exception as exc:  # this request alone fails: adapter detached, too long, ...
                 _safe(t.on_event, "error", exc)
                 continue
@@ -243,6 +272,18 @@ class Engine:
             self.counts["largest"] = max(self.counts["largest"], len(running))
             self.counts["mixed"] += kinds > 1
         return rows
+
+    def _kv_fits(self, batch, rows: list[Row]) -> bool:
+        if self.kv_budget is None or batch is None:
+            return True
+        need = batch.kv_bytes_for([len(r.prompt) + r.max_new_tokens for r in rows])
+        return need is None or need <= self.kv_budget
+
+    def _kv_refusal(self, batch, row: Row) -> ContextLengthError:
+        need = batch.kv_bytes_for([len(row.prompt) + row.max_new_tokens])
+        return ContextLengthError(
+            f"this request ({len(row.prompt)} prompt + {row.max_new_tokens} new tokens) needs {need / 2**30:.2f} GiB of "
+            f"KV cache, more than the server's {self.kv_budget / 2**30:.2f} GiB (--kv-memory); ask for fewer tokens")  # type: ignore[operator]
 
     def _fail_all(self, running: dict[int, tuple[Ticket, Row]], exc: BaseException) -> None:
         log.error("a step of %d rows failed: %s: %s", len(running), type(exc).__name__, exc)

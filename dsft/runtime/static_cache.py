@@ -78,16 +78,21 @@ class SlotCache:
         self.generation += 1
 
     def reserve(self, slots: int, columns: int, live: int) -> None:
-        """At least ``slots`` slots and ``columns`` columns (doubling), keeping the first ``live`` slots."""
+        """At least ``slots`` slots and ``columns`` columns, keeping the first ``live`` slots' contents. When it
+        must grow, it is reallocated at exactly what is asked (rounded up to powers of two), which may be less
+        than it had along the other dimension: the cache follows the rows running now, so what a KV budget
+        admitted is what it holds (the caller asks for every live row's final length)."""
         if slots <= self.slots and columns <= self.columns:
             return
-        self.slots, self.columns = max(self.slots, bucket(slots)), max(self.columns, bucket(columns))
+        old_columns = self.columns
+        self.slots, self.columns = bucket(slots), bucket(columns, MIN_WIDTH)
         if not self.allocated:
             return
+        keep = min(old_columns, self.columns)
         for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
+            for i, old in enumerate(buffers):  # one layer at a time: the old buffer goes as the new one comes
                 new = old.new_zeros((self.slots, old.shape[1], self.columns, old.shape[3]))
-                new[:live, :, : old.shape[2]] = old[:live]
+                new[:live, :, :keep] = old[:live, :, :keep]
                 buffers[i] = new
         self.generation += 1
 
@@ -154,17 +159,15 @@ class SlotDecoder:
         lora: the runtime's per-row LoRA; a graph stacks every attached adapter's factors (a row's mask
             picks its own), so the adapters' mix in the batch does not change the graph.
         pad_id: fed to the bucket's unused rows.
-        rows: slots to allocate up front (the engine's batch size).
         graphs: capture CUDA graphs (default: :func:`graphs_wanted`).
         buckets: pad rows and width to the graphs' buckets even without graphs (default: with graphs): the
             graphs' inputs run eagerly, which is how the CPU tests check what a graph computes.
     """
 
-    def __init__(self, model, lora: MultiLora, pad_id: int, *, rows: int | None = None, graphs: bool | None = None,
-                 buckets: bool | None = None):
+    def __init__(self, model, lora: MultiLora, pad_id: int, *, graphs: bool | None = None, buckets: bool | None = None):
         self.model, self.lora, self.pad_id = model, lora, pad_id
         self.device = model.device
-        self.cache = SlotCache(bucket(rows or 1))
+        self.cache = SlotCache()
         self.graphs_on = graphs_wanted(self.device) if graphs is None else graphs
         self.buckets = self.graphs_on or bool(buckets)
         self._graphs: dict[tuple[int, int], _Graph] = {}

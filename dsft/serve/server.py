@@ -22,6 +22,7 @@ def serve(
     max_batch_size: int = 32,
     batch_wait_ms: float = 10.0,
     max_queue: int = 1024,
+    kv_memory_gib: float | None = None,
     max_adapters: int | None = None,
     adapter_memory_gib: float | None = None,
     load_on_demand: bool = False,
@@ -41,6 +42,9 @@ def serve(
         max_batch_size, batch_wait_ms: continuous batching: the most requests generating at once, and how
             long a request that finds none running waits for others.
         max_queue: completions waiting beyond this are answered 429 with ``Retry-After``.
+        kv_memory_gib: the most GiB the running requests' KV cache may take (default: on a GPU, half of what
+            is free once the base and adapters are loaded); a request beyond it waits, one that alone needs
+            more is refused.
         max_adapters, adapter_memory_gib: the residency budget (None: no limit); attaching beyond it evicts
             the least recently used adapter that no request is using.
         load_on_demand: a request naming a registry adapter that is not resident attaches it first.
@@ -63,6 +67,8 @@ def serve(
         raise UsageError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
     if max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {max_queue}")
+    if kv_memory_gib is not None and not kv_memory_gib > 0:
+        raise UsageError(f"--kv-memory must be > 0 GiB, got {kv_memory_gib}")
     if max_adapters is not None and max_adapters < 1:
         raise UsageError(f"--max-adapters must be >= 1, got {max_adapters}")
     if max_adapters is not None and len(adapters) > max_adapters:
@@ -85,7 +91,8 @@ def serve(
     runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
     residency = Residency(runtime, budget, load_on_demand=load_on_demand)
     infos = [residency.attach(ref)[0] for ref in adapters]
-    engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000, max_queue=max_queue)
+    engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000, max_queue=max_queue,
+                    kv_memory_gib=kv_memory_gib)
     app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port),
                      ui_registry=ui_registry, residency=residency)
     if on_ready is not None:

@@ -83,3 +83,35 @@ def test_a_row_that_fails_in_its_batch_fails_alone(attached, texts, monkeypatch)
                 assert gen.token_ids == want.token_ids
     finally:
         engine.close()
+
+
+def test_requests_beyond_the_kv_budget_wait_for_room_and_one_too_large_alone_is_refused(attached, texts):
+    from dsft.runtime.records import ContextLengthError
+
+    short = dict(max_new_tokens=6, ignore_eos=True, raw=True)
+    prompt_len = len(attached.encode(texts[1], "legal", raw=True))
+    # A budget that holds one short request's cache (1 slot x 64 columns) but not two (2 slots).
+    one = attached.batch().kv_bytes_for([prompt_len + short["max_new_tokens"]])
+    assert one and attached.batch().kv_bytes_for([prompt_len + 6] * 2) == 2 * one
+    engine = Engine(attached, max_batch_size=8, max_wait_s=0.2, kv_memory_gib=one / 2**30)
+    try:
+        results: list = [None] * 3
+
+        def ask(i: int) -> None:
+            results[i] = engine.generate(Request(adapter=["legal", "finance", None][i], prompt=texts[1], **short))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # All three were served, one at a time: each waited for the one before to leave the cache.
+        assert engine.counts["largest"] == 1 and engine.counts["held"] >= 1 and engine.counts["batches"] == 3
+        for adapter, got in zip(["legal", "finance", None], results):
+            assert got.token_ids == attached.generate(texts[1], adapter=adapter, **short).token_ids
+        # A request that alone needs more than the budget (more columns) is refused, naming the budget.
+        with pytest.raises(ContextLengthError, match="GiB of KV cache.*--kv-memory"):
+            engine.generate(Request(adapter="legal", prompt=texts[1], max_new_tokens=80, ignore_eos=True, raw=True))
+        assert engine.generate(Request(adapter="legal", prompt=texts[1], **short)).token_ids == results[0].token_ids
+    finally:
+        engine.close()
