@@ -351,6 +351,11 @@ class RuntimeBase:
             return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
                                 prefill_chunk=prefill_chunk, graphs=graphs, buckets=buckets)
 
+    def kv_bytes(self, batch: RunningBatch, lengths: Sequence[int]) -> int | None:
+        """:meth:`RunningBatch.kv_bytes_for` under the runtime's lock (its first call runs the model)."""
+        with self._lock:
+            return batch.kv_bytes_for(lengths)
+
     def step(self, batch: RunningBatch, new_rows: Sequence[Row] = ()) -> list[Row]:
         """One token boundary of continuous batching, under the runtime's lock (attach and detach happen
         between steps, never under one): running rows whose adapter was detached since the last step fail

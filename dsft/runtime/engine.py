@@ -80,6 +80,8 @@ class Ticket:
     on_event: Event
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    prepared: Row | None = None
+    """Its row, once prepared: kept while it waits for KV memory (tokenised once, not at every token)."""
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -121,7 +123,7 @@ class Engine:
                        "held": 0}
         """Admissions (requests that joined the running batch together), rows run, the most rows running at once,
         admissions after which the running rows mixed adapters, rows cancelled (their client left), rows failed
-        (alone, or with their step), decode steps, and times a request waited for KV memory."""
+        (alone, or with their step), decode steps, and token boundaries at which requests waited for KV memory."""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dsft-engine", daemon=True)
         self._closed = False
@@ -251,9 +253,10 @@ class Engine:
             if t.cancelled:
                 continue
             try:
-                row = self._prepare(t)
+                row = t.prepared or self._prepare(t)
                 if not self._kv_fits(batch, [r for _, r in running.values()] + rows + [row]):
                     if running or rows:
+                        t.prepared = row
                         self._held.extend(waiting[i:])
                         self.counts["held"] += 1
                         break
@@ -276,11 +279,11 @@ class Engine:
     def _kv_fits(self, batch, rows: list[Row]) -> bool:
         if self.kv_budget is None or batch is None:
             return True
-        need = batch.kv_bytes_for([len(r.prompt) + r.max_new_tokens for r in rows])
+        need = self.runtime.kv_bytes(batch, [len(r.prompt) + r.max_new_tokens for r in rows])
         return need is None or need <= self.kv_budget
 
     def _kv_refusal(self, batch, row: Row) -> ContextLengthError:
-        need = batch.kv_bytes_for([len(row.prompt) + row.max_new_tokens])
+        need = self.runtime.kv_bytes(batch, [len(row.prompt) + row.max_new_tokens]) or 0
         return ContextLengthError(
             f"this request ({len(row.prompt)} prompt + {row.max_new_tokens} new tokens) needs {need / 2**30:.2f} GiB of "
             f"KV cache, more than the server's {self.kv_budget / 2**30:.2f} GiB (--kv-memory); ask for fewer tokens")  # type: ignore[operator]
