@@ -113,6 +113,8 @@ class Engine:
         self.kv_budget = None if kv_memory_gib is None else int(kv_memory_gib * 2**30)
         """Bytes the KV cache may take (None: no bound)."""
         self._held: deque[Ticket] = deque()  # taken from the queue, waiting for KV memory: first in line
+        self.kv_bytes = 0
+        """Bytes the running rows' KV cache holds (after the latest step)."""
         self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -204,6 +206,7 @@ class Engine:
             self.counts["steps"] += 1
             try:
                 finished = self.runtime.step(batch, new)
+                self.kv_bytes = batch.slots.cache.nbytes() if batch.slots is not None else 0
             except Exception as exc:  # e.g. out of memory: fail the running rows, keep serving
                 batch.abandon()
                 batch = None

@@ -99,7 +99,8 @@ def create_app(runtime: RuntimeBase, engine: Engine, *, api_key: str | None = No
         residency: which adapters stay attached (budget, attach on demand); default: no budget, no on-demand.
     """
     residency = residency if residency is not None else Residency(runtime)
-    metrics = ServeMetrics(lambda: runtime.name, lambda: runtime.memory(), lambda: dict(engine.counts))
+    metrics = ServeMetrics(lambda: runtime.name, lambda: runtime.memory(),
+                           lambda: dict(engine.counts, kv_bytes=engine.kv_bytes, kv_budget=engine.kv_budget))
     residency.on_evict = lambda _ref: metrics.evictions.inc()
     app = FastAPI(title="dsft", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics, app.state.residency = metrics, residency

@@ -49,6 +49,13 @@ class _Live:
         counts = self.engine_counts()
         yield CounterMetricFamily("dsft_engine_batches", "Batches the engine has run", value=counts.get("batches", 0))
         yield CounterMetricFamily("dsft_engine_rows", "Rows (completions) the engine has run", value=counts.get("rows", 0))
+        yield GaugeMetricFamily("dsft_kv_cache_bytes", "Bytes the running completions' KV cache holds",
+                                value=counts.get("kv_bytes", 0))
+        if counts.get("kv_budget") is not None:
+            yield GaugeMetricFamily("dsft_kv_budget_bytes", "The most bytes the KV cache may hold (--kv-memory)",
+                                    value=counts["kv_budget"])
+        yield CounterMetricFamily("dsft_engine_kv_waits", "Token boundaries at which completions waited for KV memory",
+                                  value=counts.get("held", 0))
 
 
 class ServeMetrics:

@@ -47,6 +47,8 @@ def test_metrics_count_a_completions_tokens_and_need_the_key(server, client, ser
     assert grew("dsft_inter_token_latency_seconds_count") == 6  # between 7 tokens
     assert after[("dsft_adapters_resident", ())] >= 3 and after[("dsft_adapter_resident_bytes", (("adapter", finance),))] > 0
     assert after[("dsft_queue_length", ())] == 0 and after[("dsft_running_requests", ())] == 0
+    assert after[("dsft_kv_cache_bytes", ())] > 0  # the slots stay allocated for the next requests (CPU: no budget)
+    assert ("dsft_kv_budget_bytes", ()) not in after and ("dsft_engine_kv_waits_total", ()) in after
     assert httpx.get(f"{server}/metrics").status_code == 401  # it names the adapters: the key, as on /v1
 
 
