@@ -1,0 +1,98 @@
+"""CUDA-graph decode vs eager decode on a GPU, in fp32 on the tiny presets: every adapter kind the runtime
+serves (LoRA + terms, ESFT experts, the plain base) mixed in one batch, rows joining and leaving.
+
+    python benchmarks/graph_check.py                  # a CUDA GPU, ~1 min
+    python benchmarks/graph_check.py --device cpu     # smoke run: the graphs' bucketed inputs, eagerly
+
+The CPU tests check the graphs' inputs (buckets of rows and width) eagerly; capturing and replaying needs a
+GPU, so this runs there. Each row's greedy tokens with graphs must equal its tokens without (fp32: no
+near-ties to flip) and the logits of every step must agree within 1e-4. Prints one JSON line per preset and
+exits non-zero on a mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ["The collateralized debt obligation desk reviewed its duration risk.", "The court granted habeas corpus because",
+           "Patients with myocardial infarction were", "A short note about the museum"]
+
+
+def run(runtime, asks, graphs: bool, device: str):
+    """Drive one running batch: (adapter, prompt, new tokens, step it joins at) per ask; tokens and per-step logits."""
+    from dsft.runtime import batching
+
+    seen: dict[int, list[torch.Tensor]] = {}
+    real = batching.sample
+
+    def spy(logits, rows, widths=None):
+        for i, row in enumerate(rows):
+            seen.setdefault(id(row), []).append(logits[i].float().cpu())
+        return real(logits, rows, widths)
+
+    batching.sample = spy
+    try:
+        rows = [runtime.make_row(runtime.encode(p, a, raw=True), runtime.resolve(a), max_new_tokens=n, ignore_eos=True)
+                for a, p, n, _ in asks]
+        on_gpu = device.startswith("cuda")
+        batch, step = runtime.batch(graphs=graphs and on_gpu, buckets=graphs and not on_gpu), 0
+        while step <= max(j for *_, j in asks) or len(batch):
+            runtime.step(batch, [r for r, (*_, j) in zip(rows, asks) if j == step])
+            step += 1
+        captures = batch.slots.captures if batch.slots else 0
+        error = batch.slots.graph_error if batch.slots else None
+    finally:
+        batching.sample = real
+    return [r.tokens for r in rows], [seen[id(r)] for r in rows], captures, error
+
+
+def main() -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    device = p.parse_args().device
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DSFT_HOME", tempfile.mkdtemp(prefix="dsft-graph-check-"))
+    from dsft.base import load_base as load_plain
+    from dsft.registry import open_registry
+    from dsft.runtime.base import RuntimeBase
+    from dsft.testing.adapters import make_adapter, make_esft_adapter
+
+    home = Path(tempfile.mkdtemp(prefix="dsft-graph-check-reg-"))
+    reg = open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
+    ok = True
+    for preset in ("tiny-deepseek-v2", "tiny-qwen3-moe"):
+        loaded = load_plain(preset, device=device, dtype=torch.float32)
+        refs = [make_adapter(loaded, d, seed=i + 1, registry=reg).ref for i, d in enumerate(["finance", "legal"])]
+        if preset == "tiny-deepseek-v2":
+            refs.append(make_esft_adapter(loaded, "esftdemo", seed=3, registry=reg).ref)
+        runtime = RuntimeBase(loaded, registry=reg)
+        for ref in refs:
+            runtime.attach(ref)
+        names = refs + [None]
+        asks = [(names[i % len(names)], PROMPTS[i % 4] + " " * (i // 4), 6 + 5 * (i % 3), i // 2) for i in range(9)]
+        g_tokens, g_logits, captures, error = run(runtime, asks, True, device)
+        e_tokens, e_logits, _, _ = run(runtime, asks, False, device)
+        # both -inf (a column outside a row's vocabulary) is agreement; nan_to_num keeps any other gap large
+        diff = max((a - b).nan_to_num(nan=0.0).abs().max().item() for ga, ea in zip(g_logits, e_logits) for a, b in zip(ga, ea))
+        same = sum(g == e for g, e in zip(g_tokens, e_tokens))
+        good = error is None and (captures > 0 or device == "cpu") and same == len(asks) and diff < 1e-4
+        ok &= good
+        print(json.dumps({"preset": preset, "adapters": refs, "rows": len(asks), "rows_equal": same, "max_logit_diff": diff,
+                          "captures": captures, "graph_error": error, "ok": good}), flush=True)
+        runtime.close()
+    reg.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
