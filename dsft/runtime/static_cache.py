@@ -146,9 +146,12 @@ class _Graph:
     cache, so a freed tensor's memory would go back to the driver and a replay would read unmapped memory."""
 
 
-def graphs_wanted(device: torch.device) -> bool:
-    """CUDA graphs on a CUDA device unless ``DSFT_CUDA_GRAPHS=0`` (to compare, or to debug a step eagerly)."""
-    return device.type == "cuda" and os.environ.get("DSFT_CUDA_GRAPHS", "1") != "0"
+def graphs_wanted(model) -> bool:
+    """CUDA graphs for a model on a CUDA device in bf16 or fp16, unless ``DSFT_CUDA_GRAPHS=0`` (to compare, or to
+    debug a step eagerly). In fp32 the routed experts run a per-expert loop that reads the group sizes on the
+    host (``torch._grouped_mm`` is half-precision only), which a graph cannot capture."""
+    return (model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("DSFT_CUDA_GRAPHS", "1") != "0")
 
 
 class SlotDecoder:
@@ -168,7 +171,7 @@ class SlotDecoder:
         self.model, self.lora, self.pad_id = model, lora, pad_id
         self.device = model.device
         self.cache = SlotCache()
-        self.graphs_on = graphs_wanted(self.device) if graphs is None else graphs
+        self.graphs_on = graphs_wanted(model) if graphs is None else graphs
         self.buckets = self.graphs_on or bool(buckets)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_key: tuple | None = None
