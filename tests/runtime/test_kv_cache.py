@@ -104,3 +104,36 @@ def test_a_sliding_window_cache_takes_new_rows_only_into_an_empty_batch():
     while len(batch):
         batch.step()
     assert batch.can_admit
+
+
+def test_the_slot_cache_compacts_leaving_rows_and_reallocates_to_what_the_live_rows_need():
+    from types import SimpleNamespace
+
+    from dsft.runtime.static_cache import SlotCache
+
+    g = torch.Generator().manual_seed(0)
+    # A prefilled DynamicCache's layers: 3 rows right-aligned in 10 columns (lengths 10, 4, 7), 2 layers.
+    lengths = [10, 4, 7]
+    layers = [SimpleNamespace(keys=torch.randn(3, 1, 10, 8, generator=g), values=torch.randn(3, 2, 10, 5, generator=g))
+              for _ in range(2)]
+    cache = SlotCache()
+    cache.reserve(3, 100, 0)
+    assert (cache.slots, cache.columns) == (4, 128)
+    cache.allocate_like(layers)
+    for row, n in enumerate(lengths):
+        cache.load(row, layers, row, n)
+
+    def row_of(slot: int, n: int, layer: int = 1) -> torch.Tensor:
+        return cache.values[layer][slot, :, :n]
+
+    for row, n in enumerate(lengths):  # left-aligned: a row's last n columns land at its slot's first n
+        torch.testing.assert_close(row_of(row, n), layers[1].values[row, :, -n:], rtol=0, atol=0)
+    cache.keep([0, 2])  # the middle row left: the last moves down, order kept
+    torch.testing.assert_close(row_of(1, 7), layers[1].values[2, :, -7:], rtol=0, atol=0)
+    generation = cache.generation
+    cache.reserve(8, 12, 2)  # more rows, fewer columns than held: reallocated at what is asked
+    assert (cache.slots, cache.columns) == (8, 64) and cache.generation == generation + 1
+    torch.testing.assert_close(row_of(0, 10), layers[1].values[0], rtol=0, atol=0)
+    torch.testing.assert_close(row_of(1, 7), layers[1].values[2, :, -7:], rtol=0, atol=0)
+    cache.reserve(2, 30, 2)  # fits: nothing moves
+    assert cache.generation == generation + 1
