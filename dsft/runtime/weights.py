@@ -131,12 +131,12 @@ def read_hashing(directory: Path, manifest: Manifest, name: str) -> tuple[bytes,
                     break  # truncated while being read: refused below
                 pool.submit(h.update, view[at : at + got])
                 at += got
+        complete = at == len(data)
+        done = pool.submit(lambda: complete and h.hexdigest() == digest)
     except FileNotFoundError:
-        pool.shutdown()
         raise IntegrityError(f"adapter file {path} is missing; restore it, or re-import / retrain the adapter") from None
-    complete = at == len(data)
-    done = pool.submit(lambda: complete and h.hexdigest() == digest)
-    pool.shutdown(wait=False)
+    finally:
+        pool.shutdown(wait=False)  # the worker finishes what was submitted, then exits
 
     def verified() -> None:
         if not done.result():
