@@ -102,16 +102,15 @@ class Engine:
             keep decoding while a long prompt is read (None: a whole prompt in one step).
         kv_memory_gib: the most GiB the running rows' KV cache may take; a request that would take it past
             waits (at the head of the queue) until rows leave, and one that alone would is refused. Default:
-            on a GPU, half the memory free when the engine starts; on a CPU, no bound.
+            on a GPU, half the memory free when its first batch starts (all loaded by then); on a CPU, no bound.
     """
 
     def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024,
                  prefill_chunk: int | None = 512, kv_memory_gib: float | None = None):
         self.runtime = runtime
-        if kv_memory_gib is None and runtime.model.device.type == "cuda":
-            kv_memory_gib = torch.cuda.mem_get_info(runtime.model.device)[0] / 2 / 2**30
         self.kv_budget = None if kv_memory_gib is None else int(kv_memory_gib * 2**30)
-        """Bytes the KV cache may take (None: no bound)."""
+        """Bytes the KV cache may take (None: no bound). Set when the first batch starts on a GPU, by default."""
+        self._kv_auto = kv_memory_gib is None
         self._held: deque[Ticket] = deque()  # taken from the queue, waiting for KV memory: first in line
         self.kv_bytes = 0
         """Bytes the running rows' KV cache holds (after the latest step)."""
@@ -193,6 +192,8 @@ class Engine:
             if batch is None and waiting:
                 try:
                     batch = self.runtime.batch(prefill_chunk=self.prefill_chunk)
+                    if self._kv_auto and batch.device.type == "cuda":  # measured once all is loaded
+                        self.kv_budget, self._kv_auto = torch.cuda.mem_get_info(batch.device)[0] // 2, False
                 except Exception as exc:
                     log.error("could not start a batch: %s: %s", type(exc).__name__, exc)
                     self.counts["failed"] += len(waiting)

@@ -47,6 +47,10 @@ def _unicode_text(value: Any) -> Any:
     return value
 
 
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -66,6 +70,17 @@ class _Sampling(BaseModel):
     @classmethod
     def _model_stop_unicode(cls, value: Any) -> Any:
         return _unicode_text(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # Each stop string holds back as many characters of the stream and is searched for at every token.
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
+        return value
 
     @field_validator("temperature")
     @classmethod

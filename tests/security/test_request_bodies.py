@@ -57,8 +57,10 @@ CHAT = {"model": "fake-base", "messages": [{"role": "user", "content": "hi"}]}
     ("/v1/completions", {**COMPLETION, "top_p": 1.5}, "top_p"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),  # never silently the default 256
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("/v1/completions", {**COMPLETION, "stop": ["x"] * 17}, "stop"),
+    ("/v1/chat/completions", {**CHAT, "stop": "x" * 1025}, "stop"),
 ], ids=["seed-2**64", "seed-negative", "temperature-1e-45", "top_p-0", "top_p-1.5", "chat-max_tokens-0",
-        "chat-max_completion_tokens-0"])
+        "chat-max_completion_tokens-0", "stop-17-sequences", "stop-1025-characters"])
 def test_sampling_out_of_range_is_refused_before_the_engine(client, route, body, param):
     """Refused at the schema: such a request never joins a batch, so it cannot fail the others."""
     r = client.post(route, json=body)
