@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated $DSFT_HOME per test, with the presets built once per session."""
+"""Shared fixtures: an isolated $DSFT_HOME per test, with the presets built and their held-out figures measured
+once per session."""
 from __future__ import annotations
 
 import os
@@ -32,15 +33,32 @@ def session_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def new_home(session_home):
-    """Make a fresh $DSFT_HOME directory (empty registry and adapters) sharing the session's built presets.
+def base_figures(session_home, tmp_path_factory) -> Path:
+    """One held-out figures cache of the unmodified bases (``cache/base-heldout``, dsft/eval/base_cache.py) for
+    the whole session, all parallel workers included. Measuring a base's held-out losses is over a third of a
+    short test run's time (its few steps take under a second), and they depend only on the base version and
+    the rows, which the cache's key holds; so each (base, held-out set) is measured once per session, not
+    once per fresh home. tests/eval/test_evaluate.py tests the cache itself in a home of its own."""
+    root = tmp_path_factory.getbasetemp().parent if XDIST_WORKER else session_home
+    shared = root / "dsft_base_heldout"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@pytest.fixture(scope="session")
+def new_home(session_home, base_figures):
+    """Make a fresh $DSFT_HOME directory (empty registry and adapters) sharing the session's built presets and
+    (unless ``share_base_figures=False``) their measured held-out figures (``base_figures``).
 
     The one way tests get a home: ``home`` per test, and the runtime and serve packages one per package.
     """
-    def make(directory: Path) -> Path:
+    def make(directory: Path, share_base_figures: bool = True) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         (session_home / "bases").mkdir(exist_ok=True)
         (directory / "bases").symlink_to(session_home / "bases")
+        if share_base_figures:
+            (directory / "cache").mkdir()
+            (directory / "cache" / "base-heldout").symlink_to(base_figures)
         return directory
 
     return make
@@ -100,3 +118,24 @@ def tiny_qwen2_moe():
             if name.endswith("proj.bias"):
                 p.normal_(0, 0.5)
     return model
+
+
+# Packages whose fixtures are package-scoped (tests/runtime/conftest.py, tests/serve/conftest.py): adapters made
+# for them, loaded runtimes, a `dsft serve` child process. Under `pytest -n N --dist loadfile` each file goes to
+# whichever worker is free, so a package's files landed on both workers and each built those fixtures again
+# (a server start-up and the adapters, ~20 s of the two cores); sent to one worker as one unit, they are built once.
+ONE_WORKER_PACKAGES = ("tests/runtime/", "tests/serve/")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileKeepingPackagesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return next((p for p in ONE_WORKER_PACKAGES if path.startswith(p)), path)
+
+    return LoadFileKeepingPackagesTogether(config, log)

@@ -1,9 +1,10 @@
 """One rank of the sharded-loading test (tests/base/test_shard_load.py), run under ``torchrun`` on gloo.
 
-``python -m torch.distributed.run --nproc-per-node N -m dsft.testing.shard_worker MODEL_DIR OUT`` builds the
-model of MODEL_DIR on the meta device, attaches term rows and LoRA, shards it with FSDP2, fills each rank's
-shard (:mod:`dsft.base.shard_load`) and writes to OUT (rank 0): every parameter gathered whole, the loss of
-a fixed batch, and what each rank held (its largest read, its largest local tensor).
+``python -m torch.distributed.run --nproc-per-node N -m dsft.testing.shard_worker MODEL_DIR OUT [MODEL_DIR OUT ...]``
+builds the model of MODEL_DIR on the meta device, attaches term rows and LoRA, shards it with FSDP2, fills each
+rank's shard (:mod:`dsft.base.shard_load`) and writes to OUT (rank 0): every parameter gathered whole, the loss
+of a fixed batch, and what each rank held (its largest read, its largest local tensor). Several pairs run one
+after the other in the same launch (one process group: the ranks' start-up is most of a launch's time).
 Also :func:`build_reference`: the same model loaded whole in one process, the way dsft did it before.
 """
 from __future__ import annotations
@@ -64,7 +65,16 @@ def build_reference(model_dir: Path):
     return attach(loaded.model, loaded.spec)
 
 
-def main(model_dir: Path, out: Path) -> None:
+def main(pairs: list[tuple[Path, Path]]) -> None:
+    import torch.distributed as td
+
+    td.init_process_group("gloo")
+    for model_dir, out in pairs:
+        load_sharded(model_dir, out)
+    td.destroy_process_group()
+
+
+def load_sharded(model_dir: Path, out: Path) -> None:
     import torch.distributed as td
     from safetensors.torch import save_file
 
@@ -73,7 +83,6 @@ def main(model_dir: Path, out: Path) -> None:
     from dsft.base.sharding import full_tensor, shard_model
     from dsft.eval.losses import lm_loss
 
-    td.init_process_group("gloo")
     rank = td.get_rank()
     loaded = load_base(BaseRef(str(model_dir), f"path:{model_dir}", model_dir), device="cpu", meta=True)
     model, spec, weights = loaded.model, loaded.spec, loaded.weights
@@ -92,8 +101,8 @@ def main(model_dir: Path, out: Path) -> None:
         save_file(whole, str(out / "params.safetensors"))
         (out / "result.json").write_text(json.dumps({"loss": loss, "ranks": everyone}))
     td.barrier()
-    td.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    args = [Path(a) for a in sys.argv[1:]]
+    main(list(zip(args[::2], args[1::2])))

@@ -76,16 +76,17 @@ def test_random_rows_are_the_same_whatever_the_split():
     assert torch.equal(w.rows("model.norm.weight", (4,), 0, 4, torch.float32, torch.device("cpu")), torch.ones(4))
 
 
-def _two_ranks(model_dir: Path, out: Path) -> dict:
+def _two_ranks(*pairs: tuple[Path, Path]) -> list[dict]:
+    """Two gloo ranks (one torchrun launch) load each (model directory, output directory) pair in turn."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "dsft.testing.shard_worker", str(model_dir), str(out)]
+           "-m", "dsft.testing.shard_worker", *(str(p) for pair in pairs for p in pair)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "result.json").read_text())
+    return [json.loads((out / "result.json").read_text()) for _, out in pairs]
 
 
 def _random_preset(directory: Path, tokenizer_from: Path) -> Path:
@@ -100,16 +101,25 @@ def _random_preset(directory: Path, tokenizer_from: Path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_base_dir) -> dict[str, tuple[Path, Path, dict]]:
+    """Both kinds of base loaded by two ranks in one launch (its start-up is most of its time): per kind, the
+    model directory, the ranks' output directory and their result."""
+    root = tmp_path_factory.mktemp("shard_load")
+    for kind in ("checkpoint", "random"):
+        (root / kind / "out").mkdir(parents=True)
+    dirs = {"checkpoint": _saved(_tiny_deepseek_v2, root / "checkpoint" / "base", tiny_base_dir),
+            "random": _random_preset(root / "random" / "base", tiny_base_dir)}
+    results = _two_ranks(*((d, root / kind / "out") for kind, d in dirs.items()))
+    return {kind: (d, root / kind / "out", r) for (kind, d), r in zip(dirs.items(), results)}
+
+
 @pytest.mark.parametrize("kind", ["checkpoint", "random"])
-def test_two_ranks_loading_their_own_shards_hold_the_single_process_model(kind, tmp_path, tiny_base_dir):
+def test_two_ranks_loading_their_own_shards_hold_the_single_process_model(kind, sharded):
     from dsft.eval.losses import lm_loss
     from dsft.testing.shard_worker import batch, build_reference
 
-    model_dir = _saved(_tiny_deepseek_v2, tmp_path / "base", tiny_base_dir) if kind == "checkpoint" \
-        else _random_preset(tmp_path / "base", tiny_base_dir)
-    out = tmp_path / "out"
-    out.mkdir()
-    result = _two_ranks(model_dir, out)
+    model_dir, out, result = sharded[kind]
     reference = build_reference(model_dir)
     gathered = load_file(str(out / "params.safetensors"))
     expected = {n: p.detach() for n, p in reference.named_parameters()}

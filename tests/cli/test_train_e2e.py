@@ -27,6 +27,18 @@ def dsft(*args: str, home: Path, check: bool = True, cwd: Path | None = None) ->
     return proc
 
 
+def dsft_inline(*args: str, home: Path):
+    """``dsft ARGS`` in this process (the same Typer app, without a new interpreter's ~10 s of imports), for
+    checks that read JSON or exit codes; the tour's printed lines are compared from real processes above."""
+    from typer.testing import CliRunner
+
+    from dsft.cli.main import app
+
+    result = CliRunner().invoke(app, list(args), env={"DSFT_HOME": str(home)})
+    assert result.exit_code == 0, f"dsft {' '.join(args)} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
+    return result
+
+
 def tour() -> list[tuple[str, list[str]]]:
     """The README tour's console commands, in order, each with the lines the README shows it printing."""
     section = README.read_text().split("## A short tour", 1)[1].split("\n## ", 1)[0]
@@ -65,7 +77,7 @@ def trained(tmp_path_factory, new_home):
     args, _ = argv(command)
     assert args == ["train", "--domain", "finance"], "the README's main job"
     proc = dsft(*args, home=home)
-    row = json.loads(dsft("registry", "show", "finance@0.1.0", "--json", home=home).stdout)
+    row = json.loads(dsft_inline("registry", "show", "finance@0.1.0", "--json", home=home).stdout)
     return home, {"adapter": row["ref"], "path": row["path"], "metrics": row["metrics"], "printed": proc.stdout + proc.stderr}
 
 
@@ -93,11 +105,11 @@ def test_a_trained_adapter_records_the_shapes_it_modifies_and_its_peft_export_im
     assert "model.layers.1.mlp.experts.gate_up_proj" in shapes and "model.layers.1.mlp.experts.down_proj" in shapes
     assert "model.layers.0.self_attn.q_proj.weight" in shapes and "model.layers.1.mlp.shared_experts.up_proj.weight" in shapes
     out = tmp_path / "finance-peft"
-    dsft("export", "finance@0.1.0", "--format", "peft", "--out", str(out), home=home)
-    dsft("registry", "import", str(out), "--domain", "finance-again", home=home)
-    check = dsft("registry", "check", "finance-again", "--base", "tiny-deepseek-v2", "--json", home=home)
+    dsft_inline("export", "finance@0.1.0", "--format", "peft", "--out", str(out), home=home)
+    dsft_inline("registry", "import", str(out), "--domain", "finance-again", home=home)
+    check = dsft_inline("registry", "check", "finance-again", "--base", "tiny-deepseek-v2", "--json", home=home)
     assert json.loads(check.stdout)["status"] == "compatible", check.stdout
-    gen = dsft("generate", "--adapter", "finance-again", "--max-new-tokens", "4", "What is EBITDA?", home=home)
+    gen = dsft_inline("generate", "--adapter", "finance-again", "--max-new-tokens", "4", "What is EBITDA?", home=home)
     assert gen.stdout.strip()
 
 
@@ -173,14 +185,29 @@ def test_the_readme_tour_runs_verbatim_and_prints_what_the_readme_shows(trained,
             assert shape(line, home) in got, f"README line of `{steps[i][0]}` not printed:\n  {line}\nprinted:\n{out}"
 
 
-def test_same_seed_same_adapter_and_user_data_joins_the_mixture(home, tmp_path):
-    from safetensors.torch import load_file
-
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory, new_home):
+    """The same short run with user data twice (seed 7, 3 steps), each also copied to ``--output``: the two
+    runs, what ``output`` held after the first, and the directories. Shared by the two tests below, which
+    read them only: each run costs ~10 s, most of it the held-out losses."""
     import dsft
 
-    data = tmp_path / "notes.jsonl"
+    tmp = tmp_path_factory.mktemp("twice")
+    data, out = tmp / "notes.jsonl", tmp / "exported"
     data.write_text("".join(f'{{"prompt": "Explain note {i}.", "response": "Note {i} concerns duration risk."}}\n' for i in range(20)))
-    runs = [dsft.train(domain="finance", max_steps=3, seed=7, data=[data]) for _ in range(2)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSFT_HOME", str(new_home(tmp / "home")))
+        mp.delenv("DSFT_REGISTRY_URL", raising=False)
+        first = dsft.train(domain="finance", max_steps=3, seed=7, data=[data], output=out)
+        first_output = read_manifest(out).version
+        second = dsft.train(domain="finance", max_steps=3, seed=7, data=[data], output=out)
+    return {"runs": [first, second], "first_output": first_output, "output": out, "dir": tmp}
+
+
+def test_same_seed_same_adapter_and_user_data_joins_the_mixture(twice):
+    from safetensors.torch import load_file
+
+    runs = twice["runs"]
     assert [r.adapter for r in runs] == ["finance@0.1.0", "finance@0.2.0"]
     assert runs[0].metrics["stages"][0]["mixture"]["user"] > 0
     a, b = (load_file(str(r.path / "adapter_model.safetensors")) for r in runs)
@@ -191,13 +218,11 @@ def test_same_seed_same_adapter_and_user_data_joins_the_mixture(home, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
-def test_output_gets_a_copy_and_an_older_adapter_there_is_replaced(home, tmp_path):
-    import dsft
-
-    out = tmp_path / "exported"
-    first = dsft.train(domain="legal", max_steps=2, output=out)
-    assert read_manifest(out).version == first.adapter.split("@")[1]
-    second = dsft.train(domain="legal", max_steps=2, output=out)  # an existing dsft adapter is replaced atomically
+def test_output_gets_a_copy_and_an_older_adapter_there_is_replaced(twice):
+    first, second = twice["runs"]
+    out = twice["output"]
+    assert twice["first_output"] == first.adapter.split("@")[1]
+    # the second run found the first's dsft adapter in `output` and replaced it atomically
     assert read_manifest(out).version == second.adapter.split("@")[1] == "0.2.0"
     verify_files(out, read_manifest(out))
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no staging leftovers"
+    assert not any(p.name.startswith(".") for p in twice["dir"].iterdir()), "no staging leftovers"

@@ -39,10 +39,14 @@ def test_eval_reports_gain_forgetting_terms_experts_and_records_verified(home, t
     assert lo <= rows["domain"]["difference"] <= hi
 
 
-def test_the_base_is_measured_once_per_version_and_rows(home, tiny_base_dir):
+def test_the_base_is_measured_once_per_version_and_rows(new_home, tmp_path, monkeypatch, tiny_base_dir):
     """Held-out figures of an unmodified base are cached by its fingerprint and the rows: the second measurement
     reads the file and returns the same numbers; other rows or another base version are measured anew."""
     import torch
+
+    # a cache of its own, not the figures other tests share (tests/conftest.py's base_figures)
+    home = new_home(tmp_path / "home", share_base_figures=False)
+    monkeypatch.setenv("DSFT_HOME", str(home))
 
     from dsft.base import load_base
     from dsft.eval.base_cache import base_key

@@ -101,7 +101,9 @@ def test_garbage_file(dsft_home: Path, content: bytes) -> None:
     with pytest.raises(RegistryError, match=message):
         open_registry()
     assert path.read_bytes() == content
-    assert [p.name for p in dsft_home.iterdir() if not p.name.endswith(".lock") and p.name != "bases"] == ["registry.db"]
+    # bases/ and cache/: the session's shared presets and base figures (tests/conftest.py)
+    assert [p.name for p in dsft_home.iterdir() if not p.name.endswith(".lock") and p.name not in ("bases", "cache")] \
+        == ["registry.db"]
 
 
 def test_truncated_file_is_refused_untouched(dsft_home: Path) -> None:
