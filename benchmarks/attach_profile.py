@@ -15,7 +15,6 @@ import io
 import os
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,20 +32,13 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from runtime_bench import DOMAINS, build_lite
+    from runtime_bench import DOMAINS, bench_base, throwaway_registry
 
-    from dsft.registry import open_registry
     from dsft.runtime.base import RuntimeBase
     from dsft.testing.adapters import make_adapter
 
-    home = Path(tempfile.mkdtemp(prefix="dsft-attach-profile-"))
-    reg = open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
-    if a.base:
-        from dsft.base import load_base
-
-        loaded = load_base(a.base, device=a.device)
-    else:
-        loaded = build_lite(a.device)
+    _, reg = throwaway_registry("dsft-attach-profile-")
+    loaded = bench_base(a.base, a.device)
     refs = [make_adapter(loaded, d, seed=i, r=16, alpha=32, b_std=0.01, registry=reg).ref for i, d in enumerate(DOMAINS[:3])]
     runtime = RuntimeBase(loaded, registry=reg)
     for i, ref in enumerate(refs):

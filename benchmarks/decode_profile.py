@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -78,20 +77,13 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from runtime_bench import DOMAINS, build_lite
+    from runtime_bench import DOMAINS, bench_base, throwaway_registry
 
-    from dsft.registry import open_registry
     from dsft.runtime.base import RuntimeBase
     from dsft.testing.adapters import make_adapter
 
-    home = Path(tempfile.mkdtemp(prefix="dsft-decode-profile-"))
-    reg = open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
-    if a.base:
-        from dsft.base import load_base
-
-        loaded = load_base(a.base, device=a.device)
-    else:
-        loaded = build_lite(a.device)
+    _, reg = throwaway_registry("dsft-decode-profile-")
+    loaded = bench_base(a.base, a.device)
     refs = [make_adapter(loaded, d, seed=i, r=16, alpha=32, b_std=0.01, registry=reg).ref for i, d in enumerate(DOMAINS)]
     runtime = RuntimeBase(loaded, registry=reg)
     for ref in refs:

@@ -95,6 +95,23 @@ def build_lite(device: str):
     return LoadedBase(ref, model, tokenizer, ARCHITECTURES["deepseek_v2"], fp)
 
 
+def throwaway_registry(prefix: str):
+    """A registry and adapter store in a new temporary directory: the user's registry never sees the synthetic adapters."""
+    from dsft.registry import open_registry
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    return home, open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
+
+
+def bench_base(base: str | None, device: str):
+    """``base`` (a preset or model directory) loaded, or without one the lite shape built in memory."""
+    if base:
+        from dsft.base import load_base
+
+        return load_base(base, device=device)
+    return build_lite(device)
+
+
 def timed(fn, device: str):
     sync(device)
     t0 = time.perf_counter()
@@ -235,20 +252,12 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from dsft.registry import open_registry
     from dsft.runtime.base import RuntimeBase
     from dsft.testing.adapters import make_adapter
 
-    # A throwaway registry and adapter store: the user's registry never sees the synthetic adapters.
-    home = Path(tempfile.mkdtemp(prefix="dsft-runtime-bench-"))
-    reg = open_registry(f"sqlite:///{home / 'registry.db'}", adapters_root=home / "adapters")
+    home, reg = throwaway_registry("dsft-runtime-bench-")
     t_start = time.perf_counter()
-    if a.base:
-        from dsft.base import load_base
-
-        loaded, load_s = timed(lambda: load_base(a.base, device=a.device), a.device)
-    else:
-        loaded, load_s = timed(lambda: build_lite(a.device), a.device)
+    loaded, load_s = timed(lambda: bench_base(a.base, a.device), a.device)
     print(f"base ready in {load_s:.1f}s; {gib(a.device)} GiB", flush=True)
 
     refs, make_s = {}, []
