@@ -124,8 +124,10 @@ class RunningBatch:
         """Bytes the running rows' KV cache takes when rows of these final lengths (prompt + new tokens) run
         together, as :class:`SlotCache` allocates it (slots and columns rounded up to powers of two); None for a
         model without slots. The first call runs the model on one token to learn the cache's bytes per token."""
-        if self.slots is None or not lengths:
-            return None if self.slots is None else 0
+        if self.slots is None:
+            return None
+        if not lengths:
+            return 0
         if self._token_bytes is None:
             from transformers import DynamicCache
 

@@ -59,6 +59,8 @@ class RowGroups:
     uniform: str | None
     """The adapter every row uses, when they all use the same one."""
     _masks: dict = field(default_factory=dict, repr=False)
+    _cols: dict = field(default_factory=dict, repr=False)
+    """Per (groups, ranks): each stacked rank column's group (no row data: kept by :meth:`drop_masks`)."""
 
     @classmethod
     def of(cls, keys: Sequence[str | None], device) -> RowGroups:
@@ -75,9 +77,9 @@ class RowGroups:
         key = (groups, ranks, n, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            cols = self._masks.get((groups, ranks))
+            cols = self._cols.get((groups, ranks))
             if cols is None:
-                cols = self._masks[(groups, ranks)] = torch.tensor(
+                cols = self._cols[(groups, ranks)] = torch.tensor(
                     [g for g, r in zip(groups, ranks) for _ in range(r)], device=self.row_group.device)
             mask = (self.row_group[:, None] == cols[None, :]).to(dtype)
             if n != self.batch:
@@ -94,7 +96,7 @@ class RowGroups:
     def drop_masks(self) -> None:
         """Forget the computed masks (not the column layouts, which hold no row data), so the next forward
         computes them again from :attr:`row_group`: what a CUDA graph captured after a warm-up needs."""
-        self._masks = {k: v for k, v in self._masks.items() if len(k) == 2}
+        self._masks = {}
 
 
 def stack_linear(factors: Sequence[LinearLora]) -> LinearLora:

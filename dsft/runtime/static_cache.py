@@ -195,15 +195,14 @@ class SlotDecoder:
         rows, width = bucket(n), bucket(width, MIN_WIDTH)
         self.cache.reserve(rows, width, n)
         graph = self._inputs(rows, width)
+        order = self.lora.keys()
+        index = {k: i for i, k in enumerate(order)}
         graph.ids[:n, 0] = ids
         graph.ids[n:] = self.pad_id
         graph.write.copy_(torch.tensor(list(write) + [0] * (rows - n)), non_blocking=True)
-        index = {k: i for i, k in enumerate(self.lora.keys())}
         graph.groups.copy_(torch.tensor([index.get(k, -1) if k is not None else -1 for k in keys] + [-1] * (rows - n)),
                            non_blocking=True)
-        if not self.graphs_on:
-            return self._step(graph.ids, graph.write, width, RowGroups(rows, self.lora.keys(), graph.groups, None))[:n]
-        if graph.graph is None:
+        if self.graphs_on and graph.graph is None:
             try:
                 self._capture(graph, width)
             except Exception as exc:  # an op that syncs with the host, or a capture limit: decode eagerly
@@ -211,7 +210,8 @@ class SlotDecoder:
                             type(exc).__name__, str(exc)[:300])
                 self.graphs_on, self.graph_error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
                 self._graphs.clear()
-                return self._step(graph.ids, graph.write, width, RowGroups(rows, self.lora.keys(), graph.groups, None))[:n]
+        if not self.graphs_on:  # the graph's inputs, run eagerly
+            return self._step(graph.ids, graph.write, width, RowGroups(rows, order, graph.groups, None))[:n]
         assert graph.graph is not None and graph.logits is not None
         graph.graph.replay()
         return graph.logits[:n]
