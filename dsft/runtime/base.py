@@ -31,6 +31,7 @@ from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.batching import RunningBatch, run_rows
+from dsft.runtime.fused_norms import fuse_rms_norms, restore_norms
 from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, forward_rows
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
@@ -77,6 +78,7 @@ class RuntimeBase:
         self._lora: MultiLora | None = None
         self._table: TermTable | None = None
         self._originals: tuple[Any, Any] | None = None
+        self._norms: list[torch.nn.Module] = []
         self.model.eval()
 
     # --- what is attached -------------------------------------------------------------------------
@@ -148,7 +150,8 @@ class RuntimeBase:
         return tag_version(self._open_registry(), domain, tag)
 
     def _install(self) -> None:
-        """Take the model over on first use: per-row LoRA forwards and the multi-adapter embedding and head."""
+        """Take the model over on first use: per-row LoRA forwards, the multi-adapter embedding and head, and
+        RMSNorms in fewer kernels (:mod:`dsft.runtime.fused_norms`)."""
         if self._lora is not None:
             return
         layers = self.model.get_decoder().layers
@@ -167,6 +170,7 @@ class RuntimeBase:
         self.model.set_input_embeddings(MultiTermEmbedding(embed, self._table))
         self.model.set_output_embeddings(MultiTermHead(head, self._table))
         self._lora = MultiLora(self.model, experts)
+        self._norms = fuse_rms_norms(self.model)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -269,6 +273,8 @@ class RuntimeBase:
                 self._detach_locked(key)
             if self._lora is not None:
                 self._lora.close()
+                restore_norms(self._norms)
+                self._norms = []
                 embed, head = self._originals
                 self.model.set_input_embeddings(embed)
                 self.model.set_output_embeddings(head)

@@ -161,17 +161,24 @@ def experts_forward_mixed(
         token's adapter alone.
     """
     token, weight, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
+    pair_masks: dict[int, torch.Tensor] = {}  # both projections usually share one token mask: gather it once
+
+    def pairs(mask: torch.Tensor | None) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if id(mask) not in pair_masks:
+            pair_masks[id(mask)] = mask[token]
+        return pair_masks[id(mask)]
+
     xs = x[token]
     h = _gmm(xs, gate_up_proj.transpose(1, 2), offs)
     if gate_up is not None:
-        f, mask = gate_up
-        h = h + _lowrank(xs, f, offs, None if mask is None else mask[token]).to(h.dtype)
+        h = h + _lowrank(xs, gate_up[0], offs, pairs(gate_up[1])).to(h.dtype)
     g, u = h.chunk(2, dim=-1)
     a = act(g) * u
     y = _gmm(a, down_proj.transpose(1, 2), offs)
     if down is not None:
-        f, mask = down
-        y = y + _lowrank(a, f, offs, None if mask is None else mask[token]).to(y.dtype)
+        y = y + _lowrank(a, down[0], offs, pairs(down[1])).to(y.dtype)
     y = y * weight.unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
@@ -367,8 +374,11 @@ class MultiLora:
             h = F.linear(x, f.A)
             mask = runtime._mask(routing, groups, ranks, h.numel() // h.shape[-1], h.dtype)
             if mask is not None:
-                h = h * mask.view(h.shape)
-            return y + F.linear(h, f.B)
+                h.mul_(mask.view(h.shape))
+            # y += h B^T as one GEMM accumulating into y (beta = 1): a decode step is bound by kernel launches, and
+            # an out-of-place addmm would first copy y into its result. y is F.linear's fresh contiguous output.
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), f.B.t())
+            return y
         return forward
 
     def _experts_forward(self, path: str, original):
