@@ -10,25 +10,34 @@ above it read an adapter the same way. An adapter directory holds::
     recipe.yaml                  the resolved recipe as run
     dsft_adapter.json            the manifest, written last
 
-Manifest (schema_version 1)::
+Manifest (schema_version 2)::
 
-    {"schema_version": 1, "domain": "finance", "version": "0.1.0", "kind": "lora+terms",
+    {"schema_version": 2, "domain": "finance", "version": "0.1.0", "kind": "lora+terms",
      "base": {"name", "source", "fingerprint": {id, architecture, model_type, config_hash,
               tokenizer_hash, weights_hash, vocab_size, tokenizer_size}},
      "target_shapes": {"<base parameter>": [shape]},   # what the adapter modifies
      "added_tokens": ["collateralized debt obligation", ...], "term_start": 4096,
      "base_vocab_size": 4096, "recipe": {...}, "metrics": {...}, "lora": {"r", "alpha"} | "esft": {...},
-     "files": {"adapter_model.safetensors": "<sha256>", ...}}
+     "files": {"adapter_model.safetensors": "<sha256>", ...},
+     "file_blocks": {"block_bytes": 67108864, "files": {"adapter_model.safetensors": ["<sha256>", ...]}}}
 
+``files`` is each file's identity: the registry, ``dsft registry verify`` and every loader check it.
+``file_blocks`` (optional, schema 2) adds the sha256 of each ``block_bytes`` piece (the last one shorter)
+of the files larger than one block, so a reader can verify a large file on several cores at once
+(:mod:`dsft.runtime.verified_read`); it is written beside ``files`` from the same read of each file.
+
+Schema 2 added ``file_blocks``; a schema 1 manifest is a schema 2 one without it and reads unchanged.
 As in PEFT's saved configs: a key written by a newer schema warns and is kept; a missing required key,
-an unknown key of this schema or a wrong type fails, naming the dotted field.
+an unknown key of this schema (a key added after the manifest's own schema counts as unknown) or a wrong
+type fails, naming the dotted field.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +51,9 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 TERMS_FILE = "terms.safetensors"
 ESFT_FILE = "esft.safetensors"
 RECIPE_FILE = "recipe.yaml"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+BLOCK_BYTES = 64 << 20
+"""Block size of the ``file_blocks`` written here: 900 MB of LoRA factors make 14 blocks, enough for 8 cores."""
 
 LORA_GROUPS = ("attention", "shared_experts", "routed_experts")
 """The module groups LoRA can target (recipes' ``lora``, packs' ``lora_targets``, ``LoraSettings.targets``)."""
@@ -102,6 +113,8 @@ class Manifest:
     trainable_params: int | None = None
     created_at: str | None = None
     imported_from: str | None = None
+    file_blocks: Mapping[str, Any] | None = None
+    """``{"block_bytes": N, "files": {relative path: [sha256 of each N-byte piece]}}`` (schema 2, optional)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Keys written by a newer schema, kept so that re-writing the manifest loses nothing."""
 
@@ -114,6 +127,13 @@ class Manifest:
         """The training base's fingerprint as recorded (None: unknown, e.g. an imported adapter)."""
         fp = self.base.fingerprint if self.base is not None else None
         return fp or None
+
+    def blocks(self, name: str) -> tuple[int, tuple[str, ...]] | None:
+        """``(block_bytes, the sha256 of each block)`` of file ``name``, or None when none are recorded."""
+        if not self.file_blocks:
+            return None
+        digests = self.file_blocks["files"].get(name)
+        return None if digests is None else (int(self.file_blocks["block_bytes"]), tuple(digests))
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "manifest") -> Manifest:
@@ -133,12 +153,15 @@ class Manifest:
         version = data["schema_version"]
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise _problem(f"{where}: schema_version", f"must be a positive integer, got {version!r}")
-        unknown = sorted(set(data) - _KNOWN)
+        unknown = sorted(k for k in data if k not in _KNOWN or _SINCE.get(k, 1) > version)
         if unknown and version <= SCHEMA_VERSION:
             raise _problem(f"{where}: {unknown[0]}", f"unknown key for schema {version}")
         if unknown:
             warnings.warn(f"{where}: written by a newer dsft (schema {version}); ignoring {unknown}", stacklevel=2)
-        values = {k: _check(k, data[k], where) for k in _KNOWN if k in data and k != "base"}
+        values = {k: _check(k, data[k], where) for k in _KNOWN if k in data and k != "base" and k not in unknown}
+        blocked = sorted(set((values.get("file_blocks") or {"files": {}})["files"]) - set(values["files"]))
+        if blocked:
+            raise _problem(f"{where}: file_blocks.files.{blocked[0]}", "lists a file that files does not")
         if values["added_tokens"] and values.get("term_start") is None:
             raise _problem(f"{where}: term_start", "required when added_tokens is not empty (the first added id)")
         return cls(base=_base(data["base"], where), extra={k: data[k] for k in unknown}, **values)
@@ -183,9 +206,21 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "trainable_params": (lambda v: v is None or isinstance(v, int), "an integer"),
     "created_at": (lambda v: v is None or isinstance(v, str), "a string"),
     "imported_from": (lambda v: v is None or isinstance(v, str), "a string"),
+    "file_blocks": (lambda v: v is None or _is_file_blocks(v),
+                    'an object {"block_bytes": positive integer, "files": {name: [sha256, ...]}}'),
 }
+_SINCE = {"file_blocks": 2}
+"""Keys added after schema 1 -> the schema that added them (in an older manifest they are unknown keys)."""
 _REQUIRED = ("schema_version", "domain", "version", "kind", "base", "target_shapes", "added_tokens", "files")
 _KNOWN = frozenset(_CHECKS) | {"base"}
+
+
+def _is_file_blocks(v: Any) -> bool:
+    if not isinstance(v, Mapping) or set(v) != {"block_bytes", "files"}:
+        return False
+    size, files = v["block_bytes"], v["files"]
+    return (isinstance(size, int) and not isinstance(size, bool) and size > 0 and isinstance(files, Mapping)
+            and all(isinstance(d, list) and d and all(isinstance(h, str) for h in d) for d in files.values()))
 
 
 def _check(key: str, value: Any, where: str) -> Any:
@@ -226,9 +261,30 @@ def read_manifest(directory: str | Path) -> Manifest:
     return Manifest.from_dict(data, where=str(path))
 
 
-def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
-    """``{name: sha256}`` of the files ``names`` in ``directory``, sorted by name."""
-    return {name: sha256_file(directory / name) for name in sorted(names)}
+def hash_blocks(path: Path, block_bytes: int) -> tuple[str, list[str]]:
+    """The sha256 of the file at ``path`` and of each ``block_bytes`` piece of it, from one read."""
+    whole, blocks = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while block := f.read(block_bytes):
+            whole.update(block)
+            blocks.append(hashlib.sha256(block).hexdigest())
+    return whole.hexdigest(), blocks
+
+
+def digests(directory: Path, names: Iterable[str], block_bytes: int | None = None) -> dict[str, Any]:
+    """The manifest's ``files`` (``{name: sha256}``, sorted by name) of the files ``names`` in ``directory``,
+    and its ``file_blocks`` (blocks of ``block_bytes``, default :data:`BLOCK_BYTES`) when one of them is
+    larger than a block; no such key otherwise."""
+    block_bytes = block_bytes or BLOCK_BYTES
+    files, blocks = {}, {}
+    for name in sorted(names):
+        files[name], pieces = hash_blocks(directory / name, block_bytes)
+        if len(pieces) > 1:
+            blocks[name] = pieces
+    out: dict[str, Any] = {"files": files}
+    if blocks:
+        out["file_blocks"] = {"block_bytes": block_bytes, "files": blocks}
+    return out
 
 
 def verify_files(directory: str | Path, manifest: Manifest) -> None:

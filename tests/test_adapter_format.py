@@ -12,6 +12,7 @@ from dsft.adapter_format import (
     SCHEMA_VERSION,
     Manifest,
     adapter_kind,
+    digests,
     is_esft,
     read_manifest,
     verify_files,
@@ -60,12 +61,53 @@ def test_a_wrong_type_names_the_field():
 
 
 def test_unknown_keys_fail_in_this_schema_and_warn_from_a_newer_one():
-    with pytest.raises(IntegrityError, match="speed: unknown key for schema 1"):
+    with pytest.raises(IntegrityError, match=f"speed: unknown key for schema {SCHEMA_VERSION}"):
         Manifest.from_dict(manifest_dict(speed=3))
     newer = manifest_dict(schema_version=SCHEMA_VERSION + 1, speed=3)
     with pytest.warns(UserWarning, match=r"newer dsft.*\['speed'\]"):
         m = Manifest.from_dict(newer)
     assert m.to_dict()["speed"] == 3  # kept, so that re-writing the manifest loses nothing
+
+
+BLOCKS = {"block_bytes": 4, "files": {"adapter_model.safetensors": ["1" * 64, "2" * 64]}}
+
+
+def test_block_digests_are_a_schema_2_key_and_older_manifests_read_without_them():
+    m = Manifest.from_dict(manifest_dict(schema_version=2, file_blocks=BLOCKS))
+    assert m.blocks("adapter_model.safetensors") == (4, ("1" * 64, "2" * 64)) and m.blocks("terms.safetensors") is None
+    assert Manifest.from_dict(m.to_dict()) == m
+    v1 = Manifest.from_dict(manifest_dict(schema_version=1))
+    assert v1.file_blocks is None and v1.blocks("adapter_model.safetensors") is None
+    with pytest.raises(IntegrityError, match="file_blocks: unknown key for schema 1"):
+        Manifest.from_dict(manifest_dict(schema_version=1, file_blocks=BLOCKS))
+
+
+@pytest.mark.parametrize("bad", [
+    {"block_bytes": 0, "files": {}},
+    {"block_bytes": 4, "files": {"adapter_model.safetensors": []}},
+    {"block_bytes": 4, "files": {"adapter_model.safetensors": "1" * 64}},
+    {"files": {}},
+])
+def test_malformed_block_digests_name_the_field(bad):
+    with pytest.raises(IntegrityError, match="file_blocks: must be an object"):
+        Manifest.from_dict(manifest_dict(file_blocks=bad))
+
+
+def test_block_digests_of_an_unlisted_file_are_refused():
+    with pytest.raises(IntegrityError, match="file_blocks.files.other.bin: lists a file that files does not"):
+        Manifest.from_dict(manifest_dict(file_blocks={"block_bytes": 4, "files": {"other.bin": ["1" * 64]}}))
+
+
+def test_digests_records_blocks_for_files_larger_than_one(tmp_path):
+    import hashlib
+
+    (tmp_path / "big").write_bytes(b"0123456789")
+    (tmp_path / "small").write_bytes(b"abc")
+    got = digests(tmp_path, ["small", "big"], block_bytes=4)
+    assert got["files"] == {"big": hashlib.sha256(b"0123456789").hexdigest(), "small": hashlib.sha256(b"abc").hexdigest()}
+    assert got["file_blocks"] == {"block_bytes": 4, "files": {
+        "big": [hashlib.sha256(piece).hexdigest() for piece in (b"0123", b"4567", b"89")]}}
+    assert "file_blocks" not in digests(tmp_path, ["small"], block_bytes=4)
 
 
 def test_an_imported_adapter_may_not_know_its_base():

@@ -15,7 +15,7 @@ from dsft.adapter_format import (
     SCHEMA_VERSION,
     TERMS_FILE,
     Manifest,
-    file_hashes,
+    digests,
     read_manifest,
     verify_files,
 )
@@ -32,13 +32,13 @@ def write_weights(directory: Path, peft_model, plan: TermPlan) -> None:
 
 
 def write_manifest(directory: Path, fields: dict[str, Any]) -> tuple[Manifest, str]:
-    """Hash every file in ``directory`` and write the manifest last; returns (manifest, its sha256).
+    """Hash every file in ``directory`` (whole and by block) and write the manifest last; returns (manifest, its sha256).
 
     Raises:
         IntegrityError: ``fields`` do not make a valid manifest (the field is named).
     """
     names = [p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")]
-    manifest = Manifest.from_dict({"schema_version": SCHEMA_VERSION, **fields, "files": file_hashes(directory, names)})
+    manifest = Manifest.from_dict({"schema_version": SCHEMA_VERSION, **fields, **digests(directory, names)})
     write_json_atomic(directory / MANIFEST_FILE, manifest.to_dict())
     return manifest, sha256_file(directory / MANIFEST_FILE)
 

@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dsft.adapter_format import MANIFEST_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SCHEMA_VERSION, Manifest
+from dsft.adapter_format import (
+    MANIFEST_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    SCHEMA_VERSION,
+    Manifest,
+    digests,
+)
 from dsft.atomic import sha256_file
 from dsft.errors import IntegrityError, UsageError
 from dsft.registry import peft_export
@@ -62,10 +69,11 @@ def lora_target_shapes(tensors: Mapping[str, list[int]]) -> dict[str, list[int]]
     return out
 
 
-def hash_files(root: Path) -> dict[str, str]:
-    """Relative posix path -> sha256 of every file under ``root`` except the manifest."""
-    return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+def hash_files(root: Path) -> dict[str, Any]:
+    """The manifest's ``files`` (relative posix path -> sha256) of every file under ``root`` except the
+    manifest, and its ``file_blocks`` when a file is larger than one block (see :func:`digests`)."""
+    return digests(root, [p.relative_to(root).as_posix() for p in root.rglob("*")
+                          if p.is_file() and p.name != MANIFEST_FILE])
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -195,7 +203,7 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
         base: ``(name, source, fingerprint)`` of the base the user says it was trained on, if any.
         exported: the ``dsft_export.json`` record when it is dsft's own PEFT export (see :mod:`.peft_export`).
     """
-    files = hash_files(staged)
+    hashed = hash_files(staged)
     if previous:
         m = dict(previous)
     else:
@@ -211,5 +219,8 @@ def build_manifest(staged: Path, *, domain: str, version: str, kind: str, peft: 
         name, bsource, fp = base
         m["base"] = {"name": name, "source": bsource,
                      "fingerprint": {k: v for k, v in fp.items() if k != "param_shapes"}}
-    m.update(domain=domain, version=version, kind=kind, files=files, imported_from=source)
+    m.pop("file_blocks", None)  # the previous dsft's block digests are never trusted: recomputed with files
+    if "file_blocks" in hashed:  # a key of schema 2: an older manifest that gains it becomes one
+        m["schema_version"] = max(int(m["schema_version"]), SCHEMA_VERSION)
+    m.update(domain=domain, version=version, kind=kind, imported_from=source, **hashed)
     return m

@@ -36,7 +36,8 @@ from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, fo
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
-from dsft.runtime.weights import VERIFIED_ON_READ, AdapterWeights, extended_tokenizer, read_adapter
+from dsft.runtime.verified_read import VERIFIED_ON_READ
+from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
 
 log = logging.getLogger("dsft.runtime")
 

@@ -26,7 +26,7 @@ from dsft.adapter_format import ESFT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, 
 from dsft.adapters.card import front_matter, hub_name
 from dsft.atomic import fsync_dir, staging_dir, write_json_atomic, write_text_atomic
 from dsft.errors import IncompatibleError, UsageError
-from dsft.runtime.weights import read_verified
+from dsft.runtime.verified_read import read_verified
 
 FORMATS = ("peft", "merged")
 PEFT_PREFIX = "base_model.model."

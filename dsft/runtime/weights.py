@@ -4,22 +4,23 @@ PEFT interprets its own format: the adapter's config is injected into a *meta-de
 (no memory, no weights), its state dict is loaded into that skeleton with PEFT's own key mapping (so
 nested ``target_parameters`` wrappers, rank/alpha patterns and transformers weight conversions are read
 the way ``PeftModel.from_pretrained`` reads them), and the factors are then taken out of the skeleton's
-LoRA layers. The live model is never wrapped. An ESFT adapter has no PEFT files: its selected experts' weights are
+LoRA layers. The live model is never wrapped. Skeletons are kept per (base config, adapter config), and
+PEFT's load is watched the first time one is used: when it only renames the file's keys (the usual case),
+the next adapters of that config are copied straight into the factors PEFT chose, without its remapping
+(which walks the model for every key). An ESFT adapter has no PEFT files: its selected experts' weights are
 read as slices (``ExpertSlices``), which the runtime uses in place of the base's experts for its own rows.
 
-Every file is read once, as bytes, and those bytes are checked against the manifest's sha256 before they
-are parsed, so what is loaded is exactly what was verified.
+Every file is read once, as bytes, and those bytes are hashed (:mod:`dsft.runtime.verified_read`) while they
+are parsed; nothing parsed from them leaves before the hash matched, so what is loaded is what was verified.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from dsft.adapters.esft import EXPERT_PARAMS
 from dsft.atomic import sha256_json
 from dsft.errors import IntegrityError, UsageError
 from dsft.kernels.expert_lora import LowRank
+from dsft.runtime.verified_read import read_hashing, read_verified
 
 
 @dataclass(frozen=True)
@@ -87,64 +89,6 @@ class AdapterWeights:
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
 
-VERIFIED_ON_READ = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TERMS_FILE, ESFT_FILE)
-"""The files :func:`read_adapter` hashes as it reads them (an attach need not hash them beforehand)."""
-
-READ_CHUNK = 64 << 20
-
-
-def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
-    """The bytes of ``directory/name``, refused unless they match the manifest's sha256.
-
-    Raises:
-        IntegrityError: the file is not listed, missing, or its content differs.
-    """
-    data, verified = read_hashing(directory, manifest, name)
-    verified()
-    return data
-
-
-def read_hashing(directory: Path, manifest: Manifest, name: str) -> tuple[bytes, Callable[[], None]]:
-    """The bytes of ``directory/name`` (read once), and ``verified()``: returns once their sha256 matched the
-    manifest's, raises :class:`IntegrityError` if it did not.
-
-    The hash runs on a worker thread while the file is read and after (hashlib releases the GIL), so the
-    caller can parse the bytes meanwhile (safetensors' parser is memory-safe on any input) and must call
-    ``verified()`` before anything parsed from them is used.
-
-    Raises:
-        IntegrityError: the file is not listed or missing.
-    """
-    digest = manifest.files.get(name)
-    if digest is None:
-        raise IntegrityError(f"adapter {directory}: {name} is not listed in its manifest; re-import the adapter")
-    path = directory / name
-    h = hashlib.sha256()
-    pool = ThreadPoolExecutor(1)  # one worker: the chunks are hashed in order
-    try:
-        with open(path, "rb", buffering=0) as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            view, at = memoryview(data), 0
-            while at < len(data):
-                got = f.readinto(view[at : at + READ_CHUNK])
-                if not got:
-                    break  # truncated while being read: refused below
-                pool.submit(h.update, view[at : at + got])
-                at += got
-        complete = at == len(data)
-        done = pool.submit(lambda: complete and h.hexdigest() == digest)
-    except FileNotFoundError:
-        raise IntegrityError(f"adapter file {path} is missing; restore it, or re-import / retrain the adapter") from None
-    finally:
-        pool.shutdown(wait=False)  # the worker finishes what was submitted, then exits
-
-    def verified() -> None:
-        if not done.result():
-            raise IntegrityError(f"adapter file {path} does not match its recorded sha256 (changed or truncated); "
-                                 "refusing to load it")
-    return bytes(data), verified
-
-
 def _peft_config(raw: bytes):
     from peft import LoraConfig, PeftType
 
@@ -163,13 +107,33 @@ def _peft_config(raw: bytes):
     return config
 
 
-_SKELETONS: OrderedDict[str, Any] = OrderedDict()
+@dataclass
+class _Skeleton:
+    """A cached skeleton, and where its adapters' file keys land once PEFT's load has been watched once.
+
+    Mutable: what PEFT's key mapping does is learned on the skeleton's first use (:func:`_load_with_peft`).
+    """
+
+    model: Any
+    key_map: dict[str, Any] | None = None
+    """File key -> the LoRA ``nn.Linear`` whose weight it is, when PEFT's load was a pure renaming."""
+    peft_only: bool = False
+    """PEFT's load reshaped, combined or dropped tensors: it is asked every time."""
+
+    def lora_linears(self) -> list[Any]:
+        from peft.tuners.lora.layer import LoraLayer
+
+        return [factors[name] for m in self.model.modules() if isinstance(m, LoraLayer)
+                for factors in (m.lora_A, m.lora_B) for name in factors]
+
+
+_SKELETONS: OrderedDict[str, _Skeleton] = OrderedDict()
 _SKELETONS_KEPT = 2
 _SKELETON_LOCK = threading.Lock()
 
 
 @contextmanager
-def _skeleton(model_config, raw_config: bytes, peft_config, device, dtype) -> Iterator[Any]:
+def _skeleton(model_config, raw_config: bytes, peft_config, device, dtype) -> Iterator[_Skeleton]:
     """The base's architecture on the meta device with the adapter injected, its LoRA factors allocated on
     ``device`` in ``dtype`` for the duration (the state dict is copied straight there).
 
@@ -177,7 +141,6 @@ def _skeleton(model_config, raw_config: bytes, peft_config, device, dtype) -> It
     share their config: the last few skeletons are kept, their factors back on meta (no memory) between uses.
     """
     from peft import inject_adapter_in_model
-    from peft.tuners.lora.layer import LoraLayer
     from transformers import AutoModelForCausalLM
 
     key = sha256_json(model_config.to_dict()) + hashlib.sha256(raw_config).hexdigest()
@@ -185,10 +148,9 @@ def _skeleton(model_config, raw_config: bytes, peft_config, device, dtype) -> It
         skeleton = _SKELETONS.pop(key, None)
         if skeleton is None:
             with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
-            skeleton = inject_adapter_in_model(peft_config, skeleton, low_cpu_mem_usage=True)
-        linears = [factors[name] for m in skeleton.modules() if isinstance(m, LoraLayer)
-                   for factors in (m.lora_A, m.lora_B) for name in factors]
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
+            skeleton = _Skeleton(inject_adapter_in_model(peft_config, model, low_cpu_mem_usage=True))
+        linears = skeleton.lora_linears()
         try:
             for lin in linears:
                 lin.weight = torch.nn.Parameter(torch.empty(lin.weight.shape, device=device, dtype=dtype),
@@ -200,6 +162,80 @@ def _skeleton(model_config, raw_config: bytes, peft_config, device, dtype) -> It
             _SKELETONS[key] = skeleton
             while len(_SKELETONS) > _SKELETONS_KEPT:
                 _SKELETONS.popitem(last=False)
+
+
+def _load_with_peft(skeleton: _Skeleton, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Load ``state`` with PEFT's own key mapping; on a skeleton's first use, learn that mapping when it
+    only renames keys (the dict PEFT hands to ``load_state_dict`` holds the very tensors of ``state``).
+
+    PEFT's remapping walks the model's modules for every key (~1 s for a lite-shape adapter); a learned
+    map makes the next attach of this config a plain copy (:func:`_load_mapped`).
+    """
+    from peft import set_peft_model_state_dict
+
+    model, seen = skeleton.model, {}
+    load = model.load_state_dict
+
+    def watched(state_dict, *args, **kwargs):
+        seen.update(state_dict)
+        return load(state_dict, *args, **kwargs)
+
+    model.load_state_dict = watched  # an instance attribute, for this call only
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name="default")
+    finally:
+        del model.load_state_dict
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        _refuse_keys(directory, missing, result.unexpected_keys)
+    if skeleton.key_map is None and not skeleton.peft_only:
+        skeleton.key_map = _renaming(skeleton, state, seen)
+        skeleton.peft_only = skeleton.key_map is None
+
+
+def _renaming(skeleton: _Skeleton, state: dict[str, torch.Tensor], loaded: dict[str, Any]) -> dict[str, Any] | None:
+    """``{file key: LoRA linear}`` if PEFT loaded each tensor of ``state`` unchanged into one LoRA factor and
+    filled every factor; None otherwise. (Tensors are matched by identity: all are alive, ids are unique.)"""
+    by_id = {id(t): k for k, t in state.items()}
+    linears = {id(lin) for lin in skeleton.lora_linears()}
+    key_map: dict[str, Any] = {}
+    for target, value in loaded.items():
+        path, _, name = target.rpartition(".")
+        try:
+            module = skeleton.model.get_submodule(path)
+        except AttributeError:
+            return None
+        key = by_id.get(id(value))
+        if key is None or key in key_map or name != "weight" or id(module) not in linears:
+            return None
+        key_map[key] = module
+    return key_map if len(key_map) == len(state) == len(linears) else None
+
+
+def _load_mapped(key_map: dict[str, Any], state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Copy each tensor of ``state`` into the factor PEFT put it in before (one host->device copy each).
+
+    Raises:
+        IntegrityError: a key the config has no factor for, a factor without a key, or a shape that differs.
+    """
+    missing = sorted(set(key_map) - set(state))
+    unexpected = sorted(set(state) - set(key_map))
+    if missing or unexpected:
+        _refuse_keys(directory, missing, unexpected)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            weight = key_map[key].weight
+            if tensor.shape != weight.shape:
+                raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS_FILE} holds {key} of shape "
+                                     f"{list(tensor.shape)} where its config makes {list(weight.shape)}; "
+                                     "re-export or retrain it")
+            weight.copy_(tensor)
+
+
+def _refuse_keys(directory: Path, missing: list[str], unexpected: list[str]):
+    bad = (missing or unexpected)[0]
+    raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS_FILE} does not match its config "
+                         f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
 
 
 def _param_wrapper_chain(module) -> tuple[list, Any]:
@@ -291,7 +327,6 @@ def read_adapter(directory: str | Path, manifest: Manifest, model_config, *, dev
 
 
 def _read_lora(directory: Path, manifest: Manifest, model_config, device, dtype) -> AdapterWeights:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
 
     raw_config = read_verified(directory, manifest, PEFT_CONFIG_FILE)
@@ -301,13 +336,12 @@ def _read_lora(directory: Path, manifest: Manifest, model_config, device, dtype)
         state = load_safetensors(data)
         del data
         with _skeleton(model_config, raw_config, config, device, dtype) as skeleton:
-            result = set_peft_model_state_dict(skeleton, state, adapter_name="default")
-            missing = [k for k in result.missing_keys if "lora_" in k]
-            if missing or result.unexpected_keys:
-                bad = (missing or result.unexpected_keys)[0]
-                raise IntegrityError(f"adapter {directory}: {PEFT_WEIGHTS_FILE} does not match its config "
-                                     f"({'missing' if missing else 'unexpected'} {bad}); re-export or retrain it")
-            weights = _extract(skeleton, "default", device, dtype)
+            if skeleton.key_map is not None:
+                _load_mapped(skeleton.key_map, state, directory)
+            else:
+                _load_with_peft(skeleton, state, directory)
+            del state  # the CPU copies, once on the device
+            weights = _extract(skeleton.model, "default", device, dtype)
     except Exception:
         verified()  # a damaged file fails to parse: name it as damaged rather than report the parse error
         raise

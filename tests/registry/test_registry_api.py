@@ -258,6 +258,32 @@ def test_import_plain_peft_directory(reg: Registry, tmp_path: Path) -> None:
     assert not [p for p in (reg.adapters_root / "finance").iterdir() if p.name.startswith(".")]
 
 
+def test_import_records_block_digests_and_recomputes_a_previous_dsft_s(reg: Registry, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import shutil
+
+    import dsft.adapter_format as fmt
+
+    monkeypatch.setattr(fmt, "BLOCK_BYTES", 64)
+    src = tmp_path / "lora-out"
+    write_adapter_files(src)
+    rec = reg.import_dir(src, domain="finance")
+    m = rec.parsed_manifest()
+    size, blocks = m.blocks("adapter_model.safetensors") or (0, ())
+    data = (src / "adapter_model.safetensors").read_bytes()
+    assert m.schema_version == 2 and size == 64 and len(blocks) == -(-len(data) // 64) > 1
+    assert list(blocks) == [hashlib.sha256(data[i : i + 64]).hexdigest() for i in range(0, len(data), 64)]
+    export = tmp_path / "export"  # another dsft's schema 1 manifest, with forged block digests
+    shutil.copytree(register(reg, "legal", fingerprint()).path, export)
+    old = json.loads((export / "dsft_adapter.json").read_text())
+    assert old["schema_version"] == 1
+    (export / "dsft_adapter.json").write_text(json.dumps({**old, "schema_version": 2, "file_blocks": {
+        "block_bytes": 64, "files": {"adapter_model.safetensors": ["0" * 64]}}}))
+    m2 = reg.import_dir(export, domain="legal-copy").parsed_manifest()
+    assert m2.schema_version == 2 and m2.blocks("adapter_model.safetensors") != (64, ("0" * 64,))
+
+
 def test_import_refuses_what_is_not_an_adapter(reg: Registry, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a directory"):
         reg.import_dir(tmp_path / "missing", domain="finance")
