@@ -10,19 +10,18 @@ their factors are stacked along the rank (``A = [A_1; A_2; ...]``, ``B = [B_1, B
 where the column mask ``M`` keeps, for each row, only the rank block of that row's adapter (all zero for a
 row without one): one low-rank product per module whatever the mix, and no host sync (no indexing by rows).
 
-* Every targeted linear module gets that as its forward.
+* Every targeted linear module gets that as its forward; with every attached adapter in the batch (a
+  CUDA graph's step), A is stacked under W so that ``x W^T`` and ``x A^T`` are one GEMM
+  (:mod:`dsft.runtime.fused_linear`).
 * Every routed-experts module gets a forward that runs the base experts once for all (token, expert) pairs
-  with grouped GEMMs, adding the masked low-rank term per pair before the activation (``gate_up_proj``)
-  and after it (``down_proj``): the math of merging W + s B A per adapter, without forming it.
+  with grouped GEMMs, each pair adding its own masked low-rank term (:mod:`dsft.runtime.mixed_experts`).
 * An ESFT adapter brings its own weights for a few experts. A (token, expert) pair of its rows that
   lands on one of them is computed with those weights instead: the base pass gives such pairs routing
   weight 0 and a second grouped pass over the adapters' stacked slices gives them their weight (every
   other pair weight 0 there), so rows of other adapters in the same batch are untouched.
 
-Decoding one token at a time is bound by the host launching kernels, so the forwards are plain patched
-methods (no hook machinery), the scale is folded into B when an adapter is read, and grouped GEMMs call
-``torch._grouped_mm`` directly (the custom op in :mod:`dsft.kernels.grouped_mm` exists for autograd and
-``torch.compile``, and its dispatch costs more than the GEMM here). Outside :meth:`MultiLora.rows` the
+Decoding one token at a time is bound by launching kernels, so the forwards are plain patched methods (no
+hook machinery) and the scale is folded into B when an adapter is read. Outside :meth:`MultiLora.rows` the
 model computes exactly as the plain base.
 """
 from __future__ import annotations
@@ -38,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsft.base.arch import supports_fused_experts
-from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
+from dsft.kernels.expert_lora import LowRank
+from dsft.runtime.fused_linear import FusedLinears, fused_lora_linear
+from dsft.runtime.mixed_experts import experts_forward_mixed
 from dsft.runtime.weights import AdapterWeights, ExpertSlices, LinearLora
 
 MIXES_KEPT = 4
@@ -113,76 +114,6 @@ def stack_experts(factors: Sequence[LowRank]) -> LowRank:
     return LowRank(torch.cat([f.A for f in factors], 1), torch.cat([f.B * f.scale for f in factors], 2), 1.0)
 
 
-def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
-        if w.stride(-1) != 1 and w.stride(-2) != 1:
-            w = w.contiguous()
-        return torch._grouped_mm(x.contiguous(), w, offs=offs)
-    return grouped_mm_reference(x, w, offs)
-
-
-def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int):
-    """(token of each pair, routing weight of each pair, end offset of each expert's run), pairs sorted by expert."""
-    expert = top_k_index.reshape(-1)
-    order = torch.argsort(expert, stable=True)
-    # histc, not bincount: a fixed output size, no host sync on GPU.
-    counts = torch.histc(expert.float(), bins=n_experts, min=0, max=n_experts - 1)
-    return order // top_k_index.shape[-1], top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32)
-
-
-def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    h = _gmm(x, f.A.transpose(1, 2), offs)
-    if mask is not None:
-        h = h * mask
-    out = _gmm(h, f.B.transpose(1, 2), offs)
-    return out if f.scale == 1.0 else out * f.scale
-
-
-def experts_forward_mixed(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    act,
-    gate_up: tuple[LowRank, torch.Tensor | None] | None = None,
-    down: tuple[LowRank, torch.Tensor | None] | None = None,
-) -> torch.Tensor:
-    """Routed experts (transformers v5 layout: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) where
-    each token may use its own LoRA.
-
-    Args:
-        x: tokens [T, H]; top_k_index, top_k_weights: the router's choices [T, k].
-        gate_up, down: ``(stacked factors, token column mask [T, R] or None = every column for every token)``
-            (see :func:`stack_experts`), or None for no LoRA on that projection.
-    Returns:
-        [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
-        token's adapter alone.
-    """
-    token, weight, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
-    pair_masks: dict[int, torch.Tensor] = {}  # both projections usually share one token mask: gather it once
-
-    def pairs(mask: torch.Tensor | None) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        if id(mask) not in pair_masks:
-            pair_masks[id(mask)] = mask[token]
-        return pair_masks[id(mask)]
-
-    xs = x[token]
-    h = _gmm(xs, gate_up_proj.transpose(1, 2), offs)
-    if gate_up is not None:
-        h = h + _lowrank(xs, gate_up[0], offs, pairs(gate_up[1])).to(h.dtype)
-    g, u = h.chunk(2, dim=-1)
-    a = act(g) * u
-    y = _gmm(a, down_proj.transpose(1, 2), offs)
-    if down is not None:
-        y = y + _lowrank(a, down[0], offs, pairs(down[1])).to(y.dtype)
-    y = y * weight.unsqueeze(-1).to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-
-
 class MultiLora:
     """Per-module tables of attached adapters' factors, and the forwards that apply them per row."""
 
@@ -199,6 +130,8 @@ class MultiLora:
         self._stacks: OrderedDict[tuple[str, ...], dict[tuple, object]] = OrderedDict()
         self._current: dict[tuple, object] = {}
         self._keys: set[str] = set()
+        self._all: tuple[str, ...] = ()
+        self._fused = FusedLinears()
         self.version = 0
         """Bumped by every :meth:`add` and :meth:`remove` (what a captured CUDA graph read may have moved)."""
         # Routed experts always run through the grouped path while the runtime drives the model, so a row
@@ -251,6 +184,7 @@ class MultiLora:
         """Put ``key``'s factors into the tables (replacing a previous ``key``), patching new modules."""
         self.remove(key)
         self._keys.add(key)
+        self._all = tuple(sorted(self._keys))
         for path, f in weights.linear.items():
             self._linear.setdefault(path, {})[key] = f
             if path not in self._patched:
@@ -267,12 +201,15 @@ class MultiLora:
     def remove(self, key: str) -> None:
         """Drop every reference to ``key``'s factors; give modules no adapter targets their own forward back."""
         self._keys.discard(key)
+        self._all = tuple(sorted(self._keys))
         self.version += 1
         for path in list(self._linear):
             self._linear[path].pop(key, None)
             if not self._linear[path]:
                 del self._linear[path]
-                self._patched.pop(path).__dict__.pop("forward", None)
+                module = self._patched.pop(path)
+                module.__dict__.pop("forward", None)
+                self._fused.release(path, module)
         for path in list(self._experts):
             self._experts[path].pop(key, None)
             if not self._experts[path]:
@@ -286,8 +223,9 @@ class MultiLora:
 
     def close(self) -> None:
         """Restore every patched forward: the model is plain again."""
-        for module in self._patched.values():
+        for path, module in self._patched.items():
             module.__dict__.pop("forward", None)
+            self._fused.release(path, module)
         self._patched.clear()
         self._linear.clear()
         self._experts.clear()
@@ -295,11 +233,12 @@ class MultiLora:
         self._stacks.clear()
         self._current = {}
         self._keys.clear()
+        self._all = ()
         self.version += 1
 
     def keys(self) -> tuple[str, ...]:
         """The attached adapters, sorted (a :class:`RowGroups` over all of them stacks every one's factors)."""
-        return tuple(sorted(self._keys))
+        return self._all
 
     def current_stacks(self, keys: tuple[str, ...]) -> dict[tuple, object]:
         """The stacked factors computed so far for the mix ``keys`` (kept by whoever must keep them alive)."""
@@ -364,15 +303,19 @@ class MultiLora:
         runtime = self
 
         def forward(module, x):
-            y = F.linear(x, module.weight, module.bias)
             routing = runtime._routing
             if routing is None or not routing.keys:
-                return y
+                return F.linear(x, module.weight, module.bias)
             f, groups, ranks = runtime._stacked("linear", path, routing, runtime._linear.get(path, {}))
             if f is None:
-                return y
+                return F.linear(x, module.weight, module.bias)
+            mask = runtime._mask(routing, groups, ranks, x.numel() // x.shape[-1], x.dtype)
+            # With every attached adapter in the batch (always, in a CUDA graph), x A^T shares W's GEMM.
+            fused = runtime._fused.get(path, module, f.A, runtime.version) if routing.keys == runtime._all else None
+            if fused is not None:
+                return fused_lora_linear(x, fused, f.B, mask)
+            y = F.linear(x, module.weight, module.bias)
             h = F.linear(x, f.A)
-            mask = runtime._mask(routing, groups, ranks, h.numel() // h.shape[-1], h.dtype)
             if mask is not None:
                 h.mul_(mask.view(h.shape))
             # y += h B^T as one GEMM accumulating into y (beta = 1): a decode step is bound by kernel launches, and

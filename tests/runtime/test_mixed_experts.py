@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dsft.kernels.expert_lora import LowRank, experts_forward_reference
-from dsft.runtime.multilora import RowGroups, experts_forward_mixed, stack_experts
+from dsft.runtime.mixed_experts import experts_forward_mixed
+from dsft.runtime.multilora import RowGroups, stack_experts
 
 
 def _lowrank(g, E, out, inp, r):

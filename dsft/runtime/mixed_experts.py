@@ -1,0 +1,84 @@
+"""Routed experts where each token may use its own adapter's LoRA: the runtime's MoE forward.
+
+The base experts run once for all (token, expert) pairs with grouped GEMMs; each pair adds its adapter's
+low-rank term (the stacked factors of every adapter in the batch, a column mask keeping the pair's own
+rank block) before the activation (``gate_up_proj``) and after it (``down_proj``): the math of merging
+W + s B A per adapter, without forming it. Grouped GEMMs call ``torch._grouped_mm`` directly (the custom
+op in :mod:`dsft.kernels.grouped_mm` exists for autograd and ``torch.compile``, and its dispatch costs more
+than the GEMM at decode sizes). See :mod:`dsft.runtime.multilora` for the tables and the wiring.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
+
+
+def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
+        if w.stride(-1) != 1 and w.stride(-2) != 1:
+            w = w.contiguous()
+        return torch._grouped_mm(x.contiguous(), w, offs=offs)
+    return grouped_mm_reference(x, w, offs)
+
+
+def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int):
+    """(token of each pair, routing weight of each pair, end offset of each expert's run), pairs sorted by expert."""
+    expert = top_k_index.reshape(-1)
+    order = torch.argsort(expert, stable=True)
+    # histc, not bincount: a fixed output size, no host sync on GPU.
+    counts = torch.histc(expert.float(), bins=n_experts, min=0, max=n_experts - 1)
+    return order // top_k_index.shape[-1], top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32)
+
+
+def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    h = _gmm(x, f.A.transpose(1, 2), offs)
+    if mask is not None:
+        h = h * mask
+    out = _gmm(h, f.B.transpose(1, 2), offs)
+    return out if f.scale == 1.0 else out * f.scale
+
+
+def experts_forward_mixed(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act,
+    gate_up: tuple[LowRank, torch.Tensor | None] | None = None,
+    down: tuple[LowRank, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Routed experts (transformers v5 layout: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) where
+    each token may use its own LoRA.
+
+    Args:
+        x: tokens [T, H]; top_k_index, top_k_weights: the router's choices [T, k].
+        gate_up, down: ``(stacked factors, token column mask [T, R] or None = every column for every token)``
+            (see :func:`stack_experts`), or None for no LoRA on that projection.
+    Returns:
+        [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
+        token's adapter alone.
+    """
+    token, weight, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
+    pair_masks: dict[int, torch.Tensor] = {}  # both projections usually share one token mask: gather it once
+
+    def pairs(mask: torch.Tensor | None) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if id(mask) not in pair_masks:
+            pair_masks[id(mask)] = mask[token]
+        return pair_masks[id(mask)]
+
+    xs = x[token]
+    h = _gmm(xs, gate_up_proj.transpose(1, 2), offs)
+    if gate_up is not None:
+        h = h + _lowrank(xs, gate_up[0], offs, pairs(gate_up[1])).to(h.dtype)
+    g, u = h.chunk(2, dim=-1)
+    a = act(g) * u
+    y = _gmm(a, down_proj.transpose(1, 2), offs)
+    if down is not None:
+        y = y + _lowrank(a, down[0], offs, pairs(down[1])).to(y.dtype)
+    y = y * weight.unsqueeze(-1).to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
