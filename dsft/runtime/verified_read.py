@@ -6,8 +6,9 @@ any input, so parsing may start before the hash is done). Two ways to check, by 
 
 - ``files`` only: one sha256 of the whole file, computed on one worker thread chunk by chunk as the file
   is read. A sha256 is sequential: about 0.8 s for the 900 MB of a lite-shape adapter.
-- ``file_blocks`` as well (schema 2, files larger than one block): the whole file is read, then each
-  block's sha256 is computed on a pool of threads (hashlib releases the GIL) while the caller parses.
+- ``file_blocks`` as well (schema 2, files larger than one block): the blocks are read by a pool of threads
+  (one thread copies the page cache at ~2 GB/s: 0.48 s for a lite-shape adapter on the H200 host), then
+  each block's sha256 is computed on the pool (hashlib releases the GIL) while the caller parses.
   The file must have exactly the recorded number of blocks, so a truncated or extended file fails.
   Block digests are as trusted as ``files``: both come from the registry's copy of the manifest and
   were computed from one read of each file when the adapter was registered.
@@ -40,10 +41,10 @@ def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
     """
     data, verified = read_hashing(directory, manifest, name)
     verified()
-    return data
+    return bytes(data)
 
 
-def read_hashing(directory: Path, manifest: Manifest, name: str) -> tuple[bytes, Callable[[], None]]:
+def read_hashing(directory: Path, manifest: Manifest, name: str) -> tuple[bytearray, Callable[[], None]]:
     """The bytes of ``directory/name`` (read once), and ``verified()``: returns once they matched the
     manifest's digests (its block digests when it has some for the file, else its sha256), raises
     :class:`IntegrityError` if they did not.
@@ -71,7 +72,7 @@ def read_hashing(directory: Path, manifest: Manifest, name: str) -> tuple[bytes,
     return data, verified
 
 
-def _read_sequential(path: Path, digest: str) -> tuple[bytes, Callable[[], bool]]:
+def _read_sequential(path: Path, digest: str) -> tuple[bytearray, Callable[[], bool]]:
     h = hashlib.sha256()
     pool = ThreadPoolExecutor(1)  # one worker: the chunks are hashed in order
     try:
@@ -88,24 +89,35 @@ def _read_sequential(path: Path, digest: str) -> tuple[bytes, Callable[[], bool]
         done = pool.submit(lambda: complete and h.hexdigest() == digest)
     finally:
         pool.shutdown(wait=False)  # the worker finishes what was submitted, then exits
-    return bytes(data), done.result
+    return data, done.result
 
 
-def _read_blocks(path: Path, block_bytes: int, digests: tuple[str, ...]) -> tuple[bytes, Callable[[], bool]]:
-    # Read whole into one bytes object (safetensors parses only bytes): no copy of a bytearray after.
-    with open(path, "rb", buffering=0) as f:
-        data = f.read()
-    count = -(-len(data) // block_bytes)
-    if count != len(digests):  # truncated or extended: the blocks cannot all match
-        return data, lambda: False
-    view = memoryview(data)
-
-    def matches(i: int) -> bool:
-        return hashlib.sha256(view[i * block_bytes : (i + 1) * block_bytes]).hexdigest() == digests[i]
-
-    pool = ThreadPoolExecutor(min(HASH_WORKERS, count))
+def _read_blocks(path: Path, block_bytes: int, digests: tuple[str, ...]) -> tuple[bytearray, Callable[[], bool]]:
+    pool = ThreadPoolExecutor(HASH_WORKERS)
     try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            count = -(-size // block_bytes)
+            if count != len(digests):  # truncated or extended: the blocks cannot all match
+                return bytearray(f.read()), lambda: False
+            data = bytearray(size)
+            view = memoryview(data)
+
+            def read(i: int) -> bool:  # the blocks are read by several threads: one reads the page cache at ~2 GB/s
+                at, end = i * block_bytes, min(size, (i + 1) * block_bytes)
+                while at < end:
+                    got = os.preadv(f.fileno(), [view[at:end]], at)
+                    if not got:
+                        return False  # truncated while being read
+                    at += got
+                return True
+
+            complete = all(pool.map(read, range(count)))
+
+        def matches(i: int) -> bool:
+            return hashlib.sha256(view[i * block_bytes : (i + 1) * block_bytes]).hexdigest() == digests[i]
+
         futures = [pool.submit(matches, i) for i in range(count)]
     finally:
-        pool.shutdown(wait=False)
-    return data, lambda: all(f.result() for f in futures)
+        pool.shutdown(wait=False)  # the workers finish the hashes submitted, then exit
+    return data, lambda: complete and all(f.result() for f in futures)

@@ -33,6 +33,7 @@ from dsft.adapters.esft import EXPERT_PARAMS
 from dsft.atomic import sha256_json
 from dsft.errors import IntegrityError, UsageError
 from dsft.kernels.expert_lora import LowRank
+from dsft.runtime.tensor_file import tensor_views
 from dsft.runtime.verified_read import read_hashing, read_verified
 
 
@@ -327,20 +328,17 @@ def read_adapter(directory: str | Path, manifest: Manifest, model_config, *, dev
 
 
 def _read_lora(directory: Path, manifest: Manifest, model_config, device, dtype) -> AdapterWeights:
-    from safetensors.torch import load as load_safetensors
-
     raw_config = read_verified(directory, manifest, PEFT_CONFIG_FILE)
     config = _peft_config(raw_config)
     data, verified = read_hashing(directory, manifest, PEFT_WEIGHTS_FILE)
     try:  # parsed while the hash runs; nothing leaves before verified()
-        state = load_safetensors(data)
-        del data
+        state = tensor_views(data, str(directory / PEFT_WEIGHTS_FILE))
         with _skeleton(model_config, raw_config, config, device, dtype) as skeleton:
             if skeleton.key_map is not None:
                 _load_mapped(skeleton.key_map, state, directory)
             else:
                 _load_with_peft(skeleton, state, directory)
-            del state  # the CPU copies, once on the device
+            del state, data  # the file's bytes, once on the device
             weights = _extract(skeleton.model, "default", device, dtype)
     except Exception:
         verified()  # a damaged file fails to parse: name it as damaged rather than report the parse error
@@ -351,11 +349,13 @@ def _read_lora(directory: Path, manifest: Manifest, model_config, device, dtype)
 
 def _read_esft(directory: Path, manifest: Manifest, device, dtype) -> dict[str, ExpertSlices]:
     """``{experts module path: slices}`` from ``esft.safetensors`` (``<path>.<param>`` + ``<path>.<param>.experts``)."""
-    from safetensors.torch import load as load_safetensors
-
     from dsft.adapters.esft import INDEX_SUFFIX
 
-    tensors = load_safetensors(read_verified(directory, manifest, ESFT_FILE))
+    data, verified = read_hashing(directory, manifest, ESFT_FILE)
+    try:
+        tensors = tensor_views(data, str(directory / ESFT_FILE))
+    finally:
+        verified()  # before anything parsed is used; a damaged file is named as such rather than by a parse error
     out = {}
     for key in tensors:
         if not key.endswith(".gate_up_proj"):
