@@ -64,6 +64,30 @@ def kernels(runtime, batch, device: str, top: int) -> tuple[float, list[dict]]:
                    for e in events[:top]]
 
 
+def host_profile(runtime, refs: list[str], steps: int, device: str) -> None:
+    """The host's side of a decode step of 1 row: cProfile of ``steps`` steps (graphs captured), by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    row = runtime.make_row(list(range(100, 116)), runtime.resolve(refs[0]), max_new_tokens=steps + 16, ignore_eos=True)
+    batch = runtime.batch(graphs=True)
+    runtime.step(batch, [row])
+    for _ in range(8):  # past the capture
+        runtime.step(batch)
+    sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        runtime.step(batch)
+    sync(device)
+    prof.disable()
+    batch.abandon()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print(out.getvalue())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=None, help="preset or model directory (default: lite shape built in memory)")
@@ -72,6 +96,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
+                   help="also cProfile STEPS graph decode steps of 1 row and print where the host's time goes")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -108,6 +134,8 @@ def main() -> None:
             batch.abandon()
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("top_kernels")}), flush=True)
         results.append(row)
+    if a.host_profile:
+        host_profile(runtime, refs, a.host_profile, a.device)
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-decode-profile"
     out.parent.mkdir(parents=True, exist_ok=True)

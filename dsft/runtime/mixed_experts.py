@@ -23,20 +23,36 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return grouped_mm_reference(x, w, offs)
 
 
+FEW_PAIRS = 64
+"""Up to this many (token, expert) pairs (a decode step of up to 10 rows at 6 experts a token), the LoRA products
+gather each pair's factors and run as batched GEMMs instead of grouped ones: a grouped GEMM over every expert
+costs ~16 us on an H200 whatever the rows (launch-bound at decode sizes), the gather and the bmm a few us each.
+Above it, gathering copies more factor bytes than the grouped GEMMs read."""
+
+
 def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int):
-    """(token of each pair, routing weight of each pair, end offset of each expert's run), pairs sorted by expert."""
+    """(token, routing weight and expert of each pair, end offset of each expert's run), pairs sorted by expert."""
     expert = top_k_index.reshape(-1)
     order = torch.argsort(expert, stable=True)
     # histc, not bincount: a fixed output size, no host sync on GPU.
     counts = torch.histc(expert.float(), bins=n_experts, min=0, max=n_experts - 1)
-    return order // top_k_index.shape[-1], top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32)
+    return (order // top_k_index.shape[-1], top_k_weights.reshape(-1)[order], expert[order],
+            torch.cumsum(counts, 0).to(torch.int32))
 
 
-def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    h = _gmm(x, f.A.transpose(1, 2), offs)
+def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, expert: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+    """``((x A_e^T) * mask) B_e^T s`` for each pair (row of x) and its expert e."""
+    if x.shape[0] <= FEW_PAIRS:
+        h = torch.bmm(x.unsqueeze(1), f.A.index_select(0, expert).transpose(1, 2)).squeeze(1)
+    else:
+        h = _gmm(x, f.A.transpose(1, 2), offs)
     if mask is not None:
         h = h * mask
-    out = _gmm(h, f.B.transpose(1, 2), offs)
+    if x.shape[0] <= FEW_PAIRS:
+        out = torch.bmm(h.unsqueeze(1), f.B.index_select(0, expert).transpose(1, 2)).squeeze(1)
+    else:
+        out = _gmm(h, f.B.transpose(1, 2), offs)
     return out if f.scale == 1.0 else out * f.scale
 
 
@@ -61,7 +77,7 @@ def experts_forward_mixed(
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
     """
-    token, weight, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
+    token, weight, expert, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     pair_masks: dict[int, torch.Tensor] = {}  # both projections usually share one token mask: gather it once
 
     def pairs(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -74,11 +90,11 @@ def experts_forward_mixed(
     xs = x[token]
     h = _gmm(xs, gate_up_proj.transpose(1, 2), offs)
     if gate_up is not None:
-        h = h + _lowrank(xs, gate_up[0], offs, pairs(gate_up[1])).to(h.dtype)
+        h = h + _lowrank(xs, gate_up[0], offs, expert, pairs(gate_up[1])).to(h.dtype)
     g, u = h.chunk(2, dim=-1)
     a = act(g) * u
     y = _gmm(a, down_proj.transpose(1, 2), offs)
     if down is not None:
-        y = y + _lowrank(a, down[0], offs, pairs(down[1])).to(y.dtype)
+        y = y + _lowrank(a, down[0], offs, expert, pairs(down[1])).to(y.dtype)
     y = y * weight.unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))

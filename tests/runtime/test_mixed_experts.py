@@ -1,10 +1,12 @@
 """The mixed-adapter routed-experts forward against the plain reference, token by token."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dsft.kernels.expert_lora import LowRank, experts_forward_reference
+from dsft.runtime import mixed_experts
 from dsft.runtime.mixed_experts import experts_forward_mixed
 from dsft.runtime.multilora import RowGroups, stack_experts
 
@@ -13,7 +15,9 @@ def _lowrank(g, E, out, inp, r):
     return LowRank(torch.randn(E, r, inp, generator=g) * 0.3, torch.randn(E, out, r, generator=g) * 0.3, 1.5)
 
 
-def test_each_token_gets_its_own_adapters_experts():
+@pytest.mark.parametrize("few_pairs", [0, 64], ids=["grouped", "gathered"])
+def test_each_token_gets_its_own_adapters_experts(monkeypatch, few_pairs):
+    monkeypatch.setattr(mixed_experts, "FEW_PAIRS", few_pairs)  # 48 pairs: grouped GEMMs, or gathered factors
     g = torch.Generator().manual_seed(0)
     T, H, I, E, k = 24, 16, 8, 6, 2
     x = torch.randn(T, H, generator=g)
