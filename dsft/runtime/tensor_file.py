@@ -21,8 +21,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def tensor_views(data: bytearray, where: str) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` viewing ``data`` (a safetensors file's bytes; kept alive by the tensors).
+def tensor_views(raw: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` viewing ``raw`` (a safetensors file's bytes as a uint8 CPU tensor).
 
     Raises:
         IntegrityError: the header is malformed, names an unknown dtype or points outside the data.
@@ -30,20 +30,19 @@ def tensor_views(data: bytearray, where: str) -> dict[str, torch.Tensor]:
     def bad(what: str) -> IntegrityError:
         return IntegrityError(f"{where}: not a valid safetensors file ({what}); re-export or retrain the adapter")
 
-    if len(data) < 8:
+    if len(raw) < 8:
         raise bad("shorter than its header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
+    n = int.from_bytes(raw[:8].numpy().tobytes(), "little")
+    if n > len(raw) - 8:
         raise bad("header longer than the file")
     try:
-        header = json.loads(bytes(data[8 : 8 + n]))
+        header = json.loads(raw[8 : 8 + n].numpy().tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad(f"header: {exc}") from None
     if not isinstance(header, dict):
         raise bad("header is not an object")
     header.pop("__metadata__", None)
-    raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    start, size = 8 + n, len(data) - 8 - n
+    start, size = 8 + n, len(raw) - 8 - n
     out = {}
     for name, info in header.items():
         try:
