@@ -9,7 +9,7 @@ never formed, so autograd never needs a gradient for the frozen W (PEFT's ``targ
 materialises W + BA per step and pays a full weight-gradient GEMM for it); the backward is
 dX = dY W_e + s (dY B_e) A_e, plus the small dA, dB.
 
-On CUDA the grouped GEMMs are ``torch._grouped_mm`` (through :mod:`dsft.kernels.grouped_mm`); elsewhere (and as the reference in tests) the
+On CUDA the grouped GEMMs are torch's grouped GEMM (through :mod:`dsft.kernels.grouped_mm`); elsewhere (and as the reference in tests) the
 same math runs as a loop over experts.
 """
 from __future__ import annotations
@@ -93,7 +93,9 @@ def grouped_kernel_forced(force: bool = True) -> Iterator[None]:
 def use_grouped_kernel(x: torch.Tensor) -> bool:
     if FORCE_GROUPED_KERNEL:
         return True
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")
+    from dsft.kernels.grouped_mm import has_grouped_mm
+
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_grouped_mm()
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

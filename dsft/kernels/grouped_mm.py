@@ -1,4 +1,5 @@
-"""``torch._grouped_mm`` behind custom ops, so that compiled graphs cannot hand it tensors in a
+"""The grouped GEMM (``torch.nn.functional.grouped_mm``, or the private ``torch._grouped_mm`` it wraps on a torch
+without it) behind custom ops, so that compiled graphs cannot hand it tensors in a
 layout it rejects (inductor is free to drop a ``.contiguous()`` it sees as value-preserving), and so
 that the backward computes only the gradients that are needed (none for a frozen expert weight).
 
@@ -11,6 +12,18 @@ that the backward computes only the gradients that are needed (none for a frozen
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def has_grouped_mm() -> bool:
+    """Whether this torch has a grouped GEMM kernel (public or private)."""
+    return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, K] @ w [G, K, N] per group of rows ending at ``offs``: the public op where torch has it."""
+    op = getattr(F, "grouped_mm", None)
+    return op(x, w, offs=offs) if op is not None else torch._grouped_mm(x, w, offs=offs)
 
 
 def _grouped_ok(t: torch.Tensor) -> bool:
@@ -24,7 +37,7 @@ def _fixed(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("dsft::gmm", mutates_args=())
 def gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
+    return grouped_mm_kernel(x.contiguous(), _fixed(w), offs)
 
 
 @gmm.register_fake
@@ -34,7 +47,7 @@ def _(x, w, offs):
 
 @torch.library.custom_op("dsft::gmm_wgrad", mutates_args=())
 def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    dw = torch._grouped_mm(x.t(), dy.contiguous(), offs=offs)
+    dw = grouped_mm_kernel(x.t(), dy.contiguous(), offs)
     # A group with no rows (an expert no token chose this step) is never written by the kernel: its
     # slice is whatever the caching allocator held, NaN at times on CUDA (pytorch#154557, #193633).
     # Its gradient is zero; where(), not a multiply, because 0 * NaN is NaN.
@@ -74,7 +87,7 @@ the values in w equal to ``part``'s."""
 @torch.library.custom_op("dsft::gmm_part", mutates_args=())
 def gmm_part(x: torch.Tensor, w: torch.Tensor, part: torch.Tensor, offs: torch.Tensor, where: str) -> torch.Tensor:
     # The forward reads ``part`` through w: one GEMM serves the trained and the frozen part alike.
-    return torch._grouped_mm(x.contiguous(), _fixed(w), offs=offs)
+    return grouped_mm_kernel(x.contiguous(), _fixed(w), offs)
 
 
 @gmm_part.register_fake

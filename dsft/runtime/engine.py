@@ -140,7 +140,7 @@ class Engine:
         """
         if self._closed:
             raise EngineBusy("the engine is shutting down")
-        if self._queue.qsize() >= self.max_queue:
+        if self._queue.qsize() + len(self._held) >= self.max_queue:  # held for KV memory: waiting too
             raise EngineBusy(f"{self.max_queue} requests are already waiting; retry shortly")
         if not isinstance(request.adapter, AdapterHandle):
             from dataclasses import replace

@@ -3,7 +3,7 @@
 The base experts run once for all (token, expert) pairs with grouped GEMMs; each pair adds its adapter's
 low-rank term (the stacked factors of every adapter in the batch, a column mask keeping the pair's own
 rank block) before the activation (``gate_up_proj``) and after it (``down_proj``): the math of merging
-W + s B A per adapter, without forming it. Grouped GEMMs call ``torch._grouped_mm`` directly (the custom
+W + s B A per adapter, without forming it. Grouped GEMMs call the kernel directly (the custom
 op in :mod:`dsft.kernels.grouped_mm` exists for autograd and ``torch.compile``, and its dispatch costs more
 than the GEMM at decode sizes). See :mod:`dsft.runtime.multilora` for the tables and the wiring.
 """
@@ -12,14 +12,15 @@ from __future__ import annotations
 import torch
 
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
+from dsft.kernels.grouped_mm import grouped_mm_kernel, has_grouped_mm
 
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_grouped_mm():
         if w.stride(-1) != 1 and w.stride(-2) != 1:
             w = w.contiguous()
-        return torch._grouped_mm(x.contiguous(), w, offs=offs)
+        return grouped_mm_kernel(x.contiguous(), w, offs)
     return grouped_mm_reference(x, w, offs)
 
 

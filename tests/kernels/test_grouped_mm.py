@@ -92,3 +92,21 @@ def test_an_expert_no_token_chose_gets_a_zero_gradient_whatever_the_kernel_left_
     assert torch.isfinite(dw).all() and not dw[1].any()
     want = [x[a:b].t() @ dy[a:b] for a, b in ((0, 3), (3, 12), (12, 16))]
     torch.testing.assert_close(dw[[0, 2, 3]], torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+def test_the_public_grouped_mm_where_torch_has_it_else_the_private_op(monkeypatch):
+    from dsft.kernels import grouped_mm as ops
+
+    torch.manual_seed(0)
+    x, w = torch.randn(16, 8), torch.randn(4, 8, 16)
+    want = grouped_mm_reference(x, w, OFFS)
+    calls = []
+    public = getattr(torch.nn.functional, "grouped_mm", None)
+    if public is not None:
+        monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append("public") or public(*a, **k))
+        torch.testing.assert_close(ops.grouped_mm_kernel(x, w, OFFS), want, rtol=1e-5, atol=1e-5)
+        assert calls == ["public"]
+        monkeypatch.delattr(torch.nn.functional, "grouped_mm")  # an older torch: the private op alone
+    assert ops.has_grouped_mm()
+    torch.testing.assert_close(ops.grouped_mm_kernel(x, w, OFFS), want, rtol=1e-5, atol=1e-5)
+    assert calls in ([], ["public"])
