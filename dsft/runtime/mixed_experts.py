@@ -44,16 +44,15 @@ def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: in
 def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, expert: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:
     """``((x A_e^T) * mask) B_e^T s`` for each pair (row of x) and its expert e."""
-    if x.shape[0] <= FEW_PAIRS:
-        h = torch.bmm(x.unsqueeze(1), f.A.index_select(0, expert).transpose(1, 2)).squeeze(1)
-    else:
-        h = _gmm(x, f.A.transpose(1, 2), offs)
+    def product(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # v [P, K] @ w[e]^T per pair, w [E, N, K]
+        if x.shape[0] <= FEW_PAIRS:  # gathered whole (contiguous copies), transposed as a view
+            return torch.bmm(v.unsqueeze(1), w.index_select(0, expert).transpose(1, 2)).squeeze(1)
+        return _gmm(v, w.transpose(1, 2), offs)
+
+    h = product(x, f.A)
     if mask is not None:
         h = h * mask
-    if x.shape[0] <= FEW_PAIRS:
-        out = torch.bmm(h.unsqueeze(1), f.B.index_select(0, expert).transpose(1, 2)).squeeze(1)
-    else:
-        out = _gmm(h, f.B.transpose(1, 2), offs)
+    out = product(h, f.B)
     return out if f.scale == 1.0 else out * f.scale
 
 
@@ -73,7 +72,7 @@ def experts_forward_mixed(
     Args:
         x: tokens [T, H]; top_k_index, top_k_weights: the router's choices [T, k].
         gate_up, down: ``(stacked factors, token column mask [T, R] or None = every column for every token)``
-            (see :func:`stack_experts`), or None for no LoRA on that projection.
+            (see :func:`dsft.runtime.multilora.stack_experts`), or None for no LoRA on that projection.
     Returns:
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
