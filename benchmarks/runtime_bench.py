@@ -121,11 +121,13 @@ def timed(fn, device: str):
 
 
 def run_scenario(engine, adapters: list, prompt_tokens: int | None, new_tokens: int, device: str) -> dict:
-    """One scenario through the engine: every request from its own thread at once; tokens/s and time to first token."""
+    """One scenario through the engine: every request from its own thread at once; tokens/s, time to first token
+    and the time between a request's tokens after its first (its decode speed, without the wait and the prefill)."""
     from dsft.runtime.engine import Request
 
     results: list = [None] * len(adapters)
     first_token: list[float | None] = [None] * len(adapters)
+    last_token: list[float] = [0.0] * len(adapters)
     g = torch.Generator().manual_seed(0)
     vocab = len(engine.runtime.tokenizer)
     prompts = [torch.randint(100, vocab, (prompt_tokens,), generator=g).tolist() if prompt_tokens else None
@@ -133,8 +135,9 @@ def run_scenario(engine, adapters: list, prompt_tokens: int | None, new_tokens: 
 
     def ask(i: int) -> None:
         def on_token() -> None:
+            last_token[i] = time.perf_counter()
             if first_token[i] is None:
-                first_token[i] = time.perf_counter()
+                first_token[i] = last_token[i]
         text = None if prompts[i] else PROMPTS[i % len(PROMPTS)]
         results[i] = engine.generate(Request(adapter=adapters[i], prompt=text, prompt_ids=prompts[i], raw=True,
                                              max_new_tokens=new_tokens, ignore_eos=True, on_token=on_token))
@@ -149,7 +152,10 @@ def run_scenario(engine, adapters: list, prompt_tokens: int | None, new_tokens: 
     seconds = time.perf_counter() - t0
     tokens = sum(r.completion_tokens for r in results)
     ttft = sorted(f - t0 for f in first_token if f is not None)
+    itl = sorted((last - first) / (r.completion_tokens - 1) for first, last, r in zip(first_token, last_token, results)
+                 if first is not None and r.completion_tokens > 1)
     return {"generated": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "inter_token_ms_p50": round(itl[len(itl) // 2] * 1000, 2) if itl else None,
             "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
             "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None}
 
@@ -372,12 +378,13 @@ def main() -> None:
              f"| decode as CUDA graphs vs eager: rows equal / tokens equal (greedy, 16 tokens) | "
              f"{lifecycle['graph_vs_eager_equal_rows']} / {lifecycle['graph_vs_eager_equal_tokens']} |", "",
              "dsft rows: the second of two identical runs (the first, 'cold', captured CUDA graphs for new batch shapes).", "",
-             "| engine | scenario | tokens/s | cold tokens/s | seconds | time to first token p50 / p99 s | vs PEFT |",
-             "|---|---|---|---|---|---|---|"]
+             "| engine | scenario | tokens/s | cold tokens/s | seconds | time to first token p50 / p99 s | "
+             "ms between a request's tokens, p50 | vs PEFT |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ttft = f"{r['ttft_p50_s']} / {r['ttft_p99_s']}" if r.get("ttft_p50_s") is not None else ""
         lines.append(f"| {r['engine']} | {r['scenario']} | {r['tokens_per_s']} | {r.get('cold_tokens_per_s', '')} | "
-                     f"{r['seconds']} | {ttft} | {r.get('speedup_vs_peft', '')} |")
+                     f"{r['seconds']} | {ttft} | {r.get('inter_token_ms_p50', '') or ''} | {r.get('speedup_vs_peft', '')} |")
     err = next((r.get("mixed_batch_error") for r in rows if r.get("mixed_batch_error")), None)
     if err:
         lines += ["", f"PEFT mixed batch (`adapter_names=`) on this adapter: `{err}`"]
