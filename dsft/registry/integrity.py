@@ -125,6 +125,9 @@ def _explain_hidden(name: str) -> str | None:
         return "staging directory of a write in progress or interrupted; `dsft registry gc` removes it once its writer is gone"
     if "trash-" in name:
         return "left by an interrupted `registry rm` (its row is gone); `dsft registry gc` removes it"
+    if name.endswith(".placing"):
+        return ("a registration in progress, or one killed before its commit: undone when the registry is next "
+                "opened on the host that wrote it")
     return None
 
 

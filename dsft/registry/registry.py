@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from dsft.adapter_format import MANIFEST_FILE
 from dsft.atomic import sha256_file, staging_dir, write_json_atomic
-from dsft.errors import UsageError
+from dsft.errors import RegistryError, UsageError
 from dsft.home import adapters_dir, registry_url
-from dsft.registry import importer, peft_export
+from dsft.registry import importer, peft_export, placing
 from dsft.registry import repository as repo
 from dsft.registry.compat import decide
 from dsft.registry.integrity import Finding, check_files, file_findings, orphan_findings
@@ -308,4 +308,10 @@ def open_registry(url: str | None = None, *, adapters_root: str | Path | None = 
     except BaseException:
         engine.dispose()
         raise
-    return Registry(engine, Path(adapters_root) if adapters_root is not None else None)
+    reg = Registry(engine, Path(adapters_root) if adapters_root is not None else None)
+    if placing.pending(reg.adapters_root):  # a registration was killed between placing its directory and its commit
+        try:
+            placing.recover(reg)
+        except (RegistryError, OSError) as err:  # reads go on; the next open tries again
+            log.warning("could not undo an interrupted registration: %s", err)
+    return reg

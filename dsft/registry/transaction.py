@@ -3,7 +3,8 @@
 The transaction holds the registry's write lock from its first line (see ``store``), so everything
 read inside it (the latest version, existing tags) stays true until it commits. File moves that
 belong to the unit register an undo with :meth:`Transaction.on_rollback`: rows and files change
-together or not at all (a SIGKILL can still leave a directory behind; ``verify`` names it).
+together or not at all. A SIGKILL between placing an adapter directory and the commit is undone when a
+registry is next opened (:mod:`dsft.registry.placing`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from dsft.atomic import fsync_dir
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
+from dsft.registry import placing
 from dsft.registry import repository as repo
 from dsft.registry.compat import Decision, applies_to, decide, trained_fingerprint
 from dsft.registry.models import AdapterVersion, BaseVersion, Compatibility, Tag, utcnow
@@ -231,9 +233,17 @@ class Transaction:
         if final.exists():
             raise UsageError(f"{final} already exists but is not registered (see `dsft registry verify`); "
                              "move it away or choose another version")
+        intent = placing.record_intent(final)  # a kill before the commit is undone by the next open
         os.rename(staged, final)
         fsync_dir(final.parent)
-        self.on_rollback(lambda: os.rename(final, staged))
+
+        def undo() -> None:
+            os.rename(final, staged)
+            fsync_dir(final.parent)
+            intent.unlink(missing_ok=True)
+
+        self.on_rollback(undo)
+        self.after_commit(lambda: intent.unlink(missing_ok=True))
         return final
 
     def add_adapter(self, *, domain: str, version: str, kind: str, path: str | Path, manifest: Mapping[str, Any],

@@ -56,3 +56,24 @@ def test_kills_during_import_and_train_leave_a_clean_registry(dsft, home, tmp_pa
                 and not (r.parent / "checkpoints" / "latest.json").exists()] if (home / "runs").exists() else True
     # and the registry still takes writes: the lock was not left held
     assert dsft("registry", "import", str(src), "--domain", "finance").returncode == 0
+
+
+def test_a_kill_between_placing_the_directory_and_the_commit_is_undone_at_the_next_open(dsft, home, tmp_path):
+    """The one window the random kills above rarely hit: the version directory is in place, its row not committed."""
+    src = tmp_path / "peft"
+    write_peft_dir(src)
+    killed = ("import os, signal, sys\n"
+              "from dsft.registry import open_registry\n"
+              "from dsft.registry.transaction import Transaction\n"
+              "Transaction.add_adapter = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "open_registry().import_dir(sys.argv[1], domain='finance')\n")
+    env = {**os.environ, "DSFT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", killed, str(src)], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL and (home / "adapters" / "finance" / "0.1.0").is_dir()
+
+    report = json.loads(dsft("registry", "verify", "--json").stdout)  # opening the registry undoes the placement
+    assert report["ok"] and not (home / "adapters" / "finance" / "0.1.0").exists(), report
+    assert dsft("registry", "gc").returncode == 0
+    assert not [p for p in (home / "adapters" / "finance").iterdir()]
+    assert dsft("registry", "import", str(src), "--domain", "finance").returncode == 0  # and 0.1.0 is free again
+    assert [a["version"] for a in json.loads(dsft("registry", "list", "--json").stdout)] == ["0.1.0"]
