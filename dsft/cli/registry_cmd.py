@@ -341,8 +341,12 @@ def gc_cmd(dry_run: Annotated[bool, typer.Option("--dry-run", help="List what wo
 
     Example: dsft registry gc --dry-run
     """
+    from dsft.home import adapters_dir
     from dsft.registry.gc import find_leftovers, remove
+    from dsft.registry.placing import pending
 
+    if pending(adapters_dir()):  # an rm killed before its commit: its trash is put back first (on open), not removed
+        open_registry().close()
     found = find_leftovers(min_age_s=older_than, resumable=resumable)
     removed = [] if dry_run else remove(found)
     if json_out:

@@ -82,3 +82,22 @@ def test_a_registration_that_ends_leaves_no_intent(reg: Registry, tmp_path: Path
     else:
         reg.import_dir(src, domain="finance")
     assert not list(reg.adapters_root.glob("*/.*.placing"))
+
+
+def test_a_removal_killed_before_its_commit_gets_its_directory_back(reg: Registry, registry_url) -> None:
+    from registry_helpers import register
+
+    rec = register(reg, "finance", fingerprint())
+    home = Path(rec.path)
+    with reg.transaction() as tx:  # what a SIGKILL after the rename to trash and before the commit leaves
+        tx.remove_adapter(rec.ref)
+        tx._undo.clear()
+        tx._after.clear()
+        tx.session.rollback()
+    pid = _dead_pid()
+    [trash] = [p for p in home.parent.iterdir() if "-trash-" in p.name]
+    trash.rename(trash.with_name(f".{home.name}.{pid}-trash-{trash.name.rsplit('-', 1)[1]}"))
+    assert not home.exists() and not reg.verify().ok  # registered, its files in the trash gc would delete
+    with open_registry(registry_url) as again:
+        assert again.verify().ok and home.is_dir() and [a.ref for a in again.list_adapters()] == [rec.ref]
+        assert not [p for p in home.parent.iterdir() if "-trash-" in p.name]
