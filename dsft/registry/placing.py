@@ -62,7 +62,9 @@ def recover(reg: Any, alive=None) -> list[str]:
     from dsft.registry.gc import pid_alive
 
     alive = alive or pid_alive
-    if not pending(reg.adapters_root):
+    # Only a dead writer's entries need the lock: a live writer's (this process's too, which may hold the
+    # lock itself) are left without waiting for it.
+    if not any(_writer_dead(entry, alive) for entry in pending(reg.adapters_root)):
         return []
     done = []
     with reg.transaction() as tx:
@@ -75,13 +77,25 @@ def recover(reg: Any, alive=None) -> list[str]:
     return done
 
 
-def _placed(tx: Any, intent: Path, alive) -> str | None:
+def _intent_writer(intent: Path) -> int | None:
+    """The pid of an intent written on this host (None: unreadable, or another host's to judge)."""
     try:
         who = json.loads(intent.read_text())
         pid, host = int(who["pid"]), str(who["host"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # written atomically: only a stray file can be unreadable
-    if host != socket.gethostname() or alive(pid):
+    return pid if host == socket.gethostname() else None
+
+
+def _writer_dead(entry: Path, alive) -> bool:
+    m = _TRASH.match(entry.name)
+    pid = int(m.group("pid")) if m else _intent_writer(entry)
+    return pid is not None and not alive(pid)
+
+
+def _placed(tx: Any, intent: Path, alive) -> str | None:
+    pid = _intent_writer(intent)
+    if pid is None or alive(pid):
         return None
     domain, version = intent.parent.name, intent.name[1 : -len(SUFFIX)]
     final = intent.parent / version

@@ -101,3 +101,17 @@ def test_a_removal_killed_before_its_commit_gets_its_directory_back(reg: Registr
     with open_registry(registry_url) as again:
         assert again.verify().ok and home.is_dir() and [a.ref for a in again.list_adapters()] == [rec.ref]
         assert not [p for p in home.parent.iterdir() if "-trash-" in p.name]
+
+
+def test_opening_a_registry_during_a_live_registration_does_not_wait_for_its_lock(reg: Registry, registry_url) -> None:
+    import time
+
+    with reg.transaction() as tx:  # this process holds the write lock, its intent on disk
+        staged = reg.adapters_root / "finance" / ".z.partial"
+        write_adapter_files(staged)
+        tx.place_dir(staged, domain="finance", version="0.1.0")
+        t0 = time.monotonic()
+        with open_registry(registry_url) as other:
+            assert other.list_adapters() == []
+        assert time.monotonic() - t0 < 5  # not the lock's busy timeout
+        tx.session.rollback()
