@@ -4,11 +4,11 @@ transformers' RMSNorm (Llama's, copied into every MoE model this runtime serves)
 
     weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps)).to(x.dtype)
 
-which launches eight kernels on a GPU (two casts, pow, mean, add, rsqrt, two multiplies). A decode step
-of one row is bound by kernel launches, not by arithmetic (DeepSeek-V2-Lite shape: 82 norms a step, ~650 of
-the step's ~3,400 kernels), so the runtime computes the normalisation with ``F.rms_norm`` (one fused kernel on
-CUDA, accumulating in fp32) and keeps the weight multiply as its own bf16 product, as transformers rounds it:
-the result is transformers' up to the order of the fp32 reduction.
+which is eight ops, each a kernel on a GPU (two casts, pow, mean, add, rsqrt, two multiplies). A decode
+step of one row is bound by kernel launches, not by arithmetic (DeepSeek-V2-Lite shape: 82 norms a step), so
+the runtime computes the normalisation with ``F.rms_norm`` (one fused kernel on CUDA, accumulating in fp32)
+and keeps the weight multiply as its own bf16 product, as transformers rounds it: the result is transformers'
+up to the order of the fp32 reduction.
 
 Only modules whose ``forward`` is exactly that code (the same bytecode as Llama's) are patched; a norm with
 other math (Gemma's ``1 + weight``, a norm without weight) keeps its own forward.

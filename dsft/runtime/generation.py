@@ -69,8 +69,8 @@ class TextStream:
     stop string, and a trailing incomplete UTF-8 sequence, are held back until they are decided. With
     nobody listening (``live`` false) and no stop strings, nothing is decoded until :meth:`flush`.
 
-    Each push decodes a window of the last few ids, not the whole sequence (which costs 0.4 ms at 2,000
-    tokens, per row and per token: the host's time of a decode step with many long rows): the ids since
+    Each push decodes a window of the last few ids, not the whole sequence (which cost 0.4 ms at 2,000
+    tokens on the CI machine, per row and per token: the host's time of a decode step with many long rows): the ids since
     the last piece was taken, after the ids of that piece as context, so that a tokenizer that drops a
     leading space at the start of a decode treats both decodes alike (vLLM's incremental detokenizer).
     """

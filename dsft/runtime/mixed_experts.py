@@ -26,9 +26,10 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 FEW_PAIRS = 64
 """Up to this many (token, expert) pairs (a decode step of up to 10 rows at 6 experts a token), the LoRA products
-gather each pair's factors and run as batched GEMMs instead of grouped ones: a grouped GEMM over every expert
-costs ~16 us on an H200 whatever the rows (launch-bound at decode sizes), the gather and the bmm a few us each.
-Above it, gathering copies more factor bytes than the grouped GEMMs read."""
+gather each pair's factors and run as batched GEMMs instead of grouped ones over every expert, which are
+launch-bound at decode sizes (H200, lite shape: the step's grouped GEMMs averaged 16 us a call at 1 row).
+Measured on the H200 (decode_profile, same call): 9.0 -> 8.6 ms a step at 1 row, 16.6 -> 15.4 at 8 rows.
+Above it, gathering copies more factor bytes than the grouped GEMMs read (not measured: 32 rows ran grouped)."""
 
 
 def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int):
