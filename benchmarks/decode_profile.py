@@ -31,12 +31,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def steps_ms(runtime, refs: list[str], rows_n: int, steps: int, graphs: bool, device: str, vocab: int):
-    """Admit ``rows_n`` rows into a fresh running batch, warm up, then time ``steps`` decode steps."""
+def steps_ms(runtime, refs: list[str], rows_n: int, steps: int, graphs: bool, device: str, vocab: int,
+             overlap: bool | None = None):
+    """Admit ``rows_n`` rows into a fresh running batch, warm up, then time ``steps`` decode steps (``overlap``:
+    each launched before the previous one's tokens are read; default: as the runtime does on this device)."""
     g = torch.Generator().manual_seed(rows_n)
     rows = [runtime.make_row(torch.randint(100, vocab, (16,), generator=g).tolist(), runtime.resolve(refs[i % len(refs)]),
                              max_new_tokens=steps + 8, ignore_eos=True) for i in range(rows_n)]
-    batch = runtime.batch(graphs=graphs)
+    batch = runtime.batch(graphs=graphs, overlap=overlap)
     runtime.step(batch, rows)
     for _ in range(3):
         runtime.step(batch)
@@ -50,7 +52,7 @@ def steps_ms(runtime, refs: list[str], rows_n: int, steps: int, graphs: bool, de
 
 
 def kernels(runtime, batch, device: str, top: int) -> tuple[float, list[dict]]:
-    """GPU kernel time of one step (mean of 3) and its top kernels by time."""
+    """GPU kernel time of one step (mean of 3), its kernels, and its top kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -59,8 +61,9 @@ def kernels(runtime, batch, device: str, top: int) -> tuple[float, list[dict]]:
         sync(device)
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     total = sum(e.device_time_total for e in events) / 3 / 1000
+    count = sum(e.count for e in events) // 3
     events.sort(key=lambda e: -e.device_time_total)
-    return total, [{"kernel": e.key[:90], "ms_per_step": round(e.device_time_total / 3 / 1000, 3), "calls_per_step": e.count // 3}
+    return total, count, [{"kernel": e.key[:90], "ms_per_step": round(e.device_time_total / 3 / 1000, 3), "calls_per_step": e.count // 3}
                    for e in events[:top]]
 
 
@@ -124,13 +127,18 @@ def main() -> None:
             row[f"{tag}_ms_per_step"] = round(ms, 2)
             row[f"{tag}_tokens_per_s"] = round(n / ms * 1000, 1)
             if a.device.startswith("cuda"):
-                total, top = kernels(runtime, batch, a.device, a.top)
+                total, count, top = kernels(runtime, batch, a.device, a.top)
                 row[f"{tag}_kernel_ms_per_step"] = round(total, 2)
+                row[f"{tag}_kernels_per_step"] = count
                 row[f"{tag}_top_kernels"] = top
             if graphs:
                 row["captures"] = batch.slots.captures if batch.slots else 0
                 row["graph_error"] = batch.slots.graph_error if batch.slots else None
                 row["kv_cache_gib"] = round(batch.slots.cache.nbytes() / 2**30, 3) if batch.slots else 0
+            batch.abandon()
+        if a.device.startswith("cuda"):  # the same graphs, each step's tokens read before the next is launched
+            ms, batch = steps_ms(runtime, refs, n, a.steps, True, a.device, vocab, overlap=False)
+            row["graph_read_each_step_ms_per_step"] = round(ms, 2)
             batch.abandon()
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("top_kernels")}), flush=True)
         results.append(row)
@@ -143,11 +151,14 @@ def main() -> None:
             "steps": a.steps}
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "sizes": results}, indent=2) + "\n")
     lines = [f"# Decode steps on {device_name}: {loaded.ref.name}, 4 adapters mixed ({date.today()})", "",
-             "| rows | graph ms/step | graph tokens/s | GPU kernel ms/step (graph) | eager ms/step | eager tokens/s | GPU kernel ms/step (eager) |",
-             "|---|---|---|---|---|---|---|"]
+             "Graph steps are launched before the previous step's tokens are read (overlap, as the runtime does on a "
+             "GPU); 'read each step' is the same graphs without it.", "",
+             "| rows | graph ms/step | graph tokens/s | read each step ms/step | GPU kernel ms/step (graph) | kernels/step | eager ms/step | eager tokens/s | GPU kernel ms/step (eager) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['rows']} | {r.get('graph_ms_per_step', '')} | {r.get('graph_tokens_per_s', '')} | "
-                     f"{r.get('graph_kernel_ms_per_step', '')} | {r.get('eager_ms_per_step', '')} | "
+                     f"{r.get('graph_read_each_step_ms_per_step', '')} | "
+                     f"{r.get('graph_kernel_ms_per_step', '')} | {r.get('graph_kernels_per_step', '')} | {r.get('eager_ms_per_step', '')} | "
                      f"{r.get('eager_tokens_per_s', '')} | {r.get('eager_kernel_ms_per_step', '')} |")
     for r in results:
         if r.get("graph_top_kernels"):

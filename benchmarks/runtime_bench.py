@@ -252,6 +252,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the time-to-first-token scenario")
     p.add_argument("--concurrent-high", type=int, default=128, help="requests of the high-concurrency scenario (0: skip)")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
+    p.add_argument("--overlap-ab", action="store_true",
+                   help="also run the generation scenarios with each decode step's tokens read before the next is "
+                        "launched (DSFT_OVERLAP=0), in the same process, before the default")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -333,7 +336,13 @@ def main() -> None:
                   a.prompt_tokens)]
     if a.concurrent_high:
         scenarios.append(("Hx4", f"{a.concurrent_high} requests, 4 adapters mixed", [DOMAINS[i % 4] for i in range(a.concurrent_high)]))
-    rows = runtime_generation(runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, a.concurrent_high, 1))
+    rows = []
+    if a.overlap_ab:  # each step's tokens read before the next step is launched, as before 2026-12-01
+        os.environ["DSFT_OVERLAP"] = "0"
+        rows += [{**r, "engine": "dsft runtime, read each step"} for r in runtime_generation(
+            runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, a.concurrent_high, 1))]
+        os.environ.pop("DSFT_OVERLAP")
+    rows += runtime_generation(runtime, scenarios, a.new_tokens, a.device, a.batch_wait_ms, max(n, a.concurrent_high, 1))
     if a.device.startswith("cuda"):  # the same single stream with decode steps launched one by one
         os.environ["DSFT_CUDA_GRAPHS"] = "0"
         rows += runtime_generation(runtime, [("1x1-eager", "1 request, 1 adapter, no CUDA graphs", ["finance"])],
@@ -345,7 +354,7 @@ def main() -> None:
         rows += peft_generation(loaded.model, loaded.tokenizer, paths, n, a.new_tokens, a.device)
 
     for r in rows:
-        match = next((q for q in rows if q["engine"] != r["engine"] and q["key"] == r["key"]), None)
+        match = next((q for q in rows if q["engine"] == "plain PEFT generate" and q["key"] == r["key"]), None)
         if r["engine"] == "dsft runtime" and match:
             r["speedup_vs_peft"] = round(r["tokens_per_s"] / match["tokens_per_s"], 2)
     import peft as peft_lib

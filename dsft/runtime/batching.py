@@ -10,6 +10,13 @@ A :class:`RunningBatch` holds the rows being generated and their KV cache.
   and drops the rows that finished (stop, length, cancelled, failed) at once (the slots are compacted),
   so their slots are free for the next admission.
 
+Overlap (on a GPU): a step launches the next token's forward and sampling *before* reading the tokens the
+previous step sampled (they come back through pinned memory with an event), so the host's work of a token
+(recording it, detokenising, stop strings, the engine's bookkeeping) runs while the GPU computes the next
+one instead of between them. The host learns a row finished one step late: a row that ended by EOS or a
+stop string has one more token computed, which is discarded (a row ending by length is foreseen, and a
+step whose every row ends is not launched).
+
 In the slots each row is left-aligned and attends over its own columns only, at its own positions, so a
 row computes what it would compute alone whatever joins or leaves around it. A model whose cache cannot
 be kept that way (sliding-window layers: :func:`dsft.runtime.kv_cache.joinable`) decodes its rows in their
@@ -24,6 +31,7 @@ admission and one step, so adapters can be attached and detached between steps.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +65,31 @@ class _Part:
     @property
     def keys(self) -> list[str | None]:
         return [r.key for r in self.rows]
+
+
+@dataclass
+class _Unread:
+    """Tokens a decode step sampled, on their way to the host: read (and recorded) after the next step is
+    launched. ``rows`` are the rows they belong to, in order; rows that finished meanwhile are skipped."""
+
+    rows: list[Row]
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def of(cls, rows: list[Row], local: torch.Tensor) -> _Unread:
+        if local.device.type != "cuda":
+            return cls(list(rows), local, None)
+        host = torch.empty(local.shape, dtype=local.dtype, pin_memory=True)
+        host.copy_(local, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(list(rows), host, ready)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
 
 
 @dataclass
@@ -97,10 +130,13 @@ class RunningBatch:
         prefill_chunk: prefill prompts this many columns per step (None: a whole prompt at once).
         graphs: decode steps as CUDA graphs (default: on CUDA, unless ``DSFT_CUDA_GRAPHS=0``).
         buckets: pad decode steps to the graphs' buckets without graphs (tests: what a graph computes, on CPU).
+        overlap: launch each decode step before reading the previous one's tokens (default: on CUDA, with
+            slots, unless ``DSFT_OVERLAP=0``; on a CPU nothing runs meanwhile, and tests ask for it).
     """
 
     def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int, *,
-                 prefill_chunk: int | None = None, graphs: bool | None = None, buckets: bool | None = None):
+                 prefill_chunk: int | None = None, graphs: bool | None = None, buckets: bool | None = None,
+                 overlap: bool | None = None):
         from transformers import DynamicCache
 
         self.model, self.table, self.lora = model, table, lora
@@ -110,6 +146,10 @@ class RunningBatch:
         """Whether rows can join a batch that is running (False: sliding-window caches; admit into an empty batch only)."""
         self.slots = SlotDecoder(model, lora, pad_id, graphs=graphs, buckets=buckets) if self.joinable else None
         """The running rows' cache and decode steps (None without :attr:`joinable`)."""
+        if overlap is None:
+            overlap = self.device.type == "cuda" and os.environ.get("DSFT_OVERLAP", "1") != "0"
+        self.overlap = overlap and self.slots is not None
+        self._unread: _Unread | None = None
         self.prefill_chunk = prefill_chunk
         self._part: _Part | None = None
         self._filling: list[_Fill] = []
@@ -252,6 +292,8 @@ class RunningBatch:
         part = self._part
         if part is None:
             return []
+        if self.overlap:
+            return self._decode_overlapped(part)
         assert part.last is not None
         index, shifts, groups = self._layout_of(part.keys)
         ids = TermTable.to_global_tensor(part.last, shifts)
@@ -268,6 +310,24 @@ class RunningBatch:
         part.positions = part.positions + 1
         part.lengths = [n + 1 for n in part.lengths]
         return self._take(part, logits, index)
+
+    def _decode_overlapped(self, part: _Part) -> list[Row]:
+        """Launch the next token of every running row, then record the tokens of the step before (which waits
+        for that step only); the rows those tokens finished leave, and what was launched for them is dropped."""
+        assert self.slots is not None and part.last is not None
+        unread, self._unread = self._unread, None
+        if _worth_launching(part.rows, unread):
+            index, shifts, groups = self._layout_of(part.keys)
+            logits = self.slots.forward(TermTable.to_global_tensor(part.last, shifts), part.lengths, part.keys, groups)
+            part.lengths = [n + 1 for n in part.lengths]
+            part.last = sample(self.table.local_logits(logits, index.gather), part.rows, index.widths)
+            self._unread = _Unread.of(part.rows, part.last)
+        if unread is not None:
+            _record(unread.rows, unread.read())
+        gone = self._prune(part)
+        if self._part is None:
+            self._unread = None
+        return gone
 
     def _layout_of(self, keys: list[str | None]):
         """(local vocabulary index, term shifts, LoRA row groups) for ``keys``, recomputed only when the keys
@@ -289,13 +349,7 @@ class RunningBatch:
     def _take(self, part: _Part, logits: torch.Tensor, index: _Index) -> list[Row]:
         """Sample and record one token per row of ``part``, then drop its finished rows."""
         local = sample(self.table.local_logits(logits, index.gather), part.rows, index.widths)
-        for row, token in zip(part.rows, local.tolist()):
-            if row.error is not None:
-                continue
-            try:
-                advance(row, token)
-            except Exception as exc:  # the row's own callbacks or detokenisation
-                fail(row, exc)
+        _record(part.rows, local.tolist())
         part.last = local
         return self._prune(part)
 
@@ -350,8 +404,26 @@ class RunningBatch:
 
     def abandon(self) -> list[Row]:
         """Empty the batch after a failure of the whole batch; returns the rows that were running."""
-        rows, self._part, self._filling = self.rows, None, []
+        rows, self._part, self._filling, self._unread = self.rows, None, [], None
         return rows
+
+
+def _record(rows: Sequence[Row], tokens: Sequence[int]) -> None:
+    """Each row's sampled token (rows that finished or failed since it was sampled are skipped)."""
+    for row, token in zip(rows, tokens, strict=True):
+        if row.finish_reason is not None:
+            continue
+        try:
+            advance(row, token)
+        except Exception as exc:  # the row's own callbacks or detokenisation
+            fail(row, exc)
+
+
+def _worth_launching(rows: Sequence[Row], unread: _Unread | None) -> bool:
+    """Whether some row may need another token after the unread ones: not when each row's unread token is its
+    last by length (it ends the row whatever it is)."""
+    pending = set() if unread is None else {id(r) for r in unread.rows}
+    return any(id(r) not in pending or len(r.tokens) + 1 < r.max_new_tokens for r in rows)
 
 
 def run_rows(model, table: TermTable, lora: MultiLora, rows: list[Row], pad_id: int, base_width: int) -> None:

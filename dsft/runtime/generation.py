@@ -200,15 +200,16 @@ def fail(row: Row, exc: BaseException) -> None:
         row.text = row.stream.text
 
 
-def sample_row(scores: torch.Tensor, row: Row) -> int:
-    """One token from one row's logits: temperature + nucleus (top-p) sampling with the row's generator."""
+def sample_row(scores: torch.Tensor, row: Row) -> torch.Tensor:
+    """One token (a 0-d tensor on the logits' device: no wait for the GPU) from one row's logits: temperature +
+    nucleus (top-p) sampling with the row's generator."""
     scores = scores.float() / row.temperature
     if row.top_p < 1.0:
         sorted_scores, order = scores.sort(descending=True)
         probs = sorted_scores.softmax(-1)
         drop = probs.cumsum(-1) - probs > row.top_p  # keep the smallest prefix whose mass reaches top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0])
+    return torch.multinomial(scores.softmax(-1), 1, generator=row.generator)[0]
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], widths: Sequence[int] | None = None) -> torch.Tensor:

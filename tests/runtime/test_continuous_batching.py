@@ -26,13 +26,14 @@ class Ask:
     seed: int | None = None
 
 
-def run_continuously(runtime, asks: list[Ask], prefill_chunk: int | None = None):
+def run_continuously(runtime, asks: list[Ask], prefill_chunk: int | None = None, overlap: bool = False):
     """Drive one running batch step by step, each ask joining at its step; returns the rows (in ask order) and
-    (step, running rows before it, rows that joined, rows that left, tokens of each row after it) for every step."""
+    (step, running rows before it, rows that joined, rows that left, tokens of each row after it) for every step.
+    ``overlap``: each step is launched before the previous one's tokens are read (as on a GPU)."""
     rows = [runtime.make_row(runtime.encode(a.prompt, a.adapter, raw=True), runtime.resolve(a.adapter),
                              max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, ignore_eos=True)
             for a in asks]
-    batch, log, step = runtime.batch(prefill_chunk=prefill_chunk), [], 0
+    batch, log, step = runtime.batch(prefill_chunk=prefill_chunk, overlap=overlap), [], 0
     while step <= max(a.join for a in asks) or len(batch):
         running = len(batch)
         new = [r for r, a in zip(rows, asks) if a.join == step]
@@ -47,8 +48,8 @@ def alone(runtime, ask: Ask):
                             temperature=ask.temperature, seed=ask.seed, ignore_eos=True).token_ids
 
 
-def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None = None) -> None:
-    rows, log = run_continuously(runtime, asks, prefill_chunk)
+def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None = None, overlap: bool = False) -> None:
+    rows, log = run_continuously(runtime, asks, prefill_chunk, overlap)
     # Requests really joined rows that were running and left while others went on.
     assert any(running and joined for _, running, joined, _, _ in log), log
     assert any(left and running > left for _, running, _, left, _ in log), log
@@ -58,7 +59,8 @@ def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None 
         assert row.tokens == alone(runtime, ask), ask
 
 
-def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(attached, texts):
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
+def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(attached, texts, overlap):
     asks = [
         Ask("finance", texts[0], 20, join=0),
         Ask(None, texts[3], 5, join=0),
@@ -67,14 +69,15 @@ def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(a
         Ask("legal", texts[1], 8, join=5, temperature=0.9, seed=11),  # seeded sampling: same tokens whatever joins
         Ask("finance", texts[3], 6, join=12),  # joins after the short ones left (the cache was trimmed)
     ]
-    check_each_row_as_alone(attached, asks)
+    check_each_row_as_alone(attached, asks, overlap=overlap)
 
 
-def test_a_long_prompt_prefilled_in_chunks_joins_while_the_running_rows_keep_decoding(attached, texts):
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
+def test_a_long_prompt_prefilled_in_chunks_joins_while_the_running_rows_keep_decoding(attached, texts, overlap):
     long_prompt = " ".join(texts)  # 7 chunks of 4 tokens, one per step
     asks = [Ask("legal", texts[1], 14, join=0), Ask(None, texts[3], 12, join=0),
             Ask("finance", long_prompt, 6, join=1), Ask("medical", texts[2], 5, join=3)]
-    rows, log = run_continuously(attached, asks, prefill_chunk=4)
+    rows, log = run_continuously(attached, asks, prefill_chunk=4, overlap=overlap)
     for ask, row in zip(asks, rows):
         assert row.tokens == alone(attached, ask), ask
     # The long prompt took a step per chunk to read (its first token came with the last chunk), and the
@@ -124,7 +127,38 @@ def test_rows_joining_and_leaving_a_qwen3_moe_batch_get_what_they_get_alone(qwen
         Ask(None, texts[3], 6, join=4, temperature=0.8, seed=3),
         Ask("qwdemo", texts[1], 5, join=9),
     ]
-    check_each_row_as_alone(qwen3, asks)
+    check_each_row_as_alone(qwen3, asks, overlap=True)
+
+
+def test_overlapped_steps_end_rows_at_an_eos_or_a_stop_string_as_reading_each_step_does(attached, texts):
+    """Overlapped, the host learns a row ended one step late: the token computed meanwhile is dropped, and
+    the rows around it are not disturbed."""
+    reference = alone(attached, Ask("finance", texts[0], 12, join=0))
+    eos, stop = reference[4], attached.tokenizer_for("legal").decode(alone(attached, Ask("legal", texts[1], 6, join=0))[2:4])
+
+    def rows():
+        return [attached.make_row(attached.encode(texts[0], attached.resolve("finance"), raw=True),
+                                  attached.resolve("finance"), max_new_tokens=12),
+                attached.make_row(attached.encode(texts[1], attached.resolve("legal"), raw=True),
+                                  attached.resolve("legal"), max_new_tokens=30, stop=[stop], ignore_eos=True),
+                attached.make_row(attached.encode(texts[3], None, raw=True), None, max_new_tokens=9, ignore_eos=True)]
+
+    got = {}
+    for overlap in (False, True):
+        batch, made, launched = attached.batch(overlap=overlap), rows(), []
+        forward = batch.slots.forward
+        batch.slots.forward = lambda *a, **k: launched.append(len(a[1])) or forward(*a, **k)
+        made[0].eos_ids = frozenset({eos})
+        attached.step(batch, made)
+        while len(batch):
+            attached.step(batch)
+        got[overlap] = ([(r.tokens, r.text, r.finish_reason) for r in made], launched)
+    assert got[True][0] == got[False][0]
+    assert [why for *_, why in got[True][0]] == ["stop", "stop", "length"]
+    assert got[True][0][0][0] == reference[:4], "the row ended at its eos token, which is not kept"
+    # The rows that stopped had one more token computed (dropped); the last row ends by length, which is
+    # foreseen: no step is launched for nothing at the end.
+    assert len(got[True][1]) == len(got[False][1]) and sum(got[True][1]) == sum(got[False][1]) + 2
 
 
 class Events:
