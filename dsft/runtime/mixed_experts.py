@@ -13,6 +13,7 @@ import torch
 
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
 from dsft.kernels.grouped_mm import grouped_mm_kernel, has_grouped_mm
+from dsft.runtime.fused_linear import Fused
 
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -42,19 +43,35 @@ def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: in
             torch.cumsum(counts, 0).to(torch.int32))
 
 
-def _lowrank(x: torch.Tensor, f: LowRank, offs: torch.Tensor, expert: torch.Tensor,
-             mask: torch.Tensor | None) -> torch.Tensor:
-    """``((x A_e^T) * mask) B_e^T s`` for each pair (row of x) and its expert e."""
-    def product(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # v [P, K] @ w[e]^T per pair, w [E, N, K]
-        if x.shape[0] <= FEW_PAIRS:  # gathered whole (contiguous copies), transposed as a view
-            return torch.bmm(v.unsqueeze(1), w.index_select(0, expert).transpose(1, 2)).squeeze(1)
-        return _gmm(v, w.transpose(1, 2), offs)
+def _product(v: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """``v w_e^T`` for each pair (row of v) and its expert e, w [E, N, K]."""
+    if v.shape[0] <= FEW_PAIRS:  # gathered whole (contiguous copies), transposed as a view
+        return torch.bmm(v.unsqueeze(1), w.index_select(0, expert).transpose(1, 2)).squeeze(1)
+    return _gmm(v, w.transpose(1, 2), offs)
 
-    h = product(x, f.A)
+
+def _lora_up(h: torch.Tensor, f: LowRank, offs: torch.Tensor, expert: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+    """``(h * mask) B_e^T s`` for each pair, ``h = x A_e^T``."""
     if mask is not None:
         h = h * mask
-    out = product(h, f.B)
+    out = _product(h, f.B, offs, expert)
     return out if f.scale == 1.0 else out * f.scale
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, lora: tuple[LowRank, torch.Tensor | None] | None,
+             fused: Fused | None, offs: torch.Tensor, expert: torch.Tensor, pairs) -> torch.Tensor:
+    """``x W_e^T`` plus the pair's LoRA for each pair; with ``fused`` (``[W; A]`` per expert) ``x A_e^T`` comes out
+    of the base experts' grouped GEMM."""
+    if lora is None:
+        return _gmm(x, w.transpose(1, 2), offs)
+    f, mask = lora
+    if fused is not None:
+        full = _gmm(x, fused.stacked.transpose(1, 2), offs)
+        y, h = full[:, : fused.out_features], full[:, fused.out_features :]
+    else:
+        y, h = _gmm(x, w.transpose(1, 2), offs), _product(x, f.A, offs, expert)
+    return y + _lora_up(h, f, offs, expert, pairs(mask)).to(y.dtype)
 
 
 def experts_forward_mixed(
@@ -66,6 +83,7 @@ def experts_forward_mixed(
     act,
     gate_up: tuple[LowRank, torch.Tensor | None] | None = None,
     down: tuple[LowRank, torch.Tensor | None] | None = None,
+    fused: tuple[Fused | None, Fused | None] = (None, None),
 ) -> torch.Tensor:
     """Routed experts (transformers v5 layout: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) where
     each token may use its own LoRA.
@@ -74,6 +92,8 @@ def experts_forward_mixed(
         x: tokens [T, H]; top_k_index, top_k_weights: the router's choices [T, k].
         gate_up, down: ``(stacked factors, token column mask [T, R] or None = every column for every token)``
             (see :func:`dsft.runtime.multilora.stack_experts`), or None for no LoRA on that projection.
+        fused: per projection, the base weight with that projection's stacked A under each expert's rows
+            (:class:`dsft.runtime.fused_linear.FusedWeights`), or None.
     Returns:
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
@@ -88,14 +108,8 @@ def experts_forward_mixed(
             pair_masks[id(mask)] = mask[token]
         return pair_masks[id(mask)]
 
-    xs = x[token]
-    h = _gmm(xs, gate_up_proj.transpose(1, 2), offs)
-    if gate_up is not None:
-        h = h + _lowrank(xs, gate_up[0], offs, expert, pairs(gate_up[1])).to(h.dtype)
+    h = _project(x[token], gate_up_proj, gate_up, fused[0], offs, expert, pairs)
     g, u = h.chunk(2, dim=-1)
-    a = act(g) * u
-    y = _gmm(a, down_proj.transpose(1, 2), offs)
-    if down is not None:
-        y = y + _lowrank(a, down[0], offs, expert, pairs(down[1])).to(y.dtype)
+    y = _project(act(g) * u, down_proj, down, fused[1], offs, expert, pairs)
     y = y * weight.unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))

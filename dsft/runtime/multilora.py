@@ -38,7 +38,7 @@ from torch import nn
 
 from dsft.base.arch import supports_fused_experts
 from dsft.kernels.expert_lora import LowRank
-from dsft.runtime.fused_linear import FusedLinears, fused_lora_linear
+from dsft.runtime.fused_linear import FusedWeights, fused_lora_linear
 from dsft.runtime.mixed_experts import experts_forward_mixed
 from dsft.runtime.weights import AdapterWeights, ExpertSlices, LinearLora
 
@@ -131,7 +131,7 @@ class MultiLora:
         self._current: dict[tuple, object] = {}
         self._keys: set[str] = set()
         self._all: tuple[str, ...] = ()
-        self._fused = FusedLinears()
+        self._fused = FusedWeights()
         self.version = 0
         """Bumped by every :meth:`add` and :meth:`remove` (what a captured CUDA graph read may have moved)."""
         # Routed experts always run through the grouped path while the runtime drives the model, so a row
@@ -214,6 +214,7 @@ class MultiLora:
             self._experts[path].pop(key, None)
             if not self._experts[path]:
                 del self._experts[path]
+                self._release_experts(path)
         for path in list(self._slices):
             self._slices[path].pop(key, None)
             if not self._slices[path]:
@@ -226,6 +227,8 @@ class MultiLora:
         for path, module in self._patched.items():
             module.__dict__.pop("forward", None)
             self._fused.release(path, module)
+        for path in self._experts:
+            self._release_experts(path)
         self._patched.clear()
         self._linear.clear()
         self._experts.clear()
@@ -235,6 +238,11 @@ class MultiLora:
         self._keys.clear()
         self._all = ()
         self.version += 1
+
+    def _release_experts(self, path: str) -> None:
+        module = self.model.get_submodule(path)
+        for name in ("gate_up_proj", "down_proj"):
+            self._fused.release(path, module, name)
 
     def keys(self) -> tuple[str, ...]:
         """The attached adapters, sorted (a :class:`RowGroups` over all of them stacks every one's factors)."""
@@ -333,22 +341,25 @@ class MultiLora:
                 return original(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             table = runtime._experts.get(path, {})
             n = hidden_states.shape[0]
-            projections = []
+            projections, fused = [], []
             for name in ("gate_up_proj", "down_proj"):
                 f, groups, ranks = (runtime._stacked(name, path, routing, table, lambda t, name=name: t.get(name))
                                     if routing.keys else (None, (), ()))
                 projections.append(None if f is None else (f, runtime._mask(routing, groups, ranks, n, hidden_states.dtype)))
+                # As for linears: with every attached adapter in the batch, x A_e^T shares the experts' GEMM.
+                fused.append(runtime._fused.get(path, module, f.A, runtime.version, name)
+                             if f is not None and routing.keys == runtime._all else None)
             own = runtime._own_experts(path, routing, module.gate_up_proj.shape[0]) if routing.keys else None
             if own is None:
                 return experts_forward_mixed(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
-                                             module.down_proj, module.act_fn, *projections)
+                                             module.down_proj, module.act_fn, *projections, fused=(fused[0], fused[1]))
             remap, slices = own
             # Row r's pair (t, j) goes to its adapter's slice remap[group(r), expert] when there is one.
             groups = routing.positions_group(n)
             target = remap[groups.where(groups >= 0, remap.shape[0] - 1)[:, None], top_k_index]
             mine = target >= 0
             y = experts_forward_mixed(hidden_states, top_k_index, top_k_weights.masked_fill(mine, 0), module.gate_up_proj,
-                                      module.down_proj, module.act_fn, *projections)
+                                      module.down_proj, module.act_fn, *projections, fused=(fused[0], fused[1]))
             return y + experts_forward_mixed(hidden_states, target.clamp(min=0), top_k_weights.masked_fill(~mine, 0),
                                              slices.gate_up_proj, slices.down_proj, module.act_fn)
         return forward

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsft.runtime.fused_linear import FusedLinears, fused_lora_linear
+from dsft.runtime.fused_linear import FusedWeights, fused_lora_linear
 
 
 def _case(bias: bool):
@@ -21,7 +21,7 @@ def test_fused_equals_three_gemms_and_weight_is_shared():
         module, A, B, x, mask = _case(bias)
         w = module.weight.detach().clone()
         want = module(x) + ((x @ A.T) * mask.view(3, 4, 6)) @ B.T
-        fused = FusedLinears()
+        fused = FusedWeights()
         f = fused.get("q", module, A, version=1)
         assert f is not None and module.weight.data_ptr() == f.stacked.data_ptr()  # W is not copied twice
         torch.testing.assert_close(fused_lora_linear(x, f, B, mask), want)
@@ -38,4 +38,4 @@ def test_fused_equals_three_gemms_and_weight_is_shared():
 
 def test_other_dtypes_are_not_fused():
     module, A, _, _, _ = _case(False)
-    assert FusedLinears().get("q", module, A.double(), version=1) is None
+    assert FusedWeights().get("q", module, A.double(), version=1) is None

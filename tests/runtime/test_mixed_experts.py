@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from dsft.kernels.expert_lora import LowRank, experts_forward_reference
 from dsft.runtime import mixed_experts
+from dsft.runtime.fused_linear import FusedWeights
 from dsft.runtime.mixed_experts import experts_forward_mixed
 from dsft.runtime.multilora import RowGroups, stack_experts
 
@@ -15,8 +16,9 @@ def _lowrank(g, E, out, inp, r):
     return LowRank(torch.randn(E, r, inp, generator=g) * 0.3, torch.randn(E, out, r, generator=g) * 0.3, 1.5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["A-apart", "A-under-W"])
 @pytest.mark.parametrize("few_pairs", [0, 64], ids=["grouped", "gathered"])
-def test_each_token_gets_its_own_adapters_experts(monkeypatch, few_pairs):
+def test_each_token_gets_its_own_adapters_experts(monkeypatch, few_pairs, fused):
     monkeypatch.setattr(mixed_experts, "FEW_PAIRS", few_pairs)  # 48 pairs: grouped GEMMs, or gathered factors
     g = torch.Generator().manual_seed(0)
     T, H, I, E, k = 24, 16, 8, 6, 2
@@ -30,7 +32,19 @@ def test_each_token_gets_its_own_adapters_experts(monkeypatch, few_pairs):
     rows = RowGroups.of(owners, "cpu")
     gu = (stack_experts([a[0], b[0]]), rows.column_mask((0, 1), (4, 2), T, x.dtype))
     dn = (stack_experts([a[1]]), rows.column_mask((0,), (4,), T, x.dtype))
-    got = experts_forward_mixed(x, index, weights, gate_up, down, F.silu, gu, dn)
+    weights_of = (None, None)
+    if fused:  # each expert's stacked A rows under its W rows: x A_e^T comes out of the base experts' GEMM
+        module = torch.nn.Module()
+        module.gate_up_proj, module.down_proj = torch.nn.Parameter(gate_up.clone()), torch.nn.Parameter(down.clone())
+        buffers = FusedWeights()
+        weights_of = (buffers.get("e", module, gu[0].A, 1, "gate_up_proj"), buffers.get("e", module, dn[0].A, 1, "down_proj"))
+        assert weights_of[0].stacked.shape == (E, 2 * I + 6, H) and module.gate_up_proj.data_ptr() == weights_of[0].stacked.data_ptr()
+        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+    got = experts_forward_mixed(x, index, weights, gate_up, down, F.silu, gu, dn, fused=weights_of)
+    if fused:
+        buffers.release("e", module, "gate_up_proj")
+        assert module.gate_up_proj.is_contiguous() and module.gate_up_proj.untyped_storage().nbytes() == gate_up.numel() * 4
+        torch.testing.assert_close(module.gate_up_proj, gate_up)
     for who, lora in (("a", a), ("b", b), (None, (None, None))):
         sel = torch.tensor([o == who for o in owners])
         want = experts_forward_reference(x[sel], index[sel], weights[sel], gate_up, down, F.silu, *lora)
