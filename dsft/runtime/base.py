@@ -13,13 +13,15 @@ attached version the ``production`` tag points at, else the newest attached one 
 Before any weight is read, the registry must say the adapter is compatible with (or verified on) this
 base's fingerprint, and its files must match their sha256; otherwise attach refuses with the reasons and
 nothing changes.
+
+This module is the adapter lifecycle (what is attached, attach, detach, close); what requests do with it
+(encode, make a row, run, step, generate, logits) is :mod:`dsft.runtime.requests`, mixed into ``RuntimeBase``.
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,12 +32,11 @@ import torch
 from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
-from dsft.runtime.batching import RunningBatch, run_rows
 from dsft.runtime.fused_norms import fuse_rms_norms, restore_norms
-from dsft.runtime.generation import FINISH_LENGTH, Row, check_sampling, fail, forward_rows
 from dsft.runtime.multilora import MultiLora
-from dsft.runtime.records import AdapterInfo, ContextLengthError, Generation
+from dsft.runtime.records import AdapterInfo
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
+from dsft.runtime.requests import RuntimeRequests
 from dsft.runtime.verified_read import VERIFIED_ON_READ
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
 
@@ -49,12 +50,13 @@ class _Attached:
     tokenizer: Any = field(repr=False)
 
 
-class RuntimeBase:
+class RuntimeBase(RuntimeRequests):
     """A base model that serves several domain adapters at once. Use :func:`dsft.runtime.load_base`.
 
     Keeps ``model``, ``tokenizer``, ``spec``, ``fingerprint`` and ``ref`` of the loaded base (what
     training uses). The model stays a plain transformers model: adapters live in the runtime's tables
-    and only apply inside the runtime's own forwards.
+    and only apply inside the runtime's own forwards. Requests (:meth:`generate`, :meth:`step`, ...)
+    come from :class:`dsft.runtime.requests.RuntimeRequests`.
     """
 
     def __init__(self, loaded: LoadedBase, *, registry: Any = None, batch_size: int = 32, tag_ttl_s: float = 2.0):
@@ -92,18 +94,6 @@ class RuntimeBase:
     def adapters(self) -> dict[str, AdapterInfo]:
         """Attached adapters by ref (``finance@0.1.0``); a snapshot, safe to read while a batch runs."""
         return {k: a.info for k, a in self._attached.items()}
-
-    @property
-    def eos_ids(self) -> frozenset[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen = getattr(self.model, "generation_config", None)
-        extra = getattr(gen, "eos_token_id", None)
-        ids.update(extra if isinstance(extra, list) else [extra])
-        return frozenset(i for i in ids if i is not None)
-
-    @property
-    def max_context(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def resolve(self, adapter: str | AdapterHandle | None) -> AdapterHandle | None:
         """The attached adapter that ``adapter`` names (``finance``, ``finance@0.1.0``, ``finance@TAG``);
@@ -284,225 +274,6 @@ class RuntimeBase:
             if self._opened is not None:
                 self._opened.close()
                 self._opened = None
-
-    # --- requests -------------------------------------------------------------------------------------
-
-    def encode(self, prompt: str | Sequence[int], adapter: str | AdapterHandle | None = None, *,
-               raw: bool = False) -> list[int]:
-        """Token ids of ``prompt`` as a request routed to ``adapter`` sees them (local ids).
-
-        Args:
-            prompt: text, or token ids (used as they are).
-            raw: encode the text as it is (to be continued); by default it is a user's instruction, wrapped
-                in the chat format the adapters were trained on (:func:`dsft.runtime.chat.encode_messages`).
-        """
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if not raw:
-            return self.encode_messages([{"role": "user", "content": prompt}], adapter)
-        return list(self.tokenizer_for(adapter)(prompt, add_special_tokens=True)["input_ids"])
-
-    def encode_messages(self, messages: Sequence[Mapping], adapter: str | AdapterHandle | None = None) -> list[int]:
-        """Prompt ids of a conversation whose next turn is the assistant's, for ``adapter``'s tokenizer."""
-        from dsft.runtime.chat import encode_messages
-
-        return encode_messages(self.tokenizer_for(adapter), messages)
-
-    def make_row(self, prompt_ids: list[int], adapter: str | AdapterHandle | None, *, max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, on_text: Callable[[str], bool | None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> Row:
-        """A row for :meth:`run`; ``prompt_ids`` are in ``adapter``'s tokenizer's ids.
-
-        Raises:
-            UsageError: limits or sampling out of range (:func:`dsft.runtime.generation.check_sampling`), an
-                empty prompt. ContextLengthError: the prompt and ``max_new_tokens`` exceed the context.
-            NotFoundError: the adapter is not attached.
-        """
-        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if not prompt_ids:
-            raise UsageError("the prompt is empty")
-        if len(prompt_ids) + max_new_tokens > self.max_context:
-            raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {self.max_context} tokens; shorten the prompt or ask for fewer tokens")
-        handle = self.resolve(adapter)
-        tok = self.tokenizer if handle is None else self._entry(handle).tokenizer
-        return Row(list(prompt_ids), None if handle is None else handle.key, tok, max_new_tokens, temperature, top_p,
-                   seed, tuple(stop), self.eos_ids, ignore_eos, on_text, cancelled)
-
-    def run(self, rows: list[Row]) -> None:
-        """Generate a batch of prepared rows together. A row whose adapter was detached meanwhile, or that
-        fails on its own (see :attr:`Row.error`), ends with ``finish_reason == "error"``; the others complete.
-
-        Raises:
-            Exception: only what fails the whole batch (e.g. out of memory).
-        """
-        with self._lock:
-            ok = []
-            for row in rows:
-                if row.key is not None and row.key not in self._attached:
-                    fail(row, NotFoundError(f"adapter {row.key} was detached before its request ran"))
-                else:
-                    ok.append(row)
-            if ok:
-                self._install()
-                run_rows(self.model, self._table, self._lora, ok, self._pad_id, self._originals[1].out_features)
-
-    def batch(self, *, prefill_chunk: int | None = None, graphs: bool | None = None,
-              buckets: bool | None = None, overlap: bool | None = None) -> RunningBatch:
-        """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with); prompts longer
-        than ``prefill_chunk`` tokens are prefilled a chunk per step. Decode steps replay CUDA graphs on a GPU
-        (``graphs``; see :class:`dsft.runtime.static_cache.SlotDecoder` for ``buckets``), each launched before the
-        previous one's tokens are read (``overlap``: :class:`dsft.runtime.batching.RunningBatch`)."""
-        with self._lock:
-            self._install()
-            return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
-                                prefill_chunk=prefill_chunk, graphs=graphs, buckets=buckets, overlap=overlap)
-
-    def kv_bytes(self, batch: RunningBatch, lengths: Sequence[int]) -> int | None:
-        """:meth:`RunningBatch.kv_bytes_for` under the runtime's lock (its first call runs the model)."""
-        with self._lock:
-            return batch.kv_bytes_for(lengths)
-
-    def step(self, batch: RunningBatch, new_rows: Sequence[Row] = ()) -> list[Row]:
-        """One token boundary of continuous batching, under the runtime's lock (attach and detach happen
-        between steps, never under one): running rows whose adapter was detached since the last step fail
-        alone and leave; ``new_rows`` join (each gets its first token; one whose adapter is gone fails
-        alone); then every running row decodes one token.
-
-        Returns:
-            The rows that finished or failed during this step (they have left ``batch``).
-        Raises:
-            Exception: only what fails the whole step (e.g. out of memory); ``batch`` is then unusable.
-        """
-        while self._priority:  # an attach or detach is waiting for the lock: let it go first
-            time.sleep(0.0005)
-        with self._lock:
-            gone = batch.evict(lambda row: NotFoundError(
-                f"adapter {row.key} was detached while this request was generating ({len(row.tokens)} tokens "
-                f"in); the request was stopped") if row.key is not None and row.key not in self._attached else None)
-            ok = []
-            for row in new_rows:
-                if row.key is not None and row.key not in self._attached:
-                    fail(row, NotFoundError(f"adapter {row.key} was detached before its request ran"))
-                    gone.append(row)
-                else:
-                    ok.append(row)
-            if ok:
-                gone += batch.admit(ok)
-            gone += batch.step()
-        return gone
-
-    @property
-    def _pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def result(self, row: Row) -> Generation:
-        """What a finished row generated.
-
-        Raises:
-            Exception: the row's own failure (:attr:`Row.error`).
-        """
-        if row.error is not None:
-            raise row.error
-        return Generation(row.text, list(row.tokens), row.finish_reason or FINISH_LENGTH, len(row.prompt), row.key)
-
-    def generate(
-        self,
-        prompts: str | Sequence[str],
-        *,
-        adapter: str | None = None,
-        adapters: Sequence[str | None] | None = None,
-        raw: bool = False,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        on_text: Callable[[int, str], None] | None = None,
-    ) -> Generation | list[Generation]:
-        """Answer one prompt or a batch (as ``dsft generate`` and the server do).
-
-        Args:
-            prompts: a prompt, or a list of prompts (one batch).
-            adapter: the adapter for every row (domain or ref; None = the plain base).
-            adapters: one adapter per row instead (None entries = the plain base): a mixed batch in
-                which each row gets exactly what it would get with only its adapter attached.
-            raw: continue each prompt as plain text; by default a prompt is an instruction, wrapped as a user
-                turn in the format the adapters were trained on (``dsft generate --raw``, ``"raw": true``
-                on the server).
-            max_new_tokens, temperature, top_p, seed, stop: per-row limits and sampling (temperature 0 = greedy).
-            ignore_eos: keep going past the end-of-sequence token (benchmarks).
-            on_text: called as ``on_text(row, piece)`` while text is generated (streaming).
-        Returns:
-            A :class:`Generation` for a single prompt, else a list in prompt order.
-        Raises:
-            NotFoundError: an adapter that is not attached. UsageError: bad limits or a prompt too long.
-            Exception: a row that failed on its own (the first one).
-        """
-        single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
-        if adapters is not None and adapter is not None:
-            raise UsageError("give either adapter= (one for all rows) or adapters= (one per row), not both")
-        names = list(adapters) if adapters is not None else [adapter] * len(texts)
-        if len(names) != len(texts):
-            raise UsageError(f"adapters= has {len(names)} entries for {len(texts)} prompts")
-        handles = [self.resolve(n) for n in names]
-        results: list[Generation] = []
-        for lo in range(0, len(texts), self.batch_size):
-            rows = []
-            for i in range(lo, min(lo + self.batch_size, len(texts))):
-                callback = (lambda piece, i=i: on_text(i, piece)) if on_text else None
-                rows.append(self.make_row(self.encode(texts[i], handles[i], raw=raw), handles[i],
-                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          seed=seed, stop=stop, ignore_eos=ignore_eos, on_text=callback))
-            self.run(rows)
-            results += [self.result(r) for r in rows]
-        return results[0] if single else results
-
-    def stream(self, prompt: str, *, adapter: str | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield the text of one completion piece by piece as it is generated (see :meth:`generate`)."""
-        import queue
-
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.generate(prompt, adapter=adapter, on_text=lambda _, piece: pieces.put(piece), **kwargs)
-            except BaseException as exc:  # handed to the consumer below
-                failure.append(exc)
-            finally:
-                pieces.put(done)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        while (piece := pieces.get()) is not done:
-            yield piece
-        thread.join()
-        if failure:
-            raise failure[0]
-
-    def logits(self, prompts: Sequence[str | Sequence[int]], *, adapters: Sequence[str | None] | None = None,
-               adapter: str | None = None) -> list[torch.Tensor]:
-        """Per-row logits of every position of each prompt, taken as raw text, in the row's own (local)
-        vocabulary, as one mixed batch.
-
-        Returns:
-            For each prompt a float tensor ``[prompt tokens, vocabulary of its adapter]``.
-        """
-        names = list(adapters) if adapters is not None else [adapter] * len(prompts)
-        handles = [self.resolve(n) for n in names]
-        ids = [self.encode(p, h, raw=True) for p, h in zip(prompts, handles)]
-        with self._lock:
-            for h in handles:
-                if h is not None:
-                    self._entry(h)
-            self._install()
-            return forward_rows(self.model, self._table, self._lora, ids, [h and h.key for h in handles],
-                                self._pad_id, self._originals[1].out_features)
 
 
 def load_base(base: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import dsft
 from dsft.errors import IncompatibleError, IntegrityError, NotFoundError, UsageError
 
 ATOL = 1e-5
+TIMEOUT = 120
 
 
 def test_load_base_is_a_runtime_that_keeps_the_loaded_base_fields(refs):
@@ -102,6 +105,54 @@ def test_unknown_adapters_are_refused_with_what_is_attached(attached, texts):
         attached.generate(texts[0], adapter="astrology")
     with pytest.raises(NotFoundError):
         attached.generate(texts[0], adapter="finance@9.9.9")
+
+
+def test_an_attach_goes_in_between_two_tokens_of_a_long_generate_and_leaves_its_tokens_unchanged(attached, alone, refs, texts):
+    """generate() holds the runtime's lock a step at a time, as the engine does: an attach from another
+    thread does not wait for the whole generation."""
+    ask = dict(adapter="legal", raw=True, max_new_tokens=300, ignore_eos=True)
+    started, answer = threading.Event(), Future()
+
+    def work():
+        try:
+            answer.set_result(attached.generate(texts[1], on_text=lambda *_: started.set(), **ask))
+        except BaseException as exc:  # handed to the test below
+            answer.set_exception(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(TIMEOUT)
+        attached.attach(refs["finance2"])
+        assert not answer.done(), "the attach waited for the whole generation"
+        got = answer.result(TIMEOUT)
+    finally:
+        thread.join(TIMEOUT)
+        if refs["finance2"] in attached.adapters:
+            attached.detach(refs["finance2"])
+    assert len(got.token_ids) == 300 and got.token_ids == alone["legal"].generate(texts[1], **ask).token_ids
+
+
+def test_a_row_whose_adapter_is_detached_while_run_generates_it_fails_alone(attached, alone, refs, texts):
+    attached.attach(refs["finance2"])
+    started = threading.Event()
+    try:
+        doomed = attached.make_row(attached.encode(texts[0], refs["finance2"], raw=True), attached.resolve(refs["finance2"]),
+                                   max_new_tokens=300, ignore_eos=True, on_text=lambda _: started.set())
+        other = attached.make_row(attached.encode(texts[1], "legal", raw=True), attached.resolve("legal"),
+                                  max_new_tokens=40, ignore_eos=True)
+        thread = threading.Thread(target=attached.run, args=([doomed, other],), daemon=True)
+        thread.start()
+        assert started.wait(TIMEOUT)
+        attached.detach(refs["finance2"])  # between two steps, as with the engine
+        thread.join(TIMEOUT)
+    finally:
+        if refs["finance2"] in attached.adapters:
+            attached.detach(refs["finance2"])
+    assert doomed.finish_reason == "error" and "detached while this request was generating" in str(doomed.error)
+    assert len(doomed.tokens) < 300
+    assert other.tokens == alone["legal"].generate(texts[1], adapter="legal", raw=True, max_new_tokens=40,
+                                                   ignore_eos=True).token_ids
 
 
 def _weights(base, ref):
