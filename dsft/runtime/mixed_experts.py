@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import torch
 
+from dsft.kernels import moe_gemm
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
 from dsft.kernels.grouped_mm import grouped_mm_kernel, has_grouped_mm
 from dsft.runtime.fused_linear import Fused
 
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference."""
+    """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference: decode sizes through dsft's Triton
+    kernel (:mod:`dsft.kernels.moe_gemm`), larger ones through torch's grouped GEMM."""
+    if moe_gemm.usable(x, w):
+        return moe_gemm.moe_gemm(x, w, offs)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_grouped_mm():
         if w.stride(-1) != 1 and w.stride(-2) != 1:
             w = w.contiguous()
@@ -30,7 +34,8 @@ FEW_PAIRS = 64
 gather each pair's factors and run as batched GEMMs instead of grouped ones over every expert, which are
 launch-bound at decode sizes (H200, lite shape: the step's grouped GEMMs averaged 16 us a call at 1 row).
 Measured on the H200 (decode_profile, same call): 9.0 -> 8.6 ms a step at 1 row, 16.6 -> 15.4 at 8 rows.
-Above it, gathering copies more factor bytes than the grouped GEMMs read (not measured: 32 rows ran grouped)."""
+Above it, gathering copies more factor bytes than the grouped GEMMs read (not measured: 32 rows ran grouped).
+Only where torch's grouped GEMM would run: :mod:`dsft.kernels.moe_gemm` reads each pair's factors in place."""
 
 
 def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int):
@@ -45,7 +50,7 @@ def _route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: in
 
 def _product(v: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """``v w_e^T`` for each pair (row of v) and its expert e, w [E, N, K]."""
-    if v.shape[0] <= FEW_PAIRS:  # gathered whole (contiguous copies), transposed as a view
+    if v.shape[0] <= FEW_PAIRS and not moe_gemm.usable(v, w):  # gathered whole (contiguous copies), transposed as a view
         return torch.bmm(v.unsqueeze(1), w.index_select(0, expert).transpose(1, 2)).squeeze(1)
     return _gmm(v, w.transpose(1, 2), offs)
 

@@ -1,0 +1,92 @@
+"""A grouped GEMM for few rows per expert (decode steps): one Triton program per (expert, column block).
+
+``y[p] = x[p] @ w[e(p)]`` for pairs sorted by expert (``offs``: the end of each expert's run), as
+``torch._grouped_mm`` computes it. At decode sizes the step reads each used expert's weight once and does
+almost no arithmetic, so what counts is how close the kernel streams those weights to the card's bandwidth;
+torch's CUTLASS grouped kernel streams 1.4-3.0 TB/s of the H200's ~4.3 (lite shape, 1 to 128 rows), this one
+3.1-4.4 TB/s (``benchmarks/results/2026-12-01-h200-moe-gemm.md``). Here each program owns one expert's ``BLOCK_N`` output columns and loops over that
+expert's rows in ``BLOCK_M`` blocks (one block at decode sizes, so each weight tile is read once) and over K;
+programs of experts without rows return at once.
+
+:func:`moe_gemm` is for inference (no autograd); :func:`usable` says when it applies. The CPU tests run the
+kernel in Triton's interpreter (``TRITON_INTERPRET=1``) against :func:`dsft.kernels.expert_lora.grouped_mm_reference`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MAX_PAIRS = 768
+"""Up to this many (token, expert) pairs the Triton kernel runs: 128 decode rows at 6 experts a token, the largest
+size measured (H200, lite shape, ``benchmarks/moe_gemm_bench.py``: 1.3-2.1x faster than torch's grouped GEMM from
+1 to 128 rows). Above it rows per expert grow (a prefill), each weight tile is read once per ``BLOCK_M`` rows, and
+CUTLASS's larger tiles are the better choice (not measured)."""
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # not installed (CPU wheels of torch do not bring it), or broken
+        return None
+    return triton, tl
+
+
+def available() -> bool:
+    """Triton imports (a CUDA build of torch brings it; the CPU tests install it for its interpreter)."""
+    return _triton() is not None
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`moe_gemm` should run for these operands: half precision on CUDA, few pairs, Triton present,
+    unless ``DSFT_TRITON_MOE=0`` (to compare against torch's grouped GEMM)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and x.shape[0] <= MAX_PAIRS and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
+
+
+@functools.cache
+def _kernel():
+    triton, tl = _triton()
+
+    @triton.jit
+    def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, N, K,
+                        sxm, sxk, swe, swk, swn, sym, syn,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        e = tl.program_id(0)
+        start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(offs_ptr + e)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + e.to(tl.int64) * swe + rn[None, :] * swn
+        for m0 in range(start, end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+                            mask=(rm[:, None] < end) & (kk[None, :] < K), other=0.0)
+                b = tl.load(w_rows + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+                acc += tl.dot(a, b)
+            tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                     mask=(rm[:, None] < end) & (rn[None, :] < N))
+
+    return moe_gemm_kernel
+
+
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: int = 64, block_k: int = 128,
+             num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """``x`` [P, K] (pairs sorted by expert) times ``w`` [E, K, N] per expert, ``offs`` [E] int32 run ends
+    (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K])."""
+    P, K = x.shape
+    E, _, N = w.shape
+    y = x.new_empty((P, N))
+    if P == 0:
+        return y
+    grid = (E, -(-N // block_n))
+    _kernel()[grid](x, w, y, offs, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                    y.stride(0), y.stride(1), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                    num_warps=num_warps, num_stages=num_stages)
+    return y
