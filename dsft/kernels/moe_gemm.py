@@ -13,7 +13,6 @@ kernel in Triton's interpreter (``TRITON_INTERPRET=1``) against :func:`dsft.kern
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -25,55 +24,29 @@ size measured (H200, lite shape, ``benchmarks/moe_gemm_bench.py``: 1.3-2.1x fast
 CUTLASS's larger tiles are the better choice (not measured)."""
 
 
-@functools.cache
-def _triton():
+def _load_kernel():
     try:
-        import triton
-        import triton.language as tl
-    except Exception:  # not installed (CPU wheels of torch do not bring it), or broken
+        from dsft.kernels import moe_gemm_triton
+    except Exception:  # Triton not installed (CPU wheels of torch do not bring it), or broken
         return None
-    return triton, tl
+    return moe_gemm_triton.moe_gemm_kernel
+
+
+# Imported only where it can run (0.5 s of imports a CPU process has no use for): a CUDA build of torch brings
+# Triton, the CPU tests install it for its interpreter (TRITON_INTERPRET=1).
+_KERNEL = _load_kernel() if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
 def available() -> bool:
-    """Triton imports (a CUDA build of torch brings it; the CPU tests install it for its interpreter)."""
-    return _triton() is not None
+    """Triton's kernel loaded (on a machine with CUDA, or under the interpreter)."""
+    return _KERNEL is not None
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`moe_gemm` should run for these operands: half precision on CUDA, few pairs, Triton present,
+    """Whether :func:`moe_gemm` should (and can) run for these operands: half precision on CUDA, few pairs, Triton present,
     unless ``DSFT_TRITON_MOE=0`` (to compare against torch's grouped GEMM)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and x.shape[0] <= MAX_PAIRS and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
-
-
-@functools.cache
-def _kernel():
-    triton, tl = _triton()
-
-    @triton.jit
-    def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, N, K,
-                        sxm, sxk, swe, swk, swn, sym, syn,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        e = tl.program_id(0)
-        start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-        end = tl.load(offs_ptr + e)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + e.to(tl.int64) * swe + rn[None, :] * swn
-        for m0 in range(start, end, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-                            mask=(rm[:, None] < end) & (kk[None, :] < K), other=0.0)
-                b = tl.load(w_rows + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-                acc += tl.dot(a, b)
-            tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-                     mask=(rm[:, None] < end) & (rn[None, :] < N))
-
-    return moe_gemm_kernel
 
 
 def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: int = 64, block_k: int = 128,
@@ -85,8 +58,10 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: i
     y = x.new_empty((P, N))
     if P == 0:
         return y
+    if _KERNEL is None:
+        raise RuntimeError("the Triton MoE kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
     grid = (E, -(-N // block_n))
-    _kernel()[grid](x, w, y, offs, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+    _KERNEL[grid](x, w, y, offs, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
                     y.stride(0), y.stride(1), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
                     num_warps=num_warps, num_stages=num_stages)
     return y

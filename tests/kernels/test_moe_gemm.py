@@ -50,7 +50,7 @@ def test_it_runs_only_where_it_was_measured_to_win(monkeypatch):
     x, w = torch.zeros(6, 8, dtype=torch.bfloat16), torch.zeros(2, 8, 4, dtype=torch.bfloat16)
     assert not moe_gemm.usable(x, w), "on the CPU, torch's path"
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert moe_gemm.usable(x, w) == moe_gemm.available()
+    assert moe_gemm.usable(x, w) == moe_gemm.available()  # (not imported on a machine without CUDA)
     assert not moe_gemm.usable(torch.zeros(moe_gemm.MAX_PAIRS + 1, 8, dtype=torch.bfloat16), w)
     assert not moe_gemm.usable(x.float(), w.float()), "fp32 decodes through the reference loop"
     monkeypatch.setenv("DSFT_TRITON_MOE", "0")
