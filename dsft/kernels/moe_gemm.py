@@ -49,10 +49,20 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[0] <= MAX_PAIRS and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
 
 
-def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: int = 64, block_k: int = 128,
-             num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+def config(K: int) -> dict[str, int]:
+    """Tile sizes for a reduction of ``K``: the experts' own weights (K = hidden or intermediate size) take the
+    configuration measured best or within 2% of it at every decode size on the H200; a LoRA up-projection
+    (K = the stacked ranks, 16-64) reads one short tile per program, so programs take wider column blocks."""
+    if K <= 64:
+        return {"block_n": 256, "block_k": max(16, 1 << (K - 1).bit_length()), "num_warps": 4, "num_stages": 2}
+    return {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
+
+
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: int | None = None,
+             block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """``x`` [P, K] (pairs sorted by expert) times ``w`` [E, K, N] per expert, ``offs`` [E] int32 run ends
-    (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K])."""
+    (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K]).
+    Tiles default to :func:`config`."""
     P, K = x.shape
     E, _, N = w.shape
     y = x.new_empty((P, N))
@@ -60,8 +70,9 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: i
         return y
     if _KERNEL is None:
         raise RuntimeError("the Triton MoE kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
-    grid = (E, -(-N // block_n))
-    _KERNEL[grid](x, w, y, offs, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                    y.stride(0), y.stride(1), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                    num_warps=num_warps, num_stages=num_stages)
+    tiles = config(K)
+    bn, bk = block_n or tiles["block_n"], block_k or tiles["block_k"]
+    _KERNEL[(E, -(-N // bn))](x, w, y, offs, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                              y.stride(0), y.stride(1), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+                              num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
     return y

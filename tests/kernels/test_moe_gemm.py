@@ -18,9 +18,10 @@ CHECK = textwrap.dedent("""
     from dsft.kernels.moe_gemm import moe_gemm
 
     g = torch.Generator().manual_seed(0)
-    E, K, N = 6, 40, 70
+    E, N = 6, 70
     cases = {"none": [0] * E, "one pair": [0, 0, 1, 0, 0, 0], "decode": [1, 0, 2, 1, 0, 2],
              "an expert over one block": [3, 0, 21, 0, 5, 1]}
+    K = 200  # more than one K block of the experts' configuration
     for name, counts in cases.items():
         offs = torch.tensor(counts).cumsum(0).to(torch.int32)
         P = int(offs[-1])
@@ -32,6 +33,11 @@ CHECK = textwrap.dedent("""
             want = grouped_mm_reference(x, w, offs)
             assert got.shape == (P, N), (name, got.shape)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+    # A LoRA up-projection: K is a few ranks (its own tile configuration).
+    offs = torch.tensor([2, 2, 5, 6, 6, 9]).to(torch.int32)
+    for K in (16, 48, 64):
+        x, w = torch.randn(9, K, generator=g), torch.randn(E, N, K, generator=g).transpose(1, 2)
+        torch.testing.assert_close(moe_gemm(x, w, offs), grouped_mm_reference(x, w, offs), rtol=1e-4, atol=1e-4)
     print("ok")
 """)
 
