@@ -82,6 +82,9 @@ class RuntimeBase(RuntimeRequests):
         self._table: TermTable | None = None
         self._originals: tuple[Any, Any] | None = None
         self._norms: list[torch.nn.Module] = []
+        # The batch run() keeps between calls (see dsft.runtime.requests), and the environment it was made under.
+        self._idle_batch = None
+        self._idle_key: tuple[str, str] | None = None
         self.model.eval()
 
     # --- what is attached -------------------------------------------------------------------------
@@ -248,6 +251,9 @@ class RuntimeBase(RuntimeRequests):
         if att is None:
             return None
         self._attached = rest
+        # The idle batch's CUDA graphs hold the stacked factors they were captured with (the adapter's own tensors
+        # when it was alone): dropped, or the detached adapter's memory would stay taken until the next run().
+        self._idle_batch = None
         self._lora.remove(key)
         self._table.remove(key)
         info = att.info
@@ -258,8 +264,11 @@ class RuntimeBase(RuntimeRequests):
         return info
 
     def close(self) -> None:
-        """Detach everything and give the model back plain (embedding, head and forwards restored)."""
+        """Detach everything and give the model back plain (embedding, head and forwards restored). A request still
+        generating fails at its next step (:class:`dsft.runtime.records.RuntimeClosedError`); one made later
+        installs the runtime's tables again."""
         with self._exclusive():
+            self._idle_batch = None  # built on the tables torn down below (its steps would fail: RuntimeRequests.step)
             for key in list(self._attached):
                 self._detach_locked(key)
             if self._lora is not None:

@@ -5,11 +5,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsft.adapters.terms import TermRange
-from dsft.errors import UsageError
+from dsft.errors import DsftError, UsageError
 
 
 class ContextLengthError(UsageError):
     """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class RuntimeClosedError(DsftError):
+    """The runtime was closed while a request was generating: its adapters and multi-adapter tables are gone,
+    so the request stopped (a request made after the close runs on the plain base, installed again)."""
 
 
 @dataclass(frozen=True)
