@@ -4,7 +4,7 @@
 ``torch._grouped_mm`` computes it. At decode sizes the step reads each used expert's weight once and does
 almost no arithmetic, so what counts is how close the kernel streams those weights to the card's bandwidth;
 torch's CUTLASS grouped kernel streams 1.4-3.0 TB/s of the H200's ~4.3 (lite shape, 1 to 128 rows), this one
-3.1-4.4 TB/s (``benchmarks/results/2026-12-01-h200-moe-gemm.md``). Here each program owns one expert's ``BLOCK_N`` output columns and loops over that
+3.1-4.4 TB/s (``benchmarks/results/2026-12-01-h200-moe-gemm-stop19-final.md``). Here each program owns one expert's ``BLOCK_N`` output columns and loops over that
 expert's rows in ``BLOCK_M`` blocks (one block at decode sizes, so each weight tile is read once) and over K;
 programs of experts without rows return at once.
 
