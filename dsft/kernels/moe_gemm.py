@@ -13,9 +13,12 @@ kernel in Triton's interpreter (``TRITON_INTERPRET=1``) against :func:`dsft.kern
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("dsft.kernels")
 
 MAX_PAIRS = 768
 """Up to this many (token, expert) pairs the Triton kernel runs: 128 decode rows at 6 experts a token, the largest
@@ -37,9 +40,14 @@ def _load_kernel():
 _KERNEL = _load_kernel() if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
+_FAILED: str | None = None
+"""Why the kernel was turned off in this process (it failed to compile for this GPU, e.g. one without bf16
+tensor cores), if it was."""
+
+
 def available() -> bool:
-    """Triton's kernel loaded (on a machine with CUDA, or under the interpreter)."""
-    return _KERNEL is not None
+    """Triton's kernel loaded (on a machine with CUDA, or under the interpreter) and not turned off."""
+    return _KERNEL is not None and _FAILED is None
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -76,3 +84,17 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: i
                               y.stride(0), y.stride(1), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
                               num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
     return y
+
+
+def moe_gemm_or_none(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """:func:`moe_gemm`, or None (the caller's own path) when it cannot compile for this GPU: it is then turned off
+    for the process, with a warning, instead of failing every step. A compilation happens at the first call of each
+    shape, which the runtime makes eagerly before it captures a CUDA graph."""
+    global _FAILED
+    try:
+        return moe_gemm(x, w, offs)
+    except Exception as exc:  # triton's CompilationError, an unsupported dtype on an older GPU, ...
+        if _FAILED is None:
+            _FAILED = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("the Triton MoE kernel is off (torch's grouped GEMM instead): %s", _FAILED)
+        return None

@@ -21,7 +21,9 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [S, K] (rows sorted by group) @ w [E, K, N] per group, for inference: decode sizes through dsft's Triton
     kernel (:mod:`dsft.kernels.moe_gemm`), larger ones through torch's grouped GEMM."""
     if moe_gemm.usable(x, w):
-        return moe_gemm.moe_gemm(x, w, offs)
+        y = moe_gemm.moe_gemm_or_none(x, w, offs)
+        if y is not None:
+            return y
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_grouped_mm():
         if w.stride(-1) != 1 and w.stride(-2) != 1:
             w = w.contiguous()

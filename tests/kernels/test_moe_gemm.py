@@ -35,7 +35,7 @@ CHECK = textwrap.dedent("""
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
     # A LoRA up-projection: K is a few ranks (its own tile configuration).
     offs = torch.tensor([2, 2, 5, 6, 6, 9]).to(torch.int32)
-    for K in (16, 48, 64):
+    for K in (8, 16, 48, 64):
         x, w = torch.randn(9, K, generator=g), torch.randn(E, N, K, generator=g).transpose(1, 2)
         torch.testing.assert_close(moe_gemm(x, w, offs), grouped_mm_reference(x, w, offs), rtol=1e-4, atol=1e-4)
     print("ok")
@@ -61,3 +61,20 @@ def test_it_runs_only_where_it_was_measured_to_win(monkeypatch):
     assert not moe_gemm.usable(x.float(), w.float()), "fp32 decodes through the reference loop"
     monkeypatch.setenv("DSFT_TRITON_MOE", "0")
     assert not moe_gemm.usable(x, w)
+
+
+def test_a_kernel_that_cannot_compile_turns_itself_off_and_the_caller_falls_back(monkeypatch, caplog):
+    import torch
+
+    from dsft.kernels import moe_gemm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CompilationError: bf16 dot needs sm80")
+    monkeypatch.setattr(moe_gemm, "moe_gemm", broken)
+    monkeypatch.setattr(moe_gemm, "_KERNEL", object())
+    monkeypatch.setattr(moe_gemm, "_FAILED", None)
+    x, w, offs = torch.zeros(6, 8), torch.zeros(2, 8, 4), torch.tensor([3, 6], dtype=torch.int32)
+    with caplog.at_level("WARNING", logger="dsft.kernels"):
+        assert moe_gemm.moe_gemm_or_none(x, w, offs) is None
+    assert not moe_gemm.available() and "sm80" in caplog.text
+    assert moe_gemm.moe_gemm_or_none(x, w, offs) is None and caplog.text.count("is off") == 1
