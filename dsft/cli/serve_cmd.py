@@ -20,7 +20,7 @@ def serve_command(
                                 help="Require 'Authorization: Bearer KEY' on every /v1 request and /metrics. Set it with the "
                                      "DSFT_API_KEY environment variable: on the command line other users see it in ps."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests generating at once (continuous batching: requests join and leave between tokens)."),
-    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long a request that finds nothing running waits for others to start with."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="The most a request that finds nothing running waits for others (it stops 2 ms after the latest arrival)."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Most completions waiting for the engine; beyond it "
                                                              "requests get HTTP 429 with Retry-After."),
     kv_memory: float = typer.Option(None, "--kv-memory", metavar="GIB",

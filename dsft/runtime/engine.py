@@ -8,7 +8,8 @@ limits: a bad request fails alone), prefills them and joins them to the running 
 token for all rows (:meth:`RuntimeBase.step`). A row that finishes, is cancelled (:meth:`Ticket.cancel`)
 or fails on its own leaves the batch at once, so its slot is free at the next token: a short request
 does not wait for a long one. When nothing runs, the first request waits up to ``max_wait_s`` for
-company.
+company, and no longer than ``quiet_s`` after the latest arrival: a burst of clients is prefilled together,
+a lone request starts at once (one that comes later joins at the next token anyway).
 
 The runtime's lock is held for one step, not for a whole generation: attach and detach happen between
 steps (never under one), and a row whose adapter is detached while it generates fails alone, with an
@@ -89,6 +90,10 @@ class Ticket:
 
 _STOP = object()
 
+QUIET_S = 0.002
+"""An idle engine stops waiting for company once no request arrived for this long: clients that start together
+(threads, an asyncio gather) arrive microseconds apart, and a lone request should not sit out ``max_wait_s``."""
+
 
 class Engine:
     """Continuously batches requests for one :class:`RuntimeBase` on a worker thread.
@@ -96,7 +101,8 @@ class Engine:
     Args:
         runtime: the loaded base with its adapters.
         max_batch_size: the most rows running at once.
-        max_wait_s: how long a request that finds nothing running waits for company.
+        max_wait_s: how long a request that finds nothing running waits for company, at most.
+        quiet_s: ...and it stops waiting once no request arrived for this long (None: always ``max_wait_s``).
         max_queue: requests waiting beyond this are refused with :class:`EngineBusy`.
         prefill_chunk: prompts longer than this are prefilled this many tokens per step, so that running rows
             keep decoding while a long prompt is read (None: a whole prompt in one step).
@@ -106,7 +112,7 @@ class Engine:
     """
 
     def __init__(self, runtime: RuntimeBase, *, max_batch_size: int = 32, max_wait_s: float = 0.01, max_queue: int = 1024,
-                 prefill_chunk: int | None = 512, kv_memory_gib: float | None = None):
+                 prefill_chunk: int | None = 512, kv_memory_gib: float | None = None, quiet_s: float | None = QUIET_S):
         self.runtime = runtime
         self.kv_budget = None if kv_memory_gib is None else int(kv_memory_gib * 2**30)
         """Bytes the KV cache may take (None: no bound). Set when the first batch starts on a GPU, by default."""
@@ -117,6 +123,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.quiet_s = quiet_s
         self.max_queue = max_queue
         self.batches: deque[tuple[int, int]] = deque(maxlen=1024)
         """(running rows, distinct adapters among them incl. the plain base) right after each of the latest admissions."""
@@ -240,6 +247,8 @@ class Engine:
             got.append(self._held.popleft())
         while len(got) < limit:
             timeout = 0.0 if deadline is None else deadline - time.monotonic()
+            if self.quiet_s is not None:
+                timeout = min(timeout, self.quiet_s)
             try:
                 nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:

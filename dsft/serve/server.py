@@ -40,7 +40,8 @@ def serve(
         api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``; when not,
             requests must name this address as their Host and come from no other origin.
         max_batch_size, batch_wait_ms: continuous batching: the most requests generating at once, and how
-            long a request that finds none running waits for others.
+            long a request that finds none running waits for others at most (it stops once none arrived for
+            2 ms: :data:`dsft.runtime.engine.QUIET_S`).
         max_queue: completions waiting beyond this are answered 429 with ``Retry-After``.
         kv_memory_gib: the most GiB the running requests' KV cache may take (default: on a GPU, half of what
             is free once the base and adapters are loaded); a request beyond it waits, one that alone needs

@@ -11,7 +11,7 @@ from dsft.runtime.engine import Engine, Request
 
 
 def test_concurrent_requests_for_different_adapters_batch_together(attached, texts):
-    engine = Engine(attached, max_batch_size=16, max_wait_s=0.2)
+    engine = Engine(attached, max_batch_size=16, max_wait_s=0.2, quiet_s=None)  # the whole wait: threads start slowly here
     try:
         adapters = ["finance", "legal", "medical", None] * 3
         prompts = [texts[i % len(texts)] for i in range(len(adapters))]
@@ -60,7 +60,7 @@ def test_a_row_that_fails_in_its_batch_fails_alone(attached, texts, monkeypatch)
     monkeypatch.setattr(generation, "sample_row", poisoned)
     adapters = ["finance", "legal", "medical", None, "finance", "legal"]
     seeds = [None, None, 13, None, None, None]  # the poisoned row samples; the others are greedy (comparable)
-    engine = Engine(attached, max_batch_size=16, max_wait_s=0.5)
+    engine = Engine(attached, max_batch_size=16, max_wait_s=0.5, quiet_s=None)
     try:
         futures = [Future() for _ in seeds]
 
@@ -113,5 +113,32 @@ def test_requests_beyond_the_kv_budget_wait_for_room_and_one_too_large_alone_is_
         with pytest.raises(ContextLengthError, match="GiB of KV cache.*--kv-memory"):
             engine.generate(Request(adapter="legal", prompt=texts[1], max_new_tokens=80, ignore_eos=True, raw=True))
         assert engine.generate(Request(adapter="legal", prompt=texts[1], **short)).token_ids == results[0].token_ids
+    finally:
+        engine.close()
+
+
+def test_a_lone_request_does_not_sit_out_the_batch_wait_and_a_burst_still_batches(attached, texts):
+    import time
+
+    engine = Engine(attached, max_batch_size=16, max_wait_s=2.0, quiet_s=0.05)
+    try:
+        started: list[float] = []
+
+        def on_event(kind, payload):
+            if kind == "started":
+                started.append(time.monotonic())
+        t0 = time.monotonic()
+        done = Future()
+        engine.submit(Request(adapter="finance", prompt=texts[0], max_new_tokens=2, ignore_eos=True),
+                      lambda kind, payload: (on_event(kind, payload), kind in ("done", "error") and done.set_result(kind)))
+        assert done.result(60) == "done"
+        assert started[0] - t0 < 1.0, "a lone request waited for company it could not get (max_wait_s is 2 s)"
+        # Requests submitted back to back arrive well within the quiet window: one admission.
+        results = [Future() for _ in range(4)]
+        for i, fut in enumerate(results):
+            engine.submit(Request(adapter=["legal", None][i % 2], prompt=texts[1], max_new_tokens=2, ignore_eos=True),
+                          lambda kind, payload, fut=fut: kind in ("done", "error") and fut.set_result(kind))
+        assert [f.result(60) for f in results] == ["done"] * 4
+        assert engine.batches[-1][0] == 4
     finally:
         engine.close()
