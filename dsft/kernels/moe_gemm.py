@@ -2,11 +2,12 @@
 
 ``y[p] = x[p] @ w[e(p)]`` for pairs sorted by expert (``offs``: the end of each expert's run), as
 ``torch._grouped_mm`` computes it. At decode sizes the step reads each used expert's weight once and does
-almost no arithmetic, so what counts is how close the kernel streams those weights to the card's bandwidth;
+almost no arithmetic, so what counts is how close the kernel streams those weights to the card's bandwidth:
 torch's CUTLASS grouped kernel streams 1.4-3.0 TB/s of the H200's ~4.3 (lite shape, 1 to 128 rows), this one
-3.1-4.4 TB/s (``benchmarks/results/2026-12-01-h200-moe-gemm-stop19-final.md``). Here each program owns one expert's ``BLOCK_N`` output columns and loops over that
-expert's rows in ``BLOCK_M`` blocks (one block at decode sizes, so each weight tile is read once) and over K;
-programs of experts without rows return at once.
+3.1-4.4 TB/s (``benchmarks/results/2026-12-01-h200-moe-gemm-stop19-final.md``). Each program owns one expert's
+``BLOCK_N`` output columns and loops over that expert's rows in ``BLOCK_M`` blocks (one block at decode sizes, so
+each weight tile is read once) and over K; programs of experts without rows return at once. The kernel itself is
+in :mod:`dsft.kernels.moe_gemm_triton`.
 
 :func:`moe_gemm` is for inference (no autograd); :func:`usable` says when it applies. The CPU tests run the
 kernel in Triton's interpreter (``TRITON_INTERPRET=1``) against :func:`dsft.kernels.expert_lora.grouped_mm_reference`.
