@@ -75,3 +75,21 @@ def alone(refs):
 @pytest.fixture(scope="package")
 def texts() -> list[str]:
     return list(TEXTS)
+
+
+def in_background(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` on a daemon thread: (its Future, the thread). What ``fn`` raises is the Future's."""
+    import threading
+    from concurrent.futures import Future
+
+    answer: Future = Future()
+
+    def work():
+        try:
+            answer.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the test through the Future
+            answer.set_exception(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return answer, thread

@@ -10,6 +10,7 @@ import pytest
 
 import dsft
 from dsft.runtime.records import RuntimeClosedError
+from tests.runtime.conftest import in_background
 
 TIMEOUT = 120
 
@@ -147,20 +148,12 @@ def test_a_batch_kept_across_an_attach_gives_what_a_fresh_runtime_gives(refs, al
 def test_close_during_a_generate_fails_its_rows_with_a_clear_error(refs, alone, texts):
     base = dsft.load_base("tiny-deepseek-v2", device="cpu")  # its own runtime: the shared ones stay open
     base.attach(refs["finance"])
-    started, answer = threading.Event(), Future()
+    started = threading.Event()
     # The plain-base row first: generate() raises the first failed row's error, and only the guard stops a
     # row without an adapter (close() detaches finance, which fails the other row anyway).
     prompts, adapters = [texts[3], texts[0]], [None, "finance"]
-
-    def work():
-        try:
-            answer.set_result(base.generate(prompts, adapters=adapters, max_new_tokens=300, ignore_eos=True,
-                                            on_text=lambda *_: started.set()))
-        except BaseException as exc:  # handed to the test below
-            answer.set_exception(exc)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
+    answer, thread = in_background(base.generate, prompts, adapters=adapters, max_new_tokens=300, ignore_eos=True,
+                                   on_text=lambda *_: started.set())
     try:
         assert started.wait(TIMEOUT)
         base.close()  # between two steps

@@ -4,13 +4,13 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from concurrent.futures import Future
 
 import pytest
 import torch
 
 import dsft
 from dsft.errors import IncompatibleError, IntegrityError, NotFoundError, UsageError
+from tests.runtime.conftest import in_background
 
 ATOL = 1e-5
 TIMEOUT = 120
@@ -111,16 +111,8 @@ def test_an_attach_goes_in_between_two_tokens_of_a_long_generate_and_leaves_its_
     """generate() holds the runtime's lock a step at a time, as the engine does: an attach from another
     thread does not wait for the whole generation."""
     ask = dict(adapter="legal", raw=True, max_new_tokens=300, ignore_eos=True)
-    started, answer = threading.Event(), Future()
-
-    def work():
-        try:
-            answer.set_result(attached.generate(texts[1], on_text=lambda *_: started.set(), **ask))
-        except BaseException as exc:  # handed to the test below
-            answer.set_exception(exc)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
+    started = threading.Event()
+    answer, thread = in_background(attached.generate, texts[1], on_text=lambda *_: started.set(), **ask)
     try:
         assert started.wait(TIMEOUT)
         attached.attach(refs["finance2"])
