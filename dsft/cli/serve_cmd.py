@@ -43,6 +43,10 @@ def serve_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
     ui: bool = typer.Option(False, "--ui", help="Also serve the registry pages under /ui (as `dsft ui` does; "
                                                 "tags editable only with the API key)."),
+    warm_up: bool = typer.Option(None, "--warm-up/--no-warm-up",
+                                 help="Generate two tokens for the base and each adapter before listening, so that the "
+                                      "first client does not wait for kernels to compile and CUDA graphs to be captured "
+                                      "(default: on a GPU)."),
 ) -> None:
     """Serve a base and its adapters over an OpenAI-compatible API (model = adapter ref or base name).
 
@@ -75,4 +79,4 @@ def serve_command(
           max_adapters=max_adapters,
           adapter_memory_gib=adapter_memory, load_on_demand=load_on_demand, access_log=access_log,
           limits=Limits(max_tokens=max_tokens),
-          trust_remote_code=trust_remote_code, ui=ui, on_ready=ready)
+          trust_remote_code=trust_remote_code, ui=ui, warm_up=warm_up, on_ready=ready)

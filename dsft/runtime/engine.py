@@ -169,6 +169,11 @@ class Engine:
         self.submit(request, on_event)
         return done.result()
 
+    def reset_counts(self) -> None:
+        """Zero :attr:`counts` and forget :attr:`batches` (e.g. after a server's warm-up requests)."""
+        self.counts = dict.fromkeys(self.counts, 0)
+        self.batches.clear()
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish the running rows (admitting no more), fail what is still queued, stop the worker."""
         self._closed = True

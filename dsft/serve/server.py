@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from dsft.errors import UsageError
 from dsft.runtime.records import AdapterInfo
@@ -30,6 +32,7 @@ def serve(
     limits: Limits = Limits(),
     trust_remote_code: bool = False,
     ui: bool = False,
+    warm_up: bool | None = None,
     on_ready: Callable[[str, list[AdapterInfo]], None] | None = None,
 ) -> None:
     """Serve ``base`` with ``adapters`` attached until interrupted.
@@ -51,6 +54,8 @@ def serve(
         load_on_demand: a request naming a registry adapter that is not resident attaches it first.
         access_log: where the JSON access-log lines go: ``-`` (stderr), a file (appended), or None / ``off``.
         ui: also serve the registry pages under ``/ui`` (read from the registry adapters are resolved in).
+        warm_up: run :func:`warm_engine` before listening (default: on a GPU, where the first decode steps compile
+            kernels and capture CUDA graphs).
         on_ready: called with the base URL and the attached adapters once they are loaded, before listening.
     Raises:
         UsageError: bad port, batching, queue or budget settings or --max-tokens; what loading and attaching raise.
@@ -94,6 +99,11 @@ def serve(
     infos = [residency.attach(ref)[0] for ref in adapters]
     engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000, max_queue=max_queue,
                     kv_memory_gib=kv_memory_gib)
+    if warm_up is None:
+        warm_up = runtime.model.device.type == "cuda"
+    if warm_up:
+        seconds = warm_engine(engine, [i.ref for i in infos])
+        logging.getLogger("dsft.serve").info("warmed up in %.1f s", seconds)
     app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port),
                      ui_registry=ui_registry, residency=residency)
     if on_ready is not None:
@@ -111,3 +121,30 @@ def serve(
         if handler is not None:
             logging.getLogger(access.ACCESS_LOGGER).removeHandler(handler)
             handler.close()
+
+
+def warm_engine(engine, refs: Sequence[str]) -> float:
+    """Two greedy tokens for the plain base and each of ``refs``, in one batch, before the first client comes: on a
+    GPU the first decode steps compile the experts' Triton kernel (:mod:`dsft.kernels.moe_gemm`; cached on disk
+    afterwards) and capture CUDA graphs, seconds a first user would otherwise wait. The engine's counts are reset
+    after, so ``/health`` shows clients' requests only. Returns the seconds it took.
+
+    Raises:
+        Exception: what the first failed warm-up request failed with (a server that cannot generate should not
+        start listening).
+    """
+    from dsft.runtime.engine import Request
+
+    t0 = time.perf_counter()
+    answers: list[Future] = []
+    for ref in [None, *refs]:
+        answer: Future = Future()
+        engine.submit(Request(adapter=ref, prompt="warm up", raw=True, max_new_tokens=2, ignore_eos=True),
+                      lambda kind, payload, answer=answer: kind in ("done", "error") and answer.set_result((kind, payload)))
+        answers.append(answer)
+    for answer in answers:
+        kind, payload = answer.result()
+        if kind == "error":
+            raise payload
+    engine.reset_counts()
+    return time.perf_counter() - t0

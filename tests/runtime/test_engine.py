@@ -142,3 +142,22 @@ def test_a_lone_request_does_not_sit_out_the_batch_wait_and_a_burst_still_batche
         assert engine.batches[-1][0] == 4
     finally:
         engine.close()
+
+
+def test_a_server_warms_the_engine_up_on_every_resident_adapter_and_starts_with_clean_counts(attached, refs):
+    pytest.importorskip("fastapi")
+    from dsft.serve.server import warm_engine
+
+    engine = Engine(attached, max_batch_size=8)
+    ran: list = []
+    real_step = attached.step
+    try:
+        attached.step = lambda batch, new_rows=(): (ran.extend(r.key for r in new_rows), real_step(batch, new_rows))[1]
+        seconds = warm_engine(engine, ["finance", "legal"])
+        assert seconds > 0 and sorted(ran, key=str) == sorted([None, refs["finance"], refs["legal"]], key=str)
+        assert engine.counts["rows"] == 0 and engine.counts["steps"] == 0 and not engine.batches
+        with pytest.raises(NotFoundError, match="astrology"):  # a server that cannot serve an adapter does not start
+            warm_engine(engine, ["astrology"])
+    finally:
+        del attached.step
+        engine.close()
