@@ -59,9 +59,10 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def config(K: int) -> dict[str, int]:
-    """Tile sizes for a reduction of ``K``: the experts' own weights (K = hidden or intermediate size) take the
-    configuration measured best or within 2% of it at every decode size on the H200; a LoRA up-projection
-    (K = the stacked ranks, 16-64) reads one short tile per program, so programs take wider column blocks."""
+    """Tile sizes for a reduction of ``K``: the experts' own weights (K = hidden or intermediate size) take a
+    configuration within 3% of the best of the sweep at every decode size measured on the H200; a LoRA up-projection
+    (K = the stacked ranks, 16-64) reads one short tile per program, so programs take wider column blocks (within
+    10-20% of the sweep's best, 3-6x faster than torch's grouped GEMM: ``moe_gemm_bench.py``)."""
     if K <= 64:
         return {"block_n": 256, "block_k": max(16, 1 << (K - 1).bit_length()), "num_warps": 4, "num_stages": 2}
     return {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
