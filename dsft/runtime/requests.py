@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +62,7 @@ class RuntimeRequests:
         def tokenizer_for(self, adapter: str | AdapterHandle | None) -> Any: ...
         def _entry(self, handle: AdapterHandle) -> Any: ...
         def _install(self) -> None: ...
+        def _exclusive(self) -> AbstractContextManager[None]: ...
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -147,12 +149,14 @@ class RuntimeRequests:
 
     def _take_batch(self, key: tuple[str, str]) -> RunningBatch:
         """The idle batch if it was made with the defaults ``key`` (else a new one): taken out of the slot, so
-        a concurrent :meth:`run` gets a batch of its own."""
-        with self._lock:
+        a concurrent :meth:`run` gets a batch of its own. With priority over the steps of running generations
+        (the lock is not fair: a caller that only waited for it could wait out a whole generation of another
+        thread's, which takes it back after every step)."""
+        with self._exclusive():
             batch, self._idle_batch = self._idle_batch, None
             if batch is not None and self._idle_key == key and self._current(batch):
                 return batch
-        return self.batch()
+            return self.batch()
 
     def _give_back(self, batch: RunningBatch, key: tuple[str, str], version: int) -> None:
         """Keep ``batch`` as the idle one, if it is empty and still runs on the runtime's tables, and no adapter was
