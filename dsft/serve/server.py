@@ -102,7 +102,12 @@ def serve(
     if warm_up is None:
         warm_up = runtime.model.device.type == "cuda"
     if warm_up:
-        seconds = warm_engine(engine, [i.ref for i in infos])
+        try:
+            seconds = warm_engine(engine, [i.ref for i in infos])
+        except BaseException:  # not serving: give the engine's thread and the model back before saying why
+            engine.close()
+            runtime.close()
+            raise
         logging.getLogger("dsft.serve").info("warmed up in %.1f s", seconds)
     app = create_app(runtime, engine, api_key=api_key, limits=limits, hosts=allowed_hosts(host, port),
                      ui_registry=ui_registry, residency=residency)
