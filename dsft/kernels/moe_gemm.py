@@ -6,20 +6,28 @@ almost no arithmetic, so what counts is how close the kernel streams those weigh
 torch's CUTLASS grouped kernel streams 1.4-3.0 TB/s of the H200's ~4.3 (lite shape, 1 to 128 rows), this one
 3.1-4.4 TB/s (``benchmarks/results/2026-12-01-h200-moe-gemm-stop19-final.md``). Each program owns one expert's
 ``BLOCK_N`` output columns and loops over that expert's rows in ``BLOCK_M`` blocks (one block at decode sizes, so
-each weight tile is read once) and over K; programs of experts without rows return at once. The kernel itself is
-in :mod:`dsft.kernels.moe_gemm_triton`.
+each weight tile is read once) and over K; programs of experts without rows return at once. Options fold the
+glue around a routed-experts GEMM into it: reading the tokens' rows in place (no gathered copy), a LoRA rank mask,
+an addend (the base output a LoRA up-projection adds to) and the SwiGLU activation.
 
-:func:`moe_gemm` is for inference (no autograd); :func:`usable` says when it applies. The CPU tests run the
-kernel in Triton's interpreter (``TRITON_INTERPRET=1``) against :func:`dsft.kernels.expert_lora.grouped_mm_reference`.
+:func:`route` (the pairs sorted by expert) and :func:`combine` (the weighted sum back to tokens) are the two ends
+of a decode step's routed experts, one kernel each where torch takes eight (a radix sort, a histogram, gathers,
+a cumulative sum, casts) and four. The kernels are in :mod:`dsft.kernels.moe_triton`.
+
+Everything here is for inference (no autograd); :func:`usable` says when it applies. The CPU tests run the
+kernels in Triton's interpreter (``TRITON_INTERPRET=1``) against plain torch.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 
 log = logging.getLogger("dsft.kernels")
+T = TypeVar("T")
 
 MAX_PAIRS = 768
 """Up to this many (token, expert) pairs the Triton kernel runs: 128 decode rows at 6 experts a token, the largest
@@ -28,17 +36,17 @@ size measured (H200, lite shape, ``benchmarks/moe_gemm_bench.py``: 1.3-2.1x fast
 CUTLASS's larger tiles are the better choice (not measured)."""
 
 
-def _load_kernel():
+def _load_kernels():
     try:
-        from dsft.kernels import moe_gemm_triton
+        from dsft.kernels import moe_triton
     except Exception:  # Triton not installed (CPU wheels of torch do not bring it), or broken
         return None
-    return moe_gemm_triton.moe_gemm_kernel
+    return moe_triton
 
 
 # Imported only where it can run (0.5 s of imports a CPU process has no use for): a CUDA build of torch brings
 # Triton, the CPU tests install it for its interpreter (TRITON_INTERPRET=1).
-_KERNEL = _load_kernel() if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else None
+_KERNELS = _load_kernels() if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
 _FAILED: str | None = None
@@ -48,7 +56,7 @@ tensor cores), if it was."""
 
 def available() -> bool:
     """Triton's kernel loaded (on a machine with CUDA, or under the interpreter) and not turned off."""
-    return _KERNEL is not None and _FAILED is None
+    return _KERNELS is not None and _FAILED is None
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -68,35 +76,95 @@ def config(K: int) -> dict[str, int]:
     return {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
 
 
-def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, block_n: int | None = None,
-             block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch.Tensor | None = None,
+             gather: bool = False, mask: torch.Tensor | None = None, add: torch.Tensor | None = None, glu: bool = False,
+             block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+             num_stages: int | None = None) -> torch.Tensor:
     """``x`` [P, K] (pairs sorted by expert) times ``w`` [E, K, N] per expert, ``offs`` [E] int32 run ends
     (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K]).
+
+    Options: with ``gather``, pair p's row is ``x[tok[p]]`` (x holds the tokens, P = ``len(tok)``); ``mask`` [T, K]
+    multiplies pair p's row by ``mask[tok[p]]``; ``add`` [P, N] (``[P, 2N]`` with ``glu``) is added to the product;
+    with ``glu``, ``w`` holds gate then up columns ([E, K, 2N]) and the result is ``silu(gate) * up`` [P, N].
     Tiles default to :func:`config`."""
-    P, K = x.shape
-    E, _, N = w.shape
+    if _KERNELS is None:
+        raise RuntimeError("the Triton MoE kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    if (gather or mask is not None) and tok is None:
+        raise ValueError("moe_gemm: gather and mask need tok, the token of each pair")
+    P = tok.shape[0] if gather and tok is not None else x.shape[0]
+    K = x.shape[1]
+    E, N = w.shape[0], w.shape[2] // 2 if glu else w.shape[2]
     y = x.new_empty((P, N))
     if P == 0:
         return y
-    if _KERNEL is None:
-        raise RuntimeError("the Triton MoE kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
     tiles = config(K)
     bn, bk = block_n or tiles["block_n"], block_k or tiles["block_k"]
-    _KERNEL[(E, -(-N // bn))](x, w, y, offs, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                              y.stride(0), y.stride(1), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
-                              num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
+    tok_, mask_, add_ = (t if t is not None else y for t in (tok, mask, add))  # unused pointers: any tensor
+    _KERNELS.moe_gemm_kernel[(E, -(-N // bn))](
+        x, w, y, offs, tok_, mask_, add_, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        y.stride(0), y.stride(1), mask_.stride(0), mask_.stride(1), add_.stride(0), add_.stride(1),
+        GATHER=gather, MASK=mask is not None, ADD=add is not None, GLU=glu, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
     return y
 
 
+class Routed(NamedTuple):
+    """The (token, expert) pairs of a step sorted by expert (stable): pair i of the sorted order is token
+    ``token[i]``'s choice of expert ``expert[i]``; ``offs`` [E] int32: the end of each expert's run; ``pos`` [T * k]
+    int32: where flat pair ``t * k + j`` went."""
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    offs: torch.Tensor
+    pos: torch.Tensor
+
+
+def route(top_k_index: torch.Tensor, n_experts: int) -> Routed:
+    """Sort the router's choices ``top_k_index`` [T, k] by expert in one kernel (what ``argsort(stable=True)``,
+    ``histc`` and ``cumsum`` give in torch)."""
+    if _KERNELS is None:
+        raise RuntimeError("the Triton MoE kernels need Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    ids = top_k_index.reshape(-1).contiguous()
+    P, k = ids.shape[0], top_k_index.shape[-1]
+    token, expert = torch.empty(P, dtype=torch.int64, device=ids.device), torch.empty(P, dtype=torch.int64, device=ids.device)
+    offs = torch.empty(n_experts, dtype=torch.int32, device=ids.device)
+    pos = torch.empty(P, dtype=torch.int32, device=ids.device)
+    block, block_e = 64, 64
+    grid = (-(-P // block) + -(-n_experts // block_e),)
+    _KERNELS.moe_route_kernel[grid](ids, token, expert, offs, pos, P, n_experts, k, BLOCK=block, BLOCK_E=block_e)
+    return Routed(token, expert, offs, pos)
+
+
+def combine(y: torch.Tensor, pos: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_j top_k_weights[t, j] * y[pos[t * k + j]]`` [T, N] in ``dtype``, summed in fp32."""
+    if _KERNELS is None:
+        raise RuntimeError("the Triton MoE kernels need Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    T, k = top_k_weights.shape
+    N = y.shape[1]
+    out = torch.empty((T, N), dtype=dtype, device=y.device)
+    if T == 0:
+        return out
+    weights = top_k_weights.contiguous()
+    block_n = 256
+    _KERNELS.moe_combine_kernel[(T, -(-N // block_n))](y, pos, weights, out, N, k, y.stride(0), y.stride(1),
+                                                       out.stride(0), out.stride(1), BLOCK_N=block_n)
+    return out
+
+
 def moe_gemm_or_none(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
-    """:func:`moe_gemm`, or None (the caller's own path) when it cannot compile for this GPU: it is then turned off
+    """:func:`moe_gemm`, or None (the caller's own path) when it cannot compile for this GPU (see :func:`or_none`)."""
+    return or_none(moe_gemm, x, w, offs)
+
+
+def or_none(fn: Callable[..., T], *args, **kwargs) -> T | None:
+    """``fn(*args, **kwargs)``, or None when a kernel fails to compile for this GPU: the kernels are then turned off
     for the process, with a warning, instead of failing every step. A compilation happens at the first call of each
     shape, which the runtime makes eagerly before it captures a CUDA graph."""
     global _FAILED
     try:
-        return moe_gemm(x, w, offs)
+        return fn(*args, **kwargs)
     except Exception as exc:  # triton's CompilationError, an unsupported dtype on an older GPU, ...
         if _FAILED is None:
             _FAILED = f"{type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("the Triton MoE kernel is off (torch's grouped GEMM instead): %s", _FAILED)
+            log.warning("the Triton MoE kernels are off (torch's grouped GEMM instead): %s", _FAILED)
         return None

@@ -10,6 +10,7 @@ than the GEMM at decode sizes). See :mod:`dsft.runtime.multilora` for the tables
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsft.kernels import moe_gemm
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
@@ -105,6 +106,10 @@ def experts_forward_mixed(
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
     """
+    if moe_gemm.usable(x, gate_up_proj) and top_k_index.numel() <= moe_gemm.MAX_PAIRS and _is_silu(act):
+        y = moe_gemm.or_none(_in_kernels, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, down, fused)
+        if y is not None:
+            return y
     token, weight, expert, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     pair_masks: dict[int, torch.Tensor] = {}  # both projections usually share one token mask: gather it once
 
@@ -120,3 +125,39 @@ def experts_forward_mixed(
     y = _project(act(g) * u, down_proj, down, fused[1], offs, expert, pairs)
     y = y * weight.unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+def _is_silu(act) -> bool:
+    return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _in_kernels(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                down_proj: torch.Tensor, gate_up: tuple[LowRank, torch.Tensor | None] | None,
+                down: tuple[LowRank, torch.Tensor | None] | None, fused: tuple[Fused | None, Fused | None]) -> torch.Tensor:
+    """:func:`experts_forward_mixed` for a decode step in six Triton kernels (:mod:`dsft.kernels.moe_gemm`): sort
+    the pairs; ``[W; A]`` of gate_up on the tokens' rows in place; the LoRA up-projection with the pairs' rank
+    mask, added to the base output, through SwiGLU; the same for down (without the activation); the weighted sum
+    back to tokens. A projection's LoRA must have its A under W (``fused``), as it does whenever the batch holds
+    every attached adapter (always in a CUDA graph); otherwise the base GEMM and torch's glue run apart."""
+    routed = moe_gemm.route(top_k_index, gate_up_proj.shape[0])
+    h = _kernel_projection(x, gate_up_proj, gate_up, fused[0], routed, gather=True, glu=True)
+    y = _kernel_projection(h, down_proj, down, fused[1], routed, gather=False, glu=False)
+    return moe_gemm.combine(y, routed.pos, top_k_weights, x.dtype)
+
+
+def _kernel_projection(x: torch.Tensor, w: torch.Tensor, lora: tuple[LowRank, torch.Tensor | None] | None,
+                       fused: Fused | None, routed: moe_gemm.Routed, *, gather: bool, glu: bool) -> torch.Tensor:
+    """One projection of :func:`_in_kernels`: ``x W_e^T`` (+ the pair's LoRA), through SwiGLU with ``glu``."""
+    tok, offs = routed.token, routed.offs
+    if lora is None:
+        return moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, glu=glu)
+    f, mask = lora
+    if fused is None:
+        base = moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather)
+        h = moe_gemm.moe_gemm(x, f.A.transpose(1, 2), offs, tok=tok, gather=gather)
+    else:
+        full = moe_gemm.moe_gemm(x, fused.stacked.transpose(1, 2), offs, tok=tok, gather=gather)
+        base, h = full[:, : fused.out_features], full[:, fused.out_features :]
+    if f.scale != 1.0:  # stacked factors carry their scale in B
+        h = h * f.scale
+    return moe_gemm.moe_gemm(h, f.B.transpose(1, 2), offs, tok=tok, mask=mask, add=base, glu=glu)

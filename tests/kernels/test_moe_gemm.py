@@ -1,6 +1,7 @@
-"""The decode-size grouped GEMM (a Triton kernel) against the plain per-expert loop, run in Triton's interpreter
-on the CPU: empty experts, an expert with more rows than one block, a weight that is a strided view of a
-``[W; A]`` buffer, rows that are a strided view, and no rows at all."""
+"""The decode-size MoE kernels (Triton) against plain torch, run in Triton's interpreter on the CPU. The grouped
+GEMM: empty experts, an expert with more rows than one block, a weight that is a strided view of a ``[W; A]``
+buffer, rows that are a strided view, no rows at all, and its options (the tokens' rows in place, a rank mask, an
+addend, SwiGLU); the sort of the pairs by expert and the weighted sum back to tokens."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,8 @@ pytest.importorskip("triton", reason="Triton is part of the test extra (pip inst
 
 CHECK = textwrap.dedent("""
     import torch
+    import torch.nn.functional as F
+    from dsft.kernels import moe_gemm as kernels
     from dsft.kernels.expert_lora import grouped_mm_reference
     from dsft.kernels.moe_gemm import moe_gemm
 
@@ -38,11 +41,50 @@ CHECK = textwrap.dedent("""
     for K in (8, 16, 48, 64):
         x, w = torch.randn(9, K, generator=g), torch.randn(E, N, K, generator=g).transpose(1, 2)
         torch.testing.assert_close(moe_gemm(x, w, offs), grouped_mm_reference(x, w, offs), rtol=1e-4, atol=1e-4)
+    # route: the stable sort by expert, each expert's run end, each flat pair's place
+    for T, k, E in [(1, 6, 64), (5, 2, 6), (40, 6, 64), (130, 6, 64), (3, 8, 256)]:
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        r = kernels.route(idx, E)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        assert torch.equal(r.token, order // k), (T, k, E)
+        assert torch.equal(r.expert, flat[order])
+        counts = torch.bincount(flat, minlength=E)
+        assert torch.equal(r.offs, counts.cumsum(0).to(torch.int32))
+        assert torch.equal(order[r.pos.long()], torch.arange(len(order)))
+    # combine: the weighted sum of each token's pairs
+    T, k, N = 7, 3, 300
+    idx = torch.stack([torch.randperm(5, generator=g)[:k] for _ in range(T)])
+    r = kernels.route(idx, 5)
+    y = torch.randn(T * k, N, generator=g)
+    w = torch.rand(T, k, generator=g)
+    want = torch.zeros(T, N).index_add_(0, r.token, y * w.reshape(-1)[torch.argsort(idx.reshape(-1), stable=True)][:, None])
+    torch.testing.assert_close(kernels.combine(y, r.pos, w, torch.float32), want)
+    # the options: the tokens' rows in place, a rank mask, an addend, SwiGLU
+    E, H, I, R = 5, 48, 40, 12
+    x = torch.randn(T, H, generator=g)
+    wgu = torch.randn(E, 2 * I, H, generator=g)
+    xs = x[r.token]
+    base = grouped_mm_reference(xs, wgu.transpose(1, 2), r.offs)
+    got = moe_gemm(x, wgu.transpose(1, 2), r.offs, tok=r.token, gather=True)
+    torch.testing.assert_close(got, base, rtol=1e-4, atol=1e-4)
+    gl = moe_gemm(x, wgu.transpose(1, 2), r.offs, tok=r.token, gather=True, glu=True)
+    gg, uu = base.chunk(2, -1)
+    torch.testing.assert_close(gl, F.silu(gg) * uu, rtol=1e-4, atol=1e-4)
+    h = torch.randn(T * k, R, generator=g)
+    B = torch.randn(E, 2 * I, R, generator=g)
+    mask = (torch.rand(T, R, generator=g) > 0.5).float()
+    want = base + grouped_mm_reference(h * mask[r.token], B.transpose(1, 2), r.offs)
+    got = moe_gemm(h, B.transpose(1, 2), r.offs, tok=r.token, mask=mask, add=base)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got = moe_gemm(h, B.transpose(1, 2), r.offs, tok=r.token, mask=mask, add=base, glu=True)
+    gg, uu = want.chunk(2, -1)
+    torch.testing.assert_close(got, F.silu(gg) * uu, rtol=1e-4, atol=1e-4)
     print("ok")
 """)
 
 
-def test_moe_gemm_equals_the_per_expert_loop_in_the_interpreter():
+def test_the_kernels_equal_plain_torch_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
@@ -71,10 +113,10 @@ def test_a_kernel_that_cannot_compile_turns_itself_off_and_the_caller_falls_back
     def broken(*args, **kwargs):
         raise RuntimeError("CompilationError: bf16 dot needs sm80")
     monkeypatch.setattr(moe_gemm, "moe_gemm", broken)
-    monkeypatch.setattr(moe_gemm, "_KERNEL", object())
+    monkeypatch.setattr(moe_gemm, "_KERNELS", object())
     monkeypatch.setattr(moe_gemm, "_FAILED", None)
     x, w, offs = torch.zeros(6, 8), torch.zeros(2, 8, 4), torch.tensor([3, 6], dtype=torch.int32)
     with caplog.at_level("WARNING", logger="dsft.kernels"):
         assert moe_gemm.moe_gemm_or_none(x, w, offs) is None
     assert not moe_gemm.available() and "sm80" in caplog.text
-    assert moe_gemm.moe_gemm_or_none(x, w, offs) is None and caplog.text.count("is off") == 1
+    assert moe_gemm.moe_gemm_or_none(x, w, offs) is None and caplog.text.count("are off") == 1

@@ -1,6 +1,11 @@
 """The mixed-adapter routed-experts forward against the plain reference, token by token."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,3 +54,63 @@ def test_each_token_gets_its_own_adapters_experts(monkeypatch, few_pairs, fused)
         sel = torch.tensor([o == who for o in owners])
         want = experts_forward_reference(x[sel], index[sel], weights[sel], gate_up, down, F.silu, *lora)
         torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5)
+
+
+IN_KERNELS = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from transformers.activations import ACT2FN
+
+    from dsft.kernels import moe_gemm
+    from dsft.kernels.expert_lora import LowRank, experts_forward_reference
+    from dsft.runtime import mixed_experts
+    from dsft.runtime.fused_linear import FusedWeights
+    from dsft.runtime.multilora import RowGroups, stack_experts
+
+    moe_gemm.usable = lambda x, w: True  # as on a GPU in half precision
+    def no_torch_route(*args):
+        raise AssertionError("the kernels' path was not taken")
+    mixed_experts._route = no_torch_route
+
+    def lowrank(g, E, out, inp, r):
+        return LowRank(torch.randn(E, r, inp, generator=g) * 0.3, torch.randn(E, out, r, generator=g) * 0.3, 1.5)
+
+    g = torch.Generator().manual_seed(0)
+    T, H, I, E, k = 12, 16, 8, 6, 2
+    x = torch.randn(T, H, generator=g)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    weights[0, 1] = 0.0  # an ESFT adapter's pair is dropped so
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
+    a = (lowrank(g, E, 2 * I, H, 4), lowrank(g, E, H, I, 4))
+    b = (lowrank(g, E, 2 * I, H, 2), None)
+    owners = ["a", "b", None] * (T // 3)
+    rows = RowGroups.of(owners, "cpu")
+    gu = (stack_experts([a[0], b[0]]), rows.column_mask((0, 1), (4, 2), T, x.dtype))
+    dn = (stack_experts([a[1]]), rows.column_mask((0,), (4,), T, x.dtype))
+    for case in ("A under W", "A apart", "no LoRA"):
+        module = torch.nn.Module()
+        module.gate_up_proj, module.down_proj = torch.nn.Parameter(gate_up.clone()), torch.nn.Parameter(down.clone())
+        fused = (None, None)
+        if case == "A under W":
+            buffers = FusedWeights()
+            fused = (buffers.get("e", module, gu[0].A, 1, "gate_up_proj"), buffers.get("e", module, dn[0].A, 1, "down_proj"))
+        loras = (None, None) if case == "no LoRA" else (gu, dn)
+        got = mixed_experts.experts_forward_mixed(x, index, weights, module.gate_up_proj.detach(), module.down_proj.detach(),
+                                                  ACT2FN["silu"], *loras, fused=fused)
+        for who, lora in (("a", a), ("b", b), (None, (None, None))):
+            sel = torch.tensor([o == who for o in owners])
+            want = experts_forward_reference(x[sel], index[sel], weights[sel], gate_up, down, F.silu,
+                                             *((None, None) if case == "no LoRA" else lora))
+            torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5, msg=f"{case}, adapter {who}")
+    print("ok")
+""")
+
+
+def test_a_decode_steps_experts_in_the_triton_kernels_equal_the_reference():
+    """The six-kernel path a GPU takes (sort, gate_up on the tokens in place, LoRA + SwiGLU, down, LoRA, weighted sum),
+    run in Triton's interpreter against the reference, token by token, each with its own adapter."""
+    pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", IN_KERNELS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
