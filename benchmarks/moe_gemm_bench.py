@@ -1,12 +1,18 @@
 """The decode-size grouped GEMM: dsft's Triton kernel (dsft/kernels/moe_gemm.py) vs torch's grouped GEMM.
 
     python benchmarks/moe_gemm_bench.py            # a CUDA GPU, ~1-2 min (compiles each configuration once)
+    python benchmarks/moe_gemm_bench.py --block    # the whole routed-experts block: six kernels vs torch's glue
 
 DeepSeek-V2-Lite's routed experts as the runtime runs them: gate_up ``[64, 2816 + 64, 2048]`` and down
 ``[64, 2048 + 64, 1408]`` (each expert's stacked LoRA A rows of four r16 adapters under its W rows), pairs of
 1, 8, 32 and 128 decode rows routed top-6 at random. Each variant is timed as 20 calls captured in a CUDA
 graph (kernel time and the gaps a graph replay has, no Python launch cost), and checked against torch's
 result. Writes benchmarks/results/<date>-<gpu>-moe-gemm.json and .md.
+
+``--block`` times the runtime's whole routed-experts forward of a mixed batch (``experts_forward_mixed``: four r16
+adapters, each row its own, A under W) in its six Triton kernels against the same with torch's glue around the
+Triton GEMMs (the path before them), and reports their largest difference relative to the output's largest
+value (bf16 rounds differently: the kernels sum in fp32). Writes ``-moe-block.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -58,11 +64,75 @@ def pairs_for(rows: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
     return counts.cumsum(0).to(torch.int32).cuda(), int((counts > 0).sum())
 
 
+def block(rows_list: list[int], out_dir: str) -> None:
+    """The routed-experts block of a mixed decode step: six kernels vs torch's glue (see the module's docstring)."""
+    from transformers.activations import ACT2FN
+
+    from dsft.kernels.expert_lora import LowRank
+    from dsft.runtime import mixed_experts
+    from dsft.runtime.fused_linear import FusedWeights
+    from dsft.runtime.multilora import RowGroups, stack_experts
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, I, r, n_adapters = 2048, 1408, 16, 4
+    module = torch.nn.Module()
+    module.gate_up_proj = torch.nn.Parameter(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02)
+    module.down_proj = torch.nn.Parameter(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02)
+
+    def lowrank(out: int, inp: int) -> LowRank:
+        return LowRank(torch.randn(E, r, inp, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+                       torch.randn(E, out, r, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02, 2.0)
+    gu = stack_experts([lowrank(2 * I, H) for _ in range(n_adapters)])
+    dn = stack_experts([lowrank(H, I) for _ in range(n_adapters)])
+    buffers = FusedWeights()
+    fused = (buffers.get("e", module, gu.A, 1, "gate_up_proj"), buffers.get("e", module, dn.A, 1, "down_proj"))
+    act, silu = ACT2FN["silu"], mixed_experts._is_silu
+    results = []
+    for rows in rows_list:
+        groups = RowGroups.of([f"a{i % n_adapters}" for i in range(rows)], "cuda")
+        mask = groups.column_mask(tuple(range(n_adapters)), (r,) * n_adapters, rows, torch.bfloat16)
+        x = torch.randn(rows, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        index = torch.stack([torch.randperm(E, device="cuda", generator=g)[:TOP_K] for _ in range(rows)])
+        weights = torch.rand(rows, TOP_K, device="cuda", generator=g).softmax(-1)
+
+        def forward():
+            return mixed_experts.experts_forward_mixed(x, index, weights, module.gate_up_proj.detach(), module.down_proj.detach(),
+                                                       act, (gu, mask), (dn, mask), fused=fused)
+        new = forward()
+        new_us = graph_us(forward)
+        mixed_experts._is_silu = lambda act: False  # the path before the six kernels: torch's glue
+        try:
+            old = forward()
+            old_us = graph_us(forward)
+        finally:
+            mixed_experts._is_silu = silu
+        row = {"rows": rows, "torch_glue_us": round(old_us, 1), "kernels_us": round(new_us, 1),
+               "speedup": round(old_us / new_us, 2),
+               "max_rel_diff": float((new.float() - old.float()).abs().max() / old.float().abs().max())}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    device = torch.cuda.get_device_name()
+    out = Path(out_dir) / f"{date.today()}-{device.replace(' ', '-')}-moe-block"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    lines = [f"# The routed-experts block of a mixed decode step on {device} ({date.today()})", "",
+             "DeepSeek-V2-Lite's experts, four r16 adapters (each row its own, A under W), top-6 at random; "
+             "20 calls in a CUDA graph.", "",
+             "| rows | torch's glue + Triton GEMMs us | six Triton kernels us | speed-up | max diff / max |", "|---|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['torch_glue_us']} | {r['kernels_us']} | {r['speedup']}x | {r['max_rel_diff']:.1e} |"
+              for r in results]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--block", action="store_true", help="time the whole routed-experts block instead")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
+    if a.block:
+        return block(a.rows, a.out)
     from dsft.kernels.grouped_mm import grouped_mm_kernel
     from dsft.kernels.moe_gemm import config, moe_gemm
 
