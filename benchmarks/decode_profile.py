@@ -32,11 +32,11 @@ def sync(device: str) -> None:
 
 
 def steps_ms(runtime, refs: list[str], rows_n: int, steps: int, graphs: bool, device: str, vocab: int,
-             overlap: bool | None = None):
+             overlap: bool | None = None, prompt: int = 16):
     """Admit ``rows_n`` rows into a fresh running batch, warm up, then time ``steps`` decode steps (``overlap``:
     each launched before the previous one's tokens are read; default: as the runtime does on this device)."""
     g = torch.Generator().manual_seed(rows_n)
-    rows = [runtime.make_row(torch.randint(100, vocab, (16,), generator=g).tolist(), runtime.resolve(refs[i % len(refs)]),
+    rows = [runtime.make_row(torch.randint(100, vocab, (prompt,), generator=g).tolist(), runtime.resolve(refs[i % len(refs)]),
                              max_new_tokens=steps + 8, ignore_eos=True) for i in range(rows_n)]
     batch = runtime.batch(graphs=graphs, overlap=overlap)
     runtime.step(batch, rows)
@@ -65,6 +65,51 @@ def kernels(runtime, batch, device: str, top: int) -> tuple[float, list[dict]]:
     events.sort(key=lambda e: -e.device_time_total)
     return total, count, [{"kernel": e.key[:90], "ms_per_step": round(e.device_time_total / 3 / 1000, 3), "calls_per_step": e.count // 3}
                    for e in events[:top]]
+
+
+def op_profile(runtime, batch, device: str, top: int) -> list[dict]:
+    """The eager step's aten ops by their own GPU time (mean of 3 steps), grouped by input shapes: which op of
+    which layer part a kernel belongs to (a graph's kernels have no op attached)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(3):
+            runtime.step(batch)
+        sync(device)
+    events = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.device_type.name == "CPU" and e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:120], "ms_per_step": round(e.self_device_time_total / 3 / 1000, 3),
+             "calls_per_step": e.count // 3} for e in events[:top]]
+
+
+def absorb_ab(runtime, refs: list[str], a, vocab: int, base_name: str) -> None:
+    """ms a graph step, absorbed vs expanded MLA, per rows x prompt length; writes ``-mla-absorb.json`` / ``.md``."""
+    from dsft.runtime import mla_decode
+
+    results = []
+    for prompt in a.absorb_ab:
+        for n in a.sizes:
+            row: dict = {"rows": n, "prompt_tokens": prompt}
+            for name, absorb_from in (("expanded", 10**12), ("absorbed", 0), ("expanded_again", 10**12)):
+                mla_decode.ABSORB_FROM = absorb_from
+                ms, batch = steps_ms(runtime, refs, n, a.steps, True, a.device, vocab, prompt=prompt)
+                row[f"{name}_ms"] = round(ms, 2)
+                batch.abandon()
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    mla_decode.ABSORB_FROM = 1024
+    device_name = torch.cuda.get_device_name()
+    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-mla-absorb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"device": device_name, "base": base_name, "results": results}, indent=2) + "\n")
+    lines = [f"# Decode steps with DeepSeek-V2's attention absorbed vs expanded on {device_name} ({date.today()})", "",
+             f"{base_name}, 4 adapters mixed, graph steps (ms); the expanded path ran before and after the absorbed one.", "",
+             "| rows | prompt tokens | expanded ms | absorbed ms | expanded again ms |", "|---|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['prompt_tokens']} | {r['expanded_ms']} | {r['absorbed_ms']} | {r['expanded_again_ms']} |"
+              for r in results]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def host_profile(runtime, refs: list[str], steps: int, device: str) -> None:
@@ -99,6 +144,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--absorb-ab", type=int, nargs="*", metavar="PROMPT_TOKENS",
+                   help="instead: graph ms/step with DeepSeek-V2's attention absorbed vs expanded "
+                        "(dsft/runtime/mla_decode.py) for each size and each of these prompt lengths")
+    p.add_argument("--ops", type=int, default=0, metavar="N",
+                   help="also print the eager step's N aten ops with the most GPU time, by input shapes")
     p.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                    help="also cProfile STEPS graph decode steps of 1 row and print where the host's time goes")
     a = p.parse_args()
@@ -118,6 +168,8 @@ def main() -> None:
     for ref in refs:
         runtime.attach(ref)
     vocab = len(loaded.tokenizer)
+    if a.absorb_ab:
+        return absorb_ab(runtime, refs, a, vocab, loaded.ref.name)
     results = []
     for n in a.sizes:
         row: dict = {"rows": n}
@@ -131,6 +183,10 @@ def main() -> None:
                 row[f"{tag}_kernel_ms_per_step"] = round(total, 2)
                 row[f"{tag}_kernels_per_step"] = count
                 row[f"{tag}_top_kernels"] = top
+                if a.ops and not graphs:
+                    row["eager_top_ops"] = op_profile(runtime, batch, a.device, a.ops)
+                    for o in row["eager_top_ops"]:
+                        print(f"  {n} rows | {o['op']} | {o['ms_per_step']} ms | {o['calls_per_step']} calls | {o['shapes']}")
             if graphs:
                 row["captures"] = batch.slots.captures if batch.slots else 0
                 row["graph_error"] = batch.slots.graph_error if batch.slots else None
@@ -140,7 +196,7 @@ def main() -> None:
             ms, batch = steps_ms(runtime, refs, n, a.steps, True, a.device, vocab, overlap=False)
             row["graph_read_each_step_ms_per_step"] = round(ms, 2)
             batch.abandon()
-        print(json.dumps({k: v for k, v in row.items() if not k.endswith("top_kernels")}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith(("top_kernels", "top_ops"))}), flush=True)
         results.append(row)
     if a.host_profile:
         host_profile(runtime, refs, a.host_profile, a.device)

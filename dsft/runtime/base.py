@@ -33,10 +33,12 @@ from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.fused_norms import fuse_rms_norms, restore_norms
+from dsft.runtime.mla_decode import patch_mla, restore_mla
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo
 from dsft.runtime.refs import AdapterHandle, TagCache, choose, resolve_attached, tag_version
 from dsft.runtime.requests import RuntimeRequests
+from dsft.runtime.static_cache import is_slot_decode
 from dsft.runtime.verified_read import VERIFIED_ON_READ
 from dsft.runtime.weights import AdapterWeights, extended_tokenizer, read_adapter
 
@@ -82,6 +84,7 @@ class RuntimeBase(RuntimeRequests):
         self._table: TermTable | None = None
         self._originals: tuple[Any, Any] | None = None
         self._norms: list[torch.nn.Module] = []
+        self._mla: list[torch.nn.Module] = []
         # The batch run() keeps between calls (see dsft.runtime.requests), and the environment it was made under.
         self._idle_batch = None
         self._idle_key: tuple[str, str] | None = None
@@ -144,8 +147,9 @@ class RuntimeBase(RuntimeRequests):
         return tag_version(self._open_registry(), domain, tag)
 
     def _install(self) -> None:
-        """Take the model over on first use: per-row LoRA forwards, the multi-adapter embedding and head, and
-        RMSNorms in fewer kernels (:mod:`dsft.runtime.fused_norms`)."""
+        """Take the model over on first use: per-row LoRA forwards, the multi-adapter embedding and head,
+        RMSNorms in fewer kernels (:mod:`dsft.runtime.fused_norms`) and DeepSeek-V2's attention absorbed in
+        large decode steps (:mod:`dsft.runtime.mla_decode`)."""
         if self._lora is not None:
             return
         layers = self.model.get_decoder().layers
@@ -165,6 +169,7 @@ class RuntimeBase(RuntimeRequests):
         self.model.set_output_embeddings(MultiTermHead(head, self._table))
         self._lora = MultiLora(self.model, experts)
         self._norms = fuse_rms_norms(self.model)
+        self._mla = patch_mla(self.model, self._lora.linear_lora, is_slot_decode)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -274,7 +279,8 @@ class RuntimeBase(RuntimeRequests):
             if self._lora is not None:
                 self._lora.close()
                 restore_norms(self._norms)
-                self._norms = []
+                restore_mla(self._mla)
+                self._norms, self._mla = [], []
                 embed, head = self._originals
                 self.model.set_input_embeddings(embed)
                 self.model.set_output_embeddings(head)

@@ -124,6 +124,7 @@ class MultiLora:
         self._experts: dict[str, dict[str, dict[str, LowRank]]] = {}
         self._slices: dict[str, dict[str, ExpertSlices]] = {}
         self._patched: dict[str, nn.Module] = {}
+        self._path_of: dict[int, str] = {}  # id(patched module) -> its path
         # Stacked factors per mix of adapters (the keys of a RowGroups), most recently used last: continuous
         # batching alternates between the running rows' mix and the mix of rows being prefilled, and
         # re-stacking (a concatenation per module) at every switch would cost more than the forward.
@@ -191,6 +192,7 @@ class MultiLora:
                 module = self.model.get_submodule(path)
                 module.forward = types.MethodType(self._linear_forward(path), module)
                 self._patched[path] = module
+                self._path_of[id(module)] = path
         for path, by_param in weights.experts.items():
             self._experts.setdefault(path, {})[key] = by_param
         for path, sl in weights.expert_slices.items():
@@ -208,6 +210,7 @@ class MultiLora:
             if not self._linear[path]:
                 del self._linear[path]
                 module = self._patched.pop(path)
+                self._path_of.pop(id(module), None)
                 module.__dict__.pop("forward", None)
                 self._fused.release(path, module)
         for path in list(self._experts):
@@ -230,6 +233,7 @@ class MultiLora:
         for path in self._experts:
             self._release_experts(path)
         self._patched.clear()
+        self._path_of.clear()
         self._linear.clear()
         self._experts.clear()
         self._slices.clear()
@@ -304,6 +308,18 @@ class MultiLora:
         if routing.uniform is not None and len(groups) == 1:
             return None
         return routing.column_mask(groups, ranks, n, dtype)
+
+    def linear_lora(self, module: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``module``'s LoRA for the current rows, for code that applies it itself (the absorbed MLA decode,
+        :mod:`dsft.runtime.mla_decode`): ``(A [R, in], B [out, R], column mask [n, R] or None)``, or None."""
+        routing = self._routing
+        path = self._path_of.get(id(module))
+        if routing is None or not routing.keys or path is None:
+            return None
+        f, groups, ranks = self._stacked("linear", path, routing, self._linear.get(path, {}))
+        if f is None:
+            return None
+        return f.A, f.B, self._mask(routing, groups, ranks, n, f.A.dtype)
 
     # --- the forwards ----------------------------------------------------------------------------------
 

@@ -148,6 +148,12 @@ class _Graph:
     cache, so a freed tensor's memory would go back to the driver and a replay would read unmapped memory."""
 
 
+def is_slot_decode(cache, seq_len: int) -> bool:
+    """Whether an attention forward is a decode step over a :class:`SlotCache` (what the absorbed MLA path of
+    :mod:`dsft.runtime.mla_decode` serves)."""
+    return isinstance(cache, SlotCache) and seq_len == 1 and cache.write is not None
+
+
 def graphs_wanted(model) -> bool:
     """CUDA graphs for a model on a CUDA device in bf16 or fp16, unless ``DSFT_CUDA_GRAPHS=0`` (to compare, or to
     debug a step eagerly). In fp32 the routed experts run a per-expert loop that reads the group sizes on the

@@ -1,0 +1,147 @@
+"""DeepSeek-V2's multi-head latent attention (MLA) in decode steps, absorbed: attention over the cached latents.
+
+transformers' ``DeepseekV2Attention`` caches each token's compressed latent (``kv_lora_rank`` + rope dims) but at
+every step sends the whole cache back through ``kv_b_proj`` to make per-head keys and values (``[rows, heads,
+width, 192 / 128]``) before SDPA: per layer and step, a GEMM over every cached position and copies many times the
+cache's size. A decode step of 32 rows over 512-token prompts spent ~34 ms a token so (H200, lite shape).
+
+Absorbed, as DeepSeek's own inference does: ``kv_b_proj``'s key half is folded into the query and its value half
+into the output, and the heads attend over the latents themselves. Per head h, with ``W_UK[h]`` / ``W_UV[h]`` the
+key / value rows of ``kv_b_proj`` and the runtime's per-row LoRA ``x W^T + ((x A^T) * m) B^T`` on it:
+
+    q_lat[h] = q_nope[h] W_UK[h] + ((q_nope[h] B_UK[h]) * m) A          (the query in latent space)
+    p        = softmax(scaling * (q_lat[h] K_lat^T + q_pe[h] K_pe^T))   (over the row's cached positions)
+    o[h]     = (p K_lat) W_UV[h]^T + (((p K_lat) A^T) * m) B_UV[h]^T
+
+which is the expanded attention's math exactly (everything is linear in the latents); only the rounding differs.
+It does a fixed number of small GEMMs more than the expanded path and none that grows with the cache except the
+two attention products, so :func:`absorb_wanted` picks it when rows x width is large enough (measured on the H200).
+
+Only modules whose ``forward`` is exactly DeepSeek-V2's (the same bytecode) are patched, and only a decode step over
+the runtime's :class:`~dsft.runtime.static_cache.SlotCache` takes the absorbed path; prefill keeps transformers' code.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+
+import torch
+from torch import nn
+
+from dsft.runtime.fused_norms import _same_code
+
+ABSORB_FROM = 1024
+"""A decode step attends absorbed from this many (row, cached position) pairs on (``rows x width``); below it the
+expanded path's fewer kernels win."""
+
+
+def absorb_wanted(rows: int, width: int) -> bool:
+    return rows * width >= ABSORB_FROM
+
+
+def _reference_code() -> types.CodeType | None:
+    try:
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
+    except ImportError:
+        return None
+    return inspect.unwrap(DeepseekV2Attention.forward).__code__  # the code under its deprecate_kwarg wrapper
+
+
+def patch_mla(model: nn.Module, kv_b_lora, is_decode) -> list[nn.Module]:
+    """Give every DeepSeek-V2 attention of ``model`` (without biases) the absorbed decode path.
+
+    ``kv_b_lora(kv_b_proj, rows)`` returns the per-row LoRA of an attention's ``kv_b_proj`` for the current batch,
+    ``(A [R, C], B [heads * (nope + v), R], mask [rows, R] or None)``, or None; ``is_decode(cache, seq_len)`` says
+    whether this forward is a decode step over the runtime's slot cache. Returns the patched modules."""
+    reference = _reference_code()
+    patched = []
+    for module in model.modules():
+        if (reference is not None and _same_code(inspect.unwrap(type(module).forward).__code__, reference)
+                and getattr(module.kv_b_proj, "bias", None) is None):
+            original = type(module).forward
+            module.forward = types.MethodType(_forward(original, kv_b_lora, is_decode), module)
+            patched.append(module)
+    return patched
+
+
+def restore_mla(modules: list[nn.Module]) -> None:
+    for module in modules:
+        module.__dict__.pop("forward", None)
+
+
+def _forward(original, kv_b_lora, is_decode):
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
+        if cache is None:  # the deprecated name, which transformers' own wrapper maps
+            cache = kwargs.pop("past_key_values", None)
+        rows, seq = hidden_states.shape[:-1]
+        if not is_decode(cache, seq) or not absorb_wanted(rows, cache.width):
+            return original(self, hidden_states, attention_mask=attention_mask, cache=cache,
+                            position_embeddings=position_embeddings, **kwargs)
+        return absorbed_decode(self, hidden_states, attention_mask, cache, position_embeddings,
+                               kv_b_lora(self.kv_b_proj, rows)), None
+    return forward
+
+
+_FP32_OUT: dict[torch.device, bool] = {}
+"""Per device: whether ``torch.bmm(..., out_dtype=torch.float32)`` runs there (half-precision inputs on CUDA)."""
+
+
+def _scores(q_lat: torch.Tensor, k_lat: torch.Tensor, q_pe: torch.Tensor, k_rope: torch.Tensor,
+            scaling: float) -> torch.Tensor:
+    """``scaling * (q_lat k_lat^T + q_pe k_rope^T)`` in fp32, as SDPA keeps its scores: from half-precision inputs,
+    through GEMMs that write fp32 where torch has them (CUDA), else rounded once and widened."""
+    if q_lat.dtype != torch.float32 and _FP32_OUT.get(q_lat.device, True):
+        try:
+            scores = torch.bmm(q_lat, k_lat.transpose(1, 2), out_dtype=torch.float32)
+            scores = torch.baddbmm(scores, q_pe, k_rope.transpose(1, 2), out_dtype=torch.float32)
+            _FP32_OUT[q_lat.device] = True
+            return scores.mul_(scaling)
+        except (RuntimeError, NotImplementedError, TypeError):  # no such kernel here: the first call finds out
+            _FP32_OUT[q_lat.device] = False
+    scores = torch.baddbmm(torch.bmm(q_lat, k_lat.transpose(1, 2)), q_pe, k_rope.transpose(1, 2))
+    return scores.float().mul_(scaling)
+
+
+def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                    position_embeddings: torch.Tensor, lora) -> torch.Tensor:
+    """One decode token per row ``hidden_states`` [b, 1, H] through ``attn`` (a DeepseekV2Attention), attending over
+    ``cache`` absorbed (see the module's docstring); ``lora``: ``kv_b_proj``'s per-row LoRA or None."""
+    b = hidden_states.shape[0]
+    nh, dn, dr, dv, C = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+    if attn.q_lora_rank is None:
+        q = attn.q_proj(hidden_states)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
+    q = q.view(b, 1, nh, dn + dr).transpose(1, 2)
+    q_nope, q_pe = torch.split(q, [dn, dr], dim=-1)
+    kv_nope, k_pe = torch.split(attn.kv_a_proj_with_mqa(hidden_states), [C, dr], dim=-1)
+    k_nope = attn.kv_a_layernorm(kv_nope).view(b, 1, 1, C)
+    rotary = sys.modules[type(attn).__module__].apply_rotary_emb  # transformers' own, as the expanded path uses
+    q_pe, k_pe = rotary(q_pe, k_pe.view(b, 1, 1, dr), position_embeddings.to(q_pe.device))
+    k_lat, k_rope = cache.update(k_nope, k_pe, attn.layer_idx)  # [b, 1, W, C], [b, 1, W, dr]
+    k_lat, k_rope = k_lat.squeeze(1), k_rope.squeeze(1)
+
+    w = attn.kv_b_proj.weight.view(nh, dn + dv, C)
+    q_heads = q_nope.reshape(b, nh, dn).transpose(0, 1)  # [nh, b, dn]
+    q_lat = torch.bmm(q_heads, w[:, :dn])  # [nh, b, C]
+    if lora is not None:
+        A, B, mask = lora
+        Bh = B.view(nh, dn + dv, -1)
+        low = torch.bmm(q_heads, Bh[:, :dn])  # [nh, b, R]
+        if mask is not None:
+            low = low * mask
+        q_lat.view(nh * b, C).addmm_(low.reshape(nh * b, -1), A)
+    scores = _scores(q_lat.transpose(0, 1), k_lat, q_pe.reshape(b, nh, dr), k_rope, attn.scaling)  # [b, nh, W] fp32
+    if attention_mask is not None:
+        mask4 = attention_mask[:, 0, -1:, : scores.shape[-1]]  # [b, 1, W]
+        scores = scores.masked_fill(~mask4, float("-inf")) if mask4.dtype == torch.bool else scores + mask4
+    probs = torch.softmax(scores, dim=-1).to(k_lat.dtype)
+    o_lat = torch.bmm(probs, k_lat).transpose(0, 1)  # [nh, b, C]
+    out = torch.bmm(o_lat, w[:, dn:].transpose(1, 2))  # [nh, b, dv]
+    if lora is not None:
+        low = (o_lat.reshape(nh * b, C) @ A.t()).view(nh, b, -1)
+        if mask is not None:
+            low = low * mask
+        out = torch.baddbmm(out, low, Bh[:, dn:].transpose(1, 2))
+    return attn.o_proj(out.transpose(0, 1).reshape(b, 1, nh * dv))
