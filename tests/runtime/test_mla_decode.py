@@ -64,3 +64,18 @@ def test_each_absorbed_attention_equals_transformers_expanded_one(attached, text
     assert seen and all(masked for masked, _ in seen), "each layer's kv_b_proj LoRA with a per-row mask"
     assert max(err for _, err in seen) < 1e-5, seen
     batch.abandon()
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_forwards_that_are_not_slot_decode_steps_reach_transformers_code_as_called(name):
+    """transformers 5.17 passes the cache as ``past_key_values``, later 5.x as ``cache``: a prefill (or any forward
+    that is not a decode step over the slot cache) reaches the original forward with exactly its arguments."""
+    got = {}
+
+    def original(self, hidden_states, **kwargs):
+        got.update(kwargs)
+        return "original"
+    forward = mla_decode._forward(original, kv_b_lora=None, is_decode=lambda cache, seq: False)
+    prefill_cache = object()
+    assert forward(None, torch.zeros(2, 5, 8), attention_mask=None, position_embeddings=None, **{name: prefill_cache}) == "original"
+    assert got[name] is prefill_cache and set(got) == {"attention_mask", "position_embeddings", name}
