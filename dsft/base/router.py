@@ -145,7 +145,14 @@ class RouterProbe:
 
     def imbalance(self) -> float:
         """Max over mean expert load in the last forward pass, averaged over layers (1.0 = balanced)."""
-        return float(self._imbalance) / self.n_layers if self.n_layers else 1.0
+        return float(self.imbalance_tensor())
+
+    def imbalance_tensor(self) -> torch.Tensor:
+        """:meth:`imbalance` as a float64 scalar on the forward's device: reading it is the caller's device sync
+        (the training loop reads it with the step's other figures)."""
+        if not self.n_layers:
+            return torch.ones((), dtype=torch.float64, device=self._imbalance.device)
+        return self._imbalance.double() / self.n_layers
 
     def close(self) -> None:
         for h in self._handles:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,65 @@ def default_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return lm, lm
 
 
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _rng_state() -> RngState:
+    """torch's RNG states, the CPU's and (once CUDA is in use) the current GPU's: what a checkpoint saves."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state: RngState) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+@dataclass
+class _Enqueued:
+    """A step whose work is all enqueued, its figures (LM loss, aux loss, grad norm, tokens, router imbalance)
+    on their way to the host: they are read after the next step's forward and backward are enqueued, so the
+    device never waits for the host between steps (as in the decode loop's :class:`dsft.runtime.batching._Unread`)."""
+
+    step: int
+    scale: float
+    has_aux: bool
+    has_norm: bool
+    figures: torch.Tensor
+    ready: torch.cuda.Event | None
+    rng: RngState | None
+    """torch's RNG as this step left it (None: not kept), for ``after_step``: the next step's forward may draw from it."""
+
+    @classmethod
+    def of(cls, step: int, scale: float, has_aux: bool, has_norm: bool, figures: torch.Tensor, rng: RngState | None) -> _Enqueued:
+        if figures.device.type != "cuda":
+            return cls(step, scale, has_aux, has_norm, figures, None, rng)
+        host = torch.empty(figures.shape, dtype=figures.dtype, pin_memory=True)
+        host.copy_(figures, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(step, scale, has_aux, has_norm, host, ready, rng)
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.figures.tolist()
+
+    @contextmanager
+    def rng_as_left(self) -> Iterator[None]:
+        """While active, torch's RNG is as this step left it: a checkpoint written now resumes drawing what the next
+        step drew."""
+        if self.rng is None:
+            yield
+            return
+        now = _rng_state()
+        _set_rng_state(self.rng)
+        try:
+            yield
+        finally:
+            _set_rng_state(now)
+
+
 def train_steps(
     model,
     optimizer: torch.optim.Optimizer,
@@ -99,22 +159,52 @@ def train_steps(
     With ``micro_batch``, a step's rows go through forward and backward that many at a time and the
     gradients accumulate: each micro-batch's loss is weighted by its share of the step's labelled tokens,
     so the step minimises the same token mean as one forward over all its rows.
+
+    A step's figures are read (one device sync) once the next step's forward and backward are enqueued: the
+    device computes while the host reads, reports and prepares. So a step's ``on_step`` and ``after_step``
+    run during the next step, before its optimizer step: the weights and optimizer state they see are still
+    the step's own, and ``after_step`` sees torch's RNG as the step left it. A step whose loss is not finite
+    raises :class:`dsft.errors.DivergedError` before its ``after_step``. With ``before_step``, the previous
+    step is finished before it is called (it may change what trains), as if nothing overlapped.
     Returns this call's LM losses (global means).
     """
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    losses = []
+    losses: list[float] = []
+    since = time.perf_counter()  # tokens/s of a step: from the previous step's figures to its own
+
+    def finish(done: _Enqueued | None) -> None:
+        """Read step ``done``'s figures, stop if they diverged, then report it and call ``after_step``."""
+        nonlocal since
+        if done is None:
+            return
+        lm, aux, norm, tokens, imbalance = done.read()
+        aux_value, n_tokens = aux if done.has_aux else None, int(tokens)
+        if sync is not None:  # a collective: every rank finishes the same step at the same point
+            lm, aux_value, n_tokens = sync.metrics(done.step, lm, aux_value)
+        if not math.isfinite(lm) or (aux_value is not None and not math.isfinite(aux_value)):
+            raise DivergedError(f"step {done.step + 1}: the training loss is {lm} (aux {aux_value}), not a finite number; "
+                                "stopped and registered nothing: lower the stage's lr or check its data")
+        losses.append(lm)
+        now = time.perf_counter()
+        if on_step:
+            on_step(StepInfo(done.step + 1, steps, lm, aux_value or 0.0, peak_lrs[0] * done.scale, n_tokens / (now - since),
+                             imbalance, norm if done.has_norm else None))
+        since = now
+        if after_step:
+            with done.rng_as_left():
+                after_step(done.step + 1, losses)
+
+    previous: _Enqueued | None = None
     for step in range(start_step, steps):
-        t0 = time.perf_counter()
         if before_step:
+            finish(previous)
+            previous = None
             before_step(step)
-        scale = lr_at(step, steps, warmup, schedule)
-        for group, peak in zip(optimizer.param_groups, peak_lrs):
-            group["lr"] = peak * scale
         batch = batches(step)
         parts = micro_batches(batch, micro_batch)
         weights = token_shares(parts)
-        lm, aux = torch.zeros(()), None
+        lm, aux = torch.zeros((), device=batch["input_ids"].device), None
         for part, weight in zip(parts, weights):
             probe.reset(part.get("attention_mask"))  # padding stays out of the balancing loss
             objective, part_lm = loss_fn(model, part)
@@ -129,26 +219,20 @@ def train_steps(
             lm = lm.to(part_lm.device) + part_lm.detach() * weight
         if sync is not None:
             sync.after_backward(params)
+        finish(previous)  # the device runs this step's backward meanwhile; its weights are still the previous step's
+        scale = lr_at(step, steps, warmup, schedule)
+        for group, peak in zip(optimizer.param_groups, peak_lrs):
+            group["lr"] = peak * scale
         norm = None
         if grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # one device sync for the step's figures
-        figures = [lm, aux if aux is not None else lm, norm if norm is not None else lm]
-        lm_value, aux_value, norm_value = torch.stack([f.float().to(lm.device) for f in figures]).tolist()
-        aux_value = aux_value if aux is not None else None
-        n_tokens = int(batch["attention_mask"].sum())
-        if sync is not None:
-            lm_value, aux_value, n_tokens = sync.metrics(step, lm_value, aux_value)
-        if not math.isfinite(lm_value) or (aux_value is not None and not math.isfinite(aux_value)):
-            raise DivergedError(f"step {step + 1}: the training loss is {lm_value} (aux {aux_value}), not a finite number; "
-                                "stopped and registered nothing: lower the stage's lr or check its data")
-        losses.append(lm_value)
-        if on_step:
-            on_step(StepInfo(step + 1, steps, lm_value, aux_value or 0.0, peak_lrs[0] * scale,
-                             n_tokens / (time.perf_counter() - t0), probe.imbalance(), norm_value if norm is not None else None))
-        if after_step:
-            after_step(step + 1, losses)
+        figures = [lm, aux if aux is not None else lm, norm if norm is not None else lm, batch["attention_mask"].sum(),
+                   probe.imbalance_tensor()]
+        previous = _Enqueued.of(step, scale, aux is not None, norm is not None,
+                                torch.stack([f.to(lm.device, torch.float64) for f in figures]),
+                                _rng_state() if after_step else None)
+    finish(previous)
     return losses

@@ -199,10 +199,14 @@ def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, in
     from dsft.recipes.distributed import split_rows
 
     rank, world = shard
+    # To a GPU through pinned memory, asynchronously: a copy from pageable memory waits for every kernel enqueued
+    # before it, so taking a step's batch would wait for the previous step to end (the loop overlaps them).
+    pinned = torch.device(device).type == "cuda"
 
     def batches(step: int) -> dict[str, torch.Tensor]:
         lo = step * batch_size
         n = min(batch_size, len(data.examples) - lo)
         mine = split_rows(n, rank, world)
-        return {k: v[lo + mine.start : lo + mine.stop].to(device) for k, v in data.examples.to_dict().items()}
+        rows = {k: v[lo + mine.start : lo + mine.stop] for k, v in data.examples.to_dict().items()}
+        return {k: v.pin_memory().to(device, non_blocking=True) if pinned else v.to(device) for k, v in rows.items()}
     return batches

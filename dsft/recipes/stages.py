@@ -329,12 +329,11 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     lora = [e for e in main if e.group == "lora"]
     base = unwrap(model)
 
-    def before_step(step: int) -> None:
-        if s.train.unfreeze and lora:
-            top = s.train.top_layers_at(step, steps)
-            active = set(layer_indices(base, None if top >= 1 else top))
-            for e in lora:
-                e.param.requires_grad_(e.layer in active)
+    def unfreeze(step: int) -> None:
+        top = s.train.top_layers_at(step, steps)
+        active = set(layer_indices(base, None if top >= 1 else top))
+        for e in lora:
+            e.param.requires_grad_(e.layer in active)
 
     loss = s.kind_spec.loss(s, ctx.teacher_factory)
     teacher = loss.teacher
@@ -360,7 +359,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
                 model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world)),
                 steps=steps, peak_lrs=[s.lr] * len(optimizer.param_groups), warmup=min(s.warmup_steps, steps - 1),
                 schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss.fn,
-                before_step=before_step, on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
+                before_step=unfreeze if s.train.unfreeze and lora else None,  # a before_step ends the overlap of steps
+                on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
                 sync=sync, micro_batch=s.micro_batch_size,
