@@ -87,7 +87,7 @@ def absorb_ab(runtime, refs: list[str], a, vocab: int, base_name: str) -> None:
     """ms a graph step, absorbed vs expanded MLA, per rows x prompt length; writes ``-mla-absorb.json`` / ``.md``."""
     from dsft.runtime import mla_decode
 
-    results = []
+    results, default = [], mla_decode.ABSORB_FROM
     for prompt in a.absorb_ab:
         for n in a.sizes:
             row: dict = {"rows": n, "prompt_tokens": prompt}
@@ -98,7 +98,7 @@ def absorb_ab(runtime, refs: list[str], a, vocab: int, base_name: str) -> None:
                 batch.abandon()
             print(json.dumps(row), flush=True)
             results.append(row)
-    mla_decode.ABSORB_FROM = 1024
+    mla_decode.ABSORB_FROM = default
     device_name = torch.cuda.get_device_name()
     out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-mla-absorb"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,8 @@ def or_none(fn: Callable[..., T], *args, **kwargs) -> T | None:
     global _FAILED
     try:
         return fn(*args, **kwargs)
+    except torch.OutOfMemoryError:  # the step's own trouble, not the kernels': keep them for the next one
+        raise
     except Exception as exc:  # triton's CompilationError, an unsupported dtype on an older GPU, ...
         if _FAILED is None:
             _FAILED = f"{type(exc).__name__}: {str(exc)[:300]}"

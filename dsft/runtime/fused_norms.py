@@ -28,7 +28,7 @@ def _reference_code() -> types.CodeType:
     return LlamaRMSNorm.forward.__code__
 
 
-def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+def same_code(a: types.CodeType, b: types.CodeType) -> bool:
     return (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (b.co_code, b.co_names, b.co_consts, b.co_varnames)
 
 
@@ -45,7 +45,7 @@ def fuse_rms_norms(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         forward = type(module).forward
         if (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
-                and _same_code(forward.__code__, reference)):
+                and same_code(forward.__code__, reference)):
             module.forward = types.MethodType(_rms_norm_forward, module)
             patched.append(module)
     return patched

@@ -5,7 +5,10 @@ low-rank term (the stacked factors of every adapter in the batch, a column mask 
 rank block) before the activation (``gate_up_proj``) and after it (``down_proj``): the math of merging
 W + s B A per adapter, without forming it. Grouped GEMMs call the kernel directly (the custom
 op in :mod:`dsft.kernels.grouped_mm` exists for autograd and ``torch.compile``, and its dispatch costs more
-than the GEMM at decode sizes). See :mod:`dsft.runtime.multilora` for the tables and the wiring.
+than the GEMM at decode sizes). On a GPU in half precision, up to 768 pairs, the whole forward runs in six Triton
+kernels (:func:`_in_kernels`: the sort of the pairs, each projection's GEMM with the glue around it folded in, the
+weighted sum back to tokens); the torch path below is the CPU's and the reference. See
+:mod:`dsft.runtime.multilora` for the tables and the wiring.
 """
 from __future__ import annotations
 

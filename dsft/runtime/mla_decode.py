@@ -29,7 +29,7 @@ import types
 import torch
 from torch import nn
 
-from dsft.runtime.fused_norms import _same_code
+from dsft.runtime.fused_norms import same_code
 
 ABSORB_FROM = 1024
 """A decode step attends absorbed from this many (row, cached position) pairs on (``rows x width``, the graph
@@ -59,7 +59,7 @@ def patch_mla(model: nn.Module, kv_b_lora, is_decode) -> list[nn.Module]:
     reference = _reference_code()
     patched = []
     for module in model.modules():
-        if (reference is not None and _same_code(inspect.unwrap(type(module).forward).__code__, reference)
+        if (reference is not None and same_code(inspect.unwrap(type(module).forward).__code__, reference)
                 and getattr(module.kv_b_proj, "bias", None) is None):
             original = type(module).forward
             module.forward = types.MethodType(_forward(original, kv_b_lora, is_decode), module)
