@@ -77,9 +77,11 @@ def _forward(original, kv_b_lora, is_decode):
         # transformers' decoder layers pass everything by keyword; the cache's name changed across 5.x releases
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         rows, seq = hidden_states.shape[:-1]
-        if args or not is_decode(cache, seq) or not absorb_wanted(rows, cache.width):
+        mask = kwargs.get("attention_mask")
+        if (args or not is_decode(cache, seq) or not absorb_wanted(rows, cache.width)
+                or not (mask is None or isinstance(mask, torch.Tensor))):  # a flex BlockMask: transformers' own path
             return original(self, hidden_states, *args, **kwargs)
-        return absorbed_decode(self, hidden_states, kwargs.get("attention_mask"), cache, kwargs["position_embeddings"],
+        return absorbed_decode(self, hidden_states, mask, cache, kwargs["position_embeddings"],
                                kv_b_lora(self.kv_b_proj, rows)), None
     return forward
 
