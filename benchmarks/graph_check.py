@@ -3,6 +3,8 @@ serves (LoRA + terms, ESFT experts, the plain base) mixed in one batch, rows joi
 
     python benchmarks/graph_check.py                  # a CUDA GPU, ~1 min
     python benchmarks/graph_check.py --device cpu     # smoke run: the graphs' bucketed inputs, eagerly
+    python benchmarks/graph_check.py --absorbed       # the graphs with DeepSeek-V2's attention absorbed at every
+                                                      # size (dsft/runtime/mla_decode.py) vs eager expanded steps
 
 The CPU tests check the graphs' inputs (buckets of rows and width) eagerly and exactly (fp32); capturing and
 replaying needs a GPU and half precision (graphs are off in fp32), so this runs there in bf16, where a
@@ -60,7 +62,10 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    device = p.parse_args().device
+    p.add_argument("--absorbed", action="store_true",
+                   help="graph steps attend absorbed at every size, eager steps expanded: the absorbed path's numerics")
+    args = p.parse_args()
+    device = args.device
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DSFT_HOME", tempfile.mkdtemp(prefix="dsft-graph-check-"))
     from dsft.base import load_base as load_plain
@@ -81,7 +86,14 @@ def main() -> int:
             runtime.attach(ref)
         names = refs + [None]
         asks = [(names[i % len(names)], PROMPTS[i % 4] + " " * (i // 4), 6 + 5 * (i % 3), i // 2) for i in range(9)]
-        g_tokens, g_logits, captures, error = run(runtime, asks, True, device)
+        from dsft.runtime import mla_decode
+
+        default = mla_decode.ABSORB_FROM
+        mla_decode.ABSORB_FROM = 0 if args.absorbed else default
+        try:
+            g_tokens, g_logits, captures, error = run(runtime, asks, True, device)
+        finally:
+            mla_decode.ABSORB_FROM = default
         e_tokens, e_logits, _, _ = run(runtime, asks, False, device)
         diff, compared = 0.0, 0
         for gt, et, ga, ea in zip(g_tokens, e_tokens, g_logits, e_logits):
@@ -93,7 +105,7 @@ def main() -> int:
         same = sum(g == e for g, e in zip(g_tokens, e_tokens))
         good = error is None and (captures > 0 or device == "cpu") and diff <= 0.25 and same >= len(asks) // 2
         ok &= good
-        print(json.dumps({"preset": preset, "adapters": refs, "rows": len(asks), "rows_equal": same,
+        print(json.dumps({"preset": preset, "absorbed_graphs": args.absorbed, "adapters": refs, "rows": len(asks), "rows_equal": same,
                           "steps_compared": compared, "max_logit_diff": diff,
                           "captures": captures, "graph_error": error, "ok": good}), flush=True)
         runtime.close()
