@@ -70,6 +70,7 @@ def main() -> int:
     os.environ.setdefault("DSFT_HOME", tempfile.mkdtemp(prefix="dsft-graph-check-"))
     from dsft.base import load_base as load_plain
     from dsft.registry import open_registry
+    from dsft.runtime import mla_decode
     from dsft.runtime.base import RuntimeBase
     from dsft.testing.adapters import make_adapter, make_esft_adapter
 
@@ -86,8 +87,6 @@ def main() -> int:
             runtime.attach(ref)
         names = refs + [None]
         asks = [(names[i % len(names)], PROMPTS[i % 4] + " " * (i // 4), 6 + 5 * (i % 3), i // 2) for i in range(9)]
-        from dsft.runtime import mla_decode
-
         default = mla_decode.ABSORB_FROM
         mla_decode.ABSORB_FROM = 0 if args.absorbed else default
         try:
