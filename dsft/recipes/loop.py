@@ -16,6 +16,7 @@ from dsft.eval.losses import lm_loss
 
 if TYPE_CHECKING:
     from dsft.recipes.distributed import StepSync
+    from dsft.recipes.graphs import StepGraphs
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def train_steps(
     after_step: Callable[[int, list[float]], None] | None = None,
     sync: StepSync | None = None,
     micro_batch: int | None = None,
+    graphs: StepGraphs | None = None,
 ) -> list[float]:
     """Run optimizer steps ``start_step .. steps - 1``; ``batches(step)`` returns that step's tensors on the model's device.
 
@@ -158,7 +160,9 @@ def train_steps(
     loss and tokens are those of the global batch (:class:`dsft.recipes.distributed.StepSync`).
     With ``micro_batch``, a step's rows go through forward and backward that many at a time and the
     gradients accumulate: each micro-batch's loss is weighted by its share of the step's labelled tokens,
-    so the step minimises the same token mean as one forward over all its rows.
+    so the step minimises the same token mean as one forward over all its rows. With ``graphs``
+    (:class:`dsft.recipes.graphs.StepGraphs`, one process, no ``before_step``) each micro-batch shape is
+    captured as a CUDA graph after its warm-up steps and replayed; ``graphs.summary()`` says what ran.
 
     A step's figures are read (one device sync) once the next step's forward and backward are enqueued: the
     device computes while the host reads, reports and prepares. So a step's ``on_step`` and ``after_step``
@@ -195,6 +199,24 @@ def train_steps(
             with done.rng_as_left():
                 after_step(done.step + 1, losses)
 
+    def forward_backward(part: dict[str, torch.Tensor], weight: float | torch.Tensor,
+                         aux_share: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One micro-batch's forward and backward (what a CUDA graph captures): its objective times ``weight``,
+        its load-balancing loss times ``aux_share``. Returns its LM loss, aux loss and router imbalance, detached."""
+        probe.reset(part.get("attention_mask"))  # padding stays out of the balancing loss
+        objective, part_lm = loss_fn(model, part)
+        part_aux = probe.aux_loss() if sync is None else sync.aux_loss(probe)
+        if sync is not None:
+            objective = objective * sync.loss_weight(step)
+        loss = objective * weight
+        if part_aux is not None:
+            loss = loss + probe.coef * part_aux * aux_share
+        loss.backward()
+        return part_lm.detach(), None if part_aux is None else part_aux.detach(), probe.imbalance_tensor()
+
+    if graphs is not None and (sync is not None or before_step is not None):
+        graphs.off = "several processes" if sync is not None else "progressive unfreezing changes what trains"
+    run = graphs.bind(forward_backward, params) if graphs is not None and graphs.off is None else forward_backward
     previous: _Enqueued | None = None
     for step in range(start_step, steps):
         if before_step:
@@ -206,17 +228,10 @@ def train_steps(
         weights = token_shares(parts)
         lm, aux = torch.zeros((), device=batch["input_ids"].device), None
         for part, weight in zip(parts, weights):
-            probe.reset(part.get("attention_mask"))  # padding stays out of the balancing loss
-            objective, part_lm = loss_fn(model, part)
-            part_aux = probe.aux_loss() if sync is None else sync.aux_loss(probe)
-            if sync is not None:
-                objective = objective * sync.loss_weight(step)
-            loss = objective * weight
+            part_lm, part_aux, imbalance = run(part, weight, 1 / len(parts))
             if part_aux is not None:
-                loss = loss + probe.coef * part_aux / len(parts)
-                aux = part_aux.detach() / len(parts) + (aux if aux is not None else 0)
-            loss.backward()
-            lm = lm.to(part_lm.device) + part_lm.detach() * weight
+                aux = part_aux / len(parts) + (aux if aux is not None else 0)
+            lm = lm.to(part_lm.device) + part_lm * weight
         if sync is not None:
             sync.after_backward(params)
         finish(previous)  # the device runs this step's backward meanwhile; its weights are still the previous step's
@@ -228,11 +243,13 @@ def train_steps(
             norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=run is forward_backward)  # a graph adds into the gradients it was captured with
         figures = [lm, aux if aux is not None else lm, norm if norm is not None else lm, batch["attention_mask"].sum(),
-                   probe.imbalance_tensor()]
+                   imbalance]
         previous = _Enqueued.of(step, scale, aux is not None, norm is not None,
                                 torch.stack([f.to(lm.device, torch.float64) for f in figures]),
                                 _rng_state() if after_step else None)
     finish(previous)
+    if run is not forward_backward:
+        optimizer.zero_grad(set_to_none=True)  # the gradients go now, not when the graphs do
     return losses

@@ -48,6 +48,7 @@ from dsft.eval.losses import heldout_loss
 from dsft.kernels.attention import training_attention
 from dsft.kernels.optim import fused_adamw_ok
 from dsft.recipes.distributed import Dist
+from dsft.recipes.graphs import StepGraphs, graphs_off_reason
 from dsft.recipes.loop import train_steps
 from dsft.recipes.schema import Stage
 from dsft.recipes.sources import StageData, stage_batches
@@ -348,6 +349,8 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         torch.cuda.reset_peak_memory_stats()
     expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts" and not e.slices_only]
     sync = ctx.dist.step_sync(data.examples, s.batch_size)
+    graphs_off = graphs_off_reason(device, distributed=ctx.dist.enabled)
+    graphs = StepGraphs() if graphs_off is None else None
     if sync is not None and ctx.dist.sharding == "fsdp":  # FSDP2 shards get no tensor-hook calls; mask after backward
         sync.expert_masks, expert_params = [(p, n_experts, idx, dim) for _, p, idx, dim in expert_params], []
     t0 = time.perf_counter()
@@ -363,10 +366,12 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
                 on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
-                sync=sync, micro_batch=s.micro_batch_size,
+                sync=sync, micro_batch=s.micro_batch_size, graphs=graphs,
             )
     finally:
         probe.close()
+        if graphs is not None:
+            graphs.close()
     seconds = time.perf_counter() - t0
     teacher_name = teacher.name if teacher else None
     loss = teacher = None  # the teacher's weights go now, not at the end of the run
@@ -390,6 +395,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         out["resumed_at_step"] = start
     if cuda:
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["cuda_graphs"] = graphs.summary() if graphs is not None else {"shapes": 0, "replays": 0, "off": graphs_off}
     out["eval"] = evaluate(model, ctx.eval_sets, ctx.base_tokens, ctx.dist)
     ctx.emit("stage_eval", {"stage": s.name, **out["eval"]})
     return out

@@ -1,0 +1,161 @@
+"""A training step's forward and backward replayed as one CUDA graph: the host launches a micro-batch in one call.
+
+Eagerly, the host enqueues a step's kernels one at a time, through Python, dynamo's guards and autograd: thousands
+of launches a step on the DeepSeek-V2-Lite shape, ~260 ms of host time at 1 x 2,048 tokens for ~125 ms of kernels.
+Where the kernels take less time than that (one row, a 4-bit base, a small model) the GPU waits on the host. On an
+H200 (``benchmarks/results/2026-12-01-h200-train-graphs.md``) a 1 x 2,048 step went from 7,821 to 15,842
+tokens/s in bf16 and from 5,082 to 12,175 on an NF4 base; at 4 x 2,048 the kernels outlast the host and a graph
+gains ~1%.
+
+How: each micro-batch shape runs :data:`WARMUP` times eagerly (compiling the layers for it and warming the
+allocator, on a side stream as capture requires), is then captured once - the forward, the objective and the
+backward, gradients accumulated in place into ``.grad`` tensors that exist before the capture - and replayed from
+then on, its inputs copied into the graph's own tensors. The optimizer step stays eager (one fused kernel). The
+graphs share one memory pool: a replay's outputs are read (enqueued) before the next replay, so no graph needs
+another's memory to survive it. What a graph cannot hold (a device sync, a recompile, a data-dependent shape)
+makes the capture fail; the step then runs eagerly, with one warning, and the graphs stay off for the loop.
+``DSFT_CUDA_GRAPHS=0`` keeps them off.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+WARMUP = 2
+"""Eager runs of a shape before it is captured: the first compiles the layers' forward and backward for it."""
+MAX_SHAPES = 4
+"""Shapes captured at most; a loop whose micro-batches take more shapes runs the others eagerly."""
+
+Figures = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+"""A micro-batch's (LM loss, load-balancing loss or None, router imbalance), detached."""
+PartFn = Callable[[dict[str, torch.Tensor], float | torch.Tensor, float | torch.Tensor], Figures]
+"""``fn(part, weight, aux_share)``: forward and backward of one micro-batch, its objective weighted by ``weight``
+and its load-balancing loss by ``aux_share``; returns its figures."""
+Capture = Callable[[Callable[[], Figures]], tuple[Callable[[], None], Figures]]
+"""``capture(run) -> (replay, outputs)``: records ``run`` without running it; each ``replay()`` runs it again,
+writing into ``outputs``."""
+
+
+def graphs_off_reason(device: torch.device, *, distributed: bool) -> str | None:
+    """Why a stage on ``device`` trains without CUDA graphs (None: it uses them)."""
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if os.environ.get("DSFT_CUDA_GRAPHS", "1") == "0":
+        return "DSFT_CUDA_GRAPHS=0"
+    if distributed:
+        return "several processes (collectives stay eager)"
+    return None
+
+
+def cuda_capture() -> Capture:
+    """A capture into CUDA graphs that share one memory pool."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(run: Callable[[], Figures]) -> tuple[Callable[[], None], Figures]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = run()
+        return graph.replay, outputs
+
+    return capture
+
+
+@dataclass
+class _Graph:
+    inputs: dict[str, torch.Tensor]
+    weight: torch.Tensor
+    aux_share: torch.Tensor
+    outputs: Figures
+    replay: Callable[[], None]
+
+    def run(self, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
+        for key, value in part.items():
+            self.inputs[key].copy_(value, non_blocking=True)
+        self.weight.fill_(weight)
+        self.aux_share.fill_(aux_share)
+        self.replay()
+        return self.outputs
+
+
+def _shape_key(part: dict[str, torch.Tensor]) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(part.items()))
+
+
+def _on_side_stream(fn: PartFn, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
+    if not part["input_ids"].is_cuda:
+        return fn(part, weight, aux_share)
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        figures = fn(part, weight, aux_share)
+    main.wait_stream(side)
+    return figures
+
+
+class StepGraphs:
+    """The training loop's micro-batches as CUDA graphs (see the module's docstring). Bind the loop's step function
+    and trained tensors with :meth:`bind`, then call it like that function; :meth:`summary` says what happened."""
+
+    def __init__(self, *, capture: Capture | None = None, warmup: int = WARMUP, max_shapes: int = MAX_SHAPES):
+        self._capture = capture
+        self.warmup, self.max_shapes = warmup, max_shapes
+        self.off: str | None = None
+        """Why graphs stopped (None: they did not)."""
+        self._fn: PartFn | None = None
+        self._params: list[torch.Tensor] = []
+        self._seen: dict[tuple, int] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self.replays = 0
+
+    def bind(self, fn: PartFn, params: list[torch.Tensor]) -> StepGraphs:
+        self._fn, self._params = fn, params
+        return self
+
+    def __call__(self, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
+        assert self._fn is not None, "StepGraphs.bind() first"
+        key = _shape_key(part)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self.replays += 1
+            return graph.run(part, weight, aux_share)
+        if self.off is not None or len(self._graphs) >= self.max_shapes:
+            return self._fn(part, weight, aux_share)
+        self._seen[key] = self._seen.get(key, 0) + 1
+        if self._seen[key] <= self.warmup:
+            return _on_side_stream(self._fn, part, weight, aux_share)
+        return self._capture_and_run(key, part, weight, aux_share)
+
+    def _capture_and_run(self, key: tuple, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
+        fn = self._fn
+        assert fn is not None
+        device = part["input_ids"].device
+        inputs = {k: v.clone() for k, v in part.items()}
+        scalars = torch.zeros(2, device=device)
+        w, share = scalars[0], scalars[1]
+        for p in self._params:  # the graph adds into these; a gradient made inside it would be replaced, not added
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        capture = self._capture or cuda_capture()
+        self._capture = capture
+        try:
+            replay, outputs = capture(lambda: fn(inputs, w, share))
+        except Exception as e:  # what a graph cannot hold; nothing ran, the step runs eagerly
+            self.off = f"capture failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+            warnings.warn(f"CUDA graphs off for this stage, steps run eagerly: {self.off}", stacklevel=2)
+            return fn(part, weight, aux_share)
+        graph = self._graphs[key] = _Graph(inputs, w, share, outputs, replay)
+        self.replays += 1
+        return graph.run(part, weight, aux_share)
+
+    def summary(self) -> dict:
+        """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why graphs stopped or None}``."""
+        return {"shapes": len(self._graphs), "replays": self.replays, "off": self.off}
+
+    def close(self) -> None:
+        """Drop the graphs (their memory pool goes back to the allocator)."""
+        self._graphs.clear()
+        self._capture = None

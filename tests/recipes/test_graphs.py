@@ -1,0 +1,154 @@
+"""CUDA graphs for the training loop's micro-batches (:mod:`dsft.recipes.graphs`). Capturing needs a GPU; here a
+stand-in records the step function the way a graph does (nothing runs at capture, each replay runs the recorded
+work again into the same input and output tensors), so the bookkeeping around it - warm-up, shapes, inputs copied
+in, gradients added into tensors that exist before capture, fallback - is checked against the plain loop. The real
+graphs are measured against eager steps on a GPU (``benchmarks/train_throughput.py --graphs``)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from dsft.base.arch import spec_for
+from dsft.base.router import RouterProbe
+from dsft.kernels import chunked_ce
+from dsft.recipes.graphs import StepGraphs, graphs_off_reason
+from dsft.recipes.loop import train_steps
+
+STEPS = 6
+
+
+def recorded(params: list[torch.Tensor]):
+    """A capture that behaves like a CUDA graph on the CPU: the work ``run`` does at capture time leaves no trace
+    on the gradients (a graph records, it does not run), and ``replay`` runs it again, writing into the outputs
+    captured the first time (a graph's static outputs)."""
+    captures = []
+
+    def capture(run):
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        outputs = run()
+        for p, g in zip(params, before):
+            if g is not None:
+                p.grad.copy_(g)
+        captures.append(outputs)
+
+        def replay():
+            for out, fresh in zip(outputs, run()):
+                if out is not None:
+                    out.copy_(fresh)
+        return replay, outputs
+
+    capture.captures = captures
+    return capture
+
+
+def _batches(vocab: int, rows: int = 4, seq: int = 16):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (STEPS, rows, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, 1, 12:] = 0
+    return lambda step: {"input_ids": ids[step], "attention_mask": mask[step], "labels": ids[step].masked_fill(mask[step] == 0, -100)}
+
+
+def _train(model, start, batches=None, **kwargs):
+    model.load_state_dict(start)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    infos = []
+    probe = RouterProbe(model, spec_for(model.config.model_type))
+    try:
+        losses = train_steps(model, optimizer, batches or _batches(model.config.vocab_size), steps=STEPS, peak_lrs=[1e-3],
+                             warmup=2, schedule="cosine", grad_clip=1.0, probe=probe, on_step=infos.append, **kwargs)
+    finally:
+        probe.close()
+    return losses, [(i.loss, i.aux_loss, i.grad_norm, i.imbalance) for i in infos], copy.deepcopy(model.state_dict())
+
+
+def _close(a, b, tol=1e-5):
+    return all(abs(x - y) <= tol * max(1.0, abs(x)) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_replayed_steps_train_as_the_plain_loop_does(tiny_qwen2_moe, micro_batch):
+    model = tiny_qwen2_moe
+    start = copy.deepcopy(model.state_dict())
+    plain = _train(model, start, micro_batch=micro_batch)
+    capture = recorded(list(model.parameters()))
+    graphs = StepGraphs(capture=capture)
+    replayed = _train(model, start, micro_batch=micro_batch, graphs=graphs)
+
+    parts = 2 if micro_batch else 1  # micro-batches of 2 rows: one shape, replayed with each part's own weight
+    assert graphs.summary() == {"shapes": 1, "replays": STEPS * parts - 2, "off": None}
+    assert len(capture.captures) == 1
+    assert _close(plain[0], replayed[0]) and len(plain[0]) == STEPS
+    assert all(_close(a, b) for a, b in zip(plain[1], replayed[1]))  # loss, aux loss, grad norm, router imbalance
+    assert all(torch.allclose(plain[2][k], replayed[2][k], atol=1e-6) for k in start)
+    assert all(p.grad is None for p in model.parameters())  # the gradients kept for the graphs go with the loop
+
+
+def test_each_shape_warms_up_then_is_captured_up_to_the_limit(tiny_qwen2_moe):
+    model = tiny_qwen2_moe
+    start = copy.deepcopy(model.state_dict())
+    wide, narrow = _batches(model.config.vocab_size, seq=16), _batches(model.config.vocab_size, seq=12)
+    alternating = lambda step: wide(step) if step % 2 == 0 else narrow(step)  # noqa: E731
+    plain = _train(model, start, batches=alternating)
+    graphs = StepGraphs(capture=recorded(list(model.parameters())), max_shapes=1)
+    replayed = _train(model, start, batches=alternating, graphs=graphs)
+
+    # the wide rows (steps 0, 2, 4): two warm-ups, then captured; the narrow ones run eagerly past the limit
+    assert graphs.summary() == {"shapes": 1, "replays": 1, "off": None}
+    assert _close(plain[0], replayed[0])
+
+
+def test_a_capture_that_fails_leaves_the_step_to_eager_code(tiny_qwen2_moe):
+    model = tiny_qwen2_moe
+    start = copy.deepcopy(model.state_dict())
+    plain = _train(model, start)
+
+    def refuses(run):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    graphs = StepGraphs(capture=refuses)
+    with pytest.warns(UserWarning, match="CUDA graphs off for this stage, steps run eagerly: capture failed "
+                                         r"\(RuntimeError: CUDA error: operation not permitted when stream is capturing\)"):
+        replayed = _train(model, start, graphs=graphs)
+    assert graphs.summary()["off"].startswith("capture failed") and graphs.summary()["replays"] == 0
+    assert _close(plain[0], replayed[0])
+
+
+def test_progressive_unfreezing_keeps_the_eager_loop(tiny_qwen2_moe):
+    model = tiny_qwen2_moe
+    graphs = StepGraphs(capture=recorded(list(model.parameters())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, copy.deepcopy(model.state_dict()), graphs=graphs, before_step=lambda step: None)
+    assert graphs.summary() == {"shapes": 0, "replays": 0, "off": "progressive unfreezing changes what trains"}
+
+
+def test_which_stages_use_graphs(monkeypatch):
+    cuda = torch.device("cuda")
+    assert graphs_off_reason(torch.device("cpu"), distributed=False) == "not a CUDA device"
+    assert graphs_off_reason(cuda, distributed=False) is None
+    assert graphs_off_reason(cuda, distributed=True) == "several processes (collectives stay eager)"
+    monkeypatch.setenv("DSFT_CUDA_GRAPHS", "0")
+    assert graphs_off_reason(cuda, distributed=False) == "DSFT_CUDA_GRAPHS=0"
+
+
+def test_the_head_runs_on_every_position_while_a_graph_records(monkeypatch):
+    """Under capture the loss cannot pick out the labelled positions (a data-sized tensor): it runs the head on all
+    of them, with the same loss and gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 10, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 10))
+    labels[0, :6] = -100  # a prompt
+    selected = chunked_ce.chunked_causal_lm_loss(hidden, head, labels, chunk_size=4)
+    selected.backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    monkeypatch.setattr(chunked_ce, "_capturing", lambda t: True)
+    everywhere = chunked_ce.chunked_causal_lm_loss(hidden, head, labels, chunk_size=4)
+    everywhere.backward()
+    assert torch.allclose(selected, everywhere, atol=1e-6)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], head.weight.grad, atol=1e-6)
