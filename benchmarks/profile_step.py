@@ -20,31 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_throughput import compile_layers, prepare, release  # noqa: E402
+from benchmarks.train_throughput import compile_layers, packed_batch, prepare, release  # noqa: E402
 from dsft.eval.losses import causal_lm_loss, lm_loss  # noqa: E402
-
-
-def packed_batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
-    """``rows`` packed rows of examples with benchmarks/real_data.py's lengths (response lognormal, median 300
-    tokens, tail cut at 4,096; prompt a quarter of it, unlabelled), laid out by dsft's own packer."""
-    import math
-    import random
-
-    from dsft.data.packing import best_fit, pack_rows
-
-    rng = random.Random(0)
-    examples = []
-    while sum(len(x) for x, _ in examples) < 2 * rows * seq:
-        response = min(4096, max(4, int(rng.lognormvariate(math.log(300), 0.9))))
-        prompt = max(4, response // 4)
-        ids = torch.randint(0, 102400, (prompt + response,))
-        examples.append((ids, torch.cat([torch.full((prompt,), -100), ids[prompt:]])))
-    layout = best_fit([min(len(x), seq) for x, _ in examples], seq)[:rows]
-    batch = pack_rows(lambda i: (examples[i][0][:seq], examples[i][1][:seq]), layout, seq, pad_id=0)
-    print(json.dumps({"packed_rows": rows, "examples": sum(map(len, layout)),
-                      "padding": round(1 - batch["attention_mask"].float().mean().item(), 4)}))
-    return {k: v.cuda() for k, v in batch.items()}
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()

@@ -2,6 +2,7 @@
 
     python benchmarks/real_data.py                                   # one H200: DeepSeek-V2-Lite shape, 1 GB JSONL
     python benchmarks/real_data.py --base tiny-deepseek-v2 --small   # CPU smoke check (a minute)
+    DSFT_CUDA_GRAPHS=0 python benchmarks/real_data.py ...            # the training steps without CUDA graphs
 
 1. Writes variable-length instruction records as JSONL: response lengths lognormal (median ~300 tokens,
    a long tail cut at 4,096), prompts a quarter of that, words drawn from a fixed vocabulary (seeded).
@@ -54,6 +55,8 @@ def run_train(a, data: Path, home: str) -> dict:
            str(a.steps), "--json", "--checkpoint-every", "0"]
     if a.device:
         cmd += ["--device", a.device]
+    if a.qlora:
+        cmd += ["--qlora"]
     cmd += a.override or []  # recipe overrides, e.g. stages.0.seq_len=4096 stages.0.batch_size=2
     env = {**os.environ, "DSFT_HOME": home, "TORCH_LOGS": "recompiles", "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
@@ -67,7 +70,8 @@ def run_train(a, data: Path, home: str) -> dict:
         stages.append({"stage": s["stage"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
                        "padded_tokens_per_s": s["padded_tokens_per_s"], "padding_share": data_plan.get("padding_share"),
                        "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size"),
-                       "micro_batch_size": data_plan.get("micro_batch_size"), "attention": s.get("attention")})
+                       "micro_batch_size": data_plan.get("micro_batch_size"), "attention": s.get("attention"),
+                       "peak_gpu_gib": s.get("peak_gpu_gib"), "cuda_graphs": s.get("cuda_graphs")})
     # The stage figures above include the compile warm-up of the first step; the steady rate is the median of
     # the per-step rates in the adapter's training log after the first two steps.
     log = Path(result["path"]) / "train_log.jsonl"
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--tokenize-only", action="store_true", help="only the tokenising measurement (no dsft train)")
     ap.add_argument("--seq-len", type=int, default=4096, help="seq_len for the tokenising measurement")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--qlora", action="store_true", help="dsft train --qlora (the base in NF4)")
     ap.add_argument("--override", action="append", help="a recipe override for dsft train (repeatable), e.g. stages.0.seq_len=4096")
     ap.add_argument("--home", default=None, help="DSFT_HOME (default: a temporary one; presets are built there)")
     a = ap.parse_args()

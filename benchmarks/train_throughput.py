@@ -17,6 +17,8 @@ batch x seq tokens per step):
   dsft_qlora        dsft: dsft_lora on a base held in NF4 (bitsandbytes), run at --qlora-bs (default 1) x seq
 Each variant with --compile compiles every decoder layer.
 
+    python benchmarks/train_throughput.py --variant dsft_qlora --compile --bs 1 --packed --attn flex_attention --graphs
+                                                      # as dsft train steps: packed rows, flex attention, CUDA graphs
     python benchmarks/train_throughput.py --longest                                    # longest seq at batch 1, PEFT vs dsft
 """
 from __future__ import annotations
@@ -168,6 +170,28 @@ def prepare(variant: str, layers: int, rank: int, dense_fold: bool = False):
     raise SystemExit(f"unknown variant {variant}")
 
 
+def packed_batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
+    """``rows`` packed rows of examples with benchmarks/real_data.py's lengths (response lognormal, median 300
+    tokens, tail cut at 4,096; prompt a quarter of it, unlabelled), laid out by dsft's own packer."""
+    import math
+    import random
+
+    from dsft.data.packing import best_fit, pack_rows
+
+    rng = random.Random(0)
+    examples = []
+    while sum(len(x) for x, _ in examples) < 2 * rows * seq:
+        response = min(4096, max(4, int(rng.lognormvariate(math.log(300), 0.9))))
+        prompt = max(4, response // 4)
+        ids = torch.randint(0, 102400, (prompt + response,))
+        examples.append((ids, torch.cat([torch.full((prompt,), -100), ids[prompt:]])))
+    layout = best_fit([min(len(x), seq) for x, _ in examples], seq)[:rows]
+    batch = pack_rows(lambda i: (examples[i][0][:seq], examples[i][1][:seq]), layout, seq, pad_id=0)
+    print(json.dumps({"packed_rows": rows, "examples": sum(map(len, layout)),
+                      "padding": round(1 - batch["attention_mask"].float().mean().item(), 4)}))
+    return {k: v.cuda() for k, v in batch.items()}
+
+
 def compile_layers(layers, mode: str | None = None, inductor: list[str] | None = None) -> None:
     """``torch.compile`` every decoder layer, as ``dsft train`` does on a GPU. ``mode`` and ``inductor``
     (``KEY=VALUE`` settings of ``torch._inductor.config``, e.g. ``combo_kernels=True``) are for experiments."""
@@ -195,20 +219,36 @@ def run_one(a) -> dict:
         compile_layers(layers, a.compile_mode, a.inductor)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
+    if a.attn:
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(a.attn)
+    batch = packed_batch(a.bs, a.seq) if a.packed else {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+    tokens = int(batch["attention_mask"].sum())
 
-    batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+    def forward_backward(part, weight, aux_share):
+        # dsft trains with its chunked loss; the PEFT variants get what a PEFT user gets: full logits.
+        if a.variant.startswith("dsft"):
+            loss = lm_loss(model, part)
+        else:
+            loss = causal_lm_loss(model(input_ids=part["input_ids"], use_cache=False).logits, part["labels"])
+        (loss * weight).backward()
+        return loss.detach(), None, loss.detach()
+
+    graphs = None
+    if a.graphs:  # the training loop's CUDA graphs (dsft/recipes/graphs.py), as dsft train runs them on one GPU
+        from dsft.recipes.graphs import StepGraphs
+
+        graphs = StepGraphs().bind(forward_backward, trainable)
+    run = graphs or forward_backward
 
     def step():
-        # dsft trains with its chunked loss; the PEFT variants get what a PEFT user gets: full logits.
-        loss = lm_loss(model, batch) if a.variant.startswith("dsft") else causal_lm_loss(model(input_ids=x, use_cache=False).logits, x)
-        loss.backward()
+        loss = run(batch, 1.0, 1.0)[0]
         if opt:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=graphs is None)
         return loss
 
     t0 = time.perf_counter()
-    for _ in range(2):
+    for _ in range(3 if graphs else 2):  # with graphs: two warm-ups, then the capture, all untimed
         step()
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
@@ -218,16 +258,20 @@ def run_one(a) -> dict:
         loss = step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / a.steps
-    tps = a.bs * a.seq / dt
+    tps = tokens / dt
     fpt = flops_per_token(lite_config(a.layers), a.seq)
     tag = "".join(f"+{t}" for t in [a.compile_mode, *(a.inductor or [])] if t) if a.compile else ""
     tag += "+densefold" if a.dense_fold else ""
+    tag += "+packed" if a.packed else ""
+    tag += f"+{a.attn}" if a.attn else ""
+    tag += "+graphs" if graphs else ""
     return dict(variant=a.variant + ("+compile" if a.compile else "") + tag + (f"+keep{a.keep_layers}" if a.keep_layers else ""),
                 layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 1), tflops=round(tps * fpt / 1e12, 1),
                 mfu_vs_989=round(tps * fpt / PEAK_TFLOPS / 1e12, 3), mfu_vs_measured=round(tps * fpt / MEASURED_TFLOPS / 1e12, 3),
-                warmup_s=round(warm, 1), loss=round(loss.item(), 4))
+                warmup_s=round(warm, 1), loss=round(loss.item(), 4),
+                **({"graphs": graphs.summary()} if graphs else {}))
 
 
 def run_longest(a) -> dict:
@@ -329,6 +373,9 @@ if __name__ == "__main__":
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--qlora-bs", type=int, default=1)
+    p.add_argument("--graphs", action="store_true", help="dsft's training CUDA graphs (dsft/recipes/graphs.py)")
+    p.add_argument("--packed", action="store_true", help="packed SFT-like rows (as dsft train packs them) instead of random rows")
+    p.add_argument("--attn", help="attention implementation, e.g. flex_attention (dsft train's on a GPU)")
     p.add_argument("--keep-layers", type=int, default=0, help="leave the last N decoder layers out of activation checkpointing")
     p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
     p.add_argument("--longest-max", type=int, default=262144)

@@ -109,6 +109,7 @@ class StepGraphs:
         self._params: list[torch.Tensor] = []
         self._seen: dict[tuple, int] = {}
         self._graphs: dict[tuple, _Graph] = {}
+        self.captured = 0
         self.replays = 0
 
     def bind(self, fn: PartFn, params: list[torch.Tensor]) -> StepGraphs:
@@ -148,12 +149,13 @@ class StepGraphs:
             warnings.warn(f"CUDA graphs off for this stage, steps run eagerly: {self.off}", stacklevel=2)
             return fn(part, weight, aux_share)
         graph = self._graphs[key] = _Graph(inputs, w, share, outputs, replay)
+        self.captured += 1
         self.replays += 1
         return graph.run(part, weight, aux_share)
 
     def summary(self) -> dict:
         """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why graphs stopped or None}``."""
-        return {"shapes": len(self._graphs), "replays": self.replays, "off": self.off}
+        return {"shapes": self.captured, "replays": self.replays, "off": self.off}
 
     def close(self) -> None:
         """Drop the graphs (their memory pool goes back to the allocator)."""

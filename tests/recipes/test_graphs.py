@@ -85,6 +85,8 @@ def test_replayed_steps_train_as_the_plain_loop_does(tiny_qwen2_moe, micro_batch
     assert all(_close(a, b) for a, b in zip(plain[1], replayed[1]))  # loss, aux loss, grad norm, router imbalance
     assert all(torch.allclose(plain[2][k], replayed[2][k], atol=1e-6) for k in start)
     assert all(p.grad is None for p in model.parameters())  # the gradients kept for the graphs go with the loop
+    graphs.close()
+    assert graphs.summary()["shapes"] == 1  # what ran, after the graphs went
 
 
 def test_each_shape_warms_up_then_is_captured_up_to_the_limit(tiny_qwen2_moe):
