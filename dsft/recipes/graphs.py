@@ -8,7 +8,8 @@ tokens/s in bf16 and from 5,082 to 12,175 on an NF4 base; at 4 x 2,048 the kerne
 gains ~1%.
 
 How: each micro-batch shape runs :data:`WARMUP` times eagerly (compiling the layers for it and warming the
-allocator, on a side stream as capture requires), is then captured once - the forward, the objective and the
+allocator, on a side stream as capture requires; only batches whose attention mask transformers builds as it
+would under capture count, :func:`recorded_alike`), is then captured once - the forward, the objective and the
 backward, gradients accumulated in place into ``.grad`` tensors that exist before the capture - and replayed from
 then on, its inputs copied into the graph's own tensors. The optimizer step stays eager (one fused kernel). The
 graphs share one memory pool: a replay's outputs are read (enqueued) before the next replay, so no graph needs
@@ -18,6 +19,8 @@ makes the capture fail; the step then runs eagerly, with one warning, and the gr
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import warnings
 from collections.abc import Callable
@@ -52,16 +55,43 @@ def graphs_off_reason(device: torch.device, *, distributed: bool) -> str | None:
 
 
 def cuda_capture() -> Capture:
-    """A capture into CUDA graphs that share one memory pool."""
+    """A capture into CUDA graphs that share one memory pool. Unlike ``torch.cuda.graph``, a capture that fails
+    leaves the stream it ran on (the eager fallback must not run there) and reports the first error, not the
+    invalidated capture's."""
     pool = torch.cuda.graph_pool_handle()
 
     def capture(run: Callable[[], Figures]) -> tuple[Callable[[], None], Figures]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = run()
+        main, stream = torch.cuda.current_stream(), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool)
+            try:
+                outputs = run()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        main.wait_stream(stream)
         return graph.replay, outputs
 
     return capture
+
+
+def recorded_alike(part: dict[str, torch.Tensor]) -> bool:
+    """Whether transformers builds ``part``'s attention mask eagerly as it does while a graph records it.
+
+    Recording, it cannot look at the data (a device sync), so it always builds the per-example mask of packed rows
+    (or the padding mask). Eagerly it drops the mask when every row holds one example (or nothing is padded),
+    and a layer compiled for that recompiles inside the capture, which fails. So a shape warms up only on batches
+    that take the recorded path (a device sync, during warm-up only)."""
+    positions = part.get("position_ids")
+    if positions is not None:
+        return bool((positions[:, 1:] != positions[:, :-1] + 1).any())
+    mask = part.get("attention_mask")
+    return mask is not None and not bool(mask.all())
 
 
 @dataclass
@@ -100,8 +130,9 @@ class StepGraphs:
     """The training loop's micro-batches as CUDA graphs (see the module's docstring). Bind the loop's step function
     and trained tensors with :meth:`bind`, then call it like that function; :meth:`summary` says what happened."""
 
-    def __init__(self, *, capture: Capture | None = None, warmup: int = WARMUP, max_shapes: int = MAX_SHAPES):
-        self._capture = capture
+    def __init__(self, *, capture: Capture | None = None, warmup: int = WARMUP, max_shapes: int = MAX_SHAPES,
+                 alike: Callable[[dict[str, torch.Tensor]], bool] = recorded_alike):
+        self._capture, self._alike = capture, alike
         self.warmup, self.max_shapes = warmup, max_shapes
         self.off: str | None = None
         """Why graphs stopped (None: they did not)."""
@@ -125,8 +156,9 @@ class StepGraphs:
             return graph.run(part, weight, aux_share)
         if self.off is not None or len(self._graphs) >= self.max_shapes:
             return self._fn(part, weight, aux_share)
-        self._seen[key] = self._seen.get(key, 0) + 1
-        if self._seen[key] <= self.warmup:
+        if self._seen.get(key, 0) < self.warmup:
+            if self._alike(part):
+                self._seen[key] = self._seen.get(key, 0) + 1
             return _on_side_stream(self._fn, part, weight, aux_share)
         return self._capture_and_run(key, part, weight, aux_share)
 
@@ -145,7 +177,14 @@ class StepGraphs:
         try:
             replay, outputs = capture(lambda: fn(inputs, w, share))
         except Exception as e:  # what a graph cannot hold; nothing ran, the step runs eagerly
-            self.off = f"capture failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            self.off = f"capture failed ({type(e).__name__}: {first})"
+        if self.off is not None:
+            # Outside the except block, and once the failed forward's frames are freed: torch < 2.12 leaves an
+            # activation checkpoint whose function raised half-entered, its saved-tensor hooks active, until its
+            # generator is collected; a step run before that saves its tensors there and fails in backward
+            # (on an H200 with torch 2.11: CheckpointError, "Recomputed values ... have different metadata").
+            gc.collect()
             warnings.warn(f"CUDA graphs off for this stage, steps run eagerly: {self.off}", stacklevel=2)
             return fn(part, weight, aux_share)
         graph = self._graphs[key] = _Graph(inputs, w, share, outputs, replay)
@@ -154,8 +193,12 @@ class StepGraphs:
         return graph.run(part, weight, aux_share)
 
     def summary(self) -> dict:
-        """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why graphs stopped or None}``."""
-        return {"shapes": self.captured, "replays": self.replays, "off": self.off}
+        """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why none ran or stopped, or None}``."""
+        off = self.off
+        if off is None and not self.captured:
+            off = ("no batch took the path a graph records (rows of one example each, or no padding)"
+                   if not any(self._seen.values()) else "fewer steps than the warm-up")
+        return {"shapes": self.captured, "replays": self.replays, "off": off}
 
     def close(self) -> None:
         """Drop the graphs (their memory pool goes back to the allocator)."""
