@@ -54,7 +54,7 @@ def _sharded(params: list[torch.Tensor]) -> bool:
     return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params)
 
 
-def _capturing(t: torch.Tensor) -> bool:
+def capturing(t: torch.Tensor) -> bool:
     """Whether ``t``'s work is being recorded into a CUDA graph. Selecting the labelled positions sizes a tensor by
     data, a device sync that a graph cannot hold: under capture the head runs on every position instead (the
     ignored ones add nothing to the loss or its gradients)."""
@@ -67,7 +67,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
     Equal to ``causal_lm_loss(head(hidden), labels)``; peak memory holds one chunk's logits. The head
     runs only on positions whose shifted label is not -100 (prompts and padding cost no logits),
     except for a head sharded by FSDP2 (every rank must call it the same number of times) and while a CUDA graph
-    records the step (:func:`_capturing`).
+    records the step (:func:`capturing`).
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
@@ -75,7 +75,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
     count = keep.sum().clamp(min=1)
     params = [p for p in head.parameters() if p.requires_grad]
     sharded = _sharded(list(head.parameters()))
-    if not sharded and not _capturing(hidden):
+    if not sharded and not capturing(hidden):
         index = keep.nonzero().squeeze(1)
         h, y = h.index_select(0, index), y.index_select(0, index)
     if torch.is_grad_enabled() and (h.requires_grad or params) and not sharded:

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from dsft.base.loading import BaseRef
 from dsft.data.packing import model_inputs
 from dsft.errors import IncompatibleError, UsageError
+from dsft.kernels.chunked_ce import capturing
 from dsft.recipes.schema import DistillSettings
 
 
@@ -95,22 +96,28 @@ def _chunk(s_head, t_head, h_s, h_t, y, width: int, temperature: float) -> tuple
     s = s_head(h_s).float()
     with torch.no_grad():
         t = t_head(h_t).float()[:, :width] / temperature
-    ce = F.cross_entropy(s, y, reduction="sum")
+    ce = F.cross_entropy(s, y, ignore_index=-100, reduction="sum")
     log_s = F.log_softmax(s[:, :width] / temperature, -1)
     log_t = F.log_softmax(t, -1)
-    kl = (log_t.exp() * (log_t - log_s)).sum()
+    kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * (y != -100)).sum()
     return ce, kl
 
 
 def distill_loss(student, teacher: Teacher, batch: dict[str, torch.Tensor], alpha: float, temperature: float,
                  chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(objective, lm_loss, kl)`` on the positions of ``batch`` with an LM target (mean per position)."""
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    y = labels[keep]
-    h_s = _hidden(student, batch)[:, :-1][keep]
+    """``(objective, lm_loss, kl)`` on the positions of ``batch`` with an LM target (mean per position).
+
+    The heads run on those positions only, except while a CUDA graph records the step (a data-sized selection is
+    a sync it cannot hold, :func:`dsft.kernels.chunked_ce.capturing`): then on every position, the others
+    weighing nothing."""
+    y = batch["labels"][:, 1:].reshape(-1)
+    h_s = _hidden(student, batch)[:, :-1].reshape(len(y), -1)
     with torch.no_grad():
-        h_t = _hidden(teacher.model, batch)[:, :-1][keep]
+        h_t = _hidden(teacher.model, batch)[:, :-1].reshape(len(y), -1)
+    n = (y != -100).sum().clamp(min=1)
+    if not capturing(h_s):
+        keep = (y != -100).nonzero().squeeze(1)
+        y, h_s, h_t = y[keep], h_s[keep], h_t[keep]
     s_head = (student.get_base_model() if hasattr(student, "get_base_model") else student).get_output_embeddings()
     t_head = teacher.model.get_output_embeddings()
     ce = h_s.new_zeros((), dtype=torch.float32)
@@ -119,6 +126,5 @@ def distill_loss(student, teacher: Teacher, batch: dict[str, torch.Tensor], alph
         c, k = checkpoint(_chunk, s_head, t_head, h_s[i : i + chunk_size], h_t[i : i + chunk_size], y[i : i + chunk_size],
                           teacher.width, temperature, use_reentrant=False)
         ce, kl = ce + c, kl + k
-    n = max(1, y.shape[0])
     lm, kl = ce / n, kl / n
     return alpha * temperature**2 * kl + (1 - alpha) * lm, lm, kl

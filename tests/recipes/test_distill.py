@@ -30,6 +30,34 @@ def test_distill_loss_is_the_lm_loss_plus_kl_to_the_teacher(home):
     assert student.get_output_embeddings().weight.grad is not None and other.get_output_embeddings().weight.grad is None
 
 
+def test_distill_loss_is_the_same_on_every_position_while_a_graph_records(home, monkeypatch):
+    """Recording a CUDA graph, the loss cannot select the labelled positions (a data-sized tensor): it runs the heads
+    on all of them, the others weighing nothing - same loss, same gradients."""
+    from dsft.base import load_base
+    from dsft.recipes import distill
+
+    student = load_base("tiny-deepseek-v2", device="cpu").model
+    teacher = load_base("tiny-deepseek-v2", device="cpu").model
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(1.5)
+    ids = torch.randint(0, 4000, (2, 40), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.masked_fill(torch.arange(40) < 10, -100), "attention_mask": torch.ones_like(ids)}
+    head = student.get_output_embeddings().weight
+
+    def run():
+        head.grad = None
+        out = distill.distill_loss(student, distill.Teacher(teacher, "sharper", 4096), batch, alpha=0.5, temperature=2.0,
+                                   chunk_size=16)
+        out[0].backward()
+        return [t.detach() for t in out], head.grad.clone()
+
+    selected, grad = run()
+    monkeypatch.setattr(distill, "capturing", lambda t: True)
+    everywhere, grad_everywhere = run()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(selected, everywhere))
+    assert torch.allclose(grad, grad_everywhere, rtol=1e-4, atol=1e-7)
+
+
 def test_distill_recipe_learns_from_the_domains_latest_adapter(home):
     import dsft
     from dsft.errors import NotFoundError

@@ -181,7 +181,7 @@ def test_the_head_runs_on_every_position_while_a_graph_records(monkeypatch):
     selected.backward()
     grads = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
-    monkeypatch.setattr(chunked_ce, "_capturing", lambda t: True)
+    monkeypatch.setattr(chunked_ce, "capturing", lambda t: True)
     everywhere = chunked_ce.chunked_causal_lm_loss(hidden, head, labels, chunk_size=4)
     everywhere.backward()
     assert torch.allclose(selected, everywhere, atol=1e-6)
