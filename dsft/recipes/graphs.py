@@ -5,7 +5,7 @@ of launches a step on the DeepSeek-V2-Lite shape, ~260 ms of host time at 1 x 2,
 Where the kernels take less time than that (one row, a 4-bit base, a small model) the GPU waits on the host. On an
 H200 (``benchmarks/results/2026-12-01-h200-train-graphs.md``) a 1 x 2,048 step went from 7,821 to 15,842
 tokens/s in bf16 and from 5,082 to 12,175 on an NF4 base; at 4 x 2,048 the kernels outlast the host and a graph
-gains ~1%.
+gains 1-10%.
 
 How: each micro-batch shape runs :data:`WARMUP` times eagerly (compiling the layers for it and warming the
 allocator, on a side stream as capture requires; only batches whose attention mask transformers builds as it
@@ -32,6 +32,8 @@ WARMUP = 2
 """Eager runs of a shape before it is captured: the first compiles the layers' forward and backward for it."""
 MAX_SHAPES = 4
 """Shapes captured at most; a loop whose micro-batches take more shapes runs the others eagerly."""
+MAX_MISSES = 8
+"""Batches of a shape that may fail :func:`recorded_alike` before graphs stop for the loop (the check syncs)."""
 
 Figures = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 """A micro-batch's (LM loss, load-balancing loss or None, router imbalance), detached."""
@@ -94,6 +96,9 @@ def recorded_alike(part: dict[str, torch.Tensor]) -> bool:
     return mask is not None and not bool(mask.all())
 
 
+NO_BATCH_ALIKE = "no batch took the path a graph records (rows of one example each, or no padding)"
+
+
 @dataclass
 class _Graph:
     inputs: dict[str, torch.Tensor]
@@ -115,17 +120,6 @@ def _shape_key(part: dict[str, torch.Tensor]) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(part.items()))
 
 
-def _on_side_stream(fn: PartFn, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
-    if not part["input_ids"].is_cuda:
-        return fn(part, weight, aux_share)
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        figures = fn(part, weight, aux_share)
-    main.wait_stream(side)
-    return figures
-
-
 class StepGraphs:
     """The training loop's micro-batches as CUDA graphs (see the module's docstring). Bind the loop's step function
     and trained tensors with :meth:`bind`, then call it like that function; :meth:`summary` says what happened."""
@@ -139,7 +133,9 @@ class StepGraphs:
         self._fn: PartFn | None = None
         self._params: list[torch.Tensor] = []
         self._seen: dict[tuple, int] = {}
+        self._misses: dict[tuple, int] = {}
         self._graphs: dict[tuple, _Graph] = {}
+        self._side: torch.cuda.Stream | None = None
         self.captured = 0
         self.replays = 0
 
@@ -159,8 +155,26 @@ class StepGraphs:
         if self._seen.get(key, 0) < self.warmup:
             if self._alike(part):
                 self._seen[key] = self._seen.get(key, 0) + 1
-            return _on_side_stream(self._fn, part, weight, aux_share)
+            else:
+                self._misses[key] = self._misses.get(key, 0) + 1
+                if self._misses[key] >= MAX_MISSES and not self._seen.get(key):
+                    self.off = NO_BATCH_ALIKE
+            return self._warm_up(part, weight, aux_share)
         return self._capture_and_run(key, part, weight, aux_share)
+
+    def _warm_up(self, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
+        """An eager run on a side stream (capture requires it), one stream for the loop so its cached memory is
+        reused."""
+        assert self._fn is not None
+        if not part["input_ids"].is_cuda:
+            return self._fn(part, weight, aux_share)
+        main = torch.cuda.current_stream()
+        self._side = self._side or torch.cuda.Stream()
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            figures = self._fn(part, weight, aux_share)
+        main.wait_stream(self._side)
+        return figures
 
     def _capture_and_run(self, key: tuple, part: dict[str, torch.Tensor], weight: float, aux_share: float) -> Figures:
         fn = self._fn
@@ -196,11 +210,10 @@ class StepGraphs:
         """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why none ran or stopped, or None}``."""
         off = self.off
         if off is None and not self.captured:
-            off = ("no batch took the path a graph records (rows of one example each, or no padding)"
-                   if not any(self._seen.values()) else "fewer steps than the warm-up")
+            off = NO_BATCH_ALIKE if not any(self._seen.values()) else "fewer steps than the warm-up"
         return {"shapes": self.captured, "replays": self.replays, "off": off}
 
     def close(self) -> None:
         """Drop the graphs (their memory pool goes back to the allocator)."""
         self._graphs.clear()
-        self._capture = None
+        self._capture = self._side = None

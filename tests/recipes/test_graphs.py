@@ -144,6 +144,10 @@ def test_a_shape_warms_up_only_on_batches_masked_as_a_graph_records_them(tiny_qw
     assert graphs.summary() == {"shapes": 0, "replays": 0,
                                 "off": "no batch took the path a graph records (rows of one example each, or no padding)"}
     assert _close(plain[0], replayed[0])
+    checked = []
+    many = StepGraphs(capture=recorded(list(model.parameters())), alike=lambda part: checked.append(1) or False)
+    _train(model, start, batches=lambda step: full(step % STEPS), steps=12, graphs=many)
+    assert len(checked) == 8 and many.off == many.summary()["off"]  # the check syncs: it stops after 8 misses
     short = StepGraphs(capture=recorded(list(model.parameters())))
     _train(model, start, graphs=short, steps=2)
     assert short.summary()["off"] == "fewer steps than the warm-up"
