@@ -206,6 +206,17 @@ class StepGraphs:
         self.replays += 1
         return graph.run(part, weight, aux_share)
 
+    def retrain(self) -> None:
+        """What trains changed (e.g. progressive unfreezing): the graphs recorded the old set's backward, so drop
+        them (each shape warms up and is captured again), and the gradients of tensors that stopped training (the
+        optimizer skips a tensor without one; a kept zero gradient would still move it by momentum and decay)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._misses.clear()
+        for p in self._params:
+            if not p.requires_grad:
+                p.grad = None
+
     def summary(self) -> dict:
         """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why none ran or stopped, or None}``."""
         off = self.off

@@ -161,8 +161,9 @@ def train_steps(
     With ``micro_batch``, a step's rows go through forward and backward that many at a time and the
     gradients accumulate: each micro-batch's loss is weighted by its share of the step's labelled tokens,
     so the step minimises the same token mean as one forward over all its rows. With ``graphs``
-    (:class:`dsft.recipes.graphs.StepGraphs`, one process, no ``before_step``) each micro-batch shape is
-    captured as a CUDA graph after its warm-up steps and replayed; ``graphs.summary()`` says what ran.
+    (:class:`dsft.recipes.graphs.StepGraphs`, one process) each micro-batch shape is captured as a CUDA
+    graph after its warm-up steps and replayed, and captured again when ``before_step`` changes what trains;
+    ``graphs.summary()`` says what ran.
 
     A step's figures are read (one device sync) once the next step's forward and backward are enqueued: the
     device computes while the host reads, reports and prepares. So a step's ``on_step`` and ``after_step``
@@ -214,15 +215,18 @@ def train_steps(
         loss.backward()
         return part_lm.detach(), None if part_aux is None else part_aux.detach(), probe.imbalance_tensor()
 
-    if graphs is not None and (sync is not None or before_step is not None):
-        graphs.off = "several processes" if sync is not None else "progressive unfreezing changes what trains"
+    if graphs is not None and sync is not None:
+        graphs.off = "several processes"
     run = graphs.bind(forward_backward, params) if graphs is not None and graphs.off is None else forward_backward
     previous: _Enqueued | None = None
     for step in range(start_step, steps):
         if before_step:
             finish(previous)
             previous = None
+            training = [p.requires_grad for p in params]
             before_step(step)
+            if graphs is not None and training != [p.requires_grad for p in params]:
+                graphs.retrain()  # what trains changed (progressive unfreezing): graphs anew, no gradient for the frozen
         batch = batches(step)
         parts = micro_batches(batch, micro_batch)
         weights = token_shares(parts)

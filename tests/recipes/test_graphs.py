@@ -6,7 +6,6 @@ graphs are measured against eager steps on a GPU (``benchmarks/train_throughput.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -122,13 +121,37 @@ def test_a_capture_that_fails_leaves_the_step_to_eager_code(tiny_qwen2_moe):
     assert _close(plain[0], replayed[0])
 
 
-def test_progressive_unfreezing_keeps_the_eager_loop(tiny_qwen2_moe):
+def test_unfreezing_mid_loop_records_the_graphs_again(tiny_qwen2_moe):
+    """Progressive unfreezing: the first three steps train the top layer only, then both. A graph recorded the old
+    set's backward, so each change of what trains drops the graphs and warms up again; a tensor that stops training
+    loses its gradient (a kept zero one would still move it through AdamW's momentum and decay)."""
     model = tiny_qwen2_moe
-    graphs = StepGraphs(capture=recorded(list(model.parameters())))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _train(model, copy.deepcopy(model.state_dict()), graphs=graphs, before_step=lambda step: None)
-    assert graphs.summary() == {"shapes": 0, "replays": 0, "off": "progressive unfreezing changes what trains"}
+    start = copy.deepcopy(model.state_dict())
+    top = [p for n, p in model.named_parameters() if "layers.1." in n]
+
+    def unfreeze(step):
+        for n, p in model.named_parameters():
+            p.requires_grad_(step >= 3 or "layers.1." in n)
+
+    plain = _train(model, start, before_step=unfreeze)
+    capture = recorded(list(model.parameters()))
+    graphs = StepGraphs(capture=capture)
+    replayed = _train(model, start, before_step=unfreeze, graphs=graphs)
+    # steps 0-1 warm up, 2 is captured, 3 changes what trains: 3-4 warm up again, 5 is captured
+    assert graphs.summary() == {"shapes": 2, "replays": 2, "off": None} and len(capture.captures) == 2
+    assert _close(plain[0], replayed[0])
+    assert all(torch.allclose(plain[2][k], replayed[2][k], atol=1e-6) for k in start)
+    assert top and all(p.requires_grad for p in top)
+
+    def freeze_at_3(step):
+        for n, p in model.named_parameters():
+            p.requires_grad_(step < 3 or "layers.1." in n)
+
+    plain = _train(model, start, before_step=freeze_at_3)
+    replayed = _train(model, start, before_step=freeze_at_3, graphs=StepGraphs(capture=recorded(list(model.parameters()))))
+    frozen = [k for k in start if "layers.1." not in k and "layers." in k]
+    assert frozen and all(torch.allclose(plain[2][k], replayed[2][k], atol=1e-6) for k in frozen)
+    assert _close(plain[0], replayed[0])
 
 
 def test_a_shape_warms_up_only_on_batches_masked_as_a_graph_records_them(tiny_qwen2_moe):
