@@ -225,6 +225,11 @@ class StepGraphs:
         return {"shapes": self.captured, "replays": self.replays, "off": off}
 
     def close(self) -> None:
-        """Drop the graphs (their memory pool goes back to the allocator)."""
+        """Drop the graphs and hand their memory pool back (a private pool's free blocks serve no other allocation
+        until the allocator releases them: the evaluation after a stage needs that memory)."""
+        had_graphs = bool(self._graphs)
         self._graphs.clear()
         self._capture = self._side = None
+        if had_graphs and torch.cuda.is_initialized():
+            gc.collect()
+            torch.cuda.empty_cache()
