@@ -125,8 +125,11 @@ class StepGraphs:
     and trained tensors with :meth:`bind`, then call it like that function; :meth:`summary` says what happened."""
 
     def __init__(self, *, capture: Capture | None = None, warmup: int = WARMUP, max_shapes: int = MAX_SHAPES,
-                 alike: Callable[[dict[str, torch.Tensor]], bool] = recorded_alike):
+                 alike: Callable[[dict[str, torch.Tensor]], bool] = recorded_alike,
+                 on_warning: Callable[[str], None] | None = None):
+        """``on_warning(message)`` hears of a failed capture (default: a Python warning)."""
         self._capture, self._alike = capture, alike
+        self._on_warning = on_warning or (lambda message: warnings.warn(message, stacklevel=4))
         self.warmup, self.max_shapes = warmup, max_shapes
         self.off: str | None = None
         """Why graphs stopped (None: they did not)."""
@@ -199,7 +202,8 @@ class StepGraphs:
             # generator is collected; a step run before that saves its tensors there and fails in backward
             # (on an H200 with torch 2.11: CheckpointError, "Recomputed values ... have different metadata").
             gc.collect()
-            warnings.warn(f"CUDA graphs off for this stage, steps run eagerly: {self.off}", stacklevel=2)
+            self._on_warning(f"CUDA graphs off for this stage, steps run eagerly: {self.off} "
+                             "(DSFT_CUDA_GRAPHS=0 skips the attempt)")
             return fn(part, weight, aux_share)
         graph = self._graphs[key] = _Graph(inputs, w, share, outputs, replay)
         self.captured += 1

@@ -350,7 +350,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts" and not e.slices_only]
     sync = ctx.dist.step_sync(data.examples, s.batch_size)
     graphs_off = graphs_off_reason(device, distributed=ctx.dist.enabled)
-    graphs = StepGraphs() if graphs_off is None else None
+    graphs = StepGraphs(on_warning=lambda m: ctx.emit("warning", {"message": f"stage {s.name}: {m}"})) if graphs_off is None else None
     if sync is not None and ctx.dist.sharding == "fsdp":  # FSDP2 shards get no tensor-hook calls; mask after backward
         sync.expert_masks, expert_params = [(p, n_experts, idx, dim) for _, p, idx, dim in expert_params], []
     t0 = time.perf_counter()
