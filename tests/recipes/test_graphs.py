@@ -2,7 +2,8 @@
 stand-in records the step function the way a graph does (nothing runs at capture, each replay runs the recorded
 work again into the same input and output tensors), so the bookkeeping around it - warm-up, shapes, inputs copied
 in, gradients added into tensors that exist before capture, fallback - is checked against the plain loop. The real
-graphs are measured against eager steps on a GPU (``benchmarks/train_throughput.py --graphs``)."""
+graphs are checked against eager steps on a GPU (``benchmarks/train_graph_check.py``) and measured there
+(``benchmarks/train_throughput.py --graphs``)."""
 from __future__ import annotations
 
 import copy
@@ -119,6 +120,9 @@ def test_a_capture_that_fails_leaves_the_step_to_eager_code(tiny_qwen2_moe):
         replayed = _train(model, start, graphs=graphs)
     assert graphs.summary()["off"].startswith("capture failed") and graphs.summary()["replays"] == 0
     assert _close(plain[0], replayed[0])
+    told = []  # dsft train tells it as one line of its output (the run's warning event)
+    _train(model, start, graphs=StepGraphs(capture=refuses, on_warning=told.append))
+    assert len(told) == 1 and told[0].endswith("(DSFT_CUDA_GRAPHS=0 skips the attempt)")
 
 
 def test_unfreezing_mid_loop_records_the_graphs_again(tiny_qwen2_moe):
