@@ -15,7 +15,8 @@ batch x seq tokens per step):
   dsft_frozen       nothing trainable, but the routed experts through dsft's grouped path (vs frozen: transformers')
   dsft_esft         dsft: ESFT-Token (p = 0.2, scored on random tokens) - the selected experts' full weights train
   dsft_qlora        dsft: dsft_lora on a base held in NF4 (bitsandbytes), run at --qlora-bs (default 1) x seq
-Each variant with --compile compiles every decoder layer.
+Each variant with --compile compiles every decoder layer. --all also runs dsft_lora, dsft_esft and dsft_qlora as
+dsft train steps them on one GPU (--compile --packed --attn flex_attention --graphs).
 
     python benchmarks/train_throughput.py --variant dsft_qlora --compile --bs 1 --packed --attn flex_attention --graphs
                                                       # as dsft train steps: packed rows, flex attention, CUDA graphs
@@ -309,12 +310,18 @@ def run_longest(a) -> dict:
 PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora", True, 3),
         ("dsft_lora_attn_experts", True), ("dsft_lora_attn_experts", True, 3),
         ("dsft_lora_grouped", True), ("dsft_esft", True),
-        ("dsft_qlora", True), ("peft_experts", "longest"), ("dsft_lora", "longest")]
+        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_esft", "train"), ("dsft_qlora", "train"),
+        ("peft_experts", "longest"), ("dsft_lora", "longest")]
+"""(variant, mode[, layers kept out of checkpointing]); mode: False eager, True compiled, "train" as dsft train steps
+(compiled, packed SFT-like rows, flex attention, CUDA graphs), "longest" the longest batch-1 sequence."""
+TRAIN_FLAGS = ["--compile", "--packed", "--attn", "flex_attention", "--graphs"]
 
 
 def _name(variant: str, mode, keep: int = 0) -> str:
     if mode == "longest":
         return f"{variant} longest seq at batch 1"
+    if mode == "train":
+        return variant + "+compile+packed+flex_attention+graphs"
     return variant + ("+compile" if mode else "") + (f"+keep{keep}" if keep else "")
 
 
@@ -328,6 +335,7 @@ def run_all(a) -> None:
         bs = a.qlora_bs if variant == "dsft_qlora" else a.bs
         cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(a.layers), "--bs", str(bs), "--seq", str(a.seq),
                "--steps", str(a.steps)] + (["--compile"] if mode is True else []) + (["--longest"] if mode == "longest" else []) \
+            + (TRAIN_FLAGS if mode == "train" else []) \
             + (["--keep-layers", str(keep[0])] if keep else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, check=False)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
