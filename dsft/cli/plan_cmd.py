@@ -6,7 +6,7 @@ from rich.table import Table
 
 from dsft.cli.common import console, guarded, print_json
 from dsft.errors import UsageError
-from dsft.eval.plan import GIB, METHODS
+from dsft.eval.plan_request import GIB, METHODS
 
 
 @guarded

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 
 from dsft.base.loading import BaseRef
-from dsft.errors import NotFoundError, UsageError, show
+from dsft.errors import NotFoundError, show
+from dsft.eval.plan_request import GIB, METHODS, PlanRequest  # noqa: F401 - METHODS re-exported: the planner's public names
 
-METHODS = ("lora", "qlora", "esft", "full")
-GIB = 2**30
 LOSS_CHUNK = 4096
 """Positions per chunk of the output head (:func:`dsft.eval.losses.lm_loss`)."""
 OVERHEAD_CONTEXT_GIB = 0.6
@@ -54,39 +53,6 @@ FSDP2_EFFICIENCY = 37258.0 / 22814.3 / 2
 8 x 2048 a GPU, compiled; benchmarks/results/2026-11-30-h200x2-multi-gpu.json). Assumed for more GPUs too."""
 GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
               "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0}
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """One training setting to estimate."""
-
-    base: str
-    method: str = "lora"
-    seq: int = 2048
-    batch: int = 4
-    checkpointing: bool = True
-    gpu_mem_gib: float | None = None
-    device: str = "cuda"
-    """``cuda`` (bf16 weights) or ``cpu`` (fp32 weights, no CUDA overhead), as dsft trains on each."""
-    lora_r: int = 16
-    esft_share: float = 0.125
-    """Share of routed experts ESFT trains (the builtin recipe selects about 1 in 8 on the presets)."""
-    new_terms: int = 200
-    num_gpus: int = 1
-    """GPUs sharing the run through FSDP2 (``dsft train --num-gpus``); ``batch`` is then the rows of each GPU."""
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"--method: must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("seq", "batch", "lora_r", "num_gpus"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
-        if self.gpu_mem_gib is not None and self.gpu_mem_gib <= 0:
-            raise UsageError(f"--gpu-mem: must be > 0 GiB, got {self.gpu_mem_gib}")
-        if self.device not in ("cuda", "cpu"):
-            raise UsageError(f"device: must be cuda or cpu, got {self.device!r}")
-        if not 0 < self.esft_share <= 1:
-            raise UsageError(f"esft share: must be in (0, 1], got {self.esft_share}")
 
 
 @dataclass(frozen=True)
