@@ -45,11 +45,11 @@ shape, 4 x 2048, LoRA on attention + shared + routed experts (dsft train's defau
 compiled, fused AdamW: 19,777 and 20,370 tokens/s in two invocations, 20,074 on average
 (benchmarks/results/2026-11-25-NVIDIA-H100-80GB-HBM3-train-throughput.md). Other methods and GPUs are assumed to
 reach the same share of their peak."""
-DEQUANT_S_PER_PARAM_H100 = 3.8e-12
+DEQUANT_S_PER_PARAM_H100 = 4.2e-12
 """Seconds per quantised parameter and training step that QLoRA adds over LoRA's efficiency, on a card of the H100's
 bf16 peak: lite shape, 1 x 2048, a step replayed as a CUDA graph (what dsft train runs on one GPU) took 0.166 s on
 an H200 (12,305 tokens/s, benchmarks/results/2026-12-01-h200-train-graphs.md) where the same FLOPs at
-:data:`MEASURED_TFLOPS_H100` take 0.107 s; over the 15.3 B quantised parameters. (Eager steps, bound by the host's
+:data:`MEASURED_TFLOPS_H100` take 0.102 s; over the 15.3 B quantised parameters. (Eager steps, bound by the host's
 launches: 2.1e-11 from 0.417 s on an H100.)"""
 FSDP2_EFFICIENCY = 37258.0 / 22814.3 / 2
 """Tokens/s of N GPUs under FSDP2 over N times one GPU's, at the same per-GPU batch: 1.633x on 2 H200 (lite shape,
