@@ -244,3 +244,54 @@ def test_a_capture_that_fails_inside_a_checkpointed_layer_leaves_no_trace(tiny_q
     with pytest.warns(UserWarning, match="capture failed"):
         replayed = _train(model, start, graphs=graphs)
     assert _close(plain[0], replayed[0])
+
+
+def test_a_failed_capture_ends_the_capture_leaves_its_stream_and_reports_the_first_error(monkeypatch):
+    """``cuda_capture``'s own control flow (torch.cuda.graph's ``__exit__`` leaves the capture stream current when
+    ``capture_end`` raises, and reports the invalidated capture instead of its cause), with CUDA's parts stubbed."""
+    from contextlib import contextmanager
+
+    from dsft.recipes import graphs
+
+    log, current = [], ["main"]
+
+    class Graph:
+        def capture_begin(self, pool=None):
+            log.append(("begin", pool, current[0]))
+
+        def capture_end(self):
+            log.append(("end", current[0]))
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+        def replay(self):
+            log.append("replay")
+
+    class Stream:
+        def __init__(self, name="capture"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    @contextmanager
+    def on(stream):
+        before, current[0] = current[0], stream.name
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream(current[0]))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    capture = graphs.cuda_capture()
+
+    def run():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="operation not permitted when stream is capturing"):
+        capture(run)
+    assert ("begin", "pool", "capture") in log and ("end", "capture") in log and current == ["main"]
