@@ -32,6 +32,9 @@ WARMUP = 2
 """Eager runs of a shape before it is captured: the first compiles the layers' forward and backward for it."""
 MAX_SHAPES = 4
 """Shapes captured at most; a loop whose micro-batches take more shapes runs the others eagerly."""
+SEVERAL_PROCESSES = "several processes (collectives stay eager)"
+NO_BATCH_ALIKE = "no batch took the path a graph records (rows of one example each, or no padding)"
+"""Why a loop trains without graphs (``StepGraphs.summary()["off"]``)."""
 MAX_MISSES = 8
 """Batches of a shape that may fail :func:`recorded_alike` before graphs stop for the loop (the check syncs)."""
 
@@ -52,7 +55,7 @@ def graphs_off_reason(device: torch.device, *, distributed: bool) -> str | None:
     if os.environ.get("DSFT_CUDA_GRAPHS", "1") == "0":
         return "DSFT_CUDA_GRAPHS=0"
     if distributed:
-        return "several processes (collectives stay eager)"
+        return SEVERAL_PROCESSES
     return None
 
 
@@ -96,7 +99,6 @@ def recorded_alike(part: dict[str, torch.Tensor]) -> bool:
     return mask is not None and not bool(mask.all())
 
 
-NO_BATCH_ALIKE = "no batch took the path a graph records (rows of one example each, or no padding)"
 
 
 @dataclass

@@ -13,10 +13,10 @@ import torch
 from dsft.base.router import RouterProbe
 from dsft.errors import DivergedError
 from dsft.eval.losses import lm_loss
+from dsft.recipes.graphs import SEVERAL_PROCESSES, StepGraphs
 
 if TYPE_CHECKING:
     from dsft.recipes.distributed import StepSync
-    from dsft.recipes.graphs import StepGraphs
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def train_steps(
         return part_lm.detach(), None if part_aux is None else part_aux.detach(), probe.imbalance_tensor()
 
     if graphs is not None and sync is not None:
-        graphs.off = "several processes"
+        graphs.off = SEVERAL_PROCESSES
     run = graphs.bind(forward_backward, params) if graphs is not None and graphs.off is None else forward_backward
     previous: _Enqueued | None = None
     for step in range(start_step, steps):
@@ -235,7 +235,7 @@ def train_steps(
             part_lm, part_aux, imbalance = run(part, weight, 1 / len(parts))
             if part_aux is not None:
                 aux = part_aux / len(parts) + (aux if aux is not None else 0)
-            lm = lm.to(part_lm.device) + part_lm * weight
+            lm = lm + part_lm * weight
         if sync is not None:
             sync.after_backward(params)
         finish(previous)  # the device runs this step's backward meanwhile; its weights are still the previous step's

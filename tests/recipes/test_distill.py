@@ -43,6 +43,8 @@ def test_distill_loss_is_the_same_on_every_position_while_a_graph_records(home, 
     ids = torch.randint(0, 4000, (2, 40), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.masked_fill(torch.arange(40) < 10, -100), "attention_mask": torch.ones_like(ids)}
     head = student.get_output_embeddings().weight
+    rows = []  # positions the student's head ran on (once in forward, once recomputed)
+    student.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
 
     def run():
         head.grad = None
@@ -52,8 +54,11 @@ def test_distill_loss_is_the_same_on_every_position_while_a_graph_records(home, 
         return [t.detach() for t in out], head.grad.clone()
 
     selected, grad = run()
+    assert sum(rows) == 2 * 2 * 30  # the labelled targets (30 of 39 a row), in forward and recompute
+    rows.clear()
     monkeypatch.setattr(distill, "capturing", lambda t: True)
     everywhere, grad_everywhere = run()
+    assert sum(rows) == 2 * 2 * 39  # every position of both rows, forward and recompute
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(selected, everywhere))
     assert torch.allclose(grad, grad_everywhere, rtol=1e-4, atol=1e-7)
 

@@ -208,13 +208,18 @@ def test_the_head_runs_on_every_position_while_a_graph_records(monkeypatch):
     hidden = torch.randn(2, 10, 8, requires_grad=True)
     labels = torch.randint(0, 50, (2, 10))
     labels[0, :6] = -100  # a prompt
+    rows = []  # positions the head ran on
+    head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     selected = chunked_ce.chunked_causal_lm_loss(hidden, head, labels, chunk_size=4)
     selected.backward()
     grads = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
+    assert sum(rows) == 2 * 9 - 5  # the labelled next-token positions only (row 0: targets 1-5 are its prompt)
+    rows.clear()
     monkeypatch.setattr(chunked_ce, "capturing", lambda t: True)
     everywhere = chunked_ce.chunked_causal_lm_loss(hidden, head, labels, chunk_size=4)
     everywhere.backward()
+    assert sum(rows) == 2 * 9  # every position
     assert torch.allclose(selected, everywhere, atol=1e-6)
     assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], head.weight.grad, atol=1e-6)
 
