@@ -2,6 +2,7 @@
 
     python benchmarks/train_graph_check.py                 # a CUDA GPU, ~1 min: DeepSeek-V2-Lite shape, 2 layers
     python benchmarks/train_graph_check.py --layers 4 --micro-batch 1
+    python benchmarks/train_graph_check.py --attn dsft_varlen    # variable-length attention, against flex's losses
 
 Three runs from the same weights on the same packed rows (flex attention, compiled layers, activation
 checkpointing, the router probe, fused AdamW): eager steps (no graphs); graphs (each shape warmed up, captured,
@@ -28,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.train_throughput import compile_layers, packed_batch, prepare  # noqa: E402
 from dsft.base.arch import ARCHITECTURES  # noqa: E402
 from dsft.base.router import RouterProbe  # noqa: E402
-from dsft.recipes.graphs import StepGraphs  # noqa: E402
+from dsft.data.packing import row_lengths  # noqa: E402
+from dsft.kernels.varlen import VARLEN, register  # noqa: E402
+from dsft.recipes.graphs import StepGraphs, no_mask_built, recorded_alike  # noqa: E402
 from dsft.recipes.loop import train_steps  # noqa: E402
 
 
@@ -39,12 +42,19 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward (micro-batches of one shape)")
+    p.add_argument("--attn", default="flex_attention", choices=["flex_attention", VARLEN],
+                   help=f"{VARLEN}: also the eager run with flex attention, whose losses it must give")
     a = p.parse_args()
     model, layers, trainable = prepare("dsft_lora", a.layers, 16)
     base = model.get_base_model()
     base.set_attn_implementation("flex_attention")
     compile_layers(layers)
     batch = packed_batch(a.rows, a.seq)
+    alike = recorded_alike
+    if a.attn == VARLEN:  # as dsft train runs it: the examples' lengths with the batch, graphs for every batch
+        register()
+        batch["seq_lens"] = row_lengths(batch["position_ids"].cpu()).cuda()
+        alike = no_mask_built
     start = [t.detach().clone() for t in trainable]
 
     def syncs_while_recording(x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +83,22 @@ def main() -> int:
                 graphs.close()
         return losses, graphs.summary() if graphs is not None else None
 
+    extra: dict = {"attn": a.attn}
+    if a.attn == VARLEN:
+        flex, _ = run(None)
+        base.set_attn_implementation(VARLEN)
     eager, _ = run(None)
-    graphed, graphed_summary = run(StepGraphs())
-    fallback, fallback_summary = run(StepGraphs(), fail=True)
+    graphed, graphed_summary = run(StepGraphs(alike=alike))
+    fallback, fallback_summary = run(StepGraphs(alike=alike), fail=True)
     diff = max(abs(x - y) for x, y in zip(eager, graphed))
     fallback_diff = max(abs(x - y) for x, y in zip(eager, fallback))
     ok = (graphed_summary is not None and graphed_summary["shapes"] >= 1 and graphed_summary["off"] is None
           and fallback_summary is not None and str(fallback_summary["off"]).startswith("capture failed")
           and diff <= 1e-3 and fallback_diff <= 1e-3)
-    print(json.dumps({"layers": a.layers, "rows": a.rows, "seq": a.seq, "micro_batch": a.micro_batch,
+    if a.attn == VARLEN:  # other kernels in bf16: the same losses up to rounding
+        extra.update(flex=flex, varlen_vs_flex_max_loss_diff=max(abs(x - y) for x, y in zip(eager, flex)))
+        ok = ok and extra["varlen_vs_flex_max_loss_diff"] <= 2e-2
+    print(json.dumps({**extra, "layers": a.layers, "rows": a.rows, "seq": a.seq, "micro_batch": a.micro_batch,
                       "eager": eager, "graphs": graphed, "graphs_summary": graphed_summary, "max_loss_diff": diff,
                       "fallback": fallback, "fallback_summary": fallback_summary, "fallback_max_loss_diff": fallback_diff,
                       "ok": ok}), flush=True)

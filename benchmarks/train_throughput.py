@@ -220,9 +220,19 @@ def run_one(a) -> dict:
         compile_layers(layers, a.compile_mode, a.inductor)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
+    varlen = a.attn == "dsft_varlen"
+    if varlen:
+        from dsft.kernels.varlen import register
+
+        register()
     if a.attn:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(a.attn)
     batch = packed_batch(a.bs, a.seq) if a.packed else {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+    if varlen:  # as dsft train lays rows out for it: the examples' lengths from the host (one example a row unpacked)
+        from dsft.data.packing import row_lengths
+
+        positions = batch.get("position_ids", torch.arange(a.seq, device="cuda").expand(a.bs, -1))
+        batch = {**batch, "position_ids": positions, "seq_lens": row_lengths(positions.cpu()).cuda()}
     tokens = int(batch["attention_mask"].sum())
 
     def forward_backward(part, weight, aux_share):
@@ -236,9 +246,9 @@ def run_one(a) -> dict:
 
     graphs = None
     if a.graphs:  # the training loop's CUDA graphs (dsft/recipes/graphs.py), as dsft train runs them on one GPU
-        from dsft.recipes.graphs import StepGraphs
+        from dsft.recipes.graphs import StepGraphs, no_mask_built, recorded_alike
 
-        graphs = StepGraphs().bind(forward_backward, trainable)
+        graphs = StepGraphs(alike=no_mask_built if varlen else recorded_alike).bind(forward_backward, trainable)
     run = graphs or forward_backward
 
     def step():

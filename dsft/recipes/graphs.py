@@ -85,6 +85,12 @@ def cuda_capture() -> Capture:
     return capture
 
 
+def no_mask_built(part: dict[str, torch.Tensor]) -> bool:
+    """Every batch records as it runs eagerly: the attention builds no mask from the data (variable-length
+    attention, :mod:`dsft.kernels.varlen`)."""
+    return True
+
+
 def recorded_alike(part: dict[str, torch.Tensor]) -> bool:
     """Whether transformers builds ``part``'s attention mask eagerly as it does while a graph records it.
 

@@ -189,16 +189,20 @@ class StageData:
         return StageData(Examples.cat(parts, stage.seq_len), realised, phases, realised_tokens, sources)
 
 
-def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, int] = (0, 1)
-                  ) -> Callable[[int], dict[str, torch.Tensor]]:
+def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, int] = (0, 1), *,
+                  seq_lens: bool = False) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batches(step)``: that step's packed rows (incl. ``position_ids``) on ``device``; resumable by step number.
 
     ``shard=(rank, world)``: only this rank's rows of each step's ``batch_size`` (the global batch), split
     as :func:`dsft.recipes.distributed.split_rows` does, so the ranks together see one step's examples.
+    ``seq_lens``: also each row's example lengths (:func:`dsft.kernels.varlen.row_lengths`, computed here on the
+    host), with one number of slots for the whole stage so its batches keep one shape.
     """
+    from dsft.data.packing import row_lengths, slots_needed
     from dsft.recipes.distributed import split_rows
 
     rank, world = shard
+    slots = slots_needed(data.examples.position_ids) if seq_lens else 0
     # To a GPU through pinned memory, asynchronously: a copy from pageable memory waits for every kernel enqueued
     # before it, so taking a step's batch would wait for the previous step to end (the loop overlaps them).
     pinned = torch.device(device).type == "cuda"
@@ -208,5 +212,7 @@ def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, in
         n = min(batch_size, len(data.examples) - lo)
         mine = split_rows(n, rank, world)
         rows = {k: v[lo + mine.start : lo + mine.stop] for k, v in data.examples.to_dict().items()}
+        if slots:
+            rows["seq_lens"] = row_lengths(rows["position_ids"], slots)
         return {k: v.pin_memory().to(device, non_blocking=True) if pinned else v.to(device) for k, v in rows.items()}
     return batches

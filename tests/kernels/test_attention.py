@@ -1,5 +1,6 @@
-"""On a GPU training runs with flex attention (packed rows skip the blocks outside each example) and SDPA
-without cuDNN (its masked backward NaN, pytorch#196678); the model's own settings come back after."""
+"""On a GPU training runs with variable-length flash attention where the model's key/value heads are as many as
+its query heads, flex attention otherwise (packed rows skip the blocks outside each example), and SDPA without
+cuDNN (its masked backward NaN, pytorch#196678); the model's own settings come back after."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import transformers
 
 from dsft.base.presets import PRESETS
 from dsft.errors import UsageError
+from dsft.kernels import varlen
 from dsft.kernels.attention import training_attention, training_implementation
 
 
@@ -58,3 +60,23 @@ def test_an_unknown_dsft_attention_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("DSFT_ATTENTION", "flash")
     with pytest.raises(UsageError, match="DSFT_ATTENTION='flash'.*flex_attention.*sdpa"):
         training_implementation(_tiny(), "cuda")
+
+
+def test_varlen_trains_models_whose_key_heads_equal_their_query_heads(monkeypatch):
+    monkeypatch.delenv("DSFT_ATTENTION", raising=False)
+    monkeypatch.setattr(varlen, "kernel_available", lambda: True)
+    model = _tiny("tiny-deepseek-v2")  # MLA: 4 query heads, 4 key/value heads after the expansion
+    with training_attention(model, "cuda") as impl:
+        assert impl == varlen.VARLEN == model.model.layers[0].self_attn.config._attn_implementation
+    assert model.config._attn_implementation == "sdpa"
+    assert training_implementation(_tiny("tiny-qwen3-moe"), "cuda") == "flex_attention"  # 4 query heads, 2 key heads
+    monkeypatch.setattr(varlen, "kernel_available", lambda: False)  # a torch without the kernel
+    assert training_implementation(model, "cuda") == "flex_attention"
+
+
+def test_dsft_attention_picks_varlen_or_flex_whatever_the_heads(monkeypatch):
+    monkeypatch.setattr(varlen, "kernel_available", lambda: True)
+    monkeypatch.setenv("DSFT_ATTENTION", "varlen")
+    assert training_implementation(_tiny("tiny-qwen3-moe"), "cuda") == varlen.VARLEN
+    monkeypatch.setenv("DSFT_ATTENTION", "flex_attention")
+    assert training_implementation(_tiny("tiny-deepseek-v2"), "cuda") == "flex_attention"
