@@ -8,8 +8,18 @@ import torch
 import transformers
 
 from dsft.base.presets import PRESETS
-from dsft.data.packing import IGNORE, Sequences, best_fit, model_inputs, pack_rows, padding_share, segment_ids
+from dsft.data.packing import (
+    IGNORE,
+    Sequences,
+    best_fit,
+    model_inputs,
+    pack_rows,
+    padding_share,
+    row_lengths,
+    segment_ids,
+)
 from dsft.eval.losses import causal_lm_loss, heldout_loss, lm_loss
+from dsft.kernels.varlen import VARLEN, register
 
 VOCAB = 400
 
@@ -91,18 +101,22 @@ def _configs() -> dict[str, object]:
 
 MODELS = sorted(_configs())
 CASES = [(name, "sdpa") for name in MODELS] + [("tiny-deepseek-v2", "eager"), ("tiny-qwen3-moe", "eager"),
-                                               ("tiny-deepseek-v2", "flex_attention")]  # what dsft trains with on a GPU
+                                               ("tiny-deepseek-v2", "flex_attention"),  # what dsft trains with on a GPU:
+                                               ("tiny-deepseek-v2", VARLEN)]  # (CPU: its SDPA reference, same wiring)
 
 
 def _model(name: str, attn: str):
     config = _configs()[name]
-    config._attn_implementation = attn
+    config._attn_implementation = "sdpa"
+    if attn == VARLEN:
+        register()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # router weights large enough that tokens route differently
         for n, p in model.named_parameters():
             if n.endswith(("mlp.gate.weight", "router.weight", "block_sparse_moe.gate.weight")) or "proj.bias" in n:
                 p.normal_(0, 0.3)
+    model.set_attn_implementation(attn)
     return model.eval()
 
 
@@ -128,6 +142,7 @@ def test_packed_loss_per_example_equals_unpacked_loss(name, attn):
     got = heldout_loss(model, packed)
 
     alone, alone_tokens = [], []
+    model.set_attn_implementation("sdpa")  # the oracle: each example alone (flex would compile for every length)
     with torch.no_grad():
         for i in (i for r in rows for i in r):  # examples in packed order
             ids, labels = (t[None] for t in seqs.example(i))
@@ -137,8 +152,10 @@ def test_packed_loss_per_example_equals_unpacked_loss(name, attn):
     assert got["per_example_tokens"] == alone_tokens
     assert got["per_example"] == pytest.approx(alone, rel=1e-5, abs=1e-5)
 
+    model.set_attn_implementation(attn)
     with torch.no_grad():  # (flex attention has no backward on CPU; the GPU run is in benchmarks/results)
-        train = lm_loss(model, packed)  # the training loss: labelled positions only, chunked head
+        # the training loss: labelled positions only, chunked head
+        train = lm_loss(model, {**packed, "seq_lens": row_lengths(packed["position_ids"])} if attn == VARLEN else packed)
     assert train.item() == pytest.approx(sum(alone) / sum(alone_tokens), rel=1e-5)
 
 

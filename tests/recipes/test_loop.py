@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 
 from dsft.base.arch import spec_for
@@ -109,3 +110,38 @@ def test_a_step_read_later_keeps_its_tensor_on_the_cpu_and_its_rng():
     with done.rng_as_left():
         assert torch.equal(torch.get_rng_state(), rng[0])
     assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_stage_trained_through_varlen_attention_takes_the_packed_mask_steps(tiny_qwen2_moe):
+    """``stage_batches(seq_lens=True)`` gives each step its examples' lengths; the loop's micro-batches slice them
+    with the rows, and a model attending through variable-length attention (CPU: its SDPA reference) takes the
+    steps transformers' per-example mask takes."""
+    from dsft.data.packing import best_fit, pack_rows
+    from dsft.data.tokenize import Examples
+    from dsft.kernels.varlen import VARLEN, register
+    from dsft.recipes.sources import StageData, stage_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(3, 14, (24,), generator=g)]
+    examples = [torch.randint(3, 400, (n,), generator=g) for n in lengths]
+    packed = pack_rows(lambda i: (examples[i], examples[i].clone()), best_fit(lengths, 16)[:8], 16, pad_id=0)
+    data = StageData(Examples(packed["input_ids"], packed["labels"], packed["attention_mask"], packed["position_ids"]), {}, {})
+    start = copy.deepcopy(tiny_qwen2_moe.state_dict())
+    register()
+    runs = {}
+    for impl, seq_lens in (("sdpa", False), (VARLEN, True)):
+        model = tiny_qwen2_moe
+        model.load_state_dict(start)
+        model.set_attn_implementation(impl)
+        batches = stage_batches(data, 4, "cpu", seq_lens=seq_lens)
+        assert ("seq_lens" in batches(0)) == seq_lens
+        probe = RouterProbe(model, spec_for(model.config.model_type))
+        try:
+            runs[impl] = train_steps(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batches, steps=2,
+                                     peak_lrs=[1e-2], warmup=0, schedule="constant", grad_clip=1.0, probe=probe,
+                                     micro_batch=2)
+        finally:
+            probe.close()
+    model.set_attn_implementation("sdpa")
+    assert runs[VARLEN] == pytest.approx(runs["sdpa"], rel=1e-5)
+    assert runs["sdpa"][1] < runs["sdpa"][0]
