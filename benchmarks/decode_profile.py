@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--fp8-experts", action="store_true", help="the runtime holds the routed experts in FP8")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--absorb-ab", type=int, nargs="*", metavar="PROMPT_TOKENS",
                    help="instead: graph ms/step with DeepSeek-V2's attention absorbed vs expanded "
@@ -164,7 +165,7 @@ def main() -> None:
     _, reg = throwaway_registry("dsft-decode-profile-")
     loaded = bench_base(a.base, a.device)
     refs = [make_adapter(loaded, d, seed=i, r=16, alpha=32, b_std=0.01, registry=reg).ref for i, d in enumerate(DOMAINS)]
-    runtime = RuntimeBase(loaded, registry=reg)
+    runtime = RuntimeBase(loaded, registry=reg, fp8_experts=a.fp8_experts)
     for ref in refs:
         runtime.attach(ref)
     vocab = len(loaded.tokenizer)
@@ -201,7 +202,7 @@ def main() -> None:
     if a.host_profile:
         host_profile(runtime, refs, a.host_profile, a.device)
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
-    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-decode-profile"
+    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-decode-profile{'-fp8-experts' if a.fp8_experts else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name, "torch": torch.__version__, "base": loaded.ref.name, "adapters": len(refs),
             "steps": a.steps}

@@ -252,6 +252,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the time-to-first-token scenario")
     p.add_argument("--concurrent-high", type=int, default=128, help="requests of the high-concurrency scenario (0: skip)")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
+    p.add_argument("--fp8-experts", action="store_true", help="the runtime holds the routed experts in FP8 (no PEFT rows)")
     p.add_argument("--overlap-ab", action="store_true",
                    help="also run the generation scenarios with each decode step's tokens read before the next is "
                         "launched (DSFT_OVERLAP=0), in the same process, before the default")
@@ -278,7 +279,7 @@ def main() -> None:
     adapter_mb = round(sum(f.stat().st_size for f in Path(rec2.path).iterdir()) / 2**20, 1)
     print(f"adapters written: {make_s} s each, {adapter_mb} MB on disk", flush=True)
 
-    runtime = RuntimeBase(loaded, registry=reg)
+    runtime = RuntimeBase(loaded, registry=reg, fp8_experts=a.fp8_experts)  # (FP8: the loaded model's experts too)
     mem0 = gib(a.device)
     _, attach_cold = timed(lambda: runtime.attach(refs["finance"].ref), a.device)
     mem1 = gib(a.device)
@@ -293,7 +294,8 @@ def main() -> None:
     lifecycle = {"attach_cold_s": round(attach_cold, 3), "attach_second_s": round(attach_second, 3),
                  "swap_s": round(swap, 3), "detach_s": round(detach, 3),
                  "adapter_gpu_gib": round(mem1 - mem0, 3), "freed_by_detach_gib": round(mem_before_detach - mem_after_detach, 3),
-                 "adapter_files_mb": adapter_mb, "added_tokens": runtime.adapters[refs["finance"].ref].added_tokens}
+                 "adapter_files_mb": adapter_mb, "added_tokens": runtime.adapters[refs["finance"].ref].added_tokens,
+                 "fp8_experts": a.fp8_experts, "base_gpu_gib": round(mem0, 2)}
     print(json.dumps(lifecycle), flush=True)
 
     # Correctness on this device and dtype: each row of a mixed batch against the same adapter alone.
@@ -349,7 +351,7 @@ def main() -> None:
                                    a.new_tokens, a.device, a.batch_wait_ms, 1)
         os.environ.pop("DSFT_CUDA_GRAPHS")
     runtime.close()
-    if not a.no_peft:
+    if not (a.no_peft or a.fp8_experts):
         paths = {d: refs[d].path for d in DOMAINS}
         rows += peft_generation(loaded.model, loaded.tokenizer, paths, n, a.new_tokens, a.device)
 
@@ -365,7 +367,7 @@ def main() -> None:
             "peft": peft_lib.__version__, "base": loaded.ref.name, "source": loaded.ref.source,
             "base_load_s": round(load_s, 1), "rank": a.rank, "new_tokens": a.new_tokens, "concurrent": n,
             "batch_wait_ms": a.batch_wait_ms, "wall_s": round(time.perf_counter() - t_start, 1)}
-    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-runtime"
+    out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-runtime{'-fp8-experts' if a.fp8_experts else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "lifecycle": lifecycle, "generation": rows}, indent=2) + "\n")
     lines = [f"# dsft runtime on {device_name}: {loaded.ref.name} ({date.today()})", "",
@@ -381,6 +383,8 @@ def main() -> None:
              f"{lifecycle['read_adapter_s']} / {lifecycle['hash_all_files_s']} s |",
              f"| GPU memory per adapter / freed by detach | {lifecycle['adapter_gpu_gib']} / {lifecycle['freed_by_detach_gib']} GiB |",
              f"| adapter files on disk | {adapter_mb} MB |",
+             f"| GPU memory of the loaded base, no adapter (routed experts in FP8: {'yes' if a.fp8_experts else 'no'}) | "
+             f"{lifecycle['base_gpu_gib']} GiB |",
              f"| mixed batch rows equal to the adapter alone (greedy, 16 tokens) | {lifecycle['mixed_rows_equal_to_alone']} |",
              f"| max logit difference, mixed vs alone (largest logit {lifecycle['max_abs_logit']}) | {lifecycle['mixed_vs_alone_max_logit_diff']} |",
              f"| the same, one adapter batched vs alone (the dtype's noise floor) | {lifecycle['same_adapter_batch_vs_alone_max_logit_diff']} |",

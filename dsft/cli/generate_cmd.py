@@ -21,6 +21,8 @@ def generate_command(
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text instead of answering it as an instruction."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    fp8_experts: bool = typer.Option(False, "--fp8-experts", help="Hold the routed experts' weights in FP8 (as dsft serve "
+                                     "--fp8-experts)."),
     registry: str = typer.Option(None, "--registry", envvar="DSFT_REGISTRY_URL", help="Registry SQLAlchemy URL."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON at the end instead of streaming."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No status lines on stderr."),
@@ -42,7 +44,7 @@ def generate_command(
         with open_registry(registry) as reg:
             # the version attach will take (production tag, else newest) decides the base to load
             base = training_base(choose(reg, adapter)[0].parsed_manifest())
-    runtime = load_base(base, device=device, registry=registry)
+    runtime = load_base(base, device=device, registry=registry, fp8_experts=fp8_experts)
     info = runtime.attach(adapter) if adapter else None
     if not quiet and not json_out:
         if info is not None and info.via:  # the version a bare domain or a tag took

@@ -41,6 +41,9 @@ def serve_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     registry: str = typer.Option(None, "--registry", envvar="DSFT_REGISTRY_URL", help="Registry SQLAlchemy URL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
+    fp8_experts: bool = typer.Option(False, "--fp8-experts", help="Hold the routed experts' weights in FP8 (a scale per "
+                                     "output row): half their memory and of what a decode step reads; outputs move by "
+                                     "FP8's rounding."),
     ui: bool = typer.Option(False, "--ui", help="Also serve the registry pages under /ui (as `dsft ui` does; "
                                                 "tags editable only with the API key)."),
     warm_up: bool = typer.Option(None, "--warm-up/--no-warm-up",
@@ -50,7 +53,7 @@ def serve_command(
 ) -> None:
     """Serve a base and its adapters over an OpenAI-compatible API (model = adapter ref or base name).
 
-    Example: DSFT_API_KEY=... dsft serve --adapter finance --adapter legal@0.1.0 --port 8000
+    Example: DSFT_API_KEY=... dsft serve --adapter finance --adapter legal@0.1.0 --port 8000 [--fp8-experts]
     """
     from dsft.extras import require
 
@@ -79,4 +82,4 @@ def serve_command(
           max_adapters=max_adapters,
           adapter_memory_gib=adapter_memory, load_on_demand=load_on_demand, access_log=access_log,
           limits=Limits(max_tokens=max_tokens),
-          trust_remote_code=trust_remote_code, ui=ui, warm_up=warm_up, on_ready=ready)
+          trust_remote_code=trust_remote_code, fp8_experts=fp8_experts, ui=ui, warm_up=warm_up, on_ready=ready)

@@ -26,6 +26,8 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
+from dsft.kernels.fp8 import FP8
+
 log = logging.getLogger("dsft.kernels")
 T = TypeVar("T")
 
@@ -60,9 +62,9 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`moe_gemm` should (and can) run for these operands: half precision on CUDA, few pairs, Triton present,
-    unless ``DSFT_TRITON_MOE=0`` (to compare against torch's grouped GEMM)."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+    """Whether :func:`moe_gemm` should (and can) run for these operands: half precision on CUDA (weights in x's dtype
+    or FP8), few pairs, Triton present, unless ``DSFT_TRITON_MOE=0`` (to compare against torch's grouped GEMM)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype in (x.dtype, FP8)
             and x.shape[0] <= MAX_PAIRS and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
 
 
@@ -78,15 +80,16 @@ def config(K: int) -> dict[str, int]:
 
 def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch.Tensor | None = None,
              gather: bool = False, mask: torch.Tensor | None = None, add: torch.Tensor | None = None, glu: bool = False,
-             block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-             num_stages: int | None = None) -> torch.Tensor:
+             scale: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
+             num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """``x`` [P, K] (pairs sorted by expert) times ``w`` [E, K, N] per expert, ``offs`` [E] int32 run ends
     (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K]).
 
     Options: with ``gather``, pair p's row is ``x[tok[p]]`` (x holds the tokens, P = ``len(tok)``); ``mask`` [T, K]
     multiplies pair p's row by ``mask[tok[p]]``; ``add`` [P, N] (``[P, 2N]`` with ``glu``) is added to the product;
-    with ``glu``, ``w`` holds gate then up columns ([E, K, 2N]) and the result is ``silu(gate) * up`` [P, N].
-    Tiles default to :func:`config`."""
+    with ``glu``, ``w`` holds gate then up columns ([E, K, 2N]) and the result is ``silu(gate) * up`` [P, N];
+    ``scale`` [E, N] (``[E, 2N]`` with ``glu``): ``w`` is FP8 and column n of expert e's product is multiplied by
+    ``scale[e, n]`` (:mod:`dsft.kernels.fp8`). Tiles default to :func:`config`."""
     if _KERNELS is None:
         raise RuntimeError("the Triton MoE kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
     if (gather or mask is not None) and tok is None:
@@ -99,11 +102,15 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
         return y
     tiles = config(K)
     bn, bk = block_n or tiles["block_n"], block_k or tiles["block_k"]
-    tok_, mask_, add_ = (t if t is not None else y for t in (tok, mask, add))  # unused pointers: any tensor
+    if (scale is not None) != (w.dtype == FP8):
+        raise ValueError("moe_gemm: FP8 weights need their scale, and a scale needs FP8 weights")
+    tok_, mask_, add_, scale_ = (t if t is not None else y for t in (tok, mask, add, scale))  # unused: any tensor
     _KERNELS.moe_gemm_kernel[(E, -(-N // bn))](
-        x, w, y, offs, tok_, mask_, add_, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        x, w, y, offs, tok_, mask_, add_, scale_, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         y.stride(0), y.stride(1), mask_.stride(0), mask_.stride(1), add_.stride(0), add_.stride(1),
-        GATHER=gather, MASK=mask is not None, ADD=add is not None, GLU=glu, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+        scale_.stride(0), scale_.stride(1),
+        GATHER=gather, MASK=mask is not None, ADD=add is not None, GLU=glu, SCALE=scale is not None,
+        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
     return y
 

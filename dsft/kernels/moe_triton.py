@@ -14,7 +14,9 @@ so each variant compiles to only its own code):
 - ``GATHER``: pair p's row of ``x`` is row ``tok[p]`` (the tokens themselves, not a gathered copy);
 - ``MASK``: pair p's row of ``x`` is multiplied by row ``tok[p]`` of ``mask`` (a LoRA rank-column mask);
 - ``ADD``: ``add[p]`` is added to the product (the base experts' output a LoRA up-projection adds to);
-- ``GLU``: ``w[e]`` has ``2N`` columns, gate then up, and the output is ``silu(gate) * up`` (N columns).
+- ``GLU``: ``w[e]`` has ``2N`` columns, gate then up, and the output is ``silu(gate) * up`` (N columns);
+- ``SCALE``: ``w`` holds FP8 values (:mod:`dsft.kernels.fp8`), widened to x's dtype tile by tile, and column n of
+  expert e's product is multiplied by ``scale[e, n]`` before the addend and the activation.
 
 ``moe_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[pos[t, j]]`` in fp32, pair ``(t, j)`` at sorted place
 ``pos``.
@@ -54,10 +56,10 @@ def moe_route_kernel(ids_ptr, token_ptr, expert_ptr, offs_ptr, pos_ptr, P, E, TO
 
 
 @triton.jit
-def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, N, K,
-                    sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san,
+def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, N, K,
+                    sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
                     GATHER: tl.constexpr, MASK: tl.constexpr, ADD: tl.constexpr, GLU: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
     end = tl.load(offs_ptr + e)
@@ -83,10 +85,15 @@ def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, N
                             mask=live[:, None] & (kk[None, :] < K), other=0.0)
                 a = a * m.to(a.dtype)
             b = tl.load(w_rows + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            acc += tl.dot(a, b)
+            acc += tl.dot(a, b.to(a.dtype))
             if GLU:
                 bu = tl.load(w_rows + N * swn + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-                up += tl.dot(a, bu)
+                up += tl.dot(a, bu.to(a.dtype))
+        if SCALE:
+            s_rows = scale_ptr + e.to(tl.int64) * sse
+            acc = acc * tl.load(s_rows + rn * ssn, mask=rn < N, other=0.0)[None, :]
+            if GLU:
+                up = up * tl.load(s_rows + (N + rn) * ssn, mask=rn < N, other=0.0)[None, :]
         out_mask = live[:, None] & (rn[None, :] < N)
         if ADD:
             acc += tl.load(add_ptr + rm[:, None] * sam + rn[None, :] * san, mask=out_mask, other=0.0).to(tl.float32)

@@ -32,6 +32,7 @@ import torch
 from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
+from dsft.runtime.fp8_experts import dequantize_experts, quantize_experts
 from dsft.runtime.fused_norms import fuse_rms_norms, restore_norms
 from dsft.runtime.mla_decode import patch_mla, restore_mla
 from dsft.runtime.multilora import MultiLora
@@ -61,8 +62,11 @@ class RuntimeBase(RuntimeRequests):
     come from :class:`dsft.runtime.requests.RuntimeRequests`.
     """
 
-    def __init__(self, loaded: LoadedBase, *, registry: Any = None, batch_size: int = 32, tag_ttl_s: float = 2.0):
+    def __init__(self, loaded: LoadedBase, *, registry: Any = None, batch_size: int = 32, tag_ttl_s: float = 2.0,
+                 fp8_experts: bool = False):
         self.loaded = loaded
+        self.fp8_experts = fp8_experts
+        """Routed-expert weights held in FP8 while the runtime drives the model (:mod:`dsft.runtime.fp8_experts`)."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.spec = loaded.spec
@@ -89,6 +93,10 @@ class RuntimeBase(RuntimeRequests):
         self._idle_batch = None
         self._idle_key: tuple[str, str] | None = None
         self.model.eval()
+        if fp8_experts:  # now, not on first use: the memory it frees counts when a server sizes its KV cache
+            self._install()
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # --- what is attached -------------------------------------------------------------------------
 
@@ -168,6 +176,8 @@ class RuntimeBase(RuntimeRequests):
         self.model.set_input_embeddings(MultiTermEmbedding(embed, self._table))
         self.model.set_output_embeddings(MultiTermHead(head, self._table))
         self._lora = MultiLora(self.model, experts)
+        if self.fp8_experts:
+            quantize_experts(self._lora.experts_modules())
         self._norms = fuse_rms_norms(self.model)
         self._mla = patch_mla(self.model, self._lora.linear_lora, is_slot_decode)
 
@@ -277,6 +287,7 @@ class RuntimeBase(RuntimeRequests):
             for key in list(self._attached):
                 self._detach_locked(key)
             if self._lora is not None:
+                dequantize_experts(self._lora.experts_modules(), self.model.dtype)
                 self._lora.close()
                 restore_norms(self._norms)
                 restore_mla(self._mla)
@@ -292,7 +303,8 @@ class RuntimeBase(RuntimeRequests):
 
 
 def load_base(base: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,
-              trust_remote_code: bool = False, registry: Any = None, adapters: Sequence[str] = ()) -> RuntimeBase:
+              trust_remote_code: bool = False, registry: Any = None, adapters: Sequence[str] = (),
+              fp8_experts: bool = False) -> RuntimeBase:
     """Load a base model for serving domain adapters.
 
     Args:
@@ -301,6 +313,8 @@ def load_base(base: str | None = None, *, device: str | None = None, dtype: torc
         registry: a SQLAlchemy URL or an open :class:`dsft.registry.Registry` (default: ``$DSFT_REGISTRY_URL``
             or ``$DSFT_HOME/registry.db``), opened once and consulted on every attach and for tags.
         adapters: refs to attach right away.
+        fp8_experts: hold the routed experts' weights in FP8 (e4m3, a scale per output row): half their memory
+            and of what a decode step reads; outputs move by FP8's rounding (:mod:`dsft.runtime.fp8_experts`).
     Raises:
         NotFoundError, UnsupportedModelError, UsageError (loading); what :meth:`RuntimeBase.attach` raises.
     """
@@ -308,7 +322,7 @@ def load_base(base: str | None = None, *, device: str | None = None, dtype: torc
     from dsft.base import load_base as load_plain
 
     runtime = RuntimeBase(load_plain(base or DEFAULT_BASE, device=device, dtype=dtype, trust_remote_code=trust_remote_code),
-                          registry=registry)
+                          registry=registry, fp8_experts=fp8_experts)
     for ref in adapters:
         runtime.attach(ref)
     return runtime

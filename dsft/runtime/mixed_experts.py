@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dsft.kernels import moe_gemm
 from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
+from dsft.kernels.fp8 import dequantize
 from dsft.kernels.grouped_mm import grouped_mm_kernel, has_grouped_mm
 from dsft.runtime.fused_linear import Fused
 
@@ -95,6 +96,7 @@ def experts_forward_mixed(
     gate_up: tuple[LowRank, torch.Tensor | None] | None = None,
     down: tuple[LowRank, torch.Tensor | None] | None = None,
     fused: tuple[Fused | None, Fused | None] = (None, None),
+    scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """Routed experts (transformers v5 layout: ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) where
     each token may use its own LoRA.
@@ -105,14 +107,22 @@ def experts_forward_mixed(
             (see :func:`dsft.runtime.multilora.stack_experts`), or None for no LoRA on that projection.
         fused: per projection, the base weight with that projection's stacked A under each expert's rows
             (:class:`dsft.runtime.fused_linear.FusedWeights`), or None.
+        scales: per projection, the row scales of FP8 expert weights (:mod:`dsft.kernels.fp8`), or None for
+            weights in the model's dtype. The decode kernels read FP8 tiles as they are; larger steps widen the
+            layer's experts first.
     Returns:
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
     """
     if moe_gemm.usable(x, gate_up_proj) and top_k_index.numel() <= moe_gemm.MAX_PAIRS and _is_silu(act):
-        y = moe_gemm.or_none(_in_kernels, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, down, fused)
+        y = moe_gemm.or_none(_in_kernels, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, down, fused,
+                             scales)
         if y is not None:
             return y
+    if scales[0] is not None:
+        gate_up_proj = dequantize(gate_up_proj, scales[0], x.dtype)
+    if scales[1] is not None:
+        down_proj = dequantize(down_proj, scales[1], x.dtype)
     token, weight, expert, offs = _route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     pair_masks: dict[int, torch.Tensor] = {}  # both projections usually share one token mask: gather it once
 
@@ -136,27 +146,30 @@ def _is_silu(act) -> bool:
 
 def _in_kernels(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,
                 down_proj: torch.Tensor, gate_up: tuple[LowRank, torch.Tensor | None] | None,
-                down: tuple[LowRank, torch.Tensor | None] | None, fused: tuple[Fused | None, Fused | None]) -> torch.Tensor:
+                down: tuple[LowRank, torch.Tensor | None] | None, fused: tuple[Fused | None, Fused | None],
+                scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
     """:func:`experts_forward_mixed` for a decode step in six Triton kernels (:mod:`dsft.kernels.moe_gemm`): sort
     the pairs; ``[W; A]`` of gate_up on the tokens' rows in place; the LoRA up-projection with the pairs' rank
     mask, added to the base output, through SwiGLU; the same for down (without the activation); the weighted sum
     back to tokens. A projection's LoRA must have its A under W (``fused``), as it does whenever the batch holds
     every attached adapter (always in a CUDA graph); otherwise the base GEMM and torch's glue run apart."""
     routed = moe_gemm.route(top_k_index, gate_up_proj.shape[0])
-    h = _kernel_projection(x, gate_up_proj, gate_up, fused[0], routed, gather=True, glu=True)
-    y = _kernel_projection(h, down_proj, down, fused[1], routed, gather=False, glu=False)
+    h = _kernel_projection(x, gate_up_proj, gate_up, fused[0], routed, gather=True, glu=True, scale=scales[0])
+    y = _kernel_projection(h, down_proj, down, fused[1], routed, gather=False, glu=False, scale=scales[1])
     return moe_gemm.combine(y, routed.pos, top_k_weights, x.dtype)
 
 
 def _kernel_projection(x: torch.Tensor, w: torch.Tensor, lora: tuple[LowRank, torch.Tensor | None] | None,
-                       fused: Fused | None, routed: moe_gemm.Routed, *, gather: bool, glu: bool) -> torch.Tensor:
-    """One projection of :func:`_in_kernels`: ``x W_e^T`` (+ the pair's LoRA), through SwiGLU with ``glu``."""
+                       fused: Fused | None, routed: moe_gemm.Routed, *, gather: bool, glu: bool,
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One projection of :func:`_in_kernels`: ``x W_e^T`` (+ the pair's LoRA), through SwiGLU with ``glu``; ``scale``:
+    W's FP8 row scales (W and the adapters' A then never share a buffer: A stays in the model's dtype)."""
     tok, offs = routed.token, routed.offs
     if lora is None:
-        return moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, glu=glu)
+        return moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, glu=glu, scale=scale)
     f, mask = lora
     if fused is None:
-        base = moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather)
+        base = moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, scale=scale)
         h = moe_gemm.moe_gemm(x, f.A.transpose(1, 2), offs, tok=tok, gather=gather)
     else:
         full = moe_gemm.moe_gemm(x, fused.stacked.transpose(1, 2), offs, tok=tok, gather=gather)

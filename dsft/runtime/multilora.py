@@ -38,6 +38,7 @@ from torch import nn
 
 from dsft.base.arch import supports_fused_experts
 from dsft.kernels.expert_lora import LowRank
+from dsft.runtime.fp8_experts import scales_of
 from dsft.runtime.fused_linear import FusedWeights, fused_lora_linear
 from dsft.runtime.mixed_experts import experts_forward_mixed
 from dsft.runtime.weights import AdapterWeights, ExpertSlices, LinearLora
@@ -144,6 +145,10 @@ class MultiLora:
                 module.forward = types.MethodType(self._experts_forward(path, type(module).forward), module)
                 self._patched[path] = module
                 self._experts_paths.add(path)
+
+    def experts_modules(self) -> list[nn.Module]:
+        """The routed-experts modules whose forward the runtime drives (the ones FP8 experts may replace)."""
+        return [self._patched[path] for path in sorted(self._experts_paths)]
 
     # --- tables ------------------------------------------------------------------------------------
 
@@ -353,6 +358,10 @@ class MultiLora:
 
         def forward(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             routing = runtime._routing
+            scales = scales_of(module)
+            if routing is None and not (args or kwargs) and scales[0] is not None:  # FP8 experts, no adapter
+                return experts_forward_mixed(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
+                                             module.down_proj, module.act_fn, scales=scales)
             if routing is None or args or kwargs:
                 return original(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             table = runtime._experts.get(path, {})
@@ -368,14 +377,16 @@ class MultiLora:
             own = runtime._own_experts(path, routing, module.gate_up_proj.shape[0]) if routing.keys else None
             if own is None:
                 return experts_forward_mixed(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
-                                             module.down_proj, module.act_fn, *projections, fused=(fused[0], fused[1]))
+                                             module.down_proj, module.act_fn, *projections, fused=(fused[0], fused[1]),
+                                             scales=scales)
             remap, slices = own
             # Row r's pair (t, j) goes to its adapter's slice remap[group(r), expert] when there is one.
             groups = routing.positions_group(n)
             target = remap[groups.where(groups >= 0, remap.shape[0] - 1)[:, None], top_k_index]
             mine = target >= 0
             y = experts_forward_mixed(hidden_states, top_k_index, top_k_weights.masked_fill(mine, 0), module.gate_up_proj,
-                                      module.down_proj, module.act_fn, *projections, fused=(fused[0], fused[1]))
+                                      module.down_proj, module.act_fn, *projections, fused=(fused[0], fused[1]),
+                                      scales=scales)
             return y + experts_forward_mixed(hidden_states, target.clamp(min=0), top_k_weights.masked_fill(~mine, 0),
                                              slices.gate_up_proj, slices.down_proj, module.act_fn)
         return forward

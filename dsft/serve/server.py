@@ -31,6 +31,7 @@ def serve(
     access_log: str | None = "-",
     limits: Limits = Limits(),
     trust_remote_code: bool = False,
+    fp8_experts: bool = False,
     ui: bool = False,
     warm_up: bool | None = None,
     on_ready: Callable[[str, list[AdapterInfo]], None] | None = None,
@@ -94,7 +95,7 @@ def serve(
         handler = access.configure(access_log)
     except OSError as exc:
         raise UsageError(f"--access-log {access_log}: {exc.strerror or exc}") from None
-    runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code)
+    runtime = load_base(base, device=device, registry=registry, trust_remote_code=trust_remote_code, fp8_experts=fp8_experts)
     residency = Residency(runtime, budget, load_on_demand=load_on_demand)
     infos = [residency.attach(ref)[0] for ref in adapters]
     engine = Engine(runtime, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000, max_queue=max_queue,

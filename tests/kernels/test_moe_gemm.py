@@ -1,7 +1,7 @@
 """The decode-size MoE kernels (Triton) against plain torch, run in Triton's interpreter on the CPU. The grouped
 GEMM: empty experts, an expert with more rows than one block, a weight that is a strided view of a ``[W; A]``
 buffer, rows that are a strided view, no rows at all, and its options (the tokens' rows in place, a rank mask, an
-addend, SwiGLU); the sort of the pairs by expert and the weighted sum back to tokens."""
+addend, SwiGLU, FP8 weights with row scales); the sort of the pairs by expert and the weighted sum back to tokens."""
 from __future__ import annotations
 
 import os
@@ -80,6 +80,22 @@ CHECK = textwrap.dedent("""
     got = moe_gemm(h, B.transpose(1, 2), r.offs, tok=r.token, mask=mask, add=base, glu=True)
     gg, uu = want.chunk(2, -1)
     torch.testing.assert_close(got, F.silu(gg) * uu, rtol=1e-4, atol=1e-4)
+    # FP8 weights with a scale per output row: the product of the weights they stand for, SwiGLU after the scales
+    from dsft.kernels.fp8 import dequantize, quantize_rows
+    q, scale = quantize_rows(wgu)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (E, 2 * I)
+    base8 = grouped_mm_reference(xs, dequantize(q, scale, torch.float32).transpose(1, 2), r.offs)
+    got = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
+    torch.testing.assert_close(got, base8, rtol=1e-4, atol=1e-4)
+    gl = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, glu=True, scale=scale)
+    gg, uu = base8.chunk(2, -1)
+    torch.testing.assert_close(gl, F.silu(gg) * uu, rtol=1e-4, atol=1e-4)
+    assert (base8 - base).abs().max() < 0.1 * base.abs().max()  # and they are the weights, to e4m3's rounding
+    try:
+        moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True)
+        raise AssertionError("FP8 weights without their scale ran")
+    except ValueError as e:
+        assert "need their scale" in str(e)
     print("ok")
 """)
 
