@@ -38,8 +38,9 @@ def cudnn_allowed() -> bool:
 
 def training_implementation(model, device: torch.device | str) -> str | None:
     """The attention implementation to train ``model`` with on ``device``: on CUDA ``"dsft_varlen"`` where the
-    kernel exists and the model's key/value heads equal its query heads, else ``"flex_attention"`` where its class
-    supports it; ``DSFT_ATTENTION`` overrides (``sdpa``: the model's own). None: leave the model's own."""
+    kernel exists, the model's key/value heads equal its query heads and its attention has no dropout, else
+    ``"flex_attention"`` where its class supports it; ``DSFT_ATTENTION`` overrides (``sdpa``: the model's own).
+    None: leave the model's own."""
     wanted = os.environ.get("DSFT_ATTENTION")
     if wanted is not None and wanted not in CHOICES:
         from dsft.errors import UsageError
@@ -51,13 +52,15 @@ def training_implementation(model, device: torch.device | str) -> str | None:
     flex = FLEX if getattr(type(base), "_supports_flex_attn", False) else None
     if wanted is not None:
         return CHOICES[wanted] if CHOICES[wanted] != FLEX else flex
-    return varlen.VARLEN if varlen.kernel_available() and _same_heads(base.config) else flex
+    return varlen.VARLEN if varlen.kernel_available() and _varlen_fits(base.config) else flex
 
 
-def _same_heads(config) -> bool:
+def _varlen_fits(config) -> bool:
+    """As many key/value heads as query heads (grouped ones would be copied), and no attention dropout."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
-    return heads is not None and getattr(text, "num_key_value_heads", None) in (None, heads)
+    return (heads is not None and getattr(text, "num_key_value_heads", None) in (None, heads)
+            and not getattr(text, "attention_dropout", 0.0))
 
 
 @contextmanager

@@ -70,6 +70,9 @@ def test_varlen_trains_models_whose_key_heads_equal_their_query_heads(monkeypatc
         assert impl == varlen.VARLEN == model.model.layers[0].self_attn.config._attn_implementation
     assert model.config._attn_implementation == "sdpa"
     assert training_implementation(_tiny("tiny-qwen3-moe"), "cuda") == "flex_attention"  # 4 query heads, 2 key heads
+    model.config.attention_dropout = 0.1  # (the kernel has none)
+    assert training_implementation(model, "cuda") == "flex_attention"
+    model.config.attention_dropout = 0.0
     monkeypatch.setattr(varlen, "kernel_available", lambda: False)  # a torch without the kernel
     assert training_implementation(model, "cuda") == "flex_attention"
 
