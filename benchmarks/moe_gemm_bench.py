@@ -2,6 +2,7 @@
 
     python benchmarks/moe_gemm_bench.py            # a CUDA GPU, ~1-2 min (compiles each configuration once)
     python benchmarks/moe_gemm_bench.py --block    # the whole routed-experts block: six kernels vs torch's glue
+    python benchmarks/moe_gemm_bench.py --fp8      # the experts' own weights in FP8 (--fp8-experts), tiles swept
 
 DeepSeek-V2-Lite's routed experts as the runtime runs them: gate_up ``[64, 2816 + 64, 2048]`` and down
 ``[64, 2048 + 64, 1408]`` (each expert's stacked LoRA A rows of four r16 adapters under its W rows), pairs of
@@ -13,6 +14,10 @@ result. Writes benchmarks/results/<date>-<gpu>-moe-gemm.json and .md.
 adapters, each row its own, A under W) in its six Triton kernels against the same with torch's glue around the
 Triton GEMMs (the path before them), and reports their largest difference relative to the output's largest
 value (bf16 rounds differently: the kernels sum in fp32). Writes ``-moe-block.json`` and ``.md``.
+
+``--fp8`` sweeps the tiles for the experts' own weights (no A rows) held in FP8 with row scales, as
+``dsft serve --fp8-experts`` holds them (half the bytes: K blocks up to 512), against torch's grouped GEMM on the
+weights they stand for in bf16. Writes ``-moe-gemm-fp8.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -129,14 +134,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--block", action="store_true", help="time the whole routed-experts block instead")
+    p.add_argument("--fp8", action="store_true", help="the experts' weights in FP8 with row scales (see the docstring)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     if a.block:
         return block(a.rows, a.out)
+    from dsft.kernels.fp8 import dequantize, quantize_rows
     from dsft.kernels.grouped_mm import grouped_mm_kernel
     from dsft.kernels.moe_gemm import config, moe_gemm
 
     def configs_for(k: int) -> list[dict]:
+        if a.fp8:
+            return [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                    for bn, bk, nw, ns in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3, 4))
+                    if not (bn == 32 and nw == 8) and not (bn == 128 and bk == 512)]
         if k <= 64:
             return [dict(block_n=bn, block_k=max(16, k), num_warps=nw, num_stages=ns)
                     for bn, nw, ns in itertools.product((64, 128, 256), (4, 8), (1, 2))]
@@ -145,23 +156,28 @@ def main() -> None:
                 if not (bn == 32 and nw == 8)]
     g = torch.Generator().manual_seed(0)
     results = []
-    for name, (n, k) in SHAPES.items():
+    shapes = {"gate_up": (2816, 2048), "down": (2048, 1408)} if a.fp8 else SHAPES
+    for name, (n, k) in shapes.items():
         stacked = torch.randn(E, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         w = stacked.transpose(1, 2)  # [E, K, N]: how the runtime passes a [W; A] buffer
+        scale = None
+        if a.fp8:
+            q = quantize_rows(stacked)
+            w, scale, stacked = q.q.transpose(1, 2), q.scale, dequantize(q.q, q.scale, torch.bfloat16)
         for rows in a.rows:
             offs, used = pairs_for(rows, g)
             x = torch.randn(rows * TOP_K, k, device="cuda", dtype=torch.bfloat16)
-            want = grouped_mm_kernel(x, w, offs)
-            weight_bytes = used * n * k * 2
+            want = grouped_mm_kernel(x, stacked.transpose(1, 2), offs)
+            weight_bytes = used * n * k * w.element_size()
             row = {"shape": name, "rows": rows, "pairs": rows * TOP_K, "experts_used": used,
-                   "torch_us": round(graph_us(lambda: grouped_mm_kernel(x, w, offs)), 2)}
+                   "torch_us": round(graph_us(lambda: grouped_mm_kernel(x, stacked.transpose(1, 2), offs)), 2)}
             best = None
             default = config(k)
             for cfg in configs_for(k):
                 try:
-                    got = moe_gemm(x, w, offs, **cfg)
+                    got = moe_gemm(x, w, offs, scale=scale, **cfg)
                     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                    us = graph_us(lambda cfg=cfg: moe_gemm(x, w, offs, **cfg))
+                    us = graph_us(lambda cfg=cfg: moe_gemm(x, w, offs, scale=scale, **cfg))
                 except Exception as exc:  # a configuration the compiler refuses (shared memory)
                     print(f"{name} rows={rows} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
                     continue
@@ -171,16 +187,17 @@ def main() -> None:
                     row["default_us"], row["default_rel_err"] = round(us, 2), err
             assert best is not None
             row.update(best_us=round(best[0], 2), best=best[1], best_rel_err=best[2],
-                       torch_tb_s=round(weight_bytes / row["torch_us"] / 1e6, 2),
+                       torch_tb_s=round(used * n * k * 2 / row["torch_us"] / 1e6, 2),  # (bf16 weights)
                        best_tb_s=round(weight_bytes / best[0] / 1e6, 2))
             print(json.dumps(row), flush=True)
             results.append(row)
     device = torch.cuda.get_device_name()
-    out = Path(a.out) / f"{date.today()}-{device.replace(' ', '-')}-moe-gemm"
+    out = Path(a.out) / f"{date.today()}-{device.replace(' ', '-')}-moe-gemm{'-fp8' if a.fp8 else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
     lines = [f"# Decode-size grouped GEMM on {device} ({date.today()})", "",
-             "20 calls in a CUDA graph; TB/s = the used experts' weight bytes / time.", "",
+             "20 calls in a CUDA graph; TB/s = the used experts' weight bytes / time"
+             + (" (Triton: FP8 weights with row scales; torch: the same weights in bf16)." if a.fp8 else "."), "",
              "| shape | rows | pairs | experts used | torch us (TB/s) | Triton, moe_gemm's config us | Triton best us (TB/s) | best config | rel. err |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
