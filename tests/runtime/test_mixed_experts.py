@@ -22,16 +22,21 @@ def _lowrank(g, E, out, inp, r):
     return LowRank(torch.randn(E, r, inp, generator=g) * 0.3, torch.randn(E, out, r, generator=g) * 0.3, 1.5)
 
 
+def _step(g, T, H, I, E, k):
+    """A step's tokens [T, H], each one's top-k experts and routing weights, and E experts' gate_up and down."""
+    x = torch.randn(T, H, generator=g)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    return x, index, weights, torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["A-apart", "A-under-W"])
 @pytest.mark.parametrize("few_pairs", [0, 64], ids=["grouped", "gathered"])
 def test_each_token_gets_its_own_adapters_experts(monkeypatch, few_pairs, fused):
     monkeypatch.setattr(mixed_experts, "FEW_PAIRS", few_pairs)  # 48 pairs: grouped GEMMs, or gathered factors
     g = torch.Generator().manual_seed(0)
     T, H, I, E, k = 24, 16, 8, 6, 2
-    x = torch.randn(T, H, generator=g)
-    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    weights = torch.rand(T, k, generator=g)
-    gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
+    x, index, weights, gate_up, down = _step(g, T, H, I, E, k)
     a = (_lowrank(g, E, 2 * I, H, 4), _lowrank(g, E, H, I, 4))
     b = (_lowrank(g, E, 2 * I, H, 2), None)  # another rank, and LoRA on gate_up only
     owners = ["a", "b", None] * (T // 3)  # one token per row here
@@ -129,10 +134,7 @@ def test_fp8_experts_in_a_larger_step_are_widened_and_give_the_reference_on_thei
     """Past the decode kernels (a prefill, or the CPU) FP8 experts are widened to the activations' dtype first."""
     g = torch.Generator().manual_seed(2)
     T, H, I, E, k = 20, 16, 8, 6, 2
-    x = torch.randn(T, H, generator=g)
-    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    weights = torch.rand(T, k, generator=g)
-    gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
+    x, index, weights, gate_up, down = _step(g, T, H, I, E, k)
     a = (_lowrank(g, E, 2 * I, H, 4), _lowrank(g, E, H, I, 4))
     gu, dn = quantize_rows(gate_up), quantize_rows(down)
     got = experts_forward_mixed(x, index, weights, gu.q, dn.q, F.silu, (a[0], None), (a[1], None), scales=(gu.scale, dn.scale))
