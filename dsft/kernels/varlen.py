@@ -3,10 +3,10 @@
 A packed row holds several examples back to back (:mod:`dsft.data.packing`). With flex attention transformers
 builds a block mask per forward from ``position_ids`` (looking at the data: a device sync, and a path that differs
 eagerly and under CUDA-graph capture, see :func:`dsft.recipes.graphs.recorded_alike`). Here the examples' lengths
-are known on the host when the rows are laid out (:func:`dsft.data.packing.row_lengths`), travel with the batch as ``seq_lens``
-``[rows, slots]``, become the cumulative offsets flash attention's variable-length kernel takes on the device in
-fixed-shape ops (:func:`dsft.data.packing.cu_seqlens`), and reach each attention call as the ``dsft_cu_seqlens`` keyword of the
-decoder's forward (:func:`dsft.data.packing.model_inputs`). The kernel computes each example's causal attention
+are known on the host when the rows are laid out (:func:`dsft.data.packing.row_lengths`), travel with the batch
+as ``seq_lens`` ``[rows, slots]``, become the cumulative offsets flash attention's variable-length kernel takes on
+the device in fixed-shape ops (:func:`dsft.data.packing.cu_seqlens`), and reach each attention call as the
+``dsft_cu_seqlens`` keyword of the decoder's forward (:func:`dsft.data.packing.model_inputs`). The kernel computes each example's causal attention
 and nothing across examples; no mask is built, so every batch records as it runs eagerly.
 
 Measured on an H200 (DeepSeek-V2-Lite's attention, 4 x 2048 packed SFT-like rows, 16 heads, query/key 192 and
@@ -28,7 +28,6 @@ from dsft.data.packing import CU_KEY, cu_seqlens, row_lengths
 
 VARLEN = "dsft_varlen"
 """The name this attention is registered under in transformers' ``AttentionInterface``."""
-
 
 
 def kernel_available() -> bool:

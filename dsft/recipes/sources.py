@@ -195,7 +195,7 @@ def stage_batches(data: StageData, batch_size: int, device, shard: tuple[int, in
 
     ``shard=(rank, world)``: only this rank's rows of each step's ``batch_size`` (the global batch), split
     as :func:`dsft.recipes.distributed.split_rows` does, so the ranks together see one step's examples.
-    ``seq_lens``: also each row's example lengths (:func:`dsft.kernels.varlen.row_lengths`, computed here on the
+    ``seq_lens``: also each row's example lengths (:func:`dsft.data.packing.row_lengths`, computed here on the
     host), with one number of slots for the whole stage so its batches keep one shape.
     """
     from dsft.data.packing import row_lengths, slots_needed

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from dsft.adapters.terms import MultiTermEmbedding, MultiTermHead, TermTable
+from dsft.base.arch import supports_fused_experts
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.fp8_experts import dequantize_experts, quantize_experts
@@ -169,6 +170,9 @@ class RuntimeBase(RuntimeRequests):
                 experts.append(f"{prefix}.{i}.{self.spec.experts_attr}")
             except AttributeError:
                 continue
+        if self.fp8_experts and not any(supports_fused_experts(self.model.get_submodule(p)) for p in experts):
+            raise UsageError(f"--fp8-experts: {self.ref.name} has no routed experts in transformers' fused layout "
+                             "(gate_up_proj/down_proj) for the runtime to hold in FP8; serve it without the flag")
         embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         first = max(embed.num_embeddings, head.out_features, len(self.tokenizer))
         self._table = TermTable(first)

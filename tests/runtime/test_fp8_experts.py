@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -49,3 +50,16 @@ def test_dsft_generate_fp8_experts_answers_what_the_python_api_gives(refs):
                                    "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["text"] == want.text
+
+
+def test_fp8_experts_on_a_base_without_fused_experts_is_one_clear_error_before_any_change(monkeypatch):
+    from dsft.base import load_base as load_plain
+    from dsft.errors import UsageError
+    from dsft.runtime import base as runtime_base
+
+    loaded = load_plain("tiny-deepseek-v2", device="cpu")
+    embed = loaded.model.get_input_embeddings()
+    monkeypatch.setattr(runtime_base, "supports_fused_experts", lambda module: False)
+    with pytest.raises(UsageError, match="--fp8-experts: tiny-deepseek-v2 has no routed experts"):
+        runtime_base.RuntimeBase(loaded, fp8_experts=True)
+    assert loaded.model.get_input_embeddings() is embed  # the model was left as it was
