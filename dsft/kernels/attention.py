@@ -38,7 +38,8 @@ def cudnn_allowed() -> bool:
 
 def training_implementation(model, device: torch.device | str) -> str | None:
     """The attention implementation to train ``model`` with on ``device``: on CUDA ``"dsft_varlen"`` where the
-    kernel exists, the model's key/value heads equal its query heads and its attention has no dropout, else
+    kernel exists, the model's key/value heads equal its query heads and its attention has no dropout and no sliding
+    window, else
     ``"flex_attention"`` where its class supports it; ``DSFT_ATTENTION`` overrides (``sdpa``: the model's own).
     None: leave the model's own."""
     wanted = os.environ.get("DSFT_ATTENTION")
@@ -56,11 +57,14 @@ def training_implementation(model, device: torch.device | str) -> str | None:
 
 
 def _varlen_fits(config) -> bool:
-    """As many key/value heads as query heads (grouped ones would be copied), and no attention dropout."""
+    """As many key/value heads as query heads (grouped ones would be copied), no attention dropout and no sliding
+    window (what :func:`dsft.kernels.varlen.attention_forward` computes)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
+    sliding = (getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
+               or "sliding_attention" in (getattr(text, "layer_types", None) or ()))
     return (heads is not None and getattr(text, "num_key_value_heads", None) in (None, heads)
-            and not getattr(text, "attention_dropout", 0.0))
+            and not getattr(text, "attention_dropout", 0.0) and not sliding)
 
 
 @contextmanager

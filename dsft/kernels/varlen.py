@@ -63,6 +63,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (transformers passes None for this implementation: rows are laid out by dsft's packer, padding at their ends)."""
     if dropout:
         raise ValueError("dsft_varlen attention does not support dropout; set the config's attention_dropout to 0")
+    unsupported = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:  # never computed silently without them
+        raise ValueError(f"dsft_varlen attention does not support {', '.join(unsupported)}; "
+                         "train with DSFT_ATTENTION=flex_attention")
     B, H, S, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
     cu = kwargs.get(CU_KEY)

@@ -73,6 +73,9 @@ def test_varlen_trains_models_whose_key_heads_equal_their_query_heads(monkeypatc
     model.config.attention_dropout = 0.1  # (the kernel has none)
     assert training_implementation(model, "cuda") == "flex_attention"
     model.config.attention_dropout = 0.0
+    model.config.sliding_window = 64  # (nor a window)
+    assert training_implementation(model, "cuda") == "flex_attention"
+    model.config.sliding_window = None
     monkeypatch.setattr(varlen, "kernel_available", lambda: False)  # a torch without the kernel
     assert training_implementation(model, "cuda") == "flex_attention"
 

@@ -65,7 +65,11 @@ def test_examples_do_not_see_each_other():
     assert not torch.allclose(outs[0][0, :6], outs[1][0, :6])
 
 
-def test_dropout_is_refused_in_one_line():
+def test_what_the_kernel_does_not_compute_is_refused_in_one_line():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match="does not support dropout"):
         varlen.attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
+    with pytest.raises(ValueError, match="does not support sliding_window; train with DSFT_ATTENTION=flex_attention"):
+        varlen.attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=4)
+    out, _ = varlen.attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=None)  # a layer without one
+    assert out.shape == (1, 4, 2, 8)
