@@ -8,8 +8,9 @@ tokens/s in bf16 and from 5,082 to 12,175 on an NF4 base; at 4 x 2,048 the kerne
 gains 1-10%.
 
 How: each micro-batch shape runs :data:`WARMUP` times eagerly (compiling the layers for it and warming the
-allocator, on a side stream as capture requires; only batches whose attention mask transformers builds as it
-would under capture count, :func:`recorded_alike`), is then captured once - the forward, the objective and the
+allocator, on a side stream as capture requires; with flex attention only batches whose attention mask
+transformers builds as it would under capture count, :func:`recorded_alike`; variable-length attention builds
+none, :func:`no_mask_built`), is then captured once - the forward, the objective and the
 backward, gradients accumulated in place into ``.grad`` tensors that exist before the capture - and replayed from
 then on, its inputs copied into the graph's own tensors. The optimizer step stays eager (one fused kernel). The
 graphs share one memory pool: a replay's outputs are read (enqueued) before the next replay, so no graph needs
