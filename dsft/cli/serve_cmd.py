@@ -74,7 +74,8 @@ def serve_command(
             err_console.print(f"{asked} -> {info.ref}{how}" if asked != info.ref else info.ref, markup=False, highlight=False)
         err_console.print(f"dsft serving {base} with {', '.join(i.ref for i in infos) or 'no adapters'} on {url} "
                           f"(POST /v1/completions, /v1/chat/completions; GET /v1/models: the refs clients may use; GET /metrics)"
-                          + ("; API key required" if api_key else "") + (f"; registry pages at {url}/ui" if ui else ""),
+                          + ("; API key required" if api_key else "") + (f"; registry pages at {url}/ui" if ui else "")
+                          + ("; routed experts in FP8" if fp8_experts else ""),
                           markup=False, highlight=False)
 
     serve(base, adapter or (), host=host, port=port, api_key=api_key, device=device, registry=registry,
