@@ -76,7 +76,7 @@ def block(rows_list: list[int], out_dir: str) -> None:
     from dsft.kernels.expert_lora import LowRank
     from dsft.runtime import mixed_experts
     from dsft.runtime.fused_linear import FusedWeights
-    from dsft.runtime.multilora import RowGroups, stack_experts
+    from dsft.runtime.row_groups import RowGroups, stack_experts
 
     g = torch.Generator(device="cuda").manual_seed(0)
     H, I, r, n_adapters = 2048, 1408, 16, 4

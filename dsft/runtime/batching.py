@@ -41,7 +41,8 @@ import torch
 from dsft.adapters.terms import TermTable
 from dsft.runtime import kv_cache
 from dsft.runtime.generation import FINISH_LENGTH, Row, advance, fail, left_pad, sample, start
-from dsft.runtime.multilora import MultiLora, RowGroups
+from dsft.runtime.multilora import MultiLora
+from dsft.runtime.row_groups import RowGroups
 from dsft.runtime.static_cache import MIN_WIDTH, SlotDecoder, bucket
 
 

@@ -19,7 +19,8 @@ import torch
 
 from dsft.adapters.terms import TermTable
 from dsft.errors import UsageError
-from dsft.runtime.multilora import MultiLora, RowGroups
+from dsft.runtime.multilora import MultiLora
+from dsft.runtime.row_groups import RowGroups
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsft.runtime.multilora import MultiLora, RowGroups
+from dsft.runtime.multilora import MultiLora
+from dsft.runtime.row_groups import RowGroups
 
 log = logging.getLogger("dsft.runtime")
 

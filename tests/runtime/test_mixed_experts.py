@@ -15,7 +15,7 @@ from dsft.kernels.fp8 import dequantize, quantize_rows
 from dsft.runtime import mixed_experts
 from dsft.runtime.fused_linear import FusedWeights
 from dsft.runtime.mixed_experts import experts_forward_mixed
-from dsft.runtime.multilora import RowGroups, stack_experts
+from dsft.runtime.row_groups import RowGroups, stack_experts
 
 
 def _lowrank(g, E, out, inp, r):
@@ -72,7 +72,7 @@ IN_KERNELS = textwrap.dedent("""
     from dsft.kernels.fp8 import dequantize, quantize_rows
     from dsft.runtime import mixed_experts
     from dsft.runtime.fused_linear import FusedWeights
-    from dsft.runtime.multilora import RowGroups, stack_experts
+    from dsft.runtime.row_groups import RowGroups, stack_experts
 
     moe_gemm.usable = lambda x, w: True  # as on a GPU in half precision
     def no_torch_route(*args):
