@@ -16,10 +16,10 @@ batch x seq tokens per step):
   dsft_esft         dsft: ESFT-Token (p = 0.2, scored on random tokens) - the selected experts' full weights train
   dsft_qlora        dsft: dsft_lora on a base held in NF4 (bitsandbytes), run at --qlora-bs (default 1) x seq
 Each variant with --compile compiles every decoder layer. --all also runs dsft_lora, dsft_esft and dsft_qlora as
-dsft train steps them on one GPU (--compile --packed --attn flex_attention --graphs).
+dsft train steps them on one GPU (--compile --packed --attn dsft_varlen --graphs; flex_attention for grouped-query models).
 
-    python benchmarks/train_throughput.py --variant dsft_qlora --compile --bs 1 --packed --attn flex_attention --graphs
-                                                      # as dsft train steps: packed rows, flex attention, CUDA graphs
+    python benchmarks/train_throughput.py --variant dsft_qlora --compile --bs 1 --packed --attn dsft_varlen --graphs
+                                                      # as dsft train steps: packed rows, varlen attention, CUDA graphs
     python benchmarks/train_throughput.py --longest                                    # longest seq at batch 1, PEFT vs dsft
 """
 from __future__ import annotations
@@ -323,15 +323,15 @@ PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_l
         ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_esft", "train"), ("dsft_qlora", "train"),
         ("peft_experts", "longest"), ("dsft_lora", "longest")]
 """(variant, mode[, layers kept out of checkpointing]); mode: False eager, True compiled, "train" as dsft train steps
-(compiled, packed SFT-like rows, flex attention, CUDA graphs), "longest" the longest batch-1 sequence."""
-TRAIN_FLAGS = ["--compile", "--packed", "--attn", "flex_attention", "--graphs"]
+(compiled, packed SFT-like rows, variable-length attention, CUDA graphs), "longest" the longest batch-1 sequence."""
+TRAIN_FLAGS = ["--compile", "--packed", "--attn", "dsft_varlen", "--graphs"]
 
 
 def _name(variant: str, mode, keep: int = 0) -> str:
     if mode == "longest":
         return f"{variant} longest seq at batch 1"
     if mode == "train":
-        return variant + "+compile+packed+flex_attention+graphs"
+        return variant + "+compile+packed+dsft_varlen+graphs"
     return variant + ("+compile" if mode else "") + (f"+keep{keep}" if keep else "")
 
 
@@ -393,7 +393,7 @@ if __name__ == "__main__":
     p.add_argument("--qlora-bs", type=int, default=1)
     p.add_argument("--graphs", action="store_true", help="dsft's training CUDA graphs (dsft/recipes/graphs.py)")
     p.add_argument("--packed", action="store_true", help="packed SFT-like rows (as dsft train packs them) instead of random rows")
-    p.add_argument("--attn", help="attention implementation, e.g. flex_attention (dsft train's on a GPU)")
+    p.add_argument("--attn", help="attention implementation: dsft_varlen (dsft train's on a GPU), flex_attention, sdpa")
     p.add_argument("--keep-layers", type=int, default=0, help="leave the last N decoder layers out of activation checkpointing")
     p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
     p.add_argument("--longest-max", type=int, default=262144)
