@@ -7,7 +7,7 @@ An enqueue time close to the step time means the GPU waits on Python (launch-bou
 
 ``--packed``: rows of SFT-like examples packed as ``dsft train`` packs them (position ids restarting per
 example, labels only on responses); ``--probe``: the router probe (load-balancing loss) as in training;
-``--attn``: the attention implementation (sdpa, flex_attention, eager).
+``--attn``: the attention implementation (dsft_varlen, flex_attention, sdpa, eager).
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ if __name__ == "__main__":
     a = p.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(not a.no_cudnn)
     model, layers, trainable = prepare(a.variant, a.layers, 16, a.dense_fold)
+    if a.attn == "dsft_varlen":
+        from dsft.kernels.varlen import register
+
+        register()
     if a.attn:
         model.set_attn_implementation(a.attn)
     if a.compile:
@@ -49,6 +53,11 @@ if __name__ == "__main__":
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
     batch = packed_batch(a.bs, a.seq) if a.packed else {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+    if a.attn == "dsft_varlen":  # the examples' lengths, as dsft train gives them (one example a row unpacked)
+        from dsft.data.packing import row_lengths
+
+        positions = batch.get("position_ids", torch.arange(a.seq, device="cuda").expand(a.bs, -1))
+        batch = {**batch, "position_ids": positions, "seq_lens": row_lengths(positions.cpu()).cuda()}
     probe = None
     if a.probe:
         from dsft.base.arch import ARCHITECTURES
