@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_throughput import compile_layers, packed_batch, prepare, release  # noqa: E402
+from benchmarks.train_throughput import compile_layers, packed_batch, prepare, release, with_seq_lens  # noqa: E402
 from dsft.eval.losses import causal_lm_loss, lm_loss  # noqa: E402
 
 if __name__ == "__main__":
@@ -53,11 +53,8 @@ if __name__ == "__main__":
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
     batch = packed_batch(a.bs, a.seq) if a.packed else {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
-    if a.attn == "dsft_varlen":  # the examples' lengths, as dsft train gives them (one example a row unpacked)
-        from dsft.data.packing import row_lengths
-
-        positions = batch.get("position_ids", torch.arange(a.seq, device="cuda").expand(a.bs, -1))
-        batch = {**batch, "position_ids": positions, "seq_lens": row_lengths(positions.cpu()).cuda()}
+    if a.attn == "dsft_varlen":
+        batch = with_seq_lens(batch)
     probe = None
     if a.probe:
         from dsft.base.arch import ARCHITECTURES

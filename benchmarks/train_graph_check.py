@@ -26,10 +26,9 @@ from torch.utils.checkpoint import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_throughput import compile_layers, packed_batch, prepare  # noqa: E402
+from benchmarks.train_throughput import compile_layers, packed_batch, prepare, with_seq_lens  # noqa: E402
 from dsft.base.arch import ARCHITECTURES  # noqa: E402
 from dsft.base.router import RouterProbe  # noqa: E402
-from dsft.data.packing import row_lengths  # noqa: E402
 from dsft.kernels.varlen import VARLEN, register  # noqa: E402
 from dsft.recipes.graphs import StepGraphs, no_mask_built, recorded_alike  # noqa: E402
 from dsft.recipes.loop import train_steps  # noqa: E402
@@ -53,7 +52,7 @@ def main() -> int:
     alike = recorded_alike
     if a.attn == VARLEN:  # as dsft train runs it: the examples' lengths with the batch, graphs for every batch
         register()
-        batch["seq_lens"] = row_lengths(batch["position_ids"].cpu()).cuda()
+        batch = with_seq_lens(batch)
         alike = no_mask_built
     start = [t.detach().clone() for t in trainable]
 

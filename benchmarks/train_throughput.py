@@ -193,6 +193,16 @@ def packed_batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
     return {k: v.cuda() for k, v in batch.items()}
 
 
+def with_seq_lens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` as dsft train lays rows out for variable-length attention: the examples' lengths from the host
+    (unpacked rows: one example a row)."""
+    from dsft.data.packing import row_lengths
+
+    rows, seq = batch["input_ids"].shape
+    positions = batch.get("position_ids", torch.arange(seq, device="cuda").expand(rows, -1))
+    return {**batch, "position_ids": positions, "seq_lens": row_lengths(positions.cpu()).cuda()}
+
+
 def compile_layers(layers, mode: str | None = None, inductor: list[str] | None = None) -> None:
     """``torch.compile`` every decoder layer, as ``dsft train`` does on a GPU. ``mode`` and ``inductor``
     (``KEY=VALUE`` settings of ``torch._inductor.config``, e.g. ``combo_kernels=True``) are for experiments."""
@@ -228,11 +238,8 @@ def run_one(a) -> dict:
     if a.attn:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(a.attn)
     batch = packed_batch(a.bs, a.seq) if a.packed else {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
-    if varlen:  # as dsft train lays rows out for it: the examples' lengths from the host (one example a row unpacked)
-        from dsft.data.packing import row_lengths
-
-        positions = batch.get("position_ids", torch.arange(a.seq, device="cuda").expand(a.bs, -1))
-        batch = {**batch, "position_ids": positions, "seq_lens": row_lengths(positions.cpu()).cuda()}
+    if varlen:
+        batch = with_seq_lens(batch)
     tokens = int(batch["attention_mask"].sum())
 
     def forward_backward(part, weight, aux_share):
