@@ -170,6 +170,12 @@ CU_KEY = "dsft_cu_seqlens"
 (:mod:`dsft.kernels.varlen`)."""
 
 MIN_SLOTS = 16
+"""Fewest example slots a row gets in ``seq_lens``: slot counts are powers of two from here, so that the batches of
+one data set (and of most data sets) share one shape."""
+
+
+def _slots_for(examples: int) -> int:
+    return max(MIN_SLOTS, 1 << (examples - 1).bit_length())
 
 
 def row_lengths(position_ids: torch.Tensor, slots: int | None = None) -> torch.Tensor:
@@ -184,7 +190,7 @@ def row_lengths(position_ids: torch.Tensor, slots: int | None = None) -> torch.T
     example = starts.long().cumsum(1) - 1
     need = int(example[:, -1].max()) + 1 if rows else 1
     if slots is None:
-        slots = max(MIN_SLOTS, 1 << (need - 1).bit_length())
+        slots = _slots_for(need)
     if need > slots:
         raise ValueError(f"row_lengths: a row holds {need} examples, more than slots={slots}")
     lengths = torch.zeros((rows, slots), dtype=torch.int32, device=position_ids.device)
@@ -198,7 +204,7 @@ def slots_needed(position_ids: torch.Tensor) -> int:
         rows = position_ids[lo : lo + 4096]
         if rows.shape[1] > 1:
             need = max(need, int((rows[:, 1:] != rows[:, :-1] + 1).sum(1).max()) + 1)
-    return max(MIN_SLOTS, 1 << (need - 1).bit_length())
+    return _slots_for(need)
 
 
 def cu_seqlens(seq_lens: torch.Tensor) -> torch.Tensor:

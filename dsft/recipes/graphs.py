@@ -106,8 +106,6 @@ def recorded_alike(part: dict[str, torch.Tensor]) -> bool:
     return mask is not None and not bool(mask.all())
 
 
-
-
 @dataclass
 class _Graph:
     inputs: dict[str, torch.Tensor]

@@ -45,7 +45,7 @@ from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
 from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
-from dsft.kernels.attention import training_attention, training_implementation
+from dsft.kernels.attention import training_attention
 from dsft.kernels.optim import fused_adamw_ok
 from dsft.kernels.varlen import VARLEN
 from dsft.recipes.distributed import Dist
@@ -351,17 +351,18 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     expert_params = [(e.name, e.param, e.index, e.dim) for e in main if e.group == "experts" and not e.slices_only]
     sync = ctx.dist.step_sync(data.examples, s.batch_size)
     graphs_off = graphs_off_reason(device, distributed=ctx.dist.enabled)
-    # Variable-length attention builds no mask from the data, so every batch records as it runs eagerly.
-    varlen = all(training_implementation(m, device) == VARLEN for m in [model] + ([teacher.model] if teacher else []))
-    graphs = StepGraphs(on_warning=lambda m: ctx.emit("warning", {"message": f"stage {s.name}: {m}"}),
-                        alike=no_mask_built if varlen else recorded_alike) if graphs_off is None else None
+    graphs: StepGraphs | None = None
     if sync is not None and ctx.dist.sharding == "fsdp":  # FSDP2 shards get no tensor-hook calls; mask after backward
         sync.expert_masks, expert_params = [(p, n_experts, idx, dim) for _, p, idx, dim in expert_params], []
     t0 = time.perf_counter()
     try:
         with expert_grad_mask(expert_params, n_experts) if expert_params else nullcontext(), \
                 training_attention(model, device) as attention, \
-                training_attention(teacher.model, device) if teacher else nullcontext():  # packed rows' attention on a GPU
+                training_attention(teacher.model, device) if teacher else nullcontext() as teacher_attention:
+            if graphs_off is None:  # variable-length attention builds no mask from the data: every batch records alike
+                varlen = attention == VARLEN and teacher_attention in (None, VARLEN)
+                graphs = StepGraphs(on_warning=lambda m: ctx.emit("warning", {"message": f"stage {s.name}: {m}"}),
+                                    alike=no_mask_built if varlen else recorded_alike)
             losses = done_losses + train_steps(
                 model, optimizer, stage_batches(data, s.batch_size, device, (ctx.dist.rank, ctx.dist.world),
                                                 seq_lens=attention == VARLEN),

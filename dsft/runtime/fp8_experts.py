@@ -20,20 +20,15 @@ PROJECTIONS = ("gate_up_proj", "down_proj")
 SCALE = "_fp8_scale"
 
 
-def quantize_experts(modules: Iterable[nn.Module]) -> int:
-    """Put each module's expert weights in FP8 (modules already in FP8 are left as they are); returns the bytes
-    freed."""
-    freed = 0
+def quantize_experts(modules: Iterable[nn.Module]) -> None:
+    """Put each module's expert weights in FP8 (modules already in FP8 are left as they are)."""
     for module in modules:
         for name in PROJECTIONS:
             if getattr(module, name + SCALE, None) is not None:
                 continue
-            w = getattr(module, name)
-            q = quantize_rows(w)
-            freed += w.numel() * w.element_size() - q.q.numel() - q.scale.numel() * 4
+            q = quantize_rows(getattr(module, name))
             setattr(module, name, nn.Parameter(q.q, requires_grad=False))
             setattr(module, name + SCALE, q.scale)
-    return freed
 
 
 def scales_of(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:

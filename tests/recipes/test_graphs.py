@@ -300,3 +300,53 @@ def test_a_failed_capture_ends_the_capture_leaves_its_stream_and_reports_the_fir
     with pytest.raises(RuntimeError, match="operation not permitted when stream is capturing"):
         capture(run)
     assert ("begin", "pool", "capture") in log and ("end", "capture") in log and current == ["main"]
+
+
+def test_a_stage_training_through_varlen_attention_captures_every_batch(home, monkeypatch):
+    """The stage wiring a one-process GPU run takes, on the CPU: variable-length attention (its SDPA reference),
+    each batch with its examples' lengths, graphs that count every batch as recorded alike (no mask is built),
+    captured by the CPU stand-in above; the stage trains as it does without graphs."""
+    from contextlib import contextmanager
+
+    import dsft
+    from dsft.kernels import varlen
+    from dsft.recipes import graphs as graphs_module
+    from dsft.recipes import stages
+
+    made, parts = [], []
+
+    @contextmanager
+    def varlen_attention(model, device):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        before = base.config._attn_implementation
+        varlen.register()
+        base.set_attn_implementation(varlen.VARLEN)
+        try:
+            yield varlen.VARLEN
+        finally:
+            base.set_attn_implementation(before)
+
+    class OnTheCpu(graphs_module.StepGraphs):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            made.append(self)
+
+        def bind(self, fn, params):
+            self._capture = recorded(params)
+            return super().bind(fn, params)
+
+        def __call__(self, part, weight, aux_share):
+            parts.append(part)
+            return super().__call__(part, weight, aux_share)
+
+    monkeypatch.setattr(stages, "training_attention", varlen_attention)
+    monkeypatch.setattr(stages, "StepGraphs", OnTheCpu)
+    eager = dsft.train(domain="finance", max_steps=4).metrics["stages"][0]  # on the CPU: no graphs
+    assert not made
+    monkeypatch.setattr(stages, "graphs_off_reason", lambda device, distributed: None)
+    stage = dsft.train(domain="finance", max_steps=4).metrics["stages"][0]
+    assert stage["attention"] == eager["attention"] == varlen.VARLEN
+    assert len(made) == 1 and made[0]._alike is graphs_module.no_mask_built
+    assert made[0].summary() == {"shapes": 1, "replays": 2, "off": None}  # 2 warm-ups, then steps 3 and 4 replayed
+    assert parts and all(part["seq_lens"].shape[0] == part["input_ids"].shape[0] for part in parts)
+    assert stage["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
