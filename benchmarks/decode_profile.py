@@ -87,18 +87,18 @@ def absorb_ab(runtime, refs: list[str], a, vocab: int, base_name: str) -> None:
     """ms a graph step, absorbed vs expanded MLA, per rows x prompt length; writes ``-mla-absorb.json`` / ``.md``."""
     from dsft.runtime import mla_decode
 
-    results, default = [], mla_decode.ABSORB_FROM
+    results, default = [], (mla_decode.ABSORB_FROM, mla_decode.ABSORB_FROM_KERNELS)
     for prompt in a.absorb_ab:
         for n in a.sizes:
             row: dict = {"rows": n, "prompt_tokens": prompt}
             for name, absorb_from in (("expanded", 10**12), ("absorbed", 0), ("expanded_again", 10**12)):
-                mla_decode.ABSORB_FROM = absorb_from
+                mla_decode.ABSORB_FROM = mla_decode.ABSORB_FROM_KERNELS = absorb_from
                 ms, batch = steps_ms(runtime, refs, n, a.steps, True, a.device, vocab, prompt=prompt)
                 row[f"{name}_ms"] = round(ms, 2)
                 batch.abandon()
             print(json.dumps(row), flush=True)
             results.append(row)
-    mla_decode.ABSORB_FROM = default
+    mla_decode.ABSORB_FROM, mla_decode.ABSORB_FROM_KERNELS = default
     device_name = torch.cuda.get_device_name()
     out = Path(a.out) / f"{date.today()}-{device_name.replace(' ', '-')}-mla-absorb"
     out.parent.mkdir(parents=True, exist_ok=True)

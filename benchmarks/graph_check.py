@@ -4,7 +4,8 @@ serves (LoRA + terms, ESFT experts, the plain base) mixed in one batch, rows joi
     python benchmarks/graph_check.py                  # a CUDA GPU, ~1 min
     python benchmarks/graph_check.py --device cpu     # smoke run: the graphs' bucketed inputs, eagerly
     python benchmarks/graph_check.py --absorbed       # the graphs with DeepSeek-V2's attention absorbed at every
-                                                      # size (dsft/runtime/mla_decode.py) vs eager expanded steps
+                                                      # size (dsft/runtime/mla_decode.py; its Triton kernels on a
+                                                      # GPU) vs eager steps through transformers' expanded attention
 
 The CPU tests check the graphs' inputs (buckets of rows and width) eagerly and exactly (fp32); capturing and
 replaying needs a GPU and half precision (graphs are off in fp32), so this runs there in bf16, where a
@@ -87,13 +88,14 @@ def main() -> int:
             runtime.attach(ref)
         names = refs + [None]
         asks = [(names[i % len(names)], PROMPTS[i % 4] + " " * (i // 4), 6 + 5 * (i % 3), i // 2) for i in range(9)]
-        default = mla_decode.ABSORB_FROM
-        mla_decode.ABSORB_FROM = 0 if args.absorbed else default
-        try:
+        default = (mla_decode.ABSORB_FROM, mla_decode.ABSORB_FROM_KERNELS)
+        try:  # --absorbed: graphs absorbed at every size against eager steps through transformers' expanded attention
+            mla_decode.ABSORB_FROM, mla_decode.ABSORB_FROM_KERNELS = (0, 0) if args.absorbed else default
             g_tokens, g_logits, captures, error = run(runtime, asks, True, device)
+            mla_decode.ABSORB_FROM, mla_decode.ABSORB_FROM_KERNELS = (10**12, 10**12) if args.absorbed else default
+            e_tokens, e_logits, _, _ = run(runtime, asks, False, device)
         finally:
-            mla_decode.ABSORB_FROM = default
-        e_tokens, e_logits, _, _ = run(runtime, asks, False, device)
+            mla_decode.ABSORB_FROM, mla_decode.ABSORB_FROM_KERNELS = default
         diff, compared = 0.0, 0
         for gt, et, ga, ea in zip(g_tokens, e_tokens, g_logits, e_logits):
             upto = next((i for i, (x, y) in enumerate(zip(gt, et)) if x != y), len(gt))  # steps fed the same tokens

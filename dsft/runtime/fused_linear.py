@@ -2,7 +2,8 @@
 
 A decode step is bound by kernel launches, and every LoRA linear costs three GEMMs (``x W^T``, ``x A^T``,
 ``h B^T``) where the base alone costs one. With every attached adapter's A stacked under W in one buffer,
-``x W^T`` and ``x A^T`` come out of one GEMM, and ``h B^T`` is accumulated into ``y`` in place: two GEMMs.
+``x W^T`` and ``x A^T`` come out of one GEMM, and ``h B^T`` is accumulated into ``y`` in place: two GEMMs (on a
+GPU at decode sizes the second applies the rows' rank mask as it reads h: :mod:`dsft.kernels.lora_up`).
 Routed experts take the same buffer per expert (``[E, out + R, in]``: each expert's A rows under its W rows),
 so the grouped GEMM of the base experts gives each (token, expert) pair's ``x A_e^T`` too.
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dsft.kernels import lora_up, moe_gemm
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,12 @@ def fused_lora_linear(x: torch.Tensor, fused: Fused, B: torch.Tensor, mask: torc
     (its rows are strided by the A columns past it, which only the last dimension's views see)."""
     full = torch.nn.functional.linear(x, fused.stacked, fused.bias)
     y, h = full[..., : fused.out_features], full[..., fused.out_features :]
+    rows, low = y.view(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+    if lora_up.usable(rows, low):  # decode sizes on a GPU: the mask product inside the up-projection's kernel
+        done = moe_gemm.or_none(lora_up.lora_up_, rows, low, B, None if mask is None else mask.view(low.shape))
+        if done is not None:
+            return y
     if mask is not None:
-        h = h * mask.view(h.shape)
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
+        low = low * mask.view(low.shape)
+    rows.addmm_(low, B.t())
     return y

@@ -15,6 +15,7 @@ other math (Gemma's ``1 + weight``, a norm without weight) keeps its own forward
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@functools.cache
 def _reference_code() -> types.CodeType:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -37,15 +39,18 @@ def _rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.weight * normed
 
 
+def is_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` computes Llama's RMSNorm (a weight, ``variance_epsilon``, the same forward code)."""
+    return (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
+            and same_code(type(module).forward.__code__, _reference_code()))
+
+
 def fuse_rms_norms(model: nn.Module) -> list[nn.Module]:
     """Give every Llama-style RMSNorm of ``model`` the two-kernel forward; returns the modules patched (for
     :func:`restore_norms`)."""
-    reference = _reference_code()
     patched = []
     for module in model.modules():
-        forward = type(module).forward
-        if (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
-                and same_code(forward.__code__, reference)):
+        if is_llama_rms_norm(module):
             module.forward = types.MethodType(_rms_norm_forward, module)
             patched.append(module)
     return patched

@@ -29,7 +29,8 @@ import types
 import torch
 from torch import nn
 
-from dsft.runtime.fused_norms import same_code
+from dsft.kernels import mla_attention
+from dsft.runtime.fused_norms import is_llama_rms_norm, same_code
 
 ABSORB_FROM = 1024
 """A decode step attends absorbed from this many (row, cached position) pairs on (``rows x width``, the graph
@@ -38,8 +39,14 @@ bucket's); below it the expanded path's fewer kernels win. Measured on the H200 
 32 x 64: 13.97 -> 13.35, 1 x 1024: 6.10 -> 6.12, 8 x 1024: 15.11 -> 10.22, 32 x 1024: 33.69 -> 13.90."""
 
 
-def absorb_wanted(rows: int, width: int) -> bool:
-    return rows * width >= ABSORB_FROM
+ABSORB_FROM_KERNELS = 0
+"""The same with the Triton kernels of :mod:`dsft.kernels.mla_attention` (two kernels a layer where the torch ops
+took ~30): absorbed is the faster path at every size measured (H200, lite shape, ms a step expanded -> absorbed
+with kernels, ``decode_profile.py --absorb-ab``): 1 x 64: 5.54 -> 5.24, 8 x 64: 9.72 -> 8.95, 32 x 64: 14.11 -> 12.27."""
+
+
+def absorb_wanted(rows: int, width: int, kernels: bool = False) -> bool:
+    return rows * width >= (ABSORB_FROM_KERNELS if kernels else ABSORB_FROM)
 
 
 def _reference_code() -> types.CodeType | None:
@@ -78,8 +85,10 @@ def _forward(original, kv_b_lora, is_decode):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         rows, seq = hidden_states.shape[:-1]
         mask = kwargs.get("attention_mask")
-        if (args or not is_decode(cache, seq) or not absorb_wanted(rows, cache.width)
-                or not (mask is None or isinstance(mask, torch.Tensor))):  # a flex BlockMask: transformers' own path
+        if args or not is_decode(cache, seq) or not (mask is None or isinstance(mask, torch.Tensor)):
+            return original(self, hidden_states, *args, **kwargs)  # (a flex BlockMask: transformers' own path too)
+        kernels = _kernels_for(self, hidden_states, mask, cache, kwargs["position_embeddings"]) is not None
+        if not absorb_wanted(rows, cache.width, kernels):
             return original(self, hidden_states, *args, **kwargs)
         return absorbed_decode(self, hidden_states, mask, cache, kwargs["position_embeddings"],
                                kv_b_lora(self.kv_b_proj, rows)), None
@@ -106,6 +115,20 @@ def _scores(q_lat: torch.Tensor, k_lat: torch.Tensor, q_pe: torch.Tensor, k_rope
     return scores.float().mul_(scaling)
 
 
+def _kernels_for(attn: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                 position_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(latent cache [slots, columns, C], rope cache [slots, columns, dr], the rows' columns to attend [b, W] bool)``
+    when this step can run in :mod:`dsft.kernels.mla_attention`'s kernels, else None (the torch ops below): a
+    boolean mask, DeepSeek's complex rotary, a Llama-style latent norm, Triton usable for these sizes."""
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+            and torch.is_complex(position_embeddings) and is_llama_rms_norm(attn.kv_a_layernorm)):
+        return None
+    lat, rope = cache.keys[attn.layer_idx][:, 0], cache.values[attn.layer_idx][:, 0]
+    if not mla_attention.usable(x, lat.shape[-1], rope.shape[-1], lat.dtype):
+        return None
+    return lat, rope, attention_mask[:, 0, -1, : cache.width]
+
+
 def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache,
                     position_embeddings: torch.Tensor, lora) -> torch.Tensor:
     """One decode token per row ``hidden_states`` [b, 1, H] through ``attn`` (a DeepseekV2Attention), attending over
@@ -116,14 +139,25 @@ def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask
         q = attn.q_proj(hidden_states)
     else:
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
-    q = q.view(b, 1, nh, dn + dr).transpose(1, 2)
-    q_nope, q_pe = torch.split(q, [dn, dr], dim=-1)
-    kv_nope, k_pe = torch.split(attn.kv_a_proj_with_mqa(hidden_states), [C, dr], dim=-1)
-    k_nope = attn.kv_a_layernorm(kv_nope).view(b, 1, 1, C)
-    rotary = sys.modules[type(attn).__module__].apply_rotary_emb  # transformers' own, as the expanded path uses
-    q_pe, k_pe = rotary(q_pe, k_pe.view(b, 1, 1, dr), position_embeddings.to(q_pe.device))
-    k_lat, k_rope = cache.update(k_nope, k_pe, attn.layer_idx)  # [b, 1, W, C], [b, 1, W, dr]
-    k_lat, k_rope = k_lat.squeeze(1), k_rope.squeeze(1)
+    kv = attn.kv_a_proj_with_mqa(hidden_states)
+    fast = _kernels_for(attn, hidden_states, attention_mask, cache, position_embeddings)
+    if fast is not None:  # the norm, rotary and cache writes in one kernel (dsft.kernels.mla_attention)
+        lat, rope, columns = fast
+        q_pe = mla_attention.prologue(q.view(b, nh, dn + dr), kv.view(b, C + dr), attn.kv_a_layernorm.weight,
+                                      attn.kv_a_layernorm.variance_epsilon,
+                                      torch.view_as_real(position_embeddings).view(b, dr // 2, 2),
+                                      lat, rope, cache.write, dn)
+        q_nope = q.view(b, nh, dn + dr)[..., :dn]
+        k_lat, k_rope = lat[:b, : cache.width], rope[:b, : cache.width]
+    else:
+        q = q.view(b, 1, nh, dn + dr).transpose(1, 2)
+        q_nope, q_pe = torch.split(q, [dn, dr], dim=-1)
+        kv_nope, k_pe = torch.split(kv, [C, dr], dim=-1)
+        k_nope = attn.kv_a_layernorm(kv_nope).view(b, 1, 1, C)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_emb  # transformers' own, as the expanded path uses
+        q_pe, k_pe = rotary(q_pe, k_pe.view(b, 1, 1, dr), position_embeddings.to(q_pe.device))
+        k_lat, k_rope = cache.update(k_nope, k_pe, attn.layer_idx)  # [b, 1, W, C], [b, 1, W, dr]
+        k_lat, k_rope = k_lat.squeeze(1), k_rope.squeeze(1)
 
     w = attn.kv_b_proj.weight.view(nh, dn + dv, C)
     q_heads = q_nope.reshape(b, nh, dn).transpose(0, 1)  # [nh, b, dn]
@@ -135,12 +169,15 @@ def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask
         if mask is not None:
             low = low * mask
         q_lat.view(nh * b, C).addmm_(low.reshape(nh * b, -1), A)
-    scores = _scores(q_lat.transpose(0, 1), k_lat, q_pe.reshape(b, nh, dr), k_rope, attn.scaling)  # [b, nh, W] fp32
-    if attention_mask is not None:
-        mask4 = attention_mask[:, 0, -1:, : scores.shape[-1]]  # [b, 1, W]
-        scores = scores.masked_fill(~mask4, float("-inf")) if mask4.dtype == torch.bool else scores + mask4
-    probs = torch.softmax(scores, dim=-1).to(k_lat.dtype)
-    o_lat = torch.bmm(probs, k_lat).transpose(0, 1)  # [nh, b, C]
+    if fast is not None:
+        o_lat = mla_attention.attend(q_lat, q_pe, k_lat, k_rope, columns, attn.scaling)  # [nh, b, C]
+    else:
+        scores = _scores(q_lat.transpose(0, 1), k_lat, q_pe.reshape(b, nh, dr), k_rope, attn.scaling)  # [b, nh, W]
+        if attention_mask is not None:
+            mask4 = attention_mask[:, 0, -1:, : scores.shape[-1]]  # [b, 1, W]
+            scores = scores.masked_fill(~mask4, float("-inf")) if mask4.dtype == torch.bool else scores + mask4
+        probs = torch.softmax(scores, dim=-1).to(k_lat.dtype)
+        o_lat = torch.bmm(probs, k_lat).transpose(0, 1)  # [nh, b, C]
     out = torch.bmm(o_lat, w[:, dn:].transpose(1, 2))  # [nh, b, dv]
     if lora is not None:
         low = (o_lat.reshape(nh * b, C) @ A.t()).view(nh, b, -1)

@@ -1,7 +1,14 @@
 """DeepSeek-V2's attention absorbed in decode steps (attention over the cached latents, kv_b_proj folded into the
 query and the output) computes what transformers' expanded attention computes, with each row's own LoRA on
-kv_b_proj, in a batch where rows join and leave."""
+kv_b_proj, in a batch where rows join and leave; on a GPU its norm, rotary, cache writes and attention run in two
+Triton kernels (:mod:`dsft.kernels.mla_attention`), checked here in Triton's interpreter."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +41,7 @@ def test_a_mixed_batch_decoded_absorbed_gets_what_each_row_gets_alone_expanded(a
     rows, _ = run_continuously(attached, asks)
     absorbed = dict(count_absorbed)
     monkeypatch.setattr(mla_decode, "ABSORB_FROM", 10**9)  # the references: transformers' expanded attention
+    monkeypatch.setattr(mla_decode, "ABSORB_FROM_KERNELS", 10**9)  # (with or without the Triton kernels)
     for ask, row in zip(asks, rows):
         assert row.error is None and row.tokens == alone(attached, ask), ask
     assert count_absorbed == absorbed, "the references ran expanded"
@@ -79,3 +87,54 @@ def test_forwards_that_are_not_slot_decode_steps_reach_transformers_code_as_call
     prefill_cache = object()
     assert forward(None, torch.zeros(2, 5, 8), attention_mask=None, position_embeddings=None, **{name: prefill_cache}) == "original"
     assert got[name] is prefill_cache and set(got) == {"attention_mask", "position_embeddings", name}
+
+
+IN_KERNELS = textwrap.dedent("""
+    import os, sys
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
+    from dsft.kernels import mla_attention
+    from dsft.runtime import load_base, mla_decode
+    from tests.runtime.conftest import TEXTS
+    from tests.runtime.test_continuous_batching import Ask, run_continuously
+
+    base = load_base("tiny-deepseek-v2", device="cpu")
+    for ref in sys.argv[1:]:
+        base.attach(ref)
+    calls = {"prologue": 0, "attend": 0}
+    for name in calls:
+        def counted(*args, _real=getattr(mla_attention, name), _name=name):
+            calls[_name] += 1
+            return _real(*args)
+        setattr(mla_attention, name, counted)
+    errors = []
+    real = mla_decode.absorbed_decode
+
+    def compare(attn, hidden, mask, cache, freqs, lora):  # each layer against transformers' expanded attention
+        out = real(attn, hidden, mask, cache, freqs, lora)
+        want, _ = DeepseekV2Attention.forward(attn, hidden, attention_mask=mask, cache=cache, position_embeddings=freqs)
+        errors.append(float((out - want).abs().max() / want.abs().max()))
+        return out
+    mla_decode.absorbed_decode = compare
+    mla_decode.ABSORB_FROM = 0
+    asks = [Ask("finance", TEXTS[0], 6, join=0), Ask(None, TEXTS[3], 3, join=0), Ask("legal", TEXTS[1], 4, join=1),
+            Ask("medical", TEXTS[2], 3, join=2)]
+    got, _ = run_continuously(base, asks)
+    assert calls["prologue"] > 0 and calls["attend"] == calls["prologue"] == len(errors), (calls, len(errors))
+    assert max(errors) < 1e-5, max(errors)
+    os.environ["DSFT_TRITON_MLA"] = "0"  # the same rows through the torch ops
+    want, _ = run_continuously(base, asks)
+    assert calls["attend"] == len(errors) - calls["attend"], "the torch ops ran the second time"
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    print("ok")
+""")
+
+
+def test_absorbed_steps_in_the_triton_kernels_equal_transformers_attention_and_the_torch_ops(refs, rt_home):
+    """The path a GPU takes (two kernels a layer), in Triton's interpreter: every layer of a mixed batch's decode
+    steps (rows with and without an adapter, joining) equals transformers' expanded attention, and the rows get the
+    tokens the torch ops give them."""
+    pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_HOME": str(rt_home), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", IN_KERNELS, refs["finance"], refs["legal"], refs["medical"]], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -1,0 +1,57 @@
+"""A LoRA up-projection added in place with each row's rank mask, in one kernel: ``y += (h * mask) B^T``.
+
+The runtime's LoRA linear in a decode step is ``[y | h] = x [W; A]^T`` (:mod:`dsft.runtime.fused_linear`), then
+``y += (h * mask) B^T``, where the column mask keeps each row's own adapter's rank block. In torch ops that is two
+kernels: the mask product (a non-contiguous elementwise kernel, h being a slice of the GEMM's output) and the
+accumulating GEMM. A decode step is bound by its kernels' count (each ~2-3 us on an H200 whatever it does), and
+it has six such linears a layer (DeepSeek-V2: q_proj, kv_a_proj_with_mqa, o_proj, the shared experts' three), so
+the product goes into the GEMM's load here. Decode sizes only (up to :data:`MAX_ROWS` rows); larger ones keep
+cuBLAS. :func:`lora_up_reference` is the torch ops (the CPU's path and the tests' oracle, the kernel running in
+Triton's interpreter there).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsft.kernels import moe_gemm
+
+MAX_ROWS = 256
+"""Rows up to which the kernel runs (a decode step's; a prefill's many rows are cuBLAS's)."""
+
+
+def usable(y: torch.Tensor, h: torch.Tensor) -> bool:
+    """Triton present, CUDA in half precision (or the interpreter), few rows, unless ``DSFT_TRITON_LORA=0``."""
+    on_device = y.is_cuda and y.dtype in (torch.bfloat16, torch.float16)
+    return ((on_device or os.environ.get("TRITON_INTERPRET") == "1") and moe_gemm.available()
+            and y.dim() == 2 and h.dim() == 2 and y.shape[0] <= MAX_ROWS
+            and os.environ.get("DSFT_TRITON_LORA", "1") != "0")
+
+
+def lora_up_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``y += (h * mask) B^T`` in place and returned: ``y`` [M, N], ``h`` [M, R], ``B`` [N, R], ``mask`` [M, R] or None
+    (any strides)."""
+    if not moe_gemm.available():
+        raise RuntimeError("the Triton LoRA kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    from dsft.kernels import lora_up_triton
+
+    M, N = y.shape
+    R = h.shape[1]
+    if M == 0:
+        return y
+    block_m = max(16, min(64, 1 << (M - 1).bit_length()))
+    block_r = max(16, min(64, 1 << (R - 1).bit_length()))
+    block_n = 32
+    m = mask if mask is not None else h  # unused without MASK: any tensor
+    lora_up_triton.lora_up_kernel[(-(-M // block_m), -(-N // block_n))](
+        h, m, B, y, M, N, R, h.stride(0), h.stride(1), m.stride(0), m.stride(1), B.stride(0), B.stride(1),
+        y.stride(0), y.stride(1), MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
+    return y
+
+
+def lora_up_reference(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`lora_up_` in torch ops."""
+    if mask is not None:
+        h = h * mask
+    return y.addmm_(h, B.t())
