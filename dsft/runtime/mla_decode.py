@@ -15,10 +15,14 @@ key / value rows of ``kv_b_proj`` and the runtime's per-row LoRA ``x W^T + ((x A
 
 which is the expanded attention's math exactly (everything is linear in the latents); only the rounding differs.
 It does a fixed number of small GEMMs more than the expanded path and none that grows with the cache except the
-two attention products, so :func:`absorb_wanted` picks it when rows x width is large enough (measured on the H200).
+two attention products, so :func:`absorb_wanted` picks it when rows x width is large enough (measured on the H200),
+and on a GPU always: there its norm, rotary, cache writes and attention run in two Triton kernels a layer
+(:mod:`dsft.kernels.mla_attention`) instead of ~30 small ops, and it is then the faster path at every size.
 
 Only modules whose ``forward`` is exactly DeepSeek-V2's (the same bytecode) are patched, and only a decode step over
 the runtime's :class:`~dsft.runtime.static_cache.SlotCache` takes the absorbed path; prefill keeps transformers' code.
+The kernels run for a boolean mask (the slot decoder's), DeepSeek's complex rotary and a Llama-style latent norm;
+otherwise the torch ops below do.
 """
 from __future__ import annotations
 

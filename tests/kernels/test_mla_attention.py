@@ -18,6 +18,7 @@ CHECK = textwrap.dedent("""
     from dsft.kernels import mla_attention as K
 
     g = torch.Generator().manual_seed(0)
+    default = K.PROGRAMS
     # rows, heads, latent, rope, nope, cache columns, columns attended
     for b, nh, C, DR, DN, cols, W in [(3, 4, 32, 16, 8, 40, 37), (1, 16, 64, 16, 16, 64, 64), (2, 20, 32, 16, 8, 33, 33)]:
         q = torch.randn(b, nh, DN + DR + 3, generator=g)[:, :, : DN + DR]
@@ -45,7 +46,7 @@ CHECK = textwrap.dedent("""
                 got = K.attend(q_lat, q_pe, got_lat[:b, :W], got_rope[:b, :W], mask, 0.3)
                 assert got.shape == (nh, b, C)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            K.PROGRAMS = 264
+            K.PROGRAMS = default
     # the reference rotary is transformers' DeepSeek-V2 rotary
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb
     x, k = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 1, 1, 16, generator=g)
