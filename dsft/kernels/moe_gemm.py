@@ -175,5 +175,5 @@ def or_none(fn: Callable[..., T], *args, **kwargs) -> T | None:
     except Exception as exc:  # triton's CompilationError, an unsupported dtype on an older GPU, ...
         if _FAILED is None:
             _FAILED = f"{type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("the Triton MoE kernels are off (torch's grouped GEMM instead): %s", _FAILED)
+            log.warning("dsft's Triton decode kernels are off (torch's ops instead): %s", _FAILED)
         return None

@@ -33,7 +33,7 @@ import types
 import torch
 from torch import nn
 
-from dsft.kernels import mla_attention
+from dsft.kernels import mla_attention, moe_gemm
 from dsft.runtime.fused_norms import is_llama_rms_norm, same_code
 
 ABSORB_FROM = 1024
@@ -145,12 +145,15 @@ def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
     kv = attn.kv_a_proj_with_mqa(hidden_states)
     fast = _kernels_for(attn, hidden_states, attention_mask, cache, position_embeddings)
+    q_pe = None
     if fast is not None:  # the norm, rotary and cache writes in one kernel (dsft.kernels.mla_attention)
         lat, rope, columns = fast
-        q_pe = mla_attention.prologue(q.view(b, nh, dn + dr), kv.view(b, C + dr), attn.kv_a_layernorm.weight,
-                                      attn.kv_a_layernorm.variance_epsilon,
-                                      torch.view_as_real(position_embeddings).view(b, dr // 2, 2),
-                                      lat, rope, cache.write, dn)
+        # None when it cannot compile for this GPU: the kernels are then off (a warning) and the torch ops run
+        q_pe = moe_gemm.or_none(mla_attention.prologue, q.view(b, nh, dn + dr), kv.view(b, C + dr),
+                                attn.kv_a_layernorm.weight, attn.kv_a_layernorm.variance_epsilon,
+                                torch.view_as_real(position_embeddings).view(b, dr // 2, 2), lat, rope, cache.write, dn)
+    in_kernels = q_pe is not None
+    if in_kernels:
         q_nope = q.view(b, nh, dn + dr)[..., :dn]
         k_lat, k_rope = lat[:b, : cache.width], rope[:b, : cache.width]
     else:
@@ -173,9 +176,9 @@ def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask
         if mask is not None:
             low = low * mask
         q_lat.view(nh * b, C).addmm_(low.reshape(nh * b, -1), A)
-    if fast is not None:
-        o_lat = mla_attention.attend(q_lat, q_pe, k_lat, k_rope, columns, attn.scaling)  # [nh, b, C]
-    else:
+    o_lat = (moe_gemm.or_none(mla_attention.attend, q_lat, q_pe, k_lat, k_rope, columns, attn.scaling)  # [nh, b, C]
+             if in_kernels else None)
+    if o_lat is None:
         scores = _scores(q_lat.transpose(0, 1), k_lat, q_pe.reshape(b, nh, dr), k_rope, attn.scaling)  # [b, nh, W]
         if attention_mask is not None:
             mask4 = attention_mask[:, 0, -1:, : scores.shape[-1]]  # [b, 1, W]

@@ -125,6 +125,15 @@ IN_KERNELS = textwrap.dedent("""
     want, _ = run_continuously(base, asks)
     assert calls["attend"] == len(errors) - calls["attend"], "the torch ops ran the second time"
     assert [r.tokens for r in got] == [r.tokens for r in want]
+    # A kernel that cannot compile for the GPU turns the kernels off for the process; the step goes on in torch ops.
+    del os.environ["DSFT_TRITON_MLA"]
+    def fails(*args):
+        raise RuntimeError("no such instruction on this GPU")
+    mla_attention.attend = fails
+    after, _ = run_continuously(base, asks)
+    from dsft.kernels import moe_gemm
+    assert not moe_gemm.available() and "no such instruction" in moe_gemm._FAILED
+    assert [r.tokens for r in after] == [r.tokens for r in want]
     print("ok")
 """)
 
@@ -132,7 +141,7 @@ IN_KERNELS = textwrap.dedent("""
 def test_absorbed_steps_in_the_triton_kernels_equal_transformers_attention_and_the_torch_ops(refs, rt_home):
     """The path a GPU takes (two kernels a layer), in Triton's interpreter: every layer of a mixed batch's decode
     steps (rows with and without an adapter, joining) equals transformers' expanded attention, and the rows get the
-    tokens the torch ops give them."""
+    tokens the torch ops give them; a kernel that fails to compile turns the kernels off and the steps go on."""
     pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_HOME": str(rt_home), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", IN_KERNELS, refs["finance"], refs["legal"], refs["medical"]], env=env,
