@@ -20,6 +20,8 @@ dsft train steps them on one GPU (--compile --packed --attn dsft_varlen --graphs
 
     python benchmarks/train_throughput.py --variant dsft_qlora --compile --bs 1 --packed --attn dsft_varlen --graphs
                                                       # as dsft train steps: packed rows, varlen attention, CUDA graphs
+    python benchmarks/train_throughput.py --variant dsft_lora --compile --packed --attn dsft_varlen --graphs --profile
+                                                      # + where one step's time goes (kernels, idle GPU, optimizer, host)
     python benchmarks/train_throughput.py --longest                                    # longest seq at batch 1, PEFT vs dsft
 """
 from __future__ import annotations
@@ -278,6 +280,7 @@ def run_one(a) -> dict:
     dt = (time.perf_counter() - t0) / a.steps
     tps = tokens / dt
     fpt = flops_per_token(lite_config(a.layers), a.seq)
+    profiled = profile_step(run, opt, batch, graphs is None, a.top) if a.profile else None
     tag = "".join(f"+{t}" for t in [a.compile_mode, *(a.inductor or [])] if t) if a.compile else ""
     tag += "+densefold" if a.dense_fold else ""
     tag += "+packed" if a.packed else ""
@@ -289,7 +292,35 @@ def run_one(a) -> dict:
                 trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 1), tflops=round(tps * fpt / 1e12, 1),
                 mfu_vs_989=round(tps * fpt / PEAK_TFLOPS / 1e12, 3), mfu_vs_measured=round(tps * fpt / MEASURED_TFLOPS / 1e12, 3),
                 warmup_s=round(warm, 1), loss=round(loss.item(), 4),
-                **({"graphs": graphs.summary()} if graphs else {}))
+                **({"graphs": graphs.summary()} if graphs else {}), **({"profile": profiled} if profiled else {}))
+
+
+def profile_step(run, opt, batch, set_to_none: bool, top: int) -> dict:
+    """Where one more step's time goes, the way the timed steps ran it: GPU time of the forward + backward (a graph
+    replay with --graphs) and of the optimizer step (CUDA events), the sum of the kernels' own times in them
+    (torch.profiler), the step's wall time; what the events measure beyond the kernels is idle GPU between
+    kernels, what the wall time has beyond the events is the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        marks[0].record()
+        run(batch, 1.0, 1.0)
+        marks[1].record()
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        marks[2].record()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    return {"wall_ms": round(wall * 1e3, 1), "forward_backward_gpu_ms": round(marks[0].elapsed_time(marks[1]), 1),
+            "optimizer_gpu_ms": round(marks[1].elapsed_time(marks[2]), 1),
+            "kernel_ms": round(sum(e.device_time_total for e in events) / 1e3, 1), "kernels": sum(e.count for e in events),
+            "top": [{"kernel": e.key[:100], "ms": round(e.device_time_total / 1e3, 2), "calls": e.count} for e in events[:top]]}
 
 
 def run_longest(a) -> dict:
@@ -399,6 +430,9 @@ if __name__ == "__main__":
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--qlora-bs", type=int, default=1)
     p.add_argument("--graphs", action="store_true", help="dsft's training CUDA graphs (dsft/recipes/graphs.py)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one more step: GPU time of forward + backward and optimizer, kernel time, wall time")
+    p.add_argument("--top", type=int, default=15, help="with --profile: the kernels listed")
     p.add_argument("--packed", action="store_true", help="packed SFT-like rows (as dsft train packs them) instead of random rows")
     p.add_argument("--attn", help="attention implementation: dsft_varlen (dsft train's on a GPU), flex_attention, sdpa")
     p.add_argument("--keep-layers", type=int, default=0, help="leave the last N decoder layers out of activation checkpointing")
