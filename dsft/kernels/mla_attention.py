@@ -17,6 +17,8 @@ off a GPU, and the CPU tests' oracle: the kernels run there in Triton's interpre
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsft.kernels import moe_gemm
@@ -41,8 +43,6 @@ def usable(x: torch.Tensor, latent: int, rope: int, cache_dtype: torch.dtype) ->
     """Whether the kernels should (and can) run: Triton present (see :func:`dsft.kernels.moe_gemm.available`), CUDA in
     half precision (or the interpreter), latent and rope widths powers of two of at least 16 (DeepSeek-V2: 512 and
     64), the cache in the activations' dtype, unless ``DSFT_TRITON_MLA=0`` (to compare with the torch ops)."""
-    import os
-
     on_device = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     return ((on_device or os.environ.get("TRITON_INTERPRET") == "1") and moe_gemm.available()
             and _pow2(latent) and _pow2(rope) and cache_dtype == x.dtype

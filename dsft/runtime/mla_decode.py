@@ -46,7 +46,8 @@ bucket's); below it the expanded path's fewer kernels win. Measured on the H200 
 ABSORB_FROM_KERNELS = 0
 """The same with the Triton kernels of :mod:`dsft.kernels.mla_attention` (two kernels a layer where the torch ops
 took ~30): absorbed is the faster path at every size measured (H200, lite shape, ms a step expanded -> absorbed
-with kernels, ``decode_profile.py --absorb-ab``): 1 x 64: 5.54 -> 5.24, 8 x 64: 9.72 -> 8.95, 32 x 64: 14.11 -> 12.27."""
+with kernels, rows x prompt tokens, ``benchmarks/results/2026-12-01-h200-mla-absorb-kernels.md``): 1 x 16: 5.21 ->
+4.98, 8 x 16: 9.30 -> 8.57, 32 x 16: 13.54 -> 11.81, 1 x 512: 5.85 -> 5.10, 8 x 512: 14.67 -> 8.90, 32 x 512: 33.12 -> 12.54."""
 
 
 def absorb_wanted(rows: int, width: int, kernels: bool = False) -> bool:
