@@ -35,6 +35,7 @@ from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.fp8_experts import dequantize_experts, quantize_experts
 from dsft.runtime.fused_norms import fuse_rms_norms, restore_norms
+from dsft.runtime.fused_router import patch_routers, restore_routers
 from dsft.runtime.mla_decode import patch_mla, restore_mla
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.records import AdapterInfo
@@ -90,6 +91,7 @@ class RuntimeBase(RuntimeRequests):
         self._originals: tuple[Any, Any] | None = None
         self._norms: list[torch.nn.Module] = []
         self._mla: list[torch.nn.Module] = []
+        self._routers: list[torch.nn.Module] = []
         # The batch run() keeps between calls (see dsft.runtime.requests), and the environment it was made under.
         self._idle_batch = None
         self._idle_key: tuple[str, str] | None = None
@@ -184,6 +186,7 @@ class RuntimeBase(RuntimeRequests):
             quantize_experts(self._lora.experts_modules())
         self._norms = fuse_rms_norms(self.model)
         self._mla = patch_mla(self.model, self._lora.linear_lora, is_slot_decode)
+        self._routers = patch_routers(self.model)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -295,7 +298,8 @@ class RuntimeBase(RuntimeRequests):
                 self._lora.close()
                 restore_norms(self._norms)
                 restore_mla(self._mla)
-                self._norms, self._mla = [], []
+                restore_routers(self._routers)
+                self._norms, self._mla, self._routers = [], [], []
                 embed, head = self._originals
                 self.model.set_input_embeddings(embed)
                 self.model.set_output_embeddings(head)

@@ -100,12 +100,14 @@ IN_KERNELS = textwrap.dedent("""
     base = load_base("tiny-deepseek-v2", device="cpu")
     for ref in sys.argv[1:]:
         base.attach(ref)
-    calls = {"prologue": 0, "attend": 0}
+    from dsft.kernels import router
+    calls = {"prologue": 0, "attend": 0, "greedy_route": 0}
     for name in calls:
-        def counted(*args, _real=getattr(mla_attention, name), _name=name):
+        owner = router if name == "greedy_route" else mla_attention
+        def counted(*args, _real=getattr(owner, name), _name=name):
             calls[_name] += 1
             return _real(*args)
-        setattr(mla_attention, name, counted)
+        setattr(owner, name, counted)
     errors = []
     real = mla_decode.absorbed_decode
 
@@ -134,6 +136,12 @@ IN_KERNELS = textwrap.dedent("""
     from dsft.kernels import moe_gemm
     assert not moe_gemm.available() and "no such instruction" in moe_gemm._FAILED
     assert [r.tokens for r in after] == [r.tokens for r in want]
+    # DSFT_TRITON_ROUTER=1 (set by the test): the routers ran in their kernels, and close() gives them their forward back
+    assert calls["greedy_route"] > 0, calls
+    gates = [m for m in base.model.modules() if type(m).__name__ == "DeepseekV2TopkRouter"]
+    assert gates and all("forward" in g.__dict__ for g in gates)
+    base.close()
+    assert not any("forward" in g.__dict__ for g in gates)
     print("ok")
 """)
 
@@ -141,9 +149,11 @@ IN_KERNELS = textwrap.dedent("""
 def test_absorbed_steps_in_the_triton_kernels_equal_transformers_attention_and_the_torch_ops(refs, rt_home):
     """The path a GPU takes (two kernels a layer), in Triton's interpreter: every layer of a mixed batch's decode
     steps (rows with and without an adapter, joining) equals transformers' expanded attention, and the rows get the
-    tokens the torch ops give them; a kernel that fails to compile turns the kernels off and the steps go on."""
+    tokens the torch ops give them; a kernel that fails to compile turns the kernels off and the steps go on; with
+    ``DSFT_TRITON_ROUTER=1`` the routers run in their kernels and get their own forward back on close."""
     pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_HOME": str(rt_home), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_HOME": str(rt_home), "HF_HUB_OFFLINE": "1",
+           "DSFT_TRITON_ROUTER": "1"}
     done = subprocess.run([sys.executable, "-c", IN_KERNELS, refs["finance"], refs["legal"], refs["medical"]], env=env,
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
