@@ -41,11 +41,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     """The weight :func:`quantize_rows` holds, in ``dtype``: each value widened to fp32, times its row's scale, rounded
     once. On a GPU in one Triton pass (:mod:`dsft.kernels.fp8_triton`): the torch ops below write and read fp32
     copies of the whole weight twice (DeepSeek-V2-Lite's routed experts of one layer: 0.55 GB of FP8 became ~10 GB of
-    traffic and 4.4 GB of temporaries in every prefill); the same arithmetic and rounding."""
+    traffic and 4.4 GB of temporaries in every prefill, computed from the shapes); the same arithmetic and rounding."""
     from dsft.kernels import moe_gemm
 
-    if ((q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and moe_gemm.available() and q.is_contiguous()
-            and scale.is_contiguous() and q.numel() > 0 and os.environ.get("DSFT_TRITON_FP8", "1") != "0"):
+    if (moe_gemm.runs_on(q, half=False) and q.is_contiguous() and scale.is_contiguous() and q.numel() > 0 and os.environ.get("DSFT_TRITON_FP8", "1") != "0"):
         out = moe_gemm.or_none(_dequantize_kernel, q, scale, dtype)
         if out is not None:
             return out

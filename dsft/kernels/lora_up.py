@@ -23,17 +23,14 @@ MAX_ROWS = 256
 
 def usable(y: torch.Tensor, h: torch.Tensor) -> bool:
     """Triton present, CUDA in half precision (or the interpreter), few rows, unless ``DSFT_TRITON_LORA=0``."""
-    on_device = y.is_cuda and y.dtype in (torch.bfloat16, torch.float16)
-    return ((on_device or os.environ.get("TRITON_INTERPRET") == "1") and moe_gemm.available()
-            and y.dim() == 2 and h.dim() == 2 and y.shape[0] <= MAX_ROWS
+    return (moe_gemm.runs_on(y) and y.dim() == 2 and h.dim() == 2 and y.shape[0] <= MAX_ROWS
             and os.environ.get("DSFT_TRITON_LORA", "1") != "0")
 
 
 def lora_up_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``y += (h * mask) B^T`` in place and returned: ``y`` [M, N], ``h`` [M, R], ``B`` [N, R], ``mask`` [M, R] or None
     (any strides)."""
-    if not moe_gemm.available():
-        raise RuntimeError("the Triton LoRA kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    moe_gemm.require("LoRA kernel")
     from dsft.kernels import lora_up_triton
 
     M, N = y.shape

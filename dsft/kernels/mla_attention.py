@@ -28,8 +28,7 @@ HEADS_PER_PROGRAM = 16
 
 
 def _kernels():
-    if not moe_gemm.available():
-        raise RuntimeError("the Triton MLA kernels need Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    moe_gemm.require("MLA kernels")
     from dsft.kernels import mla_triton
 
     return mla_triton
@@ -43,9 +42,7 @@ def usable(x: torch.Tensor, latent: int, rope: int, cache_dtype: torch.dtype) ->
     """Whether the kernels should (and can) run: Triton present (see :func:`dsft.kernels.moe_gemm.available`), CUDA in
     half precision (or the interpreter), latent and rope widths powers of two of at least 16 (DeepSeek-V2: 512 and
     64), the cache in the activations' dtype, unless ``DSFT_TRITON_MLA=0`` (to compare with the torch ops)."""
-    on_device = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    return ((on_device or os.environ.get("TRITON_INTERPRET") == "1") and moe_gemm.available()
-            and _pow2(latent) and _pow2(rope) and cache_dtype == x.dtype
+    return (moe_gemm.runs_on(x) and _pow2(latent) and _pow2(rope) and cache_dtype == x.dtype
             and os.environ.get("DSFT_TRITON_MLA", "1") != "0")
 
 

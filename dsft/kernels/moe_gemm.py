@@ -61,6 +61,20 @@ def available() -> bool:
     return _KERNELS is not None and _FAILED is None
 
 
+def runs_on(t: torch.Tensor, half: bool = True) -> bool:
+    """Whether dsft's Triton kernels can take ``t``: on CUDA (in half precision, unless ``half=False``) or in Triton's
+    interpreter (``TRITON_INTERPRET=1``: the CPU tests), with the kernels loaded and not turned off."""
+    here = (t.is_cuda and (not half or t.dtype in (torch.bfloat16, torch.float16))
+            or os.environ.get("TRITON_INTERPRET") == "1")
+    return here and available()
+
+
+def require(what: str) -> None:
+    """Raise unless the Triton kernels are loaded (``what`` names the caller's kernels in the message)."""
+    if not available():
+        raise RuntimeError(f"the Triton {what} need Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+
+
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`moe_gemm` should (and can) run for these operands: half precision on CUDA (weights in x's dtype
     or FP8), few pairs, Triton present, unless ``DSFT_TRITON_MOE=0`` (to compare against torch's grouped GEMM)."""

@@ -33,16 +33,13 @@ def wanted() -> bool:
 
 def usable(x: torch.Tensor, n_experts: int) -> bool:
     """CUDA in half precision (or the interpreter), few tokens, at most 256 experts, Triton available."""
-    on_device = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    return ((on_device or os.environ.get("TRITON_INTERPRET") == "1") and moe_gemm.available()
-            and x.numel() // x.shape[-1] <= MAX_TOKENS and n_experts <= 256)
+    return (moe_gemm.runs_on(x) and x.numel() // x.shape[-1] <= MAX_TOKENS and n_experts <= 256)
 
 
 def greedy_route(x: torch.Tensor, weight: torch.Tensor, k: int, scale: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x`` [T, H], router ``weight`` [E, H] -> (logits [T, E] fp32, weights [T, k] fp32, experts [T, k] int64)."""
-    if not moe_gemm.available():
-        raise RuntimeError("the Triton router kernels need Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
+    moe_gemm.require("router kernels")
     from dsft.kernels import router_triton
 
     T, H = x.shape
