@@ -1,5 +1,5 @@
-"""DeepSeek-V2's greedy router in two kernels in the runtime's steps (:mod:`dsft.kernels.router`), when
-``DSFT_TRITON_ROUTER=1`` (not measured on a GPU yet, so off by default).
+"""DeepSeek-V2's greedy router in two kernels in the runtime's decode steps (:mod:`dsft.kernels.router`; on unless
+``DSFT_TRITON_ROUTER=0``).
 
 Only modules whose ``forward`` is exactly transformers' ``DeepseekV2TopkRouter.forward`` (the same bytecode) with
 ``topk_method == "greedy"`` (DeepSeek-V2 and V2-Lite) are patched; a step with more tokens than the kernels take, or

@@ -1,7 +1,7 @@
-"""DeepSeek-V2's greedy router in two kernels (Triton; off unless DSFT_TRITON_ROUTER=1) against transformers'
+"""DeepSeek-V2's greedy router in two kernels (Triton; on unless DSFT_TRITON_ROUTER=0) against transformers'
 router, in Triton's interpreter on the CPU: tokens over one block, a hidden size over several spans and not a whole
 one, 64 experts and a count that is not a power of two, strided tokens; the runtime's patched router against
-transformers' forward, and no patch without the switch."""
+transformers' forward, and no patch with the switch off."""
 from __future__ import annotations
 
 import os
@@ -34,9 +34,9 @@ CHECK = textwrap.dedent("""
     h = torch.randn(3, 5, 64, generator=g)
     want_logits, want_w, want_i = gate(h)
     import os
-    os.environ.pop("DSFT_TRITON_ROUTER")  # off without the switch: not patched at all
+    os.environ["DSFT_TRITON_ROUTER"] = "0"  # switched off: not patched at all
     assert patch_routers(torch.nn.Sequential(gate)) == [] and "forward" not in gate.__dict__
-    os.environ["DSFT_TRITON_ROUTER"] = "1"
+    del os.environ["DSFT_TRITON_ROUTER"]  # the default: patched
     assert patch_routers(torch.nn.Sequential(gate)) == [gate]
     calls, real = [], router.greedy_route
     router.greedy_route = lambda *args: calls.append(1) or real(*args)
@@ -53,7 +53,7 @@ CHECK = textwrap.dedent("""
 
 
 def test_router_kernels_equal_transformers_router():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_TRITON_ROUTER": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "DSFT_TRITON_ROUTER"} | {"TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

@@ -136,7 +136,7 @@ IN_KERNELS = textwrap.dedent("""
     from dsft.kernels import moe_gemm
     assert not moe_gemm.available() and "no such instruction" in moe_gemm._FAILED
     assert [r.tokens for r in after] == [r.tokens for r in want]
-    # DSFT_TRITON_ROUTER=1 (set by the test): the routers ran in their kernels, and close() gives them their forward back
+    # the routers ran in their kernels, and close() gives them their forward back
     assert calls["greedy_route"] > 0, calls
     gates = [m for m in base.model.modules() if type(m).__name__ == "DeepseekV2TopkRouter"]
     assert gates and all("forward" in g.__dict__ for g in gates)
@@ -149,11 +149,10 @@ IN_KERNELS = textwrap.dedent("""
 def test_absorbed_steps_in_the_triton_kernels_equal_transformers_attention_and_the_torch_ops(refs, rt_home):
     """The path a GPU takes (two kernels a layer), in Triton's interpreter: every layer of a mixed batch's decode
     steps (rows with and without an adapter, joining) equals transformers' expanded attention, and the rows get the
-    tokens the torch ops give them; a kernel that fails to compile turns the kernels off and the steps go on; with
-    ``DSFT_TRITON_ROUTER=1`` the routers run in their kernels and get their own forward back on close."""
+    tokens the torch ops give them; a kernel that fails to compile turns the kernels off and the steps go on; the
+    routers run in their kernels (the default) and get their own forward back on close."""
     pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_HOME": str(rt_home), "HF_HUB_OFFLINE": "1",
-           "DSFT_TRITON_ROUTER": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DSFT_HOME": str(rt_home), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", IN_KERNELS, refs["finance"], refs["legal"], refs["medical"]], env=env,
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
