@@ -57,6 +57,7 @@ def run_train(a, data: Path, home: str) -> dict:
         cmd += ["--device", a.device]
     if a.qlora:
         cmd += ["--qlora"]
+    cmd += ["--keep-layers", a.keep_layers] if a.keep_layers else []
     cmd += a.override or []  # recipe overrides, e.g. stages.0.seq_len=4096 stages.0.batch_size=2
     env = {**os.environ, "DSFT_HOME": home, "TORCH_LOGS": "recompiles", "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
@@ -71,7 +72,8 @@ def run_train(a, data: Path, home: str) -> dict:
                        "padded_tokens_per_s": s["padded_tokens_per_s"], "padding_share": data_plan.get("padding_share"),
                        "seq_len": data_plan.get("seq_len"), "batch_size": data_plan.get("batch_size"),
                        "micro_batch_size": data_plan.get("micro_batch_size"), "attention": s.get("attention"),
-                       "peak_gpu_gib": s.get("peak_gpu_gib"), "cuda_graphs": s.get("cuda_graphs")})
+                       "peak_gpu_gib": s.get("peak_gpu_gib"), "cuda_graphs": s.get("cuda_graphs"),
+                       "recompute": s.get("recompute")})
     # The stage figures above include the compile warm-up of the first step; the steady rate is the median of
     # the per-step rates in the adapter's training log after the first two steps.
     log = Path(result["path"]) / "train_log.jsonl"
@@ -151,6 +153,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096, help="seq_len for the tokenising measurement")
     ap.add_argument("--device", default=None)
     ap.add_argument("--qlora", action="store_true", help="dsft train --qlora (the base in NF4)")
+    ap.add_argument("--keep-layers", default=None, help="dsft train --keep-layers (default: dsft train's own, auto)")
     ap.add_argument("--override", action="append", help="a recipe override for dsft train (repeatable), e.g. stages.0.seq_len=4096")
     ap.add_argument("--home", default=None, help="DSFT_HOME (default: a temporary one; presets are built there)")
     a = ap.parse_args()

@@ -184,9 +184,10 @@ def train_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code shipped with the base to run."),
     compile_layers: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, torch.compile each decoder layer."),
-    keep_layers: str = typer.Option("0", "--keep-layers", help="On a GPU, leave the last N decoder layers out of activation "
-                                    "checkpointing: faster, at one layer's activations more memory each; auto: as many "
-                                    "as the planner fits on the card (10% spare)."),
+    keep_layers: str = typer.Option("auto", "--keep-layers", help="On a GPU, leave the last N decoder layers out of activation "
+                                    "checkpointing: faster, at one layer's activations more memory each; auto (default): as "
+                                    "many as the planner fits on the card (10% spare), the micro-batch sized for it; 0: "
+                                    "every layer recomputes (least memory)."),
     qlora: bool = typer.Option(False, "--qlora", help="Hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; "
                                "the override quantize=nf4). Uses bitsandbytes."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run of this domain from its last checkpoint "

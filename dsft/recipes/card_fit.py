@@ -18,10 +18,12 @@ def _method(rec: Recipe, nf4: bool) -> str:
     return "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
 
 
-def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, fsdp_gpus: int = 1) -> Callable[[int, int], bool]:
+def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, fsdp_gpus: int = 1,
+                 checkpointing: bool = True) -> Callable[[int, int], bool]:
     """``fits(m, seq)``: whether a micro-batch of ``m`` rows of ``seq`` tokens fits the card of ``device``
     with :data:`dsft.recipes.sizing.PLAN_MARGIN` of it to spare; ``fsdp_gpus``: the model is sharded over
-    that many GPUs (FSDP2), each holding its share of the weights and state."""
+    that many GPUs (FSDP2), each holding its share of the weights and state; ``checkpointing``: every layer
+    recomputes its activations in backward (False: every layer keeps them)."""
     from dsft.eval.plan import PlanRequest, count_model, estimate_memory
 
     counts = count_model(base, lora_r=rec.adapter.r)
@@ -29,19 +31,21 @@ def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: 
 
     def fits(m: int, seq: int) -> bool:
         req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=m, seq=seq, lora_r=rec.adapter.r, new_terms=new_terms,
-                          num_gpus=fsdp_gpus)
+                          num_gpus=fsdp_gpus, checkpointing=checkpointing)
         return estimate_memory(counts, req)[0].total <= (1 - PLAN_MARGIN) * card
     return fits
 
 
 def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
-    """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner) out of activation
-    checkpointing; returns how many. ``rec`` is sized (:mod:`dsft.recipes.sizing`): a forward holds a
-    micro-batch, not the whole step."""
+    """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner; none for a 4-bit base or
+    several processes) out of activation checkpointing; returns how many. ``rec`` is sized
+    (:mod:`dsft.recipes.sizing`): a forward holds a micro-batch, not the whole step."""
     layers = model.get_decoder().layers
     if keep == "auto":
         keep = 0
-        if not dist.enabled:  # sharded or replicated runs: per-GPU memory is not what the single-card plan assumes
+        # Sharded or replicated runs: per-GPU memory is not what the single-card plan assumes. A 4-bit base: a
+        # layer out of checkpointing would also hold its dequantised bf16 weights for backward (dsft.kernels.nf4).
+        if not dist.enabled and not nf4:
             from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
 
             big = max(rec.stages, key=lambda s: s.micro_batch_size * s.seq_len)

@@ -111,7 +111,7 @@ def train(
     device: str | None = None,
     trust_remote_code: bool = False,
     compile_layers: bool = True,
-    keep_layers: int | str = 0,
+    keep_layers: int | str = "auto",
     on_event: Event | None = None,
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -139,8 +139,9 @@ def train(
         compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
         keep_layers: on CUDA, leave the last N decoder layers out of activation checkpointing: they keep
             their activations instead of recomputing them in backward (faster; on DeepSeek-V2-Lite at
-            4 x 2048 tokens ~1.3 GiB more per layer, measured). ``"auto"``: as many as the planner
-            (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare.
+            4 x 2048 tokens ~1.3 GiB more per layer, measured). ``"auto"`` (the default): as many as the planner
+            (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare, and
+            a micro-batch the recipe leaves open is sized for that (:func:`dsft.recipes.sizing.choose_micro_batch`).
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
             stage_eval, checkpoint, saved, data_plan, warning (``{"message"}``).
         resume: continue the last unfinished run of this domain from its last checkpoint; it must have
@@ -180,7 +181,7 @@ def train(
             run.emit("warning", {"message": f"{user.overlap} of {len(user.heldout)} held-out records are also "
                                             "training records: their loss measures memorisation, not the domain"})
         run.open_run(resume)
-        run.load(trust_remote_code)
+        run.load(trust_remote_code, keep_layers == "auto")
         run.attach(keep_layers, compile_layers)
         run.track(trackers)
         result = None
@@ -225,6 +226,8 @@ class Training:
         self.run: RunDir | None = None
         self.ckpt: Checkpoint | None = None
         self.stage_metrics: list[dict[str, Any]] = []
+        self.recompute: dict[str, int] = {}
+        """On a GPU: ``{"kept_layers", "layers"}``, the decoder layers out of activation checkpointing."""
         self.elapsed_before = 0.0
         """Seconds trained by the processes before a resume."""
 
@@ -246,8 +249,9 @@ class Training:
 
     # --- 3. load ---------------------------------------------------------------------------------
 
-    def load(self, trust_remote_code: bool) -> None:
-        """The base, the held-out sets and, unless 4-bit (see :meth:`attach`), the "before" losses."""
+    def load(self, trust_remote_code: bool, keep_auto: bool = False) -> None:
+        """The base, the held-out sets and, unless 4-bit (see :meth:`attach`), the "before" losses. ``keep_auto``:
+        the run keeps as many layers' activations as fit (``--keep-layers auto``), which sizes its micro-batches."""
         from dsft.domains import general_pack
 
         plan = self.plan
@@ -266,7 +270,7 @@ class Training:
         if self.cuda:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.general = general_pack()
-        self.sizes = self._size_steps()
+        self.sizes = self._size_steps(keep_auto)
         plan = self.plan = replace(plan, recipe=sized(plan.recipe, self.sizes))
         self.seq_len = max(s.seq_len for s in plan.recipe.stages)
         self.base_sets, self.base_tokens = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,
@@ -274,7 +278,7 @@ class Training:
         if not self.nf4 and not self.sharded_load:
             self.before = self._before(self.model)
 
-    def _size_steps(self) -> list[StepSize]:
+    def _size_steps(self, keep_auto: bool) -> list[StepSize]:
         """Each stage's seq_len, rows per step and micro-batch (:mod:`dsft.recipes.sizing`), fixed for the run:
         a resumed run keeps the sizes it started with, whatever card it resumes on."""
         plan, world = self.plan, self.dist.world if self.dist.enabled else 1
@@ -284,7 +288,10 @@ class Training:
         context = getattr(self.model.config, "max_position_embeddings", None)
         sharded = self.dist.world if self.dist.sharding == "fsdp" else 1
         fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target, sharded) if self.cuda else None
-        return [size_stage(s, cuda=self.cuda, context=context, fits=fits, world=world,
+        # as spare_recompute: several processes or a 4-bit base keep every layer recomputing
+        fits_kept = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target,
+                                 checkpointing=False) if self.cuda and keep_auto and not self.dist.enabled and not self.nf4 else None
+        return [size_stage(s, cuda=self.cuda, context=context, fits=fits, fits_kept=fits_kept, world=world,
                            lengths=partial(example_lengths, s, plan.pack, self.general, self.tokenizer, plan.user_records, SAMPLE))
                 for s in plan.recipe.stages]
 
@@ -329,7 +336,8 @@ class Training:
             fold_lora(self.trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
         if self.cuda:
             kept = spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist)
-            self.emit("recompute", {"kept_layers": kept, "layers": len(model.get_decoder().layers)})
+            self.recompute = {"kept_layers": kept, "layers": len(model.get_decoder().layers)}
+            self.emit("recompute", self.recompute)
         if self.ckpt:  # before sharding: the checkpoint holds whole tensors
             restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
         dist.prepare(self.trained_model, self.spec)
@@ -387,6 +395,8 @@ class Training:
             metrics = run_stage(self.ctx, i, stage, data, steps, resume_at if i == first else None,
                                 partial(self._mid_stage, i, steps))
             metrics["data"] = data_plan
+            if self.recompute:  # on a GPU: the layers that kept their activations (--keep-layers)
+                metrics["recompute"] = self.recompute
             self.stage_metrics.append(metrics)
             self.dist.on_main(partial(self.run.write_stage, i, stage.name, metrics))
             self._checkpoint(i + 1, 0, [], {}, None)

@@ -8,8 +8,10 @@ as a token budget) and ``micro_batch_size`` (rows per forward and backward; grad
   stays a two-minute run);
 * on a GPU, steps sized for the card: ``seq_len`` from the data (the 99th percentile example length,
   rounded up to 256, at most the base's context; 2,048 for raw text, which fills rows whole),
-  :data:`GPU_TOKENS_PER_STEP` tokens per optimizer step, and the largest micro-batch that
-  ``dsft plan``'s memory model fits on the card with 10% to spare.
+  :data:`GPU_TOKENS_PER_STEP` tokens per optimizer step, and a micro-batch that ``dsft plan``'s memory model
+  fits on the card with 10% to spare (:func:`choose_micro_batch`: the largest one when every layer recomputes its
+  activations; with ``--keep-layers auto``, the default, memory past :data:`SATURATING_TOKENS` a forward goes to
+  keeping activations rather than to a bigger micro-batch).
 
 Nothing here touches a model: the caller passes what it knows (example lengths, the card's bytes, a
 memory estimate) so the choice is a pure function, tested on the CPU.
@@ -33,6 +35,12 @@ SEQ_ROUND = 256
 PERCENTILE = 0.99
 PLAN_MARGIN = 0.10
 """Share of the card a GPU-sized micro-batch leaves out of ``dsft plan``'s estimate (the model's error, fragmentation)."""
+SATURATING_TOKENS = 8192
+"""Tokens a forward from which, on a GPU, memory is better spent keeping layers' activations than growing the
+micro-batch: recomputing them is a whole extra forward (on an H200, DeepSeek-V2-Lite shape at 4 x 2,048 packed
+tokens: 21,215 tokens/s with every layer recomputed, 25,324 with 14 of 27 kept, 29,719 with none recomputed:
+``benchmarks/results/2026-12-02-h200-train-keep.md``), while at 8,192 tokens the MoE's grouped GEMMs already have
+~768 rows an expert (top-6 of 64)."""
 SAMPLE = 4096
 """Examples whose lengths decide ``seq_len`` (the first ones of each source: enough for a 99th percentile)."""
 
@@ -77,15 +85,38 @@ def largest_micro_batch(rows: int, fits: Callable[[int], bool]) -> int:
     return 1
 
 
+def choose_micro_batch(rows: int, seq: int, fits: Callable[[int], bool],
+                       fits_kept: Callable[[int], bool] | None = None) -> int:
+    """The micro-batch (a divisor of ``rows``) for ``seq``-token rows. ``fits(m)``: ``m`` rows fit with every layer
+    recomputing its activations (checkpointing); ``fits_kept(m)``: they fit with none recomputing. Without
+    ``fits_kept``: :func:`largest_micro_batch`. With it: the largest micro-batch that fits without recompute, if it
+    reaches :data:`SATURATING_TOKENS` (or is all the rows); else the smallest one that reaches them, if it fits with
+    checkpointing (the room left keeps as many layers as fit, :func:`dsft.eval.plan.layers_to_keep`); else, as
+    without, the largest that fits."""
+    divisors = [d for d in range(1, rows + 1) if rows % d == 0]
+    if fits_kept is not None:
+        kept = [m for m in divisors if fits_kept(m)]
+        if kept and (kept[-1] * seq >= SATURATING_TOKENS or kept[-1] == rows):
+            return kept[-1]
+        enough = next((m for m in divisors if m * seq >= SATURATING_TOKENS), rows)
+        if fits(enough):
+            return enough
+    return largest_micro_batch(rows, fits)
+
+
 def size_stage(stage: Stage, *, cuda: bool, lengths: Callable[[], Sequence[int]] | None = None, context: int | None = None,
-               fits: Callable[[int, int], bool] | None = None, world: int = 1) -> StepSize:
+               fits: Callable[[int, int], bool] | None = None, fits_kept: Callable[[int, int], bool] | None = None,
+               world: int = 1) -> StepSize:
     """The step of ``stage`` on this device.
 
     Args:
         cuda: whether it trains on a GPU (GPU sizing) or the CPU (small fixed defaults).
         lengths: the stage's example lengths (only called on a GPU when ``seq_len`` is not set); empty for raw text.
         context: the base's context length.
-        fits: ``fits(micro_batch, seq_len)``: whether that forward and backward fit the card (GPU only).
+        fits: ``fits(micro_batch, seq_len)``: whether that forward and backward fit the card (GPU only), every
+            layer recomputing its activations in backward.
+        fits_kept: the same with no layer recomputing; given when the run keeps as many layers' activations as
+            fit (``--keep-layers auto``), see :func:`choose_micro_batch`.
         world: ranks sharing each step (each takes ``batch_size / world`` rows of it).
 
     Raises:
@@ -108,7 +139,10 @@ def size_stage(stage: Stage, *, cuda: bool, lengths: Callable[[], Sequence[int]]
     rows = -(-batch // world)
     micro = stage.micro_batch_size
     if micro is None:
-        micro = largest_micro_batch(rows, lambda m: fits(m, seq)) if cuda and fits and batch % world == 0 else rows
+        if cuda and fits and batch % world == 0:
+            micro = choose_micro_batch(rows, seq, lambda m: fits(m, seq), (lambda m: fits_kept(m, seq)) if fits_kept else None)
+        else:
+            micro = rows
         chosen.append("micro_batch_size")
     micro = min(micro, rows)
     if micro < rows and (batch % world or rows % micro):

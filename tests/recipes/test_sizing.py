@@ -12,6 +12,8 @@ from dsft.recipes.sizing import (
     CPU_SEQ_LEN,
     GPU_RAW_SEQ_LEN,
     GPU_TOKENS_PER_STEP,
+    SATURATING_TOKENS,
+    choose_micro_batch,
     largest_micro_batch,
     seq_len_from_lengths,
     size_stage,
@@ -57,6 +59,21 @@ def test_two_ranks_split_each_step_evenly_and_a_micro_batch_must_divide_a_ranks_
         size_stage(_stage("stages.0.batch_size=8", "stages.0.micro_batch_size=3"), cuda=False, world=2)
     assert largest_micro_batch(12, lambda m: m <= 5) == 4
     assert largest_micro_batch(7, lambda m: False) == 1
+
+
+def test_keep_auto_spends_memory_past_a_saturating_forward_on_kept_activations_not_a_bigger_micro_batch():
+    assert SATURATING_TOKENS == 4 * 2048
+    recomputing = lambda m: m <= 16  # every layer recomputing, 16 rows of 2,048 fit  # noqa: E731
+    assert choose_micro_batch(16, 2048, recomputing) == 16  # layers counted by hand: the largest, as before
+    assert choose_micro_batch(16, 2048, recomputing, lambda m: m <= 8) == 8  # 16k tokens with no recompute at all
+    # no recompute only at 2 rows (4k tokens): 4 rows, whose spare memory keeps what layers it can
+    assert choose_micro_batch(16, 2048, recomputing, lambda m: m <= 2) == 4
+    assert choose_micro_batch(16, 2048, lambda m: m <= 2, lambda m: m <= 1) == 2  # 4 rows fit no way: the largest that does
+    assert choose_micro_batch(3, 512, recomputing, lambda m: True) == 3  # every row fits and still under 8k tokens
+    # through size_stage: fits_kept is what --keep-layers auto passes
+    size = size_stage(_stage("stages.0.seq_len=2048", "stages.0.batch_size=16"), cuda=True, context=32768,
+                      fits=lambda m, seq: m <= 16, fits_kept=lambda m, seq: m * seq <= 2 * 2048)
+    assert (size.micro_batch_size, size.accumulation) == (4, 4)
 
 
 def test_the_recipe_refuses_a_batch_size_and_a_token_budget_together():
