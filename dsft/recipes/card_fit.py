@@ -1,6 +1,7 @@
 """What fits on this GPU, by ``dsft plan``'s memory model: the micro-batch a stage can take
 (:func:`fits_on_card`, for :mod:`dsft.recipes.sizing`) and the layers that can skip activation recompute
-(:func:`spare_recompute`, ``--keep-layers auto``)."""
+(:func:`spare_recompute`, ``--keep-layers auto``), and taking those back when a step runs out of memory
+(:func:`recompute_every_layer`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -58,3 +59,15 @@ def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: boo
     for layer in list(layers)[len(layers) - keep:] if keep else []:
         layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
     return keep
+
+
+def recompute_every_layer(model, record: dict[str, int]) -> dict[str, int] | None:
+    """Every decoder layer back to recomputing its activations, after a step ran out of memory with ``record``
+    (:func:`spare_recompute`'s ``{"kept_layers", "layers"}``) keeping some; returns the new record, which says how
+    many were kept (None: none were, nothing to give back)."""
+    kept = record.get("kept_layers", 0)
+    if not kept:
+        return None
+    for layer in model.get_decoder().layers:
+        layer.gradient_checkpointing = True
+    return {"kept_layers": 0, "layers": record["layers"], "out_of_memory_with": kept}

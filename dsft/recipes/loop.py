@@ -1,6 +1,7 @@
 """The training loop: one screen, no hidden machinery (the losses it minimises are in :mod:`dsft.eval.losses`)."""
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -129,6 +130,19 @@ class _Enqueued:
             _set_rng_state(now)
 
 
+def _drop_partial_step(params: list[torch.Tensor], graphs: StepGraphs | None) -> None:
+    """After a step failed part-way: its gradients (zeroed in place, where a graph adds into them), the failed
+    forward's tensors and the allocator's cached blocks go, and captured graphs (of the old memory plan) with them."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
+    if graphs is not None:
+        graphs.retrain()
+    gc.collect()  # torch < 2.12 keeps a failed activation checkpoint's hooks until its frames are collected
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def train_steps(
     model,
     optimizer: torch.optim.Optimizer,
@@ -148,6 +162,7 @@ def train_steps(
     sync: StepSync | None = None,
     micro_batch: int | None = None,
     graphs: StepGraphs | None = None,
+    on_out_of_memory: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Run optimizer steps ``start_step .. steps - 1``; ``batches(step)`` returns that step's tensors on the model's device.
 
@@ -163,7 +178,9 @@ def train_steps(
     so the step minimises the same token mean as one forward over all its rows. With ``graphs``
     (:class:`dsft.recipes.graphs.StepGraphs`, one process) each micro-batch shape is captured as a CUDA
     graph after its warm-up steps and replayed, and captured again when ``before_step`` changes what trains;
-    ``graphs.summary()`` says what ran.
+    ``graphs.summary()`` says what ran. ``on_out_of_memory()``: a step ran out of GPU memory; it frees what it can
+    (e.g. layers that kept their activations recompute them again) and returns True to have the step run again from
+    its first micro-batch, its partial gradients dropped (False: the error stands).
 
     A step's figures are read (one device sync) once the next step's forward and backward are enqueued: the
     device computes while the host reads, reports and prepares. So a step's ``on_step`` and ``after_step``
@@ -230,12 +247,19 @@ def train_steps(
         batch = batches(step)
         parts = micro_batches(batch, micro_batch)
         weights = token_shares(parts)
-        lm, aux = torch.zeros((), device=batch["input_ids"].device), None
-        for part, weight in zip(parts, weights):
-            part_lm, part_aux, imbalance = run(part, weight, 1 / len(parts))
-            if part_aux is not None:
-                aux = part_aux / len(parts) + (aux if aux is not None else 0)
-            lm = lm + part_lm * weight
+        while True:
+            try:
+                lm, aux = torch.zeros((), device=batch["input_ids"].device), None
+                for part, weight in zip(parts, weights):
+                    part_lm, part_aux, imbalance = run(part, weight, 1 / len(parts))
+                    if part_aux is not None:
+                        aux = part_aux / len(parts) + (aux if aux is not None else 0)
+                    lm = lm + part_lm * weight
+                break
+            except torch.OutOfMemoryError:
+                if on_out_of_memory is None or not on_out_of_memory():
+                    raise
+                _drop_partial_step(params, graphs)
         if sync is not None:
             sync.after_backward(params)
         finish(previous)  # the device runs this step's backward meanwhile; its weights are still the previous step's

@@ -37,7 +37,7 @@ from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.eval.tracking import parse_report_to, reachable_trackers
 from dsft.kernels.compile import compile_decoder_layers
-from dsft.recipes.card_fit import fits_on_card, spare_recompute
+from dsft.recipes.card_fit import fits_on_card, recompute_every_layer, spare_recompute
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
 from dsft.recipes.distributed import Dist
@@ -227,7 +227,10 @@ class Training:
         self.ckpt: Checkpoint | None = None
         self.stage_metrics: list[dict[str, Any]] = []
         self.recompute: dict[str, int] = {}
-        """On a GPU: ``{"kept_layers", "layers"}``, the decoder layers out of activation checkpointing."""
+        """On a GPU: ``{"kept_layers", "layers"}``, the decoder layers out of activation checkpointing (and
+        ``"out_of_memory_with"``: how many were kept when a step ran out of memory and they went back in)."""
+        self.keep_auto = False
+        """The kept layers are the planner's choice (``--keep-layers auto``), not the user's."""
         self.elapsed_before = 0.0
         """Seconds trained by the processes before a resume."""
 
@@ -337,6 +340,7 @@ class Training:
         if self.cuda:
             kept = spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist)
             self.recompute = {"kept_layers": kept, "layers": len(model.get_decoder().layers)}
+            self.keep_auto = keep_layers == "auto"
             self.emit("recompute", self.recompute)
         if self.ckpt:  # before sharding: the checkpoint holds whole tensors
             restore_adapter_state(self.trained_model, self.ckpt.group("adapter"))
@@ -353,6 +357,18 @@ class Training:
                 compile_decoder_layers(self.trained_model)
         if self.run is None:
             self.run = dist.on_main(lambda: RunDir.create(plan.runs_root, plan.key, recipe_yaml(rec)))
+
+    def _recompute_every_layer(self) -> bool:
+        """A step ran out of GPU memory: if the planner kept layers' activations (``--keep-layers auto``), every
+        layer recomputes them from now on and the step runs again (True); a count the user gave stands (False)."""
+        record = recompute_every_layer(self.model, self.recompute) if self.keep_auto else None
+        if record is None:
+            return False
+        self.recompute = record
+        self.emit("warning", {"message": f"out of GPU memory with {record['out_of_memory_with']} layers keeping their "
+                                         "activations (--keep-layers auto planned them): every layer recomputes its "
+                                         "activations from now on"})
+        return True
 
     def track(self, names: tuple[str, ...]) -> None:
         """Live tracking (:mod:`dsft.eval.tracking`) into the run directory's ``tracking/``, on the main rank."""
@@ -384,7 +400,7 @@ class Training:
         sets, _ = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,  # now with the added terms
                             plan.user_records.heldout)
         self.ctx = StageContext(self.trained_model, self.spec, self.terms, sets, self.base_tokens, self.emit,
-                                teacher_factory=self._teacher, dist=self.dist)
+                                teacher_factory=self._teacher, dist=self.dist, on_out_of_memory=self._recompute_every_layer)
         first, resume_at = self._restore_progress()
         for i, stage in enumerate(plan.recipe.stages[first:], start=first):
             steps = stage_steps(stage, plan.pack, self.general, self.tokenizer, plan.user_records)

@@ -220,6 +220,9 @@ class StageContext:
     dist: Dist = field(default_factory=Dist)
     trained: dict[str, int] = field(default_factory=dict)
     """Elements trained so far by key (a tensor, or one expert's slice): their sum is the adapter's size."""
+    on_out_of_memory: Callable[[], bool] | None = None
+    """A training step ran out of GPU memory: free what can be freed and return True to retry it (see
+    :func:`dsft.recipes.loop.train_steps`)."""
 
     @property
     def n_experts(self) -> int:
@@ -372,7 +375,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
                 on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
                 after_step=lambda step, ls: checkpoint(step, done_losses + ls,
                                                        lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
-                sync=sync, micro_batch=s.micro_batch_size, graphs=graphs,
+                sync=sync, micro_batch=s.micro_batch_size, graphs=graphs, on_out_of_memory=ctx.on_out_of_memory,
             )
     finally:
         probe.close()

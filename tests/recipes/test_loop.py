@@ -145,3 +145,41 @@ def test_a_stage_trained_through_varlen_attention_takes_the_packed_mask_steps(ti
     model.set_attn_implementation("sdpa")
     assert runs[VARLEN] == pytest.approx(runs["sdpa"], rel=1e-5)
     assert runs["sdpa"][1] < runs["sdpa"][0]
+
+
+def test_a_step_out_of_gpu_memory_runs_again_whole_once_memory_is_freed(tiny_qwen2_moe):
+    """``on_out_of_memory`` frees memory (``dsft train``: layers kept by ``--keep-layers auto`` recompute again) and the
+    step runs again from its first micro-batch, the gradients of the failed attempt dropped: the run is the run that
+    never failed. Without relief the error stands."""
+    model = tiny_qwen2_moe
+    start = copy.deepcopy(model.state_dict())
+
+    def run(fail_at: int | None = None, relief: bool | None = True):
+        model.load_state_dict(start)
+        calls, asked = [0], []
+
+        def loss_fn(m, part):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.56 GiB")
+            return default_loss(m, part)
+
+        probe = RouterProbe(model, spec_for(model.config.model_type))
+        try:
+            losses = train_steps(model, torch.optim.AdamW(model.parameters(), lr=1e-3), _batches(model.config.vocab_size),
+                                 steps=STEPS, peak_lrs=[1e-3], warmup=2, schedule="cosine", grad_clip=1.0, probe=probe,
+                                 loss_fn=loss_fn, micro_batch=1,
+                                 on_out_of_memory=None if relief is None else lambda: asked.append(1) or relief)
+        finally:
+            probe.close()
+        return losses, asked, copy.deepcopy(model.state_dict())
+
+    want, _, weights = run()
+    # two micro-batches a step: the 6th forward is step 3's second, after its first one's backward added gradients
+    got, asked, got_weights = run(fail_at=6)
+    assert got == want and asked == [1]
+    assert all(torch.equal(got_weights[k], weights[k]) for k in weights)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(fail_at=6, relief=False)  # nothing left to free
+    with pytest.raises(torch.OutOfMemoryError):
+        run(fail_at=2, relief=None)  # no handler
