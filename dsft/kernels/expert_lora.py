@@ -164,14 +164,13 @@ def _gate_up(xp: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora: LowR
     return y + lora.scale * grouped_mm(h, lora.B.transpose(1, 2).to(x.dtype), r.offs)
 
 
-def _lora_out_to_tokens(u: torch.Tensor, lora: LowRank, r: Routing, k: int, n_tokens: int) -> torch.Tensor:
-    """``sum_k w_k s u_k B_e^T`` per token, u_k = a_k A_e^T [T*k, r]: each pair's weighted r values go into its
-    expert's block of a [T, E*r] matrix (a token's k experts are distinct), then one dense GEMM with every
-    B stacked; the output and its gradient are [T, H], not [T*k, H]."""
+def _lora_out_to_tokens(h: torch.Tensor, lora: LowRank, r: Routing, k: int, n_tokens: int) -> torch.Tensor:
+    """``sum_k s h_k B_e^T`` per token, h_k = w_k a_k A_e^T [T*k, r] (the routing weight already in): each pair's r
+    values go into its expert's block of a [T, E*r] matrix (a token's k experts are distinct), then one dense GEMM
+    with every B stacked; the output and its gradient are [T, H], not [T*k, H]."""
     n_experts, out_features, rank = lora.B.shape
-    h = u * r.weight.unsqueeze(-1).to(u.dtype)
     g = h.new_zeros(n_tokens, n_experts, rank).index_put((r.order // k, r.expert), h)
-    stacked = lora.B.permute(0, 2, 1).reshape(n_experts * rank, out_features).to(u.dtype)   # row e*r+j = B_e[:, j]
+    stacked = lora.B.permute(0, 2, 1).reshape(n_experts * rank, out_features).to(h.dtype)   # row e*r+j = B_e[:, j]
     return lora.scale * (g.view(n_tokens, n_experts * rank) @ stacked)
 
 
@@ -216,9 +215,12 @@ def experts_forward(
     r = route(top_k_index, top_k_weights, gate_up_proj.shape[0])
     gu_head, down_head = heads if heads is not None else (None, None)
     gate, up = _gate_up(permute(x, r, k), x, gate_up_proj, gate_up_lora, r, k, gu_head, gate_up_folded).chunk(2, dim=-1)
-    a = act(gate) * up
+    # The routing weight scales the down projection's input, not its output (the same product: it is linear in
+    # its input). The weight's gradient then needs the [T*k, I] activation, which the backward recomputes from
+    # gate/up, instead of the [T*k, H] output saved for it (hidden H > expert width I).
+    a = act(gate) * up * r.weight.unsqueeze(-1).to(up.dtype)
     y, u = _down(a, down_proj, down_lora, r, down_head, down_folded)
-    out = unpermute(y * r.weight.unsqueeze(-1).to(y.dtype), r, k)
+    out = unpermute(y, r, k)
     if u is not None and down_lora is not None:  # u is only made with a down LoRA
         out = out + _lora_out_to_tokens(u, down_lora, r, k, x.shape[0])
     return out.to(x.dtype)

@@ -101,7 +101,13 @@ def _setup_part(ctx, inputs, output):
         raise ValueError(f"gmm_part: where must be one of {PARTS}, got {where!r}")
     ctx.needs_x, ctx.needs_part = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     ctx.where, ctx.size = where, part.shape[0] if where == "head" else part.shape[1] if where == "rows" else part.shape[2]
-    ctx.save_for_backward(x if ctx.needs_part else None, w, offs)
+    kept = x if ctx.needs_part else None
+    if kept is not None and where == "rows":
+        # part's gradient reads only x's last r columns (gate_up's folded LoRA input, r of hidden + r): a copy of
+        # them is saved, not x, which would hold the routed pairs' hidden states (~25 KB a token a layer in
+        # bf16 on DeepSeek-V2-Lite) for the backward.
+        kept = x[:, x.shape[1] - ctx.size :].contiguous()
+    ctx.save_for_backward(kept, w, offs)
 
 
 def _backward_part(ctx, dy):
@@ -113,7 +119,7 @@ def _backward_part(ctx, dy):
             # Rows past the last trained group's end are outside every group: their x never meets dy here.
             dpart = gmm_wgrad(x, dy, offs[: ctx.size].contiguous())
         elif ctx.where == "rows":
-            dpart = gmm_wgrad(x[:, x.shape[1] - ctx.size :], dy, offs)
+            dpart = gmm_wgrad(x, dy, offs)  # x: the last r columns only (see _setup_part)
         else:
             dpart = gmm_wgrad(x, dy[:, dy.shape[1] - ctx.size :], offs)
     return dx, None, dpart, None, None
