@@ -17,7 +17,8 @@ which is the expanded attention's math exactly (everything is linear in the late
 It does a fixed number of small GEMMs more than the expanded path and none that grows with the cache except the
 two attention products, so :func:`absorb_wanted` picks it when rows x width is large enough (measured on the H200),
 and on a GPU always: there its norm, rotary, cache writes and attention run in two Triton kernels a layer
-(:mod:`dsft.kernels.mla_attention`) instead of ~30 small ops, and it is then the faster path at every size.
+(:mod:`dsft.kernels.mla_attention`) instead of ~30 small ops, and it is then the faster path at every size; the
+query and output absorptions with their LoRA take one kernel each (:mod:`dsft.kernels.mla_absorb`, nine torch ops).
 
 Only modules whose ``forward`` is exactly DeepSeek-V2's (the same bytecode) are patched, and only a decode step over
 the runtime's :class:`~dsft.runtime.static_cache.SlotCache` takes the absorbed path; prefill keeps transformers' code.
@@ -33,7 +34,7 @@ import types
 import torch
 from torch import nn
 
-from dsft.kernels import mla_attention, moe_gemm
+from dsft.kernels import mla_absorb, mla_attention, moe_gemm
 from dsft.runtime.fused_norms import is_llama_rms_norm, same_code
 
 ABSORB_FROM = 1024
@@ -168,15 +169,18 @@ def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask
         k_lat, k_rope = k_lat.squeeze(1), k_rope.squeeze(1)
 
     w = attn.kv_b_proj.weight.view(nh, dn + dv, C)
-    q_heads = q_nope.reshape(b, nh, dn).transpose(0, 1)  # [nh, b, dn]
-    q_lat = torch.bmm(q_heads, w[:, :dn])  # [nh, b, C]
+    lora_q = lora_o = None
     if lora is not None:
         A, B, mask = lora
         Bh = B.view(nh, dn + dv, -1)
-        low = torch.bmm(q_heads, Bh[:, :dn])  # [nh, b, R]
-        if mask is not None:
-            low = low * mask
-        q_lat.view(nh * b, C).addmm_(low.reshape(nh * b, -1), A)
+        lora_q, lora_o = (A, Bh[:, :dn], mask), (A, Bh[:, dn:], mask)
+    q_nope = q_nope.reshape(b, nh, dn)
+    # with the attention kernels, kv_b_proj's key half (and its LoRA) folds into the query in one kernel, and its
+    # value half into the output in another (dsft.kernels.mla_absorb); None: they cannot compile here, torch ops
+    absorb = in_kernels and mla_absorb.usable(q_nope)
+    q_lat = moe_gemm.or_none(mla_absorb.absorb_query, q_nope, w[:, :dn], lora_q) if absorb else None
+    if q_lat is None:
+        q_lat = mla_absorb.absorb_query_reference(q_nope, w[:, :dn], lora_q)  # [nh, b, C]
     o_lat = (moe_gemm.or_none(mla_attention.attend, q_lat, q_pe, k_lat, k_rope, columns, attn.scaling)  # [nh, b, C]
              if in_kernels else None)
     if o_lat is None:
@@ -186,10 +190,7 @@ def absorbed_decode(attn: nn.Module, hidden_states: torch.Tensor, attention_mask
             scores = scores.masked_fill(~mask4, float("-inf")) if mask4.dtype == torch.bool else scores + mask4
         probs = torch.softmax(scores, dim=-1).to(k_lat.dtype)
         o_lat = torch.bmm(probs, k_lat).transpose(0, 1)  # [nh, b, C]
-    out = torch.bmm(o_lat, w[:, dn:].transpose(1, 2))  # [nh, b, dv]
-    if lora is not None:
-        low = (o_lat.reshape(nh * b, C) @ A.t()).view(nh, b, -1)
-        if mask is not None:
-            low = low * mask
-        out = torch.baddbmm(out, low, Bh[:, dn:].transpose(1, 2))
-    return attn.o_proj(out.transpose(0, 1).reshape(b, 1, nh * dv))
+    out = moe_gemm.or_none(mla_absorb.absorb_output, o_lat, w[:, dn:], lora_o) if absorb else None
+    if out is None:
+        out = mla_absorb.absorb_output_reference(o_lat, w[:, dn:], lora_o)  # [b, nh * dv]
+    return attn.o_proj(out.view(b, 1, nh * dv))

@@ -100,10 +100,10 @@ IN_KERNELS = textwrap.dedent("""
     base = load_base("tiny-deepseek-v2", device="cpu")
     for ref in sys.argv[1:]:
         base.attach(ref)
-    from dsft.kernels import router
-    calls = {"prologue": 0, "attend": 0, "greedy_route": 0}
+    from dsft.kernels import mla_absorb, router
+    calls = {"prologue": 0, "attend": 0, "greedy_route": 0, "absorb_query": 0, "absorb_output": 0}
     for name in calls:
-        owner = router if name == "greedy_route" else mla_attention
+        owner = router if name == "greedy_route" else mla_absorb if name.startswith("absorb") else mla_attention
         def counted(*args, _real=getattr(owner, name), _name=name):
             calls[_name] += 1
             return _real(*args)
@@ -122,6 +122,7 @@ IN_KERNELS = textwrap.dedent("""
             Ask("medical", TEXTS[2], 3, join=2)]
     got, _ = run_continuously(base, asks)
     assert calls["prologue"] > 0 and calls["attend"] == calls["prologue"] == len(errors), (calls, len(errors))
+    assert calls["absorb_query"] == calls["absorb_output"] == len(errors), calls  # kv_b_proj folded in its kernels
     assert max(errors) < 1e-5, max(errors)
     os.environ["DSFT_TRITON_MLA"] = "0"  # the same rows through the torch ops
     want, _ = run_continuously(base, asks)
@@ -147,7 +148,8 @@ IN_KERNELS = textwrap.dedent("""
 
 
 def test_absorbed_steps_in_the_triton_kernels_equal_transformers_attention_and_the_torch_ops(refs, rt_home):
-    """The path a GPU takes (two kernels a layer), in Triton's interpreter: every layer of a mixed batch's decode
+    """The path a GPU takes (four kernels a layer: the prologue, kv_b_proj folded into the query, the attention, and
+    kv_b_proj folded into the output), in Triton's interpreter: every layer of a mixed batch's decode
     steps (rows with and without an adapter, joining) equals transformers' expanded attention, and the rows get the
     tokens the torch ops give them; a kernel that fails to compile turns the kernels off and the steps go on; the
     routers run in their kernels (the default) and get their own forward back on close."""
