@@ -16,7 +16,10 @@ so each variant compiles to only its own code):
 - ``ADD``: ``add[p]`` is added to the product (the base experts' output a LoRA up-projection adds to);
 - ``GLU``: ``w[e]`` has ``2N`` columns, gate then up, and the output is ``silu(gate) * up`` (N columns);
 - ``SCALE``: ``w`` holds FP8 values (:mod:`dsft.kernels.fp8`), widened to x's dtype tile by tile, and column n of
-  expert e's product is multiplied by ``scale[e, n]`` before the addend and the activation.
+  expert e's product is multiplied by ``scale[e, n]`` before the addend and the activation;
+- ``F16`` (with ``SCALE``): the FP8 tiles widen to fp16 instead, and x's tile is rounded to fp16 (saturated at its
+  largest value, 65,504) for the product: on Hopper e4m3 -> fp16 is one conversion instruction per two values,
+  e4m3 -> bf16 a longer sequence.
 
 ``moe_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[pos[t, j]]`` in fp32, pair ``(t, j)`` at sorted place
 ``pos``.
@@ -59,7 +62,8 @@ def moe_route_kernel(ids_ptr, token_ptr, expert_ptr, offs_ptr, pos_ptr, P, E, TO
 def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, N, K,
                     sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
                     GATHER: tl.constexpr, MASK: tl.constexpr, ADD: tl.constexpr, GLU: tl.constexpr,
-                    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    SCALE: tl.constexpr, F16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
     end = tl.load(offs_ptr + e)
@@ -84,6 +88,8 @@ def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, s
                 m = tl.load(mask_ptr + tok[:, None].to(tl.int64) * smm + kk[None, :] * smk,
                             mask=live[:, None] & (kk[None, :] < K), other=0.0)
                 a = a * m.to(a.dtype)
+            if F16:
+                a = tl.minimum(tl.maximum(a.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
             b = tl.load(w_rows + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
             acc += tl.dot(a, b.to(a.dtype))
             if GLU:
