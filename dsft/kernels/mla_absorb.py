@@ -19,6 +19,8 @@ GPU, and the CPU tests' oracle, the kernels running in Triton's interpreter ther
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsft.kernels import moe_gemm
@@ -31,8 +33,9 @@ Lora = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def usable(x: torch.Tensor) -> bool:
-    """CUDA in half precision (or the interpreter), Triton available, decode sizes (``x``: [rows, ...])."""
-    return moe_gemm.runs_on(x) and x.shape[0] <= MAX_ROWS
+    """CUDA in half precision (or the interpreter), Triton available, decode sizes (``x``: [rows, ...]), unless
+    ``DSFT_TRITON_ABSORB=0`` (to compare against the torch ops)."""
+    return moe_gemm.runs_on(x) and x.shape[0] <= MAX_ROWS and os.environ.get("DSFT_TRITON_ABSORB", "1") != "0"
 
 
 def _blocks(rows: int, R: int) -> tuple[int, int]:
