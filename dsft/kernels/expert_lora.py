@@ -216,8 +216,8 @@ def experts_forward(
     gu_head, down_head = heads if heads is not None else (None, None)
     gate, up = _gate_up(permute(x, r, k), x, gate_up_proj, gate_up_lora, r, k, gu_head, gate_up_folded).chunk(2, dim=-1)
     # The routing weight scales the down projection's input, not its output (the same product: it is linear in
-    # its input). The weight's gradient then needs the [T*k, I] activation, which the backward recomputes from
-    # gate/up, instead of the [T*k, H] output saved for it (hidden H > expert width I).
+    # its input). The weight's gradient then needs the [T*k, I] activation (pointwise from gate/up, which backward
+    # keeps anyway) instead of a saved [T*k, H] output (hidden H > expert width I).
     a = act(gate) * up * r.weight.unsqueeze(-1).to(up.dtype)
     y, u = _down(a, down_proj, down_lora, r, down_head, down_folded)
     out = unpermute(y, r, k)

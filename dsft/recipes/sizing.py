@@ -38,7 +38,7 @@ PLAN_MARGIN = 0.10
 SATURATING_TOKENS = 8192
 """Tokens a forward from which, on a GPU, memory is better spent keeping layers' activations than growing the
 micro-batch: recomputing them is a whole extra forward (on an H200, DeepSeek-V2-Lite shape at 4 x 2,048 packed
-tokens: 21,215 tokens/s with every layer recomputed, 25,324 with 14 of 27 kept, 29,719 with none recomputed:
+tokens: 21,504 tokens/s with every layer recomputed, 25,324 with 14 of 27 kept, 29,662 with none recomputed:
 ``benchmarks/results/2026-12-02-h200-train-keep.md``), while at 8,192 tokens the MoE's grouped GEMMs already have
 ~768 rows an expert (top-6 of 64)."""
 SAMPLE = 4096
