@@ -1,4 +1,4 @@
-"""RMSNorm in two kernels instead of eight, for the runtime's decode steps.
+"""RMSNorm in two kernels instead of eight (one on a GPU: :mod:`dsft.kernels.rms_norm`), for the runtime's steps.
 
 transformers' RMSNorm (Llama's, copied into every MoE model this runtime serves) is
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsft.kernels import moe_gemm, rms_norm
+
 
 @functools.cache
 def _reference_code() -> types.CodeType:
@@ -35,6 +37,10 @@ def same_code(a: types.CodeType, b: types.CodeType) -> bool:
 
 
 def _rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if rms_norm.usable(x, module.weight) and x.stride(-1) == 1:  # on a GPU: one kernel (dsft.kernels.rms_norm)
+        out = moe_gemm.or_none(rms_norm.rms_norm, x, module.weight, module.variance_epsilon)
+        if out is not None:
+            return out
     normed = F.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
     return module.weight * normed
 
