@@ -34,6 +34,7 @@ from dsft.base.arch import supports_fused_experts
 from dsft.base.loading import LoadedBase
 from dsft.errors import IncompatibleError, NotFoundError, UsageError
 from dsft.runtime.fp8_experts import dequantize_experts, quantize_experts
+from dsft.runtime.fused_mlp import patch_mlps, restore_mlps
 from dsft.runtime.fused_norms import fuse_rms_norms, restore_norms
 from dsft.runtime.fused_router import patch_routers, restore_routers
 from dsft.runtime.mla_decode import patch_mla, restore_mla
@@ -92,6 +93,7 @@ class RuntimeBase(RuntimeRequests):
         self._norms: list[torch.nn.Module] = []
         self._mla: list[torch.nn.Module] = []
         self._routers: list[torch.nn.Module] = []
+        self._mlps: list[torch.nn.Module] = []
         # The batch run() keeps between calls (see dsft.runtime.requests), and the environment it was made under.
         self._idle_batch = None
         self._idle_key: tuple[str, str] | None = None
@@ -159,8 +161,9 @@ class RuntimeBase(RuntimeRequests):
 
     def _install(self) -> None:
         """Take the model over on first use: per-row LoRA forwards, the multi-adapter embedding and head,
-        RMSNorms in fewer kernels (:mod:`dsft.runtime.fused_norms`) and DeepSeek-V2's attention absorbed in
-        large decode steps (:mod:`dsft.runtime.mla_decode`)."""
+        RMSNorms in fewer kernels (:mod:`dsft.runtime.fused_norms`), DeepSeek-V2's attention absorbed in
+        large decode steps (:mod:`dsft.runtime.mla_decode`), its router and SwiGLU MLPs in fewer kernels
+        (:mod:`dsft.runtime.fused_router`, :mod:`dsft.runtime.fused_mlp`)."""
         if self._lora is not None:
             return
         layers = self.model.get_decoder().layers
@@ -187,6 +190,7 @@ class RuntimeBase(RuntimeRequests):
         self._norms = fuse_rms_norms(self.model)
         self._mla = patch_mla(self.model, self._lora.linear_lora, is_slot_decode)
         self._routers = patch_routers(self.model)
+        self._mlps = patch_mlps(self.model, self._lora)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -299,7 +303,8 @@ class RuntimeBase(RuntimeRequests):
                 restore_norms(self._norms)
                 restore_mla(self._mla)
                 restore_routers(self._routers)
-                self._norms, self._mla, self._routers = [], [], []
+                restore_mlps(self._mlps)
+                self._norms, self._mla, self._routers, self._mlps = [], [], [], []
                 embed, head = self._originals
                 self.model.set_input_embeddings(embed)
                 self.model.set_output_embeddings(head)

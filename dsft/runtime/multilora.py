@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsft.base.arch import supports_fused_experts
+from dsft.kernels import lora_up, moe_gemm
 from dsft.kernels.expert_lora import LowRank
 from dsft.runtime.fp8_experts import scales_of
 from dsft.runtime.fused_linear import FusedWeights, fused_lora_linear
@@ -257,6 +258,37 @@ class MultiLora:
         if f is None:
             return None
         return f.A, f.B, self._mask(routing, groups, ranks, n, f.A.dtype)
+
+    def gated_up(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate_proj(x)) * up_proj(x)`` of a SwiGLU MLP (:mod:`dsft.runtime.fused_mlp`) whose two projections
+        carry the current rows' LoRA: each projection's ``[W; A]`` GEMM, then both masked up-projections and the
+        activation in one kernel (:func:`dsft.kernels.lora_up.swiglu_up`). None where that does not apply (no GPU
+        kernel or too many rows, not every attached adapter in the batch, the two projections stacked differently):
+        the MLP's own forward then runs, through the linears' forwards."""
+        routing = self._routing
+        gate_path, up_path = self._path_of.get(id(mlp.gate_proj)), self._path_of.get(id(mlp.up_proj))
+        n = x.numel() // x.shape[-1]
+        if (routing is None or not routing.keys or routing.keys != self._all or gate_path is None or up_path is None
+                or not lora_up.usable(x.view(n, -1), x.view(n, -1))):
+            return None
+        fg, groups, ranks = self._stacked("linear", gate_path, routing, self._linear.get(gate_path, {}))
+        fu, groups_u, ranks_u = self._stacked("linear", up_path, routing, self._linear.get(up_path, {}))
+        if fg is None or fu is None or (groups, ranks) != (groups_u, ranks_u):
+            return None
+        wg = self._fused.get(gate_path, mlp.gate_proj, fg.A, self.version)
+        wu = self._fused.get(up_path, mlp.up_proj, fu.A, self.version)
+        if wg is None or wu is None or wg.out_features != wu.out_features:
+            return None
+        mask = self._mask(routing, groups, ranks, n, x.dtype)
+        width = wg.out_features
+        full_g = F.linear(x, wg.stacked, wg.bias).view(n, -1)
+        full_u = F.linear(x, wu.stacked, wu.bias).view(n, -1)
+        args = (full_g[:, :width], full_g[:, width:], fg.B, full_u[:, :width], full_u[:, width:], fu.B,
+                None if mask is None else mask.view(n, -1))
+        out = moe_gemm.or_none(lora_up.swiglu_up, *args)
+        if out is None:  # the kernel cannot compile here (the kernels are now off): the same math in torch ops
+            out = lora_up.swiglu_up_reference(*args)
+        return out.view(*x.shape[:-1], width)
 
     # --- the forwards ----------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The in-place LoRA up-projection with each row's rank mask (Triton) against the torch ops, in Triton's
 interpreter on the CPU: h and y as strided slices of one ``[y | h]`` GEMM output (how the runtime's fused LoRA
-linears leave them), ranks over one block, no mask, no rows; and the runtime's fused linear through it."""
+linears leave them), ranks over one block, no mask, no rows; the runtime's fused linear through it; and a SwiGLU
+MLP's gate and up up-projections with the activation in one kernel."""
 from __future__ import annotations
 
 import os
@@ -38,6 +39,18 @@ CHECK = textwrap.dedent("""
     lora_up.lora_up_ = lambda *args: calls.append(1) or real(*args)
     torch.testing.assert_close(fused_lora_linear(x, fused, B, mask), want, rtol=1e-5, atol=1e-5)
     assert calls == [1], "the fused linear went through the kernel"
+    # a SwiGLU MLP's gate and up projections at once: both masked up-projections and silu(gate) * up in one kernel,
+    # g / hg and u / hu as slices of their [y | h] GEMM outputs
+    for M, N, R, masked in [(1, 70, 16, True), (5, 33, 80, True), (40, 100, 16, False), (0, 8, 16, True)]:
+        full_g, full_u = torch.randn(M, N + R, generator=g), torch.randn(M, N + R, generator=g)
+        Bg, Bu = torch.randn(N, R, generator=g) / R ** 0.5, torch.randn(N, R, generator=g) / R ** 0.5
+        mask = (torch.rand(M, R, generator=g) > 0.5).float() if masked else None
+        args = (full_g[:, :N], full_g[:, N:], Bg, full_u[:, :N], full_u[:, N:], Bu, mask)
+        before = (full_g.clone(), full_u.clone())
+        got, want = lora_up.swiglu_up(*args), lora_up.swiglu_up_reference(*args)
+        assert got.shape == (M, N)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str((M, N, R, masked)))
+        assert torch.equal(full_g, before[0]) and torch.equal(full_u, before[1])  # the GEMM outputs untouched
     print("ok")
 """)
 

@@ -100,10 +100,11 @@ IN_KERNELS = textwrap.dedent("""
     base = load_base("tiny-deepseek-v2", device="cpu")
     for ref in sys.argv[1:]:
         base.attach(ref)
-    from dsft.kernels import mla_absorb, router
-    calls = {"prologue": 0, "attend": 0, "greedy_route": 0, "absorb_query": 0, "absorb_output": 0}
+    from dsft.kernels import lora_up, mla_absorb, router
+    calls = {"prologue": 0, "attend": 0, "greedy_route": 0, "absorb_query": 0, "absorb_output": 0, "swiglu_up": 0}
+    owners = {"greedy_route": router, "absorb_query": mla_absorb, "absorb_output": mla_absorb, "swiglu_up": lora_up}
     for name in calls:
-        owner = router if name == "greedy_route" else mla_absorb if name.startswith("absorb") else mla_attention
+        owner = owners.get(name, mla_attention)
         def counted(*args, _real=getattr(owner, name), _name=name):
             calls[_name] += 1
             return _real(*args)
@@ -123,13 +124,16 @@ IN_KERNELS = textwrap.dedent("""
     got, _ = run_continuously(base, asks)
     assert calls["prologue"] > 0 and calls["attend"] == calls["prologue"] == len(errors), (calls, len(errors))
     assert calls["absorb_query"] == calls["absorb_output"] == len(errors), calls  # kv_b_proj folded in its kernels
+    assert calls["swiglu_up"] > 0, calls  # the shared experts' and the dense layer's gate/up LoRA and activation
     assert max(errors) < 1e-5, max(errors)
-    os.environ["DSFT_TRITON_MLA"] = "0"  # the same rows through the torch ops
+    os.environ["DSFT_TRITON_MLA"] = os.environ["DSFT_TRITON_LORA"] = "0"  # the same rows through the torch ops
+    swiglu = calls["swiglu_up"]
     want, _ = run_continuously(base, asks)
+    assert calls["swiglu_up"] == swiglu, "the torch ops ran the second time"
     assert calls["attend"] == len(errors) - calls["attend"], "the torch ops ran the second time"
     assert [r.tokens for r in got] == [r.tokens for r in want]
     # A kernel that cannot compile for the GPU turns the kernels off for the process; the step goes on in torch ops.
-    del os.environ["DSFT_TRITON_MLA"]
+    del os.environ["DSFT_TRITON_MLA"], os.environ["DSFT_TRITON_LORA"]
     def fails(*args):
         raise RuntimeError("no such instruction on this GPU")
     mla_attention.attend = fails
