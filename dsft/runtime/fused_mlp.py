@@ -4,11 +4,13 @@ transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (DeepSeek-V2's sh
 Qwen-MoE's shared expert) is, with the runtime's per-row LoRA on the projections, two ``[W; A]`` GEMMs, two masked
 up-projections, the activation and the product before ``down_proj``: here the last four are one kernel
 (:meth:`dsft.runtime.multilora.MultiLora.gated_up`). Only modules whose ``forward`` is exactly that code (the same
-bytecode) and whose activation is SiLU are patched; a step the kernel does not take runs the module's own forward.
+bytecode) and whose activation is SiLU are patched (none with ``DSFT_TRITON_MLP=0``); a step the kernel does not take
+runs the module's own forward.
 """
 from __future__ import annotations
 
 import inspect
+import os
 import types
 
 from torch import nn
@@ -32,7 +34,7 @@ def patch_mlps(model: nn.Module, lora) -> list[nn.Module]:
     """Give every SwiGLU MLP of ``model`` with transformers' forward the fused one (``lora``: the runtime's
     :class:`~dsft.runtime.multilora.MultiLora`); returns the modules patched, for :func:`restore_mlps`."""
     reference = _reference_code()
-    if reference is None:
+    if reference is None or os.environ.get("DSFT_TRITON_MLP", "1") == "0":  # the switch: to compare against it
         return []
     patched = []
     for module in model.modules():

@@ -21,7 +21,7 @@ class NoFusion:
         return None
 
 
-def test_swiglu_mlps_are_patched_and_given_back():
+def test_swiglu_mlps_are_patched_and_given_back(monkeypatch):
     config = DeepseekV2Config(hidden_size=32, intermediate_size=48, hidden_act="silu")
     silu = DeepseekV2MLP(config)
     gelu = DeepseekV2MLP(DeepseekV2Config(hidden_size=32, intermediate_size=48, hidden_act="gelu"))
@@ -34,3 +34,5 @@ def test_swiglu_mlps_are_patched_and_given_back():
     assert runtime.asked == 1 and "forward" not in gelu.__dict__
     restore_mlps([silu, qwen])
     assert "forward" not in silu.__dict__ and "forward" not in qwen.__dict__
+    monkeypatch.setenv("DSFT_TRITON_MLP", "0")  # switched off: nothing patched
+    assert patch_mlps(torch.nn.Sequential(silu, qwen), runtime) == []
