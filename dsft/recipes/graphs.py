@@ -152,6 +152,8 @@ class StepGraphs:
         self._side: torch.cuda.Stream | None = None
         self.captured = 0
         self.replays = 0
+        self._off_for_memory = False
+        """The capture that turned graphs off ran out of memory (memory freed later may let it succeed)."""
 
     def bind(self, fn: PartFn, params: list[torch.Tensor]) -> StepGraphs:
         self._fn, self._params = fn, params
@@ -207,6 +209,7 @@ class StepGraphs:
         except Exception as e:  # what a graph cannot hold; nothing ran, the step runs eagerly
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             self.off = f"capture failed ({type(e).__name__}: {first})"
+            self._off_for_memory = isinstance(e, torch.OutOfMemoryError)
         if self.off is not None:
             # Outside the except block, and once the failed forward's frames are freed: torch < 2.12 leaves an
             # activation checkpoint whose function raised half-entered, its saved-tensor hooks active, until its
@@ -231,6 +234,14 @@ class StepGraphs:
         for p in self._params:
             if not p.requires_grad:
                 p.grad = None
+
+    def after_out_of_memory(self) -> None:
+        """A step ran out of memory and memory was freed for it (``train_steps``' ``on_out_of_memory``): the graphs
+        recorded under the old memory plan go (:meth:`retrain`), and a capture that had failed for lack of memory
+        is tried again."""
+        self.retrain()
+        if self._off_for_memory:
+            self.off, self._off_for_memory = None, False
 
     def summary(self) -> dict:
         """``{"shapes": captured shapes, "replays": micro-batches replayed, "off": why none ran or stopped, or None}``."""

@@ -137,7 +137,7 @@ def _drop_partial_step(params: list[torch.Tensor], graphs: StepGraphs | None) ->
         if p.grad is not None:
             p.grad.zero_()
     if graphs is not None:
-        graphs.retrain()
+        graphs.after_out_of_memory()
     gc.collect()  # torch < 2.12 keeps a failed activation checkpoint's hooks until its frames are collected
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -350,3 +350,33 @@ def test_a_stage_training_through_varlen_attention_captures_every_batch(home, mo
     assert made[0].summary() == {"shapes": 1, "replays": 2, "off": None}  # 2 warm-ups, then steps 3 and 4 replayed
     assert parts and all(part["seq_lens"].shape[0] == part["input_ids"].shape[0] for part in parts)
     assert stage["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
+
+
+def test_a_capture_out_of_memory_is_tried_again_once_a_step_freed_memory(tiny_qwen2_moe):
+    """``dsft train --keep-layers auto``: the capture runs out of memory, so does the eager step after it; the loop's
+    ``on_out_of_memory`` frees memory (layers recompute again), and the next capture is tried and replayed."""
+    model = tiny_qwen2_moe
+    start = copy.deepcopy(model.state_dict())
+    plain = _train(model, start)
+    params = list(model.parameters())
+    works, short = recorded(params), {"capture": 1, "eager": 0}
+
+    def capture(run):
+        if short["capture"]:
+            short["capture"], short["eager"] = 0, 1  # the eager step that follows runs short too
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.56 GiB")
+        return works(run)
+
+    def loss_fn(m, part):
+        if short["eager"]:
+            short["eager"] = 0
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.56 GiB")
+        from dsft.recipes.loop import default_loss
+        return default_loss(m, part)
+
+    freed = []
+    graphs = StepGraphs(capture=capture, on_warning=lambda message: None)
+    replayed = _train(model, start, graphs=graphs, loss_fn=loss_fn, on_out_of_memory=lambda: freed.append(1) or True)
+    assert freed == [1]
+    assert graphs.summary()["off"] is None and graphs.summary()["replays"] > 0 and len(works.captures) == 1
+    assert _close(plain[0], replayed[0])
