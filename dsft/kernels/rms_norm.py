@@ -4,7 +4,8 @@ transformers computes ``weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps))
 rounded to x's dtype, then the weight product rounded again. The runtime's torch path
 (:mod:`dsft.runtime.fused_norms`) takes two kernels for it (``F.rms_norm``, then the product); a decode step holds
 two norms a layer plus the final one (55 on the DeepSeek-V2-Lite shape), each kernel ~2-3 us on an H200 whatever it
-does. Here one program normalises one row and multiplies it by the weight, both roundings kept.
+does. Here one program normalises one row and multiplies it by the weight, both roundings kept (decode sizes: up to
+:data:`MAX_ROWS` rows).
 :func:`rms_norm_reference` is the torch path (the CPU's, and the tests' oracle, the kernel running in Triton's
 interpreter there).
 """
@@ -19,13 +20,17 @@ from dsft.kernels import moe_gemm
 
 MAX_WIDTH = 16384
 """Row widths up to which one program holds a row (hidden sizes of the served models are 2,048-7,168)."""
+MAX_ROWS = 256
+"""Rows up to which the kernel runs (a decode step's, where kernel count is what costs; a long prefill keeps the
+torch path, whose two kernels cost less host time to launch eagerly)."""
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CUDA in half precision (or the interpreter), the weight in x's dtype, a row that fits one program, unless
-    ``DSFT_TRITON_NORM=0`` (to compare against the torch ops)."""
+    """CUDA in half precision (or the interpreter), the weight in x's dtype, a row that fits one program, decode
+    sizes, unless ``DSFT_TRITON_NORM=0`` (to compare against the torch ops)."""
     return (moe_gemm.runs_on(x) and weight.dtype == x.dtype and weight.dim() == 1 and x.shape[-1] == weight.shape[0]
-            and x.shape[-1] <= MAX_WIDTH and os.environ.get("DSFT_TRITON_NORM", "1") != "0")
+            and x.shape[-1] <= MAX_WIDTH and x.numel() <= MAX_ROWS * x.shape[-1]
+            and os.environ.get("DSFT_TRITON_NORM", "1") != "0")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
