@@ -40,6 +40,8 @@ class Routing:
     offs: torch.Tensor
     expert: torch.Tensor
     """The expert of each sorted pair."""
+    place: torch.Tensor
+    """Where flat pair j went in the sorted order (``order``'s inverse)."""
 
 
 def route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Routing:
@@ -47,7 +49,8 @@ def route(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: i
     order = torch.argsort(expert, stable=True)
     # histc, not bincount: bincount's output size depends on the data, which breaks CUDA graphs in compile.
     counts = torch.histc(expert.float(), bins=num_experts, min=0, max=num_experts - 1)
-    return Routing(order, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32), expert[order])
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return Routing(order, top_k_weights.reshape(-1)[order], torch.cumsum(counts, 0).to(torch.int32), expert[order], place)
 
 
 def permute(x: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
@@ -59,11 +62,26 @@ def permute(x: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
     return x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[-1])[r.order]
 
 
+class _Unpermute(torch.autograd.Function):
+    """Token t's k rows gathered from the routed order and summed (compiled: one kernel, no [T*k, H] scatter written
+    and read back); the backward gives each routed row its token's gradient, a gather as well (plain indexing's
+    backward would be an accumulating scatter: atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, order: torch.Tensor, place: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return y[place].view(-1, k, y.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad[order // ctx.k], None, None, None
+
+
 def unpermute(y: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
     """Routed-order rows back to tokens, summing each token's k expert outputs: [T*k, H] -> [T, H]."""
-    out = y.new_empty(y.shape)
-    out[r.order] = y
-    return out.view(-1, k, y.shape[-1]).sum(1)
+    return _Unpermute.apply(y, r.order, r.place, k)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

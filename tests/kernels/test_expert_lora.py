@@ -72,3 +72,9 @@ def test_permute_and_unpermute_round_trip_and_sum_the_k_choices():
     xs = permute(x, r, 2)
     torch.testing.assert_close(xs, x[r.order // 2])
     torch.testing.assert_close(unpermute(xs, r, 2), 2 * x)
+    assert torch.equal(r.order[r.place], torch.arange(6))  # place: where each flat pair went
+    # the gradient of the sum back to each routed row: its token's
+    ys = torch.randn(6, 4, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    unpermute(ys, r, 2).backward(g)
+    torch.testing.assert_close(ys.grad, g[r.order // 2])
