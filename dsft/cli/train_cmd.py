@@ -40,7 +40,7 @@ class _ProgressView:
                       + (", each process reading its own shard" if payload.get("sharded_load") else ""))
         elif kind == "recompute" and payload["kept_layers"] and not self.quiet:
             out.print(f"activation checkpointing: the last {payload['kept_layers']} of {payload['layers']} layers keep "
-                      "their activations (no recompute)")
+                      "their activations (no recompute; --keep-layers 0 for least memory)")
         elif kind == "quantized" and not self.quiet:
             out.print(f"frozen base in NF4: {payload['linears']} linears + {payload['expert_tensors']} fused expert tensors, "
                       f"{payload['mib_before']:,} MiB -> {payload['mib_after']:,} MiB")
