@@ -226,6 +226,13 @@ def run_one(a) -> dict:
     from dsft.eval.losses import causal_lm_loss, lm_loss
 
     model, layers, trainable = prepare(a.variant, a.layers, a.rank, a.dense_fold)
+    if a.keep_layers == "auto":  # what dsft train's default picks for this step on this card
+        from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
+
+        req = PlanRequest(base="deepseek-v2-lite-shape", batch=a.bs, seq=a.seq, lora_r=a.rank, new_terms=0)
+        a.keep_layers = layers_to_keep(count_model("deepseek-v2-lite-shape", lora_r=a.rank), req,
+                                       torch.cuda.get_device_properties(0).total_memory)
+    a.keep_layers = int(a.keep_layers)
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:
@@ -364,18 +371,20 @@ def run_longest(a) -> dict:
 PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora", True, 3),
         ("dsft_lora_attn_experts", True), ("dsft_lora_attn_experts", True, 3),
         ("dsft_lora_grouped", True), ("dsft_esft", True),
-        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_esft", "train"), ("dsft_qlora", "train"),
+        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_lora", "train", "auto"), ("dsft_esft", "train"),
+        ("dsft_qlora", "train"),
         ("peft_experts", "longest"), ("dsft_lora", "longest")]
-"""(variant, mode[, layers kept out of checkpointing]); mode: False eager, True compiled, "train" as dsft train steps
-(compiled, packed SFT-like rows, variable-length attention, CUDA graphs), "longest" the longest batch-1 sequence."""
+"""(variant, mode[, layers kept out of checkpointing, or "auto": dsft train's default]); mode: False eager, True
+compiled, "train" as dsft train steps (compiled, packed SFT-like rows, variable-length attention, CUDA graphs),
+"longest" the longest batch-1 sequence."""
 TRAIN_FLAGS = ["--compile", "--packed", "--attn", "dsft_varlen", "--graphs"]
 
 
-def _name(variant: str, mode, keep: int = 0) -> str:
+def _name(variant: str, mode, keep: int | str = 0) -> str:
     if mode == "longest":
         return f"{variant} longest seq at batch 1"
     if mode == "train":
-        return variant + "+compile+packed+dsft_varlen+graphs"
+        return variant + "+compile+packed+dsft_varlen+graphs" + (f"+keep{keep}" if keep else "")
     return variant + ("+compile" if mode else "") + (f"+keep{keep}" if keep else "")
 
 
@@ -441,7 +450,8 @@ if __name__ == "__main__":
     p.add_argument("--top", type=int, default=15, help="with --profile: the kernels listed")
     p.add_argument("--packed", action="store_true", help="packed SFT-like rows (as dsft train packs them) instead of random rows")
     p.add_argument("--attn", help="attention implementation: dsft_varlen (dsft train's on a GPU), flex_attention, sdpa")
-    p.add_argument("--keep-layers", type=int, default=0, help="leave the last N decoder layers out of activation checkpointing")
+    p.add_argument("--keep-layers", default="0", help="leave the last N decoder layers out of activation checkpointing "
+                   "(auto: as many as dsft train's default plans on this card)")
     p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
     p.add_argument("--longest-max", type=int, default=262144)
     a = p.parse_args()
