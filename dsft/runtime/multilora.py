@@ -267,9 +267,10 @@ class MultiLora:
         the MLP's own forward then runs, through the linears' forwards."""
         routing = self._routing
         gate_path, up_path = self._path_of.get(id(mlp.gate_proj)), self._path_of.get(id(mlp.up_proj))
-        n = x.numel() // x.shape[-1]
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
         if (routing is None or not routing.keys or routing.keys != self._all or gate_path is None or up_path is None
-                or not lora_up.usable(x.view(n, -1), x.view(n, -1))):
+                or not lora_up.usable(rows, rows)):
             return None
         fg, groups, ranks = self._stacked("linear", gate_path, routing, self._linear.get(gate_path, {}))
         fu, groups_u, ranks_u = self._stacked("linear", up_path, routing, self._linear.get(up_path, {}))
@@ -281,8 +282,8 @@ class MultiLora:
             return None
         mask = self._mask(routing, groups, ranks, n, x.dtype)
         width = wg.out_features
-        full_g = F.linear(x, wg.stacked, wg.bias).view(n, -1)
-        full_u = F.linear(x, wu.stacked, wu.bias).view(n, -1)
+        full_g = F.linear(rows, wg.stacked, wg.bias)
+        full_u = F.linear(rows, wu.stacked, wu.bias)
         args = (full_g[:, :width], full_g[:, width:], fg.B, full_u[:, :width], full_u[:, width:], fu.B,
                 None if mask is None else mask.view(n, -1))
         out = moe_gemm.or_none(lora_up.swiglu_up, *args)
