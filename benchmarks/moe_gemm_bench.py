@@ -172,7 +172,7 @@ def main() -> None:
             row = {"shape": name, "rows": rows, "pairs": rows * TOP_K, "experts_used": used,
                    "torch_us": round(graph_us(lambda: grouped_mm_kernel(x, stacked.transpose(1, 2), offs)), 2)}
             best = None
-            default = config(k)
+            default = config(k, fp8=w.dtype == torch.float8_e4m3fn, pairs=rows * TOP_K)
             for cfg in configs_for(k):
                 try:
                     got = moe_gemm(x, w, offs, scale=scale, **cfg)

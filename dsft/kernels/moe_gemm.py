@@ -89,13 +89,22 @@ def fp8_widen() -> str:
     return "f16" if os.environ.get("DSFT_FP8_WIDEN", "bf16") == "f16" else "bf16"
 
 
-def config(K: int) -> dict[str, int]:
+FP8_FEW_PAIRS = 8
+"""Pairs up to which FP8 weights take narrower, deeper tiles (:func:`config`): one decode row is 6 (top-6)."""
+
+
+def config(K: int, fp8: bool = False, pairs: int | None = None) -> dict[str, int]:
     """Tile sizes for a reduction of ``K``: the experts' own weights (K = hidden or intermediate size) take a
     configuration within 3% of the best of the sweep at every decode size measured on the H200; a LoRA up-projection
     (K = the stacked ranks, 16-64) reads one short tile per program, so programs take wider column blocks (within
-    10-20% of the sweep's best, 3-6x faster than torch's grouped GEMM: ``moe_gemm_bench.py``)."""
+    10-20% of the sweep's best, 3-6x faster than torch's grouped GEMM: ``moe_gemm_bench.py``). FP8 weights with at
+    most :data:`FP8_FEW_PAIRS` pairs (one decode row) take 32 columns x 256 of K: the sweep's best there, where the
+    default was 24-25% slower (gate_up 26.3 -> 20.0 us, down 17.7 -> 13.2;
+    ``benchmarks/results/2026-12-01-h200-moe-gemm-fp8.md``); from 32 rows up the default is within 3% of it."""
     if K <= 64:
         return {"block_n": 256, "block_k": max(16, 1 << (K - 1).bit_length()), "num_warps": 4, "num_stages": 2}
+    if fp8 and pairs is not None and pairs <= FP8_FEW_PAIRS:
+        return {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}
     return {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
 
 
@@ -121,7 +130,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
     y = x.new_empty((P, N))
     if P == 0:
         return y
-    tiles = config(K)
+    tiles = config(K, fp8=w.dtype == FP8, pairs=P)
     bn, bk = block_n or tiles["block_n"], block_k or tiles["block_k"]
     if (scale is not None) != (w.dtype == FP8):
         raise ValueError("moe_gemm: FP8 weights need their scale, and a scale needs FP8 weights")
