@@ -82,11 +82,18 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[0] <= MAX_PAIRS and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
 
 
-def fp8_widen() -> str:
-    """What FP8 expert weights widen to in :func:`moe_gemm`: ``bf16`` (x's dtype; the default) or ``f16``
-    (``DSFT_FP8_WIDEN=f16``: one conversion instruction per two values on Hopper, x rounded to fp16 for the product;
-    not yet measured on a GPU against bf16, hence not the default)."""
-    return "f16" if os.environ.get("DSFT_FP8_WIDEN", "bf16") == "f16" else "bf16"
+FP8_DOTS = ("bf16", "f16", "fp8")
+
+
+def fp8_dot() -> str:
+    """How :func:`moe_gemm` multiplies FP8 expert weights (``DSFT_FP8_DOT``): ``bf16`` (the default) widens them to
+    x's dtype; ``f16`` to fp16 (one conversion instruction per two values on Hopper, x rounded to fp16); ``fp8``
+    quantises each row of x to e4m3 with its own scale and runs the products on FP8 tensor cores (no widening at
+    all; x's rounding to e4m3 adds to the weights' own). At decode sizes the widening, not the memory, bounds the
+    FP8 GEMM (3.0 TB/s where bf16 weights stream at 3.9-4.3: ``-moe-gemm-fp8.md``); neither alternative is measured
+    on a GPU yet, hence not the default."""
+    dot = os.environ.get("DSFT_FP8_DOT", "bf16")
+    return dot if dot in FP8_DOTS else "bf16"
 
 
 FP8_FEW_PAIRS = 8
@@ -140,7 +147,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
         y.stride(0), y.stride(1), mask_.stride(0), mask_.stride(1), add_.stride(0), add_.stride(1),
         scale_.stride(0), scale_.stride(1),
         GATHER=gather, MASK=mask is not None, ADD=add is not None, GLU=glu, SCALE=scale is not None,
-        F16=scale is not None and fp8_widen() == "f16",
+        F16=scale is not None and fp8_dot() == "f16", A8=scale is not None and mask is None and fp8_dot() == "fp8",
         BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
     return y

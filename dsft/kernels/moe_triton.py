@@ -19,7 +19,10 @@ so each variant compiles to only its own code):
   expert e's product is multiplied by ``scale[e, n]`` before the addend and the activation;
 - ``F16`` (with ``SCALE``): the FP8 tiles widen to fp16 instead, and x's tile is rounded to fp16 (saturated at its
   largest value, 65,504) for the product: on Hopper e4m3 -> fp16 is one conversion instruction per two values,
-  e4m3 -> bf16 a longer sequence.
+  e4m3 -> bf16 a longer sequence;
+- ``A8`` (with ``SCALE``): nothing widens: each row of x is quantised to e4m3 with its own scale (its largest
+  magnitude / 448, found in a first pass over K) and the products run on FP8 tensor cores, the row scale applied
+  with the weights' after the sum.
 
 ``moe_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[pos[t, j]]`` in fp32, pair ``(t, j)`` at sorted place
 ``pos``.
@@ -62,8 +65,8 @@ def moe_route_kernel(ids_ptr, token_ptr, expert_ptr, offs_ptr, pos_ptr, P, E, TO
 def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, N, K,
                     sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
                     GATHER: tl.constexpr, MASK: tl.constexpr, ADD: tl.constexpr, GLU: tl.constexpr,
-                    SCALE: tl.constexpr, F16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    SCALE: tl.constexpr, F16: tl.constexpr, A8: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
     end = tl.load(offs_ptr + e)
@@ -81,6 +84,13 @@ def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, s
             x_rows = x_ptr + tok[:, None].to(tl.int64) * sxm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if A8:
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                a = tl.load(x_rows + kk[None, :] * sxk, mask=live[:, None] & (kk[None, :] < K), other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+            a_scale = tl.maximum(amax, 1e-12) / 448.0
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             a = tl.load(x_rows + kk[None, :] * sxk, mask=live[:, None] & (kk[None, :] < K), other=0.0)
@@ -88,13 +98,19 @@ def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, s
                 m = tl.load(mask_ptr + tok[:, None].to(tl.int64) * smm + kk[None, :] * smk,
                             mask=live[:, None] & (kk[None, :] < K), other=0.0)
                 a = a * m.to(a.dtype)
-            if F16:
+            if A8:
+                a = (a.to(tl.float32) / a_scale[:, None]).to(tl.float8e4nv)
+            elif F16:
                 a = tl.minimum(tl.maximum(a.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
             b = tl.load(w_rows + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
             acc += tl.dot(a, b.to(a.dtype))
             if GLU:
                 bu = tl.load(w_rows + N * swn + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
                 up += tl.dot(a, bu.to(a.dtype))
+        if A8:
+            acc = acc * a_scale[:, None]
+            if GLU:
+                up = up * a_scale[:, None]
         if SCALE:
             s_rows = scale_ptr + e.to(tl.int64) * sse
             acc = acc * tl.load(s_rows + rn * ssn, mask=rn < N, other=0.0)[None, :]

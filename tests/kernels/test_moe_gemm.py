@@ -91,10 +91,10 @@ CHECK = textwrap.dedent("""
     gg, uu = base8.chunk(2, -1)
     torch.testing.assert_close(gl, F.silu(gg) * uu, rtol=1e-4, atol=1e-4)
     assert (base8 - base).abs().max() < 0.1 * base.abs().max()  # and they are the weights, to e4m3's rounding
-    # DSFT_FP8_WIDEN=f16: the tiles widen to fp16, x rounded to fp16 for the product (fp16's rounding, not fp32's)
+    # DSFT_FP8_DOT=f16: the tiles widen to fp16, x rounded to fp16 for the product (fp16's rounding, not fp32's)
     import os
     plain = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
-    os.environ["DSFT_FP8_WIDEN"] = "f16"
+    os.environ["DSFT_FP8_DOT"] = "f16"
     got = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
     scale_of = base8.abs().max().item()  # fp16 rounds x to 2^-11 relative: errors of that order of the outputs' size
     torch.testing.assert_close(got, base8, rtol=0, atol=2e-3 * scale_of)
@@ -103,7 +103,17 @@ CHECK = textwrap.dedent("""
     torch.testing.assert_close(gl, F.silu(gg) * uu, rtol=0, atol=2e-3 * (F.silu(gg) * uu).abs().max().item())
     big = moe_gemm(x * 1e6, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
     assert torch.isfinite(big).all()  # rows past fp16's range saturate instead of turning infinite
-    del os.environ["DSFT_FP8_WIDEN"]
+    # DSFT_FP8_DOT=fp8: each row of x quantised to e4m3 with its own scale, the products on FP8 tensor cores. The
+    # interpreter's e4m3 arithmetic is coarser than a GPU's (its conversion does not round to nearest), so the check
+    # is the size of e4m3's own error: a mis-indexed row or scale would be off by the outputs' whole size.
+    os.environ["DSFT_FP8_DOT"] = "fp8"
+    got = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
+    assert ((got - base8).abs().max() / scale_of) < 0.15, (got - base8).abs().max() / scale_of
+    big = moe_gemm(x * 1e6, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
+    torch.testing.assert_close(big / 1e6, got, rtol=1e-4, atol=1e-4 * scale_of)  # the row scale follows the rows
+    gl = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, glu=True, scale=scale)
+    assert ((gl - F.silu(gg) * uu).abs().max() / (F.silu(gg) * uu).abs().max()) < 0.15
+    del os.environ["DSFT_FP8_DOT"]
     try:
         moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True)
         raise AssertionError("FP8 weights without their scale ran")
