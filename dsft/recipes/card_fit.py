@@ -19,18 +19,18 @@ def _method(rec: Recipe, nf4: bool) -> str:
     return "esft" if rec.uses_esft else "qlora" if nf4 else "lora"
 
 
-def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, fsdp_gpus: int = 1,
-                 checkpointing: bool = True) -> Callable[[int, int], bool]:
-    """``fits(m, seq)``: whether a micro-batch of ``m`` rows of ``seq`` tokens fits the card of ``device``
-    with :data:`dsft.recipes.sizing.PLAN_MARGIN` of it to spare; ``fsdp_gpus``: the model is sharded over
-    that many GPUs (FSDP2), each holding its share of the weights and state; ``checkpointing``: every layer
-    recomputes its activations in backward (False: every layer keeps them)."""
+def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str,
+                 fsdp_gpus: int = 1) -> Callable[..., bool]:
+    """``fits(m, seq, checkpointing=True)``: whether a micro-batch of ``m`` rows of ``seq`` tokens fits the card of
+    ``device`` with :data:`dsft.recipes.sizing.PLAN_MARGIN` of it to spare, every layer recomputing its activations
+    in backward (``checkpointing=False``: every layer keeping them); ``fsdp_gpus``: the model is sharded over that
+    many GPUs (FSDP2), each holding its share of the weights and state. The model is counted once (seconds)."""
     from dsft.eval.plan import PlanRequest, count_model, estimate_memory
 
     counts = count_model(base, lora_r=rec.adapter.r)
     card = torch.cuda.get_device_properties(torch.device(device)).total_memory
 
-    def fits(m: int, seq: int) -> bool:
+    def fits(m: int, seq: int, checkpointing: bool = True) -> bool:
         req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=m, seq=seq, lora_r=rec.adapter.r, new_terms=new_terms,
                           num_gpus=fsdp_gpus, checkpointing=checkpointing)
         return estimate_memory(counts, req)[0].total <= (1 - PLAN_MARGIN) * card

@@ -292,8 +292,7 @@ class Training:
         sharded = self.dist.world if self.dist.sharding == "fsdp" else 1
         fits = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target, sharded) if self.cuda else None
         # as spare_recompute: several processes or a 4-bit base keep every layer recomputing
-        fits_kept = fits_on_card(self.plan.base, self.plan.recipe, self.nf4, self._new_terms(), self.target,
-                                 checkpointing=False) if self.cuda and keep_auto and not self.dist.enabled and not self.nf4 else None
+        fits_kept = partial(fits, checkpointing=False) if fits and keep_auto and not self.dist.enabled and not self.nf4 else None
         return [size_stage(s, cuda=self.cuda, context=context, fits=fits, fits_kept=fits_kept, world=world,
                            lengths=partial(example_lengths, s, plan.pack, self.general, self.tokenizer, plan.user_records, SAMPLE))
                 for s in plan.recipe.stages]

@@ -19,7 +19,6 @@ import functools
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsft.kernels import moe_gemm, rms_norm
@@ -41,8 +40,7 @@ def _rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = moe_gemm.or_none(rms_norm.rms_norm, x, module.weight, module.variance_epsilon)
         if out is not None:
             return out
-    normed = F.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
-    return module.weight * normed
+    return rms_norm.rms_norm_reference(x, module.weight, module.variance_epsilon)
 
 
 def is_llama_rms_norm(module: nn.Module) -> bool:

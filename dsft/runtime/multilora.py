@@ -267,10 +267,11 @@ class MultiLora:
         the MLP's own forward then runs, through the linears' forwards."""
         routing = self._routing
         gate_path, up_path = self._path_of.get(id(mlp.gate_proj)), self._path_of.get(id(mlp.up_proj))
+        if routing is None or not routing.keys or routing.keys != self._all or gate_path is None or up_path is None:
+            return None
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
-        if (routing is None or not routing.keys or routing.keys != self._all or gate_path is None or up_path is None
-                or not lora_up.usable(rows, rows)):
+        if not lora_up.usable(rows, rows):
             return None
         fg, groups, ranks = self._stacked("linear", gate_path, routing, self._linear.get(gate_path, {}))
         fu, groups_u, ranks_u = self._stacked("linear", up_path, routing, self._linear.get(up_path, {}))
