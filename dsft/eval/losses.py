@@ -21,7 +21,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 4096) -> torch.Tensor:
+def lm_loss(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> torch.Tensor:
     """The training loss: decoder hidden states, then the output head in chunks on the labelled
     positions only (never the whole batch's logits at once; see :mod:`dsft.kernels.chunked_ce`).
     Packed rows (with ``position_ids``) attend within each example (:func:`dsft.data.packing.model_inputs`)."""

@@ -27,9 +27,8 @@ import torch
 from dsft.base.loading import BaseRef
 from dsft.errors import NotFoundError, show
 from dsft.eval.plan_request import GIB, METHODS, PlanRequest  # noqa: F401 - METHODS re-exported: the planner's public names
+from dsft.kernels.chunked_ce import chunk_positions
 
-LOSS_CHUNK = 4096
-"""Positions per chunk of the output head (:func:`dsft.eval.losses.lm_loss`)."""
 OVERHEAD_CONTEXT_GIB = 0.6
 """CUDA context + cuBLAS workspaces: outside ``max_memory_allocated``, inside the card's memory."""
 OVERHEAD_FRAGMENTATION = 0.05
@@ -293,7 +292,7 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
         # One layer's frozen weights dequantised to bf16 while it runs (and, recomputed, while its backward runs).
         inside += (c.expert_params / max(1, c.layer_kinds.get("moe", 0)) + c.linear_params / c.layers) * wbytes
     kept += 2 * layer_input  # the final norm's input and output, which the chunked head reads
-    chunk = min(LOSS_CHUNK, tokens)
+    chunk = min(chunk_positions(c.vocab), tokens)
     # Logits and their gradient in the weights' dtype, their fp32 copies (the same tensors on CPU), and
     # the saved log-softmax.
     loss = chunk * c.vocab * (2 * wbytes + 8 if wbytes != 4 else 12)

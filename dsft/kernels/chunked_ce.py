@@ -10,6 +10,11 @@ logits exist; backward only scales the stored gradients by the incoming one. The
 the softmax run once per step. (Checkpointing each chunk, the simple alternative, runs both twice.)
 Elsewhere, and for heads sharded by FSDP2 (whose hooks expect one forward per backward), chunks run
 under activation checkpointing.
+
+A chunk's size follows the vocabulary (:func:`chunk_positions`): its logits, their fp32 copy and both gradients
+(12 bytes a value from bf16) are the step's largest transient when every layer recomputes, so a chunk is kept
+under ~1 GiB. 4,096 positions x 102,400 tokens were 4.7 GiB at the peak (DeepSeek-V2-Lite); 512 are 0.6 GiB, and
+512 x 2,048 x 102,400 is still a GEMM that fills the GPU.
 """
 from __future__ import annotations
 
@@ -17,6 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+CHUNK_BYTES = 1 << 30
+"""Budget of one chunk's logits with their fp32 copies and gradients."""
+LOGIT_BYTES = 12
+"""Bytes a logit costs inside a chunk: bf16 logits (2), their fp32 copy (4), its gradient (4), the bf16 gradient (2)."""
+
+
+def chunk_positions(vocab: int) -> int:
+    """Positions per chunk of the output head for a ``vocab``-wide head: the largest power of two whose logits fit
+    :data:`CHUNK_BYTES` (:data:`LOGIT_BYTES` each), between 256 and 4,096 (512 for 102,400 tokens)."""
+    fits = max(1, CHUNK_BYTES // (LOGIT_BYTES * max(1, vocab)))
+    return min(4096, max(256, 1 << (fits.bit_length() - 1)))
+
+
+def head_width(head: nn.Module) -> int:
+    """The output head's vocabulary: ``out_features`` (nn.Linear, term-extended heads) or its weight's rows."""
+    width = getattr(head, "out_features", None)
+    return int(width) if width is not None else int(head.weight.shape[0])
 
 
 def _chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,14 +84,16 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Mean next-token loss of ``head(hidden)`` against ``labels`` (-100 = ignored), ``chunk_size`` positions at a time.
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Mean next-token loss of ``head(hidden)`` against ``labels`` (-100 = ignored), ``chunk_size`` positions at a time
+    (default: :func:`chunk_positions` of the head's vocabulary).
 
     Equal to ``causal_lm_loss(head(hidden), labels)``; peak memory holds one chunk's logits. The head
     runs only on positions whose shifted label is not -100 (prompts and padding cost no logits),
     except for a head sharded by FSDP2 (every rank must call it the same number of times) and while a CUDA graph
     records the step (:func:`capturing`).
     """
+    chunk_size = chunk_size or chunk_positions(head_width(head))
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = y != -100

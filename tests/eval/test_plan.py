@@ -143,9 +143,11 @@ def test_fsdp2_holds_a_share_of_weights_and_state_per_gpu_plus_the_layer_it_runs
         PlanRequest("tiny-qwen3-moe", num_gpus=0)
 
 
-def test_fsdp2_plan_matches_the_2_h200_runs(home):
+def test_fsdp2_plan_matches_the_2_h200_runs(home, monkeypatch):
     """Peaks measured by benchmarks/multi_gpu.py on 2 H200 (lite shape, seq 2048, compiled;
-    benchmarks/results/2026-11-30-h200x2-multi-gpu.json) and the 1-GPU run beside them."""
+    benchmarks/results/2026-11-30-h200x2-multi-gpu.json) and the 1-GPU run beside them. The loss then ran in
+    chunks of 4,096 positions (now :func:`dsft.kernels.chunked_ce.chunk_positions`): planned as they ran."""
+    monkeypatch.setattr("dsft.eval.plan.chunk_positions", lambda vocab: 4096)
     counts = count_model("deepseek-v2-lite-shape")
     for gpus, rows, measured_gib in ((1, 8, 38.73), (2, 4, 21.81), (2, 8, 23.47)):
         req = PlanRequest("deepseek-v2-lite-shape", batch=rows, seq=2048, num_gpus=gpus, gpu_mem_gib=139.8)

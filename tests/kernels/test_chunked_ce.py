@@ -48,3 +48,24 @@ def test_frozen_head_and_no_grad_give_the_same_loss():
     with torch.no_grad():
         torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, chunk_size=4), loss.detach())
     torch.testing.assert_close(g, torch.autograd.grad(causal_lm_loss(head(hidden), labels), [hidden])[0])
+
+
+def test_a_chunk_follows_the_vocabulary_so_its_logits_stay_near_a_gib():
+    from dsft.kernels.chunked_ce import CHUNK_BYTES, LOGIT_BYTES, chunk_positions, head_width
+
+    assert chunk_positions(102_400) == 512        # DeepSeek-V2: 0.6 GiB a chunk, was 4,096 positions (4.7 GiB)
+    assert chunk_positions(151_936) == 512        # Qwen2/3-MoE
+    assert chunk_positions(32_000) == 2048        # Mixtral
+    assert chunk_positions(50) == 4096            # tiny presets: one chunk, as before
+    assert chunk_positions(10_000_000) == 256     # never below a GEMM worth launching
+    for vocab in (32_000, 102_400, 151_936):
+        assert chunk_positions(vocab) * vocab * LOGIT_BYTES <= CHUNK_BYTES
+    assert head_width(torch.nn.Linear(8, 77, bias=False)) == 77
+
+
+def test_the_default_chunk_gives_the_same_loss_as_one_chunk():
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels), causal_lm_loss(head(hidden), labels))
