@@ -205,19 +205,22 @@ def with_seq_lens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**batch, "position_ids": positions, "seq_lens": row_lengths(positions.cpu()).cuda()}
 
 
-def compile_layers(layers, mode: str | None = None, inductor: list[str] | None = None) -> None:
-    """``torch.compile`` every decoder layer, as ``dsft train`` does on a GPU. ``mode`` and ``inductor``
-    (``KEY=VALUE`` settings of ``torch._inductor.config``, e.g. ``combo_kernels=True``) are for experiments."""
+def compile_layers(layers, mode: str | None = None, inductor: list[str] | None = None, functorch: list[str] | None = None) -> None:
+    """``torch.compile`` every decoder layer, as ``dsft train`` does on a GPU. ``mode``, ``inductor`` and ``functorch``
+    (``KEY=VALUE`` settings of ``torch._inductor.config`` / ``torch._functorch.config``, e.g. ``combo_kernels=True``,
+    ``activation_memory_budget=0.7``) are for experiments."""
     import ast
 
     import torch._dynamo as dynamo
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     dynamo.config.cache_size_limit = 128  # one graph per layer, never an eager fallback
     dynamo.config.accumulated_cache_size_limit = 1024
-    for item in inductor or []:
-        key, _, value = item.partition("=")
-        setattr(inductor_config, key, ast.literal_eval(value))
+    for config, items in ((inductor_config, inductor), (functorch_config, functorch)):
+        for item in items or []:
+            key, _, value = item.partition("=")
+            setattr(config, key, ast.literal_eval(value) if value[:1] not in "abcdefghijklmnopqrstuvwxyz" else value)
     for layer in layers:
         layer.compile(mode=mode)
 
@@ -236,7 +239,7 @@ def run_one(a) -> dict:
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:
-        compile_layers(layers, a.compile_mode, a.inductor)
+        compile_layers(layers, a.compile_mode, a.inductor, a.functorch)
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
     varlen = a.attn == "dsft_varlen"
@@ -293,7 +296,7 @@ def run_one(a) -> dict:
     tps = tokens / dt
     fpt = flops_per_token(lite_config(a.layers), a.seq)
     profiled = profile_step(run, opt, batch, graphs is None, a.top) if a.profile else None
-    tag = "".join(f"+{t}" for t in [a.compile_mode, *(a.inductor or [])] if t) if a.compile else ""
+    tag = "".join(f"+{t}" for t in [a.compile_mode, *(a.inductor or []), *(a.functorch or [])] if t) if a.compile else ""
     tag += "+densefold" if a.dense_fold else ""
     tag += "+packed" if a.packed else ""
     tag += f"+{a.attn}" if a.attn else ""
@@ -437,6 +440,8 @@ if __name__ == "__main__":
     p.add_argument("--compile-mode", help="torch.compile mode for --compile (experiments), e.g. reduce-overhead")
     p.add_argument("--inductor", action="append", metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY for --compile (experiments), e.g. combo_kernels=True; repeatable")
+    p.add_argument("--functorch", action="append", metavar="KEY=VALUE",
+                   help="set torch._functorch.config.KEY for --compile (experiments), e.g. activation_memory_budget=0.7")
     p.add_argument("--layers", type=int, default=27)
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)

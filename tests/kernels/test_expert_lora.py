@@ -78,3 +78,49 @@ def test_permute_and_unpermute_round_trip_and_sum_the_k_choices():
     g = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
     unpermute(ys, r, 2).backward(g)
     torch.testing.assert_close(ys.grad, g[r.order // 2])
+
+
+def _folded_problem(seed: int):
+    """A problem in fp32 (the grouped kernel's dtype on CPU) with both LoRA factors folded into the expert weights."""
+    x, idx, w, gu, dn, lgu, ldn = _problem(seed=seed)
+    x, w = x.detach().float().requires_grad_(True), w.float().requires_grad_(True)
+    gu, dn = gu.float(), dn.float()
+    lgu = LowRank(lgu.A.detach().float().requires_grad_(True), lgu.B.detach().float().requires_grad_(True), lgu.scale)
+    ldn = LowRank(ldn.A.detach().float().requires_grad_(True), ldn.B.detach().float().requires_grad_(True), ldn.scale)
+    gu_folded = torch.cat([gu, lgu.B.detach()], dim=2)       # [E, 2I, H + r]
+    dn_folded = torch.cat([dn, ldn.A.detach()], dim=1)       # [E, H + r, I]
+    return x, idx, w, gu, dn, lgu, ldn, gu_folded, dn_folded
+
+
+def test_folded_path_recomputes_the_activation_and_matches_the_reference_everywhere():
+    """With down's A folded into its weight (the training default), gate/up are kept and the SwiGLU output is
+    recomputed in backward (:class:`expert_lora._SwigluDown`): the forward and every gradient, the routing
+    weights' included, equal the merged reference; and the activation is not among the saved tensors."""
+    x, idx, w, gu, dn, lgu, ldn, gu_folded, dn_folded = _folded_problem(seed=3)
+    tensors = [x, w, lgu.A, lgu.B, ldn.A, ldn.B]
+    saved: list[tuple[int, ...]] = []
+    with expert_lora.grouped_kernel_forced(), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        fast = experts_forward(x, idx, w, gu, dn, F.silu, lgu, ldn, gate_up_folded=gu_folded, down_folded=dn_folded)
+    grads_fast = torch.autograd.grad(fast.square().sum(), tensors)
+    ref = experts_forward_reference(x, idx, w, gu, dn, F.silu, lgu, ldn)
+    grads_ref = torch.autograd.grad(ref.square().sum(), tensors)
+    for a, b in zip([fast, *grads_fast], [ref, *grads_ref]):  # fp32 rounding, relative to each tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    pairs, width = idx.numel(), dn.shape[2]
+    assert (pairs, 2 * width) in saved and (pairs, width) not in saved
+
+
+def test_folded_path_traces_as_one_graph_with_the_same_gradients():
+    """dsft train compiles each layer: the recomputing function traces whole (no graph break) through autograd."""
+    x, idx, w, gu, dn, lgu, ldn, gu_folded, dn_folded = _folded_problem(seed=4)
+    tensors = [x, w, lgu.A, lgu.B, ldn.A, ldn.B]
+
+    def loss(x, w):
+        return experts_forward(x, idx, w, gu, dn, F.silu, lgu, ldn, gate_up_folded=gu_folded, down_folded=dn_folded).square().sum()
+
+    with expert_lora.grouped_kernel_forced():
+        want = torch.autograd.grad(loss(x, w), tensors)
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(x, w), tensors)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
