@@ -234,8 +234,12 @@ def run_one(a) -> dict:
 
         req = PlanRequest(base="deepseek-v2-lite-shape", batch=a.bs, seq=a.seq, lora_r=a.rank, new_terms=0)
         a.keep_layers = layers_to_keep(count_model("deepseek-v2-lite-shape", lora_r=a.rank), req,
-                                       torch.cuda.get_device_properties(0).total_memory)
+                                       torch.cuda.get_device_properties(0).total_memory, compiled=a.compile)
     a.keep_layers = int(a.keep_layers)
+    if a.compile and a.keep_layers and not any(f.startswith("activation_memory_budget=") for f in a.functorch or []):
+        from dsft.kernels.compile import KEPT_MEMORY_BUDGET  # as dsft train compiles layers that keep activations
+
+        a.functorch = [*(a.functorch or []), f"activation_memory_budget={KEPT_MEMORY_BUDGET}"]
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:

@@ -37,10 +37,12 @@ def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: 
     return fits
 
 
-def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist) -> int:
+def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist,
+                    compiled: bool = True) -> int:
     """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner; none for a 4-bit base or
     several processes) out of activation checkpointing; returns how many. ``rec`` is sized
-    (:mod:`dsft.recipes.sizing`): a forward holds a micro-batch, not the whole step."""
+    (:mod:`dsft.recipes.sizing`): a forward holds a micro-batch, not the whole step. ``compiled``: the layers will be
+    compiled (with :data:`dsft.kernels.compile.KEPT_MEMORY_BUDGET`), which keeps less per layer than eager."""
     layers = model.get_decoder().layers
     if keep == "auto":
         keep = 0
@@ -53,7 +55,7 @@ def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: boo
             req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=big.micro_batch_size, seq=big.seq_len,
                               lora_r=rec.adapter.r, new_terms=new_terms)
             card = torch.cuda.get_device_properties(torch.device(device)).total_memory
-            keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card)
+            keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card, compiled=compiled)
     if keep > len(layers):
         raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep}")
     for layer in list(layers)[len(layers) - keep:] if keep else []:

@@ -36,7 +36,7 @@ from dsft.base.sharding import adapter_tensors, gathered
 from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.eval.tracking import parse_report_to, reachable_trackers
-from dsft.kernels.compile import compile_decoder_layers
+from dsft.kernels.compile import KEPT_MEMORY_BUDGET, compile_decoder_layers
 from dsft.recipes.card_fit import fits_on_card, recompute_every_layer, spare_recompute
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
@@ -337,7 +337,8 @@ class Training:
         if self.cuda and not self.nf4 and not (dist.enabled and dist.sharding == "fsdp"):
             fold_lora(self.trained_model)  # expert LoRA factors ride in the expert weights' grouped GEMMs
         if self.cuda:
-            kept = spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist)
+            kept = spare_recompute(model, keep_layers, plan.base, rec, self.nf4, len(self.terms.terms), self.target, dist,
+                                   compiled=compile_layers)
             self.recompute = {"kept_layers": kept, "layers": len(model.get_decoder().layers)}
             self.keep_auto = keep_layers == "auto"
             self.emit("recompute", self.recompute)
@@ -353,7 +354,8 @@ class Training:
             if hasattr(self.trained_model, "enable_input_require_grads"):
                 self.trained_model.enable_input_require_grads()
             if compile_layers:
-                compile_decoder_layers(self.trained_model)
+                kept = (self.recompute or {}).get("kept_layers", 0)
+                compile_decoder_layers(self.trained_model, KEPT_MEMORY_BUDGET if kept else None)
         if self.run is None:
             self.run = dist.on_main(lambda: RunDir.create(plan.runs_root, plan.key, recipe_yaml(rec)))
 
