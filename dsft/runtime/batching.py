@@ -259,8 +259,7 @@ class RunningBatch:
         cache.reserve(n + len(part.rows), final, n)
         if not cache.allocated:
             cache.allocate_like(part.cache.layers)
-        for i, length in enumerate(part.lengths):
-            cache.load(n + i, part.cache.layers, i, length)
+        cache.load(n, part.cache.layers, part.lengths)
         if run is None:
             self._part = _Part(part.rows, None, None, None, part.lengths, part.last)
             return

@@ -99,12 +99,20 @@ class SlotCache:
                 buffers[i] = new
         self.generation += 1
 
-    def load(self, slot: int, layers, row: int, length: int) -> None:
-        """Copy row ``row`` of a prefilled ``DynamicCache`` (right-aligned: its last ``length`` columns) to
-        ``slot``, columns ``[0, length)``."""
+    def load(self, first: int, layers, lengths: Sequence[int]) -> None:
+        """Copy the rows of a prefilled ``DynamicCache`` (row i right-aligned: its last ``lengths[i]`` columns) to
+        slots ``first + i``, columns ``[0, lengths[i])``. One gather and one write per buffer for all the rows: a
+        copy per row and buffer was ~1,700 launches for 32 rows joining DeepSeek-V2-Lite's 27 layers."""
+        if not lengths:
+            return
+        width = layers[0].keys.shape[2]
+        n = torch.tensor(list(lengths))
+        row = torch.repeat_interleave(torch.arange(len(lengths)), n)
+        col = torch.arange(int(n.sum())) - torch.repeat_interleave(n.cumsum(0) - n, n)  # 0..length-1 within each row
+        row, col, src = (t.to(self.keys[0].device, non_blocking=True) for t in (row, col, col + width - n[row]))
         for k, v, layer in zip(self.keys, self.values, layers, strict=True):
-            k[slot, :, :length] = layer.keys[row, :, -length:]
-            v[slot, :, :length] = layer.values[row, :, -length:]
+            k[first + row, :, col] = layer.keys[row, :, src]
+            v[first + row, :, col] = layer.values[row, :, src]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Move slots ``rows`` (increasing) to ``[0, len(rows))``: the rows that stay, compacted in order."""

@@ -120,14 +120,16 @@ def test_the_slot_cache_compacts_leaving_rows_and_reallocates_to_what_the_live_r
     cache.reserve(3, 100, 0)
     assert (cache.slots, cache.columns) == (4, 128)
     cache.allocate_like(layers)
-    for row, n in enumerate(lengths):
-        cache.load(row, layers, row, n)
+    cache.load(0, layers, lengths)  # all the rows at once, into slots 0..2
 
     def row_of(slot: int, n: int, layer: int = 1) -> torch.Tensor:
         return cache.values[layer][slot, :, :n]
 
     for row, n in enumerate(lengths):  # left-aligned: a row's last n columns land at its slot's first n
-        torch.testing.assert_close(row_of(row, n), layers[1].values[row, :, -n:], rtol=0, atol=0)
+        for layer in range(2):
+            torch.testing.assert_close(row_of(row, n, layer), layers[layer].values[row, :, -n:], rtol=0, atol=0)
+            torch.testing.assert_close(cache.keys[layer][row, :, :n], layers[layer].keys[row, :, -n:], rtol=0, atol=0)
+        assert not cache.values[1][row, :, n:].any()  # nothing past a row's length (its left padding stays behind)
     cache.keep([0, 2])  # the middle row left: the last moves down, order kept
     torch.testing.assert_close(row_of(1, 7), layers[1].values[2, :, -7:], rtol=0, atol=0)
     generation = cache.generation
@@ -137,3 +139,6 @@ def test_the_slot_cache_compacts_leaving_rows_and_reallocates_to_what_the_live_r
     torch.testing.assert_close(row_of(1, 7), layers[1].values[2, :, -7:], rtol=0, atol=0)
     cache.reserve(2, 30, 2)  # fits: nothing moves
     assert cache.generation == generation + 1
+    cache.load(2, layers[:], [4])  # a row joining after two running ones: its slot is the next free one
+    torch.testing.assert_close(row_of(2, 4), layers[1].values[0, :, -4:], rtol=0, atol=0)
+    torch.testing.assert_close(row_of(1, 7), layers[1].values[2, :, -7:], rtol=0, atol=0)  # the running rows untouched
