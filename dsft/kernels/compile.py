@@ -14,16 +14,15 @@ until it keeps 80% of it. Lite shape, 4 x 2048, every layer kept, H200 (2026-12-
 
 def compile_decoder_layers(model, memory_budget: float | None = None) -> int:
     """Compile every decoder layer of ``model`` (a transformers model or a PeftModel) in place. ``memory_budget``:
-    the share of a layer's activations the compiled backward keeps (the rest recomputed); None: the compiler's own
-    choice (fastest). It is a process-wide compiler setting, read when a layer first compiles."""
+    the share of a layer's activations the compiled backward keeps (the rest recomputed); None: all of them, the
+    compiler's own choice (fastest). It is a process-wide compiler setting, read when a layer first compiles."""
     import torch._dynamo as dynamo
     import torch._functorch.config as functorch_config
 
     # One graph per layer index guard would blow the default cache on 27+ layers.
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 128)
     dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 1024)
-    if memory_budget is not None:
-        functorch_config.activation_memory_budget = memory_budget
+    functorch_config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = base.get_decoder().layers
     for layer in layers:

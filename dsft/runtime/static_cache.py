@@ -109,10 +109,10 @@ class SlotCache:
         n = torch.tensor(list(lengths))
         row = torch.repeat_interleave(torch.arange(len(lengths)), n)
         col = torch.arange(int(n.sum())) - torch.repeat_interleave(n.cumsum(0) - n, n)  # 0..length-1 within each row
-        row, col, src = (t.to(self.keys[0].device, non_blocking=True) for t in (row, col, col + width - n[row]))
+        row, slot, col, src = (t.to(self.keys[0].device) for t in (row, first + row, col, col + width - n[row]))
         for k, v, layer in zip(self.keys, self.values, layers, strict=True):
-            k[first + row, :, col] = layer.keys[row, :, src]
-            v[first + row, :, col] = layer.values[row, :, src]
+            k[slot, :, col] = layer.keys[row, :, src]
+            v[slot, :, col] = layer.values[row, :, src]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Move slots ``rows`` (increasing) to ``[0, len(rows))``: the rows that stay, compacted in order."""

@@ -18,10 +18,10 @@ def _tiny():
 def test_every_layer_compiles_and_the_budget_is_the_partitioners():
     model = _tiny()
     with functorch_config.patch(activation_memory_budget=1.0):  # restored after: the setting is process-wide
-        assert compile_decoder_layers(model) == len(model.model.layers)
-        assert functorch_config.activation_memory_budget == 1.0  # no kept layers: the compiler's fastest choice
         compile_decoder_layers(model, KEPT_MEMORY_BUDGET)
         assert functorch_config.activation_memory_budget == KEPT_MEMORY_BUDGET < 1.0
+        assert compile_decoder_layers(model) == len(model.model.layers)
+        assert functorch_config.activation_memory_budget == 1.0  # no kept layers: the compiler's fastest choice again
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
 
 
