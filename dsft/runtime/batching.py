@@ -42,6 +42,7 @@ from dsft.adapters.terms import TermTable
 from dsft.runtime import kv_cache
 from dsft.runtime.generation import FINISH_LENGTH, Row, advance, fail, left_pad, sample, start
 from dsft.runtime.multilora import MultiLora
+from dsft.runtime.prefill_graphs import PrefillGraphs, prefill_graphs_wanted
 from dsft.runtime.row_groups import RowGroups
 from dsft.runtime.static_cache import MIN_WIDTH, SlotDecoder, bucket
 
@@ -133,11 +134,14 @@ class RunningBatch:
         buckets: pad decode steps to the graphs' buckets without graphs (tests: what a graph computes, on CPU).
         overlap: launch each decode step before reading the previous one's tokens (default: on CUDA, with
             slots, unless ``DSFT_OVERLAP=0``; on a CPU nothing runs meanwhile, and tests ask for it).
+        prefill_graphs: prefill whole prompts through :class:`dsft.runtime.prefill_graphs.PrefillGraphs` (with
+            slots; default: :func:`~dsft.runtime.prefill_graphs.prefill_graphs_wanted`); ``"buckets"``: its bucketed
+            inputs run eagerly (tests: what a prefill graph computes, on CPU).
     """
 
     def __init__(self, model, table: TermTable, lora: MultiLora, pad_id: int, base_width: int, *,
                  prefill_chunk: int | None = None, graphs: bool | None = None, buckets: bool | None = None,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, prefill_graphs: bool | str | None = None):
         from transformers import DynamicCache
 
         self.model, self.table, self.lora = model, table, lora
@@ -150,6 +154,11 @@ class RunningBatch:
         if overlap is None:
             overlap = self.device.type == "cuda" and os.environ.get("DSFT_OVERLAP", "1") != "0"
         self.overlap = overlap and self.slots is not None
+        if prefill_graphs is None:  # (a batch asked to decode without graphs prefills without them too)
+            prefill_graphs = prefill_graphs_wanted(model) and graphs is not False
+        self.prefill = (PrefillGraphs(model, lora, pad_id, graphs=prefill_graphs is True)
+                        if prefill_graphs and self.slots is not None else None)
+        """Whole-prompt prefills over bucketed inputs (graphed on a GPU), or None: prefills run as they come."""
         self._unread: _Unread | None = None
         self.prefill_chunk = prefill_chunk
         self._part: _Part | None = None
@@ -233,10 +242,16 @@ class RunningBatch:
         part, lo = fill.part, fill.done
         hi = fill.ids.shape[1] if self.prefill_chunk is None else min(fill.ids.shape[1], lo + self.prefill_chunk)
         part.mask = fill.mask[:, :hi]
-        with torch.inference_mode(), self.lora.rows(RowGroups.of(part.keys, self.device)):
-            logits = self.model(input_ids=fill.ids[:, lo:hi], attention_mask=part.mask,
-                                position_ids=fill.positions[:, lo:hi], past_key_values=part.cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+        if lo == 0 and hi == fill.ids.shape[1] and self.prefill is not None and self.prefill.fits(*fill.ids.shape):
+            # The whole prompt at once through a bucket (a graph on a GPU): its cache, the bucket's width, joins now.
+            logits, part.cache = self.prefill.forward(fill.ids, fill.mask, part.keys)
+            part.mask = torch.cat([fill.mask.new_zeros((fill.mask.shape[0], part.cache.layers[0].keys.shape[2] - hi)),
+                                   fill.mask], dim=1)
+        else:
+            with torch.inference_mode(), self.lora.rows(RowGroups.of(part.keys, self.device)):
+                logits = self.model(input_ids=fill.ids[:, lo:hi], attention_mask=part.mask,
+                                    position_ids=fill.positions[:, lo:hi], past_key_values=part.cache, use_cache=True,
+                                    logits_to_keep=1).logits[:, -1]
         fill.done = hi
         if hi < fill.ids.shape[1]:
             return []

@@ -175,15 +175,18 @@ class RuntimeRequests:
         return self._lora is not None and batch.lora is self._lora and batch.table is self._table
 
     def batch(self, *, prefill_chunk: int | None = None, graphs: bool | None = None,
-              buckets: bool | None = None, overlap: bool | None = None) -> RunningBatch:
+              buckets: bool | None = None, overlap: bool | None = None,
+              prefill_graphs: bool | str | None = None) -> RunningBatch:
         """An empty running batch on this runtime, for :meth:`step` (what the engine decodes with); prompts longer
         than ``prefill_chunk`` tokens are prefilled a chunk per step. Decode steps replay CUDA graphs on a GPU
         (``graphs``; see :class:`dsft.runtime.static_cache.SlotDecoder` for ``buckets``), each launched before the
-        previous one's tokens are read (``overlap``: :class:`dsft.runtime.batching.RunningBatch`)."""
+        previous one's tokens are read (``overlap``), whole prompts prefilled through ``prefill_graphs``
+        (:class:`dsft.runtime.batching.RunningBatch`)."""
         with self._lock:
             self._install()
             return RunningBatch(self.model, self._table, self._lora, self._pad_id, self._originals[1].out_features,
-                                prefill_chunk=prefill_chunk, graphs=graphs, buckets=buckets, overlap=overlap)
+                                prefill_chunk=prefill_chunk, graphs=graphs, buckets=buckets, overlap=overlap,
+                                prefill_graphs=prefill_graphs)
 
     def kv_bytes(self, batch: RunningBatch, lengths: Sequence[int]) -> int | None:
         """:meth:`RunningBatch.kv_bytes_for` under the runtime's lock (its first call runs the model)."""

@@ -26,20 +26,24 @@ class Ask:
     seed: int | None = None
 
 
-def run_continuously(runtime, asks: list[Ask], prefill_chunk: int | None = None, overlap: bool = False):
+def run_continuously(runtime, asks: list[Ask], prefill_chunk: int | None = None, overlap: bool = False,
+                     prefill_graphs: bool | str | None = None):
     """Drive one running batch step by step, each ask joining at its step; returns the rows (in ask order) and
     (step, running rows before it, rows that joined, rows that left, tokens of each row after it) for every step.
-    ``overlap``: each step is launched before the previous one's tokens are read (as on a GPU)."""
+    ``overlap``: each step is launched before the previous one's tokens are read (as on a GPU); ``prefill_graphs``:
+    "buckets" prefills whole prompts over a prefill graph's bucketed inputs, run eagerly."""
     rows = [runtime.make_row(runtime.encode(a.prompt, a.adapter, raw=True), runtime.resolve(a.adapter),
                              max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, ignore_eos=True)
             for a in asks]
-    batch, log, step = runtime.batch(prefill_chunk=prefill_chunk, overlap=overlap), [], 0
+    batch, log, step = runtime.batch(prefill_chunk=prefill_chunk, overlap=overlap, prefill_graphs=prefill_graphs), [], 0
     while step <= max(a.join for a in asks) or len(batch):
         running = len(batch)
         new = [r for r, a in zip(rows, asks) if a.join == step]
         left = runtime.step(batch, new)
         log.append((step, running, len(new), len(left), [len(r.tokens) for r in rows]))
         step += 1
+    if prefill_graphs:  # every admission went through a bucket
+        assert batch.prefill is not None and batch.prefill.prefills == len({a.join for a in asks})
     return rows, log
 
 
@@ -48,8 +52,9 @@ def alone(runtime, ask: Ask):
                             temperature=ask.temperature, seed=ask.seed, ignore_eos=True).token_ids
 
 
-def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None = None, overlap: bool = False) -> None:
-    rows, log = run_continuously(runtime, asks, prefill_chunk, overlap)
+def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None = None, overlap: bool = False,
+                            prefill_graphs: bool | str | None = None) -> None:
+    rows, log = run_continuously(runtime, asks, prefill_chunk, overlap, prefill_graphs)
     # Requests really joined rows that were running and left while others went on.
     assert any(running and joined for _, running, joined, _, _ in log), log
     assert any(left and running > left for _, running, _, left, _ in log), log
@@ -59,8 +64,11 @@ def check_each_row_as_alone(runtime, asks: list[Ask], prefill_chunk: int | None 
         assert row.tokens == alone(runtime, ask), ask
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
-def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(attached, texts, overlap):
+@pytest.mark.parametrize("overlap,prefill", [(False, None), (True, None), (True, "buckets")],
+                         ids=["read-each-step", "overlapped", "overlapped-prefill-buckets"])
+def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(attached, texts, overlap, prefill):
+    """``prefill-buckets``: prompts prefilled as a prefill graph computes them (left-padded to the bucket, an
+    explicit mask), on CPU; the tokens are still each row's alone."""
     asks = [
         Ask("finance", texts[0], 20, join=0),
         Ask(None, texts[3], 5, join=0),
@@ -69,7 +77,7 @@ def test_rows_joining_and_leaving_a_deepseek_mla_batch_get_what_they_get_alone(a
         Ask("legal", texts[1], 8, join=5, temperature=0.9, seed=11),  # seeded sampling: same tokens whatever joins
         Ask("finance", texts[3], 6, join=12),  # joins after the short ones left (the cache was trimmed)
     ]
-    check_each_row_as_alone(attached, asks, overlap=overlap)
+    check_each_row_as_alone(attached, asks, overlap=overlap, prefill_graphs=prefill)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
@@ -119,7 +127,8 @@ def qwen3(rt_home):
     return runtime
 
 
-def test_rows_joining_and_leaving_a_qwen3_moe_batch_get_what_they_get_alone(qwen3, texts):
+@pytest.mark.parametrize("prefill", [None, "buckets"], ids=["prefill-as-it-comes", "prefill-buckets"])
+def test_rows_joining_and_leaving_a_qwen3_moe_batch_get_what_they_get_alone(qwen3, texts, prefill):
     asks = [
         Ask("qwdemo", texts[0], 16, join=0),
         Ask(None, texts[1], 4, join=1),
@@ -127,7 +136,7 @@ def test_rows_joining_and_leaving_a_qwen3_moe_batch_get_what_they_get_alone(qwen
         Ask(None, texts[3], 6, join=4, temperature=0.8, seed=3),
         Ask("qwdemo", texts[1], 5, join=9),
     ]
-    check_each_row_as_alone(qwen3, asks, overlap=True)
+    check_each_row_as_alone(qwen3, asks, overlap=True, prefill_graphs=prefill)
 
 
 def test_overlapped_steps_end_rows_at_an_eos_or_a_stop_string_as_reading_each_step_does(attached, texts):
