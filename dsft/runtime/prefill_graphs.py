@@ -7,11 +7,11 @@ short prompts is a few milliseconds. Here a whole-prompt admission runs as a gra
 them to the longest), the bucket's unused rows all padding. What the graph computes is what the eager prefill
 computes on those inputs: the same left-padded layout, positions counted from each row's first token, a causal
 mask over each row's own tokens (a padding position attends to itself only, so no row of the mask is empty),
-and the keys and values in a ``DynamicCache``, right-aligned, which the rows then join the running batch from
+and every position's keys and values, right-aligned, which the rows then join the running batch from
 (:meth:`dsft.runtime.static_cache.SlotCache.load`). Only the last position's logits are computed.
 
 The keys and values a graph writes are rewritten at its next replay: the rows get copies (a ``DynamicCache``
-built outside the graph). An attach or detach (:attr:`MultiLora.version`) drops the graphs, as
+built outside the graph, as the eager prefill hands them over). An attach or detach (:attr:`MultiLora.version`) drops the graphs, as
 it drops the decode graphs. Off by default until measured on a GPU (``DSFT_PREFILL_GRAPHS=1``).
 """
 from __future__ import annotations
