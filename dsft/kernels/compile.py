@@ -23,6 +23,10 @@ def compile_decoder_layers(model, memory_budget: float | None = None) -> int:
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 128)
     dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 1024)
     functorch_config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
+    if memory_budget is not None:
+        from dsft.kernels.flops import register_flop_formulas
+
+        register_flop_formulas()  # so that the budget recomputes cheap work, not GEMMs it cannot price
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = base.get_decoder().layers
     for layer in layers:
