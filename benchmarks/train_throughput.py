@@ -221,6 +221,10 @@ def compile_layers(layers, mode: str | None = None, inductor: list[str] | None =
         for item in items or []:
             key, _, value = item.partition("=")
             setattr(config, key, ast.literal_eval(value) if value[:1] not in "abcdefghijklmnopqrstuvwxyz" else value)
+    if any(item.startswith("activation_memory_budget=") for item in functorch or []):
+        from dsft.kernels.flops import register_flop_formulas  # as dsft train does under a budget
+
+        register_flop_formulas()
     for layer in layers:
         layer.compile(mode=mode)
 
