@@ -47,12 +47,19 @@ def run(runtime, asks, graphs: bool, device: str):
         rows = [runtime.make_row(runtime.encode(p, a, raw=True), runtime.resolve(a), max_new_tokens=n, ignore_eos=True)
                 for a, p, n, _ in asks]
         on_gpu = device.startswith("cuda")
-        batch, step = runtime.batch(graphs=graphs and on_gpu, buckets=graphs and not on_gpu), 0
+        # On a CPU the graphs' bucketed inputs run eagerly, the prefill's too
+        batch, step = runtime.batch(graphs=graphs and on_gpu, buckets=graphs and not on_gpu,
+                                    prefill_graphs="buckets" if graphs and not on_gpu else None), 0
         while step <= max(j for *_, j in asks) or len(batch):
             runtime.step(batch, [r for r, (*_, j) in zip(rows, asks) if j == step])
             step += 1
         captures = batch.slots.captures if batch.slots else 0
         error = batch.slots.graph_error if batch.slots else None
+        if batch.prefill is not None and graphs:  # DSFT_PREFILL_GRAPHS=1 (on a GPU): prefills replayed too
+            captures += batch.prefill.captures
+            error = error or batch.prefill.graph_error
+            print(json.dumps({"prefill_graphs": batch.prefill.captures, "prefills": batch.prefill.prefills,
+                              "prefill_graph_error": batch.prefill.graph_error}))
     finally:
         batching.sample = real
     return [r.tokens for r in rows], [seen[id(r)] for r in rows], captures, error
