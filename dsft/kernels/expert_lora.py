@@ -194,7 +194,9 @@ def _lora_out_to_tokens(h: torch.Tensor, lora: LowRank, r: Routing, k: int, n_to
     return lora.scale * (g.view(n_tokens, n_experts * rank) @ stacked)
 
 
-def _is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+def is_silu(act: object) -> bool:
+    """Whether ``act`` is SiLU: ``F.silu``, ``nn.SiLU`` or transformers' ``SiLUActivation`` (what the SwiGLU paths
+    of the training and runtime kernels assume)."""
     return act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
@@ -277,7 +279,7 @@ def experts_forward(
     # The routing weight scales the down projection's input, not its output (the same product: it is linear in
     # its input). The weight's gradient then needs the [T*k, I] activation (pointwise from gate/up, which backward
     # keeps anyway) instead of a saved [T*k, H] output (hidden H > expert width I).
-    if (down_folded is not None and down_lora is not None and TOKEN_SIDE_LORA and _is_silu(act)
+    if (down_folded is not None and down_lora is not None and TOKEN_SIDE_LORA and is_silu(act)
             and use_grouped_kernel(gu)):
         y = _SwigluDown.apply(gu, r.weight, down_folded.transpose(1, 2), down_lora.A.transpose(1, 2).to(gu.dtype), r.offs)
         y, u = y[:, : down_proj.shape[1]], y[:, down_proj.shape[1] :]

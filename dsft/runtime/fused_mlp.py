@@ -15,6 +15,7 @@ import types
 
 from torch import nn
 
+from dsft.kernels.expert_lora import is_silu
 from dsft.runtime.fused_norms import same_code
 
 
@@ -26,10 +27,6 @@ def _reference_code() -> types.CodeType | None:
     return inspect.unwrap(DeepseekV2MLP.forward).__code__
 
 
-def _is_silu(act: object) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def patch_mlps(model: nn.Module, lora) -> list[nn.Module]:
     """Give every SwiGLU MLP of ``model`` with transformers' forward the fused one (``lora``: the runtime's
     :class:`~dsft.runtime.multilora.MultiLora`); returns the modules patched, for :func:`restore_mlps`."""
@@ -38,7 +35,7 @@ def patch_mlps(model: nn.Module, lora) -> list[nn.Module]:
         return []
     patched = []
     for module in model.modules():
-        if (same_code(inspect.unwrap(type(module).forward).__code__, reference) and _is_silu(getattr(module, "act_fn", None))
+        if (same_code(inspect.unwrap(type(module).forward).__code__, reference) and is_silu(getattr(module, "act_fn", None))
                 and all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))):
             module.forward = types.MethodType(_forward(type(module).forward, lora), module)
             patched.append(module)

@@ -13,10 +13,9 @@ weighted sum back to tokens); the torch path below is the CPU's and the referenc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dsft.kernels import moe_gemm
-from dsft.kernels.expert_lora import LowRank, grouped_mm_reference
+from dsft.kernels.expert_lora import LowRank, grouped_mm_reference, is_silu
 from dsft.kernels.fp8 import dequantize
 from dsft.kernels.grouped_mm import grouped_mm_kernel, has_grouped_mm
 from dsft.runtime.fused_linear import Fused
@@ -114,7 +113,7 @@ def experts_forward_mixed(
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
     """
-    if moe_gemm.usable(x, gate_up_proj) and top_k_index.numel() <= moe_gemm.MAX_PAIRS and _is_silu(act):
+    if moe_gemm.usable(x, gate_up_proj) and top_k_index.numel() <= moe_gemm.MAX_PAIRS and is_silu(act):
         y = moe_gemm.or_none(_in_kernels, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, down, fused,
                              scales)
         if y is not None:
@@ -138,10 +137,6 @@ def experts_forward_mixed(
     y = _project(act(g) * u, down_proj, down, fused[1], offs, expert, pairs)
     y = y * weight.unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-
-
-def _is_silu(act) -> bool:
-    return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
 def _in_kernels(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,

@@ -27,7 +27,7 @@ import torch
 
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.row_groups import RowGroups
-from dsft.runtime.static_cache import bucket, graphs_wanted
+from dsft.runtime.static_cache import bucket, capture, graphs_wanted, group_indices
 
 log = logging.getLogger("dsft.runtime")
 
@@ -126,9 +126,7 @@ class PrefillGraphs:
         b.ids[:n, cols - width:] = ids
         b.real.zero_()
         b.real[:n, cols - width:] = real.bool()
-        index = {k: i for i, k in enumerate(self.lora.keys())}
-        groups = [index.get(k, -1) if k is not None else -1 for k in keys] + [-1] * (b.ids.shape[0] - n)
-        b.groups.copy_(torch.tensor(groups), non_blocking=True)
+        b.groups.copy_(group_indices(self.lora.keys(), keys, b.ids.shape[0]), non_blocking=True)
         if self.graphs_on and b.graph is None:
             try:
                 self._capture(b)
@@ -177,19 +175,10 @@ class PrefillGraphs:
         return out.logits[:, -1], cache
 
     def _capture(self, b: _Bucket) -> None:
-        """Warm up on a side stream (cuBLAS workspaces, the stacked factors, the column structures), then capture."""
         groups = self._routing(b)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._step(b, groups)
-            groups.drop_masks()  # recomputed from the row groups inside the graph, at every replay
-            stacks = self.lora.current_stacks(self.lora.keys())
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                b.logits, b.cache = self._step(b, groups)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        b.graph, b.routing, b.stacks = graph, groups, stacks
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        b.graph, (b.logits, b.cache), b.stacks = capture(lambda: self._step(b, groups), groups, self.lora, self.device,
+                                                         self._pool)
+        b.routing = groups
         self.captures += 1

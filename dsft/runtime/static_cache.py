@@ -157,6 +157,31 @@ class _Graph:
     cache, so a freed tensor's memory would go back to the driver and a replay would read unmapped memory."""
 
 
+def group_indices(order: Sequence[str], keys: Sequence[str | None], rows: int) -> torch.Tensor:
+    """A graph bucket's row groups: each row's adapter as an index into ``order`` (every attached adapter), -1 for
+    the base and for the bucket's unused rows (``rows`` in all)."""
+    index = {k: i for i, k in enumerate(order)}
+    return torch.tensor([index.get(k, -1) if k is not None else -1 for k in keys] + [-1] * (rows - len(keys)))
+
+
+def capture(step, groups: RowGroups, lora: MultiLora, device, pool):
+    """Run ``step()`` once on a side stream (cuBLAS workspaces, the adapters' stacked factors, the column
+    structures), then capture it into a CUDA graph in ``pool``. Returns (graph, what the captured ``step`` returned,
+    the stacked factors the graph reads: keep them alive with it)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+        groups.drop_masks()  # recomputed from the row groups inside the graph, at every replay
+        stacks = lora.current_stacks(groups.keys)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's worker captures while other threads may use CUDA (attach waits for the lock)
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            out = step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph, out, stacks
+
+
 def is_slot_decode(cache, seq_len: int) -> bool:
     """Whether an attention forward is a decode step over a :class:`SlotCache` (what the absorbed MLA path of
     :mod:`dsft.runtime.mla_decode` serves)."""
@@ -211,12 +236,10 @@ class SlotDecoder:
         self.cache.reserve(rows, width, n)
         graph = self._inputs(rows, width)
         order = self.lora.keys()
-        index = {k: i for i, k in enumerate(order)}
         graph.ids[:n, 0] = ids
         graph.ids[n:] = self.pad_id
         graph.write.copy_(torch.tensor(list(write) + [0] * (rows - n)), non_blocking=True)
-        graph.groups.copy_(torch.tensor([index.get(k, -1) if k is not None else -1 for k in keys] + [-1] * (rows - n)),
-                           non_blocking=True)
+        graph.groups.copy_(group_indices(order, keys, rows), non_blocking=True)
         if self.graphs_on and graph.graph is None:
             try:
                 self._capture(graph, width)
@@ -258,22 +281,10 @@ class SlotDecoder:
         """Capture the step over ``graph``'s inputs, which hold the real step's values: the warm-up run and the
         capture write exactly what the replay that follows writes (each row's own key at its own column; the
         bucket's unused rows into free slots), so nothing live is disturbed."""
-        order = self.lora.keys()
-        groups = RowGroups(graph.ids.shape[0], order, graph.groups, None)
-        # Warm up outside the capture (cuBLAS workspaces, the stacked factors, the column structures), on a
-        # side stream as capture requires.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._step(graph.ids, graph.write, width, groups)
-            groups.drop_masks()  # recomputed from the row groups inside the graph, at every replay
-            stacks = self.lora.current_stacks(order)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            cuda_graph = torch.cuda.CUDAGraph()
-            # thread_local: the engine's worker captures while other threads may use CUDA (attach waits for the lock)
-            with torch.cuda.graph(cuda_graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                graph.logits = self._step(graph.ids, graph.write, width, groups)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph.graph, graph.routing, graph.stacks = cuda_graph, groups, stacks
+        groups = RowGroups(graph.ids.shape[0], self.lora.keys(), graph.groups, None)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph.graph, graph.logits, graph.stacks = capture(lambda: self._step(graph.ids, graph.write, width, groups),
+                                                          groups, self.lora, self.device, self._pool)
+        graph.routing = groups
         self.captures += 1

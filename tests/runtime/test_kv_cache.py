@@ -142,3 +142,41 @@ def test_the_slot_cache_compacts_leaving_rows_and_reallocates_to_what_the_live_r
     cache.load(2, layers[:], [4])  # a row joining after two running ones: its slot is the next free one
     torch.testing.assert_close(row_of(2, 4), layers[1].values[0, :, -4:], rtol=0, atol=0)
     torch.testing.assert_close(row_of(1, 7), layers[1].values[2, :, -7:], rtol=0, atol=0)  # the running rows untouched
+
+
+def test_capturing_warms_up_once_then_records_the_step_and_keeps_what_the_graph_reads(monkeypatch):
+    """What dsft's decode and prefill graphs share (:func:`static_cache.capture`), with torch.cuda faked on a CPU:
+    the step runs once outside the capture, the row groups' masks are dropped so the graph recomputes them, the
+    step runs again under capture in the given pool, and the graph comes back with the captured run's output and
+    the adapters' stacked factors it reads."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from dsft.runtime import static_cache
+
+    events: list[str] = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+    fake = SimpleNamespace(
+        Stream=Stream, current_stream=lambda device=None: Stream(), CUDAGraph=lambda: "graph",
+        stream=lambda s: nullcontext(),
+        graph=lambda g, pool, stream, capture_error_mode: (events.append(f"capture in {pool}"), nullcontext())[1])
+    monkeypatch.setattr(static_cache.torch, "cuda", fake)
+    groups = SimpleNamespace(keys=("finance", "legal"), drop_masks=lambda: events.append("drop masks"))
+    lora = SimpleNamespace(current_stacks=lambda keys: events.append(f"stacks {keys}") or "stacks")
+    runs = iter(["warm-up", "captured"])
+
+    def step():
+        events.append("step")
+        return next(runs)
+
+    graph, out, stacks = static_cache.capture(step, groups, lora, "cuda:0", "pool")
+    assert (graph, out, stacks) == ("graph", "captured", "stacks")
+    assert events == ["wait", "step", "drop masks", "stacks ('finance', 'legal')", "capture in pool", "step", "wait"]
+    assert static_cache.group_indices(("finance", "legal"), ["legal", None, "finance"], 4).tolist() == [1, -1, 0, -1]
