@@ -55,7 +55,7 @@ def run(runtime, asks, graphs: bool, device: str):
             step += 1
         captures = batch.slots.captures if batch.slots else 0
         error = batch.slots.graph_error if batch.slots else None
-        if batch.prefill is not None and graphs:  # DSFT_PREFILL_GRAPHS=1 (on a GPU): prefills replayed too
+        if batch.prefill is not None and graphs:  # on a GPU prefills are replayed too (unless DSFT_PREFILL_GRAPHS=0)
             captures += batch.prefill.captures
             error = error or batch.prefill.graph_error
             print(json.dumps({"prefill_graphs": batch.prefill.captures, "prefills": batch.prefill.prefills,

@@ -236,9 +236,11 @@ def run_one(a) -> dict:
     if a.keep_layers == "auto":  # what dsft train's default picks for this step on this card
         from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
 
-        req = PlanRequest(base="deepseek-v2-lite-shape", batch=a.bs, seq=a.seq, lora_r=a.rank, new_terms=0)
-        a.keep_layers = layers_to_keep(count_model("deepseek-v2-lite-shape", lora_r=a.rank), req,
-                                       torch.cuda.get_device_properties(0).total_memory, compiled=a.compile)
+        method = {"dsft_esft": "esft", "dsft_qlora": "qlora"}.get(a.variant, "lora")
+        req = PlanRequest(base="deepseek-v2-lite-shape", method=method, batch=a.bs, seq=a.seq, lora_r=a.rank, new_terms=0)
+        a.keep_layers = 0 if method == "qlora" else layers_to_keep(  # dsft train keeps none over a 4-bit base
+            count_model("deepseek-v2-lite-shape", lora_r=a.rank), req, torch.cuda.get_device_properties(0).total_memory,
+            compiled=a.compile)
     a.keep_layers = int(a.keep_layers)
     if a.compile and a.keep_layers and not any(f.startswith("activation_memory_budget=") for f in a.functorch or []):
         from dsft.kernels.compile import KEPT_MEMORY_BUDGET  # as dsft train compiles layers that keep activations
@@ -383,7 +385,7 @@ PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_l
         ("dsft_lora_attn_experts", True), ("dsft_lora_attn_experts", True, 3),
         ("dsft_lora_grouped", True), ("dsft_esft", True),
         ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_lora", "train", 14), ("dsft_lora", "train", "auto"),
-        ("dsft_esft", "train"),
+        ("dsft_esft", "train"), ("dsft_esft", "train", "auto"),
         ("dsft_qlora", "train"),
         ("peft_experts", "longest"), ("dsft_lora", "longest")]
 """(variant, mode[, layers kept out of checkpointing, or "auto": dsft train's default; 14: the most that stay under

@@ -28,18 +28,18 @@ from dsft.base.loading import BaseRef
 from dsft.errors import NotFoundError, show
 from dsft.eval.plan_request import GIB, METHODS, PlanRequest  # noqa: F401 - METHODS re-exported: the planner's public names
 from dsft.kernels.chunked_ce import chunk_positions
-from dsft.kernels.compile import KEPT_MEMORY_BUDGET
 
 OVERHEAD_CONTEXT_GIB = 0.6
 """CUDA context + cuBLAS workspaces: outside ``max_memory_allocated``, inside the card's memory."""
 OVERHEAD_FRAGMENTATION = 0.05
 """Share of the allocated peak the caching allocator typically holds on top, reserved but unused."""
-COMPILED_KEPT_SHARE = KEPT_MEMORY_BUDGET
+COMPILED_KEPT_SHARE = 0.55
 """Share of a layer's counted activations (eager, on meta) planned for a layer that keeps them when layers compile
-(dsft train on a GPU): the compiler's memory budget (:data:`dsft.kernels.compile.KEPT_MEMORY_BUDGET`) keeps a
-compiled layer to that share of what it would keep, which is at most the eager count. Measured on an H200, lite
-shape: at 4 x 2048 a compiled layer kept 0.56 of the count (0.45 under the budget, 2026-12-02); from the CLI at
-5 x 6,144 (before the budget) 0.95 of it, so no smaller share is safe for every shape."""
+(dsft train on a GPU, under :data:`dsft.kernels.compile.KEPT_MEMORY_BUDGET`): fused pointwise work saves less
+than eager autograd, and the budget a fifth less again. Measured on an H200, lite shape, 2026-12-02: 0.45 of the
+count at 4 x 2048 (0.58 GiB a layer) and 0.45 from the CLI at 5 x 6,144 (20 layers kept, 85 GiB,
+``benchmarks/results/2026-12-02-h200-train-cli-auto.md``); 0.55 leaves a fifth on top, inside the plan's 10% margin.
+Should a shape keep more, the run falls back to recomputing every layer, it does not fail."""
 BACKWARD_TRANSIENT = 0.5
 """Gradients alive inside one layer's backward, as a share of that layer's saved activations."""
 NF4_BYTES = 0.5 + 4 / 64

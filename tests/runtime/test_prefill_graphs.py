@@ -38,7 +38,35 @@ def test_bucketed_prefill_equals_the_prefill_as_it_comes(attached, texts):
     assert batch.prefill.prefills == 1
 
 
-def test_graphs_are_opt_in_on_a_gpu_and_large_prefills_stay_as_they_come(attached, monkeypatch):
+def test_graphs_are_on_where_decode_is_graphed_and_large_prefills_stay_as_they_come(attached, monkeypatch):
+    import dsft.runtime.prefill_graphs as pg
+
     assert not prefill_graphs_wanted(attached.model)  # a CPU model: never
     assert attached.batch().prefill is None  # and not asked for
+    monkeypatch.setattr(pg, "graphs_wanted", lambda model: True)  # as on a GPU in bf16
+    assert prefill_graphs_wanted(attached.model)
+    monkeypatch.setenv("DSFT_PREFILL_GRAPHS", "0")  # the switch to compare or debug
+    assert not prefill_graphs_wanted(attached.model)
     assert PrefillGraphs.fits(32, 14) and PrefillGraphs.fits(1, 4096) and not PrefillGraphs.fits(32, 512)
+
+
+def test_the_buckets_alive_hold_a_bounded_number_of_tokens_least_recent_first_out(attached, texts, monkeypatch):
+    import dsft.runtime.prefill_graphs as pg
+
+    monkeypatch.setattr(pg, "MAX_HELD_TOKENS", 64)
+    batch = attached.batch(prefill_graphs="buckets")
+    prefill = batch.prefill
+    assert prefill is not None
+    ids = batch.table.to_global(attached.encode(texts[0], None, raw=True), None)
+
+    def run(rows: int, length: int) -> None:
+        row = torch.tensor([ids[0]] * length, device=batch.device)
+        prefill.forward(row.repeat(rows, 1), torch.ones(rows, length, dtype=torch.bool), [None] * rows)
+
+    run(1, 5)   # bucket (1, 16): 16 tokens
+    run(2, 9)   # (2, 16): 32, 48 held
+    run(1, 3)   # (1, 16) again: now the most recent
+    run(1, 20)  # (1, 32): 32 more would pass 64, so (2, 16), the least recent, goes
+    assert list(prefill._buckets) == [(1, 16), (1, 32)] and prefill.held_tokens() == 48
+    run(4, 16)  # (4, 16): 64 alone, the whole bound: the others go
+    assert list(prefill._buckets) == [(4, 16)] and prefill.prefills == 5
