@@ -17,8 +17,8 @@ on an H200, FP8 experts, 32 mixed requests, the time to first token fell 0.128 -
 3,051 -> 3,446 (``benchmarks/results/2026-12-02-h200-runtime-prefill-graphs.md``).
 
 Memory: a bucket's graph keeps its keys and values (rows x width x layers x the cache's width per token) until it is
-dropped; the buckets alive at once hold at most :data:`MAX_HELD_TOKENS` of them (the least recently used bucket
-goes first), and their activations share one pool the size of the largest prefill's.
+dropped; the buckets' graphs alive at once hold at most :data:`MAX_HELD_BYTES` of them (the least recently used
+bucket goes first, :func:`to_drop`), and their activations share one pool the size of the largest prefill's.
 """
 from __future__ import annotations
 
@@ -42,9 +42,21 @@ MIN_PREFILL_WIDTH = 16
 MAX_GRAPH_TOKENS = 4096
 """Largest bucket (rows x width) prefilled as a graph; larger prefills are long enough that the GPU's work, not
 the host's, sets their time, and a graph holds its activations' memory for as long as it lives."""
-MAX_HELD_TOKENS = 4 * MAX_GRAPH_TOKENS
-"""The buckets' rows x width summed over the graphs alive at once (DeepSeek-V2-Lite: ~31 KB of keys/values a token,
-~0.5 GB); a new bucket past it drops the least recently used ones."""
+MAX_HELD_BYTES = 2**30
+"""Keys and values the captured buckets hold at once. DeepSeek-V2-Lite keeps ~31 KB a token (27 layers x 576 x 2
+bytes): ~34,000 tokens, every bucket of up to 32 rows; a model with a wider cache keeps fewer buckets alive."""
+
+
+def to_drop(held: Sequence[tuple[Any, int]], need: int, cap: int) -> list[Any]:
+    """The keys of ``held`` (oldest use first, each with its bytes) to drop, oldest first, so that ``need`` more bytes
+    fit under ``cap``; all of them when ``need`` alone is past it."""
+    total, out = sum(n for _, n in held), []
+    for key, n in held:
+        if total + need <= cap:
+            break
+        out.append(key)
+        total -= n
+    return out
 
 
 def prefill_graphs_wanted(model) -> bool:
@@ -91,6 +103,11 @@ class _Bucket:
     routing: RowGroups | None = None
     stacks: object = None
     """Tensors made in the warm-up that the graph reads (see :class:`dsft.runtime.static_cache._Graph`)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values its graph keeps (none before a capture, or without graphs)."""
+        return sum(t.nbytes for layer in self.cache.layers for t in (layer.keys, layer.values)) if self.cache else 0
 
 
 class PrefillGraphs:
@@ -162,8 +179,10 @@ class PrefillGraphs:
             self._version, self._pool = self.lora.version, None
         hit = self._buckets.pop((rows, width), None)  # popped and put back: the dict's order is least recent first
         if hit is None:
-            while self._buckets and self.held_tokens() + rows * width > MAX_HELD_TOKENS:
-                del self._buckets[next(iter(self._buckets))]  # its graph and tensors go; the pool reuses their blocks
+            per_token = next((b.nbytes / (r * w) for (r, w), b in self._buckets.items() if b.nbytes), 0.0)
+            held = [(key, b.nbytes) for key, b in self._buckets.items()]
+            for key in to_drop(held, int(per_token * rows * width), MAX_HELD_BYTES):
+                del self._buckets[key]  # its graph and tensors go; the pool reuses their blocks
             hit = _Bucket(
                 torch.full((rows, width), self.pad_id, dtype=torch.long, device=self.device),
                 torch.zeros((rows, width), dtype=torch.bool, device=self.device),
@@ -171,9 +190,9 @@ class PrefillGraphs:
         self._buckets[(rows, width)] = hit
         return hit
 
-    def held_tokens(self) -> int:
-        """Rows x width summed over the buckets alive now (what their keys and values are sized by)."""
-        return sum(rows * width for rows, width in self._buckets)
+    def held_bytes(self) -> int:
+        """Keys and values the buckets' graphs keep now."""
+        return sum(b.nbytes for b in self._buckets.values())
 
     def _routing(self, b: _Bucket) -> RowGroups:
         return RowGroups(b.ids.shape[0], self.lora.keys(), b.groups, None)

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from dsft.runtime.generation import left_pad
 from dsft.runtime.multilora import MultiLora
-from dsft.runtime.prefill_graphs import MIN_PREFILL_WIDTH, PrefillGraphs, prefill_graphs_wanted
+from dsft.runtime.prefill_graphs import MIN_PREFILL_WIDTH, PrefillGraphs, prefill_graphs_wanted, to_drop
 from dsft.runtime.row_groups import RowGroups
 
 
@@ -50,23 +50,26 @@ def test_graphs_are_on_where_decode_is_graphed_and_large_prefills_stay_as_they_c
     assert PrefillGraphs.fits(32, 14) and PrefillGraphs.fits(1, 4096) and not PrefillGraphs.fits(32, 512)
 
 
-def test_the_buckets_alive_hold_a_bounded_number_of_tokens_least_recent_first_out(attached, texts, monkeypatch):
-    import dsft.runtime.prefill_graphs as pg
+def test_graphs_past_the_memory_bound_go_least_recently_used_first():
+    held = [("a", 300), ("b", 200), ("c", 100)]  # oldest use first
+    assert to_drop(held, 100, 1000) == []            # 700 fits
+    assert to_drop(held, 500, 1000) == ["a"]         # 1100 -> 800
+    assert to_drop(held, 800, 1000) == ["a", "b"]    # 1400 -> 900
+    assert to_drop(held, 2000, 1000) == ["a", "b", "c"]  # past the bound alone: all go, it still runs
+    assert to_drop([], 2000, 1000) == []
 
-    monkeypatch.setattr(pg, "MAX_HELD_TOKENS", 64)
+
+def test_a_bucket_used_again_becomes_the_most_recent(attached, texts):
     batch = attached.batch(prefill_graphs="buckets")
     prefill = batch.prefill
     assert prefill is not None
-    ids = batch.table.to_global(attached.encode(texts[0], None, raw=True), None)
+    first = batch.table.to_global(attached.encode(texts[0], None, raw=True), None)[0]
 
     def run(rows: int, length: int) -> None:
-        row = torch.tensor([ids[0]] * length, device=batch.device)
+        row = torch.tensor([first] * length, device=batch.device)
         prefill.forward(row.repeat(rows, 1), torch.ones(rows, length, dtype=torch.bool), [None] * rows)
 
-    run(1, 5)   # bucket (1, 16): 16 tokens
-    run(2, 9)   # (2, 16): 32, 48 held
-    run(1, 3)   # (1, 16) again: now the most recent
-    run(1, 20)  # (1, 32): 32 more would pass 64, so (2, 16), the least recent, goes
-    assert list(prefill._buckets) == [(1, 16), (1, 32)] and prefill.held_tokens() == 48
-    run(4, 16)  # (4, 16): 64 alone, the whole bound: the others go
-    assert list(prefill._buckets) == [(4, 16)] and prefill.prefills == 5
+    for rows, length in [(1, 5), (2, 9), (1, 3), (1, 20)]:  # buckets (1, 16), (2, 16), (1, 16) again, (1, 32)
+        run(rows, length)
+    assert list(prefill._buckets) == [(2, 16), (1, 16), (1, 32)] and prefill.prefills == 4
+    assert prefill.held_bytes() == 0  # run eagerly (no graphs on a CPU), a bucket keeps no keys or values
