@@ -3,6 +3,7 @@ eager, at several batch sizes, and the GPU kernels of one step (torch.profiler).
 
     python benchmarks/decode_profile.py                     # H200: lite shape (random bf16 weights), ~3 min
     python benchmarks/decode_profile.py --base tiny-deepseek-v2 --device cpu --sizes 1 4 --steps 3   # smoke run
+    python benchmarks/decode_profile.py --fp8-experts --sizes 1 32 --admit 16 512   # where a first token's time goes
 
 Rows are greedy requests over four adapters (LoRA r16 on attention + shared + routed experts, domain terms),
 16-token prompts, decoding ``--steps`` timed steps after a few warm-up steps (graphs captured). This is the
@@ -136,6 +137,51 @@ def host_profile(runtime, refs: list[str], steps: int, device: str) -> None:
     print(out.getvalue())
 
 
+def admission(runtime, refs: list[str], rows_n: int, prompt: int, device: str, repeats: int, top: int) -> dict:
+    """Where the time of ``rows_n`` requests joining an empty batch goes (their time to first token without the
+    engine's thread): the rows made (tokens to a row: adapter resolved, ids mapped), the joining step's wall time
+    (the prompts prefilled, each row's first token sampled, then one decode step for all) with the host's time to
+    return from it, and that step's GPU kernels. The first admission of the shape captures its graphs, not timed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(rows_n)
+    prompts = [torch.randint(100, len(runtime.tokenizer), (prompt,), generator=g).tolist() for _ in range(rows_n)]
+
+    def admit(timed: dict | None) -> None:
+        t0 = time.perf_counter()
+        rows = [runtime.make_row(ids, runtime.resolve(refs[i % len(refs)]), max_new_tokens=8, ignore_eos=True)
+                for i, ids in enumerate(prompts)]
+        batch = runtime.batch()
+        sync(device)
+        t1 = time.perf_counter()
+        runtime.step(batch, rows)
+        t2 = time.perf_counter()
+        sync(device)
+        t3 = time.perf_counter()
+        if timed is not None:
+            for key, v in (("make_rows_ms", t1 - t0), ("step_host_ms", t2 - t1), ("step_wall_ms", t3 - t1)):
+                timed.setdefault(key, []).append(v * 1000)
+            timed["prefill_graphs"] = batch.prefill.captures if batch.prefill is not None else None
+        batch.abandon()
+
+    admit(None)
+    timed: dict = {}
+    for _ in range(repeats):
+        admit(timed)
+    row: dict = {"rows": rows_n, "prompt_tokens": prompt, "prefill_graphs": timed.pop("prefill_graphs")}
+    row.update({k: round(sorted(v)[len(v) // 2], 2) for k, v in timed.items()})  # medians
+    if device.startswith("cuda"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            admit(None)
+        events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+        row["step_kernel_ms"] = round(sum(e.device_time_total for e in events) / 1000, 2)
+        row["step_kernels"] = sum(e.count for e in events)
+        events.sort(key=lambda e: -e.device_time_total)
+        row["top_kernels"] = [{"kernel": e.key[:90], "ms": round(e.device_time_total / 1000, 3), "calls": e.count}
+                              for e in events[:top]]
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=None, help="preset or model directory (default: lite shape built in memory)")
@@ -152,6 +198,10 @@ def main() -> None:
                    help="also print the eager step's N aten ops with the most GPU time, by input shapes")
     p.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                    help="also cProfile STEPS graph decode steps of 1 row and print where the host's time goes")
+    p.add_argument("--admit", type=int, nargs="*", metavar="PROMPT_TOKENS",
+                   help="instead: where the time of each size's rows joining an empty batch goes (their first token), "
+                        "for each of these prompt lengths; prints one JSON line each")
+    p.add_argument("--repeats", type=int, default=5, help="timed admissions per --admit setting (the median is kept)")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -171,6 +221,11 @@ def main() -> None:
     vocab = len(loaded.tokenizer)
     if a.absorb_ab:
         return absorb_ab(runtime, refs, a, vocab, loaded.ref.name)
+    if a.admit:
+        for prompt in a.admit:
+            for n in a.sizes:
+                print(json.dumps(admission(runtime, refs, n, prompt, a.device, a.repeats, a.top)), flush=True)
+        return None
     results = []
     for n in a.sizes:
         row: dict = {"rows": n}
