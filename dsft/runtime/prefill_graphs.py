@@ -44,7 +44,8 @@ MAX_GRAPH_TOKENS = 4096
 the host's, sets their time, and a graph holds its activations' memory for as long as it lives."""
 MAX_HELD_BYTES = 2**30
 """Keys and values the captured buckets hold at once. DeepSeek-V2-Lite keeps ~31 KB a token (27 layers x 576 x 2
-bytes): ~34,000 tokens, every bucket of up to 32 rows; a model with a wider cache keeps fewer buckets alive."""
+bytes): ~34,000 tokens of buckets (every bucket of up to 32 rows would be ~48,000); a model with a wider cache keeps
+fewer alive."""
 
 
 def to_drop(held: Sequence[tuple[Any, int]], need: int, cap: int) -> list[Any]:

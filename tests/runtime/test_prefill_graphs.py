@@ -44,6 +44,7 @@ def test_graphs_are_on_where_decode_is_graphed_and_large_prefills_stay_as_they_c
     assert not prefill_graphs_wanted(attached.model)  # a CPU model: never
     assert attached.batch().prefill is None  # and not asked for
     monkeypatch.setattr(pg, "graphs_wanted", lambda model: True)  # as on a GPU in bf16
+    monkeypatch.delenv("DSFT_PREFILL_GRAPHS", raising=False)
     assert prefill_graphs_wanted(attached.model)
     monkeypatch.setenv("DSFT_PREFILL_GRAPHS", "0")  # the switch to compare or debug
     assert not prefill_graphs_wanted(attached.model)
