@@ -3,6 +3,7 @@
     python benchmarks/moe_gemm_bench.py            # a CUDA GPU, ~1-2 min (compiles each configuration once)
     python benchmarks/moe_gemm_bench.py --block    # the whole routed-experts block: six kernels vs torch's glue
     python benchmarks/moe_gemm_bench.py --fp8      # the experts' own weights in FP8 (--fp8-experts), tiles swept
+    python benchmarks/moe_gemm_bench.py --prefill 64 170 512 1024   # FP8 experts at prefill sizes: widened or in place
 
 DeepSeek-V2-Lite's routed experts as the runtime runs them: gate_up ``[64, 2816 + 64, 2048]`` and down
 ``[64, 2048 + 64, 1408]`` (each expert's stacked LoRA A rows of four r16 adapters under its W rows), pairs of
@@ -130,15 +131,80 @@ def block(rows_list: list[int], out_dir: str) -> None:
     print("\n".join(lines))
 
 
+def prefill(tokens_list: list[int], out_dir: str) -> None:
+    """FP8 experts at prefill sizes: the runtime's path today (the layer's experts widened to bf16 in one Triton pass,
+    then torch's grouped GEMM) against the Triton kernel reading the e4m3 weights in place (what
+    ``DSFT_FP8_INPLACE_PAIRS`` turns on), tiles swept; torch's grouped GEMM on bf16 weights (the bf16 runtime) beside
+    them. Writes ``-moe-gemm-fp8-prefill.json`` and ``.md``."""
+    from dsft.kernels.fp8 import dequantize, quantize_rows
+    from dsft.kernels.grouped_mm import grouped_mm_kernel
+    from dsft.kernels.moe_gemm import config, moe_gemm
+
+    g = torch.Generator().manual_seed(0)
+    configs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3)
+               for bm, bn, bk, nw in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8))
+               if not (bm == 128 and bn == 128 and nw == 4)]
+    results = []
+    for name, (n, k) in {"gate_up": (2816, 2048), "down": (2048, 1408)}.items():
+        bf16 = torch.randn(E, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q = quantize_rows(bf16)
+        w8, scale = q.q.transpose(1, 2), q.scale
+        for tokens in tokens_list:
+            offs, used = pairs_for(tokens, g)
+            x = torch.randn(tokens * TOP_K, k, device="cuda", dtype=torch.bfloat16)
+            want = grouped_mm_kernel(x, dequantize(q.q, q.scale, torch.bfloat16).transpose(1, 2), offs)
+            row = {"shape": name, "tokens": tokens, "pairs": tokens * TOP_K, "experts_used": used,
+                   "widen_then_torch_us": round(graph_us(lambda: grouped_mm_kernel(
+                       x, dequantize(q.q, q.scale, torch.bfloat16).transpose(1, 2), offs)), 1),
+                   "torch_bf16_weights_us": round(graph_us(lambda: grouped_mm_kernel(x, bf16.transpose(1, 2), offs)), 1)}
+            default = config(k, fp8=True, pairs=tokens * TOP_K)
+            best = None
+            for cfg in configs:
+                try:
+                    got = moe_gemm(x, w8, offs, scale=scale, **cfg)
+                    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                    us = graph_us(lambda cfg=cfg: moe_gemm(x, w8, offs, scale=scale, **cfg), calls=5, replays=5)
+                except Exception as exc:  # a configuration the compiler refuses (shared memory, registers)
+                    print(f"{name} tokens={tokens} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, cfg, err)
+                if all(cfg[key] == default[key] for key in cfg if key in default):
+                    row["in_place_default_us"] = round(us, 1)
+            assert best is not None
+            row.update(in_place_best_us=round(best[0], 1), best=best[1], rel_err=best[2],
+                       speedup_vs_widen=round(row["widen_then_torch_us"] / best[0], 2))
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    device = torch.cuda.get_device_name()
+    out = Path(out_dir) / f"{date.today()}-{device.replace(' ', '-')}-moe-gemm-fp8-prefill"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    lines = [f"# FP8 experts at prefill sizes on {device} ({date.today()})", "",
+             "Lite-shape routed experts (64, top-6 at random), one projection; us a call (CUDA graph). Widen + torch: the "
+             "runtime's FP8 prefill (one Triton pass to bf16, torch's grouped GEMM); in place: dsft's kernel on the e4m3 "
+             "weights (DSFT_FP8_INPLACE_PAIRS), best of the tiles swept; torch bf16: the bf16 runtime's GEMM.", "",
+             "| shape | tokens | pairs | widen + torch us | in place, default tiles us | in place, best us | best tiles | x widen | torch bf16 us |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['tokens']} | {r['pairs']} | {r['widen_then_torch_us']} | {r.get('in_place_default_us', '')} | "
+              f"{r['in_place_best_us']} | {r['best']} | {r['speedup_vs_widen']} | {r['torch_bf16_weights_us']} |" for r in results]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--block", action="store_true", help="time the whole routed-experts block instead")
     p.add_argument("--fp8", action="store_true", help="the experts' weights in FP8 with row scales (see the docstring)")
+    p.add_argument("--prefill", type=int, nargs="*", metavar="TOKENS",
+                   help="instead: FP8 experts at these prefill sizes, widened vs read in place (see prefill())")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     if a.block:
         return block(a.rows, a.out)
+    if a.prefill:
+        return prefill(a.prefill, a.out)
     from dsft.kernels.fp8 import dequantize, quantize_rows
     from dsft.kernels.grouped_mm import grouped_mm_kernel
     from dsft.kernels.moe_gemm import config, moe_gemm
@@ -183,7 +249,7 @@ def main() -> None:
                     continue
                 if best is None or us < best[0]:
                     best = (us, cfg, err)
-                if cfg == default:
+                if cfg == {key: v for key, v in default.items() if key != "block_m"}:  # the sweep keeps 16-row blocks
                     row["default_us"], row["default_rel_err"] = round(us, 2), err
             assert best is not None
             row.update(best_us=round(best[0], 2), best=best[1], best_rel_err=best[2],

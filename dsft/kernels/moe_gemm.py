@@ -38,6 +38,22 @@ size measured (H200, lite shape, ``benchmarks/moe_gemm_bench.py``: 1.3-2.1x fast
 CUTLASS's larger tiles are the better choice (not measured)."""
 
 
+FP8_PAIRS_ENV = "DSFT_FP8_INPLACE_PAIRS"
+"""Raises the pairs up to which FP8 expert weights go through the kernel (:func:`max_pairs`)."""
+
+
+def max_pairs(w: torch.Tensor) -> int:
+    """Pairs up to which :func:`moe_gemm` runs for expert weights ``w``: :data:`MAX_PAIRS`. For FP8 weights
+    ``DSFT_FP8_INPLACE_PAIRS=N`` raises it to N: a prefill of up to N pairs then reads the e4m3 weights in place,
+    in 64-row blocks, instead of widening the layer's experts to bf16 first (~2.8 GB of traffic a lite-shape layer
+    against the 0.55 GB read once). Not measured on a GPU yet, so not the default (``moe_gemm_bench.py --prefill``)."""
+    if w.dtype == FP8:
+        raw = os.environ.get(FP8_PAIRS_ENV, "")
+        if raw.isdigit():
+            return max(MAX_PAIRS, int(raw))
+    return MAX_PAIRS
+
+
 def _load_kernels():
     try:
         from dsft.kernels import moe_triton
@@ -79,7 +95,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`moe_gemm` should (and can) run for these operands: half precision on CUDA (weights in x's dtype
     or FP8), few pairs, Triton present, unless ``DSFT_TRITON_MOE=0`` (to compare against torch's grouped GEMM)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype in (x.dtype, FP8)
-            and x.shape[0] <= MAX_PAIRS and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
+            and x.shape[0] <= max_pairs(w) and os.environ.get("DSFT_TRITON_MOE", "1") != "0" and available())
 
 
 FP8_DOTS = ("bf16", "f16", "fp8")
@@ -107,18 +123,23 @@ def config(K: int, fp8: bool = False, pairs: int | None = None) -> dict[str, int
     10-20% of the sweep's best, 3-6x faster than torch's grouped GEMM: ``moe_gemm_bench.py``). FP8 weights with at
     most :data:`FP8_FEW_PAIRS` pairs (one decode row) take 32 columns x 256 of K: the sweep's best there, where the
     default was 24-25% slower (gate_up 26.3 -> 20.0 us, down 17.7 -> 13.2;
-    ``benchmarks/results/2026-12-01-h200-moe-gemm-fp8.md``); from 32 rows up the default is within 3% of it."""
+    ``benchmarks/results/2026-12-01-h200-moe-gemm-fp8.md``); from 32 rows up the default is within 3% of it.
+    Past :data:`MAX_PAIRS` (FP8 prefills, :func:`max_pairs`) rows come in blocks of 64 (a guess until swept)."""
+    rows = 64 if pairs is not None and pairs > MAX_PAIRS else 16
     if K <= 64:
-        return {"block_n": 256, "block_k": max(16, 1 << (K - 1).bit_length()), "num_warps": 4, "num_stages": 2}
+        return {"block_m": rows, "block_n": 256 if rows == 16 else 128, "block_k": max(16, 1 << (K - 1).bit_length()),
+                "num_warps": 4, "num_stages": 2}
+    if rows == 64:
+        return {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
     if fp8 and pairs is not None and pairs <= FP8_FEW_PAIRS:
-        return {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}
-    return {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
+        return {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}
+    return {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
 
 
 def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch.Tensor | None = None,
              gather: bool = False, mask: torch.Tensor | None = None, add: torch.Tensor | None = None, glu: bool = False,
-             scale: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
-             num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+             scale: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+             block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """``x`` [P, K] (pairs sorted by expert) times ``w`` [E, K, N] per expert, ``offs`` [E] int32 run ends
     (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K]).
 
@@ -148,7 +169,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
         scale_.stride(0), scale_.stride(1),
         GATHER=gather, MASK=mask is not None, ADD=add is not None, GLU=glu, SCALE=scale is not None,
         F16=scale is not None and fp8_dot() == "f16", A8=scale is not None and mask is None and fp8_dot() == "fp8",
-        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=block_m or tiles["block_m"], BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])
     return y
 

@@ -113,7 +113,7 @@ def experts_forward_mixed(
         [T, H], equal per token to :func:`dsft.kernels.expert_lora.experts_forward_reference` with that
         token's adapter alone.
     """
-    if moe_gemm.usable(x, gate_up_proj) and top_k_index.numel() <= moe_gemm.MAX_PAIRS and is_silu(act):
+    if moe_gemm.usable(x, gate_up_proj) and top_k_index.numel() <= moe_gemm.max_pairs(gate_up_proj) and is_silu(act):
         y = moe_gemm.or_none(_in_kernels, x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, down, fused,
                              scales)
         if y is not None:

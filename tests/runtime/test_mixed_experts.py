@@ -116,6 +116,25 @@ IN_KERNELS = textwrap.dedent("""
             want = experts_forward_reference(x[sel], index[sel], weights[sel], w_gu, w_dn, F.silu,
                                              *((None, None) if case.endswith("no LoRA") else lora))
             torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5, msg=f"{case}, adapter {who}")
+    # A prefill's FP8 experts read in place when asked (DSFT_FP8_INPLACE_PAIRS): past MAX_PAIRS, rows in blocks of 64
+    import os
+    os.environ["DSFT_FP8_INPLACE_PAIRS"] = "1024"
+    T = 402
+    x = torch.randn(T, H, generator=g)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    owners = ["a", "b", None] * (T // 3)
+    rows = RowGroups.of(owners, "cpu")
+    gu = (stack_experts([a[0], b[0]]), rows.column_mask((0, 1), (4, 2), T, x.dtype))
+    dn = (stack_experts([a[1]]), rows.column_mask((0,), (4,), T, x.dtype))
+    assert index.numel() > moe_gemm.MAX_PAIRS
+    got = mixed_experts.experts_forward_mixed(x, index, weights, q[0].q, q[1].q, ACT2FN["silu"], gu, dn,
+                                              scales=(q[0].scale, q[1].scale))
+    w_gu, w_dn = dequantize(q[0].q, q[0].scale, x.dtype), dequantize(q[1].q, q[1].scale, x.dtype)
+    for who, lora in (("a", a), ("b", b), (None, (None, None))):
+        sel = torch.tensor([o == who for o in owners])
+        want = experts_forward_reference(x[sel], index[sel], weights[sel], w_gu, w_dn, F.silu, *lora)
+        torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5, msg=f"prefill in place, adapter {who}")
     print("ok")
 """)
 
