@@ -183,7 +183,7 @@ class RunningBatch:
 
             probe = DynamicCache(config=self.model.config)
             with torch.inference_mode():
-                self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), past_key_values=probe,
+                self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), **kv_cache.cache_kwarg(self.model, probe),
                            use_cache=True)
             self._token_bytes = sum(t.numel() * t.element_size() for layer in probe.layers for t in (layer.keys, layer.values))
         return bucket(len(lengths)) * bucket(max(lengths), MIN_WIDTH) * self._token_bytes
@@ -250,7 +250,7 @@ class RunningBatch:
         else:
             with torch.inference_mode(), self.lora.rows(RowGroups.of(part.keys, self.device)):
                 logits = self.model(input_ids=fill.ids[:, lo:hi], attention_mask=part.mask,
-                                    position_ids=fill.positions[:, lo:hi], past_key_values=part.cache, use_cache=True,
+                                    position_ids=fill.positions[:, lo:hi], **kv_cache.cache_kwarg(self.model, part.cache), use_cache=True,
                                     logits_to_keep=1).logits[:, -1]
         fill.done = hi
         if hi < fill.ids.shape[1]:
@@ -321,7 +321,7 @@ class RunningBatch:
         part.mask = torch.cat([part.mask, part.mask.new_ones((part.mask.shape[0], 1))], dim=-1)
         with torch.inference_mode(), self.lora.rows(groups):
             logits = self.model(input_ids=ids, attention_mask=part.mask, position_ids=part.positions,
-                                past_key_values=part.cache, use_cache=True).logits[:, -1]
+                                **kv_cache.cache_kwarg(self.model, part.cache), use_cache=True).logits[:, -1]
         part.positions = part.positions + 1
         part.lengths = [n + 1 for n in part.lengths]
         return self._take(part, logits, index)

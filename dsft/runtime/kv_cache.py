@@ -11,6 +11,9 @@ requests only into an empty batch.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -35,3 +38,14 @@ def trim_left(cache, columns: int) -> None:
         if layer.is_initialized and layer.keys.numel():
             layer.keys = layer.keys[..., columns:, :]
             layer.values = layer.values[..., columns:, :]
+
+
+def cache_kwarg(model, cache) -> dict:
+    """``cache`` as the keyword ``model``'s forward takes it: transformers renamed ``past_key_values`` to ``cache``
+    (5.24 takes both and warns on the old name, which goes in 5.40; 5.17 has only the old one)."""
+    return {_cache_name(type(model)): cache}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"

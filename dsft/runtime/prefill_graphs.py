@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dsft.runtime.kv_cache import cache_kwarg
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.row_groups import RowGroups
 from dsft.runtime.static_cache import bucket, capture, graphs_wanted, group_indices
@@ -207,7 +208,7 @@ class PrefillGraphs:
         cache = _PromptCache()
         with torch.inference_mode(), self.lora.rows(groups):
             out = self.model(input_ids=b.ids, attention_mask=mask[:, None], position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             **cache_kwarg(self.model, cache), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], cache
 
     def _capture(self, b: _Bucket) -> None:

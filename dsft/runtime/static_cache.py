@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsft.runtime.kv_cache import cache_kwarg
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.row_groups import RowGroups
 
@@ -259,7 +260,7 @@ class SlotDecoder:
         cache.write, cache.width = write, width
         mask = (torch.arange(width, device=write.device)[None, :] <= write[:, None])[:, None, None, :]
         with torch.inference_mode(), self.lora.rows(groups):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=write[:, None], past_key_values=cache,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=write[:, None], **cache_kwarg(self.model, cache),
                              use_cache=True)
         return out.logits[:, -1]
 

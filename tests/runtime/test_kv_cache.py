@@ -180,3 +180,20 @@ def test_capturing_warms_up_once_then_records_the_step_and_keeps_what_the_graph_
     assert (graph, out, stacks) == ("graph", "captured", "stacks")
     assert events == ["wait", "step", "drop masks", "stacks ('finance', 'legal')", "capture in pool", "step", "wait"]
     assert static_cache.group_indices(("finance", "legal"), ["legal", None, "finance"], 4).tolist() == [1, -1, 0, -1]
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes():
+    from dsft.runtime.kv_cache import cache_kwarg
+
+    class Old(torch.nn.Module):  # transformers 5.17's models
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class New(torch.nn.Module):  # from 5.24 (past_key_values deprecated, gone in 5.40)
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return cache
+
+    marker = object()
+    assert cache_kwarg(Old(), marker) == {"past_key_values": marker}
+    assert cache_kwarg(New(), marker) == {"cache": marker}
+    assert New()(**cache_kwarg(New(), marker)) is marker

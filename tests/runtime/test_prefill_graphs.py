@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from dsft.runtime.generation import left_pad
+from dsft.runtime.kv_cache import cache_kwarg
 from dsft.runtime.multilora import MultiLora
 from dsft.runtime.prefill_graphs import MIN_PREFILL_WIDTH, PrefillGraphs, prefill_graphs_wanted, to_drop
 from dsft.runtime.row_groups import RowGroups
@@ -23,7 +24,7 @@ def test_bucketed_prefill_equals_the_prefill_as_it_comes(attached, texts):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     plain = DynamicCache(config=attached.model.config)
     with torch.inference_mode(), lora.rows(RowGroups.of(keys, batch.device)):
-        want = batch.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=plain,
+        want = batch.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(batch.model, plain),
                            use_cache=True, logits_to_keep=1).logits[:, -1]
     assert batch.prefill is not None and not batch.prefill.graphs_on  # on CPU: the graph's inputs, run eagerly
     got, cache = batch.prefill.forward(ids, mask, keys)
