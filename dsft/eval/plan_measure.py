@@ -114,7 +114,7 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
     model = prep.model
     if cuda and req.checkpointing:  # as dsft train does on CUDA
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
+    else:  # (a model prepared for an earlier setting may have it on; off again is a no-op otherwise)
         model.gradient_checkpointing_disable()
     ids = torch.randint(0, len(prep.tokenizer), (req.batch, req.seq), device=next(model.parameters()).device)
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
