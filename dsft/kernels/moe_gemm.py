@@ -138,8 +138,9 @@ def config(K: int, fp8: bool = False, pairs: int | None = None) -> dict[str, int
 
 def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch.Tensor | None = None,
              gather: bool = False, mask: torch.Tensor | None = None, add: torch.Tensor | None = None, glu: bool = False,
-             scale: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
-             block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+             scale: torch.Tensor | None = None, second: torch.Tensor | None = None, block_m: int | None = None,
+             block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+             num_stages: int | None = None) -> torch.Tensor:
     """``x`` [P, K] (pairs sorted by expert) times ``w`` [E, K, N] per expert, ``offs`` [E] int32 run ends
     (``offs[-1] == P``) -> [P, N] in x's dtype. Any strides (e.g. ``w`` a transposed view of [E, N, K]).
 
@@ -147,15 +148,20 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
     multiplies pair p's row by ``mask[tok[p]]``; ``add`` [P, N] (``[P, 2N]`` with ``glu``) is added to the product;
     with ``glu``, ``w`` holds gate then up columns ([E, K, 2N]) and the result is ``silu(gate) * up`` [P, N];
     ``scale`` [E, N] (``[E, 2N]`` with ``glu``): ``w`` is FP8 and column n of expert e's product is multiplied by
-    ``scale[e, n]`` (:mod:`dsft.kernels.fp8`). Tiles default to :func:`config`."""
+    ``scale[e, n]`` (:mod:`dsft.kernels.fp8`); ``second`` [E, K, R] (with ``scale``, without the other options): a
+    weight in x's dtype whose product fills columns N .. N + R of the result ([P, N + R]) in the same launch (an
+    FP8 expert's adapters' stacked A beside its base product). Tiles default to :func:`config`."""
     if _KERNELS is None:
         raise RuntimeError("the Triton MoE kernel needs Triton on a CUDA machine (or TRITON_INTERPRET=1); see usable()")
     if (gather or mask is not None) and tok is None:
         raise ValueError("moe_gemm: gather and mask need tok, the token of each pair")
+    if second is not None and (scale is None or glu or mask is not None or add is not None):
+        raise ValueError("moe_gemm: a second weight goes with FP8 weights and none of glu, mask, add")
     P = tok.shape[0] if gather and tok is not None else x.shape[0]
     K = x.shape[1]
     E, N = w.shape[0], w.shape[2] // 2 if glu else w.shape[2]
-    y = x.new_empty((P, N))
+    R = second.shape[2] if second is not None else 0
+    y = x.new_empty((P, N + R))
     if P == 0:
         return y
     tiles = config(K, fp8=w.dtype == FP8, pairs=P)
@@ -163,11 +169,13 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
     if (scale is not None) != (w.dtype == FP8):
         raise ValueError("moe_gemm: FP8 weights need their scale, and a scale needs FP8 weights")
     tok_, mask_, add_, scale_ = (t if t is not None else y for t in (tok, mask, add, scale))  # unused: any tensor
-    _KERNELS.moe_gemm_kernel[(E, -(-N // bn))](
-        x, w, y, offs, tok_, mask_, add_, scale_, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        y.stride(0), y.stride(1), mask_.stride(0), mask_.stride(1), add_.stride(0), add_.stride(1),
-        scale_.stride(0), scale_.stride(1),
+    v = second if second is not None else w
+    _KERNELS.moe_gemm_kernel[(E, -(-N // bn) + -(-R // bn))](
+        x, w, y, offs, tok_, mask_, add_, scale_, v, N, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        w.stride(2), y.stride(0), y.stride(1), mask_.stride(0), mask_.stride(1), add_.stride(0), add_.stride(1),
+        scale_.stride(0), scale_.stride(1), v.stride(0), v.stride(1), v.stride(2),
         GATHER=gather, MASK=mask is not None, ADD=add is not None, GLU=glu, SCALE=scale is not None,
+        SECOND=second is not None,
         F16=scale is not None and fp8_dot() == "f16", A8=scale is not None and mask is None and fp8_dot() == "fp8",
         BLOCK_M=block_m or tiles["block_m"], BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps or tiles["num_warps"], num_stages=num_stages or tiles["num_stages"])

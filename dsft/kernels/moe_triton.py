@@ -22,7 +22,10 @@ so each variant compiles to only its own code):
   e4m3 -> bf16 a longer sequence;
 - ``A8`` (with ``SCALE``): nothing widens: each row of x is quantised to e4m3 with its own scale (its largest
   magnitude / 448, found in a first pass over K) and the products run on FP8 tensor cores, the row scale applied
-  with the weights' after the sum.
+  with the weights' after the sum;
+- ``SECOND`` (with ``SCALE``): programs past W's column blocks compute ``x @ v[e]`` (``v`` in x's dtype, ``R``
+  columns) into columns ``N .. N + R`` of y: an FP8 expert's base product and its adapters' stacked A in one launch
+  (in bf16 the runtime stacks A under W in one buffer instead).
 
 ``moe_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[pos[t, j]]`` in fp32, pair ``(t, j)`` at sorted place
 ``pos``.
@@ -62,15 +65,36 @@ def moe_route_kernel(ids_ptr, token_ptr, expert_ptr, offs_ptr, pos_ptr, P, E, TO
 
 
 @triton.jit
-def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, N, K,
-                    sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
+def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, v_ptr, N, K, R,
+                    sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn, sve, svk, svn,
                     GATHER: tl.constexpr, MASK: tl.constexpr, ADD: tl.constexpr, GLU: tl.constexpr,
-                    SCALE: tl.constexpr, F16: tl.constexpr, A8: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    SCALE: tl.constexpr, F16: tl.constexpr, A8: tl.constexpr, SECOND: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
     end = tl.load(offs_ptr + e)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SECOND:
+        w_blocks = tl.cdiv(N, BLOCK_N)
+        if tl.program_id(1) >= w_blocks:
+            _second_tiles(x_ptr, v_ptr, y_ptr, tok_ptr, e, start, end, tl.program_id(1) - w_blocks, N, K, R,
+                          sxm, sxk, sve, svk, svn, sym, syn, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _tiles(x_ptr, w_ptr, y_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, e, start, end, tl.program_id(1), N, K,
+                   sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
+                   GATHER, MASK, ADD, GLU, SCALE, F16, A8, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _tiles(x_ptr, w_ptr, y_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, e, start, end, tl.program_id(1), N, K,
+               sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
+               GATHER, MASK, ADD, GLU, SCALE, F16, A8, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _tiles(x_ptr, w_ptr, y_ptr, tok_ptr, mask_ptr, add_ptr, scale_ptr, e, start, end, col_block, N, K,
+           sxm, sxk, swe, swk, swn, sym, syn, smm, smk, sam, san, sse, ssn,
+           GATHER: tl.constexpr, MASK: tl.constexpr, ADD: tl.constexpr, GLU: tl.constexpr,
+           SCALE: tl.constexpr, F16: tl.constexpr, A8: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + e.to(tl.int64) * swe + rn[None, :] * swn
     for m0 in range(start, end, BLOCK_M):
@@ -124,6 +148,30 @@ def moe_gemm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tok_ptr, mask_ptr, add_ptr, s
         if GLU:
             acc = acc / (1.0 + tl.exp(-acc)) * up
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _second_tiles(x_ptr, v_ptr, y_ptr, tok_ptr, e, start, end, col_block, N, K, R, sxm, sxk, sve, svk, svn, sym, syn,
+                  GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # columns N + [col_block * BLOCK_N, ...) of y: x @ v[e], v in x's dtype (an FP8 expert's adapters' stacked A)
+    rn = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    v_rows = v_ptr + e.to(tl.int64) * sve + rn[None, :] * svn
+    for m0 in range(start, end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        live = rm < end
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm
+        if GATHER:
+            tok = tl.load(tok_ptr + rm, mask=live, other=0)
+            x_rows = x_ptr + tok[:, None].to(tl.int64) * sxm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(x_rows + kk[None, :] * sxk, mask=live[:, None] & (kk[None, :] < K), other=0.0)
+            b = tl.load(v_rows + kk[:, None] * svk, mask=(kk[:, None] < K) & (rn[None, :] < R), other=0.0)
+            acc += tl.dot(a, b.to(a.dtype))
+        tl.store(y_ptr + rm[:, None] * sym + (N + rn[None, :]) * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=live[:, None] & (rn[None, :] < R))
 
 
 @triton.jit

@@ -12,6 +12,8 @@ weighted sum back to tokens); the torch path below is the CPU's and the referenc
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsft.kernels import moe_gemm
@@ -163,7 +165,12 @@ def _kernel_projection(x: torch.Tensor, w: torch.Tensor, lora: tuple[LowRank, to
     if lora is None:
         return moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, glu=glu, scale=scale)
     f, mask = lora
-    if fused is None:
+    if fused is None and scale is not None and os.environ.get("DSFT_FP8_FUSED_A") == "1":
+        # FP8 W and the adapters' A (model dtype) in one launch: A's few columns beside W's (off until measured)
+        full = moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, scale=scale,
+                                 second=f.A.transpose(1, 2))
+        base, h = full[:, : w.shape[1]], full[:, w.shape[1] :]
+    elif fused is None:
         base = moe_gemm.moe_gemm(x, w.transpose(1, 2), offs, tok=tok, gather=gather, scale=scale)
         h = moe_gemm.moe_gemm(x, f.A.transpose(1, 2), offs, tok=tok, gather=gather)
     else:

@@ -91,6 +91,21 @@ CHECK = textwrap.dedent("""
     gg, uu = base8.chunk(2, -1)
     torch.testing.assert_close(gl, F.silu(gg) * uu, rtol=1e-4, atol=1e-4)
     assert (base8 - base).abs().max() < 0.1 * base.abs().max()  # and they are the weights, to e4m3's rounding
+    # A second weight in x's dtype beside FP8 weights, one launch (an FP8 expert's adapters' stacked A): its product
+    # fills the columns after W's, in and out of decode sizes (columns over more than one block of each)
+    A = torch.randn(E, 9, H, generator=g)  # [E, R, K]: R = 9 stacked ranks
+    both = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale, second=A.transpose(1, 2))
+    assert both.shape == (T * k, 2 * I + 9)
+    torch.testing.assert_close(both[:, : 2 * I], base8, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[:, 2 * I :], grouped_mm_reference(xs, A.transpose(1, 2), r.offs), rtol=1e-4, atol=1e-4)
+    narrow = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale, second=A.transpose(1, 2),
+                      block_n=16)
+    torch.testing.assert_close(narrow, both, rtol=1e-4, atol=1e-4)
+    try:
+        moe_gemm(x, wgu.transpose(1, 2), r.offs, tok=r.token, gather=True, second=A.transpose(1, 2))
+        raise AssertionError("a second weight ran beside bf16 weights")
+    except ValueError as e:
+        assert "second weight" in str(e)
     # Prefill sizes (FP8 weights read in place, DSFT_FP8_INPLACE_PAIRS): rows in blocks of 64, an expert over two
     wide = torch.randn(E, 40, 96, generator=g)  # [E, N, K]
     q64, s64 = quantize_rows(wide)
