@@ -1,0 +1,62 @@
+"""The routed experts' Triton kernels compile for a Hopper GPU (sm_90) on a machine without one.
+
+The interpreter tests (test_moe_gemm.py) check what the kernels compute; they do not compile them, and a kernel
+that the compiler refuses turns itself off on the GPU (with a warning), so a decode falls back to torch's slower
+path without failing. Here each variant the runtime launches goes through Triton's compiler for sm_90 ahead of
+time (to PTX and, with the ptxas Triton ships, to a cubin): what would fail on the H200 fails here first.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
+
+COMPILE = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsft.kernels import moe_triton
+
+    def compile_for_hopper(fn, types, consts, **options):
+        signature = {name: ("constexpr" if p.is_constexpr else types.get(name, "i32"))
+                     for name, p in zip(fn.arg_names, fn.params)}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 3, **options})
+
+    bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "offs_ptr": "*i32", "tok_ptr": "*i64",
+            "mask_ptr": "*bf16", "add_ptr": "*bf16", "scale_ptr": "*fp32", "v_ptr": "*bf16"}
+    fp8 = {**bf16, "w_ptr": "*fp8e4nv"}
+    off = dict(GATHER=False, MASK=False, ADD=False, GLU=False, SCALE=False, F16=False, A8=False, SECOND=False)
+    variants = [  # (types, flags, BLOCK_M, BLOCK_N, BLOCK_K): the calls of a decode step and of a prefill in place
+        (bf16, dict(GATHER=True), 16, 64, 128),                          # [W; A] of gate_up on the tokens' rows
+        (bf16, dict(GATHER=True, GLU=True), 16, 64, 128),                # gate_up without LoRA, through SwiGLU
+        (bf16, dict(MASK=True, ADD=True, GLU=True), 16, 256, 64),        # LoRA up-projection + base + SwiGLU
+        (bf16, dict(MASK=True, ADD=True), 16, 256, 64),                  # down's LoRA up-projection + base
+        (fp8, dict(GATHER=True, SCALE=True), 16, 32, 256),               # one FP8 decode row
+        (fp8, dict(GATHER=True, SCALE=True, GLU=True), 16, 64, 128),
+        (fp8, dict(GATHER=True, SCALE=True, F16=True), 16, 64, 128),     # DSFT_FP8_DOT=f16
+        (fp8, dict(GATHER=True, SCALE=True, A8=True), 16, 64, 128),      # DSFT_FP8_DOT=fp8
+        (fp8, dict(GATHER=True, SCALE=True, SECOND=True), 16, 64, 128),  # DSFT_FP8_FUSED_A=1
+        (fp8, dict(GATHER=True, SCALE=True), 64, 64, 64),                # DSFT_FP8_INPLACE_PAIRS: a prefill
+    ]
+    for types, flags, bm, bn, bk in variants:
+        compile_for_hopper(moe_triton.moe_gemm_kernel, types, {**off, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
+    compile_for_hopper(moe_triton.moe_route_kernel, {"ids_ptr": "*i64", "token_ptr": "*i64", "expert_ptr": "*i64",
+                                                     "offs_ptr": "*i32", "pos_ptr": "*i32"}, {"BLOCK": 64, "BLOCK_E": 64})
+    compile_for_hopper(moe_triton.moe_combine_kernel, {"y_ptr": "*bf16", "pos_ptr": "*i32", "weight_ptr": "*fp32",
+                                                       "out_ptr": "*bf16"}, {"BLOCK_N": 256})
+    print("ok", len(variants) + 2)
+""")
+
+
+def test_the_routed_experts_kernels_compile_for_a_hopper_gpu(tmp_path):
+    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok 12", done.stderr[-3000:]
