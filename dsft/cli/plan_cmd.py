@@ -60,7 +60,10 @@ def plan_command(
     console.print(table)
     console.print(f"trainable parameters: {p.trainable_params:,}")
     if p.tokens_per_s:
-        console.print(f"estimated speed: {p.tokens_per_s:,.0f} tokens/s")
+        console.print(f"estimated speed: {p.tokens_per_s:,.0f} tokens/s (every layer recomputed)")
+    if p.kept_layers:
+        console.print(f"dsft train (--keep-layers auto) keeps {p.kept_layers} of {p.layers} layers' activations here "
+                      f"instead of recomputing them: ~{p.kept_layers * p.kept_layer_gib:,.1f} GiB more, faster steps")
     verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
     console.print(f"{verdict} in {p.gpu_mem_gib:g} GiB ({m.total / GIB:,.1f} GiB needed)")
     if p.suggestion:

@@ -123,6 +123,11 @@ class Plan:
     """The largest (batch, seq) that fits, by tokens per step."""
     trainable_params: int
     notes: list[str] = field(default_factory=list)
+    kept_layers: int = 0
+    """Decoder layers ``dsft train --keep-layers auto`` would spare the recompute on this GPU (compiled, one process,
+    not over a 4-bit base), out of :attr:`layers`; each holds :attr:`kept_layer_gib` more."""
+    layers: int = 0
+    kept_layer_gib: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         mem = {k: round(v / GIB, 3) for k, v in asdict(self.memory).items()}
@@ -131,7 +136,8 @@ class Plan:
         return {"request": asdict(self.request), "memory_gib": mem, "gpu_mem_gib": self.gpu_mem_gib, "fits": self.fits,
                 "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s),
                 "suggestion": None if self.suggestion is None else {"batch": self.suggestion[0], "seq": self.suggestion[1]},
-                "trainable_params": self.trainable_params, "notes": self.notes}
+                "trainable_params": self.trainable_params, "notes": self.notes,
+                "kept_layers": {"auto": self.kept_layers, "of": self.layers, "gib_each": round(self.kept_layer_gib, 3)}}
 
 
 # --- the model, on the meta device --------------------------------------------------------------------
@@ -331,15 +337,18 @@ def layers_to_keep(c: ModelCounts, req: PlanRequest, gpu_bytes: float, margin: f
     """
     if not req.checkpointing or req.device != "cuda":
         return 0
-    wbytes = 2
-    tokens = req.batch * req.seq
-    per_layer = max(c.saved_per_token.values()) * tokens - tokens * c.hidden * wbytes
-    if compiled:
-        per_layer *= COMPILED_KEPT_SHARE
+    per_layer = kept_layer_bytes(c, req, compiled)
     room = gpu_bytes * (1 - margin) - estimate_memory(c, req)[0].total
     if per_layer <= 0 or room <= 0:
         return 0
     return int(min(c.layers, room // per_layer))
+
+
+def kept_layer_bytes(c: ModelCounts, req: PlanRequest, compiled: bool = False) -> float:
+    """What one layer that keeps its activations holds on top of its checkpointed input, at ``req``'s micro-batch."""
+    tokens = req.batch * req.seq
+    per_layer = max(c.saved_per_token.values()) * tokens - tokens * c.hidden * 2
+    return per_layer * (COMPILED_KEPT_SHARE if compiled else 1.0)
 
 
 def flops_per_token(c: ModelCounts, req: PlanRequest) -> float:
@@ -393,7 +402,11 @@ def plan(req: PlanRequest, counts: ModelCounts | None = None, gpu_name: str | No
                 break
             if best is None or batch * seq > best[0] * best[1] or (batch * seq == best[0] * best[1] and seq > best[1]):
                 best = (batch, seq)
-    return Plan(req, mem, tokens_per_s, round(gpu_mem, 2), fits, best, trainable, notes)
+    kept = 0
+    if fits and req.num_gpus == 1 and req.method != "qlora":  # as dsft train's --keep-layers auto (card_fit)
+        kept = layers_to_keep(c, req, gpu_mem * GIB, compiled=True)
+    return Plan(req, mem, tokens_per_s, round(gpu_mem, 2), fits, best, trainable, notes, kept, c.layers,
+                kept_layer_bytes(c, req, compiled=True) / GIB)
 
 
 def _powers(start: int, stop: int) -> list[int]:

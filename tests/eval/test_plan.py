@@ -168,3 +168,23 @@ def test_plan_cli_per_gpu_under_fsdp2():
     assert data["request"]["num_gpus"] == 2 and any("fsdp2 over 2 GPUs" in n for n in data["notes"])
     bad = CliRunner().invoke(app, ["plan", "--num-gpus", "2", "--measure"])
     assert bad.exit_code != 0 and "--measure" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_plan_says_how_many_layers_dsft_train_keeps_on_the_card(home):
+    """The H200 runs of 2026-12-02 (lite shape, 4 x 2048): dsft train kept all 27 layers there, at 0.58 GiB each
+    measured (benchmarks/results/2026-12-02-NVIDIA-H200-train-throughput.md); planned at no less."""
+    from dsft.cli.main import app
+    from dsft.eval.plan import plan
+
+    counts = count_model("deepseek-v2-lite-shape")
+    big = plan(PlanRequest("deepseek-v2-lite-shape", batch=4, seq=2048, gpu_mem_gib=139.8), counts)
+    assert (big.kept_layers, big.layers) == (27, 27) and 0.58 <= big.kept_layer_gib < 0.8
+    tight = plan(PlanRequest("deepseek-v2-lite-shape", batch=4, seq=2048, gpu_mem_gib=45), counts)
+    assert 0 < tight.kept_layers < 27  # 45 GiB less 10%: room for a few over the 38 GiB needed
+    assert plan(PlanRequest("deepseek-v2-lite-shape", batch=4, seq=2048, gpu_mem_gib=40), counts).kept_layers == 0
+    assert plan(PlanRequest("deepseek-v2-lite-shape", "qlora", batch=1, seq=2048, gpu_mem_gib=139.8)).kept_layers == 0
+    r = CliRunner().invoke(app, ["plan", "--base", "deepseek-v2-lite-shape", "--gpu-mem", "139.8", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["kept_layers"] == {"auto": 27, "of": 27, "gib_each": round(big.kept_layer_gib, 3)}
+    r = CliRunner().invoke(app, ["plan", "--base", "deepseek-v2-lite-shape", "--gpu-mem", "139.8"])
+    assert "keeps 27 of 27 layers" in " ".join(r.stdout.split())
