@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -61,6 +62,17 @@ def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def save(out_dir: str, name: str, results: list[dict], table: Callable[[str], list[str]]) -> None:
+    """``<date>-<gpu>-<name>.json`` (the rows as measured) and ``.md`` (``table(gpu name)``'s lines), printed too."""
+    device = torch.cuda.get_device_name()
+    out = Path(out_dir) / f"{date.today()}-{device.replace(' ', '-')}-{name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    lines = table(device)
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def pairs_for(rows: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -117,18 +129,15 @@ def block(rows_list: list[int], out_dir: str) -> None:
                "max_rel_diff": float((new.float() - old.float()).abs().max() / old.float().abs().max())}
         print(json.dumps(row), flush=True)
         results.append(row)
-    device = torch.cuda.get_device_name()
-    out = Path(out_dir) / f"{date.today()}-{device.replace(' ', '-')}-moe-block"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
-    lines = [f"# The routed-experts block of a mixed decode step on {device} ({date.today()})", "",
-             "DeepSeek-V2-Lite's experts, four r16 adapters (each row its own, A under W), top-6 at random; "
-             "20 calls in a CUDA graph.", "",
-             "| rows | torch's glue + Triton GEMMs us | six Triton kernels us | speed-up | max diff / max |", "|---|---|---|---|---|"]
-    lines += [f"| {r['rows']} | {r['torch_glue_us']} | {r['kernels_us']} | {r['speedup']}x | {r['max_rel_diff']:.1e} |"
-              for r in results]
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    def table(device: str) -> list[str]:
+        lines = [f"# The routed-experts block of a mixed decode step on {device} ({date.today()})", "",
+                 "DeepSeek-V2-Lite's experts, four r16 adapters (each row its own, A under W), top-6 at random; "
+                 "20 calls in a CUDA graph.", "",
+                 "| rows | torch's glue + Triton GEMMs us | six Triton kernels us | speed-up | max diff / max |", "|---|---|---|---|---|"]
+        lines += [f"| {r['rows']} | {r['torch_glue_us']} | {r['kernels_us']} | {r['speedup']}x | {r['max_rel_diff']:.1e} |"
+                  for r in results]
+        return lines
+    save(out_dir, "moe-block", results, table)
 
 
 def prefill(tokens_list: list[int], out_dir: str) -> None:
@@ -176,20 +185,17 @@ def prefill(tokens_list: list[int], out_dir: str) -> None:
                        speedup_vs_widen=round(row["widen_then_torch_us"] / best[0], 2))
             print(json.dumps(row), flush=True)
             results.append(row)
-    device = torch.cuda.get_device_name()
-    out = Path(out_dir) / f"{date.today()}-{device.replace(' ', '-')}-moe-gemm-fp8-prefill"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
-    lines = [f"# FP8 experts at prefill sizes on {device} ({date.today()})", "",
-             "Lite-shape routed experts (64, top-6 at random), one projection; us a call (CUDA graph). Widen + torch: the "
-             "runtime's FP8 prefill (one Triton pass to bf16, torch's grouped GEMM); in place: dsft's kernel on the e4m3 "
-             "weights (DSFT_FP8_INPLACE_PAIRS), best of the tiles swept; torch bf16: the bf16 runtime's GEMM.", "",
-             "| shape | tokens | pairs | widen + torch us | in place, default tiles us | in place, best us | best tiles | x widen | torch bf16 us |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['tokens']} | {r['pairs']} | {r['widen_then_torch_us']} | {r.get('in_place_default_us', '')} | "
-              f"{r['in_place_best_us']} | {r['best']} | {r['speedup_vs_widen']} | {r['torch_bf16_weights_us']} |" for r in results]
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    def table(device: str) -> list[str]:
+        lines = [f"# FP8 experts at prefill sizes on {device} ({date.today()})", "",
+                 "Lite-shape routed experts (64, top-6 at random), one projection; us a call (CUDA graph). Widen + torch: the "
+                 "runtime's FP8 prefill (one Triton pass to bf16, torch's grouped GEMM); in place: dsft's kernel on the e4m3 "
+                 "weights (DSFT_FP8_INPLACE_PAIRS), best of the tiles swept; torch bf16: the bf16 runtime's GEMM.", "",
+                 "| shape | tokens | pairs | widen + torch us | in place, default tiles us | in place, best us | best tiles | x widen | torch bf16 us |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['tokens']} | {r['pairs']} | {r['widen_then_torch_us']} | {r.get('in_place_default_us', '')} | "
+                  f"{r['in_place_best_us']} | {r['best']} | {r['speedup_vs_widen']} | {r['torch_bf16_weights_us']} |" for r in results]
+        return lines
+    save(out_dir, "moe-gemm-fp8-prefill", results, table)
 
 
 def main() -> None:
@@ -257,20 +263,17 @@ def main() -> None:
                        best_tb_s=round(weight_bytes / best[0] / 1e6, 2))
             print(json.dumps(row), flush=True)
             results.append(row)
-    device = torch.cuda.get_device_name()
-    out = Path(a.out) / f"{date.today()}-{device.replace(' ', '-')}-moe-gemm{'-fp8' if a.fp8 else ''}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results}, indent=2) + "\n")
-    lines = [f"# Decode-size grouped GEMM on {device} ({date.today()})", "",
-             "20 calls in a CUDA graph; TB/s = the used experts' weight bytes / time"
-             + (" (Triton: FP8 weights with row scales; torch: the same weights in bf16)." if a.fp8 else "."), "",
-             "| shape | rows | pairs | experts used | torch us (TB/s) | Triton, moe_gemm's config us | Triton best us (TB/s) | best config | rel. err |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['shape']} | {r['rows']} | {r['pairs']} | {r['experts_used']} | {r['torch_us']} ({r['torch_tb_s']}) | "
-                     f"{r.get('default_us', '')} | {r['best_us']} ({r['best_tb_s']}) | {r['best']} | {r['best_rel_err']:.1e} |")
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    def table(device: str) -> list[str]:
+        lines = [f"# Decode-size grouped GEMM on {device} ({date.today()})", "",
+                 "20 calls in a CUDA graph; TB/s = the used experts' weight bytes / time"
+                 + (" (Triton: FP8 weights with row scales; torch: the same weights in bf16)." if a.fp8 else "."), "",
+                 "| shape | rows | pairs | experts used | torch us (TB/s) | Triton, moe_gemm's config us | Triton best us (TB/s) | best config | rel. err |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            lines.append(f"| {r['shape']} | {r['rows']} | {r['pairs']} | {r['experts_used']} | {r['torch_us']} ({r['torch_tb_s']}) | "
+                         f"{r.get('default_us', '')} | {r['best_us']} ({r['best_tb_s']}) | {r['best']} | {r['best_rel_err']:.1e} |")
+        return lines
+    save(a.out, "moe-gemm-fp8" if a.fp8 else "moe-gemm", results, table)
 
 
 if __name__ == "__main__":
