@@ -2,6 +2,7 @@
 
     python benchmarks/moe_gemm_bench.py            # a CUDA GPU, ~1-2 min (compiles each configuration once)
     python benchmarks/moe_gemm_bench.py --block    # the whole routed-experts block: six kernels vs torch's glue
+    python benchmarks/moe_gemm_bench.py --block --glu-warps 4 8   # ... and its SwiGLU kernels at 4 and 8 warps
     python benchmarks/moe_gemm_bench.py --fp8      # the experts' own weights in FP8 (--fp8-experts), tiles swept
     python benchmarks/moe_gemm_bench.py --prefill 64 170 512 1024   # FP8 experts at prefill sizes: widened or in place
 
@@ -82,10 +83,12 @@ def pairs_for(rows: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
     return counts.cumsum(0).to(torch.int32).cuda(), int((counts > 0).sum())
 
 
-def block(rows_list: list[int], out_dir: str) -> None:
-    """The routed-experts block of a mixed decode step: six kernels vs torch's glue (see the module's docstring)."""
+def block(rows_list: list[int], out_dir: str, glu_warps: list[int] | None = None) -> None:
+    """The routed-experts block of a mixed decode step: six kernels vs torch's glue (see the module's docstring);
+    with ``glu_warps``, the six kernels once per warp count of the SwiGLU variants (:data:`moe_gemm.GLU_WARPS`)."""
     from transformers.activations import ACT2FN
 
+    from dsft.kernels import moe_gemm
     from dsft.kernels.expert_lora import LowRank
     from dsft.runtime import mixed_experts
     from dsft.runtime.fused_linear import FusedWeights
@@ -104,7 +107,7 @@ def block(rows_list: list[int], out_dir: str) -> None:
     dn = stack_experts([lowrank(H, I) for _ in range(n_adapters)])
     buffers = FusedWeights()
     fused = (buffers.get("e", module, gu.A, 1, "gate_up_proj"), buffers.get("e", module, dn.A, 1, "down_proj"))
-    act, silu = ACT2FN["silu"], mixed_experts._is_silu
+    act, silu = ACT2FN["silu"], mixed_experts.is_silu
     results = []
     for rows in rows_list:
         groups = RowGroups.of([f"a{i % n_adapters}" for i in range(rows)], "cuda")
@@ -118,13 +121,23 @@ def block(rows_list: list[int], out_dir: str) -> None:
                                                        act, (gu, mask), (dn, mask), fused=fused)
         new = forward()
         new_us = graph_us(forward)
-        mixed_experts._is_silu = lambda act: False  # the path before the six kernels: torch's glue
+        by_warps = {}
+        for warps in glu_warps or []:
+            default, moe_gemm.GLU_WARPS = moe_gemm.GLU_WARPS, warps
+            try:
+                other = forward()
+                by_warps[f"kernels_glu_warps{warps}_us"] = round(graph_us(forward), 1)
+                by_warps[f"glu_warps{warps}_max_rel_diff"] = float((other.float() - new.float()).abs().max()
+                                                                   / new.float().abs().max())
+            finally:
+                moe_gemm.GLU_WARPS = default
+        mixed_experts.is_silu = lambda act: False  # the path before the six kernels: torch's glue
         try:
             old = forward()
             old_us = graph_us(forward)
         finally:
-            mixed_experts._is_silu = silu
-        row = {"rows": rows, "torch_glue_us": round(old_us, 1), "kernels_us": round(new_us, 1),
+            mixed_experts.is_silu = silu
+        row = {"rows": rows, "torch_glue_us": round(old_us, 1), "kernels_us": round(new_us, 1), **by_warps,
                "speedup": round(old_us / new_us, 2),
                "max_rel_diff": float((new.float() - old.float()).abs().max() / old.float().abs().max())}
         print(json.dumps(row), flush=True)
@@ -202,13 +215,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--block", action="store_true", help="time the whole routed-experts block instead")
+    p.add_argument("--glu-warps", type=int, nargs="*", help="with --block: also time it with the SwiGLU kernels at these warps")
     p.add_argument("--fp8", action="store_true", help="the experts' weights in FP8 with row scales (see the docstring)")
     p.add_argument("--prefill", type=int, nargs="*", metavar="TOKENS",
                    help="instead: FP8 experts at these prefill sizes, widened vs read in place (see prefill())")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     if a.block:
-        return block(a.rows, a.out)
+        return block(a.rows, a.out, a.glu_warps)
     if a.prefill:
         return prefill(a.prefill, a.out)
     from dsft.kernels.fp8 import dequantize, quantize_rows

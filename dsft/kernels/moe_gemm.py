@@ -116,7 +116,14 @@ FP8_FEW_PAIRS = 8
 """Pairs up to which FP8 weights take narrower, deeper tiles (:func:`config`): one decode row is 6 (top-6)."""
 
 
-def config(K: int, fp8: bool = False, pairs: int | None = None) -> dict[str, int]:
+GLU_WARPS = 4
+"""Warps of the SwiGLU variants (gate and up accumulators both live). Compiled for sm_90 at 4 warps the LoRA
+up-projection with SwiGLU (the decode tiles, 16 x 256) spills 488 bytes of registers a thread to local memory,
+the FP8 gate_up with SwiGLU 88; at 8 warps neither spills (``tests/kernels/test_triton_compile.py`` compiles them;
+``cuobjdump -res-usage``). Which is faster is not measured yet: ``moe_gemm_bench.py --block --glu-warps 4 8``."""
+
+
+def config(K: int, fp8: bool = False, pairs: int | None = None, glu: bool = False) -> dict[str, int]:
     """Tile sizes for a reduction of ``K``: the experts' own weights (K = hidden or intermediate size) take a
     configuration within 3% of the best of the sweep at every decode size measured on the H200; a LoRA up-projection
     (K = the stacked ranks, 16-64) reads one short tile per program, so programs take wider column blocks (within
@@ -124,7 +131,13 @@ def config(K: int, fp8: bool = False, pairs: int | None = None) -> dict[str, int
     most :data:`FP8_FEW_PAIRS` pairs (one decode row) take 32 columns x 256 of K: the sweep's best there, where the
     default was 24-25% slower (gate_up 26.3 -> 20.0 us, down 17.7 -> 13.2;
     ``benchmarks/results/2026-12-01-h200-moe-gemm-fp8.md``); from 32 rows up the default is within 3% of it.
-    Past :data:`MAX_PAIRS` (FP8 prefills, :func:`max_pairs`) rows come in blocks of 64 (a guess until swept)."""
+    Past :data:`MAX_PAIRS` (FP8 prefills, :func:`max_pairs`) rows come in blocks of 64 (a guess until swept).
+    ``glu``: the SwiGLU variant, run with :data:`GLU_WARPS` warps."""
+    tiles = _tiles(K, fp8, pairs)
+    return {**tiles, "num_warps": GLU_WARPS} if glu else tiles
+
+
+def _tiles(K: int, fp8: bool, pairs: int | None) -> dict[str, int]:
     rows = 64 if pairs is not None and pairs > MAX_PAIRS else 16
     if K <= 64:
         return {"block_m": rows, "block_n": 256 if rows == 16 else 128, "block_k": max(16, 1 << (K - 1).bit_length()),
@@ -164,7 +177,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, tok: torch
     y = x.new_empty((P, N + R))
     if P == 0:
         return y
-    tiles = config(K, fp8=w.dtype == FP8, pairs=P)
+    tiles = config(K, fp8=w.dtype == FP8, pairs=P, glu=glu)
     bn, bk = block_n or tiles["block_n"], block_k or tiles["block_k"]
     if (scale is not None) != (w.dtype == FP8):
         raise ValueError("moe_gemm: FP8 weights need their scale, and a scale needs FP8 weights")
