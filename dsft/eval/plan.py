@@ -37,8 +37,9 @@ COMPILED_KEPT_SHARE = 0.55
 """Share of a layer's counted activations (eager, on meta) planned for a layer that keeps them when layers compile
 (dsft train on a GPU, under :data:`dsft.kernels.compile.KEPT_MEMORY_BUDGET`): fused pointwise work saves less
 than eager autograd, and the budget a fifth less again. Measured on an H200, lite shape, 2026-12-02: 0.45 of the
-count at 4 x 2048 (0.58 GiB a layer) and 0.45 from the CLI at 5 x 6,144 (20 layers kept, 85 GiB,
-``benchmarks/results/2026-12-02-h200-train-cli-auto.md``); 0.55 leaves a fifth on top, inside the plan's 10% margin.
+count at 4 x 2048 (0.58 GiB a layer), and from the CLI at 5 x 6,144 20 and 27 layers kept peaked at 85.2 and 100.6
+GiB: 2.19 GiB a layer of 4.88 counted, 0.45 again (``benchmarks/results/2026-12-02-h200-train-cli-auto.md``); 0.55
+leaves a fifth on top, inside the plan's 10% margin.
 Should a shape keep more, the run falls back to recomputing every layer, it does not fail."""
 BACKWARD_TRANSIENT = 0.5
 """Gradients alive inside one layer's backward, as a share of that layer's saved activations."""

@@ -16,18 +16,30 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is part of the test extra (pip install -e '.[test]')")
 
-COMPILE = textwrap.dedent("""
+HOPPER = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from dsft.kernels import moe_triton
 
     def compile_for_hopper(fn, types, consts, **options):
         signature = {name: ("constexpr" if p.is_constexpr else types.get(name, "i32"))
                      for name, p in zip(fn.arg_names, fn.params)}
         triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 3, **options})
+        return 1
+""")
+"""``compile_for_hopper(kernel, pointer and float argument types, constexprs)``: the rest of a signature is i32."""
+
+
+def compiled(tmp_path, script: str) -> subprocess.CompletedProcess:
+    """``script`` after :data:`HOPPER`, in a fresh process with its own Triton cache (so every kernel compiles)."""
+    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    return subprocess.run([sys.executable, "-c", HOPPER + script], env=env, capture_output=True, text=True, timeout=600)
+
+
+COMPILE = textwrap.dedent("""
+    from dsft.kernels import moe_triton
 
     bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "offs_ptr": "*i32", "tok_ptr": "*i64",
             "mask_ptr": "*bf16", "add_ptr": "*bf16", "scale_ptr": "*fp32", "v_ptr": "*bf16"}
@@ -56,25 +68,12 @@ COMPILE = textwrap.dedent("""
 
 
 def test_the_routed_experts_kernels_compile_for_a_hopper_gpu(tmp_path):
-    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    done = compiled(tmp_path, COMPILE)
     assert done.returncode == 0 and done.stdout.strip() == "ok 12", done.stderr[-3000:]
 
 
 DECODE = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from dsft.kernels import fp8_triton, lora_up_triton, mla_absorb_triton, mla_triton, rms_norm_triton, router_triton
-
-    def compile_for_hopper(fn, types, consts, **options):
-        signature = {name: ("constexpr" if p.is_constexpr else types.get(name, "i32"))
-                     for name, p in zip(fn.arg_names, fn.params)}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 3, **options})
-        return 1
 
     # DeepSeek-V2-Lite's decode at 32 rows, the constexprs as the wrappers pick them (dsft/kernels/*.py)
     bf = "*bf16"
@@ -114,7 +113,5 @@ DECODE = textwrap.dedent("""
 def test_the_decode_kernels_compile_for_a_hopper_gpu(tmp_path):
     """The rest of a decode step's kernels (norms, FP8 widening, router, LoRA up-projections, MLA absorb and attention)
     at the lite shape's decode sizes."""
-    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", DECODE], env=env, capture_output=True, text=True, timeout=600)
+    done = compiled(tmp_path, DECODE)
     assert done.returncode == 0 and done.stdout.strip() == "ok 16", done.stderr[-3000:]
