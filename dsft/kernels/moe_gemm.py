@@ -38,19 +38,25 @@ size measured (H200, lite shape, ``benchmarks/moe_gemm_bench.py``: 1.3-2.1x fast
 CUTLASS's larger tiles are the better choice (not measured)."""
 
 
+FP8_INPLACE_PAIRS = 8192
+"""Pairs up to which FP8 expert weights go through the kernel, read in place: a prefill of up to ~1,365 tokens at
+6 experts a token. Measured on the H200 (lite shape, ``moe_gemm_bench.py --prefill``,
+``benchmarks/results/2026-12-02-NVIDIA-H200-moe-gemm-fp8-prefill.md``): widening the layer's experts to bf16 and
+torch's grouped GEMM take ~520 us (gate_up) whatever the size, the kernel in place 121 us at 384 pairs and 286 us
+at 6,144 (1.8x); past ~10,000 pairs the widen's fixed cost wins (extrapolated from the sweep, not measured)."""
+
 FP8_PAIRS_ENV = "DSFT_FP8_INPLACE_PAIRS"
-"""Raises the pairs up to which FP8 expert weights go through the kernel (:func:`max_pairs`)."""
+"""Overrides :data:`FP8_INPLACE_PAIRS` (``0`` widens every prefill, as before 2026-12-02)."""
 
 
 def max_pairs(w: torch.Tensor) -> int:
-    """Pairs up to which :func:`moe_gemm` runs for expert weights ``w``: :data:`MAX_PAIRS`. For FP8 weights
-    ``DSFT_FP8_INPLACE_PAIRS=N`` raises it to N: a prefill of up to N pairs then reads the e4m3 weights in place,
-    in 64-row blocks, instead of widening the layer's experts to bf16 first (~2.8 GB of traffic a lite-shape layer
-    against the 0.55 GB read once). Not measured on a GPU yet, so not the default (``moe_gemm_bench.py --prefill``)."""
+    """Pairs up to which :func:`moe_gemm` runs for expert weights ``w``: :data:`MAX_PAIRS` for bf16 weights; for FP8
+    weights :data:`FP8_INPLACE_PAIRS` (``DSFT_FP8_INPLACE_PAIRS=N`` to change it): a prefill up to that size reads
+    the e4m3 weights in place instead of widening the layer's experts to bf16 first (~2.8 GB of traffic a lite-shape
+    layer against the 0.55 GB read once)."""
     if w.dtype == FP8:
         raw = os.environ.get(FP8_PAIRS_ENV, "")
-        if raw.isdigit():
-            return max(MAX_PAIRS, int(raw))
+        return max(MAX_PAIRS, int(raw) if raw.isdigit() else FP8_INPLACE_PAIRS)
     return MAX_PAIRS
 
 
@@ -120,7 +126,9 @@ GLU_WARPS = 4
 """Warps of the SwiGLU variants (gate and up accumulators both live). Compiled for sm_90 at 4 warps the LoRA
 up-projection with SwiGLU (the decode tiles, 16 x 256) spills 488 bytes of registers a thread to local memory,
 the FP8 gate_up with SwiGLU 88; at 8 warps neither spills (``tests/kernels/test_triton_compile.py`` compiles them;
-``cuobjdump -res-usage``). Which is faster is not measured yet: ``moe_gemm_bench.py --block --glu-warps 4 8``."""
+``cuobjdump -res-usage``). Measured on the H200 the spill costs nothing visible: the whole routed block 49.7 /
+181.8 / 282.0 / 366.0 us at 1 / 8 / 32 / 128 rows with 4 warps, 48.0 / 182.2 / 281.9 / 367.4 with 8
+(``moe_gemm_bench.py --block --glu-warps 4 8``, ``benchmarks/results/2026-12-02-NVIDIA-H200-moe-block.json``)."""
 
 
 def config(K: int, fp8: bool = False, pairs: int | None = None, glu: bool = False) -> dict[str, int]:
@@ -131,19 +139,25 @@ def config(K: int, fp8: bool = False, pairs: int | None = None, glu: bool = Fals
     most :data:`FP8_FEW_PAIRS` pairs (one decode row) take 32 columns x 256 of K: the sweep's best there, where the
     default was 24-25% slower (gate_up 26.3 -> 20.0 us, down 17.7 -> 13.2;
     ``benchmarks/results/2026-12-01-h200-moe-gemm-fp8.md``); from 32 rows up the default is within 3% of it.
-    Past :data:`MAX_PAIRS` (FP8 prefills, :func:`max_pairs`) rows come in blocks of 64 (a guess until swept).
+    Past :data:`MAX_PAIRS` (FP8 prefills read in place, :func:`max_pairs`) the row blocks grow with the pairs: the
+    best of the prefill sweep at 1,020 / 3,072 / 6,144 pairs (1.15-1.6x the 64-row guess used before it).
     ``glu``: the SwiGLU variant, run with :data:`GLU_WARPS` warps."""
     tiles = _tiles(K, fp8, pairs)
     return {**tiles, "num_warps": GLU_WARPS} if glu else tiles
 
 
 def _tiles(K: int, fp8: bool, pairs: int | None) -> dict[str, int]:
-    rows = 64 if pairs is not None and pairs > MAX_PAIRS else 16
+    prefill = pairs is not None and pairs > MAX_PAIRS
     if K <= 64:
-        return {"block_m": rows, "block_n": 256 if rows == 16 else 128, "block_k": max(16, 1 << (K - 1).bit_length()),
-                "num_warps": 4, "num_stages": 2}
-    if rows == 64:
-        return {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+        return {"block_m": 64 if prefill else 16, "block_n": 128 if prefill else 256,
+                "block_k": max(16, 1 << (K - 1).bit_length()), "num_warps": 4, "num_stages": 2}
+    if prefill:
+        assert pairs is not None
+        if pairs <= 2 * MAX_PAIRS:
+            return {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3}
+        if pairs <= 4096:
+            return {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 3}
+        return {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
     if fp8 and pairs is not None and pairs <= FP8_FEW_PAIRS:
         return {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}
     return {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}

@@ -106,17 +106,19 @@ CHECK = textwrap.dedent("""
         raise AssertionError("a second weight ran beside bf16 weights")
     except ValueError as e:
         assert "second weight" in str(e)
-    # Prefill sizes (FP8 weights read in place, DSFT_FP8_INPLACE_PAIRS): rows in blocks of 64, an expert over two
+    # Prefill sizes (FP8 weights read in place): row blocks grow with the pairs; an expert over several blocks
     wide = torch.randn(E, 40, 96, generator=g)  # [E, N, K]
     q64, s64 = quantize_rows(wide)
     offs = torch.tensor([70, 70, 75, 205, 230]).to(torch.int32)  # E = 5 here
     xp = torch.randn(230, 96, generator=g)
-    assert kernels.config(96, fp8=True, pairs=kernels.MAX_PAIRS + 1)["block_m"] == 64
-    assert kernels.config(96, fp8=True, pairs=kernels.MAX_PAIRS)["block_m"] == 16
-    torch.testing.assert_close(moe_gemm(xp, wide.transpose(1, 2), offs, block_m=64),
-                               grouped_mm_reference(xp, wide.transpose(1, 2), offs), rtol=1e-4, atol=1e-4)
+    M = kernels.MAX_PAIRS
+    assert [kernels.config(96, fp8=True, pairs=p)["block_m"] for p in (M, M + 1, 2 * M + 1, 4097)] == [16, 32, 64, 128]
     want = grouped_mm_reference(xp, dequantize(q64, s64, torch.float32).transpose(1, 2), offs)
-    torch.testing.assert_close(moe_gemm(xp, q64.transpose(1, 2), offs, scale=s64, block_m=64), want, rtol=1e-4, atol=1e-4)
+    for bm in (32, 64, 128):
+        torch.testing.assert_close(moe_gemm(xp, wide.transpose(1, 2), offs, block_m=bm),
+                                   grouped_mm_reference(xp, wide.transpose(1, 2), offs), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(moe_gemm(xp, q64.transpose(1, 2), offs, scale=s64, block_m=bm), want, rtol=1e-4,
+                                   atol=1e-4)
     # DSFT_FP8_DOT=f16: the tiles widen to fp16, x rounded to fp16 for the product (fp16's rounding, not fp32's)
     import os
     plain = moe_gemm(x, q.transpose(1, 2), r.offs, tok=r.token, gather=True, scale=scale)
@@ -165,14 +167,16 @@ def test_it_runs_only_where_it_was_measured_to_win(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert moe_gemm.usable(x, w) == moe_gemm.available()  # (not imported on a machine without CUDA)
     assert not moe_gemm.usable(torch.zeros(moe_gemm.MAX_PAIRS + 1, 8, dtype=torch.bfloat16), w)
-    # FP8 weights may take prefill sizes too, when asked (not measured yet): bf16 weights never
+    # FP8 weights take prefill sizes too (read in place), up to FP8_INPLACE_PAIRS; bf16 weights never
     many, w8 = torch.zeros(4096, 8, dtype=torch.bfloat16), w.to(torch.float8_e4m3fn)
-    assert moe_gemm.max_pairs(w8) == moe_gemm.MAX_PAIRS and not moe_gemm.usable(many, w8)
-    monkeypatch.setenv("DSFT_FP8_INPLACE_PAIRS", "8192")
-    assert moe_gemm.max_pairs(w8) == 8192 and moe_gemm.usable(many, w8) == moe_gemm.available()
+    monkeypatch.delenv("DSFT_FP8_INPLACE_PAIRS", raising=False)
+    assert moe_gemm.max_pairs(w8) == moe_gemm.FP8_INPLACE_PAIRS and moe_gemm.usable(many, w8) == moe_gemm.available()
+    assert not moe_gemm.usable(torch.zeros(moe_gemm.FP8_INPLACE_PAIRS + 1, 8, dtype=torch.bfloat16), w8)
     assert moe_gemm.max_pairs(w) == moe_gemm.MAX_PAIRS and not moe_gemm.usable(many, w)
+    monkeypatch.setenv("DSFT_FP8_INPLACE_PAIRS", "0")  # prefills widen the experts, as before
+    assert moe_gemm.max_pairs(w8) == moe_gemm.MAX_PAIRS and not moe_gemm.usable(many, w8)
     monkeypatch.setenv("DSFT_FP8_INPLACE_PAIRS", "lots")
-    assert moe_gemm.max_pairs(w8) == moe_gemm.MAX_PAIRS  # not a number: as if unset
+    assert moe_gemm.max_pairs(w8) == moe_gemm.FP8_INPLACE_PAIRS  # not a number: as if unset
     assert not moe_gemm.usable(x.float(), w.float()), "fp32 decodes through the reference loop"
     monkeypatch.setenv("DSFT_TRITON_MOE", "0")
     assert not moe_gemm.usable(x, w)

@@ -116,26 +116,30 @@ IN_KERNELS = textwrap.dedent("""
             want = experts_forward_reference(x[sel], index[sel], weights[sel], w_gu, w_dn, F.silu,
                                              *((None, None) if case.endswith("no LoRA") else lora))
             torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5, msg=f"{case}, adapter {who}")
-    # FP8 experts with the adapters' A in the base product's launch (DSFT_FP8_FUSED_A=1): the same outputs, one call fewer
+    # FP8 experts with the adapters' A in the base product's launch (the default; DSFT_FP8_FUSED_A=0 two launches):
+    # the same outputs, one call fewer
     import os
-    calls = []
+    calls: list[bool] = []
     plain_gemm = moe_gemm.moe_gemm
     def counted(*args, **kwargs):
         calls.append(kwargs.get("second") is not None)
         return plain_gemm(*args, **kwargs)
     moe_gemm.moe_gemm = counted
-    os.environ["DSFT_FP8_FUSED_A"] = "1"
-    got = mixed_experts.experts_forward_mixed(x, index, weights, q[0].q, q[1].q, ACT2FN["silu"], gu, dn,
-                                              scales=(q[0].scale, q[1].scale))
-    assert calls == [True, False, True, False], calls  # per projection: W and A together, then the up-projection
     w_gu, w_dn = dequantize(q[0].q, q[0].scale, x.dtype), dequantize(q[1].q, q[1].scale, x.dtype)
-    for who, lora in (("a", a), ("b", b), (None, (None, None))):
-        sel = torch.tensor([o == who for o in owners])
-        want = experts_forward_reference(x[sel], index[sel], weights[sel], w_gu, w_dn, F.silu, *lora)
-        torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5, msg=f"A beside FP8 W, adapter {who}")
+    # per projection: W and A together, then the up-projection; switched off, W, A, up-projection apart
+    for env, want_calls in (("1", [True, False, True, False]), ("0", [False] * 6)):
+        calls.clear()
+        os.environ["DSFT_FP8_FUSED_A"] = env
+        got = mixed_experts.experts_forward_mixed(x, index, weights, q[0].q, q[1].q, ACT2FN["silu"], gu, dn,
+                                                  scales=(q[0].scale, q[1].scale))
+        assert calls == want_calls, (env, calls)
+        for who, lora in (("a", a), ("b", b), (None, (None, None))):
+            sel = torch.tensor([o == who for o in owners])
+            want = experts_forward_reference(x[sel], index[sel], weights[sel], w_gu, w_dn, F.silu, *lora)
+            torch.testing.assert_close(got[sel], want, rtol=1e-5, atol=1e-5, msg=f"A beside FP8 W={env}, adapter {who}")
     del os.environ["DSFT_FP8_FUSED_A"]
     moe_gemm.moe_gemm = plain_gemm
-    # A prefill's FP8 experts read in place when asked (DSFT_FP8_INPLACE_PAIRS): past MAX_PAIRS, rows in blocks of 64
+    # A prefill's FP8 experts read in place (up to DSFT_FP8_INPLACE_PAIRS): past MAX_PAIRS, rows in larger blocks
     os.environ["DSFT_FP8_INPLACE_PAIRS"] = "1024"
     T = 402
     x = torch.randn(T, H, generator=g)
