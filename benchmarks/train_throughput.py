@@ -250,7 +250,7 @@ def run_one(a) -> dict:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
     if a.compile:
         compile_layers(layers, a.compile_mode, a.inductor, a.functorch)
-    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
+    opt = _optimizer(trainable, a.optimizer) if trainable else None
     x = torch.randint(0, 102400, (a.bs, a.seq), device="cuda")
     varlen = a.attn == "dsft_varlen"
     if varlen:
@@ -311,6 +311,7 @@ def run_one(a) -> dict:
     tag += "+packed" if a.packed else ""
     tag += f"+{a.attn}" if a.attn else ""
     tag += "+graphs" if graphs else ""
+    tag += f"+{a.optimizer}" if a.optimizer != "adamw" else ""
     return dict(variant=a.variant + ("+compile" if a.compile else "") + tag + (f"+keep{a.keep_layers}" if a.keep_layers else ""),
                 layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -347,6 +348,16 @@ def profile_step(run, opt, batch, set_to_none: bool, top: int) -> dict:
             "optimizer_gpu_ms": round(marks[1].elapsed_time(marks[2]), 1),
             "kernel_ms": round(sum(e.device_time_total for e in events) / 1e3, 1), "kernels": sum(e.count for e in events),
             "top": [{"kernel": e.key[:100], "ms": round(e.device_time_total / 1e3, 2), "calls": e.count} for e in events[:top]]}
+
+
+def _optimizer(trainable: list, kind: str) -> torch.optim.Optimizer:
+    """torch's fused AdamW (what dsft train uses on one GPU; PEFT's baseline too), or ``adamw8bit``: bitsandbytes'
+    8-bit AdamW as ``dsft train --optimizer adamw8bit`` builds it (same lr, betas and decay here)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+    from dsft.kernels.optim import build_adamw
+
+    return build_adamw([{"params": trainable, "weight_decay": 0.01}], 1e-4, (0.9, 0.999), kind)
 
 
 def run_longest(a) -> dict:
@@ -469,6 +480,8 @@ if __name__ == "__main__":
     p.add_argument("--attn", help="attention implementation: dsft_varlen (dsft train's on a GPU), flex_attention, sdpa")
     p.add_argument("--keep-layers", default="0", help="leave the last N decoder layers out of activation checkpointing "
                    "(auto: as many as dsft train's default plans on this card)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                   help="adamw8bit: bitsandbytes' 8-bit moments, as dsft train --optimizer adamw8bit")
     p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
     p.add_argument("--longest-max", type=int, default=262144)
     a = p.parse_args()

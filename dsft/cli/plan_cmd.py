@@ -6,7 +6,7 @@ from rich.table import Table
 
 from dsft.cli.common import console, guarded, print_json
 from dsft.errors import UsageError
-from dsft.eval.plan_request import GIB, METHODS
+from dsft.eval.plan_request import GIB, METHODS, OPTIMIZERS
 
 
 @guarded
@@ -23,6 +23,8 @@ def plan_command(
     device: str = typer.Option("cuda", "--device", help="cuda (bf16 weights) or cpu (fp32, no CUDA overhead)."),
     num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs sharing the run through FSDP2 (as dsft train --num-gpus); "
                                  "memory is per GPU and --batch is each GPU's rows."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help=f"{' | '.join(OPTIMIZERS)} (as dsft train --optimizer): "
+                                  "adamw8bit keeps AdamW's moments in 8 bits."),
     measure: bool = typer.Option(False, "--measure", help="Also run two real training steps here and show the measured peak."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -31,11 +33,14 @@ def plan_command(
     Example: dsft plan --base deepseek-ai/DeepSeek-V2-Lite --method lora --seq 4096 --batch 2 --gpu-mem 80
 
     Example (2 GPUs, FSDP2, 8 rows a GPU): dsft plan --base deepseek-ai/DeepSeek-V2-Lite --num-gpus 2 --batch 8
+
+    Example (8-bit optimizer moments): dsft plan --base deepseek-ai/DeepSeek-V2-Lite --optimizer adamw8bit
     """
     from dsft.eval.plan import PlanRequest, plan
 
     req = PlanRequest(base=base, method=method, seq=seq, batch=batch, checkpointing=checkpointing, gpu_mem_gib=gpu_mem,
-                      device=device, lora_r=lora_r, new_terms=new_terms, num_gpus=num_gpus)
+                      device=device, lora_r=lora_r, new_terms=new_terms, num_gpus=num_gpus,
+                      optimizer=optimizer)
     if measure and num_gpus > 1:
         raise UsageError("--measure runs one process on this machine; leave out --num-gpus to compare with it")
     p = plan(req)

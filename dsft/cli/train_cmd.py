@@ -190,6 +190,9 @@ def train_command(
                                     "every layer recomputes (least memory)."),
     qlora: bool = typer.Option(False, "--qlora", help="Hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; "
                                "the override quantize=nf4). Uses bitsandbytes."),
+    optimizer: str = typer.Option(None, "--optimizer", help="adamw (the recipe's default) or adamw8bit: AdamW's moments in "
+                                  "8 bits (bitsandbytes), 2 bytes a trained value instead of 8, so more layers fit "
+                                  "without recompute (the override optimizer=adamw8bit)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run of this domain from its last checkpoint "
                                 "(same recipe, overrides, base, seed, --max-steps and --data)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Checkpoint every N steps inside a stage (0: at stage ends only)."),
@@ -226,6 +229,7 @@ def train_command(
     Example (2 GPUs, FSDP2): dsft train --domain finance --num-gpus 2
 
     Example (QLoRA, 4-bit base): dsft train --domain legal --base deepseek-ai/DeepSeek-V2-Lite --qlora
+    Example (8-bit optimizer moments): dsft train --domain finance --optimizer adamw8bit
     """
     import os
 
@@ -245,6 +249,7 @@ def train_command(
         console.print(f"wrote {path}; edit it, then: dsft train --accelerate-config {path} [--machine-rank R] ...")
         return
     data, overrides = split_data_args(overrides, data)
+    overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else []), *([f"optimizer={optimizer}"] if optimizer else [])]
     sources = data_sources(data, field, split)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this is one rank of a launched run
     if not launched and ((num_gpus or 1) > 1 or num_machines > 1 or accelerate_config is not None):
@@ -260,7 +265,6 @@ def train_command(
         logging.getLogger("dsft").setLevel(logging.ERROR)
     view = _ProgressView(quiet or json_out or not dist.main)
     try:
-        overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else [])]
         result = train(domain=domain, base=base, recipe=recipe, data=sources, overrides=overrides, seed=seed,
                        max_steps=max_steps, output=output, registry=registry, device=device,
                        trust_remote_code=trust_remote_code, compile_layers=compile_layers,

@@ -291,6 +291,9 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
         trainable = c.params
         state = {"trainable": 0.0, "gradients": c.params * wbytes, "optimizer": c.params * wbytes * 2.0}
         notes.append("full: every weight trains; AdamW moments in the weights' dtype (no fp32 master copy)")
+    if req.optimizer == "adamw8bit":  # bitsandbytes: each moment one byte a value (+ a scale per 256, ~1.6%)
+        state["optimizer"] = trainable * 2.0 * (1 + 4 / 256)
+        notes.append("adamw8bit: AdamW's moments in 8 bits (bitsandbytes), 2 bytes a trained value")
     quadratic = 0.0 if req.device == "cuda" else 1.0
     layer_saved = {k: v * tokens + quadratic * c.saved_per_seq2[k] * req.batch * req.seq**2
                    for k, v in c.saved_per_token.items()}

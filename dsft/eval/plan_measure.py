@@ -121,15 +121,15 @@ def measure(req: PlanRequest, prepared: Prepared | None = None, steps: int = 2) 
     with ExitStack() as stack:  # ESFT's slices are set up before the peak is reset: that copy is not a training cost
         slices = stack.enter_context(trainable_slices(model, *prep.esft)) if prep.esft else []
         trainable = prep.trainable + [s.param for s in slices]
-        peak = _steps(model, batch, trainable, cuda, steps)
+        peak = _steps(model, batch, trainable, cuda, steps, req.optimizer)
     del batch, ids
     gc.collect()
     return Measured(peak, prep.new_terms, sum(p.numel() for p in trainable))
 
 
-def _steps(model, batch, trainable, cuda: bool, steps: int) -> float:
+def _steps(model, batch, trainable, cuda: bool, steps: int, optimizer_kind: str = "adamw") -> float:
     from dsft.eval.losses import lm_loss
-    from dsft.kernels.optim import fused_adamw_ok
+    from dsft.kernels.optim import build_adamw
 
     gc.collect()
     if cuda:
@@ -144,7 +144,7 @@ def _steps(model, batch, trainable, cuda: bool, steps: int) -> float:
         _large_blocks_from_mmap()
         start = _rss("VmRSS")
         _reset_peak_rss()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused_adamw_ok(trainable))  # as dsft train builds it
+    optimizer = build_adamw([{"params": trainable, "weight_decay": 0.0}], 1e-5, (0.9, 0.99), optimizer_kind)  # as dsft train
     for _ in range(steps):
         lm_loss(model, batch).backward()
         optimizer.step()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from dsft.errors import UsageError
 
 METHODS = ("lora", "qlora", "esft", "full")
+OPTIMIZERS = ("adamw", "adamw8bit")
 GIB = 2**30
 
 
@@ -27,6 +28,8 @@ class PlanRequest:
     new_terms: int = 200
     num_gpus: int = 1
     """GPUs sharing the run through FSDP2 (``dsft train --num-gpus``); ``batch`` is then the rows of each GPU."""
+    optimizer: str = "adamw"
+    """The recipe's ``optimizer``: ``adamw8bit`` keeps AdamW's two moments in 8 bits (2 bytes a trained value)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -36,6 +39,8 @@ class PlanRequest:
                 raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
         if self.gpu_mem_gib is not None and self.gpu_mem_gib <= 0:
             raise UsageError(f"--gpu-mem: must be > 0 GiB, got {self.gpu_mem_gib}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.device not in ("cuda", "cpu"):
             raise UsageError(f"device: must be cuda or cpu, got {self.device!r}")
         if not 0 < self.esft_share <= 1:

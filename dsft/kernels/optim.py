@@ -1,7 +1,12 @@
-"""Which AdamW implementation a set of trained tensors gets."""
+"""Which AdamW implementation a set of trained tensors gets: torch's (fused where it can be) or bitsandbytes'
+blockwise 8-bit one (recipe ``optimizer: adamw8bit``)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from dsft.errors import UsageError
 
 
 def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
@@ -10,3 +15,30 @@ def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+
+
+def build_adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (torch param groups, each with its ``weight_decay``). ``kind``: ``adamw`` (torch's; its
+    moments in the trained tensors' dtype) or ``adamw8bit`` (bitsandbytes' ``AdamW8bit``: the moments quantised in
+    blocks of 256 values with a scale each, 2 bytes a value instead of 8 for fp32 tensors; tensors under 4,096
+    values keep 32-bit moments). 8-bit moments cannot be FSDP2 shards: such runs are refused."""
+    params = [p for g in groups for p in g["params"]]
+    if kind == "adamw8bit":
+        from torch.distributed.tensor import DTensor
+
+        from dsft.extras import require
+
+        (bnb,) = require("qlora", "optimizer: adamw8bit")
+        if any(isinstance(p, DTensor) for p in params):
+            raise UsageError("optimizer adamw8bit cannot update FSDP2's sharded tensors; train with --backend ddp, "
+                             "or use optimizer: adamw")
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas)
+    if kind != "adamw":
+        raise UsageError(f"optimizer must be adamw or adamw8bit, got {kind!r}")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused_adamw_ok(params))
+
+
+def steps_as_int(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps a tensor's step count as a Python int (bitsandbytes) rather than a tensor
+    (torch): a checkpoint stores it as a tensor either way, and a restored state must give it back as it was."""
+    return not isinstance(optimizer, torch.optim.AdamW)

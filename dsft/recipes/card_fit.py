@@ -32,7 +32,7 @@ def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: 
 
     def fits(m: int, seq: int, checkpointing: bool = True) -> bool:
         req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=m, seq=seq, lora_r=rec.adapter.r, new_terms=new_terms,
-                          num_gpus=fsdp_gpus, checkpointing=checkpointing)
+                          num_gpus=fsdp_gpus, checkpointing=checkpointing, optimizer=rec.optimizer)
         return estimate_memory(counts, req)[0].total <= (1 - PLAN_MARGIN) * card
     return fits
 
@@ -53,7 +53,7 @@ def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: boo
 
             big = max(rec.stages, key=lambda s: s.micro_batch_size * s.seq_len)
             req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=big.micro_batch_size, seq=big.seq_len,
-                              lora_r=rec.adapter.r, new_terms=new_terms)
+                              lora_r=rec.adapter.r, new_terms=new_terms, optimizer=rec.optimizer)
             card = torch.cuda.get_device_properties(torch.device(device)).total_memory
             keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card, compiled=compiled)
     if keep > len(layers):

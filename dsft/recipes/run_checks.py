@@ -47,6 +47,19 @@ def check_device(device: str | None) -> None:
                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
+def check_optimizer(optimizer: str, sharding: str) -> None:
+    """The recipe's ``optimizer`` can run here: ``adamw8bit`` needs bitsandbytes and unsharded tensors (its
+    8-bit moment blocks cannot be FSDP2 shards)."""
+    if optimizer != "adamw8bit":
+        return
+    from dsft.extras import require
+
+    require("qlora", "optimizer: adamw8bit")
+    if sharding == "fsdp":
+        raise UsageError("optimizer adamw8bit cannot update FSDP2's sharded tensors; train with --backend ddp, "
+                         "or use optimizer: adamw")
+
+
 def check_seq_len(seq_lens: Iterable[tuple[str, int]], config: dict[str, Any], base: str) -> None:
     """Every stage's ``seq_len`` fits the base's context (``max_position_embeddings``).
 

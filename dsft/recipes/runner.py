@@ -44,7 +44,7 @@ from dsft.recipes.distributed import Dist
 from dsft.recipes.prepare import RunPlan, prepare
 from dsft.recipes.publish import copy_out, run_metrics
 from dsft.recipes.publish import publish_trained as _publish
-from dsft.recipes.run_checks import check_device
+from dsft.recipes.run_checks import check_device, check_optimizer
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.recipes.sizing import SAMPLE, StepSize, size_stage, sized
 from dsft.recipes.sources import StageData, example_lengths, stage_steps
@@ -223,6 +223,7 @@ class Training:
         self.plan, self.dist, self.emit, self.started = plan, dist, emit, started
         self.target = dist.device(device) or default_device()
         self.nf4 = plan.recipe.quantize == "nf4"
+        check_optimizer(plan.recipe.optimizer, dist.sharding if dist.enabled else "none")  # before the base loads
         self.run: RunDir | None = None
         self.ckpt: Checkpoint | None = None
         self.stage_metrics: list[dict[str, Any]] = []
@@ -401,7 +402,8 @@ class Training:
         sets, _ = eval_sets(plan.pack, self.general, self.tokenizer, self.seq_len,  # now with the added terms
                             plan.user_records.heldout)
         self.ctx = StageContext(self.trained_model, self.spec, self.terms, sets, self.base_tokens, self.emit,
-                                teacher_factory=self._teacher, dist=self.dist, on_out_of_memory=self._recompute_every_layer)
+                                teacher_factory=self._teacher, dist=self.dist, optimizer=plan.recipe.optimizer,
+                                on_out_of_memory=self._recompute_every_layer)
         first, resume_at = self._restore_progress()
         for i, stage in enumerate(plan.recipe.stages[first:], start=first):
             steps = stage_steps(stage, plan.pack, self.general, self.tokenizer, plan.user_records)

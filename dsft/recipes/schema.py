@@ -248,6 +248,10 @@ class Recipe:
     seed: int = 0
     quantize: Literal["none", "nf4"] = "none"
     """nf4: hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; needs bitsandbytes)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """Every stage's optimizer. adamw: torch's AdamW (two moments a trained value, fp32 for LoRA factors and term
+    rows: 8 bytes). adamw8bit: bitsandbytes' blockwise 8-bit AdamW (the moments in 8 bits: 2 bytes a value; tensors
+    under 4,096 values keep 32-bit moments) for less memory, at the cost of the moments' rounding."""
 
     def check(self) -> list[tuple[str, str]]:
         names = [s.name for s in self.stages]

@@ -46,7 +46,7 @@ from dsft.errors import UsageError
 from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
 from dsft.kernels.attention import training_attention
-from dsft.kernels.optim import fused_adamw_ok
+from dsft.kernels.optim import build_adamw, steps_as_int
 from dsft.kernels.varlen import VARLEN
 from dsft.recipes.distributed import Dist
 from dsft.recipes.graphs import StepGraphs, graphs_off_reason, no_mask_built, recorded_alike
@@ -165,15 +165,23 @@ def restore_adapter_state(model, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, entries: list[Entry], n_experts: int) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state as ``{"<param name>/<key>": tensor}`` (ESFT weights: selected slices)."""
+    """AdamW's per-parameter state as ``{"<param name>/<key>": tensor}`` (ESFT weights: selected slices). A tensor
+    several states share (bitsandbytes' quantisation maps, 256 values) is copied for each: safetensors stores no
+    shared memory."""
     out = {}
+    storages: set[int] = set()
     for e in entries:
         for key, value in optimizer.state.get(e.param, {}).items():
+            if key == "step" and isinstance(value, int):  # bitsandbytes counts steps in a Python int
+                value = torch.tensor(value, dtype=torch.int64)
             if not torch.is_tensor(value):
                 raise TypeError(f"optimizer state {key} of {e.name} is not a tensor")
             value = full_tensor(value)  # FSDP2: gathered from every rank's shard (all ranks run this)
             if e.sliced and value.shape == e.param.shape:
                 value = select_slices(value, n_experts, e.index, e.dim)
+            if value.untyped_storage().data_ptr() in storages:
+                value = value.clone()
+            storages.add(value.untyped_storage().data_ptr())
             out[f"{e.name}/{key}"] = value
     return out
 
@@ -196,6 +204,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, entries: list[Entry], te
                 value = full
             if sub != "step":
                 value = shard_like(value, e.param)
+            elif steps_as_int(optimizer):
+                value = int(value.item())
             elif optimizer.defaults.get("fused"):  # the fused kernel reads its step counts on the device
                 value = value.to(e.param.device, torch.float32)
             restored[sub] = value
@@ -220,6 +230,8 @@ class StageContext:
     dist: Dist = field(default_factory=Dist)
     trained: dict[str, int] = field(default_factory=dict)
     """Elements trained so far by key (a tensor, or one expert's slice): their sum is the adapter's size."""
+    optimizer: str = "adamw"
+    """The recipe's ``optimizer`` (:func:`dsft.kernels.optim.build_adamw`)."""
     on_out_of_memory: Callable[[], bool] | None = None
     """A training step ran out of GPU memory: free what can be freed and return True to retry it (see
     :func:`dsft.recipes.loop.train_steps`)."""
@@ -299,12 +311,11 @@ def _trainable(ctx: StageContext, stage: Stage, data: StageData, resume: Resume 
     return main, terms, selection
 
 
-def _optimizer(stage: Stage, main: list[Entry], terms: list[Entry]) -> torch.optim.AdamW:
+def _optimizer(stage: Stage, main: list[Entry], terms: list[Entry], kind: str) -> torch.optim.Optimizer:
     # Decay would shrink the frozen experts' slices too, and the term rows start as means of real rows.
     decay = stage.weight_decay if stage.kind_spec.trains != "experts" else 0.0
     groups = [{"params": [e.param for e in main], "weight_decay": decay}, {"params": [e.param for e in terms], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.99), fused=fused_adamw_ok([e.param for e in main + terms]))
+    return build_adamw([g for g in groups if g["params"]], stage.lr, (0.9, 0.99), kind)
 
 
 def trained_sizes(entries: list[Entry], n_experts: int) -> dict[str, int]:
@@ -323,7 +334,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
     main, terms, selection = _trainable(ctx, s, data, resume, stack)
     entries = main + terms
     n_experts = ctx.n_experts
-    optimizer = _optimizer(s, main, terms)
+    optimizer = _optimizer(s, main, terms, ctx.optimizer)
     start, done_losses = 0, []
     if resume is not None:
         restore_optimizer(optimizer, entries, resume.optimizer, n_experts)

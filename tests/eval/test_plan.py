@@ -50,6 +50,21 @@ def test_state_memory_follows_the_method():
     assert ckpt.activations < no_ckpt.activations / 3
 
 
+def test_8bit_adamw_counts_a_quarter_of_the_moments_and_keeps_more_layers():
+    counts = count_model("deepseek-v2-lite-shape")
+    req = PlanRequest("deepseek-v2-lite-shape", batch=4, seq=2048, gpu_mem_gib=45)
+    small = PlanRequest(**{**req.__dict__, "optimizer": "adamw8bit"})
+    full, eight = estimate_memory(counts, req), estimate_memory(counts, small)
+    assert full[1] == eight[1]  # the same values train
+    assert eight[0].optimizer == pytest.approx(full[0].optimizer / 4 * (1 + 4 / 256))
+    assert eight[0].total < full[0].total and "adamw8bit" in " ".join(eight[2])
+    assert plan(small, counts).kept_layers > plan(req, counts).kept_layers  # the moments' room goes to kept layers
+    from dsft.cli.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--base", "tiny-deepseek-v2", "--optimizer", "adam", "--json"])
+    assert r.exit_code != 0 and "--optimizer: must be one of adamw, adamw8bit, got 'adam'" in r.stderr
+
+
 def test_the_suggestion_is_the_largest_setting_that_fits():
     p = plan(PlanRequest("tiny-deepseek-v2", "lora", seq=2048, batch=64, checkpointing=False, gpu_mem_gib=1.5))
     assert not p.fits and p.suggestion is not None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,3 +27,35 @@ def test_cpu_tensors_a_mix_and_nothing_keep_the_default():
     assert not fused_adamw_ok([cpu])  # CPU runs keep torch's default AdamW
     assert not fused_adamw_ok([_cuda_param(), cpu])  # one fused kernel needs every tensor on the GPU
     assert not fused_adamw_ok([])
+
+
+def test_8bit_adamw_keeps_a_quarter_of_the_moment_bytes_and_follows_adamw():
+    """``adamw8bit``: each moment one byte a value (plus a scale per 256), against AdamW's fp32 four; over a few
+    steps on the same gradients the weights stay within the moments' rounding of torch's AdamW."""
+    pytest.importorskip("bitsandbytes")
+    from dsft.kernels.optim import build_adamw
+
+    torch.manual_seed(0)
+    start = torch.randn(256, 64)
+    exact, small = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    ref = build_adamw([{"params": [exact], "weight_decay": 0.0}], 1e-3, (0.9, 0.99), "adamw")
+    opt = build_adamw([{"params": [small], "weight_decay": 0.0}], 1e-3, (0.9, 0.99), "adamw8bit")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        grad = torch.randn(start.shape, generator=g)
+        exact.grad, small.grad = grad.clone(), grad.clone()
+        ref.step()
+        opt.step()
+    moved = (exact - start).abs().mean()
+    assert (small - exact).abs().mean() < 0.05 * moved  # the same updates, up to the moments' rounding
+    state = opt.state[small]
+    moment_bytes = sum(state[k].numel() * state[k].element_size() for k in ("state1", "state2", "absmax1", "absmax2"))
+    assert moment_bytes == 2 * start.numel() * (1 + 4 / 256)  # what dsft plan counts (dsft/eval/plan.py)
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    from dsft.errors import UsageError
+    from dsft.kernels.optim import build_adamw
+
+    with pytest.raises(UsageError, match="adamw or adamw8bit, got 'sgd'"):
+        build_adamw([{"params": [nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}], 1e-3, (0.9, 0.99), "sgd")
