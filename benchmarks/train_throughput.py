@@ -288,11 +288,22 @@ def run_one(a) -> dict:
         return loss
 
     torch.cuda.reset_peak_memory_stats()
+    if a.memory_at_peak:  # the allocator's history over the warm-ups, where the peak is (with graphs, the capture)
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        baseline = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     for _ in range(3 if graphs else 2):  # with graphs: two warm-ups, then the capture, all untimed
         step()
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
+    if a.memory_at_peak:
+        from dsft.eval.memory_peak import at_peak
+
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        where = at_peak(trace, baseline, a.memory_at_peak).to_json()
+        where["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)  # should match peak_gib
+        print(json.dumps({"memory_at_peak": where}), file=sys.stderr, flush=True)
     if graphs is None:
         # Eager: the timed steps' own peak. With graphs a replay allocates nothing (its memory is the capture's pool,
         # taken in the warm-up), so the peak counts from the first warm-up: from the timed steps it read only what
@@ -482,6 +493,9 @@ if __name__ == "__main__":
                    "(auto: as many as dsft train's default plans on this card)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
                    help="adamw8bit: bitsandbytes' 8-bit moments, as dsft train --optimizer adamw8bit")
+    p.add_argument("--memory-at-peak", type=int, default=0, metavar="N",
+                   help="record the allocator's history over the warm-up steps and print (stderr, JSON) the N places "
+                        "whose blocks are alive at the peak, most bytes first (dsft/eval/memory_peak.py)")
     p.add_argument("--longest", action="store_true", help="with --variant: the longest sequence at batch 1")
     p.add_argument("--longest-max", type=int, default=262144)
     a = p.parse_args()

@@ -8,6 +8,9 @@ import torch
 
 from dsft.errors import UsageError
 
+NO_8BIT_SHARDS = "optimizer adamw8bit cannot update FSDP2's sharded tensors; train with --backend ddp, or use optimizer: adamw"
+"""8-bit moments come in blocks of 256 values with a scale each: a block may not be split between GPUs."""
+
 
 def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
     """torch's fused AdamW updates every tensor in one kernel pass (foreach makes several, with temporaries):
@@ -30,8 +33,7 @@ def build_adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, flo
 
         (bnb,) = require("qlora", "optimizer: adamw8bit")
         if any(isinstance(p, DTensor) for p in params):
-            raise UsageError("optimizer adamw8bit cannot update FSDP2's sharded tensors; train with --backend ddp, "
-                             "or use optimizer: adamw")
+            raise UsageError(NO_8BIT_SHARDS)
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas)
     if kind != "adamw":
         raise UsageError(f"optimizer must be adamw or adamw8bit, got {kind!r}")

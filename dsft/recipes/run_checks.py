@@ -53,11 +53,11 @@ def check_optimizer(optimizer: str, sharding: str) -> None:
     if optimizer != "adamw8bit":
         return
     from dsft.extras import require
+    from dsft.kernels.optim import NO_8BIT_SHARDS
 
     require("qlora", "optimizer: adamw8bit")
     if sharding == "fsdp":
-        raise UsageError("optimizer adamw8bit cannot update FSDP2's sharded tensors; train with --backend ddp, "
-                         "or use optimizer: adamw")
+        raise UsageError(NO_8BIT_SHARDS)
 
 
 def check_seq_len(seq_lens: Iterable[tuple[str, int]], config: dict[str, Any], base: str) -> None:
