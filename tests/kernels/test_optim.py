@@ -59,3 +59,41 @@ def test_an_unknown_optimizer_is_refused_by_name():
 
     with pytest.raises(UsageError, match="adamw or adamw8bit, got 'sgd'"):
         build_adamw([{"params": [nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}], 1e-3, (0.9, 0.99), "sgd")
+
+
+def test_dsfts_8bit_step_updates_exactly_as_bitsandbytes_own_without_waiting_for_the_gpu(monkeypatch):
+    """dsft's AdamW8bit step leaves out bitsandbytes' device synchronisation after every tensor; the updates are
+    the library's own, so weights and moments equal its step's bit for bit (CPU here; the same calls on a GPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    from dsft.kernels.optim import build_adamw
+
+    syncs = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: syncs.append(t))
+    torch.manual_seed(0)
+    shapes = [(64, 80), (8,), (4096,)]  # 8-bit, 32-bit (under 4,096 values), 8-bit
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    mine = build_adamw([{"params": ours[:2], "weight_decay": 0.01}, {"params": ours[2:], "weight_decay": 0.0}],
+                       1e-2, (0.9, 0.99), "adamw8bit")
+    ref = bnb.optim.AdamW8bit([{"params": theirs[:2], "weight_decay": 0.01}, {"params": theirs[2:], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.99))
+    assert type(mine) is not bnb.optim.AdamW8bit and isinstance(mine, bnb.optim.AdamW8bit)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        if step == 2:  # a tensor without a gradient this step is left alone
+            ours[1].grad = theirs[1].grad = None
+        before = len(syncs)
+        mine.step()
+        assert len(syncs) == before  # dsft's step: no synchronisation
+        ref.step()
+        assert len(syncs) > before  # bitsandbytes' own: one per tensor
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for key, value in ref.state[b].items():
+            got = mine.state[a][key]
+            assert got == value if isinstance(value, int) else torch.equal(got, value), key
