@@ -67,6 +67,11 @@ class _ProgressView:
             user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
             out.print(f"after stage {payload['stage']}: {user}generated pack text loss {payload['domain_loss']:.4f}, "
                       f"general loss {payload['general_loss']:.4f}")
+        elif kind == "step_eval" and not self.quiet:
+            user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
+            line = (f"step {payload['step']} of {payload['stage']}: {user}generated pack text loss "
+                    f"{payload['domain_loss']:.4f}, general loss {payload['general_loss']:.4f}")
+            (self.progress.console if self.progress is not None else out).print(line, highlight=False)  # above the bar
         elif kind == "stage_start":
             self._close()
             if not self.quiet:
@@ -190,6 +195,8 @@ def train_command(
                                     "every layer recomputes (least memory)."),
     qlora: bool = typer.Option(False, "--qlora", help="Hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; "
                                "the override quantize=nf4). Uses bitsandbytes."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Also measure the held-out sets every N steps inside each "
+                                   "stage (printed, tracked, in the training log; the override eval_every=N)."),
     optimizer: str = typer.Option(None, "--optimizer", help="adamw (the recipe's default) or adamw8bit: AdamW's moments in "
                                   "8 bits (bitsandbytes), 2 bytes a trained value instead of 8, so more layers fit "
                                   "without recompute (the override optimizer=adamw8bit)."),
@@ -249,7 +256,8 @@ def train_command(
         console.print(f"wrote {path}; edit it, then: dsft train --accelerate-config {path} [--machine-rank R] ...")
         return
     data, overrides = split_data_args(overrides, data)
-    overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else []), *([f"optimizer={optimizer}"] if optimizer else [])]
+    overrides = [*(overrides or ()), *(["quantize=nf4"] if qlora else []), *([f"optimizer={optimizer}"] if optimizer else []),
+                 *([f"eval_every={eval_every}"] if eval_every is not None else [])]
     sources = data_sources(data, field, split)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this is one rank of a launched run
     if not launched and ((num_gpus or 1) > 1 or num_machines > 1 or accelerate_config is not None):

@@ -1,7 +1,8 @@
 """Training logs: every step's metrics as ``train_log.jsonl`` and TensorBoard events in the adapter directory.
 
 A record: ``{"stage", "step", "loss", "lr", "tokens_per_s", "aux_loss", "imbalance"}`` (imbalance = the
-busiest expert's load over the mean, averaged over MoE layers; 1.0 is perfectly balanced).
+busiest expert's load over the mean, averaged over MoE layers; 1.0 is perfectly balanced), and on the steps the
+recipe's ``eval_every`` measured: ``"heldout": {"<set>_loss": ...}``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def write_training_log(directory: Path, records: Sequence[dict[str, Any]]) -> No
         for global_step, r in enumerate(records, start=1):
             for key in ("loss", "lr", "tokens_per_s", "aux_loss", "imbalance"):
                 writer.add_scalar(f"train/{key}", r[key], global_step)
+            for key, value in r.get("heldout", {}).items():
+                writer.add_scalar(f"heldout/{key}", value, global_step)
     finally:
         writer.close()
 

@@ -149,6 +149,8 @@ class RunTracker:
             if i.grad_norm is not None:
                 values["train/grad_norm"] = i.grad_norm
             self.log(values)
+        elif kind == "step_eval":  # at the step it followed (its step event came first)
+            self.log({f"heldout/{k}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
         elif kind == "stage_eval":
             self.log({f"eval/{k}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
         elif kind == "eval" and payload.get("when") == "after":  # beside eval/*_before (the last stage's eval/* has it too)

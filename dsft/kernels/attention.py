@@ -90,3 +90,19 @@ def training_attention(model, device: torch.device | str) -> Iterator[str]:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
         if base.config._attn_implementation != before_impl:
             base.set_attn_implementation(before_impl)
+
+
+@contextmanager
+def attention_as(model, impl: str | None) -> Iterator[None]:
+    """Inside the block ``model`` runs with attention ``impl`` (None: unchanged), then with the one it had: an
+    evaluation in the middle of training uses the model's own attention, as the stage's final one does, not the
+    training kernel (variable-length attention reads the packed batches' offsets, which held-out rows need not have)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    if impl is not None and impl != before:
+        base.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        if base.config._attn_implementation != before:
+            base.set_attn_implementation(before)

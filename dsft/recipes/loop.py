@@ -216,6 +216,7 @@ def train_steps(
         if after_step:
             with done.rng_as_left():
                 after_step(done.step + 1, losses)
+            since = time.perf_counter()  # a checkpoint's or an evaluation's time is not the next step's
 
     def forward_backward(part: dict[str, torch.Tensor], weight: float | torch.Tensor,
                          aux_share: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -143,7 +143,8 @@ def train(
             (:func:`dsft.eval.plan.layers_to_keep`) fits on the card beside the run, keeping 10% spare, and
             a micro-batch the recipe leaves open is sized for that (:func:`dsft.recipes.sizing.choose_micro_batch`).
         on_event: progress callback ``(kind, payload)``; kinds: base, resume, eval, stage_start, step,
-            stage_eval, checkpoint, saved, data_plan, warning (``{"message"}``).
+            stage_eval, step_eval (``eval_every``: ``{"stage", "step", "<set>_loss", "<set>_ppl"}``), checkpoint, saved,
+            data_plan, warning (``{"message"}``).
         resume: continue the last unfinished run of this domain from its last checkpoint; it must have
             been started with the same recipe (and overrides), base, seed, step cap and data.
         checkpoint_every: also checkpoint every this many steps inside a stage (0: at stage ends only).
@@ -210,6 +211,8 @@ class Events:
             i = payload["info"]
             self.log.append({"stage": payload["stage"], "step": i.step, "loss": i.loss, "lr": i.lr,
                              "tokens_per_s": i.tokens_per_s, "aux_loss": i.aux_loss, "imbalance": i.imbalance})
+        elif kind == "step_eval" and self.log and (self.log[-1]["stage"], self.log[-1]["step"]) == (payload["stage"], payload["step"]):
+            self.log[-1]["heldout"] = {k: v for k, v in payload.items() if k.endswith("_loss")}  # on its step's record
         for listen in self.listeners:
             listen(kind, payload)
         if self.on_event is not None:
@@ -403,6 +406,7 @@ class Training:
                             plan.user_records.heldout)
         self.ctx = StageContext(self.trained_model, self.spec, self.terms, sets, self.base_tokens, self.emit,
                                 teacher_factory=self._teacher, dist=self.dist, optimizer=plan.recipe.optimizer,
+                                eval_every=plan.recipe.eval_every,
                                 on_out_of_memory=self._recompute_every_layer)
         first, resume_at = self._restore_progress()
         for i, stage in enumerate(plan.recipe.stages[first:], start=first):

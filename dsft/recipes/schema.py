@@ -248,6 +248,9 @@ class Recipe:
     seed: int = 0
     quantize: Literal["none", "nf4"] = "none"
     """nf4: hold the frozen base in 4-bit NF4 while LoRA trains in bf16 (QLoRA; needs bitsandbytes)."""
+    eval_every: int = 0
+    """Measure the held-out sets every this many steps inside each stage as well as at its end (0: at stage ends
+    only). The losses go to the progress output, the trackers and the training log's step records."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """Every stage's optimizer. adamw: torch's AdamW (two moments a trained value, fp32 for LoRA factors and term
     rows: 8 bytes). adamw8bit: bitsandbytes' blockwise 8-bit AdamW (the moments in 8 bits: 2 bytes a value; tensors
@@ -256,6 +259,8 @@ class Recipe:
     def check(self) -> list[tuple[str, str]]:
         names = [s.name for s in self.stages]
         problems = []
+        if self.eval_every < 0:
+            problems.append(("eval_every", f"must be >= 0 (0: held-out losses at stage ends only), got {self.eval_every}"))
         if self.quantize == "nf4" and self.uses_esft:
             problems.append(("quantize", "esft trains expert weights, which cannot be 4-bit; use quantize: none"))
         if not self.stages:

@@ -45,7 +45,7 @@ from dsft.base.sharding import full_tensor, shard_like
 from dsft.errors import UsageError
 from dsft.eval.heldout import scoring_sample
 from dsft.eval.losses import heldout_loss
-from dsft.kernels.attention import training_attention
+from dsft.kernels.attention import attention_as, training_attention
 from dsft.kernels.optim import build_adamw, steps_as_int
 from dsft.kernels.varlen import VARLEN
 from dsft.recipes.distributed import Dist
@@ -232,6 +232,8 @@ class StageContext:
     """Elements trained so far by key (a tensor, or one expert's slice): their sum is the adapter's size."""
     optimizer: str = "adamw"
     """The recipe's ``optimizer`` (:func:`dsft.kernels.optim.build_adamw`)."""
+    eval_every: int = 0
+    """The recipe's ``eval_every``: held-out losses every this many steps inside a stage (0: none)."""
     on_out_of_memory: Callable[[], bool] | None = None
     """A training step ran out of GPU memory: free what can be freed and return True to retry it (see
     :func:`dsft.recipes.loop.train_steps`)."""
@@ -265,6 +267,20 @@ def evaluate(model, sets: dict[str, Any], base_tokens: dict[str, int], dist: Dis
         out[f"{name}_loss"] = round(loss, 5)
         out[f"{name}_ppl"] = round(float(torch.tensor(loss).exp()), 4)
     return out
+
+
+def evaluate_mid_stage(ctx: StageContext, stage: str, step: int, steps: int, attention: str | None) -> None:
+    """Every ``ctx.eval_every`` steps of a stage (not its last: the stage's own evaluation follows it), the held-out
+    losses as a ``step_eval`` event. Runs between two optimizer steps with the weights after ``step``, with the
+    model's own ``attention`` (as the stage's final evaluation); the model goes back to training mode and attention
+    after it (no dropout or randomness in between, so the run trains exactly as without it)."""
+    if not ctx.eval_every or step % ctx.eval_every or step >= steps:
+        return
+    was_training = ctx.model.training
+    with attention_as(ctx.model, attention):
+        figures = evaluate(ctx.model, ctx.eval_sets, ctx.base_tokens, ctx.dist)
+    ctx.model.train(was_training)
+    ctx.emit("step_eval", {"stage": stage, "step": step, **figures})
 
 
 def _esft_selection(ctx: StageContext, stage: Stage, data: StageData) -> dict[int, tuple[int, ...]]:
@@ -351,6 +367,12 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
         for e in lora:
             e.param.requires_grad_(e.layer in active)
 
+    own_attention = unwrap(model).config._attn_implementation  # before training_attention switches it
+
+    def after_step(step: int, step_losses: list[float]) -> None:
+        evaluate_mid_stage(ctx, s.name, step, steps, own_attention)
+        checkpoint(step, done_losses + step_losses, lambda: optimizer_tensors(optimizer, entries, n_experts), selection)
+
     loss = s.kind_spec.loss(s, ctx.teacher_factory)
     teacher = loss.teacher
     ctx.emit("stage_start", {"index": index, "stage": s.name, "kind": s.kind, "steps": steps, "start_step": start,
@@ -384,8 +406,7 @@ def _run_stage(ctx: StageContext, index: int, stage: Stage, data: StageData, ste
                 schedule=s.schedule, grad_clip=s.grad_clip, probe=probe, start_step=start, loss_fn=loss.fn,
                 before_step=unfreeze if s.train.unfreeze and lora else None,  # a before_step ends the overlap of steps
                 on_step=lambda info: ctx.emit("step", {"stage": s.name, "info": info}),
-                after_step=lambda step, ls: checkpoint(step, done_losses + ls,
-                                                       lambda: optimizer_tensors(optimizer, entries, n_experts), selection),
+                after_step=after_step,
                 sync=sync, micro_batch=s.micro_batch_size, graphs=graphs, on_out_of_memory=ctx.on_out_of_memory,
             )
     finally:

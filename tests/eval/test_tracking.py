@@ -57,6 +57,9 @@ def test_steps_join_up_across_stages_and_a_resumed_run_goes_on_from_its_checkpoi
             tracker("stage_start", {"index": index, "stage": f"s{index}", "steps": 3, "start_step": start})
             for s in range(start + 1, 4):
                 tracker("step", {"stage": f"s{index}", "info": info(s)})
+                if s == 2:  # eval_every: held-out losses at the step they followed
+                    tracker("step_eval", {"stage": f"s{index}", "step": s, "domain_loss": 1.5, "domain_ppl": 4.5})
+                    assert rec.logged[-1] == (rec.logged[-2][0], {"heldout/domain_loss": 1.5, "heldout/domain_ppl": 4.5})
             tracker("stage_eval", {"stage": f"s{index}", "domain_loss": 1.0})
         tracker("eval", {"when": "after", "domain_loss": 1.0, "domain_ppl": 2.7})
         assert [v for _, v in rec.logged][-1] == {"eval/domain_loss_after": 1.0, "eval/domain_ppl_after": 2.7}

@@ -10,7 +10,7 @@ import transformers
 from dsft.base.presets import PRESETS
 from dsft.errors import UsageError
 from dsft.kernels import varlen
-from dsft.kernels.attention import training_attention, training_implementation
+from dsft.kernels.attention import attention_as, training_attention, training_implementation
 
 
 def _tiny(name: str = "tiny-deepseek-v2"):
@@ -31,6 +31,19 @@ def test_flex_attention_trains_on_cuda_and_the_model_gets_sdpa_back(monkeypatch)
         assert torch.backends.cuda.mem_efficient_sdp_enabled()  # the other SDPA kernels stay available
     assert model.config._attn_implementation == "sdpa"
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_an_evaluation_inside_training_runs_with_the_models_own_attention(monkeypatch):
+    """``eval_every``'s held-out losses between two steps: the model's attention inside, the training one after."""
+    monkeypatch.delenv("DSFT_ATTENTION", raising=False)
+    model = _tiny()
+    with training_attention(model, "cuda"):
+        with attention_as(model, "sdpa"):
+            assert model.model.layers[0].self_attn.config._attn_implementation == "sdpa"
+        assert model.config._attn_implementation == "flex_attention"
+        with attention_as(model, None):  # None: as it is
+            assert model.config._attn_implementation == "flex_attention"
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_cpu_training_keeps_the_models_attention():
