@@ -32,10 +32,15 @@ def logs_command(
     if json_out:
         print_json({"adapter": rec.ref, "stages": summary, "steps": records, "plot": str(plot) if plot else None})
         return
-    table = Table("stage", "steps", "loss (first 5)", "loss (last 5)", "tokens/s", "expert imbalance")
+    measured = any("heldout" in s for s in summary)  # eval_every's held-out losses inside the stages
+    table = Table("stage", "steps", "loss (first 5)", "loss (last 5)", "tokens/s", "expert imbalance",
+                  *(["held-out (last inside the stage)"] if measured else []))
     for s in summary:
+        last = s.get("heldout", [{}])[-1]
+        heldout = ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in last.items() if k != "step")
         table.add_row(s["stage"], str(s["steps"]), f"{s['loss_first']:.4f}", f"{s['loss_last']:.4f}",
-                      f"{s['tokens_per_s']:,.0f}", f"{s['imbalance']:.2f}")
+                      f"{s['tokens_per_s']:,.0f}", f"{s['imbalance']:.2f}",
+                      *([f"step {last['step']}: {heldout}" if last else ""] if measured else []))
     console.print(f"[bold]{rec.ref}[/] ({escape(str(rec.path))})")
     console.print(table)
     if plot is not None:

@@ -41,18 +41,23 @@ def read_training_log(directory: Path) -> list[dict[str, Any]]:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per stage: steps, first and last loss (mean of up to 5 steps), mean tokens/s, mean imbalance."""
+    """Per stage: steps, first and last loss (mean of up to 5 steps), mean tokens/s, mean imbalance, and with
+    ``eval_every`` the held-out losses of each step that measured them (``heldout``: ``[{"step", ...}]``)."""
     out = []
     for stage in dict.fromkeys(r["stage"] for r in records):
         rs = [r for r in records if r["stage"] == stage]
         head, tail = rs[: min(5, len(rs))], rs[-min(5, len(rs)):]
-        out.append({
+        row = {
             "stage": stage, "steps": len(rs),
             "loss_first": round(sum(r["loss"] for r in head) / len(head), 4),
             "loss_last": round(sum(r["loss"] for r in tail) / len(tail), 4),
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in rs) / len(rs), 1),
             "imbalance": round(sum(r["imbalance"] for r in rs) / len(rs), 3),
-        })
+        }
+        heldout = [{"step": r["step"], **r["heldout"]} for r in rs if r.get("heldout")]
+        if heldout:
+            row["heldout"] = heldout
+        out.append(row)
     return out
 
 
@@ -65,12 +70,18 @@ def plot_loss(records: Sequence[dict[str, Any]], png: Path, title: str = "") -> 
 
     fig, ax = plt.subplots(figsize=(7, 4))
     step = 0
+    heldout: dict[str, list[tuple[int, float]]] = {}  # eval_every's points, at the run's global step
     for stage in dict.fromkeys(r["stage"] for r in records):
         rs = [r for r in records if r["stage"] == stage]
         ax.plot(range(step + 1, step + len(rs) + 1), [r["loss"] for r in rs], label=stage)
+        for i, r in enumerate(rs, start=step + 1):
+            for key, value in r.get("heldout", {}).items():
+                heldout.setdefault(key, []).append((i, value))
         step += len(rs)
+    for key, points in heldout.items():
+        ax.plot(*zip(*points), marker="o", linestyle="--", label=f"held-out {key.removesuffix('_loss')}")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title or "training loss")
     ax.legend()
     fig.tight_layout()

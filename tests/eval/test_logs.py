@@ -55,3 +55,11 @@ def test_summary_takes_first_and_last_losses_per_stage(tmp_path):
     assert [(s["stage"], s["steps"]) for s in summary] == [("cpt", 6), ("sft", 2)]
     assert summary[0]["loss_first"] == 7.0 and summary[0]["loss_last"] == 6.0  # means of steps 1-5 and 2-6
     assert plot_loss(records, tmp_path / "p.png").exists()
+    assert "heldout" not in summary[0]
+    # eval_every's held-out losses ride on their steps' records: listed per stage, plotted as points
+    records[2]["heldout"] = {"domain_loss": 5.5, "general_loss": 3.0}
+    records[7]["heldout"] = {"domain_loss": 5.0, "general_loss": 3.1}
+    summary = summarize(records)
+    assert summary[0]["heldout"] == [{"step": 3, "domain_loss": 5.5, "general_loss": 3.0}]
+    assert summary[1]["heldout"] == [{"step": 2, "domain_loss": 5.0, "general_loss": 3.1}]
+    assert plot_loss(records, tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"

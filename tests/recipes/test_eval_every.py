@@ -29,6 +29,9 @@ def test_held_out_losses_every_n_steps_leave_the_training_as_it_was(home):
     assert sorted(measured) == [2, 4]  # not 6: the stage's own evaluation follows its last step
     assert set(measured[2]) == {"domain_loss", "general_loss"} and all(v > 0 for v in measured[2].values())
     assert not any("heldout" in r for r in read_training_log(Path(plain["path"])))
+    shown = CliRunner().invoke(app, ["logs", every["adapter"], "--json"])
+    assert shown.exit_code == 0, shown.stderr
+    assert [h["step"] for h in json.loads(shown.stdout)["stages"][0]["heldout"]] == [2, 4]
 
 
 def test_the_progress_output_shows_each_mid_stage_evaluation(home):
