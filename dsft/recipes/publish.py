@@ -23,7 +23,7 @@ from dsft.base.fingerprint import summary
 from dsft.errors import NotFoundError
 from dsft.eval.logs import write_training_log
 from dsft.recipes.schema import recipe_yaml
-from dsft.recipes.stages import unwrap
+from dsft.recipes.stage_state import unwrap
 
 
 @dataclass(frozen=True)

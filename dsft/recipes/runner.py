@@ -48,7 +48,8 @@ from dsft.recipes.run_checks import check_device, check_optimizer
 from dsft.recipes.schema import Recipe, load_recipe, recipe_yaml
 from dsft.recipes.sizing import SAMPLE, StepSize, size_stage, sized
 from dsft.recipes.sources import StageData, example_lengths, stage_steps
-from dsft.recipes.stages import Resume, StageContext, adapter_state, evaluate, restore_adapter_state, run_stage
+from dsft.recipes.stage_state import adapter_state, restore_adapter_state
+from dsft.recipes.stages import Resume, StageContext, evaluate, run_stage
 
 Event = Callable[[str, dict[str, Any]], None]
 DEFAULT_CHECKPOINT_EVERY = 50

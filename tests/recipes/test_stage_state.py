@@ -1,11 +1,12 @@
-"""A stage's optimizer state round-trips through a checkpoint, with torch's fused AdamW as on one GPU."""
+"""A stage's optimizer state round-trips through a checkpoint: torch's fused AdamW as on one GPU, and bitsandbytes' 8-bit AdamW."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from dsft.recipes.stages import Entry, optimizer_tensors, restore_optimizer
+from dsft.recipes.stage_state import optimizer_tensors, restore_optimizer
+from dsft.recipes.stages import Entry
 
 
 def _step(optimizer, params, seed):
