@@ -237,6 +237,7 @@ def train_command(
 
     Example (QLoRA, 4-bit base): dsft train --domain legal --base deepseek-ai/DeepSeek-V2-Lite --qlora
     Example (8-bit optimizer moments): dsft train --domain finance --optimizer adamw8bit
+    Example (held-out losses every 50 steps too): dsft train --domain contracts --data text.jsonl --eval-every 50
     """
     import os
 
