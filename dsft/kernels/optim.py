@@ -50,7 +50,7 @@ def steps_as_int(optimizer: torch.optim.Optimizer) -> bool:
 @cache
 def _adamw8bit_class(bnb: Any) -> type:
     """bitsandbytes' ``AdamW8bit`` whose step does not wait for the GPU. bitsandbytes 0.50 synchronises the device
-    after every tensor's update (``sync_gpu`` in ``Optimizer8bit.step``; needed for its paged states only): ~490
+    after every tensor's update (``sync_gpu`` in ``Optimizer8bit.step``; needed for its paged states only): 476
     host-device round trips a step for the lite shape's LoRA, measured 32 ms a step slower than torch's fused AdamW
     on an H200, and no host work can run ahead of the GPU meanwhile. The updates are stream-ordered kernels on the
     current stream, like any other; this step enqueues them and returns. Same updates, bit for bit
