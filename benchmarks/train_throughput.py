@@ -27,6 +27,7 @@ dsft train steps them on one GPU (--compile --packed --attn dsft_varlen --graphs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -281,6 +282,8 @@ def run_one(a) -> dict:
     run = graphs or forward_backward
 
     def step():
+        if graphs:
+            graphs.step_begins()
         loss = run(batch, 1.0, 1.0)[0]
         if opt:
             opt.step()
@@ -292,8 +295,14 @@ def run_one(a) -> dict:
         torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
         baseline = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    for _ in range(3 if graphs else 2):  # with graphs: two warm-ups, then the capture, all untimed
-        step()
+    # Recording the history, torch 2.11 fails in a checkpoint's recompute that stops early (pytorch#179536):
+    # recomputes run whole while it records (the forward's peak is the same).
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    early_stop = set_checkpoint_early_stop(False) if a.memory_at_peak else contextlib.nullcontext()
+    with early_stop:
+        for _ in range(3 if graphs else 2):  # with graphs: two warm-ups, then the capture, all untimed
+            step()
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
     if a.memory_at_peak:

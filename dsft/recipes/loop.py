@@ -250,6 +250,8 @@ def train_steps(
         weights = token_shares(parts)
         while True:
             try:
+                if graphs is not None and run is not forward_backward:
+                    graphs.step_begins()  # the graph that writes the gradients need not keep what they held
                 lm, aux = torch.zeros((), device=batch["input_ids"].device), None
                 for part, weight in zip(parts, weights):
                     part_lm, part_aux, imbalance = run(part, weight, 1 / len(parts))

@@ -23,19 +23,31 @@ STEPS = 6
 def recorded(params: list[torch.Tensor]):
     """A capture that behaves like a CUDA graph on the CPU: the work ``run`` does at capture time leaves no trace
     on the gradients (a graph records, it does not run), and ``replay`` runs it again, writing into the outputs
-    captured the first time (a graph's static outputs)."""
+    captured the first time (a graph's static outputs). A gradient that existed at capture is added into at each
+    replay; one the recording made is overwritten at each replay, whatever ``.grad`` holds then."""
     captures = []
 
     def capture(run):
         before = [None if p.grad is None else p.grad.clone() for p in params]
         outputs = run()
+        targets = [p.grad for p in params]
+        made = [b is None and t is not None for b, t in zip(before, targets)]
         for p, g in zip(params, before):
             if g is not None:
                 p.grad.copy_(g)
         captures.append(outputs)
 
         def replay():
-            for out, fresh in zip(outputs, run()):
+            held = [p.grad for p in params]
+            for p, t, m in zip(params, targets, made):
+                p.grad = None if m else t
+            fresh_outputs = run()
+            for p, t, m in zip(params, targets, made):
+                if m and p.grad is not None:
+                    t.copy_(p.grad)
+            for p, h in zip(params, held):
+                p.grad = h
+            for out, fresh in zip(outputs, fresh_outputs):
                 if out is not None:
                     out.copy_(fresh)
         return replay, outputs
@@ -104,6 +116,39 @@ def test_each_shape_warms_up_then_is_captured_up_to_the_limit(tiny_qwen2_moe):
     # the wide rows (steps 0, 2, 4): two warm-ups, then captured; the narrow ones run eagerly past the limit
     assert graphs.summary() == {"shapes": 1, "replays": 1, "off": None}
     assert _close(plain[0], replayed[0])
+
+
+def test_the_first_graph_writes_the_gradients_and_the_others_add_into_them(tiny_qwen2_moe):
+    """Three rows in micro-batches of 2 and 1: two shapes a step. The one-row shape is captured first: it records
+    with no gradient alive (its backward makes them, so they take no memory through its forward, where a step
+    peaks) and runs after the step's other micro-batch, whose gradient it keeps; the two-row shape, captured later
+    (its first batches do not count as warm-ups here), adds into the same tensors. Both train as the plain loop."""
+    model = tiny_qwen2_moe
+    start = copy.deepcopy(model.state_dict())
+    three = _batches(model.config.vocab_size, rows=3)
+    batches = lambda step: three(step % STEPS)  # noqa: E731
+    plain = _train(model, start, batches=batches, steps=10, micro_batch=2)
+    params = list(model.parameters())
+    inner, alive_at_capture, two_row_calls = recorded(params), [], []
+
+    def capture(run):
+        alive_at_capture.append(sum(p.grad is not None for p in params))
+        return inner(run)
+
+    def alike(part):
+        if part["input_ids"].shape[0] == 2:
+            two_row_calls.append(1)
+            return len(two_row_calls) > 3
+        return True
+
+    graphs = StepGraphs(capture=capture, alike=alike)
+    replayed = _train(model, start, batches=batches, steps=10, micro_batch=2, graphs=graphs)
+    # one row: warm-ups at steps 0-1, captured at 2, replayed to 9; two rows: eager to 4, captured at 5
+    assert graphs.summary() == {"shapes": 2, "replays": 8 + 5, "off": None}
+    assert alive_at_capture[0] == 0 and alive_at_capture[1] == sum(p.requires_grad for p in params)
+    assert _close(plain[0], replayed[0])
+    assert all(_close(a, b) for a, b in zip(plain[1], replayed[1]))
+    assert all(torch.allclose(plain[2][k], replayed[2][k], atol=1e-6) for k in start)
 
 
 def test_a_capture_that_fails_leaves_the_step_to_eager_code(tiny_qwen2_moe):
