@@ -415,12 +415,12 @@ def run_longest(a) -> dict:
 PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora", True, 3),
         ("dsft_lora_attn_experts", True), ("dsft_lora_attn_experts", True, 3),
         ("dsft_lora_grouped", True), ("dsft_esft", True),
-        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_lora", "train", 14), ("dsft_lora", "train", "auto"),
+        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_lora", "train", 16), ("dsft_lora", "train", "auto"),
         ("dsft_esft", "train"), ("dsft_esft", "train", "auto"),
         ("dsft_qlora", "train"),
         ("peft_experts", "longest"), ("dsft_lora", "longest")]
-"""(variant, mode[, layers kept out of checkpointing, or "auto": dsft train's default; 14: the most that stay under
-PEFT's peak on an H200 at 4 x 2048, 2026-12-02]); mode: False eager, True
+"""(variant, mode[, layers kept out of checkpointing, or "auto": dsft train's default; 16: the most that stay under
+PEFT's peak on an H200 at 4 x 2048, 2026-12-02 stop 28]); mode: False eager, True
 compiled, "train" as dsft train steps (compiled, packed SFT-like rows, variable-length attention, CUDA graphs),
 "longest" the longest batch-1 sequence."""
 TRAIN_FLAGS = ["--compile", "--packed", "--attn", "dsft_varlen", "--graphs"]
@@ -440,6 +440,7 @@ def run_all(a) -> None:
     out = ROOT / "benchmarks" / "results" / f"{date.today()}-{gpu}-train-throughput"
     old = json.loads(Path(f"{out}.json").read_text())["rows"] if Path(f"{out}.json").exists() else []
     rows = {r["variant"]: r for r in old}  # an invocation with --only replaces its own rows and keeps the others
+    invocation = time.strftime("%Y-%m-%dT%H:%M:%S")
     for variant, mode, *keep in plan:
         bs = a.qlora_bs if variant == "dsft_qlora" else a.bs
         cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(a.layers), "--bs", str(bs), "--seq", str(a.seq),
@@ -452,12 +453,20 @@ def run_all(a) -> None:
         extra = [ln for ln in proc.stderr.splitlines() if ln.startswith('{"esft_selected_share"')]
         if extra:
             row.update(json.loads(extra[-1]))
+        row["invocation"] = invocation
         print(json.dumps(row), flush=True)
         rows[row["variant"]] = row
-    base = rows.get("peft_experts", {}).get("tokens_per_s")
+        _write_table(out, rows, a)  # after each row: an invocation cut short keeps what it measured
+
+
+def _write_table(out: Path, rows: dict[str, dict], a) -> None:
+    """The JSON and markdown table; a dsft row's ``ratio_to_peft`` only against the PEFT row of its own invocation
+    (rows kept from an earlier one keep theirs)."""
+    peft = rows.get("peft_experts", {})
     for r in rows.values():
-        if base and "tokens_per_s" in r and r["variant"].startswith("dsft"):
-            r["ratio_to_peft"] = round(r["tokens_per_s"] / base, 2)
+        if "tokens_per_s" in r and r["variant"].startswith("dsft") and r.get("invocation") == peft.get("invocation") \
+                and peft.get("tokens_per_s"):
+            r["ratio_to_peft"] = round(r["tokens_per_s"] / peft["tokens_per_s"], 2)
     meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), layers=a.layers, bs=a.bs, seq=a.seq,
                 qlora_bs=a.qlora_bs, peak_tflops=PEAK_TFLOPS, measured_tflops=MEASURED_TFLOPS)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
@@ -470,7 +479,6 @@ def run_all(a) -> None:
         lines.append(f"| {r['variant']} | {shape} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '')} | "
                      f"{r.get('mfu_vs_989', '')} | {r.get('mfu_vs_measured', '')} | {r.get('ratio_to_peft', '')} |")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
