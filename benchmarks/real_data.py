@@ -81,6 +81,8 @@ def run_train(a, data: Path, home: str) -> dict:
     for st in stages:
         rates = sorted(r["tokens_per_s"] for r in rows if r.get("stage") == st["stage"] and r.get("step", 0) > 2)
         st["steady_tokens_per_s"] = round(rates[len(rates) // 2], 1) if rates else None
+        # held-out losses during the stage (the recipe's eval_every), from the same log
+        st["heldout"] = [{"step": r.get("step"), **r["heldout"]} for r in rows if r.get("stage") == st["stage"] and "heldout" in r]
     return {"stages": stages, "recompiles": p.stderr.count("Recompiling function"), "recompile_reasons": recompile_reasons(p.stderr),
             "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -470,15 +470,22 @@ def _write_table(out: Path, rows: dict[str, dict], a) -> None:
     meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), layers=a.layers, bs=a.bs, seq=a.seq,
                 qlora_bs=a.qlora_bs, peak_tflops=PEAK_TFLOPS, measured_tflops=MEASURED_TFLOPS)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
-    lines = ["| variant | batch x seq | tokens/s | peak GiB | MFU (989) | MFU (776 measured) | ratio to PEFT |", "|---|---|---|---|---|---|---|"]
-    for r in rows.values():
+    Path(f"{out}.md").write_text(table(rows.values()))
+
+
+def table(rows) -> str:
+    """The markdown table of ``--all``'s rows (``invocation``: when the row's ``--all`` started)."""
+    lines = ["| variant | batch x seq | tokens/s | peak GiB | MFU (989) | MFU (776 measured) | ratio to PEFT | invocation |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        when = r.get("invocation") or ""
         if "longest_seq" in r or "tried" in r:
-            lines.append(f"| {r['variant']} | 1 x {r.get('longest_seq')} | | {r.get('peak_gib', '')} | | | |")
+            lines.append(f"| {r['variant']} | 1 x {r.get('longest_seq')} | | {r.get('peak_gib', '')} | | | | {when} |")
             continue
         shape = f"{r['bs']} x {r['seq']}" if "bs" in r else ""
         lines.append(f"| {r['variant']} | {shape} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '')} | "
-                     f"{r.get('mfu_vs_989', '')} | {r.get('mfu_vs_measured', '')} | {r.get('ratio_to_peft', '')} |")
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+                     f"{r.get('mfu_vs_989', '')} | {r.get('mfu_vs_measured', '')} | {r.get('ratio_to_peft', '')} | {when} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
