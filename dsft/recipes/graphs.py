@@ -11,19 +11,19 @@ How: each micro-batch shape runs :data:`WARMUP` times eagerly (compiling the lay
 allocator, on a side stream as capture requires; with flex attention only batches whose attention mask
 transformers builds as it would under capture count, :func:`recorded_alike`; variable-length attention builds
 none, :func:`no_mask_built`), is then captured once - the forward, the objective and the
-backward, gradients accumulated in place into ``.grad`` tensors that exist before the capture - and replayed from
-then on, its inputs copied into the graph's own tensors. The optimizer step stays eager (one fused kernel). The
-graphs share one memory pool: a replay's outputs are read (enqueued) before the next replay, so no graph needs
-another's memory to survive it.
+backward with its gradients (below) - and replayed from then on, its inputs copied into the graph's own tensors.
+The optimizer step stays eager (one fused kernel). The graphs share one memory pool: a replay's outputs are read
+(enqueued) before the next replay, so no graph needs another's memory to survive it.
 
 Gradients: the first graph captured writes them (no ``.grad`` exists while it records, so its backward allocates
 them in the pool, in memory its forward's activations used before), as an eager step does after the loop dropped
 the last step's: the trained tensors' gradients (0.87 GiB in fp32 for ``dsft train``'s LoRA on DeepSeek-V2-Lite)
 take no memory through the forward, where a step peaks (the warm-ups before it drop them too). Graphs captured
 later add into those same tensors; a step whose first micro-batch is not the writing graph's keeps what came
-before over its replay (a copy, added back). :meth:`StepGraphs.step_begins` tells it where a step starts. What a graph cannot hold (a device sync, a recompile, a data-dependent shape)
-makes the capture fail; the step then runs eagerly, with one warning, and the graphs stay off for the loop.
-``DSFT_CUDA_GRAPHS=0`` keeps them off.
+before over its replay (a copy, added back). :meth:`StepGraphs.step_begins` tells it where a step starts.
+
+What a graph cannot hold (a device sync, a recompile, a data-dependent shape) makes the capture fail; the step then
+runs eagerly, with one warning, and the graphs stay off for the loop. ``DSFT_CUDA_GRAPHS=0`` keeps them off.
 """
 from __future__ import annotations
 

@@ -274,7 +274,7 @@ def train_steps(
             norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         optimizer.step()
-        optimizer.zero_grad(set_to_none=run is forward_backward)  # a graph adds into the gradients it was captured with
+        optimizer.zero_grad(set_to_none=run is forward_backward)  # graphs write or add into the gradients they recorded
         figures = [lm, aux if aux is not None else lm, norm if norm is not None else lm, batch["attention_mask"].sum(),
                    imbalance]
         previous = _Enqueued.of(step, scale, aux is not None, norm is not None,
