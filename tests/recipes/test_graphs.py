@@ -129,15 +129,16 @@ def test_the_first_graph_writes_the_gradients_and_the_others_add_into_them(tiny_
     batches = lambda step: three(step % STEPS)  # noqa: E731
     plain = _train(model, start, batches=batches, steps=10, micro_batch=2)
     params = list(model.parameters())
-    inner, alive_at_capture, two_row_calls = recorded(params), [], []
+    inner, alive_at_capture, two_row_calls, alive_at_step_start = recorded(params), [], [], []
 
     def capture(run):
         alive_at_capture.append(sum(p.grad is not None for p in params))
         return inner(run)
 
     def alike(part):
-        if part["input_ids"].shape[0] == 2:
+        if part["input_ids"].shape[0] == 2:  # each step's first micro-batch
             two_row_calls.append(1)
+            alive_at_step_start.append(sum(p.grad is not None for p in params))
             return len(two_row_calls) > 3
         return True
 
@@ -146,6 +147,8 @@ def test_the_first_graph_writes_the_gradients_and_the_others_add_into_them(tiny_
     # one row: warm-ups at steps 0-1, captured at 2, replayed to 9; two rows: eager to 4, captured at 5
     assert graphs.summary() == {"shapes": 2, "replays": 8 + 5, "off": None}
     assert alive_at_capture[0] == 0 and alive_at_capture[1] == sum(p.requires_grad for p in params)
+    # before the writing graph exists, a step starts with no gradient alive (the last step's were zero): as eagerly
+    assert alive_at_step_start[:3] == [0, 0, 0] and alive_at_step_start[3] > 0
     assert _close(plain[0], replayed[0])
     assert all(_close(a, b) for a, b in zip(plain[1], replayed[1]))
     assert all(torch.allclose(plain[2][k], replayed[2][k], atol=1e-6) for k in start)
