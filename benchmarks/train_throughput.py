@@ -249,6 +249,10 @@ def run_one(a) -> dict:
         a.functorch = [*(a.functorch or []), f"activation_memory_budget={KEPT_MEMORY_BUDGET}"]
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
+        if a.recompute_attention_inputs:  # experiment: their attention's q / k / v recomputed, the kernel's outputs kept
+            from dsft.kernels.attention_recompute import recompute_attention_inputs
+
+            recompute_attention_inputs(layer)
     if a.compile:
         compile_layers(layers, a.compile_mode, a.inductor, a.functorch)
     opt = _optimizer(trainable, a.optimizer) if trainable else None
@@ -332,6 +336,7 @@ def run_one(a) -> dict:
     tag += f"+{a.attn}" if a.attn else ""
     tag += "+graphs" if graphs else ""
     tag += f"+{a.optimizer}" if a.optimizer != "adamw" else ""
+    tag += "+attn_inputs_recomputed" if a.recompute_attention_inputs else ""
     return dict(variant=a.variant + ("+compile" if a.compile else "") + tag + (f"+keep{a.keep_layers}" if a.keep_layers else ""),
                 layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -515,6 +520,9 @@ if __name__ == "__main__":
     p.add_argument("--attn", help="attention implementation: dsft_varlen (dsft train's on a GPU), flex_attention, sdpa")
     p.add_argument("--keep-layers", default="0", help="leave the last N decoder layers out of activation checkpointing "
                    "(auto: as many as dsft train's default plans on this card)")
+    p.add_argument("--recompute-attention-inputs", action="store_true",
+                   help="experiment: kept layers recompute their attention's inputs in backward, keeping the kernel's "
+                        "outputs (dsft/kernels/attention_recompute.py)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
                    help="adamw8bit: bitsandbytes' 8-bit moments, as dsft train --optimizer adamw8bit")
     p.add_argument("--memory-at-peak", type=int, default=0, metavar="N",
