@@ -99,3 +99,17 @@ def test_the_policy_keeps_attention_kernels_and_recomputes_the_rest():
     assert all(keeps_attention_outputs(None, op) == CheckpointPolicy.MUST_SAVE for op in keeps)
     recomputed = [torch.ops.aten.mm.default, torch.ops.aten.cat.default, torch.ops.aten._to_copy.default]
     assert all(keeps_attention_outputs(None, op) == CheckpointPolicy.PREFER_RECOMPUTE for op in recomputed)
+
+
+def test_the_wrapped_attention_compiles_whole_with_the_same_gradients(model):
+    """dsft train compiles each layer: the checkpointed region with its policy traces as one graph (no break), and
+    the compiled backward still takes the kernel's outputs kept."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain_loss, plain_grads, _, _ = _step(copy.deepcopy(model), ids)
+    for layer in model.model.layers:
+        recompute_attention_inputs(layer)
+        layer.self_attn.compile(fullgraph=True, backend="aot_eager")
+    loss, grads, forwards, again = _step(model, ids)
+    assert (forwards, again) == (len(model.model.layers), 0)
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.allclose(grads[n], plain_grads[n], atol=1e-6, rtol=1e-5) for n in plain_grads)
