@@ -24,6 +24,12 @@ from dsft.cli.common import (
 from dsft.errors import DsftError, UsageError
 
 
+def _heldout(payload: dict) -> str:
+    """An evaluation event's losses, as the progress output prints them."""
+    user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
+    return f"{user}generated pack text loss {payload['domain_loss']:.4f}, general loss {payload['general_loss']:.4f}"
+
+
 class _ProgressView:
     """Renders training events: one bar per stage with step, loss, tokens/s and ETA."""
 
@@ -64,13 +70,9 @@ class _ProgressView:
             out.print(f"stage [bold]{payload['stage']}[/]: teacher {payload['teacher']}")
         elif kind == "stage_eval" and not self.quiet:
             self._close()
-            user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
-            out.print(f"after stage {payload['stage']}: {user}generated pack text loss {payload['domain_loss']:.4f}, "
-                      f"general loss {payload['general_loss']:.4f}")
+            out.print(f"after stage {payload['stage']}: {_heldout(payload)}")
         elif kind == "step_eval" and not self.quiet:
-            user = f"user held-out loss {payload['user_loss']:.4f}, " if "user_loss" in payload else ""
-            line = (f"step {payload['step']} of {payload['stage']}: {user}generated pack text loss "
-                    f"{payload['domain_loss']:.4f}, general loss {payload['general_loss']:.4f}")
+            line = f"step {payload['step']} of {payload['stage']}: {_heldout(payload)}"
             (self.progress.console if self.progress is not None else out).print(line, highlight=False)  # above the bar
         elif kind == "stage_start":
             self._close()

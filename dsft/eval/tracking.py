@@ -150,11 +150,11 @@ class RunTracker:
                 values["train/grad_norm"] = i.grad_norm
             self.log(values)
         elif kind == "step_eval":  # at the step it followed (its step event came first)
-            self.log({f"heldout/{k}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
+            self.log(_figures(payload, "heldout/"))
         elif kind == "stage_eval":
-            self.log({f"eval/{k}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
+            self.log(_figures(payload, "eval/"))
         elif kind == "eval" and payload.get("when") == "after":  # beside eval/*_before (the last stage's eval/* has it too)
-            self.log({f"eval/{k}_after": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))})
+            self.log(_figures(payload, "eval/", "_after"))
 
     def log(self, values: dict[str, float | str]) -> None:
         self._each(lambda t: t.log(values, step=self.step))
@@ -165,6 +165,11 @@ class RunTracker:
             self._each(lambda t: _tag(t, "dsft.adapter", adapter, self.step))
         self._each(lambda t: t.finish())
         self.trackers = []
+
+
+def _figures(payload: Mapping[str, Any], prefix: str, suffix: str = "") -> dict[str, float | str]:
+    """An evaluation event's losses and perplexities as tracker values ``<prefix><name><suffix>``."""
+    return {f"{prefix}{k}{suffix}": v for k, v in payload.items() if k.endswith(("_loss", "_ppl")) and isinstance(v, (int, float))}
 
 
 def _mlflow_tracker(run_name: str, tags: Mapping[str, str]) -> Any:
