@@ -204,8 +204,8 @@ def is_silu(act: object) -> bool:
 SAVE_GATE_UP_FP8 = os.environ.get("DSFT_SAVE_GATE_UP_FP8", "0") == "1"
 """Experiment for issue 16 (off; ``DSFT_SAVE_GATE_UP_FP8=1`` or ``train_throughput.py --save-gate-up-fp8``): keep
 gate/up for :class:`_SwigluDown`'s backward in FP8 (e4m3, one scale per row and half), half the bytes (277 -> 139
-MB a kept layer on the lite shape at 8,192 tokens) for FP8's rounding (up to 1/16 of a value) in the SwiGLU's
-gradient. A numerics change: PEFT and the bf16 path keep them in bf16."""
+MB a kept layer on the lite shape at 8,192 tokens) for FP8's rounding in the SwiGLU's gradient (up to 1/16 of a
+value; more for values far below their row's largest). A numerics change: PEFT and the bf16 path keep them in bf16."""
 E4M3_MAX = 448.0
 
 
