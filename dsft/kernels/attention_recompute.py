@@ -2,14 +2,15 @@
 issue 16, measured with ``benchmarks/train_throughput.py --recompute-attention-inputs``; not used by ``dsft train``).
 
 A decoder layer that keeps its activations (``--keep-layers``) saves, for its attention, the query, key and value
-the kernel reads: on DeepSeek-V2-Lite at 8,192 tokens likely the three [8,192 x 3,072] bf16 tensors, 144 MiB of the
-~0.6 GiB such a layer keeps, that its measured peak shows (by size:
-``benchmarks/results/2026-12-02-h200-train-writer-grads.md``). They come from the layer's input through a few small GEMMs (the query, latent and key/value projections, ~225
-GFLOP at that size: ~0.3 ms on an H200 by estimate, against ~3.8 ms for the layer's whole forward, derived from
-every layer recomputed vs every layer kept). Wrapped here, the attention module runs under selective
-activation checkpointing: backward runs its projections again from its input, while the outputs of the attention
-kernel itself (any op whose name says attention) are kept, so the kernel does not run twice. Fewer bytes a kept
-layer, more layers kept under the same memory: whether that wins is the benchmark's to say.
+the kernel reads: on DeepSeek-V2-Lite at 8,192 tokens likely the three [8,192 x 3,072] bf16 tensors, 144 MiB of
+the ~0.6 GiB such a layer keeps, that its measured peak shows (by size:
+``benchmarks/results/2026-12-02-h200-train-writer-grads.md``). They come from the layer's input through a few small
+GEMMs (the query, latent and key/value projections, ~225 GFLOP at that size: ~0.3 ms on an H200 by estimate,
+against ~3.8 ms for the layer's whole forward, derived from every layer recomputed vs every layer kept). Wrapped
+here, the attention module runs under selective activation checkpointing: backward runs its projections again from
+its input, while the outputs of the attention kernel itself (any op whose name says attention) are kept, so the
+kernel does not run twice. Fewer bytes a kept layer, more layers kept under the same memory: whether that wins is
+the benchmark's to say.
 """
 from __future__ import annotations
 
