@@ -68,7 +68,8 @@ def plan_command(
         console.print(f"estimated speed: {p.tokens_per_s:,.0f} tokens/s (every layer recomputed)")
     if p.kept_layers:
         console.print(f"dsft train (--keep-layers auto) keeps {p.kept_layers} of {p.layers} layers' activations here "
-                      f"instead of recomputing them: ~{p.kept_layers * p.kept_layer_gib:,.1f} GiB more, faster steps")
+                      f"instead of recomputing them: ~{p.kept_layers * p.kept_layer_gib:,.1f} GiB more, faster steps"
+                      + (" (their attention's inputs recomputed, to fit more)" if p.attention_recomputed else ""))
     verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
     console.print(f"{verdict} in {p.gpu_mem_gib:g} GiB ({m.total / GIB:,.1f} GiB needed)")
     if p.suggestion:

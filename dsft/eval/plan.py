@@ -41,6 +41,11 @@ count at 4 x 2048 (0.58 GiB a layer), and from the CLI at 5 x 6,144 20 and 27 la
 GiB: 2.19 GiB a layer of 4.88 counted, 0.45 again (``benchmarks/results/2026-12-02-h200-train-cli-auto.md``); 0.55
 leaves a fifth on top, inside the plan's 10% margin.
 Should a shape keep more, the run falls back to recomputing every layer, it does not fail."""
+ATTENTION_RECOMPUTE_COST = 0.15
+"""What recomputing a kept layer's attention inputs costs, as a share of what keeping that layer gains. Measured
+on an H200, lite shape, 4 x 2048, compiled, one invocation each (2026-12-02,
+``benchmarks/results/2026-12-02-h200-attention-recompute.md``): 16 kept layers 25,474 tokens/s plain and 24,638
+recomputing (0.2% of the step a layer) against ~1.3% a kept layer gains (16 to 27 kept: 25,393 to 29,166)."""
 BACKWARD_TRANSIENT = 0.5
 """Gradients alive inside one layer's backward, as a share of that layer's saved activations."""
 NF4_BYTES = 0.5 + 4 / 64
@@ -90,6 +95,9 @@ class ModelCounts:
     attention_flops_per_token_per_pos: float
     """Attention score + value FLOPs per token per position attended (forward)."""
     max_positions: int
+    attention_inputs_per_token: float = 0.0
+    """Bytes of the query, key and value one layer's attention kernel reads, per token (what a kept layer whose
+    attention recomputes its inputs does not hold: :mod:`dsft.kernels.attention_recompute`)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class Plan:
     not over a 4-bit base), out of :attr:`layers`; each holds :attr:`kept_layer_gib` more."""
     layers: int = 0
     kept_layer_gib: float = 0.0
+    attention_recomputed: bool = False
+    """The kept layers' attention recomputes its inputs in backward (:func:`keep_plan`)."""
 
     def to_json(self) -> dict[str, Any]:
         mem = {k: round(v / GIB, 3) for k, v in asdict(self.memory).items()}
@@ -138,7 +148,8 @@ class Plan:
                 "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s),
                 "suggestion": None if self.suggestion is None else {"batch": self.suggestion[0], "seq": self.suggestion[1]},
                 "trainable_params": self.trainable_params, "notes": self.notes,
-                "kept_layers": {"auto": self.kept_layers, "of": self.layers, "gib_each": round(self.kept_layer_gib, 3)}}
+                "kept_layers": {"auto": self.kept_layers, "of": self.layers, "gib_each": round(self.kept_layer_gib, 3),
+                                "attention_recomputed": self.attention_recomputed}}
 
 
 # --- the model, on the meta device --------------------------------------------------------------------
@@ -246,13 +257,16 @@ def count_model(base: str | BaseRef, *, lora_r: int = 16, dtype: torch.dtype = t
         index = next(i for i, layer in enumerate(layers) if _has(layer, spec.experts_attr) == (kind == "moe"))
         saved[kind], saved2[kind] = _saved_bytes(layers[index], rotary, config.hidden_size, dtype, param_ids)
     heads = config.num_attention_heads
-    qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or config.hidden_size // heads
-    v = getattr(config, "v_head_dim", None) or config.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads  # Qwen3-MoE sets its own
+    qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or head_dim
+    v = getattr(config, "v_head_dim", None) or head_dim
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads  # MLA: keys and values expanded to every head
     return ModelCounts(
         params=params, expert_params=expert_params, linear_params=linear_params, lora_params=lora_params,
         active_params=active + head.numel(), hidden=config.hidden_size, vocab=embed.shape[0], layers=len(layers),
         saved_per_token=saved, saved_per_seq2=saved2, layer_kinds=kinds, largest_layer_params=largest, attention_flops_per_token_per_pos=2.0 * heads * (qk + v),
         max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096),
+        attention_inputs_per_token=float((heads * qk + kv_heads * (qk + v)) * dtype.itemsize),
     )
 
 
@@ -332,27 +346,43 @@ def estimate_memory(c: ModelCounts, req: PlanRequest) -> tuple[MemoryEstimate, i
                           overhead), trainable, notes
 
 
-def layers_to_keep(c: ModelCounts, req: PlanRequest, gpu_bytes: float, margin: float = 0.10, compiled: bool = False) -> int:
+def layers_to_keep(c: ModelCounts, req: PlanRequest, gpu_bytes: float, margin: float = 0.10, compiled: bool = False,
+                   attention_recomputed: bool = False) -> int:
     """How many decoder layers can skip activation checkpointing (keep their activations, no recompute)
     when ``req`` (with checkpointing) trains on a card of ``gpu_bytes``, leaving ``margin`` of it unplanned.
 
     Each kept layer holds its saved activations instead of only its input (the widest layer kind's, so
-    any layer may be the one kept); ``compiled`` (dsft train's default on a GPU): :data:`COMPILED_KEPT_SHARE` of them.
+    any layer may be the one kept); ``compiled`` (dsft train's default on a GPU): :data:`COMPILED_KEPT_SHARE` of them;
+    ``attention_recomputed``: less its attention's inputs (:func:`kept_layer_bytes`).
     """
     if not req.checkpointing or req.device != "cuda":
         return 0
-    per_layer = kept_layer_bytes(c, req, compiled)
+    per_layer = kept_layer_bytes(c, req, compiled, attention_recomputed)
     room = gpu_bytes * (1 - margin) - estimate_memory(c, req)[0].total
     if per_layer <= 0 or room <= 0:
         return 0
     return int(min(c.layers, room // per_layer))
 
 
-def kept_layer_bytes(c: ModelCounts, req: PlanRequest, compiled: bool = False) -> float:
-    """What one layer that keeps its activations holds on top of its checkpointed input, at ``req``'s micro-batch."""
+def kept_layer_bytes(c: ModelCounts, req: PlanRequest, compiled: bool = False, attention_recomputed: bool = False) -> float:
+    """What one layer that keeps its activations holds on top of its checkpointed input, at ``req``'s micro-batch;
+    ``attention_recomputed``: without its attention kernel's query, key and value (recomputed in backward). That
+    is less than such a layer frees (the projections' own saved tensors go too): measured 0.18 GiB a layer at
+    4 x 2048 on the lite shape, 0.12 counted here."""
     tokens = req.batch * req.seq
-    per_layer = max(c.saved_per_token.values()) * tokens - tokens * c.hidden * 2
-    return per_layer * (COMPILED_KEPT_SHARE if compiled else 1.0)
+    per_layer = (max(c.saved_per_token.values()) * tokens - tokens * c.hidden * 2) * (COMPILED_KEPT_SHARE if compiled else 1.0)
+    return per_layer - (c.attention_inputs_per_token * tokens if attention_recomputed else 0.0)
+
+
+def keep_plan(c: ModelCounts, req: PlanRequest, gpu_bytes: float, compiled: bool = True) -> tuple[int, bool]:
+    """``--keep-layers auto``: (layers kept, whether their attention recomputes its inputs). Every layer keeps
+    plainly where all fit; otherwise recomputing attention's inputs is chosen when the extra layers it makes room
+    for win back more than it costs each kept layer (:data:`ATTENTION_RECOMPUTE_COST`)."""
+    plain = layers_to_keep(c, req, gpu_bytes, compiled=compiled)
+    if plain == c.layers:
+        return plain, False
+    lean = layers_to_keep(c, req, gpu_bytes, compiled=compiled, attention_recomputed=True)
+    return (lean, True) if lean * (1 - ATTENTION_RECOMPUTE_COST) > plain else (plain, False)
 
 
 def flops_per_token(c: ModelCounts, req: PlanRequest) -> float:
@@ -406,11 +436,11 @@ def plan(req: PlanRequest, counts: ModelCounts | None = None, gpu_name: str | No
                 break
             if best is None or batch * seq > best[0] * best[1] or (batch * seq == best[0] * best[1] and seq > best[1]):
                 best = (batch, seq)
-    kept = 0
+    kept, lean = 0, False
     if fits and req.num_gpus == 1 and req.method != "qlora":  # as dsft train's --keep-layers auto (card_fit)
-        kept = layers_to_keep(c, req, gpu_mem * GIB, compiled=True)
+        kept, lean = keep_plan(c, req, gpu_mem * GIB)
     return Plan(req, mem, tokens_per_s, round(gpu_mem, 2), fits, best, trainable, notes, kept, c.layers,
-                kept_layer_bytes(c, req, compiled=True) / GIB)
+                kept_layer_bytes(c, req, compiled=True, attention_recomputed=lean) / GIB, lean)
 
 
 def _powers(start: int, stop: int) -> list[int]:

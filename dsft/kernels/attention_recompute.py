@@ -1,16 +1,17 @@
-"""A kept layer's attention inputs recomputed in backward, the attention kernel's outputs kept (an experiment for
-issue 16, measured with ``benchmarks/train_throughput.py --recompute-attention-inputs``; not used by ``dsft train``).
+"""A kept layer's attention inputs recomputed in backward, the attention kernel's outputs kept.
 
-A decoder layer that keeps its activations (``--keep-layers``) saves, for its attention, the query, key and value
-the kernel reads: on DeepSeek-V2-Lite at 8,192 tokens likely the three [8,192 x 3,072] bf16 tensors, 144 MiB of
-the ~0.6 GiB such a layer keeps, that its measured peak shows (by size:
-``benchmarks/results/2026-12-02-h200-train-writer-grads.md``). They come from the layer's input through a few small
-GEMMs (the query, latent and key/value projections, ~225 GFLOP at that size: ~0.3 ms on an H200 by estimate,
-against ~3.8 ms for the layer's whole forward, derived from every layer recomputed vs every layer kept). Wrapped
-here, the attention module runs under selective activation checkpointing: backward runs its projections again from
-its input, while the outputs of the attention kernel itself (any op whose name says attention) are kept, so the
-kernel does not run twice. Fewer bytes a kept layer, more layers kept under the same memory: whether that wins is
-the benchmark's to say.
+A decoder layer that keeps its activations (``dsft train --keep-layers``) saves, for its attention, the query, key
+and value the kernel reads: on DeepSeek-V2-Lite at 8,192 tokens three [8,192 x 3,072] bf16 tensors (value padded to
+the query's width), 144 MiB of the ~0.6 GiB such a layer keeps. They come from the layer's input through a few small
+GEMMs. Wrapped here, the attention module runs under selective activation checkpointing: backward runs its
+projections again from its input, while the outputs of the attention kernel itself (any op whose name says
+attention) are kept, so the kernel does not run twice.
+
+Measured on an H200 (lite shape, 4 x 2048, compiled, CUDA graphs; ``benchmarks/results/2026-12-02-h200-attention-
+recompute.md``): a kept layer holds 0.42 GiB instead of 0.60, for 0.2% of the step each; 22 layers kept this way
+(26,305 tokens/s, 43.3 GiB) beat the 16 that fit plainly in the same memory (25,474, 43.7 GiB). ``--keep-layers
+auto`` chooses it where not every layer fits plainly (:func:`dsft.eval.plan.keep_plan`). Forwards must run with
+``use_cache=False`` (as training does): a recomputed forward would append to a KV cache again.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any
 
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+_PLAIN = "_dsft_plain_forward"
 
 
 def keeps_attention_outputs(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -29,13 +32,30 @@ def keeps_attention_outputs(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Che
 
 
 def recompute_attention_inputs(layer: nn.Module, policy=keeps_attention_outputs) -> None:
-    """Run ``layer.self_attn`` under selective activation checkpointing with ``policy`` (in place). Meant for layers
-    that keep their activations: a layer that recomputes its whole forward in backward gains nothing from it."""
+    """Run ``layer.self_attn`` under selective activation checkpointing with ``policy`` (in place; a layer wrapped
+    already stays as it is). Meant for layers that keep their activations: a layer that recomputes its whole
+    forward in backward gains nothing from it (:func:`restore_attention_inputs` takes it off)."""
     attn = layer.self_attn
+    if _PLAIN in attn.__dict__:
+        return
     forward = attn.forward
 
     def forward_recomputing_inputs(*args: Any, **kwargs: Any) -> Any:
         return checkpoint(forward, *args, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, policy), **kwargs)
 
+    attn.__dict__[_PLAIN] = attn.__dict__.get("forward")  # None: the class's forward
     attn.forward = forward_recomputing_inputs
+
+
+def restore_attention_inputs(layer: nn.Module) -> bool:
+    """Undo :func:`recompute_attention_inputs` on ``layer``; whether it had been wrapped."""
+    attn = layer.self_attn
+    if _PLAIN not in attn.__dict__:
+        return False
+    plain = attn.__dict__.pop(_PLAIN)
+    if plain is None:
+        del attn.forward
+    else:
+        attn.forward = plain
+    return True

@@ -10,6 +10,7 @@ import torch
 
 from dsft.base.loading import BaseRef
 from dsft.errors import UsageError
+from dsft.kernels.attention_recompute import recompute_attention_inputs, restore_attention_inputs
 from dsft.recipes.distributed import Dist
 from dsft.recipes.schema import Recipe
 from dsft.recipes.sizing import PLAN_MARGIN
@@ -38,38 +39,49 @@ def fits_on_card(base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: 
 
 
 def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: bool, new_terms: int, device: str, dist: Dist,
-                    compiled: bool = True) -> int:
+                    compiled: bool = True, attention: bool | None = None) -> tuple[int, bool]:
     """Leave the last ``keep`` decoder layers (``auto``: as many as fit, by the planner; none for a 4-bit base or
-    several processes) out of activation checkpointing; returns how many. ``rec`` is sized
-    (:mod:`dsft.recipes.sizing`): a forward holds a micro-batch, not the whole step. ``compiled``: the layers will be
-    compiled (with :data:`dsft.kernels.compile.KEPT_MEMORY_BUDGET`), which keeps less per layer than eager."""
+    several processes) out of activation checkpointing; returns how many, and whether their attention recomputes its
+    inputs in backward (:mod:`dsft.kernels.attention_recompute`). ``attention``: None lets ``auto`` choose
+    (:func:`dsft.eval.plan.keep_plan`: where not every layer fits plainly) and a given count keep plainly; True or
+    False decides. ``rec`` is sized (:mod:`dsft.recipes.sizing`): a forward holds a micro-batch, not the whole
+    step. ``compiled``: the layers will be compiled (with :data:`dsft.kernels.compile.KEPT_MEMORY_BUDGET`), which
+    keeps less per layer than eager."""
     layers = model.get_decoder().layers
+    lean = bool(attention)
     if keep == "auto":
         keep = 0
         # Sharded or replicated runs: per-GPU memory is not what the single-card plan assumes. A 4-bit base: a
         # layer out of checkpointing would also hold its dequantised bf16 weights for backward (dsft.kernels.nf4).
         if not dist.enabled and not nf4:
-            from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
+            from dsft.eval.plan import PlanRequest, count_model, keep_plan, layers_to_keep
 
             big = max(rec.stages, key=lambda s: s.micro_batch_size * s.seq_len)
             req = PlanRequest(base=base.name, method=_method(rec, nf4), batch=big.micro_batch_size, seq=big.seq_len,
                               lora_r=rec.adapter.r, new_terms=new_terms, optimizer=rec.optimizer)
             card = torch.cuda.get_device_properties(torch.device(device)).total_memory
-            keep = layers_to_keep(count_model(base, lora_r=rec.adapter.r), req, card, compiled=compiled)
+            counts = count_model(base, lora_r=rec.adapter.r)
+            if attention is None:
+                keep, lean = keep_plan(counts, req, card, compiled=compiled)
+            else:
+                keep = layers_to_keep(counts, req, card, compiled=compiled, attention_recomputed=lean)
     if keep > len(layers):
         raise UsageError(f"--keep-layers must be in 0..{len(layers)} (this base's decoder layers), got {keep}")
     for layer in list(layers)[len(layers) - keep:] if keep else []:
         layer.gradient_checkpointing = False  # keeps its activations: no recompute in backward
-    return keep
+        if lean:
+            recompute_attention_inputs(layer)
+    return keep, lean and keep > 0
 
 
 def recompute_every_layer(model, record: dict[str, int]) -> dict[str, int] | None:
-    """Every decoder layer back to recomputing its activations, after a step ran out of memory with ``record``
-    (:func:`spare_recompute`'s ``{"kept_layers", "layers"}``) keeping some; returns the new record, which says how
-    many were kept (None: none were, nothing to give back)."""
+    """Every decoder layer back to recomputing its activations (and its attention plain again), after a step ran
+    out of memory with ``record`` (:func:`spare_recompute`'s ``{"kept_layers", "layers"}``) keeping some; returns
+    the new record, which says how many were kept (None: none were, nothing to give back)."""
     kept = record.get("kept_layers", 0)
     if not kept:
         return None
     for layer in model.get_decoder().layers:
         layer.gradient_checkpointing = True
+        restore_attention_inputs(layer)
     return {"kept_layers": 0, "layers": record["layers"], "out_of_memory_with": kept}

@@ -19,6 +19,8 @@ from dsft.eval.plan import (
     count_model,
     estimate_memory,
     flops_per_token,
+    keep_plan,
+    kept_layer_bytes,
     layers_to_keep,
     plan,
 )
@@ -200,6 +202,40 @@ def test_plan_says_how_many_layers_dsft_train_keeps_on_the_card(home):
     assert plan(PlanRequest("deepseek-v2-lite-shape", "qlora", batch=1, seq=2048, gpu_mem_gib=139.8)).kept_layers == 0
     r = CliRunner().invoke(app, ["plan", "--base", "deepseek-v2-lite-shape", "--gpu-mem", "139.8", "--json"])
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["kept_layers"] == {"auto": 27, "of": 27, "gib_each": round(big.kept_layer_gib, 3)}
+    assert json.loads(r.stdout)["kept_layers"] == {"auto": 27, "of": 27, "gib_each": round(big.kept_layer_gib, 3),
+                                                   "attention_recomputed": False}
     r = CliRunner().invoke(app, ["plan", "--base", "deepseek-v2-lite-shape", "--gpu-mem", "139.8"])
     assert "keeps 27 of 27 layers" in " ".join(r.stdout.split())
+
+
+def test_where_not_every_layer_fits_plainly_kept_layers_recompute_their_attention_inputs_to_keep_more():
+    """--keep-layers auto on a card that holds all 27 lite-shape layers keeps them plainly (recomputing would only
+    cost); on a tighter card (80 GiB at 5 x 6,144) each kept layer leaves its attention's query, key and value for
+    backward to recompute, and more layers keep than plainly would, enough more to pay for it."""
+    counts = count_model("deepseek-v2-lite-shape")
+    # MLA: 16 heads, query and key 192 wide, value 128, bf16
+    assert counts.attention_inputs_per_token == (16 * 192 + 16 * (192 + 128)) * 2
+    req = PlanRequest("deepseek-v2-lite-shape", batch=4, seq=2048)
+    lean = kept_layer_bytes(counts, req, compiled=True, attention_recomputed=True)
+    assert kept_layer_bytes(counts, req, compiled=True) - lean == counts.attention_inputs_per_token * 4 * 2048
+    assert keep_plan(counts, req, 139.8 * GIB) == (27, False)
+
+    tight = PlanRequest("deepseek-v2-lite-shape", batch=5, seq=6144)
+    plain = layers_to_keep(counts, tight, 80 * GIB, compiled=True)
+    kept, recomputed = keep_plan(counts, tight, 80 * GIB)
+    assert recomputed and 0 < plain < kept == layers_to_keep(counts, tight, 80 * GIB, compiled=True, attention_recomputed=True)
+    p = plan(PlanRequest("deepseek-v2-lite-shape", batch=5, seq=6144, gpu_mem_gib=80), counts)
+    assert (p.kept_layers, p.attention_recomputed) == (kept, True) and p.kept_layer_gib == pytest.approx(lean * 5 * 6144 / (4 * 2048) / GIB)
+    # one layer short of all: recomputing to fit the last one would cost more than that layer gains
+    one_short = estimate_memory(counts, req)[0].total + 26.5 * kept_layer_bytes(counts, req, compiled=True)
+    assert keep_plan(counts, req, one_short / 0.9) == (26, False)
+
+
+def test_a_config_head_width_counts_where_the_config_gives_one():
+    """Qwen3-MoE sets head_dim apart from hidden / heads: attention's inputs are counted at that width."""
+    from dsft.base.presets import PRESETS, TOKENIZER_VOCAB
+
+    cfg = PRESETS["tiny-qwen3-moe"].make_config(TOKENIZER_VOCAB)
+    counts = count_model("tiny-qwen3-moe")
+    width = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    assert counts.attention_inputs_per_token == width * 2
