@@ -135,6 +135,9 @@ def size_stage(stage: Stage, *, cuda: bool, lengths: Callable[[], Sequence[int]]
         else:
             batch = CPU_BATCH_SIZE
         batch = max(world, batch // world * world)  # every rank takes the same number of rows
+        if stage.micro_batch_size:  # a micro-batch the recipe sets: whole ones each rank, the nearest to the budget
+            unit = stage.micro_batch_size * world
+            batch = max(unit, round(batch / unit) * unit)
         chosen.append("batch_size")
     rows = -(-batch // world)
     micro = stage.micro_batch_size

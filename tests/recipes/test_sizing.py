@@ -50,6 +50,14 @@ def test_a_gpu_step_holds_the_token_budget_in_the_largest_micro_batch_that_fits(
     size = size_stage(_stage("stages.0.seq_len=4096", "stages.0.batch_size=12"), cuda=True, context=32768, fits=fits)
     assert (size.seq_len, size.batch_size, size.micro_batch_size, size.accumulation) == (4096, 12, 4, 3)
     assert size.chosen == ("micro_batch_size",)
+    # a micro-batch the recipe sets with the batch left open: the step takes whole micro-batches, as near the
+    # token budget as they come (not the budget's 5 rows of 6,144 with the micro-batch cut to 5)
+    size = size_stage(_stage("stages.0.seq_len=6144", "stages.0.micro_batch_size=8"), cuda=True, context=32768, fits=fits)
+    assert (size.batch_size, size.micro_batch_size, size.chosen) == (8, 8, ("batch_size",))
+    size = size_stage(_stage("stages.0.seq_len=512", "stages.0.micro_batch_size=24"), cuda=True, context=32768, fits=fits)
+    assert (size.batch_size, size.micro_batch_size) == (72, 24)  # the budget's 64 rows, rounded to whole micro-batches
+    size = size_stage(_stage("stages.0.seq_len=512", "stages.0.micro_batch_size=3"), cuda=False, world=2)
+    assert size.batch_size % 6 == 0 and size.micro_batch_size == 3
 
 
 def test_two_ranks_split_each_step_evenly_and_a_micro_batch_must_divide_a_ranks_rows():
