@@ -58,6 +58,7 @@ def run_train(a, data: Path, home: str) -> dict:
     if a.qlora:
         cmd += ["--qlora"]
     cmd += ["--keep-layers", a.keep_layers] if a.keep_layers else []
+    cmd += [f"--{'' if a.recompute_attention == 'on' else 'no-'}recompute-attention"] if a.recompute_attention else []
     cmd += a.override or []  # recipe overrides, e.g. stages.0.seq_len=4096 stages.0.batch_size=2
     env = {**os.environ, "DSFT_HOME": home, "TORCH_LOGS": "recompiles", "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--qlora", action="store_true", help="dsft train --qlora (the base in NF4)")
     ap.add_argument("--keep-layers", default=None, help="dsft train --keep-layers (default: dsft train's own, auto)")
+    ap.add_argument("--recompute-attention", choices=("on", "off"), help="dsft train --recompute-attention or "
+                    "--no-recompute-attention (default: its own choice)")
     ap.add_argument("--override", action="append", help="a recipe override for dsft train (repeatable), e.g. stages.0.seq_len=4096")
     ap.add_argument("--home", default=None, help="DSFT_HOME (default: a temporary one; presets are built there)")
     a = ap.parse_args()

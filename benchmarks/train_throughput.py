@@ -235,23 +235,24 @@ def run_one(a) -> dict:
 
     model, layers, trainable = prepare(a.variant, a.layers, a.rank, a.dense_fold)
     if a.keep_layers == "auto":  # what dsft train's default picks for this step on this card
-        from dsft.eval.plan import PlanRequest, count_model, layers_to_keep
+        from dsft.eval.plan import PlanRequest, count_model, keep_plan
 
         method = {"dsft_esft": "esft", "dsft_qlora": "qlora"}.get(a.variant, "lora")
         req = PlanRequest(base="deepseek-v2-lite-shape", method=method, batch=a.bs, seq=a.seq, lora_r=a.rank, new_terms=0)
-        a.keep_layers = 0 if method == "qlora" else layers_to_keep(  # dsft train keeps none over a 4-bit base
+        a.keep_layers, lean = (0, False) if method == "qlora" else keep_plan(  # dsft train keeps none over a 4-bit base
             count_model("deepseek-v2-lite-shape", lora_r=a.rank), req, torch.cuda.get_device_properties(0).total_memory,
             compiled=a.compile)
+        a.recompute_attention_inputs = a.recompute_attention_inputs or lean
     a.keep_layers = int(a.keep_layers)
     if a.compile and a.keep_layers and not any(f.startswith("activation_memory_budget=") for f in a.functorch or []):
         from dsft.kernels.compile import KEPT_MEMORY_BUDGET  # as dsft train compiles layers that keep activations
 
         a.functorch = [*(a.functorch or []), f"activation_memory_budget={KEPT_MEMORY_BUDGET}"]
+    from dsft.kernels.attention_recompute import recompute_attention_inputs
+
     for layer in list(layers)[len(layers) - a.keep_layers:] if a.keep_layers else []:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
-        if a.recompute_attention_inputs:  # experiment: their attention's q / k / v recomputed, the kernel's outputs kept
-            from dsft.kernels.attention_recompute import recompute_attention_inputs
-
+        if a.recompute_attention_inputs:  # their attention's q / k / v recomputed, the kernel's outputs kept
             recompute_attention_inputs(layer)
     if a.save_gate_up_fp8:  # experiment: gate/up kept for backward in FP8 (a numerics change)
         from dsft.kernels import expert_lora
@@ -425,23 +426,25 @@ def run_longest(a) -> dict:
 PLAN = [("peft_experts", False), ("peft_attn", True), ("frozen", True), ("dsft_lora", True), ("dsft_lora", True, 3),
         ("dsft_lora_attn_experts", True), ("dsft_lora_attn_experts", True, 3),
         ("dsft_lora_grouped", True), ("dsft_esft", True),
-        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_lora", "train", 16), ("dsft_lora", "train", "auto"),
+        ("dsft_qlora", True), ("dsft_lora", "train"), ("dsft_lora", "train", 22, True), ("dsft_lora", "train", "auto"),
         ("dsft_esft", "train"), ("dsft_esft", "train", "auto"),
         ("dsft_qlora", "train"),
         ("peft_experts", "longest"), ("dsft_lora", "longest")]
-"""(variant, mode[, layers kept out of checkpointing, or "auto": dsft train's default; 16: the most that stay under
-PEFT's peak on an H200 at 4 x 2048, 2026-12-02 stop 28]); mode: False eager, True
+"""(variant, mode[, layers kept out of checkpointing, or "auto": dsft train's default[, their attention's inputs
+recomputed]]); 22 with attention recomputed: the most that stay under PEFT's peak on an H200 at 4 x 2048 (43.3 GiB,
+2026-12-02; 16 plainly). mode: False eager, True
 compiled, "train" as dsft train steps (compiled, packed SFT-like rows, variable-length attention, CUDA graphs),
 "longest" the longest batch-1 sequence."""
 TRAIN_FLAGS = ["--compile", "--packed", "--attn", "dsft_varlen", "--graphs"]
 
 
-def _name(variant: str, mode, keep: int | str = 0) -> str:
+def _name(variant: str, mode, keep: int | str = 0, lean: bool = False) -> str:
     if mode == "longest":
         return f"{variant} longest seq at batch 1"
+    kept = ("+attn_inputs_recomputed" if lean else "") + (f"+keep{keep}" if keep else "")
     if mode == "train":
-        return variant + "+compile+packed+dsft_varlen+graphs" + (f"+keep{keep}" if keep else "")
-    return variant + ("+compile" if mode else "") + (f"+keep{keep}" if keep else "")
+        return variant + "+compile+packed+dsft_varlen+graphs" + kept
+    return variant + ("+compile" if mode else "") + kept
 
 
 def run_all(a) -> None:
@@ -449,14 +452,18 @@ def run_all(a) -> None:
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = ROOT / "benchmarks" / "results" / f"{date.today()}-{gpu}-train-throughput"
     old = json.loads(Path(f"{out}.json").read_text())["rows"] if Path(f"{out}.json").exists() else []
-    rows = {r["variant"]: r for r in old}  # an invocation with --only replaces its own rows and keeps the others
+    rows: dict[str, dict] = {}  # an invocation with --only replaces its own rows and keeps the others
+    for r in old:  # a second row of one variant: an earlier invocation's PEFT row, kept by merge_row
+        rows[r["variant"] if r["variant"] not in rows else f"{r['variant']}@{r.get('invocation')}"] = r
     invocation = time.strftime("%Y-%m-%dT%H:%M:%S")
+    meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), layers=a.layers, bs=a.bs, seq=a.seq,
+                qlora_bs=a.qlora_bs, peak_tflops=PEAK_TFLOPS, measured_tflops=MEASURED_TFLOPS)
     for variant, mode, *keep in plan:
         bs = a.qlora_bs if variant == "dsft_qlora" else a.bs
         cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(a.layers), "--bs", str(bs), "--seq", str(a.seq),
                "--steps", str(a.steps)] + (["--compile"] if mode is True else []) + (["--longest"] if mode == "longest" else []) \
             + (TRAIN_FLAGS if mode == "train" else []) \
-            + (["--keep-layers", str(keep[0])] if keep else [])
+            + (["--keep-layers", str(keep[0])] if keep else []) + (["--recompute-attention-inputs"] if keep[1:] else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, check=False)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         row = json.loads(line) if line else {"variant": _name(variant, mode, *keep), "error": proc.stderr.strip().splitlines()[-3:]}
@@ -465,11 +472,24 @@ def run_all(a) -> None:
             row.update(json.loads(extra[-1]))
         row["invocation"] = invocation
         print(json.dumps(row), flush=True)
-        rows[row["variant"]] = row
-        _write_table(out, rows, a)  # after each row: an invocation cut short keeps what it measured
+        merge_row(rows, row)
+        _write_table(out, rows, meta)  # after each row: an invocation cut short keeps what it measured
 
 
-def _write_table(out: Path, rows: dict[str, dict], a) -> None:
+def merge_row(rows: dict[str, dict], row: dict) -> None:
+    """``row`` in place of its variant's; a PEFT row it replaces stays (keyed with its invocation) while rows of
+    that invocation remain, since their ``ratio_to_peft`` is against it, and goes with the last of them."""
+    old = rows.get(row["variant"])
+    if row["variant"] == "peft_experts" and old and old.get("invocation") != row.get("invocation") \
+            and any(r.get("invocation") == old.get("invocation") for r in rows.values() if r is not old):
+        rows[f"peft_experts@{old['invocation']}"] = old
+    rows[row["variant"]] = row
+    for key in [k for k in rows if k.startswith("peft_experts@")]:  # a kept PEFT row whose rows are all replaced
+        if not any(r.get("invocation") == rows[key].get("invocation") for k, r in rows.items() if k != key):
+            del rows[key]
+
+
+def _write_table(out: Path, rows: dict[str, dict], meta: dict) -> None:
     """The JSON and markdown table; a dsft row's ``ratio_to_peft`` only against the PEFT row of its own invocation
     (rows kept from an earlier one keep theirs)."""
     peft = rows.get("peft_experts", {})
@@ -477,8 +497,6 @@ def _write_table(out: Path, rows: dict[str, dict], a) -> None:
         if "tokens_per_s" in r and r["variant"].startswith("dsft") and r.get("invocation") == peft.get("invocation") \
                 and peft.get("tokens_per_s"):
             r["ratio_to_peft"] = round(r["tokens_per_s"] / peft["tokens_per_s"], 2)
-    meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(), layers=a.layers, bs=a.bs, seq=a.seq,
-                qlora_bs=a.qlora_bs, peak_tflops=PEAK_TFLOPS, measured_tflops=MEASURED_TFLOPS)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
     Path(f"{out}.md").write_text(table(rows.values()))
 
@@ -487,7 +505,8 @@ def table(rows) -> str:
     """The markdown table of ``--all``'s rows (``invocation``: when the row's ``--all`` started)."""
     lines = ["| variant | batch x seq | tokens/s | peak GiB | MFU (989) | MFU (776 measured) | ratio to PEFT | invocation |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    # the newest invocation first, its PEFT row at its head; rows from before invocations were stamped last
+    for r in sorted(rows, key=lambda r: (r.get("invocation") or "", r["variant"] == "peft_experts"), reverse=True):
         when = r.get("invocation") or ""
         if "longest_seq" in r or "tried" in r:
             lines.append(f"| {r['variant']} | 1 x {r.get('longest_seq')} | | {r.get('peak_gib', '')} | | | | {when} |")
@@ -526,8 +545,8 @@ if __name__ == "__main__":
     p.add_argument("--keep-layers", default="0", help="leave the last N decoder layers out of activation checkpointing "
                    "(auto: as many as dsft train's default plans on this card)")
     p.add_argument("--recompute-attention-inputs", action="store_true",
-                   help="experiment: kept layers recompute their attention's inputs in backward, keeping the kernel's "
-                        "outputs (dsft/kernels/attention_recompute.py)")
+                   help="kept layers recompute their attention's inputs in backward, keeping the kernel's outputs (as dsft "
+                        "train --recompute-attention; dsft/kernels/attention_recompute.py)")
     p.add_argument("--save-gate-up-fp8", action="store_true",
                    help="experiment: routed experts keep gate/up for backward in FP8 (dsft/kernels/expert_lora.py)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
