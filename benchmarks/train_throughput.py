@@ -254,10 +254,6 @@ def run_one(a) -> dict:
         layer.gradient_checkpointing = False  # these layers keep their activations instead of recomputing them
         if a.recompute_attention_inputs:  # their attention's q / k / v recomputed, the kernel's outputs kept
             recompute_attention_inputs(layer)
-    if a.save_gate_up_fp8:  # experiment: gate/up kept for backward in FP8 (a numerics change)
-        from dsft.kernels import expert_lora
-
-        expert_lora.SAVE_GATE_UP_FP8 = True
     if a.compile:
         compile_layers(layers, a.compile_mode, a.inductor, a.functorch)
     opt = _optimizer(trainable, a.optimizer) if trainable else None
@@ -342,7 +338,6 @@ def run_one(a) -> dict:
     tag += "+graphs" if graphs else ""
     tag += f"+{a.optimizer}" if a.optimizer != "adamw" else ""
     tag += "+attn_inputs_recomputed" if a.recompute_attention_inputs else ""
-    tag += "+gate_up_fp8" if a.save_gate_up_fp8 else ""
     return dict(variant=a.variant + ("+compile" if a.compile else "") + tag + (f"+keep{a.keep_layers}" if a.keep_layers else ""),
                 layers=a.layers, bs=a.bs, seq=a.seq,
                 s_per_step=round(dt, 3), tokens_per_s=round(tps), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -547,8 +542,6 @@ if __name__ == "__main__":
     p.add_argument("--recompute-attention-inputs", action="store_true",
                    help="kept layers recompute their attention's inputs in backward, keeping the kernel's outputs (as dsft "
                         "train --recompute-attention; dsft/kernels/attention_recompute.py)")
-    p.add_argument("--save-gate-up-fp8", action="store_true",
-                   help="experiment: routed experts keep gate/up for backward in FP8 (dsft/kernels/expert_lora.py)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
                    help="adamw8bit: bitsandbytes' 8-bit moments, as dsft train --optimizer adamw8bit")
     p.add_argument("--memory-at-peak", type=int, default=0, metavar="N",

@@ -14,7 +14,6 @@ same math runs as a loop over experts.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,26 +200,6 @@ def is_silu(act: object) -> bool:
     return act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-SAVE_GATE_UP_FP8 = os.environ.get("DSFT_SAVE_GATE_UP_FP8", "0") == "1"
-"""Experiment for issue 16 (off; ``DSFT_SAVE_GATE_UP_FP8=1`` or ``train_throughput.py --save-gate-up-fp8``): keep
-gate/up for :class:`_SwigluDown`'s backward in FP8 (e4m3, one scale per row and half), half the bytes (277 -> 139
-MB a kept layer on the lite shape at 8,192 tokens) for FP8's rounding in the SwiGLU's gradient (up to 1/16 of a
-value; more for values far below their row's largest). A numerics change: PEFT and the bf16 path keep them in bf16."""
-E4M3_MAX = 448.0
-
-
-def gate_up_to_fp8(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[pairs, 2I] -> (e4m3 [pairs, 2, I], fp32 scales [pairs, 2, 1]): gate and up each scaled to e4m3's range."""
-    halves = gu.float().unflatten(-1, (2, -1))
-    scale = halves.abs().amax(-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (halves / scale).to(torch.float8_e4m3fn), scale
-
-
-def gate_up_from_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`gate_up_to_fp8`'s inverse, in fp32 [pairs, 2I]."""
-    return (q.float() * scale).flatten(-2)
-
-
 class _SwigluDown(torch.autograd.Function):
     """``a = silu(gate) * up * weight`` then ``a @ w`` per expert, where w [E, I, H + r] is down_proj with its LoRA A
     folded into the last r output columns (``part`` holds those values and gets their gradient).
@@ -235,8 +214,7 @@ class _SwigluDown(torch.autograd.Function):
 
         gate, up = gu.float().chunk(2, dim=-1)
         a = (F.silu(gate) * up * weight.float().unsqueeze(-1)).to(gu.dtype)
-        ctx.fp8, ctx.dtype = SAVE_GATE_UP_FP8, gu.dtype
-        ctx.save_for_backward(*(gate_up_to_fp8(gu) if ctx.fp8 else (gu,)), weight, w, offs)
+        ctx.save_for_backward(gu, weight, w, offs)
         ctx.rank = part.shape[-1]
         return gmm(a, w, offs)
 
@@ -244,17 +222,17 @@ class _SwigluDown(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         from dsft.kernels.grouped_mm import gmm, gmm_wgrad
 
-        *kept, weight, w, offs = ctx.saved_tensors
-        gate, up = (gate_up_from_fp8(*kept) if ctx.fp8 else kept[0].float()).chunk(2, dim=-1)
+        gu, weight, w, offs = ctx.saved_tensors
+        gate, up = gu.float().chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         wcol = weight.float().unsqueeze(-1)
-        dpart = gmm_wgrad((silu * up * wcol).to(ctx.dtype), dy[:, dy.shape[1] - ctx.rank :], offs)
+        dpart = gmm_wgrad((silu * up * wcol).to(gu.dtype), dy[:, dy.shape[1] - ctx.rank :], offs)
         da = gmm(dy, w.transpose(-1, -2), offs).float()
         d_silu_up = da * wcol
         dgate = d_silu_up * up * sig * (1 + gate * (1 - sig))
         dweight = (da * silu * up).sum(-1).to(weight.dtype)
-        return torch.cat([dgate, d_silu_up * silu], dim=-1).to(ctx.dtype), dweight, None, dpart, None
+        return torch.cat([dgate, d_silu_up * silu], dim=-1).to(gu.dtype), dweight, None, dpart, None
 
 
 def _down(a: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, r: Routing, head: torch.Tensor | None,
