@@ -226,6 +226,11 @@ def test_where_not_every_layer_fits_plainly_kept_layers_recompute_their_attentio
     assert recomputed and 0 < plain < kept == layers_to_keep(counts, tight, 80 * GIB, compiled=True, attention_recomputed=True)
     p = plan(PlanRequest("deepseek-v2-lite-shape", batch=5, seq=6144, gpu_mem_gib=80), counts)
     assert (p.kept_layers, p.attention_recomputed) == (kept, True) and p.kept_layer_gib == pytest.approx(lean * 5 * 6144 / (4 * 2048) / GIB)
+    from dsft.cli.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--base", "deepseek-v2-lite-shape", "--gpu-mem", "80", "--batch", "5", "--seq", "6144"])
+    assert r.exit_code == 0 and f"keeps {kept} of 27 layers" in " ".join(r.stdout.split())
+    assert "their attention's inputs recomputed" in " ".join(r.stdout.split())
     # one layer short of all: recomputing to fit the last one would cost more than that layer gains
     one_short = estimate_memory(counts, req)[0].total + 26.5 * kept_layer_bytes(counts, req, compiled=True)
     assert keep_plan(counts, req, one_short / 0.9) == (26, False)
