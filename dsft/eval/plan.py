@@ -40,7 +40,8 @@ than eager autograd, and the budget a fifth less again. Measured on an H200, lit
 count at 4 x 2048 (0.58 GiB a layer), and from the CLI at 5 x 6,144 20 and 27 layers kept peaked at 85.2 and 100.6
 GiB: 2.19 GiB a layer of 4.88 counted, 0.45 again (``benchmarks/results/2026-12-02-h200-train-cli-auto.md``); 0.55
 leaves a fifth on top, inside the plan's 10% margin.
-Should a shape keep more, the run falls back to recomputing every layer, it does not fail."""
+Should a shape keep more, half the kept layers recompute again and the step runs again (each time it runs out of
+memory), it does not fail."""
 ATTENTION_RECOMPUTE_COST = 0.15
 """What recomputing a kept layer's attention inputs costs, as a share of what keeping that layer gains. Measured
 on an H200, lite shape, 4 x 2048, compiled, one invocation each (2026-12-02,

@@ -1,7 +1,7 @@
 """What fits on this GPU, by ``dsft plan``'s memory model: the micro-batch a stage can take
 (:func:`fits_on_card`, for :mod:`dsft.recipes.sizing`) and the layers that can skip activation recompute
 (:func:`spare_recompute`, ``--keep-layers auto``), and taking those back when a step runs out of memory
-(:func:`recompute_every_layer`)."""
+(:func:`keep_fewer_layers`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -74,14 +74,19 @@ def spare_recompute(model, keep: int | str, base: BaseRef, rec: Recipe, nf4: boo
     return keep, lean and keep > 0
 
 
-def recompute_every_layer(model, record: dict[str, int]) -> dict[str, int] | None:
-    """Every decoder layer back to recomputing its activations (and its attention plain again), after a step ran
-    out of memory with ``record`` (:func:`spare_recompute`'s ``{"kept_layers", "layers"}``) keeping some; returns
-    the new record, which says how many were kept (None: none were, nothing to give back)."""
+def keep_fewer_layers(model, record: dict[str, int]) -> dict[str, int] | None:
+    """After a step ran out of memory with ``record`` (:func:`spare_recompute`'s ``{"kept_layers", "layers",
+    "attention_recomputed"}``) keeping some layers' activations: half of them (rounded down) keep them from now on,
+    the others recompute again (their attention plain again). Returns the new record, which also says how many were
+    kept when memory ran out (None: none were, nothing to give back). Halving, not all at once: the plan errs by a
+    few layers, and each kept layer is ~1.3% of a step."""
     kept = record.get("kept_layers", 0)
     if not kept:
         return None
-    for layer in model.get_decoder().layers:
+    layers = model.get_decoder().layers
+    now = kept // 2
+    for layer in list(layers)[len(layers) - kept:len(layers) - now]:
         layer.gradient_checkpointing = True
         restore_attention_inputs(layer)
-    return {"kept_layers": 0, "layers": record["layers"], "out_of_memory_with": kept}
+    return {"kept_layers": now, "layers": record["layers"], "attention_recomputed": bool(now and record.get("attention_recomputed")),
+            "out_of_memory_with": kept}

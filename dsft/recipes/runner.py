@@ -37,7 +37,7 @@ from dsft.errors import UsageError
 from dsft.eval.heldout import eval_sets, heldout_metrics
 from dsft.eval.tracking import parse_report_to, reachable_trackers
 from dsft.kernels.compile import KEPT_MEMORY_BUDGET, compile_decoder_layers
-from dsft.recipes.card_fit import fits_on_card, recompute_every_layer, spare_recompute
+from dsft.recipes.card_fit import fits_on_card, keep_fewer_layers, spare_recompute
 from dsft.recipes.checkpoint import Checkpoint, CheckpointState, RunDir, python_rng_state, restore_rng, rng_tensors
 from dsft.recipes.data_plan import StagePlan
 from dsft.recipes.distributed import Dist
@@ -238,7 +238,8 @@ class Training:
         self.stage_metrics: list[dict[str, Any]] = []
         self.recompute: dict[str, int] = {}
         """On a GPU: ``{"kept_layers", "layers", "attention_recomputed"}``, the decoder layers out of activation
-        checkpointing and whether their attention recomputes its inputs (and ``"out_of_memory_with"``: how many were kept when a step ran out of memory and they went back in)."""
+        checkpointing and whether their attention recomputes its inputs (and ``"out_of_memory_with"``: how many
+        were kept when a step last ran out of memory and half of them went back in)."""
         self.keep_auto = False
         """The kept layers are the planner's choice (``--keep-layers auto``), not the user's."""
         self.elapsed_before = 0.0
@@ -369,16 +370,16 @@ class Training:
         if self.run is None:
             self.run = dist.on_main(lambda: RunDir.create(plan.runs_root, plan.key, recipe_yaml(rec)))
 
-    def _recompute_every_layer(self) -> bool:
-        """A step ran out of GPU memory: if the planner kept layers' activations (``--keep-layers auto``), every
-        layer recomputes them from now on and the step runs again (True); a count the user gave stands (False)."""
-        record = recompute_every_layer(self.model, self.recompute) if self.keep_auto else None
+    def _keep_fewer_layers(self) -> bool:
+        """A step ran out of GPU memory: if the planner kept layers' activations (``--keep-layers auto``), half of
+        them keep them from now on and the step runs again (True); a count the user gave stands (False)."""
+        record = keep_fewer_layers(self.model, self.recompute) if self.keep_auto else None
         if record is None:
             return False
         self.recompute = record
+        now = f"{record['kept_layers']} keep them" if record["kept_layers"] else "every layer recomputes its activations"
         self.emit("warning", {"message": f"out of GPU memory with {record['out_of_memory_with']} layers keeping their "
-                                         "activations (--keep-layers auto planned them): every layer recomputes its "
-                                         "activations from now on"})
+                                         f"activations (--keep-layers auto planned them): {now} from now on"})
         return True
 
     def track(self, names: tuple[str, ...]) -> None:
@@ -413,7 +414,7 @@ class Training:
         self.ctx = StageContext(self.trained_model, self.spec, self.terms, sets, self.base_tokens, self.emit,
                                 teacher_factory=self._teacher, dist=self.dist, optimizer=plan.recipe.optimizer,
                                 eval_every=plan.recipe.eval_every,
-                                on_out_of_memory=self._recompute_every_layer)
+                                on_out_of_memory=self._keep_fewer_layers)
         first, resume_at = self._restore_progress()
         for i, stage in enumerate(plan.recipe.stages[first:], start=first):
             steps = stage_steps(stage, plan.pack, self.general, self.tokenizer, plan.user_records)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from dsft.kernels.attention_recompute import recompute_attention_inputs
-from dsft.recipes.card_fit import recompute_every_layer, spare_recompute
+from dsft.recipes.card_fit import keep_fewer_layers, spare_recompute
 from dsft.recipes.distributed import Dist
 
 
@@ -15,7 +15,7 @@ def _wrapped(layer) -> bool:
     return "forward" in layer.self_attn.__dict__
 
 
-def test_keep_auto_keeps_every_layer_recomputing_on_a_4bit_base_and_gives_kept_layers_back_on_out_of_memory(tiny_deepseek_v3):
+def test_keep_auto_keeps_every_layer_recomputing_on_a_4bit_base_and_gives_half_the_kept_layers_back_on_out_of_memory(tiny_deepseek_v3):
     """A QLoRA layer out of checkpointing would also hold its dequantised weights, which the plan does not count."""
     layers = tiny_deepseek_v3.model.layers
     for layer in layers:
@@ -25,17 +25,27 @@ def test_keep_auto_keeps_every_layer_recomputing_on_a_4bit_base_and_gives_kept_l
     assert spare_recompute(tiny_deepseek_v3, 2, None, None, True, 0, "cuda:0", Dist()) == (2, False)  # a count given is kept
     assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 2) + [False, False]
     assert not any(_wrapped(layer) for layer in layers)  # plainly: a given count recomputes nothing unless asked
-    # a step ran out of memory: every layer recomputes again, and the record says how many had been kept
-    assert recompute_every_layer(tiny_deepseek_v3, {"kept_layers": 2, "layers": 3}) == {"kept_layers": 0, "layers": 3, "out_of_memory_with": 2}
+    # a step ran out of memory: half the kept layers recompute again (the first of them), and the record says how
+    # many had been kept; again, and none keeps
+    n = len(layers)
+    record = keep_fewer_layers(tiny_deepseek_v3, {"kept_layers": 2, "layers": n, "attention_recomputed": False})
+    assert record == {"kept_layers": 1, "layers": n, "attention_recomputed": False, "out_of_memory_with": 2}
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (n - 1) + [False]
+    record = keep_fewer_layers(tiny_deepseek_v3, record)
+    assert record == {"kept_layers": 0, "layers": n, "attention_recomputed": False, "out_of_memory_with": 1}
     assert all(layer.gradient_checkpointing for layer in layers)
-    assert recompute_every_layer(tiny_deepseek_v3, {"kept_layers": 0, "layers": 3}) is None  # nothing left to give back
+    assert keep_fewer_layers(tiny_deepseek_v3, record) is None  # nothing left to give back
 
 
 def test_kept_layers_asked_to_recompute_attention_inputs_are_wrapped_and_unwrapped_when_given_back(tiny_deepseek_v3):
     layers = tiny_deepseek_v3.model.layers
-    assert spare_recompute(tiny_deepseek_v3, 1, None, None, False, 0, "cuda:0", Dist(), attention=True) == (1, True)
-    assert [_wrapped(layer) for layer in layers] == [False] * (len(layers) - 1) + [True]
-    recompute_every_layer(tiny_deepseek_v3, {"kept_layers": 1, "layers": len(layers)})
+    n = len(layers)
+    assert spare_recompute(tiny_deepseek_v3, 2, None, None, False, 0, "cuda:0", Dist(), attention=True) == (2, True)
+    assert [_wrapped(layer) for layer in layers] == [False] * (n - 2) + [True, True]
+    record = keep_fewer_layers(tiny_deepseek_v3, {"kept_layers": 2, "layers": n, "attention_recomputed": True})
+    assert record["attention_recomputed"] and [_wrapped(layer) for layer in layers] == [False] * (n - 1) + [True]
+    record = keep_fewer_layers(tiny_deepseek_v3, record)
+    assert not record["attention_recomputed"]
     assert not any(_wrapped(layer) for layer in layers)  # a layer that recomputes everything gains nothing from it
     assert spare_recompute(tiny_deepseek_v3, 0, None, None, False, 0, "cuda:0", Dist(), attention=True) == (0, False)
 
