@@ -45,9 +45,10 @@ class _ProgressView:
             out.print(f"base [bold]{payload['name']}[/] ({payload['architecture']}) on {payload['device']}"
                       + (", each process reading its own shard" if payload.get("sharded_load") else ""))
         elif kind == "recompute" and payload["kept_layers"] and not self.quiet:
-            lean = ", their attention's inputs recomputed" if payload.get("attention_recomputed") else ""
+            how = ("all but attention's query, key and value, which backward recomputes" if payload.get("attention_recomputed")
+                   else "no recompute")
             out.print(f"activation checkpointing: the last {payload['kept_layers']} of {payload['layers']} layers keep "
-                      f"their activations{lean} (no recompute; --keep-layers 0 for least memory)")
+                      f"their activations ({how}; --keep-layers 0 for least memory)")
         elif kind == "quantized" and not self.quiet:
             out.print(f"frozen base in NF4: {payload['linears']} linears + {payload['expert_tensors']} fused expert tensors, "
                       f"{payload['mib_before']:,} MiB -> {payload['mib_after']:,} MiB")
