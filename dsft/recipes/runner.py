@@ -141,7 +141,7 @@ def train(
         compile_layers: on CUDA, torch.compile each decoder layer (the fast path's speed needs it).
         keep_layers: on CUDA, leave the last N decoder layers out of activation checkpointing: they keep
             their activations instead of recomputing them in backward (faster; on DeepSeek-V2-Lite at
-            4 x 2048 tokens ~1.3 GiB more per layer, measured). ``"auto"`` (the default): as many as the planner
+            4 x 2048 tokens ~0.6 GiB more a compiled layer, measured). ``"auto"`` (the default): as many as the planner
             (:func:`dsft.eval.plan.keep_plan`) fits on the card beside the run, keeping 10% spare, and
             a micro-batch the recipe leaves open is sized for that (:func:`dsft.recipes.sizing.choose_micro_batch`).
         recompute_attention: the kept layers' attention recomputes its query, key and value in backward and keeps
