@@ -172,6 +172,9 @@ def train(
     """
     if keep_layers != "auto" and not (isinstance(keep_layers, int) and keep_layers >= 0):
         raise UsageError(f"--keep-layers must be a number >= 0 or auto, got {keep_layers!r}")
+    if recompute_attention and keep_layers == 0:
+        raise UsageError("--recompute-attention acts on the layers --keep-layers keeps, and --keep-layers 0 keeps none: "
+                         "drop one of the two")
     check_device(device)
     trackers, tracking_warnings = reachable_trackers(parse_report_to(report_to), report_to_optional)
     dist = dist if dist is not None else Dist.from_env(device)

@@ -55,6 +55,7 @@ CASES = [
     (["--data", "acme/not-cached"], 4, "hf download acme/not-cached --repo-type dataset"),
     (["--output", "{tmp}/notadapter"], 2, "not a dsft adapter"),
     (["--recipe", "lora", "stages.0.lr=-1e-5"], 2, "stages[0].lr: must be > 0"),
+    (["--keep-layers", "0", "--recompute-attention"], 2, "--keep-layers 0 keeps none"),
 ]
 
 
