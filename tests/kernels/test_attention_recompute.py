@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
-from dsft.kernels.attention_recompute import keeps_attention_outputs, recompute_attention_inputs
+from dsft.kernels.attention_recompute import keeps_attention_outputs, recompute_attention_inputs, restore_attention_inputs
 
 CALLS = {"forward": 0}
 
@@ -113,3 +113,25 @@ def test_the_wrapped_attention_compiles_whole_with_the_same_gradients(model):
     assert (forwards, again) == (len(model.model.layers), 0)
     assert torch.equal(loss, plain_loss)
     assert all(torch.allclose(grads[n], plain_grads[n], atol=1e-6, rtol=1e-5) for n in plain_grads)
+
+
+def test_evaluation_without_gradients_runs_the_wrapped_attention_unchanged(model):
+    """Held-out evaluation between training steps (``eval_every``) runs the wrapped layers without gradients, and
+    generation may use a KV cache there: nothing is recomputed then, and the logits are the plain model's."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    wrapped = copy.deepcopy(model)
+    for layer in wrapped.model.layers:
+        recompute_attention_inputs(layer)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            want = model(input_ids=ids, use_cache=False).logits
+            assert torch.equal(wrapped(input_ids=ids, use_cache=False).logits, want)
+            assert torch.equal(wrapped(input_ids=ids, use_cache=True).logits, want)
+
+
+def test_restoring_gives_the_class_forward_back(model):
+    layer = model.model.layers[-1]
+    recompute_attention_inputs(layer)
+    assert "forward" in layer.self_attn.__dict__
+    assert restore_attention_inputs(layer) and "forward" not in layer.self_attn.__dict__
+    assert not restore_attention_inputs(layer)  # nothing left to undo
