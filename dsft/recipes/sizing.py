@@ -135,7 +135,9 @@ def size_stage(stage: Stage, *, cuda: bool, lengths: Callable[[], Sequence[int]]
         else:
             batch = CPU_BATCH_SIZE
         batch = max(world, batch // world * world)  # every rank takes the same number of rows
-        if stage.micro_batch_size:  # a micro-batch the recipe sets: whole ones each rank, the nearest to the budget
+        if stage.micro_batch_size and not stage.tokens_per_step:
+            # a micro-batch the recipe sets, under the default budget: whole ones each rank, the nearest to it (a
+            # budget the recipe sets stays exact, and must hold whole micro-batches: the check below)
             unit = stage.micro_batch_size * world
             batch = max(unit, round(batch / unit) * unit)
         chosen.append("batch_size")

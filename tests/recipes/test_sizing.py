@@ -58,6 +58,9 @@ def test_a_gpu_step_holds_the_token_budget_in_the_largest_micro_batch_that_fits(
     assert (size.batch_size, size.micro_batch_size) == (72, 24)  # the budget's 64 rows, rounded to whole micro-batches
     size = size_stage(_stage("stages.0.seq_len=512", "stages.0.micro_batch_size=3"), cuda=False, world=2)
     assert size.batch_size % 6 == 0 and size.micro_batch_size == 3
+    with pytest.raises(UsageError, match="micro_batch_size 3 must divide"):  # a budget the recipe sets stays exact
+        size_stage(_stage("stages.0.seq_len=512", "stages.0.tokens_per_step=4096", "stages.0.micro_batch_size=3"), cuda=True,
+                   context=32768, fits=fits)
 
 
 def test_two_ranks_split_each_step_evenly_and_a_micro_batch_must_divide_a_ranks_rows():
