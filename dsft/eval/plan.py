@@ -44,9 +44,9 @@ Should a shape keep more, half the kept layers recompute again and the step runs
 memory), it does not fail."""
 ATTENTION_RECOMPUTE_COST = 0.15
 """What recomputing a kept layer's attention inputs costs, as a share of what keeping that layer gains. Measured
-on an H200, lite shape, 4 x 2048, compiled, one invocation each (2026-12-02,
-``benchmarks/results/2026-12-02-h200-attention-recompute.md``): 16 kept layers 25,474 tokens/s plain and 24,638
-recomputing (0.2% of the step a layer) against ~1.3% a kept layer gains (16 to 27 kept: 25,393 to 29,166)."""
+on an H200, lite shape, 4 x 2048, compiled (2026-12-02, one process a run): 16 kept layers 25,474 tokens/s plain and
+24,638 recomputing, one call (0.2% of the step a layer, ``benchmarks/results/2026-12-02-h200-attention-recompute.md``),
+against ~1.3% a kept layer gains (one ``--all`` invocation: 16 kept 25,393, 27 kept 29,166)."""
 BACKWARD_TRANSIENT = 0.5
 """Gradients alive inside one layer's backward, as a share of that layer's saved activations."""
 NF4_BYTES = 0.5 + 4 / 64
